@@ -1,0 +1,108 @@
+//! PostgreSQL: the work pool, dedicated connections, and migrations.
+//!
+//! Migrations are the SQL files under `migrations/`, embedded at compile time by refinery. They
+//! run on a dedicated connection that first takes a session advisory lock, so replicas that boot
+//! together apply them once: the second waits, then finds nothing left to do. The lock dies with
+//! the connection, so a crashed migrator never leaves it held.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("../../migrations");
+}
+
+/// Advisory lock key for migrations (the ASCII of "cpmigrat").
+pub const MIGRATION_LOCK: i64 = 0x63706d6967726174;
+
+/// Why a database step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("connecting to PostgreSQL")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("PostgreSQL query")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("applying migrations")]
+    Migrate(#[source] refinery::Error),
+    #[error("building the PostgreSQL pool")]
+    Pool(#[source] deadpool_postgres::BuildError),
+}
+
+/// The pooled connections for request and background work. Creating it does not connect:
+/// a database that is down at start-up shows in `/readyz`, it does not stop the process.
+pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(DbError::Pool)
+}
+
+/// A dedicated connection outside the pool (advisory locks, probes). Its driver task ends when
+/// the client is dropped.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "dedicated PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// What a migration run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Names of the migrations this run applied (`V1__installation`, ...).
+    pub applied: Vec<String>,
+}
+
+/// Apply pending migrations under the advisory lock, on a connection of its own.
+pub async fn migrate(config: &tokio_postgres::Config) -> Result<MigrationReport, DbError> {
+    let mut client = connect(config).await?;
+    migrate_with(&mut client).await
+}
+
+/// Apply pending migrations on `client` under the advisory lock.
+pub async fn migrate_with(client: &mut tokio_postgres::Client) -> Result<MigrationReport, DbError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let outcome = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(client)
+        .await;
+    // Unlock even when the run failed; if this fails too the connection is dropped anyway.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    let report = outcome.map_err(DbError::Migrate)?;
+    Ok(MigrationReport {
+        applied: report
+            .applied_migrations()
+            .iter()
+            .map(|m| format!("V{}__{}", m.version(), m.name()))
+            .collect(),
+    })
+}
+
+/// Names of every embedded migration, oldest first (the test template is keyed by them).
+pub fn embedded_migrations() -> Vec<String> {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}:{}", m.version(), m.name(), m.checksum()))
+        .collect()
+}

@@ -1,0 +1,354 @@
+//! `/livez`, `/readyz` and `/metrics`, the same on every service.
+//!
+//! `/readyz` runs every [`Probe`] concurrently, each bounded by `READY_TIMEOUT`, so a hung
+//! dependency makes the answer a 503 naming it instead of hanging the probe. The PostgreSQL and
+//! Redis probes use a dedicated connection each, never one from the work pool: a saturated pool
+//! must not look like a dead database, and a dead database must not be hidden by a pooled
+//! connection that happens to be idle.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use checkplane_wire::health::{CheckOutcome, Readiness};
+use checkplane_wire::ErrorCode;
+use futures::future::BoxFuture;
+use metrics_exporter_prometheus::PrometheusHandle;
+use subtle::ConstantTimeEq;
+
+use crate::http::ApiError;
+use crate::settings::MetricsAccess;
+
+/// A dependency that `/readyz` asks.
+pub trait Probe: Send + Sync + 'static {
+    /// The name `/readyz` reports (`postgres`, `redis`, `migrations`, `control_plane`).
+    fn name(&self) -> &'static str;
+    /// Answer `Ok` if the dependency works, within `timeout`.
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// Probes PostgreSQL with `SELECT 1` on its own connection, reconnecting after any failure.
+pub struct PostgresProbe {
+    config: tokio_postgres::Config,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl PostgresProbe {
+    pub fn new(config: tokio_postgres::Config) -> Self {
+        Self {
+            config,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Probe for PostgresProbe {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let mut slot = self.client.lock().await;
+            let attempt = tokio::time::timeout(timeout, async {
+                if slot.as_ref().is_none_or(|c| c.is_closed()) {
+                    *slot = Some(
+                        crate::db::connect(&self.config)
+                            .await
+                            .map_err(|e| describe(&e))?,
+                    );
+                }
+                match slot.as_ref() {
+                    Some(client) => client
+                        .simple_query("SELECT 1")
+                        .await
+                        .map(drop)
+                        .map_err(|e| describe(&e)),
+                    None => Err("not connected".to_owned()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+            if attempt.is_err() {
+                *slot = None;
+            }
+            attempt
+        })
+    }
+}
+
+/// Probes Redis with `PING` on its own connection, reconnecting after any failure.
+pub struct RedisProbe {
+    client: redis::Client,
+    connection: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl RedisProbe {
+    pub fn new(target: &crate::settings::RedisTarget) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            client: redis::Client::open(target.connection_info())?,
+            connection: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+impl Probe for RedisProbe {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let mut slot = self.connection.lock().await;
+            let attempt = tokio::time::timeout(timeout, async {
+                if slot.is_none() {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(timeout))
+                        .set_response_timeout(Some(timeout));
+                    let connection = self
+                        .client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map_err(|e| describe(&e))?;
+                    *slot = Some(connection);
+                }
+                match slot.as_mut() {
+                    Some(connection) => redis::cmd("PING")
+                        .query_async::<String>(connection)
+                        .await
+                        .map(drop)
+                        .map_err(|e| describe(&e)),
+                    None => Err("not connected".to_owned()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+            if attempt.is_err() {
+                *slot = None;
+            }
+            attempt
+        })
+    }
+}
+
+/// A readiness condition set by the service itself (for example, migrations applied).
+pub struct Gate {
+    name: &'static str,
+    state: RwLock<Result<(), String>>,
+}
+
+impl Gate {
+    /// A gate that starts closed, with `reason` as its message.
+    pub fn closed(name: &'static str, reason: &str) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            state: RwLock::new(Err(reason.to_owned())),
+        })
+    }
+
+    /// Open the gate.
+    pub fn open(&self) {
+        if let Ok(mut state) = self.state.write() {
+            *state = Ok(());
+        }
+    }
+
+    /// Close the gate with a reason.
+    pub fn close(&self, reason: impl Into<String>) {
+        if let Ok(mut state) = self.state.write() {
+            *state = Err(reason.into());
+        }
+    }
+}
+
+impl Probe for Gate {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn check(&self, _timeout: Duration) -> BoxFuture<'_, Result<(), String>> {
+        let state = self
+            .state
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| Err("gate poisoned".to_owned()));
+        Box::pin(async move { state })
+    }
+}
+
+/// An error's chain in one line, cut short: probes report a cause, never a connection string.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    crate::error_chain(error).chars().take(200).collect()
+}
+
+/// What the health routes need.
+pub struct Health {
+    service: &'static str,
+    probes: Vec<Arc<dyn Probe>>,
+    timeout: Duration,
+    metrics: MetricsAccess,
+    prometheus: PrometheusHandle,
+}
+
+impl Health {
+    pub fn new(
+        service: &'static str,
+        probes: Vec<Arc<dyn Probe>>,
+        timeout: Duration,
+        metrics: MetricsAccess,
+    ) -> Self {
+        Self {
+            service,
+            probes,
+            timeout,
+            metrics,
+            prometheus: crate::telemetry::prometheus(),
+        }
+    }
+
+    /// Run every probe concurrently.
+    pub async fn readiness(&self) -> Readiness {
+        let outcomes = futures::future::join_all(self.probes.iter().map(|probe| async move {
+            let started = Instant::now();
+            // The probe bounds itself; this outer bound also covers waiting for its lock.
+            let result = tokio::time::timeout(self.timeout * 2, probe.check(self.timeout))
+                .await
+                .unwrap_or_else(|_| Err("timed out".to_owned()));
+            let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            metrics::gauge!("checkplane_dependency_up", "dependency" => probe.name())
+                .set(if result.is_ok() { 1.0 } else { 0.0 });
+            (
+                probe.name().to_owned(),
+                CheckOutcome {
+                    ok: result.is_ok(),
+                    elapsed_ms,
+                    error: result.err(),
+                },
+            )
+        }))
+        .await;
+        let checks: BTreeMap<_, _> = outcomes.into_iter().collect();
+        let failed: Vec<String> = checks
+            .iter()
+            .filter(|(_, o)| !o.ok)
+            .map(|(n, _)| n.clone())
+            .collect();
+        Readiness {
+            status: if failed.is_empty() {
+                "ready"
+            } else {
+                "not_ready"
+            }
+            .to_owned(),
+            service: self.service.to_owned(),
+            failed,
+            checks,
+        }
+    }
+
+    /// `/livez`, `/readyz`, `/metrics`.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/livez", get(livez))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text))
+            .with_state(self)
+    }
+}
+
+async fn livez(State(health): State<Arc<Health>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "alive", "service": health.service}))
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> Response {
+    let readiness = health.readiness().await;
+    let status = if readiness.failed.is_empty() {
+        StatusCode::OK
+    } else {
+        tracing::warn!(failed = ?readiness.failed, "not ready");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness)).into_response()
+}
+
+/// Loopback clients always; others when public, or with the right key (compared in constant
+/// time).
+fn metrics_allowed(access: &MetricsAccess, peer: IpAddr, key: Option<&[u8]>) -> bool {
+    let key_ok = match (&access.api_key, key) {
+        (Some(expected), Some(given)) => bool::from(expected.expose().as_bytes().ct_eq(given)),
+        _ => false,
+    };
+    peer.is_loopback() || access.allow_public || key_ok
+}
+
+async fn metrics_text(
+    State(health): State<Arc<Health>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let key = headers.get("x-api-key").map(|v| v.as_bytes());
+    if !metrics_allowed(&health.metrics, peer.ip(), key) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "metrics are served to loopback clients, or with the metrics key",
+        )
+        .into_response();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        health.prometheus.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn metrics_access() {
+        let remote: IpAddr = "192.0.2.7".parse().unwrap();
+        let closed = MetricsAccess {
+            allow_public: false,
+            api_key: Some(Secret::new("k3y")),
+        };
+        assert!(metrics_allowed(&closed, "127.0.0.1".parse().unwrap(), None));
+        assert!(metrics_allowed(&closed, "::1".parse().unwrap(), None));
+        assert!(!metrics_allowed(&closed, remote, None));
+        assert!(!metrics_allowed(&closed, remote, Some(b"wrong")));
+        assert!(!metrics_allowed(&closed, remote, Some(b"k3")));
+        assert!(metrics_allowed(&closed, remote, Some(b"k3y")));
+        let public = MetricsAccess {
+            allow_public: true,
+            api_key: None,
+        };
+        assert!(metrics_allowed(&public, remote, None));
+        let keyless = MetricsAccess {
+            allow_public: false,
+            api_key: None,
+        };
+        assert!(!metrics_allowed(&keyless, remote, Some(b"")));
+    }
+
+    #[tokio::test]
+    async fn gate_reports_its_reason() {
+        let gate = Gate::closed("migrations", "pending");
+        assert_eq!(
+            gate.check(Duration::from_secs(1)).await,
+            Err("pending".to_owned())
+        );
+        gate.open();
+        assert_eq!(gate.check(Duration::from_secs(1)).await, Ok(()));
+    }
+}

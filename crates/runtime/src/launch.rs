@@ -1,0 +1,175 @@
+//! What every `main.rs` does, once: parse the command line, load and check the configuration
+//! (exit 2 naming the variable), set up logs, bind, run until SIGTERM/SIGINT, and exit 0 when
+//! the service stopped within `SHUTDOWN_TIMEOUT` (1 when it had to be cut short or failed).
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, Env};
+use crate::settings::{BaseSettings, StoreSettings};
+use crate::RunError;
+
+/// A checkplane binary.
+pub trait Service: 'static {
+    /// The binary's name.
+    const NAME: &'static str;
+    /// Its configuration.
+    type Config: Send + 'static;
+
+    /// Read the configuration from the environment snapshot.
+    fn load(env: &mut Env) -> Result<Self::Config, ConfigError>;
+    /// The shared settings inside the configuration.
+    fn base(config: &Self::Config) -> &BaseSettings;
+    /// The store settings, for services with a database (enables `migrate`).
+    fn store(config: &Self::Config) -> Option<&StoreSettings>;
+    /// Run until `shutdown` fires.
+    fn run(
+        config: Self::Config,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Result<(), RunError>> + Send;
+}
+
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Apply pending migrations and exit (same as the `migrate` command).
+    #[arg(long)]
+    migrate_only: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Apply pending migrations and exit.
+    Migrate,
+}
+
+/// Load configuration from the process environment; check unknown variables too.
+pub fn load_config<S: Service>(env: Env) -> Result<S::Config, ConfigError> {
+    let mut env = env;
+    let config = S::load(&mut env)?;
+    env.finish()?;
+    Ok(config)
+}
+
+/// The whole of a service's `main`.
+pub fn main<S: Service>() -> ExitCode {
+    let matches = Cli::command()
+        .name(S::NAME)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let config = match load_config::<S>(Env::from_process()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{}: configuration error: {error}", S::NAME);
+            return ExitCode::from(2);
+        }
+    };
+    let base = S::base(&config).clone();
+    crate::telemetry::init_logging(&base);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{}: cannot start the async runtime: {error}", S::NAME);
+            return ExitCode::FAILURE;
+        }
+    };
+    let migrate = cli.migrate_only || matches!(cli.command, Some(Command::Migrate));
+    let code = if migrate {
+        runtime.block_on(migrate_once::<S>(&config))
+    } else {
+        runtime.block_on(serve::<S>(config, &base))
+    };
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
+}
+
+async fn migrate_once<S: Service>(config: &S::Config) -> ExitCode {
+    let Some(store) = S::store(config) else {
+        eprintln!("{}: has no database to migrate", S::NAME);
+        return ExitCode::from(2);
+    };
+    match crate::db::migrate(&store.database).await {
+        Ok(report) => {
+            tracing::info!(applied = ?report.applied, "migrations are up to date");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(error = %crate::error_chain(&error), "migration failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve<S: Service>(config: S::Config, base: &BaseSettings) -> ExitCode {
+    let listener = match TcpListener::bind(base.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(addr = %base.listen, %error, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        service = S::NAME,
+        version = env!("CARGO_PKG_VERSION"),
+        addr = %base.listen,
+        "starting"
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+
+    let run = S::run(config, listener, shutdown.clone());
+    tokio::pin!(run);
+    let grace = base.shutdown_timeout;
+    let outcome = tokio::select! {
+        outcome = &mut run => Some(outcome),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => None,
+    };
+    match outcome {
+        Some(Ok(())) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Some(Err(error)) => {
+            tracing::error!(error = %crate::error_chain(&error), "stopped on error");
+            ExitCode::FAILURE
+        }
+        None => {
+            tracing::error!(timeout = ?grace, "shutdown did not finish in time; exiting anyway");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = shutdown.cancelled() => return,
+    };
+    tracing::info!(signal = name, "shutting down");
+    shutdown.cancel();
+}

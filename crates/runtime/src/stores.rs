@@ -1,0 +1,159 @@
+//! The PostgreSQL and Redis work pools of a service, their readiness probes, and
+//! migrate-on-start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::db::{self, DbError};
+use crate::health::{Gate, PostgresProbe, Probe, RedisProbe};
+use crate::settings::StoreSettings;
+use crate::RunError;
+
+/// Pools and probes for a service backed by PostgreSQL and Redis.
+#[derive(Clone)]
+pub struct Stores {
+    /// The PostgreSQL work pool.
+    pub pg: deadpool_postgres::Pool,
+    /// The Redis work pool.
+    pub redis: deadpool_redis::Pool,
+    /// The settings they were made from.
+    pub settings: Arc<StoreSettings>,
+    probes: Vec<Arc<dyn Probe>>,
+}
+
+impl Stores {
+    /// Build the pools (without connecting) and, when `MIGRATE_ON_START` is on, start applying
+    /// migrations in the background: until they are applied `/readyz` answers 503 naming
+    /// `migrations`, and a database that is down is retried rather than crashing the process.
+    pub fn start(
+        settings: StoreSettings,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, RunError> {
+        let pg = db::pool(&settings.database, settings.database_pool_size)?;
+        let redis = deadpool_redis::Pool::builder(
+            deadpool_redis::Manager::new(settings.redis.connection_info())
+                .map_err(RunError::Redis)?,
+        )
+        .max_size(settings.redis_pool_size)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| RunError::Startup(format!("building the Redis pool: {e}")))?;
+
+        let mut probes: Vec<Arc<dyn Probe>> = vec![
+            Arc::new(PostgresProbe::new(settings.database.clone())),
+            Arc::new(RedisProbe::new(&settings.redis).map_err(RunError::Redis)?),
+        ];
+        if settings.migrate_on_start {
+            let gate = Gate::closed("migrations", "pending");
+            probes.push(gate.clone());
+            tracker.spawn(migrate_until_done(
+                settings.database.clone(),
+                gate,
+                shutdown.clone(),
+            ));
+        }
+        Ok(Self {
+            pg,
+            redis,
+            settings: Arc::new(settings),
+            probes,
+        })
+    }
+
+    /// The readiness probes: postgres, redis, and migrations when applied on start.
+    pub fn probes(&self) -> Vec<Arc<dyn Probe>> {
+        self.probes.clone()
+    }
+}
+
+async fn migrate_until_done(
+    config: tokio_postgres::Config,
+    gate: Arc<Gate>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            attempt = db::migrate(&config) => attempt,
+        };
+        match attempt {
+            Ok(report) => {
+                tracing::info!(applied = ?report.applied, "migrations are up to date");
+                gate.open();
+                return;
+            }
+            Err(error) => {
+                let reason = match &error {
+                    DbError::Connect(_) => "database unreachable".to_owned(),
+                    other => format!("failed: {}", crate::error_chain(other)),
+                };
+                tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "migrations not applied yet");
+                gate.close(reason);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The settings of a service backed by PostgreSQL and Redis.
+#[derive(Debug, Clone)]
+pub struct StoreServiceConfig {
+    pub base: crate::settings::BaseSettings,
+    pub store: StoreSettings,
+}
+
+impl StoreServiceConfig {
+    /// Read both, with the service's default listen address.
+    pub fn from_env(
+        env: &mut crate::config::Env,
+        service: &'static str,
+        default_listen: &str,
+    ) -> Result<Self, crate::config::ConfigError> {
+        Ok(Self {
+            base: crate::settings::BaseSettings::from_env(
+                env,
+                service,
+                "HTTP_ADDR",
+                default_listen,
+            )?,
+            store: StoreSettings::from_env(env)?,
+        })
+    }
+}
+
+/// Run a store-backed service: start the stores, let `build` add its routes and background
+/// tasks, serve until `shutdown`, then wait for every background task to stop.
+pub async fn serve_with_stores(
+    config: StoreServiceConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    build: impl FnOnce(&Stores, &TaskTracker, &CancellationToken) -> axum::Router,
+) -> Result<(), RunError> {
+    let tracker = TaskTracker::new();
+    let stores = Stores::start(config.store, &tracker, &shutdown)?;
+    let health = Arc::new(crate::health::Health::new(
+        config.base.service,
+        stores.probes(),
+        config.base.ready_timeout,
+        config.base.metrics.clone(),
+    ));
+    let routes = build(&stores, &tracker, &shutdown);
+    let app = crate::http::finish(health.router().merge(routes));
+    let served = crate::http::serve(listener, app, shutdown.clone()).await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    served.map_err(RunError::Serve)
+}

@@ -1,0 +1,193 @@
+//! Every environment variable any checkplane binary reads, in one table.
+//!
+//! It serves three purposes: a service accepts a project-prefixed variable that another service
+//! documents (one env file may serve several binaries), typos get a "did you mean", and a test
+//! checks that the README's configuration table lists exactly these.
+
+/// One documented variable.
+#[derive(Debug, Clone, Copy)]
+pub struct Var {
+    pub name: &'static str,
+    /// Which binaries read it.
+    pub services: &'static str,
+    /// The default, or `required` / `-` (unset).
+    pub default: &'static str,
+    /// What it means.
+    pub doc: &'static str,
+    /// A secret: may come from `<name>_FILE` and never prints.
+    pub secret: bool,
+}
+
+const DB: &str = "gateway, scheduler, haproxy-sync";
+const ALL_SERVICES: &str = "all";
+
+/// The table.
+pub const ALL: &[Var] = &[
+    Var {
+        name: "DATABASE_URL",
+        services: DB,
+        default: "required",
+        doc: "PostgreSQL connection string (`postgres://user:pass@host:port/db`)",
+        secret: true,
+    },
+    Var {
+        name: "DATABASE_POOL_SIZE",
+        services: DB,
+        default: "16",
+        doc: "connections in the PostgreSQL work pool (1-512)",
+        secret: false,
+    },
+    Var {
+        name: "REDIS_URL",
+        services: DB,
+        default: "-",
+        doc: "Redis URL (`redis://[:pass@]host:port[/db]`); or use REDIS_ADDR",
+        secret: true,
+    },
+    Var {
+        name: "REDIS_ADDR",
+        services: DB,
+        default: "127.0.0.1:6379",
+        doc: "Redis `host:port`, used when REDIS_URL is unset",
+        secret: false,
+    },
+    Var {
+        name: "REDIS_PASSWORD",
+        services: DB,
+        default: "-",
+        doc: "Redis password, with REDIS_ADDR",
+        secret: true,
+    },
+    Var {
+        name: "REDIS_POOL_SIZE",
+        services: DB,
+        default: "16",
+        doc: "connections in the Redis work pool (1-512)",
+        secret: false,
+    },
+    Var {
+        name: "STREAM_PREFIX",
+        services: DB,
+        default: "cp",
+        doc: "prefix of every Redis key (letters, digits, `-`, `_`; up to 32)",
+        secret: false,
+    },
+    Var {
+        name: "STREAM_SHARDS",
+        services: DB,
+        default: "4",
+        doc: "number of lease shards, fixed at install (1-1024)",
+        secret: false,
+    },
+    Var {
+        name: "MIGRATE_ON_START",
+        services: DB,
+        default: "true",
+        doc: "apply pending migrations at start (serialised by an advisory lock)",
+        secret: false,
+    },
+    Var {
+        name: "HTTP_ADDR",
+        services: DB,
+        default: "gateway 0.0.0.0:8080, scheduler 0.0.0.0:8081, haproxy-sync 0.0.0.0:8082",
+        doc: "listen address: the API (gateway) or the health/metrics port",
+        secret: false,
+    },
+    Var {
+        name: "LOG_FORMAT",
+        services: ALL_SERVICES,
+        default: "text",
+        doc: "`text` (human-readable) or `json`, to stderr",
+        secret: false,
+    },
+    Var {
+        name: "LOG_LEVEL",
+        services: ALL_SERVICES,
+        default: "info",
+        doc: "tracing filter, e.g. `info` or `gateway=debug,info`",
+        secret: false,
+    },
+    Var {
+        name: "SHUTDOWN_TIMEOUT",
+        services: ALL_SERVICES,
+        default: "10s",
+        doc:
+            "after SIGTERM/SIGINT, how long in-flight work may take before the process exits anyway",
+        secret: false,
+    },
+    Var {
+        name: "READY_TIMEOUT",
+        services: ALL_SERVICES,
+        default: "1s",
+        doc: "how long `/readyz` waits for each dependency",
+        secret: false,
+    },
+    Var {
+        name: "METRICS_ALLOW_PUBLIC",
+        services: ALL_SERVICES,
+        default: "false",
+        doc: "serve `/metrics` to non-loopback clients without a key",
+        secret: false,
+    },
+    Var {
+        name: "METRICS_API_KEY",
+        services: ALL_SERVICES,
+        default: "-",
+        doc: "`X-API-Key` that unlocks `/metrics` for non-loopback clients",
+        secret: true,
+    },
+    Var {
+        name: "AGENT_CONTROL_PLANE",
+        services: "agent",
+        default: "required",
+        doc: "base URL of the gateway, e.g. `http://127.0.0.1:8080`",
+        secret: false,
+    },
+    Var {
+        name: "AGENT_HEALTH_ADDR",
+        services: "agent",
+        default: "127.0.0.1:9100",
+        doc: "the agent's own `/livez` `/readyz` `/metrics` port",
+        secret: false,
+    },
+];
+
+/// Whether `name` is documented here, counting `<secret>_FILE` forms.
+pub fn is_known(name: &str) -> bool {
+    ALL.iter().any(|v| {
+        v.name == name
+            || (v.secret
+                && name
+                    .strip_suffix("_FILE")
+                    .is_some_and(|base| base == v.name))
+    })
+}
+
+/// The documented name nearest to a misspelt one, if any is close.
+pub fn closest(name: &str) -> Option<&'static str> {
+    ALL.iter()
+        .map(|v| (strsim::levenshtein(name, v.name), v.name))
+        .filter(|(d, _)| *d <= 3)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique() {
+        let mut names: Vec<_> = ALL.iter().map(|v| v.name).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len());
+    }
+
+    #[test]
+    fn file_forms_only_for_secrets() {
+        assert!(is_known("METRICS_API_KEY_FILE"));
+        assert!(!is_known("AGENT_HEALTH_ADDR_FILE"));
+    }
+}

@@ -1,0 +1,149 @@
+//! docker-compose.yml cannot be run here (no Docker engine), so its promises are checked as
+//! data: every service present, healthchecks on /readyz, dependencies wait for health, no host
+//! port used twice, and every variable it sets is one the services know.
+
+use std::collections::BTreeSet;
+
+use checkplane_testkit::workspace_root;
+use serde_yaml_ng::Value;
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(workspace_root().join("docker-compose.yml")).unwrap();
+    let mut value: Value = serde_yaml_ng::from_str(&text).unwrap();
+    value.apply_merge().unwrap();
+    // Merge keys nest: apply again for anchors used inside merged maps.
+    value.apply_merge().unwrap();
+    value
+}
+
+const OURS: [&str; 4] = ["gateway", "scheduler", "haproxy-sync", "agent"];
+
+#[test]
+fn every_service_is_there_with_a_healthcheck() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().unwrap();
+    let names: BTreeSet<&str> = services.keys().filter_map(Value::as_str).collect();
+    let expected: BTreeSet<&str> = [
+        "postgres",
+        "redis",
+        "haproxy",
+        "gateway",
+        "scheduler",
+        "haproxy-sync",
+        "agent",
+    ]
+    .into();
+    assert_eq!(names, expected);
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let test = &service["healthcheck"]["test"];
+        assert!(
+            test.as_sequence().is_some_and(|t| !t.is_empty()),
+            "{name} has no healthcheck"
+        );
+        if OURS.contains(&name) {
+            let joined: Vec<&str> = test
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(
+                joined.join(" ").contains("/readyz"),
+                "{name} healthcheck is not /readyz"
+            );
+            assert_eq!(
+                service["command"][0].as_str(),
+                Some(name),
+                "{name} runs another binary"
+            );
+        }
+    }
+}
+
+#[test]
+fn dependencies_wait_for_health() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().unwrap();
+    for (name, service) in services {
+        let Some(deps) = service.get("depends_on") else {
+            continue;
+        };
+        let deps = deps
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{name:?}: depends_on must be a map"));
+        for (dep, how) in deps {
+            assert!(
+                services.contains_key(dep),
+                "{name:?} depends on unknown {dep:?}"
+            );
+            assert_eq!(
+                how["condition"].as_str(),
+                Some("service_healthy"),
+                "{name:?} -> {dep:?}"
+            );
+        }
+    }
+    for ours in ["gateway", "scheduler", "haproxy-sync"] {
+        let deps = services[ours]["depends_on"].as_mapping().unwrap();
+        for needed in ["postgres", "redis"] {
+            assert!(deps.contains_key(needed), "{ours} must wait for {needed}");
+        }
+    }
+}
+
+#[test]
+fn no_host_port_is_published_twice() {
+    let compose = compose();
+    let mut seen = BTreeSet::new();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let spec = port.as_str().unwrap();
+            let parts: Vec<&str> = spec.split(':').collect();
+            let host = parts[parts.len() - 2];
+            assert!(
+                seen.insert(host.to_owned()),
+                "{name:?} publishes host port {host} again"
+            );
+        }
+    }
+    assert!(!seen.is_empty());
+}
+
+#[test]
+fn every_variable_set_is_known_to_the_services() {
+    let compose = compose();
+    for name in OURS {
+        let env = compose["services"][name]["environment"]
+            .as_mapping()
+            .unwrap();
+        for key in env.keys() {
+            let key = key.as_str().unwrap();
+            assert!(
+                checkplane_runtime::vars::is_known(key),
+                "{name} sets {key}, which no service reads"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_images_are_built_by_the_dockerfile_stages() {
+    let dockerfile = std::fs::read_to_string(workspace_root().join("Dockerfile")).unwrap();
+    let compose = compose();
+    for name in OURS.iter().copied().chain(["haproxy"]) {
+        let target = compose["services"][name]["build"]["target"]
+            .as_str()
+            .unwrap();
+        assert!(
+            dockerfile.contains(&format!(" AS {target}\n")),
+            "{name}: no Dockerfile stage {target}"
+        );
+    }
+    for binary in OURS {
+        assert!(
+            dockerfile.contains(&format!("target/release/{binary}")),
+            "{binary} not copied"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Tests of the test harness itself, and of the repository's deployment files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod compose;
+mod harness;
+mod readme;

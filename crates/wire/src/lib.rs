@@ -1,0 +1,7 @@
+//! Wire types shared by every checkplane service and client: request and response bodies,
+//! the error envelope, events. Plain data: nothing here performs I/O.
+
+pub mod error;
+pub mod health;
+
+pub use error::{ErrorBody, ErrorCode, ErrorDetail};

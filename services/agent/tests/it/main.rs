@@ -1,0 +1,92 @@
+//! Black-box tests of the agent process and its health port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use checkplane_runtime::Env;
+use checkplane_testkit::process::{assert_bad_config_exits_2, assert_sigterm_exits_0, free_port};
+use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_agent"))
+}
+
+async fn start_gateway(db: &TestDb, redis: &TestRedis) -> Running<checkplane_runtime::RunError> {
+    let config = gateway::load(&mut Env::from_pairs(store_env(db, redis))).unwrap();
+    let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    gw
+}
+
+#[tokio::test]
+async fn ready_only_while_the_control_plane_answers() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gw = start_gateway(&db, &redis).await;
+    let config = agent::load(&mut Env::from_pairs([("AGENT_CONTROL_PLANE", gw.url("/"))])).unwrap();
+    let agent = Running::start(|l, s| agent::run(config, l, s)).await;
+    agent.wait_ready(Duration::from_secs(10)).await;
+
+    gw.stop().await.unwrap();
+    let body = eventually(
+        "agent 503 naming the control plane",
+        Duration::from_secs(5),
+        || async {
+            let (status, body) = agent.get_json("/readyz").await;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(
+        body["failed"],
+        serde_json::json!(["control_plane"]),
+        "{body}"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_variable() {
+    let env = vec![
+        (
+            "AGENT_CONTROL_PLANE".to_owned(),
+            "http://127.0.0.1:1".to_owned(),
+        ),
+        (
+            "AGENT_HEALTH_ADDR".to_owned(),
+            format!("127.0.0.1:{}", free_port()),
+        ),
+    ];
+    assert_bad_config_exits_2(bin(), &env);
+
+    for (var, value) in [
+        ("AGENT_CONTROL_PLANE", "ftp://x"),
+        ("AGENT_CONTROL_PLANE", "not a url"),
+        ("AGENT_HEALTH_ADDR", "localhost"),
+    ] {
+        let mut env = env.clone();
+        env.retain(|(k, _)| k != var);
+        env.push((var.to_owned(), value.to_owned()));
+        let out =
+            checkplane_testkit::process::run_to_end(bin(), &[], &env, Duration::from_secs(20));
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(var));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_0_within_the_bound() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gw = start_gateway(&db, &redis).await;
+    let port = free_port();
+    let env = vec![
+        ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
+        ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+        ("SHUTDOWN_TIMEOUT".to_owned(), "3s".to_owned()),
+    ];
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    assert_sigterm_exits_0(bin(), &env, &url, Duration::from_secs(3)).await;
+    gw.stop().await.unwrap();
+}

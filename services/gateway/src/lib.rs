@@ -1,0 +1,60 @@
+//! The HTTP edge of checkplane: agent, operator and HAProxy APIs, plus the probes every service has.
+
+use checkplane_runtime::stores::{serve_with_stores, StoreServiceConfig};
+use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The binary's name.
+pub const NAME: &str = "gateway";
+
+/// The gateway's configuration.
+pub type Config = StoreServiceConfig;
+
+/// Read the configuration from an environment snapshot.
+pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
+    StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8080")
+}
+
+/// Run the gateway until `shutdown` fires.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    serve_with_stores(
+        config,
+        listener,
+        shutdown,
+        |_stores, _tracker, _shutdown| axum::Router::new(),
+    )
+    .await
+}
+
+/// The gateway as a launchable [`checkplane_runtime::Service`].
+pub struct Service;
+
+impl checkplane_runtime::Service for Service {
+    const NAME: &'static str = NAME;
+    type Config = Config;
+
+    fn load(env: &mut Env) -> Result<Config, ConfigError> {
+        load(env)
+    }
+
+    fn base(config: &Config) -> &BaseSettings {
+        &config.base
+    }
+
+    fn store(config: &Config) -> Option<&StoreSettings> {
+        Some(&config.store)
+    }
+
+    async fn run(
+        config: Config,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), RunError> {
+        run(config, listener, shutdown).await
+    }
+}

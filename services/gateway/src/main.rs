@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    checkplane_runtime::launch::main::<gateway::Service>()
+}

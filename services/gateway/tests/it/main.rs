@@ -1,0 +1,5 @@
+//! Black-box tests of the gateway against real PostgreSQL and Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod health;
+mod process;

@@ -1,0 +1,103 @@
+//! The gateway as a real process: exit codes, signals, replicas migrating together.
+
+use std::path::Path;
+use std::time::Duration;
+
+use checkplane_testkit::process::{
+    assert_bad_config_exits_2, assert_sigterm_exits_0, free_port, run_to_end, ServiceProcess,
+};
+use checkplane_testkit::{store_env, wait_ready, TestDb, TestRedis};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_gateway"))
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_variable() {
+    let env = vec![
+        (
+            "DATABASE_URL".to_owned(),
+            "postgres://u@127.0.0.1:1/db".to_owned(),
+        ),
+        ("HTTP_ADDR".to_owned(), format!("127.0.0.1:{}", free_port())),
+    ];
+    assert_bad_config_exits_2(bin(), &env);
+
+    let out = run_to_end(bin(), &[], &[], Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_0_within_the_bound() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let port = free_port();
+    let mut env = store_env(&db, &redis);
+    env.push(("HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    env.push(("SHUTDOWN_TIMEOUT".into(), "3s".into()));
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    assert_sigterm_exits_0(bin(), &env, &url, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_migrating_at_once_end_with_one_schema() {
+    let db = TestDb::empty().await;
+    let redis = TestRedis::new();
+    let mut replicas = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let mut env = store_env(&db, &redis);
+        env.push(("HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+        replicas.push(ServiceProcess::spawn(bin(), &[], &env));
+        urls.push(format!("http://127.0.0.1:{port}/readyz"));
+    }
+    let migrate_env = store_env(&db, &redis);
+    let one_shot = tokio::task::spawn_blocking(move || {
+        run_to_end(
+            bin(),
+            &["--migrate-only"],
+            &migrate_env,
+            Duration::from_secs(30),
+        )
+    });
+    let http = reqwest::Client::new();
+    for url in &urls {
+        wait_ready(&http, url, Duration::from_secs(30)).await;
+    }
+    let out = one_shot.await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for replica in &replicas {
+        let log = replica.stderr();
+        assert!(!log.contains("ERROR"), "{log}");
+    }
+
+    let client = db.client().await;
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM refinery_schema_history ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected = checkplane_runtime::db::embedded_migrations().len();
+    assert_eq!(versions.len(), expected, "{versions:?}");
+    let mut unique = versions.clone();
+    unique.dedup();
+    assert_eq!(unique, versions, "a migration was recorded twice");
+    let installations: i64 = client
+        .query_one("SELECT count(*) FROM installation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(installations, 1);
+}
