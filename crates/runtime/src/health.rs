@@ -115,7 +115,7 @@ impl Probe for RedisProbe {
                         .client
                         .get_multiplexed_async_connection_with_config(&config)
                         .await
-                        .map_err(|e| describe(&e))?;
+                        .map_err(|e| describe_redis(&e))?;
                     *slot = Some(connection);
                 }
                 match slot.as_mut() {
@@ -123,7 +123,7 @@ impl Probe for RedisProbe {
                         .query_async::<String>(connection)
                         .await
                         .map(drop)
-                        .map_err(|e| describe(&e)),
+                        .map_err(|e| describe_redis(&e)),
                     None => Err("not connected".to_owned()),
                 }
             })
@@ -134,6 +134,14 @@ impl Probe for RedisProbe {
             }
             attempt
         })
+    }
+}
+
+fn describe_redis(error: &redis::RedisError) -> String {
+    if error.is_timeout() {
+        "timed out".to_owned()
+    } else {
+        describe(error)
     }
 }
 

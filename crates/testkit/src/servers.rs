@@ -63,6 +63,26 @@ impl RedisServer {
         }
     }
 
+    /// Freeze it (SIGSTOP): connections stay open but nothing answers, as with a hung server.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Let a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     /// Start it again on the same port.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -82,6 +102,9 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.thaw();
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

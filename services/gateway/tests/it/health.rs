@@ -105,6 +105,29 @@ async fn readyz_names_redis_while_it_is_down_and_recovers() {
 }
 
 #[tokio::test]
+async fn a_hung_redis_does_not_hang_the_probe() {
+    let db = TestDb::new().await;
+    let redis_server = RedisServer::start();
+    let mut env = store_env(&db, &TestRedis::new());
+    env.retain(|(k, _)| k != "REDIS_URL");
+    env.push(("REDIS_URL".into(), redis_server.url()));
+    env.push(("READY_TIMEOUT".into(), "300ms".into()));
+    let gw = start_gateway(env).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+
+    redis_server.freeze();
+    // get_json gives up after 5 s and reports 0: a hung probe would show as 0, not 503.
+    let (status, body) = gw.get_json("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["failed"], serde_json::json!(["redis"]), "{body}");
+    assert_eq!(body["checks"]["redis"]["error"], "timed out", "{body}");
+
+    redis_server.thaw();
+    gw.wait_ready(Duration::from_secs(5)).await;
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn readyz_names_postgres_while_it_is_down_and_recovers() {
     let pg = PostgresServer::start();
     let redis = TestRedis::new();

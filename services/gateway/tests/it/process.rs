@@ -101,3 +101,62 @@ async fn replicas_migrating_at_once_end_with_one_schema() {
         .get(0);
     assert_eq!(installations, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_and_secrets_from_files_never_printed() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    // The private PostgreSQL trusts loopback, so the password is carried but not checked.
+    let url_with_password = db.url.replacen("postgres@", "postgres:sekrit-pw@", 1);
+    assert_ne!(url_with_password, db.url);
+    let dir = std::env::temp_dir().join(format!("cp-secret-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("database_url");
+    std::fs::write(&secret_file, format!("{url_with_password}\n")).unwrap();
+
+    let port = free_port();
+    let mut env: Vec<(String, String)> = store_env(&db, &redis)
+        .into_iter()
+        .filter(|(k, _)| k != "DATABASE_URL")
+        .collect();
+    env.push((
+        "DATABASE_URL_FILE".into(),
+        secret_file.display().to_string(),
+    ));
+    env.push(("HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    env.push(("LOG_LEVEL".into(), "debug".into()));
+    let mut gw = ServiceProcess::spawn(bin(), &[], &env);
+    let http = reqwest::Client::new();
+    wait_ready(
+        &http,
+        &format!("http://127.0.0.1:{port}/readyz"),
+        Duration::from_secs(20),
+    )
+    .await;
+    gw.signal("TERM");
+    let status = tokio::task::block_in_place(|| gw.wait(Duration::from_secs(10))).unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let log = gw.stderr();
+    assert!(!log.contains("sekrit-pw"), "the password was logged: {log}");
+    let mut lines = 0;
+    for line in log.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            value["level"].is_string() && value["timestamp"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 2, "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn uuid_like() -> String {
+    format!("{}-{:?}", std::process::id(), std::time::SystemTime::now())
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect()
+}
