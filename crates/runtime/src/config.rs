@@ -261,7 +261,7 @@ impl Env {
     }
 }
 
-/// Parse `500ms`, `30s`, `1m`, `2h` into a duration. A bare number is refused: its unit would
+/// Parse `500ms`, `30s`, `1m`, `2h`, `30d` into a duration. A bare number is refused: its unit would
 /// be a guess.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -279,6 +279,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => n.checked_mul(1_000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
         _ => return Err(bad()),
     }
     .ok_or_else(bad)?;
@@ -288,7 +289,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Format a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 && ms > 0 {
+    if ms % 86_400_000 == 0 && ms > 0 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms % 3_600_000 == 0 && ms > 0 {
         format!("{}h", ms / 3_600_000)
     } else if ms % 60_000 == 0 && ms > 0 {
         format!("{}m", ms / 60_000)
@@ -309,6 +312,7 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         for bad in [
             "",
             "10",

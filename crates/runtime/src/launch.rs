@@ -26,6 +26,8 @@ pub trait Service: 'static {
     fn base(config: &Self::Config) -> &BaseSettings;
     /// The store settings, for services with a database (enables `migrate`).
     fn store(config: &Self::Config) -> Option<&StoreSettings>;
+    /// Whether the binary offers `rebuild` (replay `events` into the projection tables).
+    const REBUILD: bool = false;
     /// Run until `shutdown` fires.
     fn run(
         config: Self::Config,
@@ -49,6 +51,8 @@ enum Command {
     Serve,
     /// Apply pending migrations and exit.
     Migrate,
+    /// Truncate the projection tables and replay `events` into them, then exit.
+    Rebuild,
 }
 
 /// Load configuration from the process environment; check unknown variables too.
@@ -92,6 +96,8 @@ pub fn main<S: Service>() -> ExitCode {
     let migrate = cli.migrate_only || matches!(cli.command, Some(Command::Migrate));
     let code = if migrate {
         runtime.block_on(migrate_once::<S>(&config))
+    } else if matches!(cli.command, Some(Command::Rebuild)) {
+        runtime.block_on(rebuild::<S>(&config))
     } else {
         runtime.block_on(serve::<S>(config, &base))
     };
@@ -111,6 +117,39 @@ async fn migrate_once<S: Service>(config: &S::Config) -> ExitCode {
         }
         Err(error) => {
             tracing::error!(error = %crate::error_chain(&error), "migration failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn rebuild<S: Service>(config: &S::Config) -> ExitCode {
+    let (true, Some(store)) = (S::REBUILD, S::store(config)) else {
+        eprintln!("{}: has no rebuild command", S::NAME);
+        return ExitCode::from(2);
+    };
+    let outcome = async {
+        crate::db::migrate(&store.database).await?;
+        let mut client = crate::db::connect(&store.database).await?;
+        crate::projection::rebuild(&mut client)
+            .await
+            .map_err(|e| RunError::Startup(crate::error_chain(&e)))
+    }
+    .await;
+    match outcome {
+        Ok(report) => {
+            tracing::info!(
+                events = report.events,
+                failed = report.failed,
+                "rebuild finished"
+            );
+            if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            tracing::error!(error = %crate::error_chain(&error), "rebuild failed");
             ExitCode::FAILURE
         }
     }

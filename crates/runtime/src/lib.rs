@@ -1,11 +1,18 @@
 //! Runtime pieces shared by every checkplane service: configuration, telemetry, pools, health
 //! probes, HTTP plumbing, migrations and the launcher behind each `main.rs`.
 
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod health;
 pub mod http;
+pub mod keys;
 pub mod launch;
+pub mod outbox;
+pub mod presence;
+pub mod projection;
+pub mod projector;
+pub mod retention;
 pub mod settings;
 pub mod stores;
 pub mod telemetry;

@@ -157,3 +157,37 @@ pub async fn serve_with_stores(
     tracker.wait().await;
     served.map_err(RunError::Serve)
 }
+
+/// Run `work` every `interval` until `shutdown`; a failed round is logged and the next one
+/// comes as usual. Stops between rounds.
+pub fn every<F, Fut, E>(
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    name: &'static str,
+    interval: Duration,
+    mut work: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: std::error::Error + 'static,
+{
+    let shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let round = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                round = work() => round,
+            };
+            if let Err(error) = round {
+                metrics::counter!("checkplane_task_errors_total", "task" => name).increment(1);
+                tracing::warn!(task = name, error = %crate::error_chain(&error), "background round failed");
+            }
+        }
+    });
+}

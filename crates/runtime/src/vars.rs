@@ -150,6 +150,16 @@ pub const ALL: &[Var] = &[
         doc: "the agent's own `/livez` `/readyz` `/metrics` port",
         secret: false,
     },
+    Var { name: "GATEWAY_ENROLLMENT_TOKEN", services: "gateway", default: "-", doc: "what agents present as `X-Enrollment-Token` to register (16+ characters); unset disables registration", secret: true },
+    Var { name: "GATEWAY_ADMIN_KEY", services: "gateway", default: "-", doc: "`X-API-Key` of the administrator for operator reads (16+ characters)", secret: true },
+    Var { name: "HEARTBEAT_INTERVAL", services: "gateway", default: "10s", doc: "how often agents heartbeat (`next_deadline_ms`)", secret: false },
+    Var { name: "GEOIP_CITY_DB", services: "gateway", default: "-", doc: "MaxMind City database: country and city of agents that declare no location", secret: false },
+    Var { name: "GEOIP_ASN_DB", services: "gateway", default: "-", doc: "MaxMind ASN database: ASN and network of agents that declare no location", secret: false },
+    Var { name: "CONSUMER_NAME", services: "scheduler", default: "host name", doc: "this replica's stable name in Redis consumer groups", secret: false },
+    Var { name: "OFFLINE_GRACE", services: "scheduler", default: "30s", doc: "how long past its heartbeat deadline an agent is marked offline", secret: false },
+    Var { name: "OUTBOX_MIN_AGE", services: "scheduler", default: "5s", doc: "outbox rows younger than this are left to the gateway that wrote them", secret: false },
+    Var { name: "EVENTS_RETENTION", services: "scheduler", default: "30d", doc: "how long `events` are kept (whole days; also the window `rebuild` covers)", secret: false },
+    Var { name: "PROJECTOR_MAX_ATTEMPTS", services: "scheduler", default: "5", doc: "failures before an event is parked in `projection_failures` (1-100)", secret: false },
 ];
 
 /// Whether `name` is documented here, counting `<secret>_FILE` forms.

@@ -1,7 +1,9 @@
 //! Wire types shared by every checkplane service and client: request and response bodies,
 //! the error envelope, events. Plain data: nothing here performs I/O.
 
+pub mod agents;
 pub mod error;
+pub mod events;
 pub mod health;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};

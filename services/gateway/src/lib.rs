@@ -1,20 +1,25 @@
-//! The HTTP edge of checkplane: agent, operator and HAProxy APIs, plus the probes every service has.
+//! The HTTP edge of checkplane: agent, operator and HAProxy APIs, plus the probes every
+//! service has.
 
-use checkplane_runtime::stores::{serve_with_stores, StoreServiceConfig};
+pub mod agents;
+pub mod auth;
+pub mod config;
+pub mod geoip;
+pub mod state;
+
+use std::sync::Arc;
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::presence::Presence;
+use checkplane_runtime::stores::serve_with_stores;
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use config::{load, Config};
+
 /// The binary's name.
 pub const NAME: &str = "gateway";
-
-/// The gateway's configuration.
-pub type Config = StoreServiceConfig;
-
-/// Read the configuration from an environment snapshot.
-pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8080")
-}
 
 /// Run the gateway until `shutdown` fires.
 pub async fn run(
@@ -22,11 +27,28 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    if config.enrollment_token.is_none() {
+        tracing::warn!("GATEWAY_ENROLLMENT_TOKEN is not set: agents cannot register");
+    }
+    let service = config.service.clone();
+    let keys = Keys::new(
+        service.store.stream_prefix.clone(),
+        service.store.stream_shards,
+    );
+    let config = Arc::new(config);
     serve_with_stores(
-        config,
+        service,
         listener,
         shutdown,
-        |_stores, _tracker, _shutdown| axum::Router::new(),
+        move |stores, _tracker, _shutdown| {
+            let state = state::AppState {
+                stores: stores.clone(),
+                presence: Presence::new(keys.clone()),
+                keys,
+                config,
+            };
+            agents::router().with_state(state)
+        },
     )
     .await
 }
@@ -43,11 +65,11 @@ impl checkplane_runtime::Service for Service {
     }
 
     fn base(config: &Config) -> &BaseSettings {
-        &config.base
+        &config.service.base
     }
 
     fn store(config: &Config) -> Option<&StoreSettings> {
-        Some(&config.store)
+        Some(&config.service.store)
     }
 
     async fn run(

@@ -36,6 +36,7 @@ pub struct Service;
 
 impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
+    const REBUILD: bool = true;
     type Config = Config;
 
     fn load(env: &mut Env) -> Result<Config, ConfigError> {

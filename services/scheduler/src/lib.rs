@@ -1,6 +1,15 @@
-//! The scheduler: projects lease events, sweeps the outbox, recovers expired leases. Serves its probes on `HTTP_ADDR`.
+//! The scheduler: projects events made in Redis into PostgreSQL, publishes what the edge left
+//! in the outbox, marks agents offline, and keeps `events` within its retention. Serves its
+//! probes on `HTTP_ADDR`. Any number of replicas may run: the projector shares work through
+//! its consumer group, the sweeps through `SKIP LOCKED` and atomic scripts.
 
-use checkplane_runtime::stores::{serve_with_stores, StoreServiceConfig};
+use std::time::Duration;
+
+use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::presence::Presence;
+use checkplane_runtime::projector::{Projector, ProjectorConfig};
+use checkplane_runtime::stores::{every, serve_with_stores, StoreServiceConfig};
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -9,11 +18,63 @@ use tokio_util::sync::CancellationToken;
 pub const NAME: &str = "scheduler";
 
 /// The scheduler's configuration.
-pub type Config = StoreServiceConfig;
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Logging, listening, probes, PostgreSQL and Redis.
+    pub service: StoreServiceConfig,
+    /// `CONSUMER_NAME`: this replica's stable name in consumer groups (default: host name).
+    pub consumer: String,
+    /// `OFFLINE_GRACE`: how long past its heartbeat deadline an agent goes offline.
+    pub offline_grace: Duration,
+    /// `OUTBOX_MIN_AGE`: outbox rows younger than this are left to their gateway.
+    pub outbox_min_age: Duration,
+    /// `EVENTS_RETENTION`: how long `events` are kept.
+    pub events_retention: Duration,
+    /// `PROJECTOR_MAX_ATTEMPTS`: failures before an event is parked.
+    pub max_attempts: u32,
+}
 
-/// Read the configuration from an environment snapshot.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "scheduler".to_owned())
+}
+
+/// Read the scheduler's configuration.
 pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8081")
+    let service = StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8081")?;
+    let consumer = env.string("CONSUMER_NAME", &host_name());
+    if consumer.len() > 128 || consumer.chars().any(char::is_whitespace) {
+        return Err(ConfigError::new(
+            "CONSUMER_NAME",
+            "at most 128 characters, no spaces",
+        ));
+    }
+    Ok(Config {
+        service,
+        consumer,
+        offline_grace: env.duration(
+            "OFFLINE_GRACE",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?,
+        outbox_min_age: env.duration(
+            "OUTBOX_MIN_AGE",
+            Duration::from_secs(5),
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )?,
+        events_retention: env.duration(
+            "EVENTS_RETENTION",
+            Duration::from_secs(30 * 86_400),
+            Duration::from_secs(86_400),
+            Duration::from_secs(3650 * 86_400),
+        )?,
+        max_attempts: u32::try_from(env.u64_in("PROJECTOR_MAX_ATTEMPTS", 5, 1, 100)?).unwrap_or(5),
+    })
 }
 
 /// Run the scheduler until `shutdown` fires.
@@ -22,11 +83,103 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let keys = Keys::new(
+        config.service.store.stream_prefix.clone(),
+        config.service.store.stream_shards,
+    );
+    let redis_client = redis::Client::open(config.service.store.redis.connection_info())
+        .map_err(RunError::Redis)?;
     serve_with_stores(
-        config,
+        config.service.clone(),
         listener,
         shutdown,
-        |_stores, _tracker, _shutdown| axum::Router::new(),
+        move |stores, tracker, shutdown| {
+            let mut projector_config =
+                ProjectorConfig::new(keys.projected_streams(), "projector", &config.consumer);
+            projector_config.max_attempts = config.max_attempts;
+            let projector = Projector::new(projector_config, stores.pg.clone(), redis_client);
+            tracker.spawn(projector.run(shutdown.clone()));
+
+            let (pg, redis) = (stores.pg.clone(), stores.redis.clone());
+            let min_age = config.outbox_min_age;
+            every(
+                tracker,
+                shutdown,
+                "outbox_sweep",
+                Duration::from_secs(1),
+                move || {
+                    let (pg, redis) = (pg.clone(), redis.clone());
+                    async move {
+                        while checkplane_runtime::outbox::sweep(&pg, &redis, min_age, 500).await?
+                            == 500
+                        {}
+                        Ok::<_, checkplane_runtime::outbox::SweepError>(())
+                    }
+                },
+            );
+
+            let presence = Presence::new(keys.clone());
+            let redis = stores.redis.clone();
+            let grace_ms = i64::try_from(config.offline_grace.as_millis()).unwrap_or(i64::MAX);
+            let sweep_every =
+                (config.offline_grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            every(
+                tracker,
+                shutdown,
+                "presence_sweep",
+                sweep_every,
+                move || {
+                    let (presence, redis) = (presence.clone(), redis.clone());
+                    async move {
+                        let mut conn = redis
+                            .get()
+                            .await
+                            .map_err(|e| RunError::Startup(e.to_string()))?;
+                        for n in 0..presence.keys().shards() {
+                            let sweep = presence
+                                .sweep(&mut *conn, n, now_ms(), grace_ms, 200)
+                                .await
+                                .map_err(RunError::Redis)?;
+                            if sweep.marked > 0 {
+                                tracing::info!(
+                                    shard = n,
+                                    marked = sweep.marked,
+                                    "agents marked offline"
+                                );
+                            }
+                        }
+                        Ok::<_, RunError>(())
+                    }
+                },
+            );
+
+            let pg = stores.pg.clone();
+            let retention = config.events_retention;
+            every(
+                tracker,
+                shutdown,
+                "events_retention",
+                Duration::from_secs(3600),
+                move || {
+                    let pg = pg.clone();
+                    async move {
+                        let client = pg
+                            .get()
+                            .await
+                            .map_err(|e| RunError::Startup(e.to_string()))?;
+                        let done =
+                            checkplane_runtime::retention::maintain_events(&client, retention)
+                                .await
+                                .map_err(|e| {
+                                    RunError::Startup(checkplane_runtime::error_chain(&e))
+                                })?;
+                        tracing::debug!(?done, "events maintenance");
+                        Ok::<_, RunError>(())
+                    }
+                },
+            );
+            axum::Router::new()
+        },
     )
     .await
 }
@@ -36,6 +189,7 @@ pub struct Service;
 
 impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
+    const REBUILD: bool = true;
     type Config = Config;
 
     fn load(env: &mut Env) -> Result<Config, ConfigError> {
@@ -43,11 +197,11 @@ impl checkplane_runtime::Service for Service {
     }
 
     fn base(config: &Config) -> &BaseSettings {
-        &config.base
+        &config.service.base
     }
 
     fn store(config: &Config) -> Option<&StoreSettings> {
-        Some(&config.store)
+        Some(&config.service.store)
     }
 
     async fn run(

@@ -1,5 +1,6 @@
 //! Black-box tests of the gateway against real PostgreSQL and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agents;
 mod health;
 mod process;

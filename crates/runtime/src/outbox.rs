@@ -1,0 +1,124 @@
+//! The edge write path: a command appends its event and applies it in its own PostgreSQL
+//! transaction, with an `outbox` row; after commit the event is published to its stream and
+//! the row deleted. If the process dies in between, or Redis does not answer, the row stays
+//! and the scheduler's [`sweep`] publishes it. Publishing twice is harmless: consumers skip
+//! an `event_id` they have seen. So a client reads its own write at once, and its answer
+//! never depends on Redis keeping its last second.
+
+use std::time::Duration;
+
+use checkplane_wire::events::Event;
+use tokio_postgres::GenericClient;
+
+use crate::projection::{self, ApplyError};
+
+/// Inside the command's transaction: record, apply, and remember to publish.
+pub async fn append(
+    tx: &impl GenericClient,
+    event: &Event,
+    stream: &str,
+) -> Result<(), ApplyError> {
+    projection::record_and_apply(tx, event).await?;
+    tx.execute(
+        "INSERT INTO outbox (event_id, stream, event) VALUES ($1, $2, $3)",
+        &[&event.event_id, &stream, &serde_json::to_value(event)?],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn xadd(
+    conn: &mut impl redis::aio::ConnectionLike,
+    stream: &str,
+    event_json: &str,
+) -> redis::RedisResult<String> {
+    redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("event")
+        .arg(event_json)
+        .query_async(conn)
+        .await
+}
+
+/// After commit: publish and drop the outbox row, within `timeout`. A failure is logged and
+/// left to the sweep; the command has succeeded either way.
+pub async fn publish(
+    pg: &deadpool_postgres::Pool,
+    redis: &deadpool_redis::Pool,
+    stream: &str,
+    event: &Event,
+    timeout: Duration,
+) {
+    let attempt = tokio::time::timeout(timeout, async {
+        let json = serde_json::to_string(event).map_err(|e| e.to_string())?;
+        let mut conn = redis.get().await.map_err(|e| e.to_string())?;
+        xadd(&mut conn, stream, &json)
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = pg.get().await.map_err(|e| e.to_string())?;
+        client
+            .execute("DELETE FROM outbox WHERE event_id = $1", &[&event.event_id])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    if let Err(error) = attempt {
+        metrics::counter!("checkplane_outbox_publish_deferred_total").increment(1);
+        tracing::warn!(event_id = %event.event_id, %error, "event left to the outbox sweep");
+    }
+}
+
+/// Why a sweep failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("PostgreSQL")]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL pool")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("Redis pool")]
+    RedisPool(#[from] deadpool_redis::PoolError),
+    #[error("Redis")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Publish outbox rows older than `min_age` (younger ones are still being published by their
+/// gateway), at most `limit`; returns how many. Replicas skip each other's rows.
+pub async fn sweep(
+    pg: &deadpool_postgres::Pool,
+    redis: &deadpool_redis::Pool,
+    min_age: Duration,
+    limit: i64,
+) -> Result<usize, SweepError> {
+    let mut client = pg.get().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT event_id, stream, event::text FROM outbox
+             WHERE created_at < now() - $1::bigint * interval '1 millisecond'
+             ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            &[
+                &i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX),
+                &limit,
+            ],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut conn = redis.get().await?;
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let stream: String = row.get(1);
+        let event: String = row.get(2);
+        xadd(&mut conn, &stream, &event).await?;
+        ids.push(row.get::<_, uuid::Uuid>(0));
+    }
+    tx.execute("DELETE FROM outbox WHERE event_id = ANY($1)", &[&ids])
+        .await?;
+    tx.commit().await?;
+    tracing::info!(published = ids.len(), "outbox sweep published events");
+    Ok(ids.len())
+}

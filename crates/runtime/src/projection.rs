@@ -1,0 +1,265 @@
+//! `apply(event)`: the one place events become rows, used by the edge write path (inside the
+//! command's own transaction), by the projector (for events made in Redis), and by `rebuild`.
+//!
+//! Rules that make apply order irrelevant, so replicas may apply concurrently and in any order:
+//! - an event is applied at most once: it is inserted into `events` first, and an `event_id`
+//!   already there means it was applied already ([`record`] answers `false`);
+//! - a current-state column is only overwritten by an event with a higher per-aggregate version
+//!   than the one that set it (`*_version` columns);
+//! - history tables insert every event, keyed by `event_id`;
+//! - values that merge (first registration time) use an order-free merge (`LEAST`).
+
+use checkplane_wire::events::{AgentPresence, AgentRegistered, Event, EventBody};
+use tokio_postgres::GenericClient;
+
+/// Why an event could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("database")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("serialising the payload")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The projection tables `apply` writes: what `rebuild` truncates and replays.
+pub const PROJECTION_TABLES: &[&str] = &["agents", "agent_status_history"];
+
+/// Timestamps from event milliseconds, with exact integer arithmetic.
+const AT: &str = "('epoch'::timestamptz + $1::bigint * interval '1 millisecond')";
+
+/// Insert the event into `events`; `false` when its `event_id` is there already.
+pub async fn record(client: &impl GenericClient, event: &Event) -> Result<bool, ApplyError> {
+    let payload = serde_json::to_value(&event.body)?;
+    let payload = payload.get("payload").cloned().unwrap_or_default();
+    let inserted = client
+        .execute(
+            &format!(
+                "INSERT INTO events (event_id, occurred_at, type, aggregate_id, version, actor, schema, payload)
+                 VALUES ($2, {AT}, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &event.event_id,
+                &event.body.type_name(),
+                &event.aggregate_id,
+                &event.version,
+                &event.actor,
+                &i32::try_from(event.schema).unwrap_or(i32::MAX),
+                &payload,
+            ],
+        )
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// Apply one event to the projection tables.
+pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), ApplyError> {
+    match &event.body {
+        EventBody::AgentRegistered(e) => apply_registered(client, event, e).await,
+        EventBody::AgentCameBack(e) => apply_presence(client, event, e, "online").await,
+        EventBody::AgentWentOffline(e) => apply_presence(client, event, e, "offline").await,
+    }
+}
+
+/// Record and apply; `false` (and nothing applied) when the event was known already.
+pub async fn record_and_apply(
+    client: &impl GenericClient,
+    event: &Event,
+) -> Result<bool, ApplyError> {
+    if !record(client, event).await? {
+        return Ok(false);
+    }
+    apply(client, event).await?;
+    Ok(true)
+}
+
+async fn apply_registered(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &AgentRegistered,
+) -> Result<(), ApplyError> {
+    let labels = serde_json::to_value(&e.labels)?;
+    let capabilities = serde_json::to_value(&e.capabilities)?;
+    let asn = e.location.asn.map(i64::from);
+    // Each identity column takes the new value only when this event's version is newer.
+    let newer = "agents.identity_version < EXCLUDED.identity_version";
+    let sql = format!(
+        "INSERT INTO agents (agent_id, hostname, token_hash, labels, capabilities, country, city, asn,
+                             network, location_source, address, agent_version, registered_at,
+                             updated_at, identity_version)
+         VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, {AT}, {AT}, $14)
+         ON CONFLICT (agent_id) DO UPDATE SET
+            hostname = CASE WHEN {newer} THEN EXCLUDED.hostname ELSE agents.hostname END,
+            token_hash = CASE WHEN {newer} THEN EXCLUDED.token_hash ELSE agents.token_hash END,
+            labels = CASE WHEN {newer} THEN EXCLUDED.labels ELSE agents.labels END,
+            capabilities = CASE WHEN {newer} THEN EXCLUDED.capabilities ELSE agents.capabilities END,
+            country = CASE WHEN {newer} THEN EXCLUDED.country ELSE agents.country END,
+            city = CASE WHEN {newer} THEN EXCLUDED.city ELSE agents.city END,
+            asn = CASE WHEN {newer} THEN EXCLUDED.asn ELSE agents.asn END,
+            network = CASE WHEN {newer} THEN EXCLUDED.network ELSE agents.network END,
+            location_source = CASE WHEN {newer} THEN EXCLUDED.location_source ELSE agents.location_source END,
+            address = CASE WHEN {newer} THEN EXCLUDED.address ELSE agents.address END,
+            agent_version = CASE WHEN {newer} THEN EXCLUDED.agent_version ELSE agents.agent_version END,
+            updated_at = CASE WHEN {newer} THEN EXCLUDED.updated_at ELSE agents.updated_at END,
+            registered_at = LEAST(agents.registered_at, EXCLUDED.registered_at),
+            identity_version = GREATEST(agents.identity_version, EXCLUDED.identity_version)"
+    );
+    client
+        .execute(
+            &sql,
+            &[
+                &event.occurred_at,
+                &e.agent_id,
+                &e.hostname,
+                &e.token_hash,
+                &labels,
+                &capabilities,
+                &e.location.country,
+                &e.location.city,
+                &asn,
+                &e.location.network,
+                &e.location_source,
+                &e.address,
+                &e.agent_version,
+                &event.version,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn apply_presence(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &AgentPresence,
+    status: &str,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO agents (agent_id, status, status_changed_at, status_version)
+                 VALUES ($2, $3, {AT}, $4)
+                 ON CONFLICT (agent_id) DO UPDATE SET
+                    status = EXCLUDED.status,
+                    status_changed_at = EXCLUDED.status_changed_at,
+                    status_version = EXCLUDED.status_version
+                 WHERE agents.status_version < EXCLUDED.status_version"
+            ),
+            &[&event.occurred_at, &e.agent_id, &status, &event.version],
+        )
+        .await?;
+    client
+        .execute(
+            &format!(
+                "INSERT INTO agent_status_history (event_id, agent_id, status, version, reason, occurred_at)
+                 VALUES ($2, $3, $4, $5, $6, {AT})
+                 ON CONFLICT (event_id) DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &event.event_id,
+                &e.agent_id,
+                &status,
+                &event.version,
+                &e.reason,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Read an event back from its `events` row.
+fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, serde_json::Error> {
+    let envelope = serde_json::json!({
+        "event_id": row.get::<_, uuid::Uuid>("event_id"),
+        "aggregate_id": row.get::<_, String>("aggregate_id"),
+        "version": row.get::<_, i64>("version"),
+        "occurred_at": row.get::<_, i64>("occurred_ms"),
+        "actor": row.get::<_, String>("actor"),
+        "schema": row.get::<_, i32>("schema"),
+        "type": row.get::<_, String>("type"),
+        "payload": row.get::<_, serde_json::Value>("payload"),
+    });
+    serde_json::from_value(envelope)
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub events: u64,
+    pub failed: u64,
+}
+
+/// Truncate the projection tables and replay `events` into them, in one transaction: readers
+/// see the old tables until the new ones are complete. Events that fail to apply are counted
+/// and logged, and the rebuild goes on (they would be parked by the projector too).
+pub async fn rebuild(client: &mut tokio_postgres::Client) -> Result<RebuildReport, ApplyError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("TRUNCATE {}", PROJECTION_TABLES.join(", ")))
+        .await?;
+    let portal = tx
+        .bind(
+            "SELECT event_id, aggregate_id, version, actor, schema, type, payload,
+                    (extract(epoch FROM occurred_at) * 1000)::bigint AS occurred_ms
+             FROM events ORDER BY occurred_at, event_id",
+            &[],
+        )
+        .await?;
+    let mut report = RebuildReport {
+        events: 0,
+        failed: 0,
+    };
+    loop {
+        let rows = tx.query_portal(&portal, 1000).await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            report.events += 1;
+            let event = match event_from_row(row) {
+                Ok(event) => event,
+                Err(error) => {
+                    report.failed += 1;
+                    tracing::warn!(%error, "rebuild: undecodable event skipped");
+                    continue;
+                }
+            };
+            tx.batch_execute("SAVEPOINT replay").await?;
+            match apply(&tx, &event).await {
+                Ok(()) => tx.batch_execute("RELEASE SAVEPOINT replay").await?,
+                Err(error) => {
+                    report.failed += 1;
+                    tracing::warn!(event_id = %event.event_id, error = %crate::error_chain(&error), "rebuild: event failed to apply");
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT replay").await?;
+                }
+            }
+        }
+        if report.events % 100_000 < 1000 {
+            tracing::info!(events = report.events, "rebuild progress");
+        }
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Every projection table as sorted JSON rows, all columns: two states are equal when their
+/// dumps are.
+pub async fn canonical_dump(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, Vec<String>)>, ApplyError> {
+    let mut dump = Vec::new();
+    for table in PROJECTION_TABLES {
+        let rows = client
+            .query(
+                &format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY 1"),
+                &[],
+            )
+            .await?;
+        dump.push((
+            (*table).to_owned(),
+            rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        ));
+    }
+    Ok(dump)
+}

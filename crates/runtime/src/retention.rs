@@ -1,0 +1,72 @@
+//! Keeping `events` partitioned by day and within its retention: partitions are made a week
+//! ahead, and whole days older than the retention are dropped; what the default partition
+//! holds beyond the retention is deleted in bounded batches.
+
+use std::time::Duration;
+
+/// What one maintenance round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Maintenance {
+    pub created: u32,
+    pub dropped: u32,
+    pub deleted: u64,
+}
+
+/// Rows deleted per statement from the default partition.
+const BATCH: i64 = 10_000;
+
+/// Make upcoming partitions, drop expired ones, trim the default partition.
+pub async fn maintain_events(
+    client: &tokio_postgres::Client,
+    retention: Duration,
+) -> Result<Maintenance, tokio_postgres::Error> {
+    let mut done = Maintenance::default();
+    let created: i64 = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE made) FROM (
+                SELECT cp_ensure_event_partition((current_date + d)::date) AS made
+                FROM generate_series(-1, 7) AS d) t",
+            &[],
+        )
+        .await?
+        .get(0);
+    done.created = u32::try_from(created).unwrap_or(0);
+
+    let days = i32::try_from(retention.as_secs() / 86_400).unwrap_or(i32::MAX);
+    let expired = client
+        .query(
+            "SELECT c.relname FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_class p ON p.oid = i.inhparent
+             WHERE p.relname = 'events' AND c.relname ~ '^events_p[0-9]{8}$'
+               AND to_date(substr(c.relname, 9), 'YYYYMMDD') < current_date - $1::int",
+            &[&days],
+        )
+        .await?;
+    for row in expired {
+        let name: String = row.get(0);
+        client
+            .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+            .await?;
+        tracing::info!(partition = %name, "dropped expired events partition");
+        done.dropped += 1;
+    }
+
+    let millis = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let n = client
+            .execute(
+                "DELETE FROM events_default WHERE ctid IN (
+                    SELECT ctid FROM events_default
+                    WHERE occurred_at < now() - $1::bigint * interval '1 millisecond'
+                    LIMIT $2)",
+                &[&millis, &BATCH],
+            )
+            .await?;
+        done.deleted += n;
+        if n < BATCH as u64 {
+            break;
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,150 @@
+//! Events: the envelope and every typed event.
+//!
+//! On a stream an event is one entry with one field, `event`, holding this JSON:
+//!
+//! ```json
+//! {"event_id": "0190...", "type": "agent.registered", "aggregate_id": "agent:a1",
+//!  "version": 3, "occurred_at": 1760000000000, "actor": "agent:a1", "schema": 1,
+//!  "payload": {...}}
+//! ```
+//!
+//! `occurred_at` is milliseconds since the Unix epoch (Lua scripts make events too, and
+//! integers travel through them unchanged). `version` is per aggregate: a current-state column
+//! keeps the version that set it, so an older event never overwrites a newer one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The version of the envelope and payload shapes.
+pub const SCHEMA: u32 = 1;
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: Uuid,
+    pub aggregate_id: String,
+    pub version: i64,
+    /// Milliseconds since the Unix epoch.
+    pub occurred_at: i64,
+    /// Who caused it: `agent:<id>`, `key:<name>`, `system:<service>`.
+    pub actor: String,
+    pub schema: u32,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// The typed part: `type` and `payload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload", deny_unknown_fields)]
+pub enum EventBody {
+    /// An agent registered, or re-registered and so rotated its token.
+    #[serde(rename = "agent.registered")]
+    AgentRegistered(Box<AgentRegistered>),
+    /// An agent's heartbeat came in while it was not online.
+    #[serde(rename = "agent.online")]
+    AgentCameBack(AgentPresence),
+    /// An agent missed its heartbeat deadline by more than the grace period.
+    #[serde(rename = "agent.offline")]
+    AgentWentOffline(AgentPresence),
+}
+
+impl EventBody {
+    /// The `type` string.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::AgentRegistered(_) => "agent.registered",
+            Self::AgentCameBack(_) => "agent.online",
+            Self::AgentWentOffline(_) => "agent.offline",
+        }
+    }
+}
+
+/// Where an agent is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Location {
+    /// ISO 3166-1 alpha-2, upper case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asn: Option<u32>,
+    /// The network's name (an ISP or hosting provider).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// Payload of `agent.registered`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRegistered {
+    pub agent_id: String,
+    pub hostname: String,
+    /// SHA-256 of the agent's secret token, hex.
+    pub token_hash: String,
+    pub labels: BTreeMap<String, String>,
+    /// Check kinds the agent runs, with how many at once.
+    pub capabilities: BTreeMap<String, u32>,
+    pub location: Location,
+    /// `declared`, `geoip` or `none`.
+    pub location_source: String,
+    /// The address the registration came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+}
+
+/// Payload of `agent.online` and `agent.offline`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentPresence {
+    pub agent_id: String,
+    /// `heartbeat` or `missed_heartbeat`.
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_with_type_and_payload_fields() {
+        let event = Event {
+            event_id: Uuid::nil(),
+            aggregate_id: "presence:a1".into(),
+            version: 2,
+            occurred_at: 1_760_000_000_000,
+            actor: "system:scheduler".into(),
+            schema: SCHEMA,
+            body: EventBody::AgentWentOffline(AgentPresence {
+                agent_id: "a1".into(),
+                reason: "missed_heartbeat".into(),
+            }),
+        };
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], "agent.offline");
+        assert_eq!(json["payload"]["agent_id"], "a1");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn unknown_types_and_fields_are_refused() {
+        let base = serde_json::json!({
+            "event_id": Uuid::nil(), "aggregate_id": "x", "version": 1, "occurred_at": 0,
+            "actor": "a", "schema": 1,
+        });
+        let mut unknown = base.clone();
+        unknown["type"] = "agent.exploded".into();
+        unknown["payload"] = serde_json::json!({});
+        assert!(serde_json::from_value::<Event>(unknown).is_err());
+        let mut extra = base;
+        extra["type"] = "agent.online".into();
+        extra["payload"] = serde_json::json!({"agent_id": "a", "reason": "r", "x": 1});
+        assert!(serde_json::from_value::<Event>(extra).is_err());
+    }
+}

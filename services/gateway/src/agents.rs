@@ -1,0 +1,335 @@
+//! The agent registry: register, heartbeat, and the operator's list of agents.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
+use checkplane_runtime::outbox;
+use checkplane_wire::agents::{HeartbeatResponse, RegisterRequest, RegisterResponse};
+use checkplane_wire::events::{AgentRegistered, Event, EventBody, SCHEMA};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::auth::{hash_secret, Admin, AgentIdentity, Enrollment};
+use crate::state::AppState;
+
+/// Largest registration body.
+const REGISTER_BODY_LIMIT: usize = 64 * 1024;
+/// How long publishing an event may take before it is left to the outbox sweep.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/agents/register",
+            post(register).layer(DefaultBodyLimit::max(REGISTER_BODY_LIMIT)),
+        )
+        .route(
+            "/v1/agents/heartbeat",
+            post(heartbeat).layer(DefaultBodyLimit::max(4 * 1024)),
+        )
+        .route("/v1/agents", get(list))
+}
+
+/// A fresh secret token: 32 random bytes, URL-safe base64, with a recognisable prefix.
+fn new_token() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        tracing::error!(error = %e, "no randomness");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            checkplane_wire::ErrorCode::Internal,
+            "internal error",
+        )
+    })?;
+    Ok(format!(
+        "cpa_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
+}
+
+async fn register(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    _enrollment: Enrollment,
+    ApiJson(request): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
+    let registration = request
+        .validate()
+        .map_err(|e| ApiError::validation(e.to_string()))?;
+    let (location, location_source) = match registration.location {
+        Some(location) => (location, "declared"),
+        None => match app.config.geoip.as_ref().and_then(|g| g.locate(peer.ip())) {
+            Some(location) => (location, "geoip"),
+            None => (Default::default(), "none"),
+        },
+    };
+    let token = new_token()?;
+
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    // Serialise registrations of one host, so a new host is created once.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&registration.hostname],
+    )
+    .await?;
+    let known = tx
+        .query_opt(
+            "SELECT agent_id, identity_version FROM agents WHERE hostname = $1",
+            &[&registration.hostname],
+        )
+        .await?;
+    let (agent_id, version, rotated) = match known {
+        Some(row) => (row.get::<_, String>(0), row.get::<_, i64>(1) + 1, true),
+        None => (format!("agt-{}", Uuid::now_v7().simple()), 1, false),
+    };
+    let event = Event {
+        event_id: Uuid::now_v7(),
+        aggregate_id: format!("agent:{agent_id}"),
+        version,
+        occurred_at: now_ms(),
+        actor: format!("agent:{agent_id}"),
+        schema: SCHEMA,
+        body: EventBody::AgentRegistered(Box::new(AgentRegistered {
+            agent_id: agent_id.clone(),
+            hostname: registration.hostname,
+            token_hash: hash_secret(&token),
+            labels: registration.labels,
+            capabilities: registration.capabilities,
+            location,
+            location_source: location_source.to_owned(),
+            address: Some(peer.ip().to_string()),
+            agent_version: registration.agent_version,
+        })),
+    };
+    let stream = app.keys.events("agents");
+    outbox::append(&*tx, &event, &stream)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    tx.commit().await?;
+    drop(client);
+    outbox::publish(
+        &app.stores.pg,
+        &app.stores.redis,
+        &stream,
+        &event,
+        PUBLISH_TIMEOUT,
+    )
+    .await;
+
+    tracing::info!(%agent_id, rotated, "agent registered");
+    let status = if rotated {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(RegisterResponse {
+            agent_id,
+            token,
+            rotated,
+            heartbeat_interval_ms: u64::try_from(app.config.heartbeat_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        }),
+    ))
+}
+
+async fn heartbeat(
+    State(app): State<AppState>,
+    agent: AgentIdentity,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let interval_ms = i64::try_from(app.config.heartbeat_interval.as_millis()).unwrap_or(i64::MAX);
+    let now = now_ms();
+    let mut conn = app.stores.redis.get().await?;
+    let beat = app
+        .presence
+        .heartbeat(&mut *conn, agent.agent_id.as_str(), now, interval_ms)
+        .await?;
+    drop(conn);
+    if beat.came_online {
+        tracing::info!(agent_id = %agent.agent_id, "agent online");
+    }
+    let client = app.stores.pg.get().await?;
+    client
+        .execute(
+            "INSERT INTO agent_last_seen (agent_id, last_seen) VALUES ($1, now())
+             ON CONFLICT (agent_id) DO UPDATE SET last_seen = now()",
+            &[&agent.agent_id.as_str()],
+        )
+        .await?;
+    Ok(Json(HeartbeatResponse {
+        next_deadline_ms: u64::try_from(interval_ms).unwrap_or(0),
+    }))
+}
+
+/// Filters and page of `GET /v1/agents`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    country: Option<String>,
+    asn: Option<u32>,
+    capability: Option<String>,
+    /// `key:value`
+    label: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: i64,
+    #[serde(default)]
+    offset: i64,
+}
+
+fn default_limit() -> i64 {
+    50
+}
+
+#[derive(Debug, Serialize)]
+struct AgentView {
+    agent_id: String,
+    hostname: Option<String>,
+    status: String,
+    labels: serde_json::Value,
+    capabilities: serde_json::Value,
+    location: serde_json::Value,
+    location_source: Option<String>,
+    address: Option<String>,
+    agent_version: Option<String>,
+    registered_at: Option<String>,
+    status_changed_at: Option<String>,
+    last_seen: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Page<T> {
+    items: Vec<T>,
+    total: i64,
+    limit: i64,
+    offset: i64,
+    has_more: bool,
+}
+
+const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
+
+async fn list(
+    State(app): State<AppState>,
+    _admin: Admin,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Page<AgentView>>, ApiError> {
+    if !(1..=500).contains(&q.limit) {
+        return Err(ApiError::validation("limit: must be 1-500"));
+    }
+    if !(0..=1_000_000).contains(&q.offset) {
+        return Err(ApiError::validation("offset: must be 0-1000000"));
+    }
+    let mut clauses: Vec<String> = Vec::new();
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut bind = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+        params.push(value);
+        clauses.push(clause.replace("{}", &format!("${}", params.len())));
+    };
+    if let Some(status) = q.status {
+        if !["registered", "online", "offline"].contains(&status.as_str()) {
+            return Err(ApiError::validation(
+                "status: expected registered, online or offline",
+            ));
+        }
+        bind("status = {}", Box::new(status));
+    }
+    if let Some(country) = q.country {
+        if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(ApiError::validation("country: expected a two-letter code"));
+        }
+        bind("country = {}", Box::new(country.to_ascii_uppercase()));
+    }
+    if let Some(asn) = q.asn {
+        bind("asn = {}", Box::new(i64::from(asn)));
+    }
+    if let Some(kind) = q.capability {
+        if !checkplane_wire::agents::KINDS.contains(&kind.as_str()) {
+            return Err(ApiError::validation("capability: unknown kind"));
+        }
+        bind("capabilities ? {}", Box::new(kind));
+    }
+    if let Some(label) = q.label {
+        let Some((key, value)) = label.split_once(':') else {
+            return Err(ApiError::validation("label: expected key:value"));
+        };
+        if key.len() > 63 || value.len() > 255 {
+            return Err(ApiError::validation("label: too long"));
+        }
+        let mut one = serde_json::Map::new();
+        one.insert(key.to_owned(), serde_json::Value::String(value.to_owned()));
+        bind("labels @> {}", Box::new(serde_json::Value::Object(one)));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    params.push(Box::new(q.limit));
+    params.push(Box::new(q.offset));
+    let sql = format!(
+        "SELECT a.agent_id, hostname, status, labels, capabilities, country, city, asn, network,
+                location_source, address, agent_version,
+                to_char(registered_at AT TIME ZONE 'UTC', {RFC3339}),
+                to_char(status_changed_at AT TIME ZONE 'UTC', {RFC3339}),
+                to_char(s.last_seen AT TIME ZONE 'UTC', {RFC3339}),
+                count(*) OVER ()
+         FROM agents a LEFT JOIN agent_last_seen s USING (agent_id)
+         {filter}
+         ORDER BY a.agent_id
+         LIMIT ${} OFFSET ${}",
+        params.len() - 1,
+        params.len()
+    );
+    let client = app.stores.pg.get().await?;
+    let refs: Vec<&(dyn ToSql + Sync)> =
+        params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+    let rows = client.query(&sql, &refs).await?;
+    let total = match rows.first() {
+        Some(row) => row.get::<_, i64>(15),
+        None => {
+            // Past the end: count separately so `total` is still right.
+            let count_sql = format!("SELECT count(*) FROM agents {filter}");
+            let n = params.len() - 2;
+            client.query_one(&count_sql, &refs[..n]).await?.get(0)
+        }
+    };
+    let items: Vec<AgentView> = rows
+        .iter()
+        .map(|r| AgentView {
+            agent_id: r.get(0),
+            hostname: r.get(1),
+            status: r.get(2),
+            labels: r.get(3),
+            capabilities: r.get(4),
+            location: serde_json::json!({
+                "country": r.get::<_, Option<String>>(5),
+                "city": r.get::<_, Option<String>>(6),
+                "asn": r.get::<_, Option<i64>>(7),
+                "network": r.get::<_, Option<String>>(8),
+            }),
+            location_source: r.get(9),
+            address: r.get(10),
+            agent_version: r.get(11),
+            registered_at: r.get(12),
+            status_changed_at: r.get(13),
+            last_seen: r.get(14),
+        })
+        .collect();
+    let has_more = q.offset + (items.len() as i64) < total;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: q.limit,
+        offset: q.offset,
+        has_more,
+    }))
+}

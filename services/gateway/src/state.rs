@@ -1,0 +1,18 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::presence::Presence;
+use checkplane_runtime::Stores;
+
+use crate::config::Config;
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub stores: Stores,
+    pub keys: Keys,
+    pub presence: Presence,
+    pub config: Arc<Config>,
+}

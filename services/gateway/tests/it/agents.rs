@@ -1,0 +1,386 @@
+//! The agent registry over HTTP: registration, tokens, heartbeats, the operator's list, and
+//! every kind of bad input answered with the error envelope.
+
+use std::time::Duration;
+
+use checkplane_runtime::Env;
+use checkplane_testkit::{store_env, Running, TestDb, TestRedis};
+use serde_json::{json, Value};
+
+pub const ENROLL: &str = "enroll-secret-0123456789";
+pub const ADMIN: &str = "admin-key-0123456789abcdef";
+
+pub struct Gw {
+    pub running: Running<checkplane_runtime::RunError>,
+    pub http: reqwest::Client,
+    pub db: TestDb,
+    pub redis: TestRedis,
+}
+
+pub async fn start() -> Gw {
+    start_with(vec![]).await
+}
+
+pub async fn start_with(extra: Vec<(String, String)>) -> Gw {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut env = store_env(&db, &redis);
+    env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
+    env.push(("GATEWAY_ADMIN_KEY".into(), ADMIN.into()));
+    env.extend(extra);
+    let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let running = Running::start(|l, s| gateway::run(config, l, s)).await;
+    running.wait_ready(Duration::from_secs(10)).await;
+    Gw {
+        running,
+        http: reqwest::Client::new(),
+        db,
+        redis,
+    }
+}
+
+impl Gw {
+    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: Value) -> (u16, Value) {
+        let mut request = self.http.post(self.running.url(path)).json(&body);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut request = self.http.get(self.running.url(path));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn register(&self, body: Value) -> (u16, Value) {
+        self.post(
+            "/v1/agents/register",
+            &[("x-enrollment-token", ENROLL)],
+            body,
+        )
+        .await
+    }
+
+    pub async fn heartbeat(&self, id: &str, token: &str) -> (u16, Value) {
+        self.post(
+            "/v1/agents/heartbeat",
+            &[("x-agent-id", id), ("x-agent-token", token)],
+            json!({}),
+        )
+        .await
+    }
+}
+
+pub fn probe(hostname: &str) -> Value {
+    json!({
+        "hostname": hostname,
+        "labels": {"rack": "r1"},
+        "capabilities": {"dns": 4, "http": 2},
+        "location": {"country": "de", "city": "Berlin", "asn": 64500, "network": "TestNet"},
+        "agent_version": "0.1.0",
+    })
+}
+
+#[tokio::test]
+async fn register_heartbeat_and_rotate() {
+    let gw = start().await;
+    let (status, first) = gw.register(probe("probe-1")).await;
+    assert_eq!(status, 201, "{first}");
+    let id = first["agent_id"].as_str().unwrap().to_owned();
+    let token = first["token"].as_str().unwrap().to_owned();
+    assert_eq!(first["rotated"], false);
+
+    // The registration is readable at once, and the secret is stored only as a hash.
+    let row = gw
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT hostname, token_hash, country, status, identity_version FROM agents WHERE agent_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "probe-1");
+    assert_ne!(row.get::<_, String>(1), token);
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("DE"));
+    assert_eq!(row.get::<_, String>(3), "registered");
+    assert_eq!(row.get::<_, i64>(4), 1);
+
+    let (status, beat) = gw.heartbeat(&id, &token).await;
+    assert_eq!(status, 200, "{beat}");
+    assert_eq!(beat["next_deadline_ms"], 10_000);
+
+    // Registering the same host again rotates the token: the old one stops working.
+    let (status, second) = gw.register(probe("PROBE-1")).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["agent_id"], id.as_str());
+    assert_eq!(second["rotated"], true);
+    let new_token = second["token"].as_str().unwrap();
+    assert_ne!(new_token, token);
+    let (status, body) = gw.heartbeat(&id, &token).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "ERR_UNAUTHORIZED");
+    assert_eq!(gw.heartbeat(&id, new_token).await.0, 200);
+
+    // Both registrations are events, published to the agents stream and gone from the outbox.
+    let client = gw.db.client().await;
+    let versions: Vec<i64> = client
+        .query(
+            "SELECT version FROM events WHERE aggregate_id = $1 ORDER BY version",
+            &[&format!("agent:{id}")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    let outbox: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outbox, 0);
+    let mut conn = gw.redis.connection().await;
+    let stream_len: i64 = redis::cmd("XLEN")
+        .arg(format!("{}:events:agents", gw.redis.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stream_len, 2);
+    gw.running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn registration_refuses_bad_input_with_precise_codes() {
+    let gw = start().await;
+    let url = gw.running.url("/v1/agents/register");
+
+    let (status, body) = gw.post("/v1/agents/register", &[], probe("p")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("ERR_UNAUTHORIZED"))
+    );
+    let (status, _) = gw
+        .post(
+            "/v1/agents/register",
+            &[("x-enrollment-token", "wrong-token-000000")],
+            probe("p"),
+        )
+        .await;
+    assert_eq!(status, 401);
+
+    let raw = |body: &'static str, content_type: &'static str| {
+        gw.http
+            .post(&url)
+            .header("x-enrollment-token", ENROLL)
+            .header("content-type", content_type)
+            .body(body)
+    };
+    let response = raw("{not json", "application/json").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "ERR_BAD_REQUEST");
+    let response = raw("{}", "text/plain").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 415);
+
+    let mut unknown = probe("p");
+    unknown["surprise"] = json!(1);
+    let (status, body) = gw.register(unknown).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("ERR_VALIDATION"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("surprise"),
+        "{body}"
+    );
+
+    let mut negative = probe("p");
+    negative["capabilities"]["dns"] = json!(-1);
+    assert_eq!(gw.register(negative).await.0, 422);
+
+    let mut labels = probe("p");
+    labels["labels"] = (0..40)
+        .map(|i| (format!("k{i}"), json!("v")))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let (status, body) = gw.register(labels).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("labels:"),
+        "{body}"
+    );
+
+    let mut kind = probe("p");
+    kind["capabilities"]["smtp"] = json!(1);
+    let (status, body) = gw.register(kind).await;
+    assert_eq!(status, 422);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("capabilities.smtp"),
+        "{body}"
+    );
+
+    let huge = format!(
+        "{{\"hostname\":\"p\",\"capabilities\":{{\"dns\":1}},\"labels\":{{\"k\":\"{}\"}}}}",
+        "x".repeat(100 * 1024)
+    );
+    let response = gw
+        .http
+        .post(&url)
+        .header("x-enrollment-token", ENROLL)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "ERR_PAYLOAD_TOO_LARGE");
+
+    // Nothing of the refused requests was recorded.
+    let n: i64 = gw
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    gw.running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn agent_routes_require_a_valid_identity() {
+    let gw = start().await;
+    let (_, reg) = gw.register(probe("p2")).await;
+    let id = reg["agent_id"].as_str().unwrap();
+    for headers in [
+        vec![],
+        vec![("x-agent-id", id)],
+        vec![("x-agent-id", id), ("x-agent-token", "cpa_wrong")],
+        vec![("x-agent-id", "no such agent"), ("x-agent-token", "x")],
+        vec![("x-agent-id", "agt-unknown"), ("x-agent-token", "x")],
+    ] {
+        let (status, body) = gw.post("/v1/agents/heartbeat", &headers, json!({})).await;
+        assert_eq!(status, 401, "{headers:?}");
+        assert_eq!(body["error"]["code"], "ERR_UNAUTHORIZED");
+    }
+    let long = "x".repeat(10_000);
+    let (status, _) = gw
+        .post(
+            "/v1/agents/heartbeat",
+            &[("x-agent-id", id), ("x-agent-token", &long)],
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 401);
+    gw.running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn registration_is_disabled_without_an_enrollment_token() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let config = gateway::load(&mut Env::from_pairs(store_env(&db, &redis))).unwrap();
+    let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
+    let response = reqwest::Client::new()
+        .post(gw.url("/v1/agents/register"))
+        .header("x-enrollment-token", ENROLL)
+        .json(&probe("p"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn operators_list_agents_with_filters_and_pages() {
+    let gw = start().await;
+    for (i, country) in ["DE", "DE", "FR", "US", "DE"].iter().enumerate() {
+        let mut body = probe(&format!("host-{i}"));
+        body["location"]["country"] = json!(country);
+        body["location"]["asn"] = json!(64500 + i);
+        if i == 3 {
+            body["capabilities"] = json!({"ping": 1});
+        }
+        assert_eq!(gw.register(body).await.0, 201);
+    }
+    let admin = [("x-api-key", ADMIN)];
+    let (status, page) = gw.get("/v1/agents?limit=2", &admin).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 5);
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["has_more"], true);
+    let (_, last) = gw.get("/v1/agents?limit=2&offset=4", &admin).await;
+    assert_eq!(last["items"].as_array().unwrap().len(), 1);
+    assert_eq!(last["has_more"], false);
+    let (_, beyond) = gw.get("/v1/agents?limit=2&offset=10", &admin).await;
+    assert_eq!(
+        (
+            beyond["total"].as_i64(),
+            beyond["items"].as_array().map(Vec::len)
+        ),
+        (Some(5), Some(0))
+    );
+
+    let (_, de) = gw.get("/v1/agents?country=de", &admin).await;
+    assert_eq!(de["total"], 3);
+    assert!(de["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["location"]["country"] == "DE"));
+    let (_, asn) = gw.get("/v1/agents?asn=64502", &admin).await;
+    assert_eq!(asn["items"][0]["hostname"], "host-2");
+    let (_, ping) = gw.get("/v1/agents?capability=ping", &admin).await;
+    assert_eq!(ping["total"], 1);
+    let (_, label) = gw
+        .get("/v1/agents?label=rack:r1&status=registered", &admin)
+        .await;
+    assert_eq!(label["total"], 5);
+
+    assert_eq!(gw.get("/v1/agents", &[]).await.0, 401);
+    assert_eq!(
+        gw.get("/v1/agents", &[("x-api-key", "nope-nope-nope-nope")])
+            .await
+            .0,
+        401
+    );
+    for bad in [
+        "limit=0",
+        "limit=501",
+        "offset=-1",
+        "status=sleeping",
+        "country=DEU",
+        "capability=smtp",
+        "label=nocolon",
+        "asn=x",
+        "bogus=1",
+    ] {
+        let (status, body) = gw.get(&format!("/v1/agents?{bad}"), &admin).await;
+        assert_eq!(status, 422, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "ERR_VALIDATION", "{bad}");
+    }
+    gw.running.stop().await.unwrap();
+}
