@@ -87,7 +87,8 @@ CREATE TABLE agents (
     identity_version  bigint      NOT NULL DEFAULT 0,
     status            text        NOT NULL DEFAULT 'registered',
     status_changed_at timestamptz,
-    status_version    bigint      NOT NULL DEFAULT 0
+    status_version    bigint      NOT NULL DEFAULT 0,
+    status_changes    bigint      NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX agents_hostname ON agents (hostname) WHERE hostname IS NOT NULL;
 CREATE INDEX agents_status ON agents (status);

@@ -106,3 +106,24 @@ pub fn embedded_migrations() -> Vec<String> {
         .map(|m| format!("V{}__{}:{}", m.version(), m.name(), m.checksum()))
         .collect()
 }
+
+/// Whether every embedded migration is applied (for replicas that do not migrate themselves).
+pub async fn schema_is_current(config: &tokio_postgres::Config) -> Result<bool, DbError> {
+    let client = connect(config).await?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(false);
+    }
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .await?
+        .get(0);
+    Ok(usize::try_from(applied).unwrap_or(0)
+        >= embedded::migrations::runner().get_migrations().len())
+}

@@ -21,6 +21,20 @@ pub enum ApplyError {
     Json(#[from] serde_json::Error),
 }
 
+impl ApplyError {
+    /// Whether the event itself is at fault (bad data, a violated constraint) rather than the
+    /// database being unavailable or the schema missing: only then does a failure count
+    /// towards parking the event.
+    pub fn is_poison(&self) -> bool {
+        match self {
+            Self::Json(_) => true,
+            Self::Db(e) => e
+                .code()
+                .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+        }
+    }
+}
+
 /// The projection tables `apply` writes: what `rebuild` truncates and replays.
 pub const PROJECTION_TABLES: &[&str] = &["agents", "agent_status_history"];
 
@@ -135,16 +149,20 @@ async fn apply_presence(
     e: &AgentPresence,
     status: &str,
 ) -> Result<(), ApplyError> {
+    // Status takes the newest version; `status_changes` counts every transition (how often an
+    // agent flaps), which is why each event must be applied exactly once.
+    let newer = "agents.status_version < EXCLUDED.status_version";
     client
         .execute(
             &format!(
-                "INSERT INTO agents (agent_id, status, status_changed_at, status_version)
-                 VALUES ($2, $3, {AT}, $4)
+                "INSERT INTO agents (agent_id, status, status_changed_at, status_version, status_changes)
+                 VALUES ($2, $3, {AT}, $4, 1)
                  ON CONFLICT (agent_id) DO UPDATE SET
-                    status = EXCLUDED.status,
-                    status_changed_at = EXCLUDED.status_changed_at,
-                    status_version = EXCLUDED.status_version
-                 WHERE agents.status_version < EXCLUDED.status_version"
+                    status = CASE WHEN {newer} THEN EXCLUDED.status ELSE agents.status END,
+                    status_changed_at = CASE WHEN {newer} THEN EXCLUDED.status_changed_at
+                                             ELSE agents.status_changed_at END,
+                    status_version = GREATEST(agents.status_version, EXCLUDED.status_version),
+                    status_changes = agents.status_changes + 1"
             ),
             &[&event.occurred_at, &e.agent_id, &status, &event.version],
         )

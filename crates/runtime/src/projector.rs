@@ -10,7 +10,8 @@
 //! 3. commit, then `XACK`. A crash before the ack leaves the entries pending: they are read
 //!    again, found in `events`, and skipped. Every event is applied exactly once.
 //!
-//! An entry that fails to decode or apply is retried; after `max_attempts` failures it is
+//! An entry that fails to decode or apply because of its own content (bad JSON, a data or
+//! constraint error) is retried; after `max_attempts` failures it is
 //! parked in `projection_failures`, acknowledged and counted
 //! (`checkplane_projector_parked_total`), so a poison event never stalls a stream. A failure of
 //! the transaction itself (PostgreSQL down) retries the whole batch after a backoff and does not
@@ -88,6 +89,8 @@ pub enum ProjectorError {
     Pg(#[from] tokio_postgres::Error),
     #[error("PostgreSQL pool")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("applying an event")]
+    Apply(#[source] projection::ApplyError),
 }
 
 /// One entry read from a stream.
@@ -347,6 +350,10 @@ impl Projector {
                     Err(error) => {
                         // A broken connection fails here too, and so fails the batch.
                         tx.batch_execute("ROLLBACK TO SAVEPOINT event").await?;
+                        if !error.is_poison() {
+                            // Missing schema, permissions, resources: not the event's fault.
+                            return Err(ProjectorError::Apply(error));
+                        }
                         failures.push((
                             entry.clone(),
                             Some(event.event_id),

@@ -22,6 +22,7 @@ pub struct Stores {
     /// The settings they were made from.
     pub settings: Arc<StoreSettings>,
     probes: Vec<Arc<dyn Probe>>,
+    schema: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Stores {
@@ -50,52 +51,75 @@ impl Stores {
             Arc::new(PostgresProbe::new(settings.database.clone())),
             Arc::new(RedisProbe::new(&settings.redis).map_err(RunError::Redis)?),
         ];
-        if settings.migrate_on_start {
-            let gate = Gate::closed("migrations", "pending");
-            probes.push(gate.clone());
-            tracker.spawn(migrate_until_done(
-                settings.database.clone(),
-                gate,
-                shutdown.clone(),
-            ));
-        }
+        // Background work must not touch tables before they exist: it waits for `schema`.
+        let (schema_tx, schema) = tokio::sync::watch::channel(false);
+        let gate = Gate::closed("migrations", "pending");
+        probes.push(gate.clone());
+        tracker.spawn(schema_until_current(
+            settings.database.clone(),
+            settings.migrate_on_start,
+            gate,
+            schema_tx,
+            shutdown.clone(),
+        ));
         Ok(Self {
             pg,
             redis,
             settings: Arc::new(settings),
             probes,
+            schema,
         })
     }
 
-    /// The readiness probes: postgres, redis, and migrations when applied on start.
+    /// The readiness probes: postgres, redis, migrations.
     pub fn probes(&self) -> Vec<Arc<dyn Probe>> {
         self.probes.clone()
     }
+
+    /// Wait until the database schema is current (migrated here or by another replica).
+    pub async fn schema_current(&self) {
+        let mut schema = self.schema.clone();
+        let _ = schema.wait_for(|current| *current).await;
+    }
 }
 
-async fn migrate_until_done(
+/// Apply migrations (or, with `MIGRATE_ON_START=false`, wait for another process to have
+/// applied them), retrying while the database is unreachable; then open the gate.
+async fn schema_until_current(
     config: tokio_postgres::Config,
+    migrate: bool,
     gate: Arc<Gate>,
+    schema: tokio::sync::watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
+        let attempt = async {
+            if migrate {
+                let report = db::migrate(&config).await?;
+                tracing::info!(applied = ?report.applied, "migrations are up to date");
+                Ok(true)
+            } else {
+                db::schema_is_current(&config).await
+            }
+        };
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return,
-            attempt = db::migrate(&config) => attempt,
+            attempt = attempt => attempt,
         };
         match attempt {
-            Ok(report) => {
-                tracing::info!(applied = ?report.applied, "migrations are up to date");
+            Ok(true) => {
                 gate.open();
+                let _ = schema.send(true);
                 return;
             }
+            Ok(false) => gate.close("pending: run `migrate`"),
             Err(error) => {
                 let reason = match &error {
                     DbError::Connect(_) => "database unreachable".to_owned(),
                     other => format!("failed: {}", crate::error_chain(other)),
                 };
-                tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "migrations not applied yet");
+                tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "schema not current yet");
                 gate.close(reason);
             }
         }

@@ -10,6 +10,7 @@
 //! - [`Running`]: a service started in-process on port 0, with readiness polled to a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod events;
 pub mod process;
 pub mod servers;
 

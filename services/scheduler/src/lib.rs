@@ -98,7 +98,13 @@ pub async fn run(
                 ProjectorConfig::new(keys.projected_streams(), "projector", &config.consumer);
             projector_config.max_attempts = config.max_attempts;
             let projector = Projector::new(projector_config, stores.pg.clone(), redis_client);
-            tracker.spawn(projector.run(shutdown.clone()));
+            let (schema, stop) = (stores.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = schema.schema_current() => projector.run(stop).await,
+                }
+            });
 
             let (pg, redis) = (stores.pg.clone(), stores.redis.clone());
             let min_age = config.outbox_min_age;

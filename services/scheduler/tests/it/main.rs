@@ -1,6 +1,12 @@
 //! Black-box tests of the scheduler against real PostgreSQL and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster;
+mod outbox;
+mod presence;
+mod projector;
+mod rebuild;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -8,7 +14,7 @@ use checkplane_runtime::Env;
 use checkplane_testkit::process::{assert_bad_config_exits_2, assert_sigterm_exits_0, free_port};
 use checkplane_testkit::{store_env, Running, TestDb, TestRedis};
 
-fn bin() -> &'static Path {
+pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_scheduler"))
 }
 
@@ -49,4 +55,81 @@ async fn sigterm_exits_0_within_the_bound() {
     env.push(("SHUTDOWN_TIMEOUT".into(), "3s".into()));
     let url = format!("http://127.0.0.1:{port}/readyz");
     assert_sigterm_exits_0(bin(), &env, &url, Duration::from_secs(3)).await;
+}
+
+/// Start the scheduler in-process with the given extra variables.
+pub async fn start_scheduler(
+    db: &TestDb,
+    redis: &TestRedis,
+    extra: &[(&str, &str)],
+) -> Running<checkplane_runtime::RunError> {
+    let mut env = store_env(db, redis);
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let config = scheduler::load(&mut Env::from_pairs(env)).unwrap();
+    let running = Running::start(|l, s| scheduler::run(config, l, s)).await;
+    running.wait_ready(Duration::from_secs(10)).await;
+    running
+}
+
+/// Start the gateway in-process with an enrollment token and the given extra variables.
+pub async fn start_gateway(
+    db: &TestDb,
+    redis: &TestRedis,
+    extra: &[(&str, &str)],
+) -> Running<checkplane_runtime::RunError> {
+    let mut env = store_env(db, redis);
+    env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let running = Running::start(|l, s| gateway::run(config, l, s)).await;
+    running.wait_ready(Duration::from_secs(10)).await;
+    running
+}
+
+pub const ENROLL: &str = "enroll-secret-0123456789";
+
+/// Register `hostname` through the gateway: (agent id, token).
+pub async fn register(
+    gw: &Running<checkplane_runtime::RunError>,
+    hostname: &str,
+) -> (String, String) {
+    let response = reqwest::Client::new()
+        .post(gw.url("/v1/agents/register"))
+        .header("x-enrollment-token", ENROLL)
+        .json(&serde_json::json!({"hostname": hostname, "capabilities": {"dns": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let body: serde_json::Value = response.json().await.unwrap();
+    (
+        body["agent_id"].as_str().unwrap().to_owned(),
+        body["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// One heartbeat; panics unless it is accepted.
+pub async fn heartbeat(gw: &Running<checkplane_runtime::RunError>, id: &str, token: &str) {
+    let response = reqwest::Client::new()
+        .post(gw.url("/v1/agents/heartbeat"))
+        .header("x-agent-id", id)
+        .header("x-agent-token", token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+/// `SELECT count(*)` of a query.
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client().await.query_one(sql, &[]).await.unwrap().get(0)
 }
