@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod events;
+pub mod geo;
 pub mod process;
 pub mod servers;
 

@@ -384,3 +384,132 @@ async fn operators_list_agents_with_filters_and_pages() {
     }
     gw.running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn agents_without_a_declared_location_are_located_by_address() {
+    use checkplane_testkit::geo::{write_databases, Place};
+    let dir = std::env::temp_dir().join(format!("cp-geo-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (city, asn) = (dir.join("city.mmdb"), dir.join("asn.mmdb"));
+    write_databases(
+        &[
+            Place {
+                ip: "127.0.0.2".parse().unwrap(),
+                country: "DE",
+                city: "Berlin",
+                asn: 64500,
+                network: "Net A",
+            },
+            Place {
+                ip: "127.0.0.3".parse().unwrap(),
+                country: "FR",
+                city: "Paris",
+                asn: 64501,
+                network: "Net B",
+            },
+            Place {
+                ip: "127.0.0.4".parse().unwrap(),
+                country: "US",
+                city: "Boston",
+                asn: 4_200_000_001,
+                network: "Net C",
+            },
+        ],
+        &city,
+        &asn,
+    );
+    let gw = start_with(vec![
+        ("GEOIP_CITY_DB".into(), city.display().to_string()),
+        ("GEOIP_ASN_DB".into(), asn.display().to_string()),
+    ])
+    .await;
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let register_from = |ip: &'static str, body: Value| {
+        let client = from(ip);
+        let url = gw.running.url("/v1/agents/register");
+        async move {
+            let r = client
+                .post(url)
+                .header("x-enrollment-token", ENROLL)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+            r.json::<Value>().await.unwrap()["agent_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let undeclared = |host: &str| json!({"hostname": host, "capabilities": {"ping": 1}});
+    let a = register_from("127.0.0.2", undeclared("geo-a")).await;
+    let b = register_from("127.0.0.3", undeclared("geo-b")).await;
+    let c = register_from("127.0.0.4", undeclared("geo-c")).await;
+    let unknown = register_from("127.0.0.9", undeclared("geo-unknown")).await;
+    let declared = register_from("127.0.0.2", probe("geo-declared")).await;
+
+    let client = gw.db.client().await;
+    let located = |id: String| {
+        let client = &client;
+        async move {
+            let r = client
+                .query_one("SELECT country, city, asn, network, location_source, address FROM agents WHERE agent_id = $1", &[&id])
+                .await
+                .unwrap();
+            (
+                r.get::<_, Option<String>>(0),
+                r.get::<_, Option<String>>(1),
+                r.get::<_, Option<i64>>(2),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, String>(4),
+                r.get::<_, String>(5),
+            )
+        }
+    };
+    assert_eq!(
+        located(a).await,
+        (
+            Some("DE".into()),
+            Some("Berlin".into()),
+            Some(64500),
+            Some("Net A".into()),
+            "geoip".into(),
+            "127.0.0.2".into()
+        )
+    );
+    assert_eq!(located(b).await.0.as_deref(), Some("FR"));
+    assert_eq!(
+        located(c).await.2,
+        Some(4_200_000_001),
+        "four-byte ASNs fit"
+    );
+    assert_eq!(
+        located(unknown).await,
+        (None, None, None, None, "none".into(), "127.0.0.9".into())
+    );
+    let d = located(declared).await;
+    assert_eq!((d.0.as_deref(), d.4.as_str()), (Some("DE"), "declared"));
+    assert_eq!(
+        d.2,
+        Some(64500),
+        "the declared location wins over the lookup"
+    );
+    gw.running.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_missing_geoip_database_stops_start_up_naming_the_variable() {
+    let mut env = Env::from_pairs([
+        ("DATABASE_URL", "postgres://u@127.0.0.1:1/db"),
+        ("GEOIP_ASN_DB", "/nonexistent/asn.mmdb"),
+    ]);
+    let err = gateway::load(&mut env).unwrap_err();
+    assert_eq!(err.var, "GEOIP_ASN_DB");
+}
