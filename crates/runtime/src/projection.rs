@@ -187,6 +187,119 @@ async fn apply_presence(
     Ok(())
 }
 
+/// What a batch apply did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Events new to `events`, now applied.
+    pub applied: u64,
+    /// Events already known (or repeated within the batch), skipped.
+    pub skipped: u64,
+}
+
+/// Record and apply a batch with a few set-based statements: the projector's fast path. Its
+/// effect equals [`record_and_apply`] of each event in turn; on an error the caller rolls the
+/// transaction back and applies event by event to find the culprit.
+pub async fn record_and_apply_batch(
+    client: &impl GenericClient,
+    events: &[Event],
+) -> Result<Applied, ApplyError> {
+    let mut ids = Vec::with_capacity(events.len());
+    let mut ms = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut aggregates = Vec::with_capacity(events.len());
+    let mut versions = Vec::with_capacity(events.len());
+    let mut actors = Vec::with_capacity(events.len());
+    let mut schemas = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    for event in events {
+        let body = serde_json::to_value(&event.body)?;
+        ids.push(event.event_id);
+        ms.push(event.occurred_at);
+        types.push(event.body.type_name());
+        aggregates.push(event.aggregate_id.as_str());
+        versions.push(event.version);
+        actors.push(event.actor.as_str());
+        schemas.push(i32::try_from(event.schema).unwrap_or(i32::MAX));
+        payloads.push(body.get("payload").cloned().unwrap_or_default());
+    }
+    let rows = client
+        .query(
+            "INSERT INTO events (event_id, occurred_at, type, aggregate_id, version, actor, schema, payload)
+                 SELECT id, 'epoch'::timestamptz + ms * interval '1 millisecond', t, agg, v, actor, sch, payload
+                 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                             $7::int[], $8::jsonb[]) AS u(id, ms, t, agg, v, actor, sch, payload)
+                 ON CONFLICT DO NOTHING
+                 RETURNING event_id",
+            &[&ids, &ms, &types, &aggregates, &versions, &actors, &schemas, &payloads],
+        )
+        .await?;
+    let mut new: std::collections::HashSet<uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let mut applied = Applied::default();
+    let mut presence: Vec<(&Event, &AgentPresence, &str)> = Vec::new();
+    for event in events {
+        // `remove`: an id repeated within the batch is applied once.
+        if !new.remove(&event.event_id) {
+            applied.skipped += 1;
+            continue;
+        }
+        applied.applied += 1;
+        match &event.body {
+            EventBody::AgentCameBack(p) => presence.push((event, p, "online")),
+            EventBody::AgentWentOffline(p) => presence.push((event, p, "offline")),
+            EventBody::AgentRegistered(_) => apply(client, event).await?,
+        }
+    }
+    if !presence.is_empty() {
+        apply_presence_batch(client, &presence).await?;
+    }
+    Ok(applied)
+}
+
+async fn apply_presence_batch(
+    client: &impl GenericClient,
+    events: &[(&Event, &AgentPresence, &str)],
+) -> Result<(), ApplyError> {
+    let ids: Vec<uuid::Uuid> = events.iter().map(|(e, _, _)| e.event_id).collect();
+    let agents: Vec<&str> = events.iter().map(|(_, p, _)| p.agent_id.as_str()).collect();
+    let statuses: Vec<&str> = events.iter().map(|(_, _, s)| *s).collect();
+    let versions: Vec<i64> = events.iter().map(|(e, _, _)| e.version).collect();
+    let reasons: Vec<&str> = events.iter().map(|(_, p, _)| p.reason.as_str()).collect();
+    let ms: Vec<i64> = events.iter().map(|(e, _, _)| e.occurred_at).collect();
+    client
+        .execute(
+            "INSERT INTO agent_status_history (event_id, agent_id, status, version, reason, occurred_at)
+             SELECT id, agent, status, v, reason, 'epoch'::timestamptz + ms * interval '1 millisecond'
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[])
+               AS u(id, agent, status, v, reason, ms)
+             ON CONFLICT (event_id) DO NOTHING",
+            &[&ids, &agents, &statuses, &versions, &reasons, &ms],
+        )
+        .await?;
+    // One row per agent, in agent order (replicas lock rows in one order): the newest status
+    // of the batch against the stored one, and every transition counted.
+    let newer = "agents.status_version < EXCLUDED.status_version";
+    client
+        .execute(
+            &format!(
+                "INSERT INTO agents (agent_id, status, status_changed_at, status_version, status_changes)
+                 SELECT agent, (array_agg(status ORDER BY v DESC))[1],
+                        'epoch'::timestamptz + (array_agg(ms ORDER BY v DESC))[1] * interval '1 millisecond',
+                        max(v), count(*)
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(agent, status, v, ms)
+                 GROUP BY agent ORDER BY agent
+                 ON CONFLICT (agent_id) DO UPDATE SET
+                    status = CASE WHEN {newer} THEN EXCLUDED.status ELSE agents.status END,
+                    status_changed_at = CASE WHEN {newer} THEN EXCLUDED.status_changed_at
+                                             ELSE agents.status_changed_at END,
+                    status_version = GREATEST(agents.status_version, EXCLUDED.status_version),
+                    status_changes = agents.status_changes + EXCLUDED.status_changes"
+            ),
+            &[&agents, &statuses, &versions, &ms],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Read an event back from its `events` row.
 fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, serde_json::Error> {
     let envelope = serde_json::json!({

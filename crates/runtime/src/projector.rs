@@ -5,8 +5,10 @@
 //!    restart or a failure, or entries a dead consumer left pending, taken with `XAUTOCLAIM`
 //!    once they are idle for `claim_idle`);
 //! 2. in one PostgreSQL transaction, sorted by (aggregate, version) so that replicas touch rows
-//!    in one order and cannot deadlock: for each event, under a savepoint, insert it into
-//!    `events` (an id already there means applied: skip) and apply it;
+//!    in one order and cannot deadlock: insert the batch into `events` (an id already there
+//!    means applied: skip it) and apply the new ones with a few set-based statements; if that
+//!    fails because of an event's content, roll back and go event by event, each under a
+//!    savepoint, to set the culprit apart;
 //! 3. commit, then `XACK`. A crash before the ack leaves the entries pending: they are read
 //!    again, found in `events`, and skipped. Every event is applied exactly once.
 //!
@@ -330,39 +332,32 @@ impl Projector {
         });
 
         let mut done: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        {
+        // Fast path: the whole batch in a few set-based statements.
+        let events: Vec<Event> = decoded.iter().map(|(_, e)| e.clone()).collect();
+        let fast = {
             let mut client = self.pg.get().await?;
             let tx = client.transaction().await?;
-            for (entry, event) in &decoded {
-                tx.batch_execute("SAVEPOINT event").await?;
-                match projection::record_and_apply(&*tx, event).await {
-                    Ok(applied) => {
-                        tx.batch_execute("RELEASE SAVEPOINT event").await?;
-                        if applied {
-                            outcome.applied += 1;
-                        } else {
-                            outcome.skipped += 1;
-                        }
-                        done.entry(entry.stream.clone())
-                            .or_default()
-                            .push(entry.id.clone());
-                    }
-                    Err(error) => {
-                        // A broken connection fails here too, and so fails the batch.
-                        tx.batch_execute("ROLLBACK TO SAVEPOINT event").await?;
-                        if !error.is_poison() {
-                            // Missing schema, permissions, resources: not the event's fault.
-                            return Err(ProjectorError::Apply(error));
-                        }
-                        failures.push((
-                            entry.clone(),
-                            Some(event.event_id),
-                            crate::error_chain(&error),
-                        ));
-                    }
+            match projection::record_and_apply_batch(&*tx, &events).await {
+                Ok(applied) => {
+                    tx.commit().await?;
+                    Some(applied)
                 }
+                Err(error) if error.is_poison() => None,
+                Err(error) => return Err(ProjectorError::Apply(error)),
             }
-            tx.commit().await?;
+        };
+        if let Some(applied) = fast {
+            outcome.applied += applied.applied;
+            outcome.skipped += applied.skipped;
+            for (entry, _) in &decoded {
+                done.entry(entry.stream.clone())
+                    .or_default()
+                    .push(entry.id.clone());
+            }
+        } else {
+            // Slow path: event by event under savepoints, to set the culprit apart.
+            self.apply_one_by_one(&decoded, &mut outcome, &mut done, &mut failures)
+                .await?;
         }
         for (stream, ids) in &done {
             let _: i64 = conn.xack(stream, &self.config.group, ids).await?;
@@ -396,6 +391,48 @@ impl Projector {
         metrics::histogram!("checkplane_projector_batch_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(outcome)
+    }
+
+    async fn apply_one_by_one(
+        &self,
+        decoded: &[(Entry, Event)],
+        outcome: &mut BatchOutcome,
+        done: &mut BTreeMap<String, Vec<String>>,
+        failures: &mut Vec<(Entry, Option<uuid::Uuid>, String)>,
+    ) -> Result<(), ProjectorError> {
+        let mut client = self.pg.get().await?;
+        let tx = client.transaction().await?;
+        for (entry, event) in decoded {
+            tx.batch_execute("SAVEPOINT event").await?;
+            match projection::record_and_apply(&*tx, event).await {
+                Ok(applied) => {
+                    tx.batch_execute("RELEASE SAVEPOINT event").await?;
+                    if applied {
+                        outcome.applied += 1;
+                    } else {
+                        outcome.skipped += 1;
+                    }
+                    done.entry(entry.stream.clone())
+                        .or_default()
+                        .push(entry.id.clone());
+                }
+                Err(error) => {
+                    // A broken connection fails here too, and so fails the batch.
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT event").await?;
+                    if !error.is_poison() {
+                        // Missing schema, permissions, resources: not the event's fault.
+                        return Err(ProjectorError::Apply(error));
+                    }
+                    failures.push((
+                        entry.clone(),
+                        Some(event.event_id),
+                        crate::error_chain(&error),
+                    ));
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn park(
