@@ -6,6 +6,7 @@ mod outbox;
 mod presence;
 mod projector;
 mod rebuild;
+mod retention;
 
 use std::path::Path;
 use std::time::Duration;
