@@ -16,6 +16,14 @@
 //! | `<p>:heartbeats:{s<n>}` | sorted set | agent id by heartbeat deadline (ms) |
 //! | `<p>:presence:{s<n>}` | hash | agent id → `<status>:<version>` (online/offline) |
 //! | `<p>:sweeper:{s<n>}` | hash | `last_run`, `resumed_at` (ms) of the presence sweep |
+//! | `<p>:tasks:{s<n>}:<agent>:<kind>` | stream | tasks for one agent and kind; group `agents` |
+//! | `<p>:events:leases:{s<n>}` | stream | lease events of shard n |
+//! | `<p>:leases:{s<n>}` | sorted set | live lease tokens by deadline (ms) |
+//! | `<p>:leasever:{s<n>}` | hash | per-task event version counter |
+//! | `<p>:closed:{s<n>}:<agent>:<kind>:<entry>` | string | tombstone: `closed` or `lost` |
+//! | `<p>:claims:{s<n>}:<agent>:<request_id>` | string | the reply to a claim, for retries |
+//! | `<p>:reported:{s<n>}:<token>` | string | the reply to a report, for retries |
+//! | `<p>:dlq:{s<n>}` | stream | tasks over the delivery limit, with the reason |
 
 /// Key builder for one installation.
 #[derive(Debug, Clone)]
@@ -73,6 +81,62 @@ impl Keys {
     /// Sweep bookkeeping of shard `n`.
     pub fn sweeper(&self, n: u32) -> String {
         format!("{}:sweeper:{{s{n}}}", self.prefix)
+    }
+
+    /// Task stream of one agent and kind.
+    pub fn tasks(&self, agent: &str, kind: &str) -> String {
+        format!(
+            "{}:tasks:{{s{}}}:{agent}:{kind}",
+            self.prefix,
+            self.shard_of(agent)
+        )
+    }
+
+    /// Lease events of shard `n`.
+    pub fn lease_events(&self, n: u32) -> String {
+        format!("{}:events:leases:{{s{n}}}", self.prefix)
+    }
+
+    /// Live leases of shard `n`, by deadline.
+    pub fn leases(&self, n: u32) -> String {
+        format!("{}:leases:{{s{n}}}", self.prefix)
+    }
+
+    /// Per-task event versions of shard `n`.
+    pub fn lease_versions(&self, n: u32) -> String {
+        format!("{}:leasever:{{s{n}}}", self.prefix)
+    }
+
+    /// Tombstone of one task entry.
+    pub fn closed(&self, agent: &str, kind: &str, entry: &str) -> String {
+        format!(
+            "{}:closed:{{s{}}}:{agent}:{kind}:{entry}",
+            self.prefix,
+            self.shard_of(agent)
+        )
+    }
+
+    /// The remembered reply to one claim request.
+    pub fn claim_reply(&self, agent: &str, request_id: &str) -> String {
+        format!(
+            "{}:claims:{{s{}}}:{agent}:{request_id}",
+            self.prefix,
+            self.shard_of(agent)
+        )
+    }
+
+    /// The remembered reply to the report of one lease.
+    pub fn reported(&self, agent: &str, token: &str) -> String {
+        format!(
+            "{}:reported:{{s{}}}:{token}",
+            self.prefix,
+            self.shard_of(agent)
+        )
+    }
+
+    /// Dead letters of shard `n`.
+    pub fn dlq(&self, n: u32) -> String {
+        format!("{}:dlq:{{s{n}}}", self.prefix)
     }
 
     /// Every stream the projector consumes.

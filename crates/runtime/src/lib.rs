@@ -8,6 +8,7 @@ pub mod health;
 pub mod http;
 pub mod keys;
 pub mod launch;
+pub mod leases;
 pub mod outbox;
 pub mod presence;
 pub mod projection;

@@ -5,5 +5,6 @@ pub mod agents;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod leases;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};

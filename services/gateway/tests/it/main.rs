@@ -3,4 +3,5 @@
 
 mod agents;
 mod health;
+mod leases;
 mod process;

@@ -1,0 +1,444 @@
+//! The lease protocol's Redis side: claim, extend, report and close, one Lua script each.
+//!
+//! A lease is a task entry pending in the `agents` group of the agent's task stream
+//! (`tasks:{s<n>}:<agent>:<kind>`) under the agent's consumer name. Its token is
+//! `<agent>.<kind>.<entry>.<epoch>`, the epoch being Redis's delivery count of the entry. Every
+//! script receives every key it touches in `KEYS`, all of one shard's hash tag, so the scripts
+//! run unchanged on Redis Cluster.
+//!
+//! - **claim**: a repeated `request_id` returns the remembered reply. Otherwise, per kind:
+//!   `XAUTOCLAIM` of the agent's own entries idle longer than the lease TTL (lost by a gateway
+//!   crash or an agent restart: they come back with the next epoch), then `XREADGROUP >` up to
+//!   the capacity asked. An entry delivered more than `max_deliveries` times goes to the DLQ
+//!   (`task.dead_lettered`) instead. Each lease is recorded in the shard's `leases` set by
+//!   deadline and announced with `lease.granted`.
+//! - **extend** / **report**: fenced on owner and epoch. A token whose entry is pending with
+//!   another consumer or another delivery count is `ERR_LEASE_LOST`; a tombstoned entry is
+//!   `ERR_LEASE_CLOSED` (or `ERR_LEASE_LOST` when recovery took it); no such entry is
+//!   `ERR_LEASE_UNKNOWN`. A lease that merely passed its deadline, but that nobody took, is
+//!   still valid. Extend is `XCLAIM ... JUSTID` (idle reset, no delivery counted); report
+//!   `XACK`s, removes the lease, appends `lease.reported` with the result, and remembers its
+//!   answer so a repeated report gets the same one.
+//! - **close** (deadline, cancel): acknowledges and deletes the entry and leaves a tombstone,
+//!   so a later report is fenced and the slot never gets two outcomes.
+//!
+//! Event ids (UUID v7) are made by the caller and passed in.
+
+use redis::aio::ConnectionLike;
+use uuid::Uuid;
+
+use crate::keys::Keys;
+use checkplane_wire::leases::LeaseToken;
+
+const COMMON: &str = r#"
+local function emit(stream, versions, id, task, type_, now, actor, payload)
+  local v = redis.call('HINCRBY', versions, task, 1)
+  redis.call('XADD', stream, '*', 'event', cjson.encode({event_id = id, aggregate_id = 'task:' .. task,
+    version = v, occurred_at = now, actor = actor, schema = 1, type = type_, payload = payload}))
+end
+-- Where the lease of `id` in `stream` stands for `agent` at `epoch`:
+-- 'ok', or the error code.
+local function fence(stream, closed, id, agent, epoch)
+  local p = redis.call('XPENDING', stream, 'agents', id, id, 1)
+  if #p == 0 then
+    local t = redis.call('GET', closed)
+    if t == 'lost' then return 'ERR_LEASE_LOST' end
+    if t then return 'ERR_LEASE_CLOSED' end
+    return 'ERR_LEASE_UNKNOWN'
+  end
+  if p[1][2] ~= agent or tonumber(p[1][4]) ~= tonumber(epoch) then return 'ERR_LEASE_LOST' end
+  return 'ok'
+end
+"#;
+
+/// KEYS: leases, lease events, claim reply, dlq, versions, then one task stream per kind.
+/// ARGV: agent, now, ttl_ms, max_deliveries, reply_ttl_ms, n_kinds, (kind, count)*, event ids.
+const CLAIM: &str = r#"
+local cached = redis.call('GET', KEYS[3])
+if cached then return cached end
+local agent, now, ttl, maxd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local nk = tonumber(ARGV[6])
+local next_id = 7 + 2 * nk
+local function eid() local id = ARGV[next_id]; next_id = next_id + 1; return id end
+local out = {}
+for k = 1, nk do
+  local kind, want = ARGV[5 + 2 * k], tonumber(ARGV[6 + 2 * k])
+  local stream = KEYS[5 + k]
+  redis.pcall('XGROUP', 'CREATE', stream, 'agents', '0', 'MKSTREAM')
+  local entries = {}
+  if want > 0 then
+    local auto = redis.call('XAUTOCLAIM', stream, 'agents', agent, ttl, '0-0', 'COUNT', want)
+    for _, e in ipairs(auto[2]) do entries[#entries + 1] = e end
+    local rest = want - #entries
+    if rest > 0 then
+      local read = redis.call('XREADGROUP', 'GROUP', 'agents', agent, 'COUNT', rest, 'STREAMS', stream, '>')
+      if read then for _, e in ipairs(read[1][2]) do entries[#entries + 1] = e end end
+    end
+  end
+  for _, e in ipairs(entries) do
+    local id, fields = e[1], e[2]
+    local deliveries = tonumber(redis.call('XPENDING', stream, 'agents', id, id, 1)[1][4])
+    local task = agent .. ':' .. kind .. ':' .. id
+    if deliveries > maxd then
+      redis.call('XACK', stream, 'agents', id)
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'agent', agent, 'kind', kind,
+        'entry', id, 'reason', 'max_deliveries', 'deliveries', deliveries, unpack(fields))
+      emit(KEYS[2], KEYS[5], eid(), task, 'task.dead_lettered', now, 'system:gateway',
+        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries})
+    else
+      local token = agent .. '.' .. kind .. '.' .. id .. '.' .. deliveries
+      redis.call('ZADD', KEYS[1], now + ttl, token)
+      emit(KEYS[2], KEYS[5], eid(), task, 'lease.granted', now, 'agent:' .. agent,
+        {agent_id = agent, kind = kind, entry = id, epoch = deliveries, deadline = now + ttl})
+      out[#out + 1] = cjson.encode({token = token, kind = kind, fields = fields})
+    end
+  end
+end
+local reply = '[' .. table.concat(out, ',') .. ']'
+redis.call('SET', KEYS[3], reply, 'PX', ARGV[5])
+return reply
+"#;
+
+/// KEYS: leases, lease events, versions, then (task stream, tombstone) per token.
+/// ARGV: agent, now, ttl_ms, event id, then (token, entry, epoch) per token.
+/// Returns per token the new deadline or an error code.
+const EXTEND: &str = r#"
+local agent, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, extended = {}, {}
+local n = (#ARGV - 4) / 3
+for i = 1, n do
+  local token, id, epoch = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
+  local stream, closed = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local f = fence(stream, closed, id, agent, epoch)
+  if f == 'ok' then
+    redis.call('XCLAIM', stream, 'agents', agent, 0, id, 'JUSTID')
+    redis.call('ZADD', KEYS[1], now + ttl, token)
+    out[i] = tostring(now + ttl)
+    extended[#extended + 1] = token
+  else
+    out[i] = f
+  end
+end
+if #extended > 0 then
+  local v = redis.call('HINCRBY', KEYS[3], 'extend:' .. agent, 1)
+  redis.call('XADD', KEYS[2], '*', 'event', cjson.encode({event_id = ARGV[4],
+    aggregate_id = 'extend:' .. agent, version = v, occurred_at = now, actor = 'agent:' .. agent,
+    schema = 1, type = 'lease.extended', payload = {agent_id = agent, tokens = extended,
+    deadline = now + ttl}}))
+end
+return out
+"#;
+
+/// KEYS: leases, lease events, versions, task stream, tombstone, reported reply.
+/// ARGV: agent, now, token, entry, epoch, kind, event id, outcome, result JSON, reply_ttl_ms.
+const REPORT: &str = r#"
+local cached = redis.call('GET', KEYS[6])
+if cached then return cached end
+local agent, now, token, id, epoch, kind = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local f = fence(KEYS[4], KEYS[5], id, agent, epoch)
+if f ~= 'ok' then return f end
+redis.call('XACK', KEYS[4], 'agents', id)
+redis.call('ZREM', KEYS[1], token)
+emit(KEYS[2], KEYS[3], ARGV[7], agent .. ':' .. kind .. ':' .. id, 'lease.reported', now,
+  'agent:' .. agent, {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
+  outcome = ARGV[8], result = cjson.decode(ARGV[9])})
+redis.call('SET', KEYS[6], 'acknowledged', 'PX', ARGV[10])
+return 'acknowledged'
+"#;
+
+/// KEYS: leases, lease events, versions, task stream, tombstone.
+/// ARGV: agent, kind, entry, now, event id, reason, tombstone value, tombstone_ttl_ms.
+/// Returns 1 when the task was open and is now closed, 0 when it was closed already.
+const CLOSE: &str = r#"
+local agent, kind, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+local p = redis.call('XPENDING', KEYS[4], 'agents', id, id, 1)
+local exists = #redis.call('XRANGE', KEYS[4], id, id) > 0
+if #p == 0 and not exists then return 0 end
+if #p > 0 then
+  redis.call('ZREM', KEYS[1], agent .. '.' .. kind .. '.' .. id .. '.' .. p[1][4])
+  redis.call('XACK', KEYS[4], 'agents', id)
+end
+redis.call('XDEL', KEYS[4], id)
+redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[8])
+emit(KEYS[2], KEYS[3], ARGV[5], agent .. ':' .. kind .. ':' .. id, 'lease.closed', now,
+  'system:scheduler', {agent_id = agent, kind = kind, entry = id, reason = ARGV[6]})
+return 1
+"#;
+
+/// A lease granted by a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    pub token: String,
+    pub kind: String,
+    /// The task entry's fields.
+    pub fields: Vec<(String, String)>,
+}
+
+/// Where a report or an extension stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fenced<T> {
+    Ok(T),
+    /// `ERR_LEASE_LOST`, `ERR_LEASE_CLOSED` or `ERR_LEASE_UNKNOWN`.
+    Refused(String),
+}
+
+/// One task entry.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskRef<'a> {
+    pub agent: &'a str,
+    pub kind: &'a str,
+    pub entry: &'a str,
+}
+
+/// Why a task is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The check's deadline passed.
+    Timeout,
+    /// An operator cancelled the check.
+    Cancelled,
+    /// Recovery took the lease of an agent that went silent.
+    LeaseExpired,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::LeaseExpired => "lease_expired",
+        }
+    }
+
+    fn tombstone(self) -> &'static str {
+        match self {
+            Self::LeaseExpired => "lost",
+            Self::Timeout | Self::Cancelled => "closed",
+        }
+    }
+}
+
+/// Settings of the lease scripts.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseSettings {
+    /// `LEASE_TTL` in ms.
+    pub ttl_ms: i64,
+    /// `MAX_DELIVERIES`.
+    pub max_deliveries: u32,
+    /// How long claim and report replies are remembered for retries.
+    pub reply_ttl_ms: i64,
+    /// How long tombstones are kept.
+    pub tombstone_ttl_ms: i64,
+}
+
+/// The lease scripts of one installation.
+#[derive(Clone)]
+pub struct Leases {
+    keys: Keys,
+    settings: LeaseSettings,
+    claim: redis::Script,
+    extend: redis::Script,
+    report: redis::Script,
+    close: redis::Script,
+}
+
+impl Leases {
+    pub fn new(keys: Keys, settings: LeaseSettings) -> Self {
+        Self {
+            keys,
+            settings,
+            claim: redis::Script::new(&format!("{COMMON}{CLAIM}")),
+            extend: redis::Script::new(&format!("{COMMON}{EXTEND}")),
+            report: redis::Script::new(&format!("{COMMON}{REPORT}")),
+            close: redis::Script::new(&format!("{COMMON}{CLOSE}")),
+        }
+    }
+
+    /// Claim up to `count` tasks per kind for `agent`; a repeated `request_id` returns the
+    /// same leases.
+    pub async fn claim(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent: &str,
+        request_id: &str,
+        capacities: &[(&str, u32)],
+        now_ms: i64,
+    ) -> redis::RedisResult<Vec<Granted>> {
+        let n = self.keys.shard_of(agent);
+        let mut inv = self.claim.prepare_invoke();
+        inv.key(self.keys.leases(n))
+            .key(self.keys.lease_events(n))
+            .key(self.keys.claim_reply(agent, request_id))
+            .key(self.keys.dlq(n))
+            .key(self.keys.lease_versions(n));
+        for (kind, _) in capacities {
+            inv.key(self.keys.tasks(agent, kind));
+        }
+        inv.arg(agent)
+            .arg(now_ms)
+            .arg(self.settings.ttl_ms)
+            .arg(self.settings.max_deliveries)
+            .arg(self.settings.reply_ttl_ms)
+            .arg(capacities.len());
+        let mut total = 0;
+        for (kind, count) in capacities {
+            inv.arg(*kind).arg(*count);
+            total += count;
+        }
+        for _ in 0..total {
+            inv.arg(Uuid::now_v7().to_string());
+        }
+        let reply: String = inv.invoke_async(conn).await?;
+        let parsed: Vec<serde_json::Value> = serde_json::from_str(&reply).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Parse, "claim reply", e.to_string()))
+        })?;
+        Ok(parsed
+            .into_iter()
+            .map(|v| {
+                let fields = v["fields"]
+                    .as_array()
+                    .map(|f| {
+                        f.chunks(2)
+                            .filter_map(|p| {
+                                Some((
+                                    p.first()?.as_str()?.to_owned(),
+                                    p.get(1)?.as_str()?.to_owned(),
+                                ))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Granted {
+                    token: v["token"].as_str().unwrap_or_default().to_owned(),
+                    kind: v["kind"].as_str().unwrap_or_default().to_owned(),
+                    fields,
+                }
+            })
+            .collect())
+    }
+
+    /// Extend the leases of `tokens` (all of `agent`): per token the new deadline (ms) or the
+    /// fence's refusal.
+    pub async fn extend(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent: &str,
+        tokens: &[LeaseToken],
+        now_ms: i64,
+    ) -> redis::RedisResult<Vec<Fenced<i64>>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = self.keys.shard_of(agent);
+        let mut inv = self.extend.prepare_invoke();
+        inv.key(self.keys.leases(n))
+            .key(self.keys.lease_events(n))
+            .key(self.keys.lease_versions(n));
+        for t in tokens {
+            inv.key(self.keys.tasks(agent, t.kind))
+                .key(self.keys.closed(agent, t.kind, &t.entry));
+        }
+        inv.arg(agent)
+            .arg(now_ms)
+            .arg(self.settings.ttl_ms)
+            .arg(Uuid::now_v7().to_string());
+        for t in tokens {
+            inv.arg(t.to_string()).arg(&t.entry).arg(t.epoch);
+        }
+        let replies: Vec<String> = inv.invoke_async(conn).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r.parse::<i64>() {
+                Ok(deadline) => Fenced::Ok(deadline),
+                Err(_) => Fenced::Refused(r),
+            })
+            .collect())
+    }
+
+    /// Report the outcome of a lease (`result` is JSON); `acknowledged`, again for a repeat.
+    pub async fn report(
+        &self,
+        conn: &mut impl ConnectionLike,
+        token: &LeaseToken,
+        outcome: &str,
+        result: &serde_json::Value,
+        now_ms: i64,
+    ) -> redis::RedisResult<Fenced<()>> {
+        let agent = token.agent.as_str();
+        let n = self.keys.shard_of(agent);
+        let text = token.to_string();
+        let reply: String = self
+            .report
+            .key(self.keys.leases(n))
+            .key(self.keys.lease_events(n))
+            .key(self.keys.lease_versions(n))
+            .key(self.keys.tasks(agent, token.kind))
+            .key(self.keys.closed(agent, token.kind, &token.entry))
+            .key(self.keys.reported(agent, &text))
+            .arg(agent)
+            .arg(now_ms)
+            .arg(&text)
+            .arg(&token.entry)
+            .arg(token.epoch)
+            .arg(token.kind)
+            .arg(Uuid::now_v7().to_string())
+            .arg(outcome)
+            .arg(result.to_string())
+            .arg(self.settings.reply_ttl_ms)
+            .invoke_async(conn)
+            .await?;
+        Ok(if reply == "acknowledged" {
+            Fenced::Ok(())
+        } else {
+            Fenced::Refused(reply)
+        })
+    }
+
+    /// Close a task and fence later reports (`lease_expired` answers `ERR_LEASE_LOST`, the
+    /// others `ERR_LEASE_CLOSED`). `true` when it was open.
+    pub async fn close(
+        &self,
+        conn: &mut impl ConnectionLike,
+        task: &TaskRef<'_>,
+        reason: CloseReason,
+        now_ms: i64,
+    ) -> redis::RedisResult<bool> {
+        let n = self.keys.shard_of(task.agent);
+        let closed: i64 = self
+            .close
+            .key(self.keys.leases(n))
+            .key(self.keys.lease_events(n))
+            .key(self.keys.lease_versions(n))
+            .key(self.keys.tasks(task.agent, task.kind))
+            .key(self.keys.closed(task.agent, task.kind, task.entry))
+            .arg(task.agent)
+            .arg(task.kind)
+            .arg(task.entry)
+            .arg(now_ms)
+            .arg(Uuid::now_v7().to_string())
+            .arg(reason.as_str())
+            .arg(reason.tombstone())
+            .arg(self.settings.tombstone_ttl_ms)
+            .invoke_async(conn)
+            .await?;
+        Ok(closed == 1)
+    }
+
+    /// Add a task for `agent` (a test and benchmark helper until fan-out exists): its entry id.
+    pub async fn enqueue(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent: &str,
+        kind: &str,
+        spec: &str,
+    ) -> redis::RedisResult<String> {
+        redis::cmd("XADD")
+            .arg(self.keys.tasks(agent, kind))
+            .arg("*")
+            .arg("spec")
+            .arg(spec)
+            .query_async(conn)
+            .await
+    }
+}

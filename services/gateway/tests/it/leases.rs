@@ -1,0 +1,321 @@
+//! The lease scripts against a real Redis, and the same scripts on a 3-node cluster.
+
+use std::time::Duration;
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::{CloseReason, Fenced, LeaseSettings, Leases, TaskRef};
+use checkplane_testkit::servers::RedisCluster;
+use checkplane_testkit::{eventually, TestRedis};
+use checkplane_wire::leases::LeaseToken;
+use redis::aio::ConnectionLike;
+
+fn settings(ttl_ms: i64, max_deliveries: u32) -> LeaseSettings {
+    LeaseSettings {
+        ttl_ms,
+        max_deliveries,
+        reply_ttl_ms: 60_000,
+        tombstone_ttl_ms: 60_000,
+    }
+}
+
+fn rid() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn now() -> i64 {
+    checkplane_runtime::clock::now_ms()
+}
+
+async fn pending(conn: &mut impl ConnectionLike, stream: &str) -> usize {
+    let reply: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("agents")
+        .query_async(conn)
+        .await
+        .unwrap();
+    reply.count()
+}
+
+async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
+    let leases = Leases::new(keys.clone(), settings(30_000, 5));
+    for i in 0..3 {
+        leases
+            .enqueue(conn, "agent-a", "dns", &format!("{{\"n\":{i}}}"))
+            .await
+            .unwrap();
+    }
+    leases.enqueue(conn, "agent-a", "http", "{}").await.unwrap();
+
+    let request = rid();
+    let granted = leases
+        .claim(conn, "agent-a", &request, &[("dns", 2), ("http", 4)], now())
+        .await
+        .unwrap();
+    assert_eq!(
+        granted.len(),
+        3,
+        "capacity per kind: 2 dns + the 1 http there is"
+    );
+    assert_eq!(
+        granted[0].fields,
+        [("spec".to_owned(), "{\"n\":0}".to_owned())]
+    );
+    let again = leases
+        .claim(conn, "agent-a", &request, &[("dns", 2), ("http", 4)], now())
+        .await
+        .unwrap();
+    assert_eq!(again, granted, "a repeated request_id gets the same leases");
+    let more = leases
+        .claim(conn, "agent-a", &rid(), &[("dns", 5)], now())
+        .await
+        .unwrap();
+    assert_eq!(more.len(), 1, "the third dns task, once");
+
+    let token = LeaseToken::parse(&granted[0].token).unwrap();
+    assert_eq!(token.epoch, 1);
+    let extended = leases
+        .extend(conn, "agent-a", std::slice::from_ref(&token), now())
+        .await
+        .unwrap();
+    assert!(matches!(extended[0], Fenced::Ok(d) if d > now()));
+
+    let mut forged = token.clone();
+    forged.epoch = 2;
+    let result = serde_json::json!({"answers": []});
+    assert_eq!(
+        leases
+            .report(conn, &forged, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Refused("ERR_LEASE_LOST".into())
+    );
+    assert_eq!(
+        leases
+            .report(conn, &token, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Ok(())
+    );
+    assert_eq!(
+        leases
+            .report(conn, &token, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Ok(()),
+        "a repeated report gets the same answer"
+    );
+    let mut unknown = token.clone();
+    unknown.entry = "1-1".into();
+    assert_eq!(
+        leases
+            .report(conn, &unknown, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Refused("ERR_LEASE_UNKNOWN".into())
+    );
+
+    // Closing an open lease fences its report; closing twice is a no-op.
+    let other = LeaseToken::parse(&granted[1].token).unwrap();
+    let task = TaskRef {
+        agent: "agent-a",
+        kind: "dns",
+        entry: &other.entry,
+    };
+    assert!(leases
+        .close(conn, &task, CloseReason::Timeout, now())
+        .await
+        .unwrap());
+    assert!(!leases
+        .close(conn, &task, CloseReason::Timeout, now())
+        .await
+        .unwrap());
+    assert_eq!(
+        leases
+            .report(conn, &other, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Refused("ERR_LEASE_CLOSED".into())
+    );
+    assert_eq!(
+        leases
+            .extend(conn, "agent-a", &[other], now())
+            .await
+            .unwrap(),
+        [Fenced::Refused("ERR_LEASE_CLOSED".into())]
+    );
+
+    let n = keys.shard_of("agent-a");
+    let live: i64 = redis::cmd("ZCARD")
+        .arg(keys.leases(n))
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert_eq!(live, 2, "the http lease and the third dns lease are live");
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(keys.lease_events(n))
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let types: Vec<String> = events
+        .iter()
+        .map(|(_, f)| {
+            serde_json::from_str::<serde_json::Value>(&f[0].1).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "lease.granted",
+            "lease.granted",
+            "lease.granted",
+            "lease.granted",
+            "lease.extended",
+            "lease.reported",
+            "lease.closed"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn claim_extend_report_close_and_fences() {
+    let redis = TestRedis::new();
+    let mut conn = redis.connection().await;
+    lease_cycle(&mut conn, Keys::new(redis.prefix.clone(), 4)).await;
+}
+
+#[tokio::test]
+async fn the_same_scripts_run_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let mut conn = cluster.connection().await;
+    lease_cycle(&mut conn, Keys::new("cp", 4)).await;
+}
+
+#[tokio::test]
+async fn lost_leases_come_back_with_a_new_epoch_and_the_old_one_is_fenced() {
+    let redis = TestRedis::new();
+    let mut conn = redis.connection().await;
+    let keys = Keys::new(redis.prefix.clone(), 4);
+    let leases = Leases::new(keys.clone(), settings(100, 5));
+    leases
+        .enqueue(&mut conn, "agent-b", "tcp", "{}")
+        .await
+        .unwrap();
+    let first = leases
+        .claim(&mut conn, "agent-b", &rid(), &[("tcp", 1)], now())
+        .await
+        .unwrap();
+    let old = LeaseToken::parse(&first[0].token).unwrap();
+
+    // Nobody took it yet: a late report of real work would still count. Here the agent
+    // "restarts" instead and claims again once the lease TTL has passed.
+    let second = eventually("the lease comes back", Duration::from_secs(5), || {
+        let leases = leases.clone();
+        let mut conn = conn.clone();
+        async move {
+            let g = leases
+                .claim(&mut conn, "agent-b", &rid(), &[("tcp", 1)], now())
+                .await
+                .unwrap();
+            (!g.is_empty()).then_some(g)
+        }
+    })
+    .await;
+    let new = LeaseToken::parse(&second[0].token).unwrap();
+    assert_eq!((new.entry.as_str(), new.epoch), (old.entry.as_str(), 2));
+    let result = serde_json::json!({});
+    assert_eq!(
+        leases
+            .report(&mut conn, &old, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Refused("ERR_LEASE_LOST".into())
+    );
+    assert_eq!(
+        leases
+            .extend(&mut conn, "agent-b", &[old], now())
+            .await
+            .unwrap(),
+        [Fenced::Refused("ERR_LEASE_LOST".into())]
+    );
+    assert_eq!(
+        leases
+            .report(&mut conn, &new, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Ok(())
+    );
+    assert_eq!(pending(&mut conn, &keys.tasks("agent-b", "tcp")).await, 0);
+}
+
+#[tokio::test]
+async fn an_expired_lease_nobody_took_still_accepts_its_report() {
+    let redis = TestRedis::new();
+    let mut conn = redis.connection().await;
+    let leases = Leases::new(Keys::new(redis.prefix.clone(), 4), settings(1, 5));
+    leases
+        .enqueue(&mut conn, "agent-c", "ping", "{}")
+        .await
+        .unwrap();
+    let granted = leases
+        .claim(&mut conn, "agent-c", &rid(), &[("ping", 1)], now())
+        .await
+        .unwrap();
+    let token = LeaseToken::parse(&granted[0].token).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await; // well past the 1 ms TTL
+    assert_eq!(
+        leases
+            .report(
+                &mut conn,
+                &token,
+                "finished",
+                &serde_json::json!({"rtt": 1}),
+                now()
+            )
+            .await
+            .unwrap(),
+        Fenced::Ok(())
+    );
+}
+
+#[tokio::test]
+async fn entries_over_the_delivery_limit_go_to_the_dlq() {
+    let redis = TestRedis::new();
+    let mut conn = redis.connection().await;
+    let keys = Keys::new(redis.prefix.clone(), 4);
+    let leases = Leases::new(keys.clone(), settings(1, 2));
+    leases
+        .enqueue(&mut conn, "agent-d", "trace", "{\"host\":\"x\"}")
+        .await
+        .unwrap();
+    let mut epochs = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(5)).await; // past the 1 ms TTL each time
+        for g in leases
+            .claim(&mut conn, "agent-d", &rid(), &[("trace", 1)], now())
+            .await
+            .unwrap()
+        {
+            epochs.push(LeaseToken::parse(&g.token).unwrap().epoch);
+        }
+    }
+    assert_eq!(epochs, [1, 2], "the third delivery is over the limit");
+    let n = keys.shard_of("agent-d");
+    let dlq: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(keys.dlq(n))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1);
+    let fields: std::collections::HashMap<_, _> = dlq[0].1.iter().cloned().collect();
+    assert_eq!(fields["reason"], "max_deliveries");
+    assert_eq!(fields["deliveries"], "3");
+    assert_eq!(fields["spec"], "{\"host\":\"x\"}");
+    assert_eq!(pending(&mut conn, &keys.tasks("agent-d", "trace")).await, 0);
+}
