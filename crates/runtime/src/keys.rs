@@ -24,6 +24,7 @@
 //! | `<p>:claims:{s<n>}:<agent>:<request_id>` | string | the reply to a claim, for retries |
 //! | `<p>:reported:{s<n>}:<token>` | string | the reply to a report, for retries |
 //! | `<p>:dlq:{s<n>}` | stream | tasks over the delivery limit, with the reason |
+//! | `<p>:wake:{s<n>}` | pub/sub | doorbell: an agent id whose tasks stream got work |
 
 /// Key builder for one installation.
 #[derive(Debug, Clone)]
@@ -137,6 +138,11 @@ impl Keys {
     /// Dead letters of shard `n`.
     pub fn dlq(&self, n: u32) -> String {
         format!("{}:dlq:{{s{n}}}", self.prefix)
+    }
+
+    /// Doorbell channel of shard `n`.
+    pub fn wake(&self, n: u32) -> String {
+        format!("{}:wake:{{s{n}}}", self.prefix)
     }
 
     /// Every stream the projector consumes.

@@ -38,8 +38,14 @@ local function emit(stream, versions, id, task, type_, now, actor, payload)
 end
 -- Where the lease of `id` in `stream` stands for `agent` at `epoch`:
 -- 'ok', or the error code.
+-- XPENDING of one entry; empty when the stream or its group does not exist (yet).
+local function pending(stream, id)
+  local p = redis.pcall('XPENDING', stream, 'agents', id, id, 1)
+  if p.err then return {} end
+  return p
+end
 local function fence(stream, closed, id, agent, epoch)
-  local p = redis.call('XPENDING', stream, 'agents', id, id, 1)
+  local p = pending(stream, id)
   if #p == 0 then
     local t = redis.call('GET', closed)
     if t == 'lost' then return 'ERR_LEASE_LOST' end
@@ -90,12 +96,14 @@ for k = 1, nk do
       redis.call('ZADD', KEYS[1], now + ttl, token)
       emit(KEYS[2], KEYS[5], eid(), task, 'lease.granted', now, 'agent:' .. agent,
         {agent_id = agent, kind = kind, entry = id, epoch = deliveries, deadline = now + ttl})
-      out[#out + 1] = cjson.encode({token = token, kind = kind, fields = fields})
+      out[#out + 1] = cjson.encode({token = token, kind = kind, fields = fields, deadline = now + ttl})
     end
   end
 end
 local reply = '[' .. table.concat(out, ',') .. ']'
-redis.call('SET', KEYS[3], reply, 'PX', ARGV[5])
+-- Only a reply with leases is remembered: an empty one lost costs nothing, and a waiting
+-- claim re-runs with the same request_id.
+if #out > 0 then redis.call('SET', KEYS[3], reply, 'PX', ARGV[5]) end
 return reply
 "#;
 
@@ -152,7 +160,7 @@ return 'acknowledged'
 const CLOSE: &str = r#"
 local agent, kind, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
-local p = redis.call('XPENDING', KEYS[4], 'agents', id, id, 1)
+local p = pending(KEYS[4], id)
 local exists = #redis.call('XRANGE', KEYS[4], id, id) > 0
 if #p == 0 and not exists then return 0 end
 if #p > 0 then
@@ -171,6 +179,8 @@ return 1
 pub struct Granted {
     pub token: String,
     pub kind: String,
+    /// When the lease ends without an extension (ms); a replayed claim keeps the original.
+    pub deadline_ms: i64,
     /// The task entry's fields.
     pub fields: Vec<(String, String)>,
 }
@@ -312,6 +322,7 @@ impl Leases {
                 Granted {
                     token: v["token"].as_str().unwrap_or_default().to_owned(),
                     kind: v["kind"].as_str().unwrap_or_default().to_owned(),
+                    deadline_ms: v["deadline"].as_i64().unwrap_or_default(),
                     fields,
                 }
             })
@@ -425,7 +436,8 @@ impl Leases {
         Ok(closed == 1)
     }
 
-    /// Add a task for `agent` (a test and benchmark helper until fan-out exists): its entry id.
+    /// Add a task for `agent` and ring its shard's doorbell (a test and benchmark helper
+    /// until fan-out exists): its entry id.
     pub async fn enqueue(
         &self,
         conn: &mut impl ConnectionLike,
@@ -433,12 +445,23 @@ impl Leases {
         kind: &str,
         spec: &str,
     ) -> redis::RedisResult<String> {
-        redis::cmd("XADD")
+        let id: String = redis::cmd("XADD")
             .arg(self.keys.tasks(agent, kind))
             .arg("*")
             .arg("spec")
             .arg(spec)
             .query_async(conn)
-            .await
+            .await?;
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.keys.wake(self.keys.shard_of(agent)))
+            .arg(agent)
+            .query_async(conn)
+            .await?;
+        Ok(id)
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &LeaseSettings {
+        &self.settings
     }
 }

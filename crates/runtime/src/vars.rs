@@ -160,6 +160,9 @@ pub const ALL: &[Var] = &[
     Var { name: "OUTBOX_MIN_AGE", services: "scheduler", default: "5s", doc: "outbox rows younger than this are left to the gateway that wrote them", secret: false },
     Var { name: "EVENTS_RETENTION", services: "scheduler", default: "30d", doc: "how long `events` are kept (whole days; also the window `rebuild` covers)", secret: false },
     Var { name: "PROJECTOR_MAX_ATTEMPTS", services: "scheduler", default: "5", doc: "failures before an event is parked in `projection_failures` (1-100)", secret: false },
+    Var { name: "LEASE_TTL", services: "gateway", default: "30s", doc: "how long a lease lasts without an extension; an agent's own lease idle this long is handed back to it with a new epoch", secret: false },
+    Var { name: "MAX_DELIVERIES", services: "gateway", default: "5", doc: "deliveries of one task before it goes to the dead-letter stream (1-100)", secret: false },
+    Var { name: "CLAIM_BLOCK_MS", services: "gateway", default: "20000", doc: "the longest a claim waits for work, in ms (0-120000); `wait_ms` above it is cut to it", secret: false },
 ];
 
 /// Whether `name` is documented here, counting `<secret>_FILE` forms.

@@ -111,3 +111,112 @@ mod tests {
         assert!(LeaseToken::parse(&format!("a.dns.1-0.{}", "1".repeat(300))).is_err());
     }
 }
+
+/// Bodies of the lease endpoints.
+pub mod api {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    /// Most tasks one claim may ask for, over all kinds.
+    pub const MAX_CLAIM: u32 = 1024;
+    /// Most tokens in one extend or report.
+    pub const MAX_TOKENS: usize = 1000;
+
+    /// `POST /v1/agents/claim`.
+    #[derive(Debug, Clone, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ClaimRequest {
+        pub capacities: BTreeMap<String, u32>,
+        pub request_id: String,
+        #[serde(default)]
+        pub wait_ms: u64,
+        /// Accepted when it equals `X-Agent-Id`.
+        #[serde(default)]
+        pub agent_id: Option<String>,
+    }
+
+    /// One lease handed out.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Lease {
+        pub token: String,
+        pub kind: String,
+        pub spec: serde_json::Value,
+        pub lease_duration_ms: u64,
+        /// Informational: agents go by `lease_duration_ms`.
+        pub lease_until_ms: i64,
+    }
+
+    /// The answer to a claim.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct ClaimResponse {
+        pub leases: Vec<Lease>,
+    }
+
+    /// `POST /v1/agents/extend`.
+    #[derive(Debug, Clone, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ExtendRequest {
+        pub tokens: Vec<String>,
+    }
+
+    /// Per token: the new deadline or why not.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct TokenOutcome {
+        pub token: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub new_deadline_ms: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub status: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub error: Option<String>,
+    }
+
+    /// The answer to an extend or a report.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct TokenOutcomes {
+        pub results: Vec<TokenOutcome>,
+    }
+
+    /// An observation: a value and its unit.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Observation {
+        pub name: String,
+        pub value: f64,
+        pub unit: String,
+    }
+
+    /// A finished (or failed) task.
+    #[derive(Debug, Clone, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Completed {
+        pub token: String,
+        /// `finished` (the default) or `failed`.
+        #[serde(default)]
+        pub outcome: Option<String>,
+        #[serde(default)]
+        pub observations: Vec<Observation>,
+        #[serde(default)]
+        pub result: serde_json::Value,
+    }
+
+    /// A task the agent gave up.
+    #[derive(Debug, Clone, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cancelled {
+        pub token: String,
+        #[serde(default)]
+        pub reason: Option<String>,
+    }
+
+    /// `POST /v1/agents/report`.
+    #[derive(Debug, Clone, Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ReportRequest {
+        #[serde(default)]
+        pub completed: Vec<Completed>,
+        #[serde(default)]
+        pub cancelled: Vec<Cancelled>,
+    }
+}

@@ -20,6 +20,12 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// `GEOIP_CITY_DB` / `GEOIP_ASN_DB`: MaxMind databases to locate agents by address.
     pub geoip: Option<Arc<crate::geoip::GeoIp>>,
+    /// `LEASE_TTL`: how long a lease lasts without an extension.
+    pub lease_ttl: Duration,
+    /// `MAX_DELIVERIES`: deliveries of one task before it is dead-lettered.
+    pub max_deliveries: u32,
+    /// `CLAIM_BLOCK_MS`: the longest a claim may wait for work.
+    pub claim_block: Duration,
 }
 
 /// Read the gateway's configuration.
@@ -52,11 +58,22 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     let city = env.opt_string("GEOIP_CITY_DB").map(PathBuf::from);
     let asn = env.opt_string("GEOIP_ASN_DB").map(PathBuf::from);
     let geoip = crate::geoip::GeoIp::open(city.as_deref(), asn.as_deref())?.map(Arc::new);
+    let lease_ttl = env.duration(
+        "LEASE_TTL",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    )?;
+    let max_deliveries = u32::try_from(env.u64_in("MAX_DELIVERIES", 5, 1, 100)?).unwrap_or(5);
+    let claim_block = Duration::from_millis(env.u64_in("CLAIM_BLOCK_MS", 20_000, 0, 120_000)?);
     Ok(Config {
         service,
         enrollment_token,
         admin_key,
         heartbeat_interval,
         geoip,
+        lease_ttl,
+        max_deliveries,
+        claim_block,
     })
 }

@@ -5,11 +5,14 @@ pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod geoip;
+pub mod leases;
 pub mod state;
 
 use std::sync::Arc;
 
+use checkplane_runtime::doorbell::Doorbell;
 use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::{LeaseSettings, Leases};
 use checkplane_runtime::presence::Presence;
 use checkplane_runtime::stores::serve_with_stores;
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
@@ -35,19 +38,36 @@ pub async fn run(
         service.store.stream_prefix.clone(),
         service.store.stream_shards,
     );
+    let redis_client =
+        redis::Client::open(service.store.redis.connection_info()).map_err(RunError::Redis)?;
+    let lease_settings = LeaseSettings {
+        ttl_ms: i64::try_from(config.lease_ttl.as_millis()).unwrap_or(i64::MAX),
+        max_deliveries: config.max_deliveries,
+        reply_ttl_ms: 10 * 60 * 1000,
+        tombstone_ttl_ms: 24 * 3600 * 1000,
+    };
     let config = Arc::new(config);
     serve_with_stores(
         service,
         listener,
         shutdown,
-        move |stores, _tracker, _shutdown| {
+        move |stores, tracker, shutdown| {
+            let doorbell = Doorbell::default();
+            tracker.spawn(
+                doorbell
+                    .clone()
+                    .subscribe(redis_client, keys.clone(), shutdown.clone()),
+            );
             let state = state::AppState {
                 stores: stores.clone(),
                 presence: Presence::new(keys.clone()),
+                leases: Leases::new(keys.clone(), lease_settings),
+                doorbell,
                 keys,
                 config,
+                shutdown: shutdown.clone(),
             };
-            agents::router().with_state(state)
+            agents::router().merge(leases::router()).with_state(state)
         },
     )
     .await

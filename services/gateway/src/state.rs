@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use checkplane_runtime::doorbell::Doorbell;
 use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::Leases;
 use checkplane_runtime::presence::Presence;
 use checkplane_runtime::Stores;
 
@@ -14,5 +16,9 @@ pub struct AppState {
     pub stores: Stores,
     pub keys: Keys,
     pub presence: Presence,
+    pub leases: Leases,
+    pub doorbell: Doorbell,
     pub config: Arc<Config>,
+    /// Fires at shutdown: waiting claims answer at once.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -3,5 +3,6 @@
 
 mod agents;
 mod health;
+mod lease_api;
 mod leases;
 mod process;

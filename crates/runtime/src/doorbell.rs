@@ -1,0 +1,102 @@
+//! Doorbells for waiting claims.
+//!
+//! One dedicated Redis pub/sub connection per gateway subscribes to every shard's `wake`
+//! channel and fans wake-ups out in process: a message names an agent, and every claim of that
+//! agent waiting in this process is woken to run its script again. A waiting claim holds no
+//! Redis connection at all. A waiter enables its `Notified` futures *before* its claim script
+//! runs, so a task enqueued between the script and the wait still wakes it. When the subscription drops and comes back, everyone is
+//! woken, since messages sent meanwhile are lost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::Keys;
+
+/// The in-process side: agents' waiters.
+#[derive(Clone, Default)]
+pub struct Doorbell {
+    bells: Arc<Mutex<HashMap<String, Weak<Notify>>>>,
+    everyone: Arc<Notify>,
+}
+
+impl Doorbell {
+    /// The bell of `agent`, shared by all its waiters in this process, and everyone's bell.
+    pub fn bell(&self, agent: &str) -> (Arc<Notify>, Arc<Notify>) {
+        let mut bells = self.bells.lock().unwrap_or_else(|p| p.into_inner());
+        let bell = match bells.get(agent).and_then(Weak::upgrade) {
+            Some(bell) => bell,
+            None => {
+                let bell = Arc::new(Notify::new());
+                bells.insert(agent.to_owned(), Arc::downgrade(&bell));
+                bell
+            }
+        };
+        if bells.len() > 1024 && bells.len().is_power_of_two() {
+            bells.retain(|_, w| w.strong_count() > 0);
+        }
+        (bell, self.everyone.clone())
+    }
+
+    /// Wake every waiter of `agent`.
+    pub fn ring(&self, agent: &str) {
+        let bells = self.bells.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bell) = bells.get(agent).and_then(Weak::upgrade) {
+            bell.notify_waiters();
+        }
+    }
+
+    /// Wake every waiter.
+    pub fn ring_all(&self) {
+        self.everyone.notify_waiters();
+    }
+
+    /// Keep a subscription to every shard's wake channel until `shutdown`, reconnecting with
+    /// a backoff; wakes everyone after each (re)subscription.
+    pub async fn subscribe(self, client: redis::Client, keys: Keys, shutdown: CancellationToken) {
+        let channels: Vec<String> = (0..keys.shards()).map(|n| keys.wake(n)).collect();
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let attempt = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channels).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                attempt = attempt => attempt,
+            };
+            match pubsub {
+                Ok(pubsub) => {
+                    backoff = Duration::from_millis(100);
+                    self.ring_all();
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        let message = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            message = messages.next() => message,
+                        };
+                        let Some(message) = message else { break };
+                        if let Ok(agent) = message.get_payload::<String>() {
+                            self.ring(&agent);
+                        }
+                    }
+                    tracing::warn!("doorbell subscription lost; reconnecting");
+                    self.ring_all();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "doorbell subscription failed");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}

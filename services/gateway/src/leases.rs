@@ -1,0 +1,242 @@
+//! The agent lease API: claim (with a long poll), extend, report. The protocol itself lives in
+//! the Lua scripts of `checkplane_runtime::leases`; this module validates, authorises and
+//! waits.
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::http::{ApiError, ApiJson};
+use checkplane_runtime::leases::{Fenced, Granted};
+use checkplane_wire::agents::KINDS;
+use checkplane_wire::leases::api::{
+    ClaimRequest, ClaimResponse, ExtendRequest, Lease, ReportRequest, TokenOutcome, TokenOutcomes,
+    MAX_CLAIM, MAX_TOKENS,
+};
+use checkplane_wire::leases::LeaseToken;
+
+use crate::auth::AgentIdentity;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/agents/claim",
+            post(claim).layer(DefaultBodyLimit::max(16 * 1024)),
+        )
+        .route(
+            "/v1/agents/extend",
+            post(extend).layer(DefaultBodyLimit::max(1024 * 1024)),
+        )
+        .route(
+            "/v1/agents/report",
+            post(report).layer(DefaultBodyLimit::max(4 * 1024 * 1024)),
+        )
+}
+
+fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn to_lease(g: Granted, now: i64) -> Lease {
+    let spec = g
+        .fields
+        .iter()
+        .find(|(k, _)| k == "spec")
+        .and_then(|(_, v)| serde_json::from_str(v).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Lease {
+        token: g.token,
+        kind: g.kind,
+        spec,
+        // A replayed claim answers with what is left of the original lease.
+        lease_duration_ms: u64::try_from(g.deadline_ms - now).unwrap_or(0),
+        lease_until_ms: g.deadline_ms,
+    }
+}
+
+async fn claim(
+    State(app): State<AppState>,
+    agent: AgentIdentity,
+    ApiJson(request): ApiJson<ClaimRequest>,
+) -> Result<Json<ClaimResponse>, ApiError> {
+    let agent_id = agent.agent_id.as_str().to_owned();
+    if request.agent_id.as_deref().is_some_and(|a| a != agent_id) {
+        return Err(ApiError::forbidden("agent_id differs from X-Agent-Id"));
+    }
+    if !valid_request_id(&request.request_id) {
+        return Err(ApiError::validation("request_id: 1-64 of A-Z a-z 0-9 _ -"));
+    }
+    let mut capacities: Vec<(&'static str, u32)> = Vec::new();
+    let mut total: u32 = 0;
+    for (kind, count) in &request.capacities {
+        let Some(kind) = KINDS.iter().find(|k| *k == kind) else {
+            return Err(ApiError::validation(format!(
+                "capacities.{}: unknown kind",
+                kind.chars().take(32).collect::<String>()
+            )));
+        };
+        total = total.saturating_add(*count);
+        capacities.push((kind, *count));
+    }
+    if capacities.is_empty() || total == 0 {
+        return Err(ApiError::validation(
+            "capacities: ask for at least one task",
+        ));
+    }
+    if total > MAX_CLAIM {
+        return Err(ApiError::validation(format!(
+            "capacities: at most {MAX_CLAIM} tasks in one claim"
+        )));
+    }
+    let wait = Duration::from_millis(request.wait_ms).min(app.config.claim_block);
+    let deadline = tokio::time::Instant::now() + wait;
+    let (bell, everyone) = app.doorbell.bell(&agent_id);
+    loop {
+        // Register for the doorbell before looking, so that work arriving in between wakes us.
+        let mine = bell.notified();
+        let all = everyone.notified();
+        tokio::pin!(mine, all);
+        mine.as_mut().enable();
+        all.as_mut().enable();
+
+        let now = now_ms();
+        let granted = {
+            let mut conn = app.stores.redis.get().await?;
+            app.leases
+                .claim(&mut *conn, &agent_id, &request.request_id, &capacities, now)
+                .await?
+        };
+        if !granted.is_empty() || tokio::time::Instant::now() >= deadline {
+            metrics::counter!("checkplane_leases_granted_total").increment(granted.len() as u64);
+            return Ok(Json(ClaimResponse {
+                leases: granted.into_iter().map(|g| to_lease(g, now)).collect(),
+            }));
+        }
+        tokio::select! {
+            _ = mine => {}
+            _ = all => {}
+            _ = app.shutdown.cancelled() => return Ok(Json(ClaimResponse { leases: Vec::new() })),
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Parse every token; a malformed one fails the request, another agent's token forbids it.
+fn own_tokens(agent: &AgentIdentity, tokens: &[String]) -> Result<Vec<LeaseToken>, ApiError> {
+    if tokens.len() > MAX_TOKENS {
+        return Err(ApiError::validation(format!(
+            "tokens: at most {MAX_TOKENS} in one call"
+        )));
+    }
+    let mut parsed = Vec::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        let token = LeaseToken::parse(t)
+            .map_err(|_| ApiError::validation(format!("tokens[{i}]: not a lease token")))?;
+        if token.agent != agent.agent_id {
+            return Err(ApiError::forbidden(format!(
+                "tokens[{i}]: the lease belongs to another agent"
+            )));
+        }
+        parsed.push(token);
+    }
+    Ok(parsed)
+}
+
+async fn extend(
+    State(app): State<AppState>,
+    agent: AgentIdentity,
+    ApiJson(request): ApiJson<ExtendRequest>,
+) -> Result<Json<TokenOutcomes>, ApiError> {
+    let tokens = own_tokens(&agent, &request.tokens)?;
+    let mut conn = app.stores.redis.get().await?;
+    let outcomes = app
+        .leases
+        .extend(&mut *conn, agent.agent_id.as_str(), &tokens, now_ms())
+        .await?;
+    Ok(Json(TokenOutcomes {
+        results: request
+            .tokens
+            .into_iter()
+            .zip(outcomes)
+            .map(|(token, outcome)| match outcome {
+                Fenced::Ok(deadline) => TokenOutcome {
+                    token,
+                    new_deadline_ms: Some(deadline),
+                    status: None,
+                    error: None,
+                },
+                Fenced::Refused(code) => TokenOutcome {
+                    token,
+                    new_deadline_ms: None,
+                    status: None,
+                    error: Some(code),
+                },
+            })
+            .collect(),
+    }))
+}
+
+async fn report(
+    State(app): State<AppState>,
+    agent: AgentIdentity,
+    ApiJson(request): ApiJson<ReportRequest>,
+) -> Result<Json<TokenOutcomes>, ApiError> {
+    let mut items: Vec<(String, &'static str, serde_json::Value)> = Vec::new();
+    for c in request.completed {
+        let outcome = match c.outcome.as_deref() {
+            None | Some("finished") => "finished",
+            Some("failed") => "failed",
+            Some(_) => {
+                return Err(ApiError::validation(
+                    "completed[].outcome: expected finished or failed",
+                ))
+            }
+        };
+        let result = serde_json::json!({"observations": c.observations, "result": c.result});
+        items.push((c.token, outcome, result));
+    }
+    for c in request.cancelled {
+        let reason = c.reason.unwrap_or_default();
+        if reason.len() > 256 {
+            return Err(ApiError::validation(
+                "cancelled[].reason: at most 256 characters",
+            ));
+        }
+        items.push((c.token, "cancelled", serde_json::json!({"reason": reason})));
+    }
+    if items.is_empty() {
+        return Err(ApiError::validation("report at least one lease"));
+    }
+    let raw: Vec<String> = items.iter().map(|(t, _, _)| t.clone()).collect();
+    let tokens = own_tokens(&agent, &raw)?;
+    let mut conn = app.stores.redis.get().await?;
+    let mut results = Vec::with_capacity(tokens.len());
+    for ((text, outcome, result), token) in items.into_iter().zip(tokens) {
+        let fenced = app
+            .leases
+            .report(&mut *conn, &token, outcome, &result, now_ms())
+            .await?;
+        results.push(match fenced {
+            Fenced::Ok(()) => TokenOutcome {
+                token: text,
+                new_deadline_ms: None,
+                status: Some("acknowledged".to_owned()),
+                error: None,
+            },
+            Fenced::Refused(code) => TokenOutcome {
+                token: text,
+                new_deadline_ms: None,
+                status: None,
+                error: Some(code),
+            },
+        });
+    }
+    Ok(Json(TokenOutcomes { results }))
+}

@@ -1,0 +1,434 @@
+//! The lease API over HTTP: claim (with the long poll), extend, report, and bad input.
+
+use std::time::{Duration, Instant};
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::{LeaseSettings, Leases};
+use checkplane_testkit::servers::RedisServer;
+use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
+use serde_json::{json, Value};
+
+use crate::agents::{probe, start_with, Gw, ENROLL};
+
+async fn agent(gw: &Gw, host: &str) -> (String, String) {
+    let (status, body) = gw.register(probe(host)).await;
+    assert_eq!(status, 201, "{body}");
+    (
+        body["agent_id"].as_str().unwrap().to_owned(),
+        body["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn helper(gw: &Gw) -> Leases {
+    Leases::new(
+        Keys::new(gw.redis.prefix.clone(), 4),
+        LeaseSettings {
+            ttl_ms: 30_000,
+            max_deliveries: 5,
+            reply_ttl_ms: 60_000,
+            tombstone_ttl_ms: 60_000,
+        },
+    )
+}
+
+async fn call(gw: &Gw, path: &str, id: &str, token: &str, body: Value) -> (u16, Value) {
+    gw.post(path, &[("x-agent-id", id), ("x-agent-token", token)], body)
+        .await
+}
+
+#[tokio::test]
+async fn claim_extend_report_over_http() {
+    let gw = start_with(vec![("LEASE_TTL".into(), "20s".into())]).await;
+    let (id, token) = agent(&gw, "worker-1").await;
+    let leases = helper(&gw);
+    let mut conn = gw.redis.connection().await;
+    for host in ["a.example", "b.example"] {
+        leases
+            .enqueue(
+                &mut conn,
+                &id,
+                "dns",
+                &json!({"name": host, "type": "A"}).to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    let (status, claimed) = call(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"dns": 4}, "request_id": "r1", "agent_id": id}),
+    )
+    .await;
+    assert_eq!(status, 200, "{claimed}");
+    let list = claimed["leases"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["kind"], "dns");
+    assert_eq!(list[0]["spec"]["name"], "a.example");
+    assert_eq!(list[0]["lease_duration_ms"], 20_000);
+    let tokens: Vec<String> = list
+        .iter()
+        .map(|l| l["token"].as_str().unwrap().to_owned())
+        .collect();
+
+    // The same request_id again: the same leases, not new ones.
+    let (_, again) = call(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"dns": 4}, "request_id": "r1"}),
+    )
+    .await;
+    for (a, b) in again["leases"].as_array().unwrap().iter().zip(list) {
+        for field in ["token", "kind", "spec", "lease_until_ms"] {
+            assert_eq!(a[field], b[field], "{field}");
+        }
+    }
+    assert_eq!(again["leases"].as_array().unwrap().len(), 2);
+
+    let (status, extended) = call(
+        &gw,
+        "/v1/agents/extend",
+        &id,
+        &token,
+        json!({"tokens": tokens}),
+    )
+    .await;
+    assert_eq!(status, 200, "{extended}");
+    assert!(
+        extended["results"][1]["new_deadline_ms"].as_i64().unwrap()
+            > checkplane_runtime::clock::now_ms()
+    );
+
+    let report = json!({
+        "completed": [{"token": tokens[0], "observations": [{"name": "total", "value": 1.5, "unit": "ms"}],
+                       "result": {"answers": [{"name": "a.example", "type": "A", "ttl": 60, "class": "IN", "value": "192.0.2.1"}]}}],
+        "cancelled": [{"token": tokens[1], "reason": "shutting down"}],
+    });
+    let (status, reported) = call(&gw, "/v1/agents/report", &id, &token, report.clone()).await;
+    assert_eq!(status, 200, "{reported}");
+    assert_eq!(reported["results"][0]["status"], "acknowledged");
+    assert_eq!(reported["results"][1]["status"], "acknowledged");
+    let (_, repeated) = call(&gw, "/v1/agents/report", &id, &token, report).await;
+    assert_eq!(repeated, reported, "the same report twice, the same answer");
+    let (_, late) = call(
+        &gw,
+        "/v1/agents/extend",
+        &id,
+        &token,
+        json!({"tokens": [tokens[0]]}),
+    )
+    .await;
+    assert_eq!(late["results"][0]["error"], "ERR_LEASE_UNKNOWN");
+    gw.running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_waiting_claim_is_woken_by_new_work() {
+    let gw = start_with(vec![]).await;
+    let (id, token) = agent(&gw, "waiter").await;
+    let leases = helper(&gw);
+    let started = Instant::now();
+    let waiting = {
+        let http = gw.http.clone();
+        let url = gw.running.url("/v1/agents/claim");
+        let (id, token) = (id.clone(), token.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .header("x-agent-id", id)
+                .header("x-agent-token", token)
+                .json(
+                    &json!({"capacities": {"http": 1}, "request_id": "wait-1", "wait_ms": 15_000}),
+                )
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap(),
+                Instant::now(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the claim start waiting
+    let mut conn = gw.redis.connection().await;
+    let enqueued = Instant::now();
+    leases
+        .enqueue(&mut conn, &id, "http", "{\"url\":\"http://127.0.0.1/\"}")
+        .await
+        .unwrap();
+    let (status, body, answered) = waiting.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["leases"].as_array().unwrap().len(), 1, "{body}");
+    // Woken by the doorbell, not by the end of its 15 s wait.
+    assert!(answered.duration_since(started) < Duration::from_secs(10));
+    eprintln!(
+        "woken {:?} after the enqueue",
+        answered.duration_since(enqueued)
+    );
+
+    // With nothing to do, a claim answers empty when its wait is over.
+    let (status, empty) = call(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"http": 1}, "request_id": "wait-2", "wait_ms": 100}),
+    )
+    .await;
+    assert_eq!(
+        (status, empty["leases"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    gw.running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn lease_calls_refuse_bad_input_with_precise_codes() {
+    let gw = start_with(vec![]).await;
+    let (id, token) = agent(&gw, "strict").await;
+    let (other_id, other_token) = agent(&gw, "other").await;
+    let leases = helper(&gw);
+    let mut conn = gw.redis.connection().await;
+    leases
+        .enqueue(&mut conn, &other_id, "tcp", "{}")
+        .await
+        .unwrap();
+    let (_, theirs) = call(
+        &gw,
+        "/v1/agents/claim",
+        &other_id,
+        &other_token,
+        json!({"capacities": {"tcp": 1}, "request_id": "o1"}),
+    )
+    .await;
+    let their_token = theirs["leases"][0]["token"].as_str().unwrap().to_owned();
+
+    for (body, code) in [
+        (
+            json!({"capacities": {"dns": -1}, "request_id": "x"}),
+            "ERR_VALIDATION",
+        ),
+        (
+            json!({"capacities": {"dns": 5000}, "request_id": "x"}),
+            "ERR_VALIDATION",
+        ),
+        (
+            json!({"capacities": {"dns": 1000, "http": 1000}, "request_id": "x"}),
+            "ERR_VALIDATION",
+        ),
+        (
+            json!({"capacities": {"smtp": 1}, "request_id": "x"}),
+            "ERR_VALIDATION",
+        ),
+        (
+            json!({"capacities": {}, "request_id": "x"}),
+            "ERR_VALIDATION",
+        ),
+        (
+            json!({"capacities": {"dns": 1}, "request_id": "no spaces"}),
+            "ERR_VALIDATION",
+        ),
+        (
+            json!({"capacities": {"dns": 1}, "request_id": "x".repeat(65)}),
+            "ERR_VALIDATION",
+        ),
+        (json!({"capacities": {"dns": 1}}), "ERR_VALIDATION"),
+        (
+            json!({"capacities": {"dns": 1}, "request_id": "x", "extra": 1}),
+            "ERR_VALIDATION",
+        ),
+        (
+            json!({"capacities": {"dns": 1}, "request_id": "x", "agent_id": other_id}),
+            "ERR_FORBIDDEN",
+        ),
+    ] {
+        let (status, answer) = call(&gw, "/v1/agents/claim", &id, &token, body.clone()).await;
+        assert_eq!(answer["error"]["code"], code, "{body}: {status} {answer}");
+    }
+    let forged = their_token.replacen(&other_id, &id, 1);
+    for (tokens, status, code) in [
+        (json!([their_token]), 403, "ERR_FORBIDDEN"),
+        (json!(["garbage"]), 422, "ERR_VALIDATION"),
+        (
+            json!([&their_token[..their_token.len() - 2]]),
+            422,
+            "ERR_VALIDATION",
+        ),
+        (json!([format!("{}.dns.1-0", id)]), 422, "ERR_VALIDATION"),
+        (json!(["x".repeat(500)]), 422, "ERR_VALIDATION"),
+        (
+            json!((0..10_000)
+                .map(|i| format!("{id}.dns.{i}-0.1"))
+                .collect::<Vec<_>>()),
+            422,
+            "ERR_VALIDATION",
+        ),
+    ] {
+        let (got, answer) = call(
+            &gw,
+            "/v1/agents/extend",
+            &id,
+            &token,
+            json!({"tokens": tokens}),
+        )
+        .await;
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{answer}"
+        );
+    }
+    // A well-formed token of mine that names no lease of mine.
+    let (status, answer) = call(
+        &gw,
+        "/v1/agents/extend",
+        &id,
+        &token,
+        json!({"tokens": [forged]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["results"][0]["error"], "ERR_LEASE_UNKNOWN");
+    let (status, answer) = call(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [{"token": their_token}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (403, Some("ERR_FORBIDDEN"))
+    );
+    let (status, _) = call(&gw, "/v1/agents/report", &id, &token, json!({})).await;
+    assert_eq!(status, 422);
+    let (status, _) = call(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [{"token": forged, "outcome": "exploded"}]}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    gw.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_waiting_claims_hold_no_redis_connection() {
+    let db = TestDb::new().await;
+    let redis_server = RedisServer::start();
+    let redis = TestRedis::new();
+    let mut env = store_env(&db, &redis);
+    env.retain(|(k, _)| k != "REDIS_URL" && k != "REDIS_POOL_SIZE");
+    env.push(("REDIS_URL".into(), redis_server.url()));
+    env.push(("REDIS_POOL_SIZE".into(), "4".into()));
+    env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
+    let config = gateway::load(&mut checkplane_runtime::Env::from_pairs(env)).unwrap();
+    let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let http = reqwest::Client::new();
+    let reg: Value = http
+        .post(gw.url("/v1/agents/register"))
+        .header("x-enrollment-token", ENROLL)
+        .json(&probe("many"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, token) = (
+        reg["agent_id"].as_str().unwrap().to_owned(),
+        reg["token"].as_str().unwrap().to_owned(),
+    );
+
+    let mut waiting = Vec::new();
+    for i in 0..1000 {
+        let (http, url, id, token) = (
+            http.clone(),
+            gw.url("/v1/agents/claim"),
+            id.clone(),
+            token.clone(),
+        );
+        waiting.push(tokio::spawn(async move {
+            http.post(url).header("x-agent-id", id).header("x-agent-token", token)
+                .json(&json!({"capacities": {"dns": 1}, "request_id": format!("w{i}"), "wait_ms": 4_000}))
+                .send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+        }));
+    }
+    let client = redis::Client::open(redis_server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut peak = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        peak = peak.max(list.lines().count());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Pool (4) + doorbell subscriber + readiness probe + this test's own connection.
+    assert!(
+        peak <= 4 + 1 + 1 + 1,
+        "{peak} Redis connections with 1,000 claims waiting"
+    );
+    let statuses = futures_util(waiting).await;
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses.iter().filter(|s| **s != 200).count()
+    );
+    eventually("the gateway stops", Duration::from_secs(10), || async {
+        Some(())
+    })
+    .await;
+    gw.stop().await.unwrap();
+}
+
+async fn futures_util(tasks: Vec<tokio::task::JoinHandle<u16>>) -> Vec<u16> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_answer_lost_on_the_way_is_recovered_by_retrying_the_request_id() {
+    let gw = start_with(vec![]).await;
+    let (id, token) = agent(&gw, "unlucky").await;
+    let leases = helper(&gw);
+    let mut conn = gw.redis.connection().await;
+    leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();
+    // The script ran and the gateway died before answering: nobody saw these leases.
+    let lost = leases
+        .claim(
+            &mut conn,
+            &id,
+            "retry-me",
+            &[("dns", 1)],
+            checkplane_runtime::clock::now_ms(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(lost.len(), 1);
+    let (status, body) = call(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"dns": 1}, "request_id": "retry-me"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["leases"][0]["token"], lost[0].token.as_str());
+    gw.running.stop().await.unwrap();
+}
