@@ -148,7 +148,7 @@ async fn raw_batch(client: &mut tokio_postgres::Client, batch: &[Event]) {
         let (status, p) = match &e.body {
             EventBody::AgentCameBack(p) => ("online", p),
             EventBody::AgentWentOffline(p) => ("offline", p),
-            EventBody::AgentRegistered(_) => unreachable!("presence only"),
+            _ => unreachable!("presence only"),
         };
         ids.push(e.event_id);
         ms.push(e.occurred_at);
@@ -237,7 +237,7 @@ async fn projector(args: Args) {
         for event in chunk {
             let agent = match &event.body {
                 EventBody::AgentCameBack(p) | EventBody::AgentWentOffline(p) => &p.agent_id,
-                EventBody::AgentRegistered(r) => &r.agent_id,
+                _ => unreachable!("presence only"),
             };
             pipe.cmd("XADD")
                 .arg(keys.presence_events(keys.shard_of(agent)))

@@ -149,6 +149,7 @@ impl Keys {
     pub fn projected_streams(&self) -> Vec<String> {
         let mut streams: Vec<String> = DOMAINS.iter().map(|d| self.events(d)).collect();
         streams.extend((0..self.shards).map(|n| self.presence_events(n)));
+        streams.extend((0..self.shards).map(|n| self.lease_events(n)));
         streams
     }
 }

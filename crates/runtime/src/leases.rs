@@ -147,9 +147,17 @@ local f = fence(KEYS[4], KEYS[5], id, agent, epoch)
 if f ~= 'ok' then return f end
 redis.call('XACK', KEYS[4], 'agents', id)
 redis.call('ZREM', KEYS[1], token)
-emit(KEYS[2], KEYS[3], ARGV[7], agent .. ':' .. kind .. ':' .. id, 'lease.reported', now,
-  'agent:' .. agent, {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
-  outcome = ARGV[8], result = cjson.decode(ARGV[9])})
+-- The result is spliced in as sent (already valid JSON): a decode and re-encode in Lua would
+-- turn empty arrays into objects.
+local task = agent .. ':' .. kind .. ':' .. id
+local v = redis.call('HINCRBY', KEYS[3], task, 1)
+local ev = cjson.encode({event_id = ARGV[7], aggregate_id = 'task:' .. task, version = v,
+  occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
+  payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
+  outcome = ARGV[8], result = '@@RESULT@@'}})
+local i, j = string.find(ev, '"@@RESULT@@"', 1, true)
+ev = string.sub(ev, 1, i - 1) .. ARGV[9] .. string.sub(ev, j + 1)
+redis.call('XADD', KEYS[2], '*', 'event', ev)
 redis.call('SET', KEYS[6], 'acknowledged', 'PX', ARGV[10])
 return 'acknowledged'
 "#;

@@ -10,6 +10,7 @@
 //! - values that merge (first registration time) use an order-free merge (`LEAST`).
 
 use checkplane_wire::events::{AgentPresence, AgentRegistered, Event, EventBody};
+use checkplane_wire::leases::LeaseToken;
 use tokio_postgres::GenericClient;
 
 /// Why an event could not be applied.
@@ -36,7 +37,8 @@ impl ApplyError {
 }
 
 /// The projection tables `apply` writes: what `rebuild` truncates and replays.
-pub const PROJECTION_TABLES: &[&str] = &["agents", "agent_status_history"];
+pub const PROJECTION_TABLES: &[&str] =
+    &["agents", "agent_status_history", "tasks", "lease_history"];
 
 /// Timestamps from event milliseconds, with exact integer arithmetic.
 const AT: &str = "('epoch'::timestamptz + $1::bigint * interval '1 millisecond')";
@@ -73,7 +75,191 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
         EventBody::AgentRegistered(e) => apply_registered(client, event, e).await,
         EventBody::AgentCameBack(e) => apply_presence(client, event, e, "online").await,
         EventBody::AgentWentOffline(e) => apply_presence(client, event, e, "offline").await,
+        EventBody::LeaseGranted(e) => {
+            let change = TaskChange {
+                status: "leased",
+                outcome: None,
+                epoch: Some(e.epoch),
+                deadline: Some(e.deadline),
+                result: None,
+            };
+            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
+        }
+        EventBody::LeaseReported(e) => {
+            let change = TaskChange {
+                status: "reported",
+                outcome: Some(&e.outcome),
+                epoch: Some(e.epoch),
+                deadline: None,
+                result: Some(&e.result),
+            };
+            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
+        }
+        EventBody::LeaseClosed(e) => {
+            let change = TaskChange {
+                status: "closed",
+                outcome: Some(&e.reason),
+                epoch: None,
+                deadline: None,
+                result: None,
+            };
+            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
+        }
+        EventBody::LeaseExpired(e) => {
+            let change = TaskChange {
+                status: "expired",
+                outcome: Some("lease_expired"),
+                epoch: Some(e.epoch),
+                deadline: None,
+                result: None,
+            };
+            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
+        }
+        EventBody::TaskDeadLettered(e) => {
+            let change = TaskChange {
+                status: "dead_lettered",
+                outcome: Some("dead_lettered"),
+                epoch: Some(e.deliveries),
+                deadline: None,
+                result: None,
+            };
+            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
+        }
+        EventBody::LeaseExtended(e) => apply_extended(client, event, e).await,
     }
+}
+
+/// What a lease event says of its task.
+struct TaskChange<'a> {
+    status: &'a str,
+    outcome: Option<&'a str>,
+    epoch: Option<i64>,
+    deadline: Option<i64>,
+    result: Option<&'a serde_json::Value>,
+}
+
+async fn apply_task(
+    client: &impl GenericClient,
+    event: &Event,
+    (agent, kind, entry): (&str, &str, &str),
+    change: &TaskChange<'_>,
+) -> Result<(), ApplyError> {
+    // Status, outcome and time follow the newest version; what only grows or is set once
+    // (epoch, deadline, deliveries, the one reported result, first grant) merges order-free.
+    let newer = "tasks.version < EXCLUDED.version";
+    let granted = change.status == "leased";
+    client
+        .execute(
+            &format!(
+                "INSERT INTO tasks (agent_id, kind, entry, status, outcome, epoch, deliveries,
+                                    lease_deadline, result, first_granted_at, updated_at, version)
+                 VALUES ($2, $3, $4, $5, $6::text, COALESCE($7::bigint, 0), COALESCE($7::bigint, 0),
+                         'epoch'::timestamptz + $8::bigint * interval '1 millisecond', $9::jsonb,
+                         CASE WHEN $10::boolean THEN {AT} END, {AT}, $11)
+                 ON CONFLICT (agent_id, kind, entry) DO UPDATE SET
+                    status = CASE WHEN {newer} THEN EXCLUDED.status ELSE tasks.status END,
+                    outcome = CASE WHEN {newer} THEN EXCLUDED.outcome ELSE tasks.outcome END,
+                    epoch = GREATEST(tasks.epoch, EXCLUDED.epoch),
+                    lease_deadline = GREATEST(tasks.lease_deadline, EXCLUDED.lease_deadline),
+                    result = COALESCE(tasks.result, EXCLUDED.result),
+                    deliveries = GREATEST(tasks.deliveries, EXCLUDED.deliveries),
+                    first_granted_at = LEAST(tasks.first_granted_at, EXCLUDED.first_granted_at),
+                    updated_at = CASE WHEN {newer} THEN EXCLUDED.updated_at ELSE tasks.updated_at END,
+                    version = GREATEST(tasks.version, EXCLUDED.version)"
+            ),
+            &[
+                &event.occurred_at,
+                &agent,
+                &kind,
+                &entry,
+                &change.status,
+                &change.outcome,
+                &change.epoch,
+                &change.deadline,
+                &change.result,
+                &granted,
+                &event.version,
+            ],
+        )
+        .await?;
+    let detail = match &event.body {
+        EventBody::LeaseReported(e) => serde_json::json!({"outcome": e.outcome}),
+        EventBody::LeaseClosed(e) => serde_json::json!({"reason": e.reason}),
+        EventBody::LeaseGranted(e) => serde_json::json!({"deadline": e.deadline}),
+        _ => serde_json::json!({}),
+    };
+    history(
+        client,
+        event,
+        agent,
+        Some((kind, entry)),
+        change.epoch,
+        &detail,
+    )
+    .await
+}
+
+async fn history(
+    client: &impl GenericClient,
+    event: &Event,
+    agent: &str,
+    task: Option<(&str, &str)>,
+    epoch: Option<i64>,
+    detail: &serde_json::Value,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO lease_history (event_id, agent_id, kind, entry, type, epoch, detail, occurred_at)
+                 VALUES ($2, $3, $4, $5, $6, $7, $8, {AT})
+                 ON CONFLICT (event_id) DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &event.event_id,
+                &agent,
+                &task.map(|t| t.0),
+                &task.map(|t| t.1),
+                &event.body.type_name(),
+                &epoch,
+                detail,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn apply_extended(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &checkplane_wire::events::LeaseExtended,
+) -> Result<(), ApplyError> {
+    // A later deadline wins whatever the order; only the token's own delivery is extended.
+    for token in e.tokens.iter().filter_map(|t| LeaseToken::parse(t).ok()) {
+        client
+            .execute(
+                "UPDATE tasks SET lease_deadline = GREATEST(lease_deadline,
+                        'epoch'::timestamptz + $4::bigint * interval '1 millisecond')
+                 WHERE agent_id = $1 AND kind = $2 AND entry = $3 AND epoch = $5",
+                &[
+                    &token.agent.as_str(),
+                    &token.kind,
+                    &token.entry,
+                    &e.deadline,
+                    &i64::try_from(token.epoch).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+    }
+    history(
+        client,
+        event,
+        &e.agent_id,
+        None,
+        None,
+        &serde_json::json!({"tokens": e.tokens, "deadline": e.deadline}),
+    )
+    .await
 }
 
 /// Record and apply; `false` (and nothing applied) when the event was known already.
@@ -246,7 +432,7 @@ pub async fn record_and_apply_batch(
         match &event.body {
             EventBody::AgentCameBack(p) => presence.push((event, p, "online")),
             EventBody::AgentWentOffline(p) => presence.push((event, p, "offline")),
-            EventBody::AgentRegistered(_) => apply(client, event).await?,
+            _ => apply(client, event).await?,
         }
     }
     if !presence.is_empty() {

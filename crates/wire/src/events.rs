@@ -48,6 +48,24 @@ pub enum EventBody {
     /// An agent missed its heartbeat deadline by more than the grace period.
     #[serde(rename = "agent.offline")]
     AgentWentOffline(AgentPresence),
+    /// A task was leased to its agent (epoch = delivery count).
+    #[serde(rename = "lease.granted")]
+    LeaseGranted(LeaseGranted),
+    /// Leases were extended (one event per extend call).
+    #[serde(rename = "lease.extended")]
+    LeaseExtended(LeaseExtended),
+    /// A lease's work was reported.
+    #[serde(rename = "lease.reported")]
+    LeaseReported(LeaseReported),
+    /// A task was closed (deadline, cancel).
+    #[serde(rename = "lease.closed")]
+    LeaseClosed(LeaseClosed),
+    /// Recovery took the lease of a silent agent.
+    #[serde(rename = "lease.expired")]
+    LeaseExpired(LeaseExpired),
+    /// A task went over the delivery limit.
+    #[serde(rename = "task.dead_lettered")]
+    TaskDeadLettered(TaskDeadLettered),
 }
 
 impl EventBody {
@@ -57,6 +75,12 @@ impl EventBody {
             Self::AgentRegistered(_) => "agent.registered",
             Self::AgentCameBack(_) => "agent.online",
             Self::AgentWentOffline(_) => "agent.offline",
+            Self::LeaseGranted(_) => "lease.granted",
+            Self::LeaseExtended(_) => "lease.extended",
+            Self::LeaseReported(_) => "lease.reported",
+            Self::LeaseClosed(_) => "lease.closed",
+            Self::LeaseExpired(_) => "lease.expired",
+            Self::TaskDeadLettered(_) => "task.dead_lettered",
         }
     }
 }
@@ -105,6 +129,73 @@ pub struct AgentPresence {
     pub agent_id: String,
     /// `heartbeat` or `missed_heartbeat`.
     pub reason: String,
+}
+
+/// Payload of `lease.granted`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseGranted {
+    pub agent_id: String,
+    pub kind: String,
+    pub entry: String,
+    pub epoch: i64,
+    /// Milliseconds since the epoch.
+    pub deadline: i64,
+}
+
+/// Payload of `lease.extended`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseExtended {
+    pub agent_id: String,
+    pub tokens: Vec<String>,
+    pub deadline: i64,
+}
+
+/// Payload of `lease.reported`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseReported {
+    pub agent_id: String,
+    pub kind: String,
+    pub entry: String,
+    pub epoch: i64,
+    /// `finished`, `failed` or `cancelled`.
+    pub outcome: String,
+    pub result: serde_json::Value,
+}
+
+impl Eq for LeaseReported {}
+
+/// Payload of `lease.closed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseClosed {
+    pub agent_id: String,
+    pub kind: String,
+    pub entry: String,
+    /// `timeout`, `cancelled` or `lease_expired`.
+    pub reason: String,
+}
+
+/// Payload of `lease.expired`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseExpired {
+    pub agent_id: String,
+    pub kind: String,
+    pub entry: String,
+    pub epoch: i64,
+}
+
+/// Payload of `task.dead_lettered`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDeadLettered {
+    pub agent_id: String,
+    pub kind: String,
+    pub entry: String,
+    pub deliveries: i64,
 }
 
 #[cfg(test)]

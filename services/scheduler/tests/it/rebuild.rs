@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
 use checkplane_runtime::projection::canonical_dump;
 use checkplane_testkit::events::{presence, xadd};
 use checkplane_testkit::process::run_to_end;
 use checkplane_testkit::{eventually, TestDb, TestRedis};
+use checkplane_wire::leases::LeaseToken;
 
 use crate::{count, heartbeat, register, start_gateway, start_scheduler};
 
@@ -32,10 +34,54 @@ async fn rebuild_reproduces_every_projection_table() {
         &presence(&ids[0], far, false, far),
     )
     .await;
+    // Lease activity: two tasks granted, one reported, one closed (5 lease events).
+    let leases = Leases::new(
+        keys.clone(),
+        LeaseSettings {
+            ttl_ms: 30_000,
+            max_deliveries: 5,
+            reply_ttl_ms: 60_000,
+            tombstone_ttl_ms: 60_000,
+        },
+    );
+    let now = checkplane_runtime::clock::now_ms();
+    leases
+        .enqueue(&mut conn, &ids[1], "dns", "{}")
+        .await
+        .unwrap();
+    leases
+        .enqueue(&mut conn, &ids[1], "dns", "{}")
+        .await
+        .unwrap();
+    let granted = leases
+        .claim(&mut conn, &ids[1], "rb", &[("dns", 2)], now)
+        .await
+        .unwrap();
+    let first = LeaseToken::parse(&granted[0].token).unwrap();
+    let second = LeaseToken::parse(&granted[1].token).unwrap();
+    leases
+        .report(
+            &mut conn,
+            &first,
+            "finished",
+            &serde_json::json!({"answers": []}),
+            now,
+        )
+        .await
+        .unwrap();
+    let task = TaskRef {
+        agent: &ids[1],
+        kind: "dns",
+        entry: &second.entry,
+    };
+    leases
+        .close(&mut conn, &task, CloseReason::Cancelled, now)
+        .await
+        .unwrap();
     eventually("everything projected", Duration::from_secs(10), || async {
         let history = count(&db, "SELECT count(*) FROM agent_status_history").await;
         let events = count(&db, "SELECT count(*) FROM events").await;
-        (history == 4 && events == 8).then_some(())
+        (history == 4 && events == 12).then_some(())
     })
     .await;
     sched.stop().await.unwrap();

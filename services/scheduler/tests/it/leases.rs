@@ -1,0 +1,210 @@
+//! Lease events made in Redis are projected into `tasks` and `lease_history`.
+
+use std::time::Duration;
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
+use checkplane_testkit::{eventually, TestDb, TestRedis};
+use serde_json::json;
+
+use crate::{count, register, start_gateway, start_scheduler};
+
+async fn post(
+    gw: &checkplane_testkit::Running<checkplane_runtime::RunError>,
+    path: &str,
+    id: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(gw.url(path))
+        .header("x-agent-id", id)
+        .header("x-agent-token", token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn lease_events_become_task_rows_and_history() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gw = start_gateway(&db, &redis, &[]).await;
+    let sched = start_scheduler(&db, &redis, &[]).await;
+    let (id, token) = register(&gw, "leaser").await;
+    let leases = Leases::new(
+        Keys::new(redis.prefix.clone(), 4),
+        LeaseSettings {
+            ttl_ms: 30_000,
+            max_deliveries: 5,
+            reply_ttl_ms: 60_000,
+            tombstone_ttl_ms: 60_000,
+        },
+    );
+    let mut conn = redis.connection().await;
+    leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();
+    leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();
+    let claimed = post(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"dns": 2}, "request_id": "c1"}),
+    )
+    .await;
+    let tokens: Vec<String> = claimed["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["token"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    post(
+        &gw,
+        "/v1/agents/extend",
+        &id,
+        &token,
+        json!({"tokens": tokens}),
+    )
+    .await;
+    let result = json!({"answers": [], "rcode": "NOERROR"});
+    let reported = post(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [{"token": tokens[0], "result": result}]}),
+    )
+    .await;
+    assert_eq!(reported["results"][0]["status"], "acknowledged");
+    let second = checkplane_wire::leases::LeaseToken::parse(&tokens[1]).unwrap();
+    let task = TaskRef {
+        agent: &id,
+        kind: "dns",
+        entry: &second.entry,
+    };
+    assert!(leases
+        .close(
+            &mut conn,
+            &task,
+            CloseReason::Timeout,
+            checkplane_runtime::clock::now_ms()
+        )
+        .await
+        .unwrap());
+
+    eventually(
+        "lease events projected",
+        Duration::from_secs(10),
+        || async { (count(&db, "SELECT count(*) FROM lease_history").await == 5).then_some(()) },
+    )
+    .await;
+    let client = db.client().await;
+    let rows = client
+        .query("SELECT entry, status, outcome, epoch, result FROM tasks WHERE agent_id = $1 ORDER BY entry", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].get::<_, String>(1), "reported");
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(2).as_deref(),
+        Some("finished")
+    );
+    assert_eq!(rows[0].get::<_, i64>(3), 1);
+    let stored: serde_json::Value = rows[0].get(4);
+    assert_eq!(
+        stored["result"], result,
+        "the result arrives as sent, empty arrays included"
+    );
+    assert_eq!(rows[1].get::<_, String>(1), "closed");
+    assert_eq!(
+        rows[1].get::<_, Option<String>>(2).as_deref(),
+        Some("timeout")
+    );
+    let types: Vec<String> = client
+        .query(
+            "SELECT type FROM lease_history ORDER BY occurred_at, type",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types.iter().filter(|t| *t == "lease.granted").count(), 2);
+    for t in ["lease.extended", "lease.reported", "lease.closed"] {
+        assert!(types.contains(&t.to_owned()), "{t} missing from {types:?}");
+    }
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn task_rows_do_not_depend_on_event_order() {
+    use checkplane_wire::events::{Event, EventBody, LeaseGranted, LeaseReported};
+    let event = |version: i64, body: EventBody| Event {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_id: "task:a:dns:1-0".into(),
+        version,
+        occurred_at: 1_000 * version,
+        actor: "agent:a".into(),
+        schema: 1,
+        body,
+    };
+    let granted = event(
+        1,
+        EventBody::LeaseGranted(LeaseGranted {
+            agent_id: "a".into(),
+            kind: "dns".into(),
+            entry: "1-0".into(),
+            epoch: 1,
+            deadline: 31_000,
+        }),
+    );
+    let reported = event(
+        2,
+        EventBody::LeaseReported(LeaseReported {
+            agent_id: "a".into(),
+            kind: "dns".into(),
+            entry: "1-0".into(),
+            epoch: 1,
+            outcome: "finished".into(),
+            result: json!({"ok": true}),
+        }),
+    );
+    let mut dumps = Vec::new();
+    for order in [[&granted, &reported], [&reported, &granted]] {
+        let db = TestDb::new().await;
+        let client = db.client().await;
+        for e in order {
+            assert!(checkplane_runtime::projection::record_and_apply(&client, e)
+                .await
+                .unwrap());
+        }
+        let row = client
+            .query_one(
+                "SELECT status, outcome, first_granted_at IS NOT NULL FROM tasks",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                row.get::<_, String>(0),
+                row.get::<_, Option<String>>(1),
+                row.get::<_, bool>(2)
+            ),
+            ("reported".into(), Some("finished".into()), true)
+        );
+        dumps.push(
+            checkplane_runtime::projection::canonical_dump(&client)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(dumps[0], dumps[1]);
+}
