@@ -182,6 +182,37 @@ emit(KEYS[2], KEYS[3], ARGV[5], agent .. ':' .. kind .. ':' .. id, 'lease.closed
 return 1
 "#;
 
+/// KEYS: leases, lease events, versions, task stream, tombstone, heartbeats.
+/// ARGV: token, agent, kind, entry, epoch, now, event id, tombstone_ttl_ms.
+/// Returns `expired`, `stale` (no longer that delivery: just forgotten), `alive` (the agent
+/// still heartbeats: its late report stays welcome) or `not_due`.
+const RECOVER: &str = r#"
+local token, agent, kind, id, epoch, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local score = redis.call('ZSCORE', KEYS[1], token)
+if not score or tonumber(score) > now then return 'not_due' end
+local hb = redis.call('ZSCORE', KEYS[6], agent)
+if hb and tonumber(hb) >= now then return 'alive' end
+redis.call('ZREM', KEYS[1], token)
+if fence(KEYS[4], KEYS[5], id, agent, epoch) ~= 'ok' then return 'stale' end
+redis.call('XACK', KEYS[4], 'agents', id)
+redis.call('XDEL', KEYS[4], id)
+redis.call('SET', KEYS[5], 'lost', 'PX', ARGV[8])
+emit(KEYS[2], KEYS[3], ARGV[7], agent .. ':' .. kind .. ':' .. id, 'lease.expired', now,
+  'system:scheduler', {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch)})
+return 'expired'
+"#;
+
+/// What one recovery pass over a shard did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Leases taken from silent agents (`lease.expired`).
+    pub expired: u32,
+    /// Past their deadline, but their agents still heartbeat.
+    pub alive: u32,
+    /// Entries no longer at that delivery, or malformed: dropped from the set.
+    pub stale: u32,
+}
+
 /// A lease granted by a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Granted {
@@ -259,6 +290,7 @@ pub struct Leases {
     extend: redis::Script,
     report: redis::Script,
     close: redis::Script,
+    recover: redis::Script,
 }
 
 impl Leases {
@@ -270,6 +302,7 @@ impl Leases {
             extend: redis::Script::new(&format!("{COMMON}{EXTEND}")),
             report: redis::Script::new(&format!("{COMMON}{REPORT}")),
             close: redis::Script::new(&format!("{COMMON}{CLOSE}")),
+            recover: redis::Script::new(&format!("{COMMON}{RECOVER}")),
         }
     }
 
@@ -444,6 +477,64 @@ impl Leases {
         Ok(closed == 1)
     }
 
+    /// Take the leases of shard `n` that are past their deadline and whose agent is past its
+    /// heartbeat deadline too, at most `max` per pass. Each is fenced and expired atomically.
+    pub async fn recover(
+        &self,
+        conn: &mut impl ConnectionLike,
+        n: u32,
+        now_ms: i64,
+        max: u32,
+    ) -> redis::RedisResult<Recovery> {
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.leases(n))
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max)
+            .query_async(conn)
+            .await?;
+        let mut done = Recovery::default();
+        for text in due {
+            let Ok(token) = LeaseToken::parse(&text) else {
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(self.keys.leases(n))
+                    .arg(&text)
+                    .query_async(conn)
+                    .await?;
+                done.stale += 1;
+                continue;
+            };
+            let agent = token.agent.as_str();
+            let outcome: String = self
+                .recover
+                .key(self.keys.leases(n))
+                .key(self.keys.lease_events(n))
+                .key(self.keys.lease_versions(n))
+                .key(self.keys.tasks(agent, token.kind))
+                .key(self.keys.closed(agent, token.kind, &token.entry))
+                .key(self.keys.heartbeats(n))
+                .arg(&text)
+                .arg(agent)
+                .arg(token.kind)
+                .arg(&token.entry)
+                .arg(token.epoch)
+                .arg(now_ms)
+                .arg(Uuid::now_v7().to_string())
+                .arg(self.settings.tombstone_ttl_ms)
+                .invoke_async(conn)
+                .await?;
+            match outcome.as_str() {
+                "expired" => done.expired += 1,
+                "alive" => done.alive += 1,
+                "stale" => done.stale += 1,
+                _ => {}
+            }
+        }
+        Ok(done)
+    }
+
     /// Add a task for `agent` and ring its shard's doorbell (a test and benchmark helper
     /// until fan-out exists): its entry id.
     pub async fn enqueue(
@@ -466,6 +557,11 @@ impl Leases {
             .query_async(conn)
             .await?;
         Ok(id)
+    }
+
+    /// The key builder.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// The settings.

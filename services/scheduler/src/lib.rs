@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::{LeaseSettings, Leases};
 use checkplane_runtime::presence::Presence;
 use checkplane_runtime::projector::{Projector, ProjectorConfig};
 use checkplane_runtime::stores::{every, serve_with_stores, StoreServiceConfig};
@@ -106,7 +107,7 @@ pub async fn run(
                 }
             });
 
-            let (pg, redis) = (stores.pg.clone(), stores.redis.clone());
+            let (pg, redis, schema) = (stores.pg.clone(), stores.redis.clone(), stores.clone());
             let min_age = config.outbox_min_age;
             every(
                 tracker,
@@ -114,8 +115,9 @@ pub async fn run(
                 "outbox_sweep",
                 Duration::from_secs(1),
                 move || {
-                    let (pg, redis) = (pg.clone(), redis.clone());
+                    let (pg, redis, schema) = (pg.clone(), redis.clone(), schema.clone());
                     async move {
+                        schema.schema_current().await;
                         while checkplane_runtime::outbox::sweep(&pg, &redis, min_age, 500).await?
                             == 500
                         {}
@@ -159,7 +161,47 @@ pub async fn run(
                 },
             );
 
-            let pg = stores.pg.clone();
+            let leases = Leases::new(
+                keys.clone(),
+                LeaseSettings {
+                    ttl_ms: 0,
+                    max_deliveries: 0,
+                    reply_ttl_ms: 0,
+                    tombstone_ttl_ms: 24 * 3600 * 1000,
+                },
+            );
+            let redis = stores.redis.clone();
+            every(
+                tracker,
+                shutdown,
+                "lease_recovery",
+                Duration::from_secs(1),
+                move || {
+                    let (leases, redis) = (leases.clone(), redis.clone());
+                    async move {
+                        let mut conn = redis
+                            .get()
+                            .await
+                            .map_err(|e| RunError::Startup(e.to_string()))?;
+                        for n in 0..leases.keys().shards() {
+                            let done = leases
+                                .recover(&mut *conn, n, now_ms(), 500)
+                                .await
+                                .map_err(RunError::Redis)?;
+                            if done.expired > 0 {
+                                tracing::info!(
+                                    shard = n,
+                                    expired = done.expired,
+                                    "leases of silent agents expired"
+                                );
+                            }
+                        }
+                        Ok::<_, RunError>(())
+                    }
+                },
+            );
+
+            let (pg, schema) = (stores.pg.clone(), stores.clone());
             let retention = config.events_retention;
             every(
                 tracker,
@@ -167,8 +209,9 @@ pub async fn run(
                 "events_retention",
                 Duration::from_secs(3600),
                 move || {
-                    let pg = pg.clone();
+                    let (pg, schema) = (pg.clone(), schema.clone());
                     async move {
+                        schema.schema_current().await;
                         let client = pg
                             .get()
                             .await

@@ -208,3 +208,122 @@ async fn task_rows_do_not_depend_on_event_order() {
     }
     assert_eq!(dumps[0], dumps[1]);
 }
+
+#[tokio::test]
+async fn leases_of_a_silent_agent_expire_and_its_late_report_is_fenced() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gw = start_gateway(
+        &db,
+        &redis,
+        &[("HEARTBEAT_INTERVAL", "200ms"), ("LEASE_TTL", "300ms")],
+    )
+    .await;
+    let sched = start_scheduler(&db, &redis, &[]).await;
+    let (id, token) = register(&gw, "silent").await;
+    crate::heartbeat(&gw, &id, &token).await;
+    let leases = Leases::new(
+        Keys::new(redis.prefix.clone(), 4),
+        LeaseSettings {
+            ttl_ms: 300,
+            max_deliveries: 5,
+            reply_ttl_ms: 60_000,
+            tombstone_ttl_ms: 60_000,
+        },
+    );
+    let mut conn = redis.connection().await;
+    leases.enqueue(&mut conn, &id, "tcp", "{}").await.unwrap();
+    let claimed = post(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"tcp": 1}, "request_id": "s1"}),
+    )
+    .await;
+    let lease = claimed["leases"][0]["token"].as_str().unwrap().to_owned();
+    // No more heartbeats, no extension: past both deadlines the scheduler takes the lease.
+    eventually("the lease expired", Duration::from_secs(10), || async {
+        let status = db
+            .client()
+            .await
+            .query_opt(
+                "SELECT status, outcome FROM tasks WHERE agent_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        status
+            .filter(|r| {
+                r.get::<_, String>(0) == "expired"
+                    && r.get::<_, Option<String>>(1).as_deref() == Some("lease_expired")
+            })
+            .map(|_| ())
+    })
+    .await;
+    let late = post(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [{"token": lease}]}),
+    )
+    .await;
+    assert_eq!(late["results"][0]["error"], "ERR_LEASE_LOST");
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_that_still_heartbeats_keeps_its_expired_lease() {
+    let redis = TestRedis::new();
+    let keys = Keys::new(redis.prefix.clone(), 4);
+    let presence = checkplane_runtime::presence::Presence::new(keys.clone());
+    let leases = Leases::new(
+        keys.clone(),
+        LeaseSettings {
+            ttl_ms: 100,
+            max_deliveries: 5,
+            reply_ttl_ms: 60_000,
+            tombstone_ttl_ms: 60_000,
+        },
+    );
+    let mut conn = redis.connection().await;
+    let now = checkplane_runtime::clock::now_ms();
+    presence
+        .heartbeat(&mut conn, "busy", now, 10_000)
+        .await
+        .unwrap();
+    leases
+        .enqueue(&mut conn, "busy", "trace", "{}")
+        .await
+        .unwrap();
+    let granted = leases
+        .claim(&mut conn, "busy", "b1", &[("trace", 1)], now)
+        .await
+        .unwrap();
+    let n = keys.shard_of("busy");
+    let early = leases
+        .recover(&mut conn, n, now + 1_000, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        (early.expired, early.alive),
+        (0, 1),
+        "the lease is due but its agent is alive"
+    );
+    let token = checkplane_wire::leases::LeaseToken::parse(&granted[0].token).unwrap();
+    let late = leases
+        .recover(&mut conn, n, now + 20_000, 100)
+        .await
+        .unwrap();
+    assert_eq!(late.expired, 1, "{late:?}");
+    let report = leases
+        .report(&mut conn, &token, "finished", &json!({}), now + 20_001)
+        .await
+        .unwrap();
+    assert_eq!(
+        report,
+        checkplane_runtime::leases::Fenced::Refused("ERR_LEASE_LOST".into())
+    );
+}
