@@ -28,6 +28,36 @@ enum Command {
     RawInsert(Args),
     /// The projector applying the same events from Redis streams.
     Projector(Args),
+    /// Raw Redis: XREADGROUP + XACK of the same tasks, same connection count.
+    RawStreams(LeaseArgs),
+    /// Simulated agents claiming and reporting through the gateway; then wake-up latency
+    /// with 1,000 agents long-polling.
+    LeaseCycle(LeaseArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct LeaseArgs {
+    /// Admin URL of PostgreSQL (lease-cycle: a scratch database for the gateway).
+    #[arg(long)]
+    pg_url: String,
+    /// Redis URL.
+    #[arg(long)]
+    redis_url: String,
+    /// Tasks to run through.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Simulated agents working concurrently (raw: connections).
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Tasks per claim (raw: per XREADGROUP).
+    #[arg(long, default_value_t = 10)]
+    batch: usize,
+    /// Agents long-polling during the latency measurement.
+    #[arg(long, default_value_t = 1_000)]
+    pollers: usize,
+    /// Wake-ups measured.
+    #[arg(long, default_value_t = 300)]
+    samples: usize,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -290,6 +320,305 @@ async fn projector(args: Args) {
     report("projector", &args, elapsed);
 }
 
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn raw_streams(args: LeaseArgs) {
+    let prefix = format!("rawb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let streams: Vec<String> = (0..args.workers)
+        .map(|w| format!("{prefix}:tasks:{w}"))
+        .collect();
+    for (i, chunk) in (0..args.tasks).collect::<Vec<_>>().chunks(1000).enumerate() {
+        let mut pipe = redis::pipe();
+        for t in chunk {
+            pipe.cmd("XADD")
+                .arg(&streams[t % args.workers])
+                .arg("*")
+                .arg("spec")
+                .arg("{}")
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+        let _ = i;
+    }
+    for s in &streams {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(s)
+            .arg("agents")
+            .arg("0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (w, stream) in streams.iter().enumerate() {
+        let (client, stream, batch) = (redis.clone(), stream.clone(), args.batch);
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let mut done = 0usize;
+            loop {
+                let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("agents")
+                    .arg(format!("agent-{w}"))
+                    .arg("COUNT")
+                    .arg(batch)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(">")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let ids: Vec<String> = reply
+                    .map(|r| {
+                        r.keys
+                            .into_iter()
+                            .flat_map(|k| k.ids.into_iter().map(|i| i.id))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if ids.is_empty() {
+                    return done;
+                }
+                let _: i64 = redis::cmd("XACK")
+                    .arg(&stream)
+                    .arg("agents")
+                    .arg(&ids)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                done += ids.len();
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(total, args.tasks);
+    let _: i64 = redis::cmd("DEL")
+        .arg(&streams)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    println!(
+        "{}",
+        serde_json::json!({"bench": "lease_cycle", "side": "raw_streams", "tasks": args.tasks,
+        "connections": args.workers, "batch": args.batch, "seconds": (secs * 1000.0).round() / 1000.0,
+        "tasks_per_s": (args.tasks as f64 / secs).round()})
+    );
+}
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    http.post(url)
+        .header("x-agent-id", id)
+        .header("x-agent-token", token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn lease_cycle(args: LeaseArgs) {
+    let (name, config) = scratch(&args.pg_url).await;
+    let prefix = format!("lcb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let enroll = "bench-enrollment-token-0123";
+    let db_url = format!("{}/{name}", args.pg_url.rsplit_once('/').unwrap().0);
+    let env = checkplane_runtime::Env::from_pairs([
+        ("DATABASE_URL", db_url.as_str()),
+        ("REDIS_URL", args.redis_url.as_str()),
+        ("STREAM_PREFIX", prefix.as_str()),
+        ("GATEWAY_ENROLLMENT_TOKEN", enroll),
+        ("DATABASE_POOL_SIZE", "16"),
+        ("REDIS_POOL_SIZE", "16"),
+        ("LOG_LEVEL", "warn"),
+    ]);
+    let mut env = env;
+    let gw_config = gateway::load(&mut env).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(gateway::run(gw_config, listener, shutdown.clone()));
+    let http = reqwest::Client::new();
+    loop {
+        if http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let agents_needed = args.pollers.max(args.workers);
+    let mut agents = Vec::new();
+    for chunk in (0..agents_needed).collect::<Vec<_>>().chunks(32) {
+        let regs = futures::future::join_all(chunk.iter().map(|i| {
+            let http = http.clone();
+            let url = format!("{base}/v1/agents/register");
+            async move {
+                let r: serde_json::Value = http.post(url).header("x-enrollment-token", enroll)
+                    .json(&serde_json::json!({"hostname": format!("bench-{i}"), "capabilities": {"dns": 64}}))
+                    .send().await.unwrap().json().await.unwrap();
+                (r["agent_id"].as_str().unwrap().to_owned(), r["token"].as_str().unwrap().to_owned())
+            }
+        })).await;
+        agents.extend(regs);
+    }
+    let keys = Keys::new(prefix.clone(), 4);
+    let leases = checkplane_runtime::leases::Leases::new(
+        keys.clone(),
+        checkplane_runtime::leases::LeaseSettings {
+            ttl_ms: 30_000,
+            max_deliveries: 5,
+            reply_ttl_ms: 600_000,
+            tombstone_ttl_ms: 600_000,
+        },
+    );
+    let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    for chunk in (0..args.tasks).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for t in chunk {
+            let (agent, _) = &agents[t % args.workers];
+            pipe.cmd("XADD")
+                .arg(keys.tasks(agent, "dns"))
+                .arg("*")
+                .arg("spec")
+                .arg("{}")
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+    }
+
+    // Throughput: each worker claims a batch, reports it, until its stream is empty.
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for (w, (id, token)) in agents.iter().take(args.workers).cloned().enumerate() {
+        let (http, base, batch) = (http.clone(), base.clone(), args.batch);
+        workers.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            for round in 0.. {
+                let claimed = post_json(&http, &format!("{base}/v1/agents/claim"), &id, &token,
+                    serde_json::json!({"capacities": {"dns": batch}, "request_id": format!("w{w}r{round}"), "wait_ms": 0})).await;
+                let tokens: Vec<serde_json::Value> = claimed["leases"].as_array().unwrap().iter()
+                    .map(|l| serde_json::json!({"token": l["token"], "result": {}})).collect();
+                if tokens.is_empty() { return done; }
+                done += tokens.len();
+                post_json(&http, &format!("{base}/v1/agents/report"), &id, &token, serde_json::json!({"completed": tokens})).await;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for w in workers {
+        total += w.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(total, args.tasks);
+    // Where the time goes, coarsely: the gateway's own mean time per route.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mean_ms = |route: &str| {
+        let pick = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name) && l.contains(&format!("route=\"{route}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let count = pick("http_request_duration_seconds_count");
+        if count > 0.0 {
+            (pick("http_request_duration_seconds_sum") / count * 1e5).round() / 100.0
+        } else {
+            0.0
+        }
+    };
+    let claim_ms = mean_ms("/v1/agents/claim");
+    let report_ms = mean_ms("/v1/agents/report");
+
+    // Wake-up latency with `pollers` agents long-polling: enqueue for one, time its answer.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+    let stop = CancellationToken::new();
+    let mut pollers = Vec::new();
+    for (p, (id, token)) in agents.iter().take(args.pollers).cloned().enumerate() {
+        let (http, base, tx, stop) = (http.clone(), base.clone(), tx.clone(), stop.clone());
+        pollers.push(tokio::spawn(async move {
+            let claim_url = format!("{base}/v1/agents/claim");
+            for round in 0.. {
+                let claim = post_json(&http, &claim_url, &id, &token,
+                    serde_json::json!({"capacities": {"dns": 1}, "request_id": format!("p{p}r{round}"), "wait_ms": 20_000}));
+                let claimed = tokio::select! { _ = stop.cancelled() => return, c = claim => c };
+                let got = Instant::now();
+                if let Some(lease) = claimed["leases"].as_array().and_then(|l| l.first()) {
+                    let _ = tx.send((p, got));
+                    post_json(&http, &format!("{base}/v1/agents/report"), &id, &token,
+                        serde_json::json!({"completed": [{"token": lease["token"], "result": {}}]})).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // let every poller start waiting
+    let mut latencies = Vec::with_capacity(args.samples);
+    for s in 0..args.samples {
+        let target = (s * 7919) % args.pollers;
+        let (agent, _) = &agents[target];
+        let sent = Instant::now();
+        leases.enqueue(&mut conn, agent, "dns", "{}").await.unwrap();
+        let (who, got) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(who, target);
+        latencies.push(got.duration_since(sent).as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    for p in pollers {
+        let _ = p.await;
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    shutdown.cancel();
+    let _ = server.await;
+    drop_scratch(&args.pg_url, &name).await;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "lease_cycle", "side": "gateway", "tasks": args.tasks,
+        "workers": args.workers, "batch": args.batch, "seconds": (secs * 1000.0).round() / 1000.0,
+        "tasks_per_s": (args.tasks as f64 / secs).round(), "pollers": args.pollers, "samples": latencies.len(),
+        "wake_p50_ms": (percentile(&latencies, 0.5) * 100.0).round() / 100.0,
+        "wake_p99_ms": (percentile(&latencies, 0.99) * 100.0).round() / 100.0,
+        "gateway_mean_claim_ms": claim_ms, "gateway_mean_report_ms": report_ms})
+    );
+    let _ = config;
+}
+
 fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -299,5 +628,7 @@ fn main() {
     match cli.command {
         Command::RawInsert(args) => runtime.block_on(raw_insert(args)),
         Command::Projector(args) => runtime.block_on(projector(args)),
+        Command::RawStreams(args) => runtime.block_on(raw_streams(args)),
+        Command::LeaseCycle(args) => runtime.block_on(lease_cycle(args)),
     }
 }
