@@ -31,8 +31,15 @@ use crate::keys::Keys;
 use checkplane_wire::leases::LeaseToken;
 
 const COMMON: &str = r#"
+-- A task's event version: above the last one and at least the time, so that versions stay
+-- above what PostgreSQL has seen even if Redis lost its last writes.
+local function next_version(versions, task, now)
+  local v = math.max(tonumber(redis.call('HGET', versions, task) or '0') + 1, now)
+  redis.call('HSET', versions, task, v)
+  return v
+end
 local function emit(stream, versions, id, task, type_, now, actor, payload)
-  local v = redis.call('HINCRBY', versions, task, 1)
+  local v = next_version(versions, task, now)
   redis.call('XADD', stream, '*', 'event', cjson.encode({event_id = id, aggregate_id = 'task:' .. task,
     version = v, occurred_at = now, actor = actor, schema = 1, type = type_, payload = payload}))
 end
@@ -128,7 +135,7 @@ for i = 1, n do
   end
 end
 if #extended > 0 then
-  local v = redis.call('HINCRBY', KEYS[3], 'extend:' .. agent, 1)
+  local v = next_version(KEYS[3], 'extend:' .. agent, now)
   redis.call('XADD', KEYS[2], '*', 'event', cjson.encode({event_id = ARGV[4],
     aggregate_id = 'extend:' .. agent, version = v, occurred_at = now, actor = 'agent:' .. agent,
     schema = 1, type = 'lease.extended', payload = {agent_id = agent, tokens = extended,
@@ -150,7 +157,7 @@ redis.call('ZREM', KEYS[1], token)
 -- The result is spliced in as sent (already valid JSON): a decode and re-encode in Lua would
 -- turn empty arrays into objects.
 local task = agent .. ':' .. kind .. ':' .. id
-local v = redis.call('HINCRBY', KEYS[3], task, 1)
+local v = next_version(KEYS[3], task, now)
 local ev = cjson.encode({event_id = ARGV[7], aggregate_id = 'task:' .. task, version = v,
   occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
   payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),

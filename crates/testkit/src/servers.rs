@@ -36,18 +36,53 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    fsync: &'static str,
 }
 
 impl RedisServer {
     /// Start one on a free port.
     pub fn start() -> Self {
+        Self::start_with_fsync("always")
+    }
+
+    /// Start one with `appendfsync` set to `policy` (`always`, `everysec`).
+    pub fn start_with_fsync(policy: &'static str) -> Self {
         let mut server = Self {
             port: free_port(),
             dir: scratch_dir("redis"),
             child: None,
+            fsync: policy,
         };
         server.resume();
         server
+    }
+
+    /// Copy its persisted data aside (to roll back to later).
+    pub fn snapshot(&self) -> PathBuf {
+        let copy = scratch_dir("redis-snapshot");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.join("appendonlydir"))
+            .arg(&copy)
+            .status()
+            .expect("cp");
+        assert!(status.success());
+        copy
+    }
+
+    /// Stop it and put back the data of `snapshot`: as if Redis lost every write since.
+    pub fn lose_writes_since(&mut self, snapshot: &Path) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.join("appendonlydir"));
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(snapshot.join("appendonlydir"))
+            .arg(&self.dir)
+            .status()
+            .expect("cp");
+        assert!(status.success());
+        let _ = std::fs::remove_dir_all(snapshot);
+        self.resume();
     }
 
     /// `redis://127.0.0.1:port/`.
@@ -88,15 +123,16 @@ impl RedisServer {
         assert!(self.child.is_none(), "already running");
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            // Every write synced: a restart in a test loses nothing, so what a test sees after
-            // one is our code's doing, not Redis's durability window.
+            // By default every write is synced: a restart in a test loses nothing, so what a
+            // test sees after one is our code's doing. Loss is simulated on purpose instead
+            // (`lose_writes_since`).
             .args([
                 "--save",
                 "",
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                self.fsync,
             ])
             .args(["--protected-mode", "no"])
             .arg("--dir")
@@ -268,6 +304,7 @@ impl RedisCluster {
                 port,
                 dir,
                 child: Some(child),
+                fsync: "always",
             });
         }
         let addrs: Vec<String> = nodes

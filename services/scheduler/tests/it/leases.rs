@@ -327,3 +327,124 @@ async fn an_agent_that_still_heartbeats_keeps_its_expired_lease() {
         checkplane_runtime::leases::Fenced::Refused("ERR_LEASE_LOST".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_losing_its_last_writes_runs_a_task_again_but_keeps_one_result() {
+    use checkplane_testkit::servers::RedisServer;
+    let db = TestDb::new().await;
+    let mut redis_server = RedisServer::start_with_fsync("everysec");
+    let redis = TestRedis::new();
+    let url = redis_server.url();
+    let gw = start_gateway(&db, &redis, &[("REDIS_URL", &url), ("LEASE_TTL", "300ms")]).await;
+    let sched = start_scheduler(&db, &redis, &[("REDIS_URL", &url)]).await;
+    let (id, token) = register(&gw, "durable").await;
+    crate::heartbeat(&gw, &id, &token).await;
+    let leases = Leases::new(
+        Keys::new(redis.prefix.clone(), 4),
+        LeaseSettings {
+            ttl_ms: 300,
+            max_deliveries: 5,
+            reply_ttl_ms: 60_000,
+            tombstone_ttl_ms: 60_000,
+        },
+    );
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();
+    let claimed = post(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"dns": 1}, "request_id": "d1"}),
+    )
+    .await;
+    let first = claimed["leases"][0]["token"].as_str().unwrap().to_owned();
+    eventually("granted projected", Duration::from_secs(10), || async {
+        (task_status(&db, &id).await == Some(("leased".into(), 1))).then_some(())
+    })
+    .await;
+    let snapshot = redis_server.snapshot();
+
+    let result = json!({"answers": [{"name": "x", "type": "A", "ttl": 1, "class": "IN", "value": "192.0.2.1"}]});
+    let reported = post(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [{"token": first, "result": result}]}),
+    )
+    .await;
+    assert_eq!(reported["results"][0]["status"], "acknowledged");
+    eventually("report projected", Duration::from_secs(10), || async {
+        (task_status(&db, &id).await.map(|s| s.0) == Some("reported".into())).then_some(())
+    })
+    .await;
+
+    // Redis loses everything since the snapshot: the acknowledgement and the report event.
+    redis_server.lose_writes_since(&snapshot);
+    crate::heartbeat(&gw, &id, &token).await;
+    // The task is pending again; once its lease has run out, it comes back at epoch 2.
+    let again = eventually("the task comes back", Duration::from_secs(10), || async {
+        let claimed = post(&gw, "/v1/agents/claim", &id, &token, json!({"capacities": {"dns": 1}, "request_id": uuid::Uuid::new_v4().simple().to_string()})).await;
+        claimed["leases"].as_array().and_then(|l| l.first()).map(|l| l["token"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+    let second = checkplane_wire::leases::LeaseToken::parse(&again).unwrap();
+    assert_eq!(second.epoch, 2, "at least once: the task runs again");
+    let reported = post(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [{"token": again, "result": {"answers": []}}]}),
+    )
+    .await;
+    assert_eq!(reported["results"][0]["status"], "acknowledged");
+    eventually(
+        "second report projected",
+        Duration::from_secs(10),
+        || async { (task_status(&db, &id).await == Some(("reported".into(), 2))).then_some(()) },
+    )
+    .await;
+
+    // Exactly one result: the task row keeps the first; both runs are in the history.
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT result, outcome FROM tasks WHERE agent_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let stored: serde_json::Value = rows[0].get(0);
+    assert_eq!(stored["result"], result);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM lease_history WHERE type = 'lease.reported'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM projection_failures").await,
+        0
+    );
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
+
+async fn task_status(db: &TestDb, id: &str) -> Option<(String, i64)> {
+    db.client()
+        .await
+        .query_opt(
+            "SELECT status, epoch FROM tasks WHERE agent_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+}
