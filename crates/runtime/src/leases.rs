@@ -144,29 +144,45 @@ end
 return out
 "#;
 
-/// KEYS: leases, lease events, versions, task stream, tombstone, reported reply.
-/// ARGV: agent, now, token, entry, epoch, kind, event id, outcome, result JSON, reply_ttl_ms.
+/// KEYS: leases, lease events, versions, then (task stream, tombstone, reported reply) per
+/// report. ARGV: agent, now, reply_ttl_ms, then (token, entry, epoch, kind, event id, outcome,
+/// result JSON) per report. Returns per report `acknowledged` or the fence's error code.
 const REPORT: &str = r#"
-local cached = redis.call('GET', KEYS[6])
-if cached then return cached end
-local agent, now, token, id, epoch, kind = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local f = fence(KEYS[4], KEYS[5], id, agent, epoch)
-if f ~= 'ok' then return f end
-redis.call('XACK', KEYS[4], 'agents', id)
-redis.call('ZREM', KEYS[1], token)
--- The result is spliced in as sent (already valid JSON): a decode and re-encode in Lua would
--- turn empty arrays into objects.
-local task = agent .. ':' .. kind .. ':' .. id
-local v = next_version(KEYS[3], task, now)
-local ev = cjson.encode({event_id = ARGV[7], aggregate_id = 'task:' .. task, version = v,
-  occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
-  payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
-  outcome = ARGV[8], result = '@@RESULT@@'}})
-local i, j = string.find(ev, '"@@RESULT@@"', 1, true)
-ev = string.sub(ev, 1, i - 1) .. ARGV[9] .. string.sub(ev, j + 1)
-redis.call('XADD', KEYS[2], '*', 'event', ev)
-redis.call('SET', KEYS[6], 'acknowledged', 'PX', ARGV[10])
-return 'acknowledged'
+local agent, now = ARGV[1], tonumber(ARGV[2])
+local out = {}
+local n = (#ARGV - 3) / 7
+for r = 1, n do
+  local a = 3 + 7 * (r - 1)
+  local token, id, epoch, kind, eid, outcome, result =
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local stream, closed, reported = KEYS[1 + 3 * r], KEYS[2 + 3 * r], KEYS[3 + 3 * r]
+  local cached = redis.call('GET', reported)
+  if cached then
+    out[r] = cached
+  else
+    local f = fence(stream, closed, id, agent, epoch)
+    if f ~= 'ok' then
+      out[r] = f
+    else
+      redis.call('XACK', stream, 'agents', id)
+      redis.call('ZREM', KEYS[1], token)
+      -- The result is spliced in as sent (already valid JSON): a decode and re-encode in Lua
+      -- would turn empty arrays into objects.
+      local task = agent .. ':' .. kind .. ':' .. id
+      local v = next_version(KEYS[3], task, now)
+      local ev = cjson.encode({event_id = eid, aggregate_id = 'task:' .. task, version = v,
+        occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
+        payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
+        outcome = outcome, result = '@@RESULT@@'}})
+      local i, j = string.find(ev, '"@@RESULT@@"', 1, true)
+      ev = string.sub(ev, 1, i - 1) .. result .. string.sub(ev, j + 1)
+      redis.call('XADD', KEYS[2], '*', 'event', ev)
+      redis.call('SET', reported, 'acknowledged', 'PX', ARGV[3])
+      out[r] = 'acknowledged'
+    end
+  end
+end
+return out
 "#;
 
 /// KEYS: leases, lease events, versions, task stream, tombstone.
@@ -424,34 +440,57 @@ impl Leases {
         result: &serde_json::Value,
         now_ms: i64,
     ) -> redis::RedisResult<Fenced<()>> {
-        let agent = token.agent.as_str();
-        let n = self.keys.shard_of(agent);
-        let text = token.to_string();
-        let reply: String = self
-            .report
-            .key(self.keys.leases(n))
-            .key(self.keys.lease_events(n))
-            .key(self.keys.lease_versions(n))
-            .key(self.keys.tasks(agent, token.kind))
-            .key(self.keys.closed(agent, token.kind, &token.entry))
-            .key(self.keys.reported(agent, &text))
-            .arg(agent)
-            .arg(now_ms)
-            .arg(&text)
-            .arg(&token.entry)
-            .arg(token.epoch)
-            .arg(token.kind)
-            .arg(Uuid::now_v7().to_string())
-            .arg(outcome)
-            .arg(result.to_string())
-            .arg(self.settings.reply_ttl_ms)
-            .invoke_async(conn)
+        let mut replies = self
+            .report_many(conn, &[(token, outcome, result)], now_ms)
             .await?;
-        Ok(if reply == "acknowledged" {
-            Fenced::Ok(())
-        } else {
-            Fenced::Refused(reply)
-        })
+        Ok(replies
+            .pop()
+            .unwrap_or(Fenced::Refused("ERR_LEASE_UNKNOWN".to_owned())))
+    }
+
+    /// Report several leases of one agent in one script call; per report `acknowledged` (also
+    /// for a repeat) or the fence's refusal.
+    pub async fn report_many(
+        &self,
+        conn: &mut impl ConnectionLike,
+        reports: &[(&LeaseToken, &str, &serde_json::Value)],
+        now_ms: i64,
+    ) -> redis::RedisResult<Vec<Fenced<()>>> {
+        let Some((first, _, _)) = reports.first() else {
+            return Ok(Vec::new());
+        };
+        let agent = first.agent.as_str();
+        let n = self.keys.shard_of(agent);
+        let mut inv = self.report.prepare_invoke();
+        inv.key(self.keys.leases(n))
+            .key(self.keys.lease_events(n))
+            .key(self.keys.lease_versions(n));
+        inv.arg(agent).arg(now_ms).arg(self.settings.reply_ttl_ms);
+        for (token, outcome, result) in reports {
+            // All tokens of one call are one agent's: their keys share the shard's hash tag.
+            let text = token.to_string();
+            inv.key(self.keys.tasks(agent, token.kind))
+                .key(self.keys.closed(agent, token.kind, &token.entry))
+                .key(self.keys.reported(agent, &text));
+            inv.arg(text)
+                .arg(&token.entry)
+                .arg(token.epoch)
+                .arg(token.kind)
+                .arg(Uuid::now_v7().to_string())
+                .arg(*outcome)
+                .arg(result.to_string());
+        }
+        let replies: Vec<String> = inv.invoke_async(conn).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| {
+                if r == "acknowledged" {
+                    Fenced::Ok(())
+                } else {
+                    Fenced::Refused(r)
+                }
+            })
+            .collect())
     }
 
     /// Close a task and fence later reports (`lease_expired` answers `ERR_LEASE_LOST`, the

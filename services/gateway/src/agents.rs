@@ -115,6 +115,7 @@ async fn register(
         .map_err(|e| ApiError::internal(&e))?;
     tx.commit().await?;
     drop(client);
+    app.auth_cache.forget(&agent_id);
     outbox::publish(
         &app.stores.pg,
         &app.stores.redis,

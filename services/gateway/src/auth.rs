@@ -64,6 +64,10 @@ impl FromRequestParts<AppState> for AgentIdentity {
         if token.len() > limits::TOKEN {
             return Err(denied());
         }
+        let presented = hash_secret(token);
+        if state.auth_cache.verified(&agent_id, &presented) {
+            return Ok(Self { agent_id });
+        }
         let client = state.stores.pg.get().await?;
         let row = client
             .query_opt(
@@ -72,9 +76,10 @@ impl FromRequestParts<AppState> for AgentIdentity {
             )
             .await?;
         let stored: String = row.map(|r| r.get(0)).ok_or_else(denied)?;
-        if !same(stored.as_bytes(), hash_secret(token).as_bytes()) {
+        if !same(stored.as_bytes(), presented.as_bytes()) {
             return Err(denied());
         }
+        state.auth_cache.remember(&agent_id, presented);
         Ok(Self { agent_id })
     }
 }
@@ -92,6 +97,67 @@ impl FromRequestParts<AppState> for Admin {
         match &state.config.admin_key {
             Some(expected) if same(expected.expose().as_bytes(), given.as_bytes()) => Ok(Self),
             _ => Err(ApiError::unauthorized("unknown API key")),
+        }
+    }
+}
+
+/// Tokens verified against PostgreSQL recently, so the lease hot path does not query it on
+/// every call. Only successes are kept, for `GATEWAY_AUTH_CACHE_TTL`; a registration on this
+/// gateway forgets the agent at once, and one on another replica is seen within the TTL (an
+/// old token of a rotated agent may pass that long there). A TTL of zero turns it off.
+pub struct AuthCache {
+    ttl: std::time::Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<AgentId, (String, std::time::Instant)>>,
+}
+
+/// Most agents remembered; past it, expired entries are dropped, then everything.
+const AUTH_CACHE_MAX: usize = 200_000;
+
+impl AuthCache {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<AgentId, (String, std::time::Instant)>>
+    {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `agent` presented this token hash and it was verified within the TTL.
+    pub fn verified(&self, agent: &AgentId, hash: &str) -> bool {
+        if self.ttl.is_zero() {
+            return false;
+        }
+        self.lock()
+            .get(agent)
+            .is_some_and(|(h, at)| at.elapsed() < self.ttl && same(h.as_bytes(), hash.as_bytes()))
+    }
+
+    /// Remember a verified token hash.
+    pub fn remember(&self, agent: &AgentId, hash: String) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= AUTH_CACHE_MAX {
+            let ttl = self.ttl;
+            entries.retain(|_, (_, at)| at.elapsed() < ttl);
+            if entries.len() >= AUTH_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(agent.clone(), (hash, std::time::Instant::now()));
+    }
+
+    /// Forget an agent (its token was rotated here).
+    pub fn forget(&self, agent: &str) {
+        if let Ok(agent) = AgentId::parse(agent) {
+            self.lock().remove(&agent);
         }
     }
 }

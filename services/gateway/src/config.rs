@@ -26,6 +26,9 @@ pub struct Config {
     pub max_deliveries: u32,
     /// `CLAIM_BLOCK_MS`: the longest a claim may wait for work.
     pub claim_block: Duration,
+    /// `GATEWAY_AUTH_CACHE_TTL`: how long a verified agent token is trusted without asking
+    /// PostgreSQL again.
+    pub auth_cache_ttl: Duration,
 }
 
 /// Read the gateway's configuration.
@@ -66,7 +69,14 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     )?;
     let max_deliveries = u32::try_from(env.u64_in("MAX_DELIVERIES", 5, 1, 100)?).unwrap_or(5);
     let claim_block = Duration::from_millis(env.u64_in("CLAIM_BLOCK_MS", 20_000, 0, 120_000)?);
+    let auth_cache_ttl = env.duration(
+        "GATEWAY_AUTH_CACHE_TTL",
+        Duration::from_secs(5),
+        Duration::ZERO,
+        Duration::from_secs(300),
+    )?;
     Ok(Config {
+        auth_cache_ttl,
         service,
         enrollment_token,
         admin_key,

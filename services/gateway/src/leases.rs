@@ -216,22 +216,22 @@ async fn report(
     }
     let raw: Vec<String> = items.iter().map(|(t, _, _)| t.clone()).collect();
     let tokens = own_tokens(&agent, &raw)?;
-    // One multiplexed connection, the reports sent together: they pipeline on it.
-    let conn = app.stores.redis.get().await?;
-    let base: redis::aio::MultiplexedConnection = (*conn).clone();
-    let now = now_ms();
-    let fenced = futures::future::join_all(items.iter().zip(&tokens).map(
-        |((_, outcome, result), token)| {
-            let mut c = base.clone();
-            let leases = app.leases.clone();
-            async move { leases.report(&mut c, token, outcome, result, now).await }
-        },
-    ))
-    .await;
+    // All of one agent's reports in one script call.
+    let mut conn = app.stores.redis.get().await?;
+    let reports: Vec<(&LeaseToken, &str, &serde_json::Value)> = items
+        .iter()
+        .zip(&tokens)
+        .map(|((_, outcome, result), token)| (token, *outcome, result))
+        .collect();
+    let fenced = app
+        .leases
+        .report_many(&mut *conn, &reports, now_ms())
+        .await?;
+    drop(reports);
     drop(conn);
     let mut results = Vec::with_capacity(tokens.len());
     for ((text, _, _), fenced) in items.into_iter().zip(fenced) {
-        results.push(match fenced? {
+        results.push(match fenced {
             Fenced::Ok(()) => TokenOutcome {
                 token: text,
                 new_deadline_ms: None,

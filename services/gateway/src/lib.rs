@@ -64,6 +64,7 @@ pub async fn run(
                 leases: Leases::new(keys.clone(), lease_settings),
                 doorbell,
                 keys,
+                auth_cache: Arc::new(auth::AuthCache::new(config.auth_cache_ttl)),
                 config,
                 shutdown: shutdown.clone(),
             };

@@ -19,6 +19,7 @@ pub struct AppState {
     pub leases: Leases,
     pub doorbell: Doorbell,
     pub config: Arc<Config>,
+    pub auth_cache: Arc<crate::auth::AuthCache>,
     /// Fires at shutdown: waiting claims answer at once.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -513,3 +513,46 @@ fn a_missing_geoip_database_stops_start_up_naming_the_variable() {
     let err = gateway::load(&mut env).unwrap_err();
     assert_eq!(err.var, "GEOIP_ASN_DB");
 }
+
+#[tokio::test]
+async fn a_token_rotated_on_another_replica_stops_working_within_the_cache_ttl() {
+    let a = start_with(vec![("GATEWAY_AUTH_CACHE_TTL".into(), "300ms".into())]).await;
+    // A second replica on the same database and Redis.
+    let mut env = store_env(&a.db, &a.redis);
+    env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
+    let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let b = Running::start(|l, s| gateway::run(config, l, s)).await;
+    b.wait_ready(Duration::from_secs(10)).await;
+
+    let (_, reg) = a.register(probe("rotating")).await;
+    let (id, old) = (
+        reg["agent_id"].as_str().unwrap().to_owned(),
+        reg["token"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(a.heartbeat(&id, &old).await.0, 200); // now cached on replica a
+    let rotated: Value = a
+        .http
+        .post(b.url("/v1/agents/register"))
+        .header("x-enrollment-token", ENROLL)
+        .json(&probe("rotating"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new = rotated["token"].as_str().unwrap();
+    assert_eq!(
+        a.heartbeat(&id, new).await.0,
+        200,
+        "the new token works at once everywhere"
+    );
+    checkplane_testkit::eventually(
+        "the old token refused on replica a",
+        Duration::from_secs(5),
+        || async { (a.heartbeat(&id, &old).await.0 == 401).then_some(()) },
+    )
+    .await;
+    b.stop().await.unwrap();
+    a.running.stop().await.unwrap();
+}
