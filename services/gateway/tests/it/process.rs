@@ -160,3 +160,131 @@ fn uuid_like() -> String {
         .filter(char::is_ascii_alphanumeric)
         .collect()
 }
+
+/// Forwards one HTTP exchange to `upstream` and throws the answer away: the answer is lost on
+/// the way, as when the gateway dies after its script ran. Returns once the upstream answered.
+async fn lose_the_answer(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut client, _) = listener.accept().await.unwrap();
+        let mut request = vec![0u8; 64 * 1024];
+        let n = client.read(&mut request).await.unwrap();
+        let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        server.write_all(&request[..n]).await.unwrap();
+        let mut answer = vec![0u8; 64 * 1024];
+        let got = server.read(&mut answer).await.unwrap();
+        assert!(got > 0, "the gateway answered");
+        drop(client); // the agent never sees it
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_whose_answer_was_lost_is_recovered_by_its_request_id_or_after_the_ttl() {
+    use checkplane_runtime::keys::Keys;
+    use checkplane_runtime::leases::{LeaseSettings, Leases};
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let port = free_port();
+    let mut env = store_env(&db, &redis);
+    env.push(("HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    env.push((
+        "GATEWAY_ENROLLMENT_TOKEN".into(),
+        "enroll-secret-0123456789".into(),
+    ));
+    env.push(("LEASE_TTL".into(), "500ms".into()));
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut first = ServiceProcess::spawn(bin(), &[], &env);
+    wait_ready(&http, &format!("{base}/readyz"), Duration::from_secs(20)).await;
+    let reg: serde_json::Value = http
+        .post(format!("{base}/v1/agents/register"))
+        .header("x-enrollment-token", "enroll-secret-0123456789")
+        .json(&serde_json::json!({"hostname": "unlucky", "capabilities": {"dns": 2}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, token) = (
+        reg["agent_id"].as_str().unwrap().to_owned(),
+        reg["token"].as_str().unwrap().to_owned(),
+    );
+    let leases = Leases::new(
+        Keys::new(redis.prefix.clone(), 4),
+        LeaseSettings {
+            ttl_ms: 500,
+            max_deliveries: 5,
+            reply_ttl_ms: 60_000,
+            tombstone_ttl_ms: 60_000,
+        },
+    );
+    let mut conn = redis.connection().await;
+    leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();
+    leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();
+
+    // The claim runs its script; the answer is lost and the gateway dies.
+    let (proxy, forwarded) =
+        lose_the_answer(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let claim = serde_json::json!({"capacities": {"dns": 2}, "request_id": "lost-1"});
+    let lost = http
+        .post(format!("http://{proxy}/v1/agents/claim"))
+        .header("x-agent-id", &id)
+        .header("x-agent-token", &token)
+        .json(&claim)
+        .send()
+        .await;
+    assert!(lost.is_err(), "the agent got no answer");
+    forwarded.await.unwrap();
+    first.signal("KILL");
+    first.wait(Duration::from_secs(5)).unwrap();
+
+    let _second = ServiceProcess::spawn(bin(), &[], &env);
+    wait_ready(&http, &format!("{base}/readyz"), Duration::from_secs(20)).await;
+    let call = |body: serde_json::Value| {
+        let (http, id, token, url) = (
+            http.clone(),
+            id.clone(),
+            token.clone(),
+            format!("{base}/v1/agents/claim"),
+        );
+        async move {
+            http.post(url)
+                .header("x-agent-id", id)
+                .header("x-agent-token", token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    // The retry with the same request_id gets the very leases at once.
+    let retried = call(claim.clone()).await;
+    let tokens: Vec<String> = retried["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["token"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tokens.len(), 2, "{retried}");
+    assert!(tokens.iter().all(|t| t.ends_with(".1")), "{tokens:?}");
+    // An agent that lost its request id gets them back after the lease TTL, at epoch 2.
+    let back = checkplane_testkit::eventually("leases back after the TTL", Duration::from_secs(10), || {
+        let call = &call;
+        async move {
+            let body = call(serde_json::json!({"capacities": {"dns": 2}, "request_id": uuid::Uuid::new_v4().simple().to_string()})).await;
+            let got: Vec<String> = body["leases"].as_array()?.iter().filter_map(|l| l["token"].as_str().map(str::to_owned)).collect();
+            (got.len() == 2).then_some(got)
+        }
+    })
+    .await;
+    assert!(back.iter().all(|t| t.ends_with(".2")), "{back:?}");
+}
