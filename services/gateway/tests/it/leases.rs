@@ -145,12 +145,24 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
     );
 
     let n = keys.shard_of("agent-a");
+    // Recovery: agent-a never heartbeat, so once its leases are past their deadline they are
+    // taken (the http lease and the third dns lease).
+    let recovered = leases.recover(conn, n, now() + 60_000, 100).await.unwrap();
+    assert_eq!(recovered.expired, 2, "{recovered:?}");
+    let third = LeaseToken::parse(&more[0].token).unwrap();
+    assert_eq!(
+        leases
+            .report(conn, &third, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Refused("ERR_LEASE_LOST".into())
+    );
     let live: i64 = redis::cmd("ZCARD")
         .arg(keys.leases(n))
         .query_async(conn)
         .await
         .unwrap();
-    assert_eq!(live, 2, "the http lease and the third dns lease are live");
+    assert_eq!(live, 0, "no lease is live after recovery");
     let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(keys.lease_events(n))
         .arg("-")
@@ -176,7 +188,9 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
             "lease.granted",
             "lease.extended",
             "lease.reported",
-            "lease.closed"
+            "lease.closed",
+            "lease.expired",
+            "lease.expired"
         ]
     );
 }
