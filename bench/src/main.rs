@@ -488,12 +488,7 @@ async fn lease_cycle(args: LeaseArgs) {
     let keys = Keys::new(prefix.clone(), 4);
     let leases = checkplane_runtime::leases::Leases::new(
         keys.clone(),
-        checkplane_runtime::leases::LeaseSettings {
-            ttl_ms: 30_000,
-            max_deliveries: 5,
-            reply_ttl_ms: 600_000,
-            tombstone_ttl_ms: 600_000,
-        },
+        checkplane_runtime::leases::LeaseSettings::new(30_000, 5),
     );
     let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();

@@ -304,6 +304,19 @@ pub struct LeaseSettings {
     pub tombstone_ttl_ms: i64,
 }
 
+impl LeaseSettings {
+    /// `ttl_ms` and `max_deliveries`, with claim and report replies remembered for ten minutes
+    /// and tombstones kept for a day.
+    pub fn new(ttl_ms: i64, max_deliveries: u32) -> Self {
+        Self {
+            ttl_ms,
+            max_deliveries,
+            reply_ttl_ms: 10 * 60 * 1000,
+            tombstone_ttl_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
 /// The lease scripts of one installation.
 #[derive(Clone)]
 pub struct Leases {

@@ -40,12 +40,10 @@ pub async fn run(
     );
     let redis_client =
         redis::Client::open(service.store.redis.connection_info()).map_err(RunError::Redis)?;
-    let lease_settings = LeaseSettings {
-        ttl_ms: i64::try_from(config.lease_ttl.as_millis()).unwrap_or(i64::MAX),
-        max_deliveries: config.max_deliveries,
-        reply_ttl_ms: 10 * 60 * 1000,
-        tombstone_ttl_ms: 24 * 3600 * 1000,
-    };
+    let lease_settings = LeaseSettings::new(
+        i64::try_from(config.lease_ttl.as_millis()).unwrap_or(i64::MAX),
+        config.max_deliveries,
+    );
     let config = Arc::new(config);
     serve_with_stores(
         service,

@@ -161,15 +161,7 @@ pub async fn run(
                 },
             );
 
-            let leases = Leases::new(
-                keys.clone(),
-                LeaseSettings {
-                    ttl_ms: 0,
-                    max_deliveries: 0,
-                    reply_ttl_ms: 0,
-                    tombstone_ttl_ms: 24 * 3600 * 1000,
-                },
-            );
+            let leases = Leases::new(keys.clone(), LeaseSettings::new(0, 0));
             let redis = stores.redis.clone();
             every(
                 tracker,

@@ -22,12 +22,7 @@ async fn agent(gw: &Gw, host: &str) -> (String, String) {
 fn helper(gw: &Gw) -> Leases {
     Leases::new(
         Keys::new(gw.redis.prefix.clone(), 4),
-        LeaseSettings {
-            ttl_ms: 30_000,
-            max_deliveries: 5,
-            reply_ttl_ms: 60_000,
-            tombstone_ttl_ms: 60_000,
-        },
+        LeaseSettings::new(30_000, 5),
     )
 }
 

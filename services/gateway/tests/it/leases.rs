@@ -10,12 +10,7 @@ use checkplane_wire::leases::LeaseToken;
 use redis::aio::ConnectionLike;
 
 fn settings(ttl_ms: i64, max_deliveries: u32) -> LeaseSettings {
-    LeaseSettings {
-        ttl_ms,
-        max_deliveries,
-        reply_ttl_ms: 60_000,
-        tombstone_ttl_ms: 60_000,
-    }
+    LeaseSettings::new(ttl_ms, max_deliveries)
 }
 
 fn rid() -> String {

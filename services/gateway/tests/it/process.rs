@@ -217,12 +217,7 @@ async fn a_claim_whose_answer_was_lost_is_recovered_by_its_request_id_or_after_t
     );
     let leases = Leases::new(
         Keys::new(redis.prefix.clone(), 4),
-        LeaseSettings {
-            ttl_ms: 500,
-            max_deliveries: 5,
-            reply_ttl_ms: 60_000,
-            tombstone_ttl_ms: 60_000,
-        },
+        LeaseSettings::new(500, 5),
     );
     let mut conn = redis.connection().await;
     leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();

@@ -38,12 +38,7 @@ async fn lease_events_become_task_rows_and_history() {
     let (id, token) = register(&gw, "leaser").await;
     let leases = Leases::new(
         Keys::new(redis.prefix.clone(), 4),
-        LeaseSettings {
-            ttl_ms: 30_000,
-            max_deliveries: 5,
-            reply_ttl_ms: 60_000,
-            tombstone_ttl_ms: 60_000,
-        },
+        LeaseSettings::new(30_000, 5),
     );
     let mut conn = redis.connection().await;
     leases.enqueue(&mut conn, &id, "dns", "{}").await.unwrap();
@@ -224,12 +219,7 @@ async fn leases_of_a_silent_agent_expire_and_its_late_report_is_fenced() {
     crate::heartbeat(&gw, &id, &token).await;
     let leases = Leases::new(
         Keys::new(redis.prefix.clone(), 4),
-        LeaseSettings {
-            ttl_ms: 300,
-            max_deliveries: 5,
-            reply_ttl_ms: 60_000,
-            tombstone_ttl_ms: 60_000,
-        },
+        LeaseSettings::new(300, 5),
     );
     let mut conn = redis.connection().await;
     leases.enqueue(&mut conn, &id, "tcp", "{}").await.unwrap();
@@ -279,15 +269,7 @@ async fn an_agent_that_still_heartbeats_keeps_its_expired_lease() {
     let redis = TestRedis::new();
     let keys = Keys::new(redis.prefix.clone(), 4);
     let presence = checkplane_runtime::presence::Presence::new(keys.clone());
-    let leases = Leases::new(
-        keys.clone(),
-        LeaseSettings {
-            ttl_ms: 100,
-            max_deliveries: 5,
-            reply_ttl_ms: 60_000,
-            tombstone_ttl_ms: 60_000,
-        },
-    );
+    let leases = Leases::new(keys.clone(), LeaseSettings::new(100, 5));
     let mut conn = redis.connection().await;
     let now = checkplane_runtime::clock::now_ms();
     presence
@@ -341,12 +323,7 @@ async fn redis_losing_its_last_writes_runs_a_task_again_but_keeps_one_result() {
     crate::heartbeat(&gw, &id, &token).await;
     let leases = Leases::new(
         Keys::new(redis.prefix.clone(), 4),
-        LeaseSettings {
-            ttl_ms: 300,
-            max_deliveries: 5,
-            reply_ttl_ms: 60_000,
-            tombstone_ttl_ms: 60_000,
-        },
+        LeaseSettings::new(300, 5),
     );
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

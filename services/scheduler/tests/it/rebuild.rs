@@ -35,15 +35,7 @@ async fn rebuild_reproduces_every_projection_table() {
     )
     .await;
     // Lease activity: two tasks granted, one reported, one closed (5 lease events).
-    let leases = Leases::new(
-        keys.clone(),
-        LeaseSettings {
-            ttl_ms: 30_000,
-            max_deliveries: 5,
-            reply_ttl_ms: 60_000,
-            tombstone_ttl_ms: 60_000,
-        },
-    );
+    let leases = Leases::new(keys.clone(), LeaseSettings::new(30_000, 5));
     let now = checkplane_runtime::clock::now_ms();
     leases
         .enqueue(&mut conn, &ids[1], "dns", "{}")
