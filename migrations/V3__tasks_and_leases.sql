@@ -14,6 +14,8 @@ CREATE TABLE tasks (
     deliveries       bigint      NOT NULL DEFAULT 0,
     lease_deadline   timestamptz,
     result           jsonb,
+    -- the version of the report whose result is kept: the earliest, whatever the apply order
+    result_version   bigint,
     first_granted_at timestamptz,
     updated_at       timestamptz NOT NULL,
     version          bigint      NOT NULL,

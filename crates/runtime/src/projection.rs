@@ -144,24 +144,34 @@ async fn apply_task(
     (agent, kind, entry): (&str, &str, &str),
     change: &TaskChange<'_>,
 ) -> Result<(), ApplyError> {
-    // Status, outcome and time follow the newest version; what only grows or is set once
-    // (epoch, deadline, deliveries, the one reported result, first grant) merges order-free.
+    // Status, outcome and time follow the newest version; what only grows (epoch, deadline,
+    // deliveries) or is set once (first grant; the result, of the earliest report when Redis
+    // lost one and the task ran twice) merges order-free.
     let newer = "tasks.version < EXCLUDED.version";
     let granted = change.status == "leased";
     client
         .execute(
             &format!(
                 "INSERT INTO tasks (agent_id, kind, entry, status, outcome, epoch, deliveries,
-                                    lease_deadline, result, first_granted_at, updated_at, version)
+                                    lease_deadline, result, result_version, first_granted_at,
+                                    updated_at, version)
                  VALUES ($2, $3, $4, $5, $6::text, COALESCE($7::bigint, 0), COALESCE($7::bigint, 0),
                          'epoch'::timestamptz + $8::bigint * interval '1 millisecond', $9::jsonb,
+                         CASE WHEN $9::jsonb IS NOT NULL THEN $11::bigint END,
                          CASE WHEN $10::boolean THEN {AT} END, {AT}, $11)
                  ON CONFLICT (agent_id, kind, entry) DO UPDATE SET
                     status = CASE WHEN {newer} THEN EXCLUDED.status ELSE tasks.status END,
                     outcome = CASE WHEN {newer} THEN EXCLUDED.outcome ELSE tasks.outcome END,
                     epoch = GREATEST(tasks.epoch, EXCLUDED.epoch),
                     lease_deadline = GREATEST(tasks.lease_deadline, EXCLUDED.lease_deadline),
-                    result = COALESCE(tasks.result, EXCLUDED.result),
+                    result = CASE WHEN EXCLUDED.result_version IS NOT NULL
+                                       AND (tasks.result_version IS NULL
+                                            OR EXCLUDED.result_version < tasks.result_version)
+                                  THEN EXCLUDED.result ELSE tasks.result END,
+                    result_version = CASE WHEN EXCLUDED.result_version IS NOT NULL
+                                       AND (tasks.result_version IS NULL
+                                            OR EXCLUDED.result_version < tasks.result_version)
+                                  THEN EXCLUDED.result_version ELSE tasks.result_version END,
                     deliveries = GREATEST(tasks.deliveries, EXCLUDED.deliveries),
                     first_granted_at = LEAST(tasks.first_granted_at, EXCLUDED.first_granted_at),
                     updated_at = CASE WHEN {newer} THEN EXCLUDED.updated_at ELSE tasks.updated_at END,
@@ -234,19 +244,30 @@ async fn apply_extended(
     event: &Event,
     e: &checkplane_wire::events::LeaseExtended,
 ) -> Result<(), ApplyError> {
-    // A later deadline wins whatever the order; only the token's own delivery is extended.
+    // A later deadline wins whatever the order. The task row may not be there yet (the
+    // extension was applied before its grant): a row at version 0 holds the deadline until the
+    // grant, newer by any version, fills in the rest.
     for token in e.tokens.iter().filter_map(|t| LeaseToken::parse(t).ok()) {
+        let epoch = i64::try_from(token.epoch).unwrap_or(i64::MAX);
         client
             .execute(
-                "UPDATE tasks SET lease_deadline = GREATEST(lease_deadline,
-                        'epoch'::timestamptz + $4::bigint * interval '1 millisecond')
-                 WHERE agent_id = $1 AND kind = $2 AND entry = $3 AND epoch = $5",
+                &format!(
+                    "INSERT INTO tasks (agent_id, kind, entry, status, epoch, deliveries,
+                                        lease_deadline, updated_at, version)
+                     VALUES ($2, $3, $4, 'leased', $5, $5,
+                             'epoch'::timestamptz + $6::bigint * interval '1 millisecond', {AT}, 0)
+                     ON CONFLICT (agent_id, kind, entry) DO UPDATE SET
+                        lease_deadline = GREATEST(tasks.lease_deadline, EXCLUDED.lease_deadline),
+                        epoch = GREATEST(tasks.epoch, EXCLUDED.epoch),
+                        deliveries = GREATEST(tasks.deliveries, EXCLUDED.deliveries)"
+                ),
                 &[
+                    &event.occurred_at,
                     &token.agent.as_str(),
                     &token.kind,
                     &token.entry,
+                    &epoch,
                     &e.deadline,
-                    &i64::try_from(token.epoch).unwrap_or(i64::MAX),
                 ],
             )
             .await?;

@@ -135,8 +135,97 @@ fn ordered_log(agents: usize, registrations: i64, transitions: i64) -> Vec<Event
         for v in 1..=transitions {
             log.push(presence(&agent, v, v % 2 == 1, 10_000 + 1_000 * v));
         }
+        // Two tasks: one run twice (Redis lost the first report) and reported twice, one
+        // granted and closed.
+        log.extend(task_events(
+            &agent,
+            "1-0",
+            &[
+                Step::Granted(1),
+                Step::Extended(1),
+                Step::Reported(1),
+                Step::Granted(2),
+                Step::Reported(2),
+            ],
+        ));
+        log.extend(task_events(
+            &agent,
+            "2-0",
+            &[Step::Granted(1), Step::Closed],
+        ));
     }
     log
+}
+
+enum Step {
+    Granted(i64),
+    Extended(i64),
+    Reported(i64),
+    Closed,
+}
+
+/// The lease events of one task, versions 1, 2, … in order, as the scripts make them.
+fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
+    use checkplane_wire::events::{
+        EventBody, LeaseClosed, LeaseExtended, LeaseGranted, LeaseReported,
+    };
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let version = i64::try_from(i).unwrap() + 1;
+            let at = 100_000 + 1_000 * version;
+            let (aggregate, body) = match step {
+                Step::Granted(epoch) => (
+                    None,
+                    EventBody::LeaseGranted(LeaseGranted {
+                        agent_id: agent.into(),
+                        kind: "dns".into(),
+                        entry: entry.into(),
+                        epoch: *epoch,
+                        deadline: at + 30_000,
+                    }),
+                ),
+                Step::Extended(epoch) => (
+                    Some(format!("extend:{agent}")),
+                    EventBody::LeaseExtended(LeaseExtended {
+                        agent_id: agent.into(),
+                        tokens: vec![format!("{agent}.dns.{entry}.{epoch}")],
+                        deadline: at + 60_000,
+                    }),
+                ),
+                Step::Reported(epoch) => (
+                    None,
+                    EventBody::LeaseReported(LeaseReported {
+                        agent_id: agent.into(),
+                        kind: "dns".into(),
+                        entry: entry.into(),
+                        epoch: *epoch,
+                        outcome: "finished".into(),
+                        result: serde_json::json!({"run": epoch}),
+                    }),
+                ),
+                Step::Closed => (
+                    None,
+                    EventBody::LeaseClosed(LeaseClosed {
+                        agent_id: agent.into(),
+                        kind: "dns".into(),
+                        entry: entry.into(),
+                        reason: "timeout".into(),
+                    }),
+                ),
+            };
+            Event {
+                event_id: uuid::Uuid::now_v7(),
+                aggregate_id: aggregate.unwrap_or_else(|| format!("task:{agent}:dns:{entry}")),
+                version,
+                occurred_at: at,
+                actor: format!("agent:{agent}"),
+                schema: 1,
+                body,
+            }
+        })
+        .collect()
 }
 
 async fn project_concurrently(
