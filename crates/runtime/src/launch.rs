@@ -28,6 +28,8 @@ pub trait Service: 'static {
     fn store(config: &Self::Config) -> Option<&StoreSettings>;
     /// Whether the binary offers `rebuild` (replay `events` into the projection tables).
     const REBUILD: bool = false;
+    /// Whether the binary has a database to migrate.
+    const MIGRATES: bool = true;
     /// Run until `shutdown` fires.
     fn run(
         config: Self::Config,
@@ -65,9 +67,13 @@ pub fn load_config<S: Service>(env: Env) -> Result<S::Config, ConfigError> {
 
 /// The whole of a service's `main`.
 pub fn main<S: Service>() -> ExitCode {
+    // Offer only the commands this binary has.
     let matches = Cli::command()
         .name(S::NAME)
         .version(env!("CARGO_PKG_VERSION"))
+        .mut_subcommand("rebuild", |c| c.hide(!S::REBUILD))
+        .mut_subcommand("migrate", |c| c.hide(!S::MIGRATES))
+        .mut_arg("migrate_only", |a| a.hide(!S::MIGRATES))
         .get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

@@ -110,6 +110,7 @@ pub struct Service;
 
 impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
+    const MIGRATES: bool = false;
     type Config = Config;
 
     fn load(env: &mut Env) -> Result<Config, ConfigError> {
