@@ -426,16 +426,9 @@ async fn post_json(
     token: &str,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    http.post(url)
-        .header("x-agent-id", id)
-        .header("x-agent-token", token)
-        .json(&body)
-        .send()
+    checkplane_testkit::agent_post(http, url, id, token, &body)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+        .1
 }
 
 async fn lease_cycle(args: LeaseArgs) {

@@ -441,3 +441,52 @@ pub async fn wait_ready(http: &reqwest::Client, url: &str, within: Duration) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// POST `body` to `url` as an agent (`X-Agent-Id` + `X-Agent-Token`): status and JSON body.
+pub async fn agent_post(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    token: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = http
+        .post(url)
+        .header("x-agent-id", id)
+        .header("x-agent-token", token)
+        .json(body)
+        .send()
+        .await
+        .expect("agent call");
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Register an agent through the gateway at `base` (`http://host:port`): (agent id, token).
+pub async fn register_agent(
+    http: &reqwest::Client,
+    base: &str,
+    enrollment: &str,
+    body: &serde_json::Value,
+) -> (String, String) {
+    let response = http
+        .post(format!("{base}/v1/agents/register"))
+        .header("x-enrollment-token", enrollment)
+        .json(body)
+        .send()
+        .await
+        .expect("register");
+    assert!(
+        response.status().is_success(),
+        "register: {}",
+        response.status()
+    );
+    let reply: serde_json::Value = response.json().await.expect("register reply");
+    (
+        reply["agent_id"].as_str().expect("agent_id").to_owned(),
+        reply["token"].as_str().expect("token").to_owned(),
+    )
+}

@@ -530,20 +530,10 @@ async fn a_token_rotated_on_another_replica_stops_working_within_the_cache_ttl()
         reg["token"].as_str().unwrap().to_owned(),
     );
     assert_eq!(a.heartbeat(&id, &old).await.0, 200); // now cached on replica a
-    let rotated: Value = a
-        .http
-        .post(b.url("/v1/agents/register"))
-        .header("x-enrollment-token", ENROLL)
-        .json(&probe("rotating"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let new = rotated["token"].as_str().unwrap();
+    let (_, new) =
+        checkplane_testkit::register_agent(&a.http, &b.url(""), ENROLL, &probe("rotating")).await;
     assert_eq!(
-        a.heartbeat(&id, new).await.0,
+        a.heartbeat(&id, &new).await.0,
         200,
         "the new token works at once everywhere"
     );

@@ -328,20 +328,8 @@ async fn a_thousand_waiting_claims_hold_no_redis_connection() {
     let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
     gw.wait_ready(Duration::from_secs(10)).await;
     let http = reqwest::Client::new();
-    let reg: Value = http
-        .post(gw.url("/v1/agents/register"))
-        .header("x-enrollment-token", ENROLL)
-        .json(&probe("many"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (id, token) = (
-        reg["agent_id"].as_str().unwrap().to_owned(),
-        reg["token"].as_str().unwrap().to_owned(),
-    );
+    let (id, token) =
+        checkplane_testkit::register_agent(&http, &gw.url(""), ENROLL, &probe("many")).await;
 
     let mut waiting = Vec::new();
     for i in 0..1000 {

@@ -201,20 +201,13 @@ async fn a_claim_whose_answer_was_lost_is_recovered_by_its_request_id_or_after_t
     let http = reqwest::Client::new();
     let mut first = ServiceProcess::spawn(bin(), &[], &env);
     wait_ready(&http, &format!("{base}/readyz"), Duration::from_secs(20)).await;
-    let reg: serde_json::Value = http
-        .post(format!("{base}/v1/agents/register"))
-        .header("x-enrollment-token", "enroll-secret-0123456789")
-        .json(&serde_json::json!({"hostname": "unlucky", "capabilities": {"dns": 2}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (id, token) = (
-        reg["agent_id"].as_str().unwrap().to_owned(),
-        reg["token"].as_str().unwrap().to_owned(),
-    );
+    let (id, token) = checkplane_testkit::register_agent(
+        &http,
+        &base,
+        "enroll-secret-0123456789",
+        &serde_json::json!({"hostname": "unlucky", "capabilities": {"dns": 2}}),
+    )
+    .await;
     let leases = Leases::new(
         Keys::new(redis.prefix.clone(), 4),
         LeaseSettings::new(500, 5),

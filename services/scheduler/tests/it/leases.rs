@@ -16,17 +16,9 @@ async fn post(
     token: &str,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    reqwest::Client::new()
-        .post(gw.url(path))
-        .header("x-agent-id", id)
-        .header("x-agent-token", token)
-        .json(&body)
-        .send()
+    checkplane_testkit::agent_post(&reqwest::Client::new(), &gw.url(path), id, token, &body)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+        .1
 }
 
 #[tokio::test]

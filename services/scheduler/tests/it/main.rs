@@ -103,19 +103,13 @@ pub async fn register(
     gw: &Running<checkplane_runtime::RunError>,
     hostname: &str,
 ) -> (String, String) {
-    let response = reqwest::Client::new()
-        .post(gw.url("/v1/agents/register"))
-        .header("x-enrollment-token", ENROLL)
-        .json(&serde_json::json!({"hostname": hostname, "capabilities": {"dns": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-    let body: serde_json::Value = response.json().await.unwrap();
-    (
-        body["agent_id"].as_str().unwrap().to_owned(),
-        body["token"].as_str().unwrap().to_owned(),
+    checkplane_testkit::register_agent(
+        &reqwest::Client::new(),
+        &gw.url(""),
+        ENROLL,
+        &serde_json::json!({"hostname": hostname, "capabilities": {"dns": 1}}),
     )
+    .await
 }
 
 /// One heartbeat; panics unless it is accepted.
