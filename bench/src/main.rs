@@ -487,6 +487,19 @@ async fn lease_cycle(args: LeaseArgs) {
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     for chunk in (0..args.tasks).collect::<Vec<_>>().chunks(1000) {
         let mut pipe = redis::pipe();
+        if chunk[0] == 0 {
+            // What `Leases::enqueue` does for a stream's first task: its consumer group.
+            for (agent, _) in agents.iter().take(args.workers) {
+                let _: redis::RedisResult<()> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(keys.tasks(agent, "dns"))
+                    .arg("agents")
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut conn)
+                    .await;
+            }
+        }
         for t in chunk {
             let (agent, _) = &agents[t % args.workers];
             pipe.cmd("XADD")

@@ -17,7 +17,7 @@
 //!   `ERR_LEASE_CLOSED` (or `ERR_LEASE_LOST` when recovery took it); no such entry is
 //!   `ERR_LEASE_UNKNOWN`. A lease that merely passed its deadline, but that nobody took, is
 //!   still valid. Extend is `XCLAIM ... JUSTID` (idle reset, no delivery counted); report
-//!   `XACK`s, removes the lease, appends `lease.reported` with the result, and remembers its
+//!   `XACK`s and deletes the entry, removes the lease, appends `lease.reported` with the result, and remembers its
 //!   answer so a repeated report gets the same one.
 //! - **close** (deadline, cancel): acknowledges and deletes the entry and leaves a tombstone,
 //!   so a later report is fenced and the slot never gets two outcomes.
@@ -38,8 +38,17 @@ local function next_version(versions, task, now)
   redis.call('HSET', versions, task, v)
   return v
 end
-local function emit(stream, versions, id, task, type_, now, actor, payload)
-  local v = next_version(versions, task, now)
+-- The last version of a task whose entry is gone (reported, closed, expired, dead-lettered):
+-- its field is dropped so that the hash holds only live tasks. Nothing more is emitted for
+-- the task (its entry is deleted and tombstoned or acknowledged).
+local function final_version(versions, task, now)
+  local v = math.max(tonumber(redis.call('HGET', versions, task) or '0') + 1, now)
+  redis.call('HDEL', versions, task)
+  return v
+end
+local function emit(stream, versions, id, task, type_, now, actor, payload, final)
+  local v
+  if final then v = final_version(versions, task, now) else v = next_version(versions, task, now) end
   redis.call('XADD', stream, '*', 'event', cjson.encode({event_id = id, aggregate_id = 'task:' .. task,
     version = v, occurred_at = now, actor = actor, schema = 1, type = type_, payload = payload}))
 end
@@ -64,6 +73,16 @@ local function fence(stream, closed, id, agent, epoch)
 end
 "#;
 
+/// KEYS: task stream. ARGV: spec, wake channel, agent. Creates the stream's `agents` group
+/// when it is the first task (claim reads a stream without a group as empty), appends the task
+/// and rings the doorbell. Returns the entry id.
+const ENQUEUE: &str = r#"
+redis.pcall('XGROUP', 'CREATE', KEYS[1], 'agents', '0', 'MKSTREAM')
+local id = redis.call('XADD', KEYS[1], '*', 'spec', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return id
+"#;
+
 /// KEYS: leases, lease events, claim reply, dlq, versions, then one task stream per kind.
 /// ARGV: agent, now, ttl_ms, max_deliveries, reply_ttl_ms, n_kinds, (kind, count)*, event ids.
 const CLAIM: &str = r#"
@@ -77,27 +96,33 @@ local out = {}
 for k = 1, nk do
   local kind, want = ARGV[5 + 2 * k], tonumber(ARGV[6 + 2 * k])
   local stream = KEYS[5 + k]
-  redis.pcall('XGROUP', 'CREATE', stream, 'agents', '0', 'MKSTREAM')
-  local entries = {}
-  if want > 0 then
-    local auto = redis.call('XAUTOCLAIM', stream, 'agents', agent, ttl, '0-0', 'COUNT', want)
+  local entries, reclaimed = {}, 0
+  -- No group yet means nothing was ever enqueued for this agent and kind (enqueue creates it).
+  local auto = want > 0 and redis.pcall('XAUTOCLAIM', stream, 'agents', agent, ttl, '0-0', 'COUNT', want)
+  if auto and not auto.err then
     for _, e in ipairs(auto[2]) do entries[#entries + 1] = e end
+    reclaimed = #entries
     local rest = want - #entries
     if rest > 0 then
       local read = redis.call('XREADGROUP', 'GROUP', 'agents', agent, 'COUNT', rest, 'STREAMS', stream, '>')
       if read then for _, e in ipairs(read[1][2]) do entries[#entries + 1] = e end end
     end
   end
-  for _, e in ipairs(entries) do
+  for n, e in ipairs(entries) do
     local id, fields = e[1], e[2]
-    local deliveries = tonumber(redis.call('XPENDING', stream, 'agents', id, id, 1)[1][4])
+    -- A new entry ('>') is on its first delivery; a reclaimed one has its count in the PEL.
+    local deliveries = 1
+    if n <= reclaimed then
+      deliveries = tonumber(redis.call('XPENDING', stream, 'agents', id, id, 1)[1][4])
+    end
     local task = agent .. ':' .. kind .. ':' .. id
     if deliveries > maxd then
       redis.call('XACK', stream, 'agents', id)
+      redis.call('XDEL', stream, id)
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'agent', agent, 'kind', kind,
         'entry', id, 'reason', 'max_deliveries', 'deliveries', deliveries, unpack(fields))
       emit(KEYS[2], KEYS[5], eid(), task, 'task.dead_lettered', now, 'system:gateway',
-        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries})
+        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries}, true)
     else
       local token = agent .. '.' .. kind .. '.' .. id .. '.' .. deliveries
       redis.call('ZADD', KEYS[1], now + ttl, token)
@@ -165,11 +190,12 @@ for r = 1, n do
       out[r] = f
     else
       redis.call('XACK', stream, 'agents', id)
+      redis.call('XDEL', stream, id)
       redis.call('ZREM', KEYS[1], token)
       -- The result is spliced in as sent (already valid JSON): a decode and re-encode in Lua
       -- would turn empty arrays into objects.
       local task = agent .. ':' .. kind .. ':' .. id
-      local v = next_version(KEYS[3], task, now)
+      local v = final_version(KEYS[3], task, now)
       local ev = cjson.encode({event_id = eid, aggregate_id = 'task:' .. task, version = v,
         occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
         payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
@@ -201,7 +227,7 @@ end
 redis.call('XDEL', KEYS[4], id)
 redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[8])
 emit(KEYS[2], KEYS[3], ARGV[5], agent .. ':' .. kind .. ':' .. id, 'lease.closed', now,
-  'system:scheduler', {agent_id = agent, kind = kind, entry = id, reason = ARGV[6]})
+  'system:scheduler', {agent_id = agent, kind = kind, entry = id, reason = ARGV[6]}, true)
 return 1
 "#;
 
@@ -221,7 +247,7 @@ redis.call('XACK', KEYS[4], 'agents', id)
 redis.call('XDEL', KEYS[4], id)
 redis.call('SET', KEYS[5], 'lost', 'PX', ARGV[8])
 emit(KEYS[2], KEYS[3], ARGV[7], agent .. ':' .. kind .. ':' .. id, 'lease.expired', now,
-  'system:scheduler', {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch)})
+  'system:scheduler', {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch)}, true)
 return 'expired'
 "#;
 
@@ -327,6 +353,7 @@ pub struct Leases {
     report: redis::Script,
     close: redis::Script,
     recover: redis::Script,
+    enqueue: redis::Script,
 }
 
 impl Leases {
@@ -339,6 +366,7 @@ impl Leases {
             report: redis::Script::new(&format!("{COMMON}{REPORT}")),
             close: redis::Script::new(&format!("{COMMON}{CLOSE}")),
             recover: redis::Script::new(&format!("{COMMON}{RECOVER}")),
+            enqueue: redis::Script::new(ENQUEUE),
         }
     }
 
@@ -603,19 +631,13 @@ impl Leases {
         kind: &str,
         spec: &str,
     ) -> redis::RedisResult<String> {
-        let id: String = redis::cmd("XADD")
-            .arg(self.keys.tasks(agent, kind))
-            .arg("*")
-            .arg("spec")
+        self.enqueue
+            .key(self.keys.tasks(agent, kind))
             .arg(spec)
-            .query_async(conn)
-            .await?;
-        let _: i64 = redis::cmd("PUBLISH")
             .arg(self.keys.wake(self.keys.shard_of(agent)))
             .arg(agent)
-            .query_async(conn)
-            .await?;
-        Ok(id)
+            .invoke_async(conn)
+            .await
     }
 
     /// The key builder.

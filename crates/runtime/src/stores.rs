@@ -17,8 +17,13 @@ use crate::RunError;
 pub struct Stores {
     /// The PostgreSQL work pool.
     pub pg: deadpool_postgres::Pool,
-    /// The Redis work pool.
+    /// The Redis work pool: for blocking reads and anything that holds a connection.
     pub redis: deadpool_redis::Pool,
+    /// One multiplexed Redis connection shared by every request for short, non-blocking
+    /// commands (the lease scripts, heartbeats): concurrent requests pipeline on it, and no
+    /// pool checkout (a `PING` round trip each) is paid. It reconnects by itself; never send it
+    /// a blocking command.
+    pub redis_shared: redis::aio::ConnectionManager,
     /// The settings they were made from.
     pub settings: Arc<StoreSettings>,
     probes: Vec<Arc<dyn Probe>>,
@@ -47,6 +52,16 @@ impl Stores {
         .build()
         .map_err(|e| RunError::Startup(format!("building the Redis pool: {e}")))?;
 
+        let redis_shared = redis::aio::ConnectionManager::new_lazy_with_config(
+            redis::Client::open(settings.redis.connection_info()).map_err(RunError::Redis)?,
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(5)))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500)),
+        )
+        .map_err(RunError::Redis)?;
+
         let mut probes: Vec<Arc<dyn Probe>> = vec![
             Arc::new(PostgresProbe::new(settings.database.clone())),
             Arc::new(RedisProbe::new(&settings.redis).map_err(RunError::Redis)?),
@@ -65,10 +80,29 @@ impl Stores {
         Ok(Self {
             pg,
             redis,
+            redis_shared,
             settings: Arc::new(settings),
             probes,
             schema,
         })
+    }
+
+    /// Run an idempotent Redis operation on the shared connection, once more when the first
+    /// try found the connection dropped (Redis restarted or failed over): the manager
+    /// reconnects in between. Only for operations that may run twice (the lease scripts are:
+    /// claims repeat by `request_id`, reports by their remembered answer).
+    pub async fn on_shared<T, F, Fut>(&self, op: F) -> redis::RedisResult<T>
+    where
+        F: Fn(redis::aio::ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match op(self.redis_shared.clone()).await {
+            Err(e) if e.is_unrecoverable_error() || e.is_connection_dropped() => {
+                tracing::debug!(error = %e, "shared Redis connection dropped; trying once more");
+                op(self.redis_shared.clone()).await
+            }
+            other => other,
+        }
     }
 
     /// The readiness probes: postgres, redis, migrations.

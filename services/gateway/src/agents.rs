@@ -149,12 +149,15 @@ async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let interval_ms = i64::try_from(app.config.heartbeat_interval.as_millis()).unwrap_or(i64::MAX);
     let now = now_ms();
-    let mut conn = app.stores.redis.get().await?;
+    let (presence, agent_id) = (&app.presence, agent.agent_id.as_str());
     let beat = app
-        .presence
-        .heartbeat(&mut *conn, agent.agent_id.as_str(), now, interval_ms)
+        .stores
+        .on_shared(move |mut conn| async move {
+            presence
+                .heartbeat(&mut conn, agent_id, now, interval_ms)
+                .await
+        })
         .await?;
-    drop(conn);
     if beat.came_online {
         tracing::info!(agent_id = %agent.agent_id, "agent online");
     }

@@ -107,12 +107,16 @@ async fn claim(
         all.as_mut().enable();
 
         let now = now_ms();
-        let granted = {
-            let mut conn = app.stores.redis.get().await?;
-            app.leases
-                .claim(&mut *conn, &agent_id, &request.request_id, &capacities, now)
-                .await?
-        };
+        let (leases, agent_id, request_id, capacities) =
+            (&app.leases, &agent_id, &request.request_id, &capacities);
+        let granted = app
+            .stores
+            .on_shared(move |mut conn| async move {
+                leases
+                    .claim(&mut conn, agent_id, request_id, capacities, now)
+                    .await
+            })
+            .await?;
         if !granted.is_empty() || tokio::time::Instant::now() >= deadline {
             metrics::counter!("checkplane_leases_granted_total").increment(granted.len() as u64);
             return Ok(Json(ClaimResponse {
@@ -155,10 +159,12 @@ async fn extend(
     ApiJson(request): ApiJson<ExtendRequest>,
 ) -> Result<Json<TokenOutcomes>, ApiError> {
     let tokens = own_tokens(&agent, &request.tokens)?;
-    let mut conn = app.stores.redis.get().await?;
+    let (leases, agent_id, parsed, now) = (&app.leases, agent.agent_id.as_str(), &tokens, now_ms());
     let outcomes = app
-        .leases
-        .extend(&mut *conn, agent.agent_id.as_str(), &tokens, now_ms())
+        .stores
+        .on_shared(
+            move |mut conn| async move { leases.extend(&mut conn, agent_id, parsed, now).await },
+        )
         .await?;
     Ok(Json(TokenOutcomes {
         results: request
@@ -217,18 +223,17 @@ async fn report(
     let raw: Vec<String> = items.iter().map(|(t, _, _)| t.clone()).collect();
     let tokens = own_tokens(&agent, &raw)?;
     // All of one agent's reports in one script call.
-    let mut conn = app.stores.redis.get().await?;
     let reports: Vec<(&LeaseToken, &str, &serde_json::Value)> = items
         .iter()
         .zip(&tokens)
         .map(|((_, outcome, result), token)| (token, *outcome, result))
         .collect();
+    let (leases, batch, now) = (&app.leases, &reports, now_ms());
     let fenced = app
-        .leases
-        .report_many(&mut *conn, &reports, now_ms())
+        .stores
+        .on_shared(move |mut conn| async move { leases.report_many(&mut conn, batch, now).await })
         .await?;
     drop(reports);
-    drop(conn);
     let mut results = Vec::with_capacity(tokens.len());
     for ((text, _, _), fenced) in items.into_iter().zip(fenced) {
         results.push(match fenced {

@@ -188,6 +188,22 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
             "lease.expired"
         ]
     );
+    // Every task has ended (reported, closed, expired): nothing of them stays in Redis but
+    // their events and tombstones; the version hash keeps only the agent's extend counter.
+    for kind in ["dns", "http"] {
+        let len: i64 = redis::cmd("XLEN")
+            .arg(keys.tasks("agent-a", kind))
+            .query_async(conn)
+            .await
+            .unwrap();
+        assert_eq!(len, 0, "{kind} entries of ended tasks are deleted");
+    }
+    let versions: Vec<String> = redis::cmd("HKEYS")
+        .arg(keys.lease_versions(n))
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert_eq!(versions, ["extend:agent-a"]);
 }
 
 #[tokio::test]
