@@ -30,6 +30,22 @@ pub trait Service: 'static {
     const REBUILD: bool = false;
     /// Whether the binary has a database to migrate.
     const MIGRATES: bool = true;
+    /// Commands of the binary's own, beside serve / migrate / rebuild (the gateway's `keys`).
+    fn commands() -> Vec<clap::Command> {
+        Vec::new()
+    }
+    /// Run one of [`Service::commands`] (logging is set up); the process's exit code.
+    fn command(
+        config: Self::Config,
+        name: String,
+        args: clap::ArgMatches,
+    ) -> impl Future<Output = ExitCode> + Send {
+        let _ = (config, args);
+        async move {
+            eprintln!("{}: no command {name}", Self::NAME);
+            ExitCode::from(2)
+        }
+    }
     /// Run until `shutdown` fires.
     fn run(
         config: Self::Config,
@@ -69,15 +85,26 @@ pub fn load_config<S: Service>(env: Env) -> Result<S::Config, ConfigError> {
 pub fn main<S: Service>() -> ExitCode {
     // Offer only the commands this binary has.
     let matches = Cli::command()
+        .subcommands(S::commands())
         .name(S::NAME)
         .version(env!("CARGO_PKG_VERSION"))
         .mut_subcommand("rebuild", |c| c.hide(!S::REBUILD))
         .mut_subcommand("migrate", |c| c.hide(!S::MIGRATES))
         .mut_arg("migrate_only", |a| a.hide(!S::MIGRATES))
         .get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
+    let own = matches
+        .subcommand()
+        .filter(|(name, _)| S::commands().iter().any(|c| c.get_name() == *name))
+        .map(|(name, args)| (name.to_owned(), args.clone()));
+    let cli = match own {
+        Some(_) => Cli {
+            migrate_only: false,
+            command: None,
+        },
+        None => match Cli::from_arg_matches(&matches) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        },
     };
     let config = match load_config::<S>(Env::from_process()) {
         Ok(config) => config,
@@ -100,7 +127,9 @@ pub fn main<S: Service>() -> ExitCode {
         }
     };
     let migrate = cli.migrate_only || matches!(cli.command, Some(Command::Migrate));
-    let code = if migrate {
+    let code = if let Some((name, args)) = own {
+        runtime.block_on(S::command(config, name, args))
+    } else if migrate {
         runtime.block_on(migrate_once::<S>(&config))
     } else if matches!(cli.command, Some(Command::Rebuild)) {
         runtime.block_on(rebuild::<S>(&config))

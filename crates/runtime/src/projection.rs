@@ -9,7 +9,9 @@
 //! - history tables insert every event, keyed by `event_id`;
 //! - values that merge (first registration time) use an order-free merge (`LEAST`).
 
-use checkplane_wire::events::{AgentPresence, AgentRegistered, Event, EventBody};
+use checkplane_wire::events::{
+    AgentPresence, AgentRegistered, Event, EventBody, KeyCreated, KeyRevoked,
+};
 use checkplane_wire::leases::LeaseToken;
 use tokio_postgres::GenericClient;
 
@@ -37,8 +39,14 @@ impl ApplyError {
 }
 
 /// The projection tables `apply` writes: what `rebuild` truncates and replays.
-pub const PROJECTION_TABLES: &[&str] =
-    &["agents", "agent_status_history", "tasks", "lease_history"];
+pub const PROJECTION_TABLES: &[&str] = &[
+    "agents",
+    "agent_status_history",
+    "tasks",
+    "lease_history",
+    "api_keys",
+    "audit_log",
+];
 
 /// Timestamps from event milliseconds, with exact integer arithmetic.
 const AT: &str = "('epoch'::timestamptz + $1::bigint * interval '1 millisecond')";
@@ -126,7 +134,86 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
             apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
         }
         EventBody::LeaseExtended(e) => apply_extended(client, event, e).await,
+        EventBody::KeyCreated(e) => apply_key_created(client, event, e).await,
+        EventBody::KeyRevoked(e) => apply_key_revoked(client, event, e).await,
+    }?;
+    if event.body.is_operator_action() {
+        audit(client, event).await?;
     }
+    Ok(())
+}
+
+/// The audit record of an operator action: who, when, what, on what, and the payload
+/// without anything secret.
+async fn audit(client: &impl GenericClient, event: &Event) -> Result<(), ApplyError> {
+    let mut details = serde_json::to_value(&event.body)?
+        .get("payload")
+        .cloned()
+        .unwrap_or_default();
+    if let Some(map) = details.as_object_mut() {
+        map.remove("key_hash");
+    }
+    client
+        .execute(
+            &format!(
+                "INSERT INTO audit_log (event_id, occurred_at, actor, action, object, details)
+                 VALUES ($2, {AT}, $3, $4, $5, $6)
+                 ON CONFLICT (event_id) DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &event.event_id,
+                &event.actor,
+                &event.body.type_name(),
+                &event.aggregate_id,
+                &details,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn apply_key_created(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &KeyCreated,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO api_keys (key_id, name, role, key_hash, created_at, created_by)
+                 VALUES ($2, $3, $4, $5, {AT}, $6)
+                 ON CONFLICT (key_id) DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &e.key_id,
+                &e.name,
+                &e.role,
+                &e.key_hash,
+                &event.actor,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn apply_key_revoked(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &KeyRevoked,
+) -> Result<(), ApplyError> {
+    // The first revocation counts; a key never comes back.
+    client
+        .execute(
+            &format!(
+                "UPDATE api_keys SET revoked_at = {AT}, revoked_by = $3
+                 WHERE key_id = $2 AND revoked_at IS NULL"
+            ),
+            &[&event.occurred_at, &e.key_id, &event.actor],
+        )
+        .await?;
+    Ok(())
 }
 
 /// What a lease event says of its task.

@@ -151,7 +151,7 @@ pub const ALL: &[Var] = &[
         secret: false,
     },
     Var { name: "GATEWAY_ENROLLMENT_TOKEN", services: "gateway", default: "-", doc: "what agents present as `X-Enrollment-Token` to register (16+ characters); unset disables registration", secret: true },
-    Var { name: "GATEWAY_ADMIN_KEY", services: "gateway", default: "-", doc: "`X-API-Key` of the administrator for operator reads (16+ characters)", secret: true },
+    Var { name: "GATEWAY_ADMIN_KEY", services: "gateway", default: "-", doc: "bootstrap `X-API-Key` with the admin role, to make the first keys (16+ characters)", secret: true },
     Var { name: "HEARTBEAT_INTERVAL", services: "gateway", default: "10s", doc: "how often agents heartbeat (`next_deadline_ms`)", secret: false },
     Var { name: "GEOIP_CITY_DB", services: "gateway", default: "-", doc: "MaxMind City database: country and city of agents that declare no location", secret: false },
     Var { name: "GEOIP_ASN_DB", services: "gateway", default: "-", doc: "MaxMind ASN database: ASN and network of agents that declare no location", secret: false },
@@ -163,7 +163,7 @@ pub const ALL: &[Var] = &[
     Var { name: "LEASE_TTL", services: "gateway", default: "30s", doc: "how long a lease lasts without an extension; an agent's own lease idle this long is handed back to it with a new epoch", secret: false },
     Var { name: "MAX_DELIVERIES", services: "gateway", default: "5", doc: "deliveries of one task before it goes to the dead-letter stream (1-100)", secret: false },
     Var { name: "CLAIM_BLOCK_MS", services: "gateway", default: "20000", doc: "the longest a claim waits for work, in ms (0-120000); `wait_ms` above it is cut to it", secret: false },
-    Var { name: "GATEWAY_AUTH_CACHE_TTL", services: "gateway", default: "5s", doc: "how long a verified agent token is trusted without asking PostgreSQL again (0s: always ask); after a rotation on another replica the old token may pass that long", secret: false },
+    Var { name: "GATEWAY_AUTH_CACHE_TTL", services: "gateway", default: "5s", doc: "how long a verified agent token or operator key is trusted without asking PostgreSQL again (0s: always ask); after a rotation or revocation on another replica the old one may pass that long", secret: false },
 ];
 
 /// Whether `name` is documented here, counting `<secret>_FILE` forms.

@@ -66,6 +66,12 @@ pub enum EventBody {
     /// A task went over the delivery limit.
     #[serde(rename = "task.dead_lettered")]
     TaskDeadLettered(TaskDeadLettered),
+    /// An operator API key was made.
+    #[serde(rename = "key.created")]
+    KeyCreated(KeyCreated),
+    /// An operator API key was revoked.
+    #[serde(rename = "key.revoked")]
+    KeyRevoked(KeyRevoked),
 }
 
 impl EventBody {
@@ -81,7 +87,14 @@ impl EventBody {
             Self::LeaseClosed(_) => "lease.closed",
             Self::LeaseExpired(_) => "lease.expired",
             Self::TaskDeadLettered(_) => "task.dead_lettered",
+            Self::KeyCreated(_) => "key.created",
+            Self::KeyRevoked(_) => "key.revoked",
         }
+    }
+
+    /// Whether an operator caused it: such events are also written to the audit log.
+    pub fn is_operator_action(&self) -> bool {
+        matches!(self, Self::KeyCreated(_) | Self::KeyRevoked(_))
     }
 }
 
@@ -238,4 +251,23 @@ mod tests {
         extra["payload"] = serde_json::json!({"agent_id": "a", "reason": "r", "x": 1});
         assert!(serde_json::from_value::<Event>(extra).is_err());
     }
+}
+
+/// Payload of `key.created`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCreated {
+    pub key_id: String,
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// SHA-256 of the whole key, hex (the key has 256 random bits: no salt needed).
+    pub key_hash: String,
+}
+
+/// Payload of `key.revoked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRevoked {
+    pub key_id: String,
 }

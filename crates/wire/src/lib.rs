@@ -6,5 +6,6 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod leases;
+pub mod operators;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};

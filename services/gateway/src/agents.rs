@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::auth::{hash_secret, Admin, AgentIdentity, Enrollment};
+use crate::auth::{hash_secret, AgentIdentity, Enrollment, Viewer};
 use crate::state::AppState;
 
 /// Largest registration body.
@@ -223,7 +223,7 @@ const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
 
 async fn list(
     State(app): State<AppState>,
-    _admin: Admin,
+    _viewer: Viewer,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Page<AgentView>>, ApiError> {
     if !(1..=500).contains(&q.limit) {

@@ -4,6 +4,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use checkplane_runtime::http::ApiError;
 use checkplane_wire::agents::{limits, AgentId};
+use checkplane_wire::operators::{self, Role};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -84,20 +85,176 @@ impl FromRequestParts<AppState> for AgentIdentity {
     }
 }
 
-/// An operator holding the admin key (`X-API-Key` equal to `GATEWAY_ADMIN_KEY`).
-pub struct Admin;
+/// An operator, identified by `X-API-Key`: a key made with `gateway keys create` or
+/// `POST /v1/keys`, or the bootstrap key `GATEWAY_ADMIN_KEY` (role admin, actor
+/// `key:bootstrap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's id (`bootstrap` for `GATEWAY_ADMIN_KEY`).
+    pub key_id: String,
+    pub name: String,
+    pub role: Role,
+}
 
-impl FromRequestParts<AppState> for Admin {
+impl Caller {
+    /// The `actor` of the events this caller causes.
+    pub fn actor(&self) -> String {
+        format!("key:{}", self.key_id)
+    }
+}
+
+/// The least role a route needs; routes declare it by the extractor they take
+/// ([`Viewer`], [`Operator`], [`Admin`]).
+pub trait Needs {
+    const ROLE: Role;
+}
+
+/// Marker: viewer or above.
+pub enum ViewerRole {}
+/// Marker: operator or above.
+pub enum OperatorRole {}
+/// Marker: admin.
+pub enum AdminRole {}
+
+impl Needs for ViewerRole {
+    const ROLE: Role = Role::Viewer;
+}
+impl Needs for OperatorRole {
+    const ROLE: Role = Role::Operator;
+}
+impl Needs for AdminRole {
+    const ROLE: Role = Role::Admin;
+}
+
+/// An operator whose key has at least `R::ROLE`: 401 without a valid key, 403 with a key of a
+/// lower role.
+pub struct Authorized<R: Needs> {
+    pub caller: Caller,
+    _role: std::marker::PhantomData<R>,
+}
+
+pub type Viewer = Authorized<ViewerRole>;
+pub type Operator = Authorized<OperatorRole>;
+pub type Admin = Authorized<AdminRole>;
+
+impl<R: Needs> FromRequestParts<AppState> for Authorized<R> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Some(given) = header(parts, "x-api-key") else {
             return Err(ApiError::unauthorized("X-API-Key is required"));
         };
-        match &state.config.admin_key {
-            Some(expected) if same(expected.expose().as_bytes(), given.as_bytes()) => Ok(Self),
-            _ => Err(ApiError::unauthorized("unknown API key")),
+        let caller = identify(state, given).await?;
+        if !caller.role.allows(R::ROLE) {
+            return Err(ApiError::forbidden(format!(
+                "this needs the {} role; the key has {}",
+                R::ROLE,
+                caller.role
+            )));
         }
+        Ok(Self {
+            caller,
+            _role: std::marker::PhantomData,
+        })
+    }
+}
+
+/// Who holds `key`: the bootstrap key, or a stored, unrevoked key whose hash matches.
+async fn identify(state: &AppState, key: &str) -> Result<Caller, ApiError> {
+    let unknown = || ApiError::unauthorized("unknown or revoked API key");
+    if let Some(expected) = &state.config.admin_key {
+        if same(expected.expose().as_bytes(), key.as_bytes()) {
+            return Ok(Caller {
+                key_id: "bootstrap".to_owned(),
+                name: "bootstrap".to_owned(),
+                role: Role::Admin,
+            });
+        }
+    }
+    if key.len() > operators::KEY_MAX {
+        return Err(unknown());
+    }
+    let key_id = operators::key_id_of(key).ok_or_else(unknown)?;
+    let presented = hash_secret(key);
+    if let Some(caller) = state.key_cache.verified(key_id, &presented) {
+        return Ok(caller);
+    }
+    let client = state.stores.pg.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT name, role, key_hash FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+            &[&key_id],
+        )
+        .await?
+        .ok_or_else(unknown)?;
+    let stored: String = row.get(2);
+    if !same(stored.as_bytes(), presented.as_bytes()) {
+        return Err(unknown());
+    }
+    let role = Role::parse(row.get::<_, &str>(1)).ok_or_else(unknown)?;
+    let caller = Caller {
+        key_id: key_id.to_owned(),
+        name: row.get(0),
+        role,
+    };
+    state.key_cache.remember(caller.clone(), presented);
+    Ok(caller)
+}
+
+/// Operator keys verified recently (same TTL as agent tokens, `GATEWAY_AUTH_CACHE_TTL`): a key
+/// revoked on this gateway is forgotten at once, on another replica within the TTL.
+pub struct KeyCache {
+    ttl: std::time::Duration,
+    entries:
+        std::sync::Mutex<std::collections::HashMap<String, (String, Caller, std::time::Instant)>>,
+}
+
+/// Most operator keys remembered; past it the cache starts over.
+const KEY_CACHE_MAX: usize = 10_000;
+
+impl KeyCache {
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, (String, Caller, std::time::Instant)>,
+    > {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn verified(&self, key_id: &str, hash: &str) -> Option<Caller> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        self.lock().get(key_id).and_then(|(h, caller, at)| {
+            (at.elapsed() < self.ttl && same(h.as_bytes(), hash.as_bytes())).then(|| caller.clone())
+        })
+    }
+
+    fn remember(&self, caller: Caller, hash: String) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= KEY_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(
+            caller.key_id.clone(),
+            (hash, caller, std::time::Instant::now()),
+        );
+    }
+
+    /// Forget a key (revoked here).
+    pub fn forget(&self, key_id: &str) {
+        self.lock().remove(key_id);
     }
 }
 

@@ -14,7 +14,7 @@ pub struct Config {
     pub service: StoreServiceConfig,
     /// `GATEWAY_ENROLLMENT_TOKEN`: what agents present to register; unset disables registration.
     pub enrollment_token: Option<Secret>,
-    /// `GATEWAY_ADMIN_KEY`: the admin key for operator reads until API keys exist.
+    /// `GATEWAY_ADMIN_KEY`: the bootstrap admin key (actor `key:bootstrap`).
     pub admin_key: Option<Secret>,
     /// `HEARTBEAT_INTERVAL`: how often agents heartbeat.
     pub heartbeat_interval: Duration,

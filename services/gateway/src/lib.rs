@@ -3,9 +3,11 @@
 
 pub mod agents;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod geoip;
 pub mod leases;
+pub mod operators;
 pub mod state;
 
 use std::sync::Arc;
@@ -63,10 +65,14 @@ pub async fn run(
                 doorbell,
                 keys,
                 auth_cache: Arc::new(auth::AuthCache::new(config.auth_cache_ttl)),
+                key_cache: Arc::new(auth::KeyCache::new(config.auth_cache_ttl)),
                 config,
                 shutdown: shutdown.clone(),
             };
-            agents::router().merge(leases::router()).with_state(state)
+            agents::router()
+                .merge(leases::router())
+                .merge(operators::router())
+                .with_state(state)
         },
     )
     .await
@@ -89,6 +95,21 @@ impl checkplane_runtime::Service for Service {
 
     fn store(config: &Config) -> Option<&StoreSettings> {
         Some(&config.service.store)
+    }
+
+    fn commands() -> Vec<clap::Command> {
+        vec![cli::keys_command()]
+    }
+
+    async fn command(
+        config: Config,
+        name: String,
+        args: clap::ArgMatches,
+    ) -> std::process::ExitCode {
+        match name.as_str() {
+            "keys" => cli::keys(config, args).await,
+            _ => std::process::ExitCode::from(2),
+        }
     }
 
     async fn run(

@@ -20,6 +20,7 @@ pub struct AppState {
     pub doorbell: Doorbell,
     pub config: Arc<Config>,
     pub auth_cache: Arc<crate::auth::AuthCache>,
+    pub key_cache: Arc<crate::auth::KeyCache>,
     /// Fires at shutdown: waiting claims answer at once.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -276,3 +276,94 @@ async fn a_claim_whose_answer_was_lost_is_recovered_by_its_request_id_or_after_t
     .await;
     assert!(back.iter().all(|t| t.ends_with(".2")), "{back:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_made_on_the_command_line_work_until_revoked() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let env = store_env(&db, &redis);
+    let run = |args: &[&str]| run_to_end(bin(), args, &env, Duration::from_secs(30));
+
+    let out = run(&["keys", "create", "--role", "operator", "--name", "ci-bot"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("cpk_"), "the key alone on stdout: {key}");
+    assert!(!stderr.contains(&key), "the key is printed once");
+    let key_id = checkplane_wire::operators::key_id_of(&key)
+        .unwrap()
+        .to_owned();
+
+    let port = free_port();
+    let mut server_env = env.clone();
+    server_env.push(("HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+    server_env.push(("GATEWAY_AUTH_CACHE_TTL".into(), "0s".into()));
+    let mut server = ServiceProcess::spawn(bin(), &[], &server_env);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&http, &format!("{base}/readyz"), Duration::from_secs(30)).await;
+    let agents = |key: String| {
+        let http = http.clone();
+        let url = format!("{base}/v1/agents");
+        async move {
+            http.get(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(agents(key.clone()).await, 200);
+
+    let out = run(&["keys", "list"]);
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        listing.contains(&key_id) && listing.contains("ci-bot") && listing.contains("operator")
+    );
+    assert!(!listing.contains(&key), "{listing}");
+
+    let out = run(&["keys", "revoke", &key_id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        agents(key.clone()).await,
+        401,
+        "revoked on the command line"
+    );
+
+    assert_eq!(
+        run(&["keys", "create", "--role", "root", "--name", "x"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(&["keys", "create", "--role", "admin", "--name", "a b"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(run(&["keys", "revoke", "../etc"]).status.code(), Some(2));
+    let out = run(&["keys", "revoke", "aaaaaaaaaaaa"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such key"));
+
+    server.signal("TERM");
+    assert!(server.wait(Duration::from_secs(10)).is_some());
+    // The scheduler's outbox sweep publishes what the command line recorded.
+    let outbox: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outbox, 2, "key.created and key.revoked wait for the sweep");
+}

@@ -16,7 +16,8 @@ use crate::{count, heartbeat, register, start_gateway, start_scheduler};
 async fn rebuild_reproduces_every_projection_table() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
-    let gw = start_gateway(&db, &redis, &[]).await;
+    let admin = "admin-key-0123456789abcdef";
+    let gw = start_gateway(&db, &redis, &[("GATEWAY_ADMIN_KEY", admin)]).await;
     let sched = start_scheduler(&db, &redis, &[]).await;
     let mut ids = Vec::new();
     for host in ["r1", "r2", "r3"] {
@@ -70,10 +71,33 @@ async fn rebuild_reproduces_every_projection_table() {
         .close(&mut conn, &task, CloseReason::Cancelled, now)
         .await
         .unwrap();
+    // Operator keys: one made and revoked, one made (3 events, 3 audit records).
+    let http = reqwest::Client::new();
+    let mut made = Vec::new();
+    for name in ["ops", "dash"] {
+        let created: serde_json::Value = http
+            .post(gw.url("/v1/keys"))
+            .header("x-api-key", admin)
+            .json(&serde_json::json!({"name": name, "role": "operator"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        made.push(created["key_id"].as_str().unwrap().to_owned());
+    }
+    let revoked = http
+        .delete(gw.url(&format!("/v1/keys/{}", made[0])))
+        .header("x-api-key", admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 204);
     eventually("everything projected", Duration::from_secs(10), || async {
         let history = count(&db, "SELECT count(*) FROM agent_status_history").await;
         let events = count(&db, "SELECT count(*) FROM events").await;
-        (history == 4 && events == 12).then_some(())
+        (history == 4 && events == 15).then_some(())
     })
     .await;
     sched.stop().await.unwrap();

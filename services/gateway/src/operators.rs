@@ -1,0 +1,372 @@
+//! Operator API keys (made, listed, revoked; by admins over the API or with `gateway keys` on
+//! the command line) and the audit log of operator actions.
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use base64::Engine;
+use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
+use checkplane_runtime::outbox;
+use checkplane_wire::events::{Event, EventBody, KeyCreated, KeyRevoked, SCHEMA};
+use checkplane_wire::operators::{
+    valid_key_id, AuditEntry, CreateKeyRequest, CreatedKey, KeyView, Role,
+};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::auth::{hash_secret, Admin};
+use crate::state::AppState;
+
+/// How long publishing an event may take before it is left to the outbox sweep.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most keys listed by `GET /v1/keys` (keys are few; this bounds the answer).
+const LIST_MAX: i64 = 1000;
+const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/keys",
+            get(list_keys)
+                .post(create)
+                .layer(DefaultBodyLimit::max(4 * 1024)),
+        )
+        .route("/v1/keys/{key_id}", delete(revoke))
+        .route("/v1/audit", get(audit))
+}
+
+/// Why a key command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no randomness: {0}")]
+    Random(getrandom::Error),
+    #[error("database")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("applying the event")]
+    Apply(#[from] checkplane_runtime::projection::ApplyError),
+    #[error("no such key")]
+    NotFound,
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::NotFound => ApiError::not_found("no such key"),
+            KeyError::Db(e) => e.into(),
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], KeyError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(KeyError::Random)?;
+    Ok(bytes)
+}
+
+fn admin_event(aggregate_id: String, actor: &str, body: EventBody) -> Event {
+    Event {
+        event_id: Uuid::now_v7(),
+        aggregate_id,
+        version: 1,
+        occurred_at: now_ms(),
+        actor: actor.to_owned(),
+        schema: SCHEMA,
+        body,
+    }
+}
+
+/// Make a key: `key.created` recorded, applied and put in the outbox in one transaction. The
+/// caller publishes the event after this returns (or leaves it to the scheduler's sweep).
+pub async fn create_key(
+    client: &mut tokio_postgres::Client,
+    stream: &str,
+    name: &str,
+    role: Role,
+    actor: &str,
+) -> Result<(CreatedKey, Event), KeyError> {
+    let tx = client.transaction().await?;
+    let key_id = loop {
+        let id: String = random_bytes::<6>()?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let taken = tx
+            .query_opt("SELECT 1 FROM api_keys WHERE key_id = $1", &[&id])
+            .await?;
+        if taken.is_none() {
+            break id;
+        }
+    };
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+    let key = format!("cpk_{key_id}_{secret}");
+    let event = admin_event(
+        format!("key:{key_id}"),
+        actor,
+        EventBody::KeyCreated(KeyCreated {
+            key_id: key_id.clone(),
+            name: name.to_owned(),
+            role: role.as_str().to_owned(),
+            key_hash: hash_secret(&key),
+        }),
+    );
+    outbox::append(&tx, &event, stream).await?;
+    tx.commit().await?;
+    tracing::info!(%key_id, name, %role, actor, "API key created");
+    Ok((
+        CreatedKey {
+            key_id,
+            name: name.to_owned(),
+            role,
+            key,
+        },
+        event,
+    ))
+}
+
+/// Revoke a key; `None` when it was revoked already (nothing recorded then).
+pub async fn revoke_key(
+    client: &mut tokio_postgres::Client,
+    stream: &str,
+    key_id: &str,
+    actor: &str,
+) -> Result<Option<Event>, KeyError> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT revoked_at IS NOT NULL FROM api_keys WHERE key_id = $1 FOR UPDATE",
+            &[&key_id],
+        )
+        .await?
+        .ok_or(KeyError::NotFound)?;
+    if row.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let event = admin_event(
+        format!("key:{key_id}"),
+        actor,
+        EventBody::KeyRevoked(KeyRevoked {
+            key_id: key_id.to_owned(),
+        }),
+    );
+    outbox::append(&tx, &event, stream).await?;
+    tx.commit().await?;
+    tracing::info!(%key_id, actor, "API key revoked");
+    Ok(Some(event))
+}
+
+/// Every key, newest first (never the keys themselves).
+pub async fn list(client: &tokio_postgres::Client) -> Result<Vec<KeyView>, KeyError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT key_id, name, role,
+                        to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
+                        to_char(revoked_at AT TIME ZONE 'UTC', {RFC3339}), revoked_by
+                 FROM api_keys ORDER BY created_at DESC, key_id LIMIT $1"
+            ),
+            &[&LIST_MAX],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| KeyView {
+            key_id: r.get(0),
+            name: r.get(1),
+            role: Role::parse(r.get::<_, &str>(2)).unwrap_or(Role::Viewer),
+            created_at: r.get(3),
+            created_by: r.get(4),
+            revoked_at: r.get(5),
+            revoked_by: r.get(6),
+        })
+        .collect())
+}
+
+async fn create(
+    State(app): State<AppState>,
+    admin: Admin,
+    ApiJson(request): ApiJson<CreateKeyRequest>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    let (name, role) = request.validate().map_err(ApiError::validation)?;
+    let stream = app.keys.events("admin");
+    let mut client = app.stores.pg.get().await?;
+    let (created, event) =
+        create_key(&mut client, &stream, &name, role, &admin.caller.actor()).await?;
+    drop(client);
+    outbox::publish(
+        &app.stores.pg,
+        &app.stores.redis,
+        &stream,
+        &event,
+        PUBLISH_TIMEOUT,
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn list_keys(
+    State(app): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let client = app.stores.pg.get().await?;
+    let keys = list(&client).await?;
+    Ok(Json(serde_json::json!({ "items": keys })))
+}
+
+async fn revoke(
+    State(app): State<AppState>,
+    admin: Admin,
+    Path(key_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if !valid_key_id(&key_id) {
+        return Err(ApiError::not_found("no such key"));
+    }
+    let stream = app.keys.events("admin");
+    let mut client = app.stores.pg.get().await?;
+    let event = revoke_key(&mut client, &stream, &key_id, &admin.caller.actor()).await?;
+    drop(client);
+    app.key_cache.forget(&key_id);
+    if let Some(event) = event {
+        outbox::publish(
+            &app.stores.pg,
+            &app.stores.redis,
+            &stream,
+            &event,
+            PUBLISH_TIMEOUT,
+        )
+        .await;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Filters and page of `GET /v1/audit`; `since`/`until` are milliseconds since the epoch
+/// (`since` inclusive, `until` exclusive).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    action: Option<String>,
+    actor: Option<String>,
+    since: Option<i64>,
+    until: Option<i64>,
+    #[serde(default = "default_limit")]
+    limit: i64,
+    #[serde(default)]
+    offset: i64,
+}
+
+fn default_limit() -> i64 {
+    50
+}
+
+#[derive(Debug, Serialize)]
+struct Page<T> {
+    items: Vec<T>,
+    total: i64,
+    limit: i64,
+    offset: i64,
+    has_more: bool,
+}
+
+fn printable(value: &str, max: usize) -> bool {
+    !value.is_empty() && value.len() <= max && value.bytes().all(|b| b.is_ascii_graphic())
+}
+
+async fn audit(
+    State(app): State<AppState>,
+    _admin: Admin,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Result<Json<Page<AuditEntry>>, ApiError> {
+    if !(1..=500).contains(&q.limit) {
+        return Err(ApiError::validation("limit: must be 1-500"));
+    }
+    if !(0..=1_000_000).contains(&q.offset) {
+        return Err(ApiError::validation("offset: must be 0-1000000"));
+    }
+    // Years 1970-9999 in milliseconds.
+    let in_range = |t: i64| (0..=253_402_300_799_999).contains(&t);
+    let mut clauses: Vec<String> = Vec::new();
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut bind = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+        params.push(value);
+        clauses.push(clause.replace("{}", &format!("${}", params.len())));
+    };
+    if let Some(action) = q.action {
+        if !printable(&action, 64) {
+            return Err(ApiError::validation("action: 1-64 printable characters"));
+        }
+        bind("action = {}", Box::new(action));
+    }
+    if let Some(actor) = q.actor {
+        if !printable(&actor, 128) {
+            return Err(ApiError::validation("actor: 1-128 printable characters"));
+        }
+        bind("actor = {}", Box::new(actor));
+    }
+    let millis = "'epoch'::timestamptz + {}::bigint * interval '1 millisecond'";
+    if let Some(since) = q.since {
+        if !in_range(since) {
+            return Err(ApiError::validation(
+                "since: milliseconds since 1970, before 10000",
+            ));
+        }
+        bind(&format!("occurred_at >= {millis}"), Box::new(since));
+    }
+    if let Some(until) = q.until {
+        if !in_range(until) {
+            return Err(ApiError::validation(
+                "until: milliseconds since 1970, before 10000",
+            ));
+        }
+        bind(&format!("occurred_at < {millis}"), Box::new(until));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let n_filters = params.len();
+    params.push(Box::new(q.limit));
+    params.push(Box::new(q.offset));
+    let sql = format!(
+        "SELECT event_id::text, to_char(occurred_at AT TIME ZONE 'UTC', {RFC3339}), actor,
+                action, object, details
+         FROM audit_log {filter}
+         ORDER BY occurred_at DESC, event_id DESC
+         LIMIT ${} OFFSET ${}",
+        n_filters + 1,
+        n_filters + 2
+    );
+    let client = app.stores.pg.get().await?;
+    let refs: Vec<&(dyn ToSql + Sync)> =
+        params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+    let rows = client.query(&sql, &refs).await?;
+    let total: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM audit_log {filter}"),
+            &refs[..n_filters],
+        )
+        .await?
+        .get(0);
+    let items: Vec<AuditEntry> = rows
+        .iter()
+        .map(|r| AuditEntry {
+            event_id: r.get(0),
+            occurred_at: r.get(1),
+            actor: r.get(2),
+            action: r.get(3),
+            object: r.get(4),
+            details: r.get(5),
+        })
+        .collect();
+    let has_more = q.offset + (items.len() as i64) < total;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: q.limit,
+        offset: q.offset,
+        has_more,
+    }))
+}

@@ -1,0 +1,239 @@
+//! Operator keys and roles: every operator route refuses a missing key (401) and a lower role
+//! (403) and accepts its own; keys are stored hashed, revocable, and every key action is in
+//! the audit log.
+
+use checkplane_wire::operators::Role;
+use serde_json::{json, Value};
+
+use crate::agents::{start, start_with, Gw, ADMIN};
+
+impl Gw {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, self.running.url(path));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A new key with `role`, made by the bootstrap admin: (key_id, key).
+    pub async fn key(&self, role: Role, name: &str) -> (String, String) {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/keys",
+                Some(ADMIN),
+                Some(json!({"name": name, "role": role.as_str()})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["key_id"].as_str().unwrap().to_owned(),
+            body["key"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// Every operator route with the least role it needs. A new route joins this table.
+fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role)> {
+    vec![
+        ("GET", "/v1/agents".into(), None, Role::Viewer),
+        ("GET", "/v1/keys".into(), None, Role::Admin),
+        (
+            "POST",
+            "/v1/keys".into(),
+            Some(json!({"name": "from-table", "role": "viewer"})),
+            Role::Admin,
+        ),
+        (
+            "DELETE",
+            format!("/v1/keys/{spare_key_id}"),
+            None,
+            Role::Admin,
+        ),
+        ("GET", "/v1/audit".into(), None, Role::Admin),
+    ]
+}
+
+#[tokio::test]
+async fn every_operator_route_refuses_a_missing_key_and_a_lower_role() {
+    let gw = start().await;
+    let mut keys = Vec::new();
+    for role in Role::ALL {
+        keys.push((role, gw.key(role, &format!("table-{role}")).await.1));
+    }
+    let (spare, _) = gw.key(Role::Viewer, "spare").await;
+    let unknown = "cpk_0123456789ab_not-a-real-secret";
+    for (method, path, body, needed) in routes(&spare) {
+        let (status, answer) = gw.call(method, &path, None, body.clone()).await;
+        assert_eq!(status, 401, "{method} {path} without a key: {answer}");
+        assert_eq!(answer["error"]["code"], "ERR_UNAUTHORIZED");
+        let (status, _) = gw.call(method, &path, Some(unknown), body.clone()).await;
+        assert_eq!(status, 401, "{method} {path} with an unknown key");
+        for (role, key) in &keys {
+            let (status, answer) = gw.call(method, &path, Some(key), body.clone()).await;
+            if role.allows(needed) {
+                assert!(
+                    (200..300).contains(&status),
+                    "{method} {path} as {role}: {status} {answer}"
+                );
+            } else {
+                assert_eq!(status, 403, "{method} {path} as {role}: {answer}");
+                assert_eq!(answer["error"]["code"], "ERR_FORBIDDEN");
+            }
+        }
+    }
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn keys_are_stored_hashed_revocable_and_audited() {
+    // No cache: a revocation anywhere counts at once.
+    let gw = start_with(vec![("GATEWAY_AUTH_CACHE_TTL".into(), "0s".into())]).await;
+    let (key_id, key) = gw.key(Role::Operator, "ci-bot").await;
+    assert!(key.starts_with(&format!("cpk_{key_id}_")), "{key}");
+
+    let client = gw.db.client().await;
+    let row = client
+        .query_one(
+            "SELECT to_jsonb(k)::text, key_hash FROM api_keys k WHERE key_id = $1",
+            &[&key_id],
+        )
+        .await
+        .unwrap();
+    let stored: String = row.get(0);
+    assert!(!stored.contains(&key), "the key itself is not stored");
+    assert_eq!(row.get::<_, String>(1), sha256_hex(&key));
+    let events: String = client
+        .query_one("SELECT string_agg(payload::text, ' ') FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!events.contains(&key), "nor in an event");
+
+    let (status, _) = gw.call("GET", "/v1/agents", Some(&key), None).await;
+    assert_eq!(status, 200);
+    let (status, listed) = gw.call("GET", "/v1/keys", Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        !listed.to_string().contains(&key),
+        "a listing never shows keys"
+    );
+    let mine = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == key_id.as_str())
+        .unwrap();
+    assert_eq!(mine["role"], "operator");
+    assert_eq!(mine["created_by"], "key:bootstrap");
+
+    let (status, _) = gw
+        .call("DELETE", &format!("/v1/keys/{key_id}"), Some(ADMIN), None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, answer) = gw.call("GET", "/v1/agents", Some(&key), None).await;
+    assert_eq!(status, 401, "a revoked key is refused: {answer}");
+    let (status, _) = gw
+        .call("DELETE", &format!("/v1/keys/{key_id}"), Some(ADMIN), None)
+        .await;
+    assert_eq!(status, 204, "revoking twice is a no-op");
+    let (status, answer) = gw
+        .call("DELETE", "/v1/keys/aaaaaaaaaaaa", Some(ADMIN), None)
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (404, json!("ERR_NOT_FOUND"))
+    );
+    let (status, _) = gw
+        .call("DELETE", "/v1/keys/..%2F..%2Fetc", Some(ADMIN), None)
+        .await;
+    assert_eq!(status, 404);
+
+    // The audit log: both actions, once each, with who did them, and nothing secret.
+    let (status, audit) = gw.call("GET", "/v1/audit", Some(ADMIN), None).await;
+    assert_eq!(status, 200, "{audit}");
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["key.revoked", "key.created"],
+        "newest first: {audit}"
+    );
+    assert_eq!(audit["items"][1]["actor"], "key:bootstrap");
+    assert_eq!(audit["items"][1]["object"], format!("key:{key_id}"));
+    assert_eq!(audit["items"][1]["details"]["role"], "operator");
+    assert!(audit["items"][1]["details"].get("key_hash").is_none());
+
+    let (_, revoked) = gw
+        .call("GET", "/v1/audit?action=key.revoked", Some(ADMIN), None)
+        .await;
+    assert_eq!(revoked["total"], 1);
+    let (_, by_nobody) = gw
+        .call("GET", "/v1/audit?actor=key:someone-else", Some(ADMIN), None)
+        .await;
+    assert_eq!(by_nobody["total"], 0);
+    let (_, page) = gw.call("GET", "/v1/audit?limit=1", Some(ADMIN), None).await;
+    assert_eq!(
+        (page["total"].clone(), page["has_more"].clone()),
+        (json!(2), json!(true))
+    );
+    let (_, future) = gw
+        .call("GET", "/v1/audit?since=253402300799999", Some(ADMIN), None)
+        .await;
+    assert_eq!(future["total"], 0);
+    let (_, past) = gw.call("GET", "/v1/audit?until=1", Some(ADMIN), None).await;
+    assert_eq!(past["total"], 0);
+
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("offset=-1", "offset"),
+        ("since=-5", "since"),
+        ("until=99999999999999999", "until"),
+    ] {
+        let (status, answer) = gw
+            .call("GET", &format!("/v1/audit?{query}"), Some(ADMIN), None)
+            .await;
+        assert!(status == 422 || status == 400, "{query}: {status}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(field),
+            "{query}: {answer}"
+        );
+    }
+    for (body, field) in [
+        (json!({"name": "x y", "role": "viewer"}), "name"),
+        (json!({"name": "x".repeat(65), "role": "viewer"}), "name"),
+        (json!({"name": "ok", "role": "root"}), "role"),
+        (json!({"name": "ok"}), "role"),
+    ] {
+        let (status, answer) = gw.call("POST", "/v1/keys", Some(ADMIN), Some(body)).await;
+        assert!(status == 422 || status == 400, "{answer}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(field),
+            "{field}: {answer}"
+        );
+    }
+}
