@@ -7,5 +7,6 @@ pub mod events;
 pub mod health;
 pub mod leases;
 pub mod operators;
+pub mod targets;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
