@@ -30,6 +30,12 @@ pub enum ErrorCode {
     Unavailable,
     #[serde(rename = "ERR_INTERNAL")]
     Internal,
+    /// A check target in a private, loopback, link-local, multicast or reserved range.
+    #[serde(rename = "ERR_TARGET_FORBIDDEN")]
+    TargetForbidden,
+    /// No online agent matches a check's selection.
+    #[serde(rename = "ERR_NO_AGENTS")]
+    NoAgents,
 }
 
 impl ErrorCode {
@@ -48,6 +54,8 @@ impl ErrorCode {
             Self::NotReady => "ERR_NOT_READY",
             Self::Unavailable => "ERR_UNAVAILABLE",
             Self::Internal => "ERR_INTERNAL",
+            Self::TargetForbidden => "ERR_TARGET_FORBIDDEN",
+            Self::NoAgents => "ERR_NO_AGENTS",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! the error envelope, events. Plain data: nothing here performs I/O.
 
 pub mod agents;
+pub mod checks;
 pub mod error;
 pub mod events;
 pub mod health;
