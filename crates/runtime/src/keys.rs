@@ -117,6 +117,17 @@ impl Keys {
         )
     }
 
+    /// Where a task (by its id, `<check>:<slot>:<attempt>`) was enqueued for `agent`: its
+    /// entry id, or `closed` when it was closed before it was enqueued. Makes fan-out
+    /// idempotent and lets a task be closed by id.
+    pub fn task_ref(&self, agent: &str, task: &str) -> String {
+        format!(
+            "{}:taskref:{{s{}}}:{task}",
+            self.prefix,
+            self.shard_of(agent)
+        )
+    }
+
     /// The remembered reply to one claim request.
     pub fn claim_reply(&self, agent: &str, request_id: &str) -> String {
         format!(

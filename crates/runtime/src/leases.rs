@@ -52,6 +52,18 @@ local function emit(stream, versions, id, task, type_, now, actor, payload, fina
   redis.call('XADD', stream, '*', 'event', cjson.encode({event_id = id, aggregate_id = 'task:' .. task,
     version = v, occurred_at = now, actor = actor, schema = 1, type = type_, payload = payload}))
 end
+-- The `task` field of an entry's fields (a flat array), or nil.
+local function task_of(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'task' then return fields[i + 1] end
+  end
+  return nil
+end
+local function task_of_entry(stream, id)
+  local e = redis.call('XRANGE', stream, id, id)
+  if #e == 0 then return nil end
+  return task_of(e[1][2])
+end
 -- Where the lease of `id` in `stream` stands for `agent` at `epoch`:
 -- 'ok', or the error code.
 -- XPENDING of one entry; empty when the stream or its group does not exist (yet).
@@ -73,14 +85,34 @@ local function fence(stream, closed, id, agent, epoch)
 end
 "#;
 
-/// KEYS: task stream. ARGV: spec, wake channel, agent. Creates the stream's `agents` group
-/// when it is the first task (claim reads a stream without a group as empty), appends the task
-/// and rings the doorbell. Returns the entry id.
+/// KEYS: task stream, task ref. ARGV: spec, wake channel, agent, task id (or empty),
+/// task ref TTL ms. A task id already enqueued (or closed before it was) is not added again:
+/// the answer is its entry id (or `closed`). Otherwise creates the stream's `agents` group
+/// when it is the first task (claim reads a stream without a group as empty), appends the
+/// task, remembers where, and rings the doorbell. Returns the entry id.
 const ENQUEUE: &str = r#"
+local task = ARGV[4]
+if task ~= '' then
+  local known = redis.call('GET', KEYS[2])
+  if known then return known end
+end
 redis.pcall('XGROUP', 'CREATE', KEYS[1], 'agents', '0', 'MKSTREAM')
-local id = redis.call('XADD', KEYS[1], '*', 'spec', ARGV[1])
+local id
+if task ~= '' then
+  id = redis.call('XADD', KEYS[1], '*', 'task', task, 'spec', ARGV[1])
+  redis.call('SET', KEYS[2], id, 'PX', ARGV[5])
+else
+  id = redis.call('XADD', KEYS[1], '*', 'spec', ARGV[1])
+end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return id
+"#;
+
+/// KEYS: task ref. ARGV: ttl ms. Marks a task closed before it was enqueued, so a late
+/// fan-out does not add it; returns the entry id when it was enqueued already.
+const CLOSE_UNSENT: &str = r#"
+if redis.call('SET', KEYS[1], 'closed', 'NX', 'PX', ARGV[1]) then return false end
+return redis.call('GET', KEYS[1])
 "#;
 
 /// KEYS: leases, lease events, claim reply, dlq, versions, then one task stream per kind.
@@ -122,12 +154,13 @@ for k = 1, nk do
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'agent', agent, 'kind', kind,
         'entry', id, 'reason', 'max_deliveries', 'deliveries', deliveries, unpack(fields))
       emit(KEYS[2], KEYS[5], eid(), task, 'task.dead_lettered', now, 'system:gateway',
-        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries}, true)
+        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries, task = task_of(fields)}, true)
     else
       local token = agent .. '.' .. kind .. '.' .. id .. '.' .. deliveries
       redis.call('ZADD', KEYS[1], now + ttl, token)
       emit(KEYS[2], KEYS[5], eid(), task, 'lease.granted', now, 'agent:' .. agent,
-        {agent_id = agent, kind = kind, entry = id, epoch = deliveries, deadline = now + ttl})
+        {agent_id = agent, kind = kind, entry = id, epoch = deliveries, deadline = now + ttl,
+         task = task_of(fields)})
       out[#out + 1] = cjson.encode({token = token, kind = kind, fields = fields, deadline = now + ttl})
     end
   end
@@ -189,6 +222,7 @@ for r = 1, n do
     if f ~= 'ok' then
       out[r] = f
     else
+      local task_id = task_of_entry(stream, id)
       redis.call('XACK', stream, 'agents', id)
       redis.call('XDEL', stream, id)
       redis.call('ZREM', KEYS[1], token)
@@ -199,7 +233,7 @@ for r = 1, n do
       local ev = cjson.encode({event_id = eid, aggregate_id = 'task:' .. task, version = v,
         occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
         payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
-        outcome = outcome, result = '@@RESULT@@'}})
+        outcome = outcome, result = '@@RESULT@@', task = task_id}})
       local i, j = string.find(ev, '"@@RESULT@@"', 1, true)
       ev = string.sub(ev, 1, i - 1) .. result .. string.sub(ev, j + 1)
       redis.call('XADD', KEYS[2], '*', 'event', ev)
@@ -212,7 +246,8 @@ return out
 "#;
 
 /// KEYS: leases, lease events, versions, task stream, tombstone.
-/// ARGV: agent, kind, entry, now, event id, reason, tombstone value, tombstone_ttl_ms.
+/// ARGV: agent, kind, entry, now, event id, reason, tombstone value, tombstone_ttl_ms,
+/// task id (or empty).
 /// Returns 1 when the task was open and is now closed, 0 when it was closed already.
 const CLOSE: &str = r#"
 local agent, kind, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -227,7 +262,8 @@ end
 redis.call('XDEL', KEYS[4], id)
 redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[8])
 emit(KEYS[2], KEYS[3], ARGV[5], agent .. ':' .. kind .. ':' .. id, 'lease.closed', now,
-  'system:scheduler', {agent_id = agent, kind = kind, entry = id, reason = ARGV[6]}, true)
+  'system:scheduler', {agent_id = agent, kind = kind, entry = id, reason = ARGV[6],
+   task = (ARGV[9] ~= '' and ARGV[9]) or nil}, true)
 return 1
 "#;
 
@@ -243,11 +279,13 @@ local hb = redis.call('ZSCORE', KEYS[6], agent)
 if hb and tonumber(hb) >= now then return 'alive' end
 redis.call('ZREM', KEYS[1], token)
 if fence(KEYS[4], KEYS[5], id, agent, epoch) ~= 'ok' then return 'stale' end
+local task_id = task_of_entry(KEYS[4], id)
 redis.call('XACK', KEYS[4], 'agents', id)
 redis.call('XDEL', KEYS[4], id)
 redis.call('SET', KEYS[5], 'lost', 'PX', ARGV[8])
 emit(KEYS[2], KEYS[3], ARGV[7], agent .. ':' .. kind .. ':' .. id, 'lease.expired', now,
-  'system:scheduler', {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch)}, true)
+  'system:scheduler', {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
+   task = task_id}, true)
 return 'expired'
 "#;
 
@@ -287,6 +325,8 @@ pub struct TaskRef<'a> {
     pub agent: &'a str,
     pub kind: &'a str,
     pub entry: &'a str,
+    /// The task's id, carried into `lease.closed` (empty for tasks without one).
+    pub task: &'a str,
 }
 
 /// Why a task is closed.
@@ -354,6 +394,7 @@ pub struct Leases {
     close: redis::Script,
     recover: redis::Script,
     enqueue: redis::Script,
+    close_unsent: redis::Script,
 }
 
 impl Leases {
@@ -367,6 +408,7 @@ impl Leases {
             close: redis::Script::new(&format!("{COMMON}{CLOSE}")),
             recover: redis::Script::new(&format!("{COMMON}{RECOVER}")),
             enqueue: redis::Script::new(ENQUEUE),
+            close_unsent: redis::Script::new(CLOSE_UNSENT),
         }
     }
 
@@ -559,9 +601,41 @@ impl Leases {
             .arg(reason.as_str())
             .arg(reason.tombstone())
             .arg(self.settings.tombstone_ttl_ms)
+            .arg(task.task)
             .invoke_async(conn)
             .await?;
         Ok(closed == 1)
+    }
+
+    /// Close a task by its id: the entry it was enqueued as, or, when it was not enqueued
+    /// yet, a mark that keeps a late fan-out from adding it. `true` when it was open.
+    pub async fn close_task(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent: &str,
+        kind: &str,
+        task: &str,
+        reason: CloseReason,
+        now_ms: i64,
+    ) -> redis::RedisResult<bool> {
+        let entry: Option<String> = self
+            .close_unsent
+            .key(self.keys.task_ref(agent, task))
+            .arg(self.settings.tombstone_ttl_ms)
+            .invoke_async(conn)
+            .await?;
+        match entry.as_deref() {
+            None | Some("closed") => Ok(false),
+            Some(entry) => {
+                let task = TaskRef {
+                    agent,
+                    kind,
+                    entry,
+                    task,
+                };
+                self.close(conn, &task, reason, now_ms).await
+            }
+        }
     }
 
     /// Take the leases of shard `n` that are past their deadline and whose agent is past its
@@ -622,8 +696,8 @@ impl Leases {
         Ok(done)
     }
 
-    /// Add a task for `agent` and ring its shard's doorbell (a test and benchmark helper
-    /// until fan-out exists): its entry id.
+    /// Add a task for `agent` and ring its shard's doorbell: its entry id. For tests and
+    /// benchmarks; fan-out uses [`Leases::enqueue_task`].
     pub async fn enqueue(
         &self,
         conn: &mut impl ConnectionLike,
@@ -633,9 +707,35 @@ impl Leases {
     ) -> redis::RedisResult<String> {
         self.enqueue
             .key(self.keys.tasks(agent, kind))
+            .key(self.keys.tasks(agent, kind))
             .arg(spec)
             .arg(self.keys.wake(self.keys.shard_of(agent)))
             .arg(agent)
+            .arg("")
+            .arg(0)
+            .invoke_async(conn)
+            .await
+    }
+
+    /// Add task `task` (`<check>:<slot>:<attempt>`) for `agent` once: a repeat (the outbox
+    /// sweep after a crash) answers the entry it was added as, and a task closed before it
+    /// was added answers `closed` and is not added.
+    pub async fn enqueue_task(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent: &str,
+        kind: &str,
+        task: &str,
+        spec: &str,
+    ) -> redis::RedisResult<String> {
+        self.enqueue
+            .key(self.keys.tasks(agent, kind))
+            .key(self.keys.task_ref(agent, task))
+            .arg(spec)
+            .arg(self.keys.wake(self.keys.shard_of(agent)))
+            .arg(agent)
+            .arg(task)
+            .arg(self.settings.tombstone_ttl_ms)
             .invoke_async(conn)
             .await
     }

@@ -154,6 +154,9 @@ pub struct LeaseGranted {
     pub epoch: i64,
     /// Milliseconds since the epoch.
     pub deadline: i64,
+    /// The task's id (`<check>:<slot>:<attempt>`), for tasks of a check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 /// Payload of `lease.extended`.
@@ -176,6 +179,9 @@ pub struct LeaseReported {
     /// `finished`, `failed` or `cancelled`.
     pub outcome: String,
     pub result: serde_json::Value,
+    /// The task's id (`<check>:<slot>:<attempt>`), for tasks of a check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 impl Eq for LeaseReported {}
@@ -189,6 +195,9 @@ pub struct LeaseClosed {
     pub entry: String,
     /// `timeout`, `cancelled` or `lease_expired`.
     pub reason: String,
+    /// The task's id (`<check>:<slot>:<attempt>`), for tasks of a check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 /// Payload of `lease.expired`.
@@ -199,6 +208,9 @@ pub struct LeaseExpired {
     pub kind: String,
     pub entry: String,
     pub epoch: i64,
+    /// The task's id (`<check>:<slot>:<attempt>`), for tasks of a check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 /// Payload of `task.dead_lettered`.
@@ -209,6 +221,9 @@ pub struct TaskDeadLettered {
     pub kind: String,
     pub entry: String,
     pub deliveries: i64,
+    /// The task's id (`<check>:<slot>:<attempt>`), for tasks of a check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 #[cfg(test)]

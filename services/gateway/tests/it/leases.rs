@@ -112,6 +112,7 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
     // Closing an open lease fences its report; closing twice is a no-op.
     let other = LeaseToken::parse(&granted[1].token).unwrap();
     let task = TaskRef {
+        task: "",
         agent: "agent-a",
         kind: "dns",
         entry: &other.entry,
@@ -343,4 +344,132 @@ async fn entries_over_the_delivery_limit_go_to_the_dlq() {
     assert_eq!(fields["deliveries"], "3");
     assert_eq!(fields["spec"], "{\"host\":\"x\"}");
     assert_eq!(pending(&mut conn, &keys.tasks("agent-d", "trace")).await, 0);
+}
+
+async fn last_event(conn: &mut impl ConnectionLike, keys: &Keys, agent: &str) -> serde_json::Value {
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(keys.lease_events(keys.shard_of(agent)))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .unwrap();
+    serde_json::from_str(&events[0].1[0].1).unwrap()
+}
+
+async fn xlen(conn: &mut impl ConnectionLike, stream: &str) -> i64 {
+    redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+async fn tasks_by_id(conn: &mut impl ConnectionLike, keys: Keys) {
+    let leases = Leases::new(keys.clone(), settings(30_000, 5));
+    let agent = "agent-t";
+    let stream = keys.tasks(agent, "dns");
+    // Fan-out repeated (the outbox sweep after a crash) adds the task once.
+    let first = leases
+        .enqueue_task(conn, agent, "dns", "c1:0:1", "{}")
+        .await
+        .unwrap();
+    let again = leases
+        .enqueue_task(conn, agent, "dns", "c1:0:1", "{}")
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(xlen(conn, &stream).await, 1);
+
+    // The task id travels with the lease events.
+    let granted = leases
+        .claim(conn, agent, &rid(), &[("dns", 5)], now())
+        .await
+        .unwrap();
+    assert_eq!(granted.len(), 1);
+    assert_eq!(
+        last_event(conn, &keys, agent).await["payload"]["task"],
+        "c1:0:1"
+    );
+    let token = LeaseToken::parse(&granted[0].token).unwrap();
+    let result = serde_json::json!({"answers": []});
+    assert_eq!(
+        leases
+            .report(conn, &token, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Ok(())
+    );
+    let reported = last_event(conn, &keys, agent).await;
+    assert_eq!(
+        (
+            reported["type"].as_str(),
+            reported["payload"]["task"].as_str()
+        ),
+        (Some("lease.reported"), Some("c1:0:1"))
+    );
+
+    // Closed before it was sent: a late fan-out does not add it.
+    assert!(!leases
+        .close_task(conn, agent, "dns", "c1:1:1", CloseReason::Timeout, now())
+        .await
+        .unwrap());
+    assert_eq!(
+        leases
+            .enqueue_task(conn, agent, "dns", "c1:1:1", "{}")
+            .await
+            .unwrap(),
+        "closed"
+    );
+    assert_eq!(xlen(conn, &stream).await, 0);
+
+    // Closed while leased: the event names the task, and the report is fenced.
+    leases
+        .enqueue_task(conn, agent, "dns", "c1:2:1", "{}")
+        .await
+        .unwrap();
+    let granted = leases
+        .claim(conn, agent, &rid(), &[("dns", 5)], now())
+        .await
+        .unwrap();
+    let token = LeaseToken::parse(&granted[0].token).unwrap();
+    assert!(leases
+        .close_task(conn, agent, "dns", "c1:2:1", CloseReason::Cancelled, now())
+        .await
+        .unwrap());
+    let closed = last_event(conn, &keys, agent).await;
+    assert_eq!(
+        (closed["type"].as_str(), closed["payload"]["task"].as_str()),
+        (Some("lease.closed"), Some("c1:2:1"))
+    );
+    assert_eq!(
+        leases
+            .report(conn, &token, "finished", &result, now())
+            .await
+            .unwrap(),
+        Fenced::Refused("ERR_LEASE_CLOSED".into())
+    );
+    assert!(
+        !leases
+            .close_task(conn, agent, "dns", "c1:2:1", CloseReason::Cancelled, now())
+            .await
+            .unwrap(),
+        "closing twice"
+    );
+}
+
+#[tokio::test]
+async fn tasks_by_id_are_added_once_carried_in_events_and_closable() {
+    let redis = TestRedis::new();
+    let mut conn = redis.connection().await;
+    tasks_by_id(&mut conn, Keys::new(redis.prefix.clone(), 4)).await;
+}
+
+#[tokio::test]
+async fn tasks_by_id_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let mut conn = cluster.connection().await;
+    tasks_by_id(&mut conn, Keys::new("cp", 4)).await;
 }

@@ -70,6 +70,7 @@ async fn lease_events_become_task_rows_and_history() {
     assert_eq!(reported["results"][0]["status"], "acknowledged");
     let second = checkplane_wire::leases::LeaseToken::parse(&tokens[1]).unwrap();
     let task = TaskRef {
+        task: "",
         agent: &id,
         kind: "dns",
         entry: &second.entry,
@@ -145,6 +146,7 @@ async fn task_rows_do_not_depend_on_event_order() {
     let granted = event(
         1,
         EventBody::LeaseGranted(LeaseGranted {
+            task: None,
             agent_id: "a".into(),
             kind: "dns".into(),
             entry: "1-0".into(),
@@ -155,6 +157,7 @@ async fn task_rows_do_not_depend_on_event_order() {
     let reported = event(
         2,
         EventBody::LeaseReported(LeaseReported {
+            task: None,
             agent_id: "a".into(),
             kind: "dns".into(),
             entry: "1-0".into(),

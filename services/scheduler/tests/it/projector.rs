@@ -179,6 +179,7 @@ fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
                 Step::Granted(epoch) => (
                     None,
                     EventBody::LeaseGranted(LeaseGranted {
+                        task: None,
                         agent_id: agent.into(),
                         kind: "dns".into(),
                         entry: entry.into(),
@@ -197,6 +198,7 @@ fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
                 Step::Reported(epoch) => (
                     None,
                     EventBody::LeaseReported(LeaseReported {
+                        task: None,
                         agent_id: agent.into(),
                         kind: "dns".into(),
                         entry: entry.into(),
@@ -208,6 +210,7 @@ fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
                 Step::Closed => (
                     None,
                     EventBody::LeaseClosed(LeaseClosed {
+                        task: None,
                         agent_id: agent.into(),
                         kind: "dns".into(),
                         entry: entry.into(),

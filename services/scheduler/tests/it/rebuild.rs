@@ -63,6 +63,7 @@ async fn rebuild_reproduces_every_projection_table() {
         .await
         .unwrap();
     let task = TaskRef {
+        task: "",
         agent: &ids[1],
         kind: "dns",
         entry: &second.entry,
