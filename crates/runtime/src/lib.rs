@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod doorbell;
+pub mod fanout;
 pub mod health;
 pub mod http;
 pub mod keys;

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use checkplane_wire::events::Event;
+use checkplane_wire::events::{Event, EventBody};
 use tokio_postgres::GenericClient;
 
 use crate::projection::{self, ApplyError};
@@ -84,11 +84,12 @@ pub enum SweepError {
     Redis(#[from] redis::RedisError),
 }
 
-/// Publish outbox rows older than `min_age` (younger ones are still being published by their
+/// Publish outbox rows older than `min_age` (for a `check.created`, add its tasks first) (younger ones are still being published by their
 /// gateway), at most `limit`; returns how many. Replicas skip each other's rows.
 pub async fn sweep(
     pg: &deadpool_postgres::Pool,
     redis: &deadpool_redis::Pool,
+    leases: &crate::leases::Leases,
     min_age: Duration,
     limit: i64,
 ) -> Result<usize, SweepError> {
@@ -113,6 +114,15 @@ pub async fn sweep(
     for row in &rows {
         let stream: String = row.get(1);
         let event: String = row.get(2);
+        // A check's tasks first (each added once, whatever its gateway managed), then the
+        // event that announces it.
+        if let Ok(Event {
+            body: EventBody::CheckCreated(check),
+            ..
+        }) = serde_json::from_str::<Event>(&event)
+        {
+            crate::fanout::enqueue_check(&*conn, leases, &check).await?;
+        }
         xadd(&mut conn, &stream, &event).await?;
         ids.push(row.get::<_, uuid::Uuid>(0));
     }

@@ -9,10 +9,13 @@
 //! - history tables insert every event, keyed by `event_id`;
 //! - values that merge (first registration time) use an order-free merge (`LEAST`).
 
+mod checks;
+
 use checkplane_wire::events::{
     AgentPresence, AgentRegistered, Event, EventBody, KeyCreated, KeyRevoked,
 };
 use checkplane_wire::leases::LeaseToken;
+use checks::SlotChange;
 use tokio_postgres::GenericClient;
 
 /// Why an event could not be applied.
@@ -40,6 +43,8 @@ impl ApplyError {
 
 /// The projection tables `apply` writes: what `rebuild` truncates and replays.
 pub const PROJECTION_TABLES: &[&str] = &[
+    "checks",
+    "check_slots",
     "agents",
     "agent_status_history",
     "tasks",
@@ -48,8 +53,17 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "audit_log",
 ];
 
+/// Columns that count in apply order rather than event order (the live results cursor and
+/// the ETag revision): `rebuild` recomputes them in event order, so they are left out when
+/// comparing a rebuild with what it replaced.
+pub const DELIVERY_CURSORS: &[(&str, &str)] = &[
+    ("checks", "seq"),
+    ("checks", "revision"),
+    ("check_slots", "seq"),
+];
+
 /// Timestamps from event milliseconds, with exact integer arithmetic.
-const AT: &str = "('epoch'::timestamptz + $1::bigint * interval '1 millisecond')";
+pub(crate) const AT: &str = "('epoch'::timestamptz + $1::bigint * interval '1 millisecond')";
 
 /// Insert the event into `events`; `false` when its `event_id` is there already.
 pub async fn record(client: &impl GenericClient, event: &Event) -> Result<bool, ApplyError> {
@@ -134,13 +148,32 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
             apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
         }
         EventBody::LeaseExtended(e) => apply_extended(client, event, e).await,
+        EventBody::CheckCreated(e) => checks::apply_created(client, event, e).await,
         EventBody::KeyCreated(e) => apply_key_created(client, event, e).await,
         EventBody::KeyRevoked(e) => apply_key_revoked(client, event, e).await,
     }?;
+    if let Some((task, change)) = slot_change(&event.body) {
+        checks::apply_slot(client, event, task, change).await?;
+    }
     if event.body.is_operator_action() {
         audit(client, event).await?;
     }
     Ok(())
+}
+
+/// The check slot a lease event moves, if its task belongs to a check.
+fn slot_change(body: &EventBody) -> Option<(&str, SlotChange<'_>)> {
+    let ended = |outcome, result| SlotChange::Ended { outcome, result };
+    match body {
+        EventBody::LeaseGranted(e) => Some((e.task.as_deref()?, SlotChange::Leased)),
+        EventBody::LeaseReported(e) => {
+            Some((e.task.as_deref()?, ended(&e.outcome, Some(&e.result))))
+        }
+        EventBody::LeaseClosed(e) => Some((e.task.as_deref()?, ended(&e.reason, None))),
+        EventBody::LeaseExpired(e) => Some((e.task.as_deref()?, ended("lease_expired", None))),
+        EventBody::TaskDeadLettered(e) => Some((e.task.as_deref()?, ended("dead_lettered", None))),
+        _ => None,
+    }
 }
 
 /// The audit record of an operator action: who, when, what, on what, and the payload
@@ -675,9 +708,14 @@ pub async fn canonical_dump(
 ) -> Result<Vec<(String, Vec<String>)>, ApplyError> {
     let mut dump = Vec::new();
     for table in PROJECTION_TABLES {
+        let cursors: String = DELIVERY_CURSORS
+            .iter()
+            .filter(|(t, _)| t == table)
+            .map(|(_, column)| format!(" - '{column}'"))
+            .collect();
         let rows = client
             .query(
-                &format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY 1"),
+                &format!("SELECT (to_jsonb(t){cursors})::text FROM {table} t ORDER BY 1"),
                 &[],
             )
             .await?;

@@ -23,6 +23,49 @@ pub const MAX_URL: usize = 2048;
 /// Most request headers of an HTTP check.
 pub const MAX_HEADERS: usize = 16;
 
+/// How long a check of `kind` may take before its open slots end as `timeout` (ms).
+pub fn deadline_ms(kind: &str) -> i64 {
+    match kind {
+        "dns" | "tcp" => 15_000,
+        "trace" => 90_000,
+        _ => 30_000,
+    }
+}
+
+/// A task's id: `<check>:<slot>:<attempt>`.
+pub fn task_id(check: uuid::Uuid, slot: u32, attempt: u32) -> String {
+    format!("{check}:{slot}:{attempt}")
+}
+
+/// The parts of a task id.
+pub fn parse_task_id(task: &str) -> Option<(uuid::Uuid, u32, u32)> {
+    let mut parts = task.split(':');
+    let check = uuid::Uuid::parse_str(parts.next()?).ok()?;
+    let slot = parts.next()?.parse().ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((check, slot, attempt))
+}
+
+/// What an agent receives as a lease's `spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub check_id: uuid::Uuid,
+    pub slot: u32,
+    pub attempt: u32,
+    pub kind: String,
+    pub target: String,
+    pub options: serde_json::Value,
+    /// When the check stops waiting for this result (ms since the epoch).
+    pub deadline_ms: i64,
+}
+
+/// `POST /v1/checks` answers 202 with this (and `Location: /v1/checks/<id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckAccepted {
+    pub id: uuid::Uuid,
+    pub agents_count: u32,
+}
+
 /// The body of `POST /v1/checks`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -66,6 +66,9 @@ pub enum EventBody {
     /// A task went over the delivery limit.
     #[serde(rename = "task.dead_lettered")]
     TaskDeadLettered(TaskDeadLettered),
+    /// An operator created a check: its spec and the agents chosen for its slots.
+    #[serde(rename = "check.created")]
+    CheckCreated(Box<CheckCreated>),
     /// An operator API key was made.
     #[serde(rename = "key.created")]
     KeyCreated(KeyCreated),
@@ -87,6 +90,7 @@ impl EventBody {
             Self::LeaseClosed(_) => "lease.closed",
             Self::LeaseExpired(_) => "lease.expired",
             Self::TaskDeadLettered(_) => "task.dead_lettered",
+            Self::CheckCreated(_) => "check.created",
             Self::KeyCreated(_) => "key.created",
             Self::KeyRevoked(_) => "key.revoked",
         }
@@ -94,7 +98,10 @@ impl EventBody {
 
     /// Whether an operator caused it: such events are also written to the audit log.
     pub fn is_operator_action(&self) -> bool {
-        matches!(self, Self::KeyCreated(_) | Self::KeyRevoked(_))
+        matches!(
+            self,
+            Self::KeyCreated(_) | Self::KeyRevoked(_) | Self::CheckCreated(_)
+        )
     }
 }
 
@@ -285,4 +292,34 @@ pub struct KeyCreated {
 #[serde(deny_unknown_fields)]
 pub struct KeyRevoked {
     pub key_id: String,
+}
+
+/// Payload of `check.created`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckCreated {
+    pub check_id: Uuid,
+    pub kind: String,
+    pub target: String,
+    /// The kind's options, defaults filled in.
+    pub options: serde_json::Value,
+    /// The selection as asked (`locations`, `limit` or `reuse`).
+    pub selection: serde_json::Value,
+    /// When open slots are closed as `timeout` (ms since the epoch).
+    pub deadline: i64,
+    pub slots: Vec<CheckSlot>,
+}
+
+impl Eq for CheckCreated {}
+
+/// One slot of a check: the agent chosen for its first attempt, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSlot {
+    pub slot: u32,
+    pub agent_id: String,
+    pub location: Location,
+    /// Which `locations` entry the slot is for (retries keep to it); none for `limit`/`reuse`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<u32>,
 }

@@ -29,6 +29,8 @@ pub struct Config {
     /// `GATEWAY_AUTH_CACHE_TTL`: how long a verified agent token is trusted without asking
     /// PostgreSQL again.
     pub auth_cache_ttl: Duration,
+    /// `GATEWAY_ALLOW_PRIVATE_TARGETS`: accept targets in private and reserved ranges.
+    pub allow_private_targets: bool,
 }
 
 /// Read the gateway's configuration.
@@ -75,7 +77,9 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         Duration::ZERO,
         Duration::from_secs(300),
     )?;
+    let allow_private_targets = env.bool("GATEWAY_ALLOW_PRIVATE_TARGETS", false)?;
     Ok(Config {
+        allow_private_targets,
         auth_cache_ttl,
         service,
         enrollment_token,

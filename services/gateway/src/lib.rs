@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod geoip;
@@ -72,6 +73,7 @@ pub async fn run(
             agents::router()
                 .merge(leases::router())
                 .merge(operators::router())
+                .merge(checks::router())
                 .with_state(state)
         },
     )

@@ -109,16 +109,20 @@ pub async fn run(
 
             let (pg, redis, schema) = (stores.pg.clone(), stores.redis.clone(), stores.clone());
             let min_age = config.outbox_min_age;
+            // Only `enqueue_task` is used by the sweep: it needs the keys and the ref TTL.
+            let fanout = Leases::new(keys.clone(), LeaseSettings::new(0, 0));
             every(
                 tracker,
                 shutdown,
                 "outbox_sweep",
                 Duration::from_secs(1),
                 move || {
-                    let (pg, redis, schema) = (pg.clone(), redis.clone(), schema.clone());
+                    let (pg, redis, schema, fanout) =
+                        (pg.clone(), redis.clone(), schema.clone(), fanout.clone());
                     async move {
                         schema.schema_current().await;
-                        while checkplane_runtime::outbox::sweep(&pg, &redis, min_age, 500).await?
+                        while checkplane_runtime::outbox::sweep(&pg, &redis, &fanout, min_age, 500)
+                            .await?
                             == 500
                         {}
                         Ok::<_, checkplane_runtime::outbox::SweepError>(())

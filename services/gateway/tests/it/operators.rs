@@ -46,24 +46,42 @@ impl Gw {
     }
 }
 
-/// Every operator route with the least role it needs. A new route joins this table.
-fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role)> {
+/// Every operator route with the least role it needs and what that role gets. A new route
+/// joins this table.
+fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role, u16)> {
     vec![
-        ("GET", "/v1/agents".into(), None, Role::Viewer),
-        ("GET", "/v1/keys".into(), None, Role::Admin),
+        ("GET", "/v1/agents".into(), None, Role::Viewer, 200),
+        ("GET", "/v1/keys".into(), None, Role::Admin, 200),
         (
             "POST",
             "/v1/keys".into(),
             Some(json!({"name": "from-table", "role": "viewer"})),
             Role::Admin,
+            201,
         ),
         (
             "DELETE",
             format!("/v1/keys/{spare_key_id}"),
             None,
             Role::Admin,
+            204,
         ),
-        ("GET", "/v1/audit".into(), None, Role::Admin),
+        ("GET", "/v1/audit".into(), None, Role::Admin, 200),
+        // No agents in this installation: the check is refused after authorisation.
+        (
+            "POST",
+            "/v1/checks".into(),
+            Some(json!({"kind": "dns", "target": "example.com", "limit": 1})),
+            Role::Operator,
+            422,
+        ),
+        (
+            "GET",
+            "/v1/checks/01234567-89ab-7def-8123-456789abcdef".into(),
+            None,
+            Role::Viewer,
+            404,
+        ),
     ]
 }
 
@@ -76,7 +94,7 @@ async fn every_operator_route_refuses_a_missing_key_and_a_lower_role() {
     }
     let (spare, _) = gw.key(Role::Viewer, "spare").await;
     let unknown = "cpk_0123456789ab_not-a-real-secret";
-    for (method, path, body, needed) in routes(&spare) {
+    for (method, path, body, needed, granted) in routes(&spare) {
         let (status, answer) = gw.call(method, &path, None, body.clone()).await;
         assert_eq!(status, 401, "{method} {path} without a key: {answer}");
         assert_eq!(answer["error"]["code"], "ERR_UNAUTHORIZED");
@@ -85,10 +103,7 @@ async fn every_operator_route_refuses_a_missing_key_and_a_lower_role() {
         for (role, key) in &keys {
             let (status, answer) = gw.call(method, &path, Some(key), body.clone()).await;
             if role.allows(needed) {
-                assert!(
-                    (200..300).contains(&status),
-                    "{method} {path} as {role}: {status} {answer}"
-                );
+                assert_eq!(status, granted, "{method} {path} as {role}: {answer}");
             } else {
                 assert_eq!(status, 403, "{method} {path} as {role}: {answer}");
                 assert_eq!(answer["error"]["code"], "ERR_FORBIDDEN");
@@ -236,4 +251,97 @@ async fn keys_are_stored_hashed_revocable_and_audited() {
             "{field}: {answer}"
         );
     }
+}
+
+#[tokio::test]
+async fn check_targets_in_private_ranges_are_refused_and_bad_options_named() {
+    let gw = start().await;
+    for target in [
+        "127.0.0.1",
+        "0x7f.1",
+        "2130706433",
+        "[::1]",
+        "::ffff:10.0.0.1",
+        "169.254.169.254",
+        "localhost",
+    ] {
+        let (status, answer) = gw
+            .call(
+                "POST",
+                "/v1/checks",
+                Some(ADMIN),
+                Some(json!({"kind": "ping", "target": target, "limit": 1})),
+            )
+            .await;
+        assert_eq!(status, 422, "{target}: {answer}");
+        assert_eq!(answer["error"]["code"], "ERR_TARGET_FORBIDDEN", "{target}");
+        assert!(answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("target:"));
+    }
+    let (status, answer) = gw
+        .call(
+            "POST",
+            "/v1/checks",
+            Some(ADMIN),
+            Some(json!({"kind": "http", "target": "http://0x7f000001:8080/", "limit": 1})),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (422, Some("ERR_TARGET_FORBIDDEN"))
+    );
+    for (body, field) in [
+        (
+            json!({"kind": "tcp", "target": "example.com", "limit": 1}),
+            "options.port",
+        ),
+        (
+            json!({"kind": "dns", "target": "example.com", "options": {"type": "ANY"}, "limit": 1}),
+            "options.type",
+        ),
+        (
+            json!({"kind": "ping", "target": "example.com", "options": {"packets": 99}, "limit": 1}),
+            "options.packets",
+        ),
+        (
+            json!({"kind": "ping", "target": "example.com", "limit": 5000}),
+            "limit",
+        ),
+    ] {
+        let (status, answer) = gw.call("POST", "/v1/checks", Some(ADMIN), Some(body)).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (422, Some("ERR_VALIDATION"))
+        );
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(field),
+            "{answer}"
+        );
+    }
+    // Not JSON, unknown fields, too large: the envelope, never a 500.
+    let (status, answer) = gw
+        .call(
+            "POST",
+            "/v1/checks",
+            Some(ADMIN),
+            Some(json!({"kind": "ping", "target": "x.com", "limit": 1, "colour": "red"})),
+        )
+        .await;
+    assert!(status == 400 || status == 422, "{answer}");
+    assert!(answer["error"]["code"].is_string());
+    let huge = "a".repeat(70 * 1024);
+    let (status, _) = gw
+        .call(
+            "POST",
+            "/v1/checks",
+            Some(ADMIN),
+            Some(json!({"kind": "ping", "target": huge, "limit": 1})),
+        )
+        .await;
+    assert_eq!(status, 413);
 }

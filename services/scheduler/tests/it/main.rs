@@ -1,6 +1,7 @@
 //! Black-box tests of the scheduler against real PostgreSQL and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod checks;
 mod cluster;
 mod leases;
 mod outbox;

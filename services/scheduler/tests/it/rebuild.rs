@@ -101,6 +101,16 @@ async fn rebuild_reproduces_every_projection_table() {
         (history == 4 && events == 15).then_some(())
     })
     .await;
+    // A check on one of the online agents (one more event, and an audit record).
+    let created = http
+        .post(gw.url("/v1/checks"))
+        .header("x-api-key", admin)
+        .json(&serde_json::json!({"kind": "dns", "target": "example.com", "limit": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 202);
+    assert_eq!(count(&db, "SELECT count(*) FROM check_slots").await, 2);
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 

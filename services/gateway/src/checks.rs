@@ -1,0 +1,435 @@
+//! The checks API: create a check (select agents, record it with its slots, fan its tasks
+//! out), read it with its results.
+
+use std::collections::HashSet;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::http::{ApiError, ApiJson};
+use checkplane_runtime::{fanout, outbox};
+use checkplane_wire::checks::{
+    deadline_ms, CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, Selection,
+};
+use checkplane_wire::events::{CheckCreated, CheckSlot, Event, EventBody, Location, SCHEMA};
+use checkplane_wire::ErrorCode;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::auth::{Operator, Viewer};
+use crate::state::AppState;
+
+/// How long fan-out and publishing may take before they are left to the outbox sweep.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Candidates read per selection query: room to spread over networks.
+const CANDIDATES_MAX: i64 = 5000;
+const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/checks",
+            post(create).layer(DefaultBodyLimit::max(64 * 1024)),
+        )
+        .route("/v1/checks/{id}", get(read))
+}
+
+fn refused(error: CheckError) -> ApiError {
+    match error {
+        CheckError::Invalid(message) => ApiError::validation(message),
+        forbidden @ CheckError::Forbidden { .. } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::TargetForbidden,
+            forbidden.to_string(),
+        ),
+    }
+}
+
+/// An online agent that can run the check.
+struct Candidate {
+    agent_id: String,
+    location: Location,
+}
+
+impl Candidate {
+    /// What "distinct networks" compares: the ASN, else the network name, else the agent.
+    fn network_key(&self) -> String {
+        match (&self.location.asn, &self.location.network) {
+            (Some(asn), _) => format!("as{asn}"),
+            (None, Some(network)) => format!("net:{}", network.to_lowercase()),
+            (None, None) => format!("agent:{}", self.agent_id),
+        }
+    }
+}
+
+fn candidate(row: &tokio_postgres::Row) -> Candidate {
+    Candidate {
+        agent_id: row.get(0),
+        location: Location {
+            country: row.get(1),
+            city: row.get(2),
+            asn: row
+                .get::<_, Option<i64>>(3)
+                .and_then(|a| u32::try_from(a).ok()),
+            network: row.get(4),
+        },
+    }
+}
+
+/// Online agents with the capability matching `filter`, least recently chosen first.
+async fn candidates(
+    tx: &tokio_postgres::Transaction<'_>,
+    kind: &str,
+    filter: &LocationRequest,
+) -> Result<Vec<Candidate>, ApiError> {
+    let mut with_value = serde_json::Map::new();
+    let mut keys_only: Vec<String> = Vec::new();
+    for tag in &filter.tags {
+        match tag.split_once(':') {
+            Some((k, v)) => {
+                with_value.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
+            }
+            None => keys_only.push(tag.clone()),
+        }
+    }
+    let rows = tx
+        .query(
+            "SELECT a.agent_id, a.country, a.city, a.asn, a.network
+             FROM agents a LEFT JOIN agent_selection s USING (agent_id)
+             WHERE a.status = 'online' AND a.capabilities ? $1
+               AND ($2::text IS NULL OR a.country = $2)
+               AND ($3::text IS NULL OR lower(a.city) = lower($3))
+               AND ($4::bigint IS NULL OR a.asn = $4)
+               AND ($5::text IS NULL OR lower(a.network) = lower($5))
+               AND a.labels @> $6::jsonb
+               AND a.labels ?& $7::text[]
+             ORDER BY s.last_selected_at NULLS FIRST, a.agent_id
+             LIMIT $8",
+            &[
+                &kind,
+                &filter.country,
+                &filter.city,
+                &filter.asn.map(i64::from),
+                &filter.network,
+                &serde_json::Value::Object(with_value),
+                &keys_only,
+                &CANDIDATES_MAX,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(candidate).collect())
+}
+
+/// Up to `want` of `pool` (in rotation order), not already `taken`: first one per network not
+/// yet used, then the rest.
+fn spread(
+    pool: Vec<Candidate>,
+    want: usize,
+    taken: &mut HashSet<String>,
+    networks: &mut HashSet<String>,
+) -> Vec<Candidate> {
+    let mut chosen = Vec::new();
+    let mut later = Vec::new();
+    for c in pool {
+        if chosen.len() >= want {
+            break;
+        }
+        if taken.contains(&c.agent_id) {
+            continue;
+        }
+        if networks.insert(c.network_key()) {
+            taken.insert(c.agent_id.clone());
+            chosen.push(c);
+        } else {
+            later.push(c);
+        }
+    }
+    for c in later {
+        if chosen.len() >= want {
+            break;
+        }
+        if taken.insert(c.agent_id.clone()) {
+            chosen.push(c);
+        }
+    }
+    chosen
+}
+
+/// The agents for each slot, with the `locations` entry each is for.
+async fn select(
+    tx: &tokio_postgres::Transaction<'_>,
+    kind: &str,
+    selection: &Selection,
+) -> Result<Vec<(Candidate, Option<u32>)>, ApiError> {
+    let mut taken = HashSet::new();
+    let mut networks = HashSet::new();
+    match selection {
+        Selection::Anywhere(limit) => {
+            let pool = candidates(tx, kind, &LocationRequest::default()).await?;
+            Ok(spread(pool, *limit as usize, &mut taken, &mut networks)
+                .into_iter()
+                .map(|c| (c, None))
+                .collect())
+        }
+        Selection::Locations(entries) => {
+            let mut out = Vec::new();
+            for (i, entry) in entries.iter().enumerate() {
+                let pool = candidates(tx, kind, entry).await?;
+                let chosen = spread(pool, entry.limit as usize, &mut taken, &mut networks);
+                out.extend(chosen.into_iter().map(|c| (c, Some(i as u32))));
+            }
+            Ok(out)
+        }
+        Selection::Reuse(previous) => {
+            let exists = tx
+                .query_opt("SELECT 1 FROM checks WHERE check_id = $1", &[previous])
+                .await?;
+            if exists.is_none() {
+                return Err(ApiError::validation("reuse: no such check"));
+            }
+            let rows = tx
+                .query(
+                    "SELECT a.agent_id, a.country, a.city, a.asn, a.network
+                     FROM check_slots s JOIN agents a USING (agent_id)
+                     WHERE s.check_id = $1 AND a.status = 'online' AND a.capabilities ? $2
+                     ORDER BY s.slot",
+                    &[previous, &kind],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(candidate)
+                .filter(|c| taken.insert(c.agent_id.clone()))
+                .map(|c| (c, None))
+                .collect())
+        }
+    }
+}
+
+async fn create(
+    State(app): State<AppState>,
+    operator: Operator,
+    ApiJson(request): ApiJson<CreateCheckRequest>,
+) -> Result<Response, ApiError> {
+    let (spec, selection) = request
+        .validate(app.config.allow_private_targets)
+        .map_err(refused)?;
+    let check_id = Uuid::now_v7();
+    let now = now_ms();
+    let stream = app.keys.events("checks");
+
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    let chosen = select(&tx, &spec.kind, &selection).await?;
+    if chosen.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::NoAgents,
+            format!(
+                "no online agent with the {} capability matches the selection",
+                spec.kind
+            ),
+        ));
+    }
+    let agent_ids: Vec<&str> = chosen.iter().map(|(c, _)| c.agent_id.as_str()).collect();
+    tx.execute(
+        "INSERT INTO agent_selection (agent_id, last_selected_at, selections)
+         SELECT a, clock_timestamp(), 1 FROM unnest($1::text[]) AS a
+         ON CONFLICT (agent_id) DO UPDATE
+         SET last_selected_at = EXCLUDED.last_selected_at,
+             selections = agent_selection.selections + 1",
+        &[&agent_ids],
+    )
+    .await?;
+    let created = CheckCreated {
+        check_id,
+        kind: spec.kind.clone(),
+        target: spec.target.clone(),
+        options: spec.options.clone(),
+        selection: serde_json::to_value(&selection).unwrap_or_default(),
+        deadline: now + deadline_ms(&spec.kind),
+        slots: chosen
+            .into_iter()
+            .enumerate()
+            .map(|(slot, (c, constraint))| CheckSlot {
+                slot: slot as u32,
+                agent_id: c.agent_id,
+                location: c.location,
+                constraint,
+            })
+            .collect(),
+    };
+    let agents_count = created.slots.len() as u32;
+    let event = Event {
+        event_id: Uuid::now_v7(),
+        aggregate_id: format!("check:{check_id}"),
+        version: 1,
+        occurred_at: now,
+        actor: operator.caller.actor(),
+        schema: SCHEMA,
+        body: EventBody::CheckCreated(Box::new(created.clone())),
+    };
+    outbox::append(&*tx, &event, &stream)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    tx.commit().await?;
+    drop(client);
+    tracing::info!(%check_id, kind = %spec.kind, agents = agents_count, "check created");
+
+    let fanned = tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        fanout::enqueue_check(&app.stores.redis_shared, &app.leases, &created),
+    )
+    .await;
+    match fanned {
+        Ok(Ok(())) => {
+            outbox::publish(
+                &app.stores.pg,
+                &app.stores.redis,
+                &stream,
+                &event,
+                PUBLISH_TIMEOUT,
+            )
+            .await
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%check_id, %error, "fan-out left to the outbox sweep");
+        }
+        Err(_) => tracing::warn!(%check_id, "fan-out timed out; left to the outbox sweep"),
+    }
+
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(CheckAccepted {
+            id: check_id,
+            agents_count,
+        }),
+    )
+        .into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/checks/{check_id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Serialize)]
+struct SlotView {
+    slot: i32,
+    attempt: i32,
+    agent_id: Option<String>,
+    location: serde_json::Value,
+    status: String,
+    outcome: Option<String>,
+    result: Option<serde_json::Value>,
+    seq: Option<i64>,
+    started_at: Option<String>,
+    done_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct CheckView {
+    id: Uuid,
+    kind: String,
+    target: String,
+    options: serde_json::Value,
+    selection: serde_json::Value,
+    status: String,
+    agents_count: i32,
+    done_count: i32,
+    seq: i64,
+    created_at: String,
+    created_by: String,
+    deadline: String,
+    finished_at: Option<String>,
+    results: Vec<SlotView>,
+}
+
+async fn read(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found("no such check");
+    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let client = app.stores.pg.get().await?;
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT kind, target, options, selection, status, slots, slots_done, seq, revision,
+                        to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
+                        to_char(deadline AT TIME ZONE 'UTC', {RFC3339}),
+                        to_char(finished_at AT TIME ZONE 'UTC', {RFC3339})
+                 FROM checks WHERE check_id = $1"
+            ),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(not_found)?;
+    let etag = format!("\"{}\"", row.get::<_, i64>(8));
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if unchanged {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(value) = HeaderValue::from_str(&etag) {
+            response.headers_mut().insert(header::ETAG, value);
+        }
+        return Ok(response);
+    }
+    let slots = client
+        .query(
+            &format!(
+                "SELECT slot, attempt, agent_id, country, city, asn, network, status, outcome,
+                        result, seq, to_char(started_at AT TIME ZONE 'UTC', {RFC3339}),
+                        to_char(done_at AT TIME ZONE 'UTC', {RFC3339})
+                 FROM check_slots WHERE check_id = $1 ORDER BY slot"
+            ),
+            &[&id],
+        )
+        .await?;
+    let view = CheckView {
+        id,
+        kind: row.get(0),
+        target: row.get(1),
+        options: row.get(2),
+        selection: row.get(3),
+        status: row.get(4),
+        agents_count: row.get(5),
+        done_count: row.get(6),
+        seq: row.get(7),
+        created_at: row.get(9),
+        created_by: row.get(10),
+        deadline: row.get(11),
+        finished_at: row.get(12),
+        results: slots
+            .iter()
+            .map(|r| SlotView {
+                slot: r.get(0),
+                attempt: r.get(1),
+                agent_id: r.get(2),
+                location: serde_json::json!({
+                    "country": r.get::<_, Option<String>>(3),
+                    "city": r.get::<_, Option<String>>(4),
+                    "asn": r.get::<_, Option<i64>>(5),
+                    "network": r.get::<_, Option<String>>(6),
+                }),
+                status: r.get(7),
+                outcome: r.get(8),
+                result: r.get(9),
+                seq: r.get(10),
+                started_at: r.get(11),
+                done_at: r.get(12),
+            })
+            .collect(),
+    };
+    let mut response = Json(view).into_response();
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    Ok(response)
+}

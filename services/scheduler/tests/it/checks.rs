@@ -1,0 +1,354 @@
+//! Checks end to end: created over HTTP, fanned out to the chosen agents, run by simulated
+//! agents (claim + report), results projected and readable, with selection by location,
+//! distinct networks and rotation.
+
+use std::time::Duration;
+
+use checkplane_testkit::{agent_post, eventually, Running, TestDb, TestRedis};
+use serde_json::{json, Value};
+
+use crate::{count, start_gateway, start_scheduler, ENROLL};
+
+const ADMIN: &str = "admin-key-0123456789abcdef";
+
+type Service = Running<checkplane_runtime::RunError>;
+
+struct Stand {
+    gw: Service,
+    sched: Service,
+    db: TestDb,
+    http: reqwest::Client,
+}
+
+async fn stand() -> Stand {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gw = start_gateway(
+        &db,
+        &redis,
+        &[
+            ("GATEWAY_ADMIN_KEY", ADMIN),
+            ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
+        ],
+    )
+    .await;
+    let sched = start_scheduler(&db, &redis, &[]).await;
+    Stand {
+        gw,
+        sched,
+        db,
+        http: reqwest::Client::new(),
+    }
+}
+
+/// A simulated agent: registered with a declared location, heartbeating once.
+struct Agent {
+    id: String,
+    token: String,
+}
+
+impl Stand {
+    async fn agent(&self, host: &str, country: &str, asn: u32, kinds: &[&str]) -> Agent {
+        let capabilities: serde_json::Map<String, Value> =
+            kinds.iter().map(|k| ((*k).to_owned(), json!(4))).collect();
+        let (id, token) = checkplane_testkit::register_agent(
+            &self.http,
+            &self.gw.url(""),
+            ENROLL,
+            &json!({"hostname": host, "capabilities": capabilities,
+                    "location": {"country": country, "asn": asn}}),
+        )
+        .await;
+        let (status, _) = agent_post(
+            &self.http,
+            &self.gw.url("/v1/agents/heartbeat"),
+            &id,
+            &token,
+            &json!({}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        Agent { id, token }
+    }
+
+    /// Wait until the projector has every one of `agents` online.
+    async fn online(&self, agents: &[&Agent]) {
+        let ids: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
+        eventually("agents online", Duration::from_secs(10), || async {
+            let n: i64 = self
+                .db
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM agents WHERE status = 'online' AND agent_id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == ids.len() as i64).then_some(())
+        })
+        .await;
+    }
+
+    async fn create(&self, body: Value) -> (u16, Value, Option<String>) {
+        let response = self
+            .http
+            .post(self.gw.url("/v1/checks"))
+            .header("x-api-key", ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let location = response
+            .headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (
+            status,
+            response.json().await.unwrap_or(Value::Null),
+            location,
+        )
+    }
+
+    async fn check(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(self.gw.url(path))
+            .header("x-api-key", ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Claim (waiting up to a second) as `agent`: the leases.
+    async fn claim(&self, agent: &Agent, kind: &str) -> Vec<Value> {
+        let (status, body) = agent_post(
+            &self.http,
+            &self.gw.url("/v1/agents/claim"),
+            &agent.id,
+            &agent.token,
+            &json!({"capacities": {kind: 4}, "request_id": uuid::Uuid::new_v4().simple().to_string(), "wait_ms": 1000}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        body["leases"].as_array().unwrap().clone()
+    }
+
+    async fn report(&self, agent: &Agent, token: &str, result: Value) {
+        let (status, body) = agent_post(
+            &self.http,
+            &self.gw.url("/v1/agents/report"),
+            &agent.id,
+            &agent.token,
+            &json!({"completed": [{"token": token, "result": result}]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"][0]["status"], "acknowledged", "{body}");
+    }
+
+    async fn stop(self) {
+        self.sched.stop().await.unwrap();
+        self.gw.stop().await.unwrap();
+    }
+}
+
+fn chosen(check: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = check["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["agent_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_runs_on_its_agents_and_its_results_are_readable() {
+    let s = stand().await;
+    let nl = s.agent("nl-1", "NL", 1136, &["dns"]).await;
+    let de = s.agent("de-1", "DE", 3320, &["dns"]).await;
+    let us = s.agent("us-1", "US", 7018, &["dns", "http"]).await;
+    s.online(&[&nl, &de, &us]).await;
+
+    let (status, accepted, location) = s
+        .create(
+            json!({"kind": "dns", "target": "example.com", "options": {"type": "AAAA"},
+                       "locations": [{"country": "NL"}, {"country": "DE"}]}),
+        )
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["agents_count"], 2);
+    let location = location.expect("a Location header");
+    assert_eq!(
+        location,
+        format!("/v1/checks/{}", accepted["id"].as_str().unwrap())
+    );
+
+    // Readable at once, before any agent has done anything.
+    let check = s.check(&location).await;
+    assert_eq!(check["status"], "queued");
+    assert_eq!(chosen(&check), {
+        let mut ids = vec![nl.id.clone(), de.id.clone()];
+        ids.sort();
+        ids
+    });
+    assert_eq!(check["results"][0]["location"]["country"], "NL");
+
+    // The chosen agents get the task; the other one gets nothing.
+    assert!(s.claim(&us, "dns").await.is_empty());
+    for (agent, address) in [(&nl, "2001:db8::1"), (&de, "2001:db8::2")] {
+        let leases = s.claim(agent, "dns").await;
+        assert_eq!(leases.len(), 1, "{leases:?}");
+        let spec = &leases[0]["spec"];
+        assert_eq!(spec["check_id"], accepted["id"]);
+        assert_eq!(
+            (spec["kind"].as_str(), spec["target"].as_str()),
+            (Some("dns"), Some("example.com"))
+        );
+        assert_eq!(spec["options"]["type"], "AAAA");
+        let answers = json!({"answers": [{"name": "example.com", "type": "AAAA", "ttl": 60, "class": "IN", "value": address}]});
+        s.report(agent, leases[0]["token"].as_str().unwrap(), answers)
+            .await;
+    }
+
+    let done = eventually("the check finishes", Duration::from_secs(10), || async {
+        let check = s.check(&location).await;
+        (check["status"] == "finished").then_some(check)
+    })
+    .await;
+    assert_eq!(done["done_count"], 2);
+    assert_eq!(done["seq"], 2);
+    let results = done["results"].as_array().unwrap();
+    assert!(results
+        .iter()
+        .all(|r| r["outcome"] == "finished" && r["status"] == "done"));
+    let values: Vec<&str> = results
+        .iter()
+        .map(|r| {
+            r["result"]["result"]["answers"][0]["value"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(values.len(), 2);
+    assert!(done["finished_at"].is_string());
+
+    // ETag: the same revision answers 304.
+    let response = s
+        .http
+        .get(s.gw.url(&location))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+    let again = s
+        .http
+        .get(s.gw.url(&location))
+        .header("x-api-key", ADMIN)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 304);
+
+    // Nothing matches: 422 ERR_NO_AGENTS at once.
+    let (status, body, _) = s
+        .create(json!({"kind": "http", "target": "http://127.0.0.1:9/", "locations": [{"country": "NL"}]}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("ERR_NO_AGENTS")),
+        "{body}"
+    );
+    // An unknown check: 404; a malformed id too.
+    for path in [
+        "/v1/checks/01234567-89ab-7def-8123-456789abcdef",
+        "/v1/checks/nope",
+    ] {
+        let response = s
+            .http
+            .get(s.gw.url(path))
+            .header("x-api-key", ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 404);
+    }
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM projection_failures").await,
+        0
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn selection_spreads_over_networks_and_rotates() {
+    let s = stand().await;
+    // Two agents share AS 64500; one each in AS 64501 and 64502.
+    let a1 = s.agent("a1", "NL", 64500, &["ping"]).await;
+    let a2 = s.agent("a2", "NL", 64500, &["ping"]).await;
+    let b = s.agent("b", "NL", 64501, &["ping"]).await;
+    let c = s.agent("c", "DE", 64502, &["ping"]).await;
+    s.online(&[&a1, &a2, &b, &c]).await;
+
+    // Three agents: one per network before a second from the same one.
+    let (_, first, location) = s
+        .create(json!({"kind": "ping", "target": "192.0.2.1", "limit": 3}))
+        .await;
+    assert_eq!(first["agents_count"], 3);
+    let picked = chosen(&s.check(&location.unwrap()).await);
+    assert!(
+        picked.contains(&b.id) && picked.contains(&c.id),
+        "{picked:?}"
+    );
+    assert!(
+        picked.contains(&a1.id) != picked.contains(&a2.id),
+        "only one of AS 64500: {picked:?}"
+    );
+
+    // Rotation: the agent left out last time is chosen first now.
+    let left_out = [&a1, &a2]
+        .into_iter()
+        .find(|a| !picked.contains(&a.id))
+        .unwrap();
+    let (_, _, location) = s
+        .create(json!({"kind": "ping", "target": "192.0.2.1", "limit": 1}))
+        .await;
+    assert_eq!(
+        chosen(&s.check(&location.unwrap()).await),
+        std::slice::from_ref(&left_out.id)
+    );
+
+    // By country and ASN.
+    let (_, _, location) = s
+        .create(json!({"kind": "ping", "target": "192.0.2.1", "locations": [{"country": "de"}]}))
+        .await;
+    assert_eq!(
+        chosen(&s.check(&location.unwrap()).await),
+        std::slice::from_ref(&c.id)
+    );
+    let (_, body, location) = s
+        .create(json!({"kind": "ping", "target": "192.0.2.1", "locations": [{"asn": 64500, "limit": 5}]}))
+        .await;
+    assert_eq!(body["agents_count"], 2);
+    let location = location.unwrap();
+    let mut both = vec![a1.id.clone(), a2.id.clone()];
+    both.sort();
+    assert_eq!(chosen(&s.check(&location).await), both);
+
+    // Reusing a check's agents.
+    let previous = location.rsplit('/').next().unwrap().to_owned();
+    let (status, body, location) = s
+        .create(json!({"kind": "ping", "target": "192.0.2.2", "reuse": previous}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(chosen(&s.check(&location.unwrap()).await), both);
+    s.stop().await;
+}
