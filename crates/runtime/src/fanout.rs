@@ -3,7 +3,7 @@
 //! by the scheduler's outbox sweep for a check whose gateway died before it was done.
 
 use checkplane_wire::checks::{task_id, TaskSpec};
-use checkplane_wire::events::CheckCreated;
+use checkplane_wire::events::{CheckCreated, CheckSlotRetried, EventBody};
 
 use crate::leases::Leases;
 
@@ -47,4 +47,52 @@ pub async fn enqueue_check(
         added?;
     }
     Ok(())
+}
+
+/// A retried slot's new attempt, added once.
+pub async fn enqueue_retry(
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    leases: &Leases,
+    retry: &CheckSlotRetried,
+) -> redis::RedisResult<()> {
+    let spec = TaskSpec {
+        check_id: retry.check_id,
+        slot: retry.slot,
+        attempt: retry.attempt,
+        kind: retry.kind.clone(),
+        target: retry.target.clone(),
+        options: retry.options.clone(),
+        deadline_ms: retry.deadline,
+    };
+    let spec = serde_json::to_string(&spec).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "serialising a task spec",
+            e.to_string(),
+        ))
+    })?;
+    leases
+        .enqueue_task(
+            &mut conn.clone(),
+            &retry.agent_id,
+            &retry.kind,
+            &task_id(retry.check_id, retry.slot, retry.attempt),
+            &spec,
+        )
+        .await
+        .map(|_| ())
+}
+
+/// The Redis effects of an edge event, if it has any: what the outbox sweep runs before it
+/// publishes the event.
+pub async fn effects(
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    leases: &Leases,
+    body: &EventBody,
+) -> redis::RedisResult<()> {
+    match body {
+        EventBody::CheckCreated(check) => enqueue_check(conn, leases, check).await,
+        EventBody::CheckSlotRetried(retry) => enqueue_retry(conn, leases, retry).await,
+        _ => Ok(()),
+    }
 }

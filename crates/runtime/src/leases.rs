@@ -338,6 +338,8 @@ pub enum CloseReason {
     Cancelled,
     /// Recovery took the lease of an agent that went silent.
     LeaseExpired,
+    /// The agent went offline before it took the task: the slot is retried elsewhere.
+    Offline,
 }
 
 impl CloseReason {
@@ -346,13 +348,14 @@ impl CloseReason {
             Self::Timeout => "timeout",
             Self::Cancelled => "cancelled",
             Self::LeaseExpired => "lease_expired",
+            Self::Offline => "offline",
         }
     }
 
     fn tombstone(self) -> &'static str {
         match self {
             Self::LeaseExpired => "lost",
-            Self::Timeout | Self::Cancelled => "closed",
+            Self::Timeout | Self::Cancelled | Self::Offline => "closed",
         }
     }
 }

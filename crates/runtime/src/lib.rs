@@ -16,6 +16,7 @@ pub mod presence;
 pub mod projection;
 pub mod projector;
 pub mod retention;
+pub mod selection;
 pub mod settings;
 pub mod stores;
 pub mod telemetry;

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use checkplane_wire::events::{Event, EventBody};
+use checkplane_wire::events::Event;
 use tokio_postgres::GenericClient;
 
 use crate::projection::{self, ApplyError};
@@ -84,7 +84,7 @@ pub enum SweepError {
     Redis(#[from] redis::RedisError),
 }
 
-/// Publish outbox rows older than `min_age` (for a `check.created`, add its tasks first) (younger ones are still being published by their
+/// Publish outbox rows older than `min_age` (first the event's Redis effects: a check's tasks) (younger ones are still being published by their
 /// gateway), at most `limit`; returns how many. Replicas skip each other's rows.
 pub async fn sweep(
     pg: &deadpool_postgres::Pool,
@@ -116,12 +116,8 @@ pub async fn sweep(
         let event: String = row.get(2);
         // A check's tasks first (each added once, whatever its gateway managed), then the
         // event that announces it.
-        if let Ok(Event {
-            body: EventBody::CheckCreated(check),
-            ..
-        }) = serde_json::from_str::<Event>(&event)
-        {
-            crate::fanout::enqueue_check(&*conn, leases, &check).await?;
+        if let Ok(parsed) = serde_json::from_str::<Event>(&event) {
+            crate::fanout::effects(&*conn, leases, &parsed.body).await?;
         }
         xadd(&mut conn, &stream, &event).await?;
         ids.push(row.get::<_, uuid::Uuid>(0));

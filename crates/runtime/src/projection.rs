@@ -149,6 +149,19 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
         }
         EventBody::LeaseExtended(e) => apply_extended(client, event, e).await,
         EventBody::CheckCreated(e) => checks::apply_created(client, event, e).await,
+        EventBody::CheckCancelled(e) => checks::apply_cancelled(client, event, e).await,
+        EventBody::CheckSlotRetried(e) => checks::apply_retried(client, event, e).await,
+        EventBody::CheckSlotsClosed(e) => {
+            for (slot, attempt) in &e.slots {
+                let task = checkplane_wire::checks::task_id(e.check_id, *slot, *attempt);
+                let ended = SlotChange::Ended {
+                    outcome: &e.outcome,
+                    result: None,
+                };
+                checks::apply_slot(client, event, &task, ended).await?;
+            }
+            Ok(())
+        }
         EventBody::KeyCreated(e) => apply_key_created(client, event, e).await,
         EventBody::KeyRevoked(e) => apply_key_revoked(client, event, e).await,
     }?;
@@ -169,8 +182,17 @@ fn slot_change(body: &EventBody) -> Option<(&str, SlotChange<'_>)> {
         EventBody::LeaseReported(e) => {
             Some((e.task.as_deref()?, ended(&e.outcome, Some(&e.result))))
         }
+        EventBody::LeaseClosed(e) if e.reason == "offline" => Some((
+            e.task.as_deref()?,
+            SlotChange::Interrupted { outcome: "offline" },
+        )),
         EventBody::LeaseClosed(e) => Some((e.task.as_deref()?, ended(&e.reason, None))),
-        EventBody::LeaseExpired(e) => Some((e.task.as_deref()?, ended("lease_expired", None))),
+        EventBody::LeaseExpired(e) => Some((
+            e.task.as_deref()?,
+            SlotChange::Interrupted {
+                outcome: "lease_expired",
+            },
+        )),
         EventBody::TaskDeadLettered(e) => Some((e.task.as_deref()?, ended("dead_lettered", None))),
         _ => None,
     }

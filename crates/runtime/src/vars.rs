@@ -163,6 +163,8 @@ pub const ALL: &[Var] = &[
     Var { name: "LEASE_TTL", services: "gateway", default: "30s", doc: "how long a lease lasts without an extension; an agent's own lease idle this long is handed back to it with a new epoch", secret: false },
     Var { name: "MAX_DELIVERIES", services: "gateway", default: "5", doc: "deliveries of one task before it goes to the dead-letter stream (1-100)", secret: false },
     Var { name: "CLAIM_BLOCK_MS", services: "gateway", default: "20000", doc: "the longest a claim waits for work, in ms (0-120000); `wait_ms` above it is cut to it", secret: false },
+    Var { name: "MAX_RETRIES", services: "scheduler", default: "2", doc: "new attempts (0-10) of a check slot whose agent went away, each on another matching agent", secret: false },
+    Var { name: "RETRY_BACKOFF", services: "scheduler", default: "2s", doc: "how long an interrupted check slot waits before its next attempt (0s-10m); kept in PostgreSQL, so it survives a restart", secret: false },
     Var { name: "GATEWAY_ALLOW_PRIVATE_TARGETS", services: "gateway", default: "false", doc: "accept check targets in loopback, private, link-local and reserved ranges (for checking your own network; the tests and the stand use loopback targets)", secret: false },
     Var { name: "GATEWAY_AUTH_CACHE_TTL", services: "gateway", default: "5s", doc: "how long a verified agent token or operator key is trusted without asking PostgreSQL again (0s: always ask); after a rotation or revocation on another replica the old one may pass that long", secret: false },
 ];

@@ -82,7 +82,14 @@ pub struct CreateCheckRequest {
     /// Run on the agents of this earlier check.
     #[serde(default)]
     pub reuse: Option<String>,
+    /// How long the check may take (1000 ms up to five minutes); the kind's default
+    /// otherwise. Slots still open then end as `timeout`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
+
+/// Longest `timeout_ms`.
+pub const MAX_TIMEOUT_MS: u64 = 300_000;
 
 /// One entry of `locations`: agents matching every given field.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +145,8 @@ fn invalid(message: impl Into<String>) -> CheckError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSpec {
     pub kind: String,
+    /// How long the check may take (ms).
+    pub timeout_ms: i64,
     /// The host, URL or name, normalised (host names lower case, no trailing dot).
     pub target: String,
     /// The kind's options with every default filled in.
@@ -284,6 +293,7 @@ fn dns(
     };
     Ok(CheckSpec {
         kind: "dns".into(),
+        timeout_ms: 0,
         target: name,
         options: serde_json::json!({"type": record, "protocol": protocol, "resolver": resolver}),
     })
@@ -396,6 +406,7 @@ fn http(
     normalised.set_fragment(None);
     Ok(CheckSpec {
         kind: "http".into(),
+        timeout_ms: 0,
         target: normalised.to_string(),
         options: serde_json::json!({"method": method, "protocol": protocol, "headers": headers}),
     })
@@ -412,6 +423,7 @@ fn tcp(
         .ok_or_else(|| invalid("options.port: required, 1-65535"))?;
     Ok(CheckSpec {
         kind: "tcp".into(),
+        timeout_ms: 0,
         target: host("target", target, allow_private)?,
         options: serde_json::json!({ "port": port }),
     })
@@ -426,6 +438,7 @@ fn ping(
     let packets = o.integer("packets", 1, 16)?.unwrap_or(3);
     Ok(CheckSpec {
         kind: "ping".into(),
+        timeout_ms: 0,
         target: host("target", target, allow_private)?,
         options: serde_json::json!({ "packets": packets }),
     })
@@ -449,6 +462,7 @@ fn trace(
     };
     Ok(CheckSpec {
         kind: "trace".into(),
+        timeout_ms: 0,
         target: host("target", target, allow_private)?,
         options: serde_json::json!({"protocol": protocol, "port": port}),
     })
@@ -487,6 +501,16 @@ impl CreateCheckRequest {
                 CHECK_KINDS.join(", ")
             ))),
         }?;
+        let mut spec = spec;
+        spec.timeout_ms = match self.timeout_ms {
+            None => deadline_ms(&spec.kind),
+            Some(t) if (1000..=MAX_TIMEOUT_MS).contains(&t) => t as i64,
+            Some(_) => {
+                return Err(invalid(format!(
+                    "timeout_ms: expected 1000-{MAX_TIMEOUT_MS}"
+                )))
+            }
+        };
         let given = [
             !self.locations.is_empty(),
             self.limit.is_some(),

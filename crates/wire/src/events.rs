@@ -69,6 +69,15 @@ pub enum EventBody {
     /// An operator created a check: its spec and the agents chosen for its slots.
     #[serde(rename = "check.created")]
     CheckCreated(Box<CheckCreated>),
+    /// An operator cancelled a check: its open slots are closed as `cancelled`.
+    #[serde(rename = "check.cancelled")]
+    CheckCancelled(CheckCancelled),
+    /// A slot whose attempt was interrupted (agent gone) gets a new attempt on another agent.
+    #[serde(rename = "check.slot_retried")]
+    CheckSlotRetried(CheckSlotRetried),
+    /// Slots ended by the scheduler (deadline, cancel, no agent, retries used up).
+    #[serde(rename = "check.slots_closed")]
+    CheckSlotsClosed(CheckSlotsClosed),
     /// An operator API key was made.
     #[serde(rename = "key.created")]
     KeyCreated(KeyCreated),
@@ -91,6 +100,9 @@ impl EventBody {
             Self::LeaseExpired(_) => "lease.expired",
             Self::TaskDeadLettered(_) => "task.dead_lettered",
             Self::CheckCreated(_) => "check.created",
+            Self::CheckCancelled(_) => "check.cancelled",
+            Self::CheckSlotRetried(_) => "check.slot_retried",
+            Self::CheckSlotsClosed(_) => "check.slots_closed",
             Self::KeyCreated(_) => "key.created",
             Self::KeyRevoked(_) => "key.revoked",
         }
@@ -100,7 +112,10 @@ impl EventBody {
     pub fn is_operator_action(&self) -> bool {
         matches!(
             self,
-            Self::KeyCreated(_) | Self::KeyRevoked(_) | Self::CheckCreated(_)
+            Self::KeyCreated(_)
+                | Self::KeyRevoked(_)
+                | Self::CheckCreated(_)
+                | Self::CheckCancelled(_)
         )
     }
 }
@@ -322,4 +337,39 @@ pub struct CheckSlot {
     /// Which `locations` entry the slot is for (retries keep to it); none for `limit`/`reuse`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<u32>,
+}
+
+/// Payload of `check.cancelled`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckCancelled {
+    pub check_id: Uuid,
+}
+
+/// Payload of `check.slot_retried`: the slot's next attempt and its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSlotRetried {
+    pub check_id: Uuid,
+    pub kind: String,
+    pub target: String,
+    pub options: serde_json::Value,
+    pub deadline: i64,
+    pub slot: u32,
+    /// The new attempt (the interrupted one plus one).
+    pub attempt: u32,
+    pub agent_id: String,
+    pub location: Location,
+}
+
+/// Payload of `check.slots_closed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSlotsClosed {
+    pub check_id: Uuid,
+    /// `timeout`, `cancelled`, `no_agent`, or the interruption (`lease_expired`, `offline`)
+    /// when no retry is left.
+    pub outcome: String,
+    /// (slot, attempt): only that attempt is closed.
+    pub slots: Vec<(u32, u32)>,
 }

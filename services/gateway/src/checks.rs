@@ -10,11 +10,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson};
+use checkplane_runtime::leases::CloseReason;
+use checkplane_runtime::selection::{self, candidate, candidates, spread, Candidate};
 use checkplane_runtime::{fanout, outbox};
+use checkplane_wire::checks::task_id;
 use checkplane_wire::checks::{
-    deadline_ms, CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, Selection,
+    CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, Selection,
 };
-use checkplane_wire::events::{CheckCreated, CheckSlot, Event, EventBody, Location, SCHEMA};
+use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, Event, EventBody, SCHEMA};
 use checkplane_wire::ErrorCode;
 use serde::Serialize;
 use uuid::Uuid;
@@ -24,8 +27,6 @@ use crate::state::AppState;
 
 /// How long fan-out and publishing may take before they are left to the outbox sweep.
 const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-/// Candidates read per selection query: room to spread over networks.
-const CANDIDATES_MAX: i64 = 5000;
 const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
 
 pub fn router() -> Router<AppState> {
@@ -35,6 +36,7 @@ pub fn router() -> Router<AppState> {
             post(create).layer(DefaultBodyLimit::max(64 * 1024)),
         )
         .route("/v1/checks/{id}", get(read))
+        .route("/v1/checks/{id}/cancel", post(cancel))
 }
 
 fn refused(error: CheckError) -> ApiError {
@@ -46,116 +48,6 @@ fn refused(error: CheckError) -> ApiError {
             forbidden.to_string(),
         ),
     }
-}
-
-/// An online agent that can run the check.
-struct Candidate {
-    agent_id: String,
-    location: Location,
-}
-
-impl Candidate {
-    /// What "distinct networks" compares: the ASN, else the network name, else the agent.
-    fn network_key(&self) -> String {
-        match (&self.location.asn, &self.location.network) {
-            (Some(asn), _) => format!("as{asn}"),
-            (None, Some(network)) => format!("net:{}", network.to_lowercase()),
-            (None, None) => format!("agent:{}", self.agent_id),
-        }
-    }
-}
-
-fn candidate(row: &tokio_postgres::Row) -> Candidate {
-    Candidate {
-        agent_id: row.get(0),
-        location: Location {
-            country: row.get(1),
-            city: row.get(2),
-            asn: row
-                .get::<_, Option<i64>>(3)
-                .and_then(|a| u32::try_from(a).ok()),
-            network: row.get(4),
-        },
-    }
-}
-
-/// Online agents with the capability matching `filter`, least recently chosen first.
-async fn candidates(
-    tx: &tokio_postgres::Transaction<'_>,
-    kind: &str,
-    filter: &LocationRequest,
-) -> Result<Vec<Candidate>, ApiError> {
-    let mut with_value = serde_json::Map::new();
-    let mut keys_only: Vec<String> = Vec::new();
-    for tag in &filter.tags {
-        match tag.split_once(':') {
-            Some((k, v)) => {
-                with_value.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
-            }
-            None => keys_only.push(tag.clone()),
-        }
-    }
-    let rows = tx
-        .query(
-            "SELECT a.agent_id, a.country, a.city, a.asn, a.network
-             FROM agents a LEFT JOIN agent_selection s USING (agent_id)
-             WHERE a.status = 'online' AND a.capabilities ? $1
-               AND ($2::text IS NULL OR a.country = $2)
-               AND ($3::text IS NULL OR lower(a.city) = lower($3))
-               AND ($4::bigint IS NULL OR a.asn = $4)
-               AND ($5::text IS NULL OR lower(a.network) = lower($5))
-               AND a.labels @> $6::jsonb
-               AND a.labels ?& $7::text[]
-             ORDER BY s.last_selected_at NULLS FIRST, a.agent_id
-             LIMIT $8",
-            &[
-                &kind,
-                &filter.country,
-                &filter.city,
-                &filter.asn.map(i64::from),
-                &filter.network,
-                &serde_json::Value::Object(with_value),
-                &keys_only,
-                &CANDIDATES_MAX,
-            ],
-        )
-        .await?;
-    Ok(rows.iter().map(candidate).collect())
-}
-
-/// Up to `want` of `pool` (in rotation order), not already `taken`: first one per network not
-/// yet used, then the rest.
-fn spread(
-    pool: Vec<Candidate>,
-    want: usize,
-    taken: &mut HashSet<String>,
-    networks: &mut HashSet<String>,
-) -> Vec<Candidate> {
-    let mut chosen = Vec::new();
-    let mut later = Vec::new();
-    for c in pool {
-        if chosen.len() >= want {
-            break;
-        }
-        if taken.contains(&c.agent_id) {
-            continue;
-        }
-        if networks.insert(c.network_key()) {
-            taken.insert(c.agent_id.clone());
-            chosen.push(c);
-        } else {
-            later.push(c);
-        }
-    }
-    for c in later {
-        if chosen.len() >= want {
-            break;
-        }
-        if taken.insert(c.agent_id.clone()) {
-            chosen.push(c);
-        }
-    }
-    chosen
 }
 
 /// The agents for each slot, with the `locations` entry each is for.
@@ -235,22 +127,14 @@ async fn create(
         ));
     }
     let agent_ids: Vec<&str> = chosen.iter().map(|(c, _)| c.agent_id.as_str()).collect();
-    tx.execute(
-        "INSERT INTO agent_selection (agent_id, last_selected_at, selections)
-         SELECT a, clock_timestamp(), 1 FROM unnest($1::text[]) AS a
-         ON CONFLICT (agent_id) DO UPDATE
-         SET last_selected_at = EXCLUDED.last_selected_at,
-             selections = agent_selection.selections + 1",
-        &[&agent_ids],
-    )
-    .await?;
+    selection::record_selected(&*tx, &agent_ids).await?;
     let created = CheckCreated {
         check_id,
         kind: spec.kind.clone(),
         target: spec.target.clone(),
         options: spec.options.clone(),
         selection: serde_json::to_value(&selection).unwrap_or_default(),
-        deadline: now + deadline_ms(&spec.kind),
+        deadline: now + spec.timeout_ms,
         slots: chosen
             .into_iter()
             .enumerate()
@@ -432,4 +316,96 @@ async fn read(
         response.headers_mut().insert(header::ETAG, value);
     }
     Ok(response)
+}
+
+/// `POST /v1/checks/{id}/cancel`: record the cancellation (audited), then close the open
+/// slots so later reports are fenced; the scheduler ends whatever is left as `cancelled`.
+/// A finished check is answered as it is; cancelling twice records nothing more.
+async fn cancel(
+    State(app): State<AppState>,
+    operator: Operator,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found("no such check");
+    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let stream = app.keys.events("checks");
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT status, kind, cancelled_at IS NOT NULL FROM checks
+             WHERE check_id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(not_found)?;
+    let (status, kind, cancelled): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+    if status == "finished" {
+        return Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({"id": id, "status": status})),
+        )
+            .into_response());
+    }
+    let event = (!cancelled).then(|| Event {
+        event_id: Uuid::now_v7(),
+        aggregate_id: format!("check:{id}"),
+        version: now_ms(),
+        occurred_at: now_ms(),
+        actor: operator.caller.actor(),
+        schema: SCHEMA,
+        body: EventBody::CheckCancelled(CheckCancelled { check_id: id }),
+    });
+    if let Some(event) = &event {
+        outbox::append(&*tx, event, &stream)
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+    }
+    let open = tx
+        .query(
+            "SELECT slot, attempt, agent_id FROM check_slots
+             WHERE check_id = $1 AND status IN ('pending', 'leased') AND agent_id IS NOT NULL",
+            &[&id],
+        )
+        .await?;
+    tx.commit().await?;
+    drop(client);
+    if let Some(event) = &event {
+        tracing::info!(check_id = %id, actor = %event.actor, "check cancelled");
+        outbox::publish(
+            &app.stores.pg,
+            &app.stores.redis,
+            &stream,
+            event,
+            PUBLISH_TIMEOUT,
+        )
+        .await;
+    }
+    let closes = open.iter().map(|slot| {
+        let (n, attempt, agent): (i32, i32, String) = (slot.get(0), slot.get(1), slot.get(2));
+        let (leases, kind) = (&app.leases, &kind);
+        let mut conn = app.stores.redis_shared.clone();
+        async move {
+            let task = task_id(id, n as u32, attempt as u32);
+            leases
+                .close_task(
+                    &mut conn,
+                    &agent,
+                    kind,
+                    &task,
+                    CloseReason::Cancelled,
+                    now_ms(),
+                )
+                .await
+        }
+    });
+    let closed = tokio::time::timeout(PUBLISH_TIMEOUT, futures::future::join_all(closes)).await;
+    if closed.is_err() {
+        tracing::warn!(check_id = %id, "closing the slots timed out; the scheduler finishes it");
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"id": id, "status": "cancelling"})),
+    )
+        .into_response())
 }

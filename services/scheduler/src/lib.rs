@@ -3,6 +3,8 @@
 //! probes on `HTTP_ADDR`. Any number of replicas may run: the projector shares work through
 //! its consumer group, the sweeps through `SKIP LOCKED` and atomic scripts.
 
+pub mod lifecycle;
+
 use std::time::Duration;
 
 use checkplane_runtime::clock::now_ms;
@@ -33,6 +35,10 @@ pub struct Config {
     pub events_retention: Duration,
     /// `PROJECTOR_MAX_ATTEMPTS`: failures before an event is parked.
     pub max_attempts: u32,
+    /// `MAX_RETRIES`: new attempts of a slot whose agent went away.
+    pub max_retries: u32,
+    /// `RETRY_BACKOFF`: how long an interrupted slot waits before its next attempt.
+    pub retry_backoff: Duration,
 }
 
 fn host_name() -> String {
@@ -75,6 +81,13 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
             Duration::from_secs(3650 * 86_400),
         )?,
         max_attempts: u32::try_from(env.u64_in("PROJECTOR_MAX_ATTEMPTS", 5, 1, 100)?).unwrap_or(5),
+        max_retries: u32::try_from(env.u64_in("MAX_RETRIES", 2, 0, 10)?).unwrap_or(2),
+        retry_backoff: env.duration(
+            "RETRY_BACKOFF",
+            Duration::from_secs(2),
+            Duration::ZERO,
+            Duration::from_secs(600),
+        )?,
     })
 }
 
@@ -193,6 +206,34 @@ pub async fn run(
                             }
                         }
                         Ok::<_, RunError>(())
+                    }
+                },
+            );
+
+            let lifecycle = lifecycle::Lifecycle {
+                pg: stores.pg.clone(),
+                redis_pool: stores.redis.clone(),
+                redis: stores.redis_shared.clone(),
+                leases: Leases::new(keys.clone(), LeaseSettings::new(0, 0)),
+                keys: keys.clone(),
+                max_retries: config.max_retries,
+                retry_backoff: config.retry_backoff,
+            };
+            let schema = stores.clone();
+            every(
+                tracker,
+                shutdown,
+                "check_lifecycle",
+                Duration::from_millis(500),
+                move || {
+                    let (lifecycle, schema) = (lifecycle.clone(), schema.clone());
+                    async move {
+                        schema.schema_current().await;
+                        let pass = lifecycle.pass().await?;
+                        if pass != lifecycle::Pass::default() {
+                            tracing::info!(?pass, "check lifecycle");
+                        }
+                        Ok::<_, lifecycle::LifecycleError>(())
                     }
                 },
             );

@@ -7,7 +7,7 @@
 //! concurrently, which is what lets a live reader resume after the last `seq` it saw.
 
 use checkplane_wire::checks::parse_task_id;
-use checkplane_wire::events::{CheckCreated, Event};
+use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlotRetried, Event};
 use tokio_postgres::GenericClient;
 
 use super::{ApplyError, AT};
@@ -16,6 +16,9 @@ use super::{ApplyError, AT};
 pub(super) enum SlotChange<'a> {
     /// The task was leased: the slot (and the check) are under way.
     Leased,
+    /// The attempt was interrupted (its agent went away): the slot waits for a retry, which
+    /// the scheduler's lifecycle decides.
+    Interrupted { outcome: &'a str },
     /// The attempt ended.
     Ended {
         outcome: &'a str,
@@ -128,6 +131,22 @@ pub(super) async fn apply_slot(
                 )
                 .await?;
         }
+        SlotChange::Interrupted { outcome } => {
+            client
+                .execute(
+                    &format!(
+                        "WITH s AS (
+                            UPDATE check_slots SET status = 'retrying', outcome = $5, done_at = {AT}
+                            WHERE check_id = $2 AND slot = $3 AND attempt = $4
+                              AND status IN ('pending', 'leased')
+                            RETURNING 1)
+                         UPDATE checks SET revision = revision + 1
+                         WHERE check_id = $2 AND EXISTS (SELECT 1 FROM s)"
+                    ),
+                    &[&event.occurred_at, &check, &slot, &attempt, &outcome],
+                )
+                .await?;
+        }
         SlotChange::Ended { outcome, result } => {
             let ended = client
                 .execute(
@@ -182,5 +201,56 @@ pub(super) async fn apply_slot(
             }
         }
     }
+    Ok(())
+}
+
+pub(super) async fn apply_retried(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &CheckSlotRetried,
+) -> Result<(), ApplyError> {
+    let previous = e.attempt as i32 - 1;
+    client
+        .execute(
+            "WITH s AS (
+                UPDATE check_slots SET attempt = $3, agent_id = $4, status = 'pending',
+                       outcome = NULL, result = NULL, started_at = NULL, done_at = NULL,
+                       country = $5, city = $6, asn = $7, network = $8
+                WHERE check_id = $1 AND slot = $2 AND attempt = $9 AND status = 'retrying'
+                RETURNING 1)
+             UPDATE checks SET revision = revision + 1
+             WHERE check_id = $1 AND EXISTS (SELECT 1 FROM s)",
+            &[
+                &e.check_id,
+                &(e.slot as i32),
+                &(e.attempt as i32),
+                &e.agent_id,
+                &e.location.country,
+                &e.location.city,
+                &e.location.asn.map(i64::from),
+                &e.location.network,
+                &previous,
+            ],
+        )
+        .await?;
+    let _ = event;
+    Ok(())
+}
+
+pub(super) async fn apply_cancelled(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &CheckCancelled,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE checks SET cancelled_at = LEAST(COALESCE(cancelled_at, {AT}), {AT}),
+                        revision = revision + 1
+                 WHERE check_id = $2"
+            ),
+            &[&event.occurred_at, &e.check_id],
+        )
+        .await?;
     Ok(())
 }

@@ -82,6 +82,13 @@ fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role,
             Role::Viewer,
             404,
         ),
+        (
+            "POST",
+            "/v1/checks/01234567-89ab-7def-8123-456789abcdef/cancel".into(),
+            None,
+            Role::Operator,
+            404,
+        ),
     ]
 }
 

@@ -21,18 +21,19 @@ struct Stand {
 }
 
 async fn stand() -> Stand {
+    stand_with(&[], &[]).await
+}
+
+async fn stand_with(gateway: &[(&str, &str)], scheduler: &[(&str, &str)]) -> Stand {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
-    let gw = start_gateway(
-        &db,
-        &redis,
-        &[
-            ("GATEWAY_ADMIN_KEY", ADMIN),
-            ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
-        ],
-    )
-    .await;
-    let sched = start_scheduler(&db, &redis, &[]).await;
+    let mut env = vec![
+        ("GATEWAY_ADMIN_KEY", ADMIN),
+        ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
+    ];
+    env.extend_from_slice(gateway);
+    let gw = start_gateway(&db, &redis, &env).await;
+    let sched = start_scheduler(&db, &redis, scheduler).await;
     Stand {
         gw,
         sched,
@@ -124,8 +125,44 @@ impl Stand {
         response.json().await.unwrap()
     }
 
-    /// Claim (waiting up to a second) as `agent`: the leases.
+    async fn heartbeat(&self, agent: &Agent) {
+        let (status, _) = agent_post(
+            &self.http,
+            &self.gw.url("/v1/agents/heartbeat"),
+            &agent.id,
+            &agent.token,
+            &json!({}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+
+    /// Report `token` as `agent`: the per-token answer (status or error).
+    async fn try_report(&self, agent: &Agent, token: &str) -> Value {
+        let (status, body) = agent_post(
+            &self.http,
+            &self.gw.url("/v1/agents/report"),
+            &agent.id,
+            &agent.token,
+            &json!({"completed": [{"token": token, "result": {}}]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        body["results"][0].clone()
+    }
+
+    /// Poll a check until `done` holds.
+    async fn until(&self, location: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, Duration::from_secs(20), || async {
+            let check = self.check(location).await;
+            done(&check).then_some(check)
+        })
+        .await
+    }
+
+    /// Claim (waiting up to a second) as `agent`, heartbeating first: the leases.
     async fn claim(&self, agent: &Agent, kind: &str) -> Vec<Value> {
+        self.heartbeat(agent).await;
         let (status, body) = agent_post(
             &self.http,
             &self.gw.url("/v1/agents/claim"),
@@ -350,5 +387,180 @@ async fn selection_spreads_over_networks_and_rotates() {
         .await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(chosen(&s.check(&location.unwrap()).await), both);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_dies_mid_check_is_replaced_and_the_check_still_finishes() {
+    let s = stand_with(
+        &[("LEASE_TTL", "500ms"), ("HEARTBEAT_INTERVAL", "300ms")],
+        &[("RETRY_BACKOFF", "0s"), ("MAX_RETRIES", "2")],
+    )
+    .await;
+    let a = s.agent("a", "NL", 64510, &["dns"]).await;
+    let b = s.agent("b", "NL", 64511, &["dns"]).await;
+    let c = s.agent("c", "NL", 64512, &["dns"]).await;
+    s.online(&[&a, &b, &c]).await;
+    let (status, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 2}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let location = location.unwrap();
+    let first = s.check(&location).await;
+    let picked = chosen(&first);
+    let agents = [&a, &b, &c];
+    let dying = agents.iter().find(|x| x.id == picked[0]).unwrap();
+    let working = agents.iter().find(|x| x.id == picked[1]).unwrap();
+    let spare = agents.iter().find(|x| !picked.contains(&x.id)).unwrap();
+
+    // One agent takes its task and is never heard of again; the other does its work.
+    assert_eq!(s.claim(dying, "dns").await.len(), 1);
+    let leases = s.claim(working, "dns").await;
+    s.report(
+        working,
+        leases[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+
+    // Its lease expires, the slot is retried on the agent the check does not use yet.
+    let retried = eventually(
+        "the spare agent gets the retry",
+        Duration::from_secs(20),
+        || async {
+            let leases = s.claim(spare, "dns").await;
+            (!leases.is_empty()).then_some(leases)
+        },
+    )
+    .await;
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0]["spec"]["attempt"], 2);
+    s.report(
+        spare,
+        retried[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+
+    let done = s
+        .until(&location, "the check finishes", |c| {
+            c["status"] == "finished"
+        })
+        .await;
+    let results = done["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "one result per slot");
+    assert!(results.iter().all(|r| r["outcome"] == "finished"), "{done}");
+    let attempts: Vec<(i64, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["attempt"].as_i64().unwrap(),
+                r["agent_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(attempts.contains(&(2, spare.id.as_str())), "{attempts:?}");
+    assert!(attempts.contains(&(1, working.id.as_str())), "{attempts:?}");
+
+    // With nobody left to take over, the slot ends `no_agent`.
+    let lone = s.agent("lone", "NL", 64513, &["tcp"]).await;
+    s.online(&[&lone]).await;
+    let (_, _, location) = s
+        .create(json!({"kind": "tcp", "target": "192.0.2.1", "options": {"port": 80}, "limit": 1}))
+        .await;
+    let location = location.unwrap();
+    assert_eq!(s.claim(&lone, "tcp").await.len(), 1);
+    let done = s
+        .until(&location, "the lone slot ends", |c| {
+            c["status"] == "finished"
+        })
+        .await;
+    assert_eq!(done["results"][0]["outcome"], "no_agent", "{done}");
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM projection_failures").await,
+        0
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deadlines_and_cancels_end_every_slot_and_fence_late_reports() {
+    let s = stand().await;
+    let a = s.agent("a", "NL", 64520, &["dns"]).await;
+    s.online(&[&a]).await;
+
+    // Leased, then the deadline passes: the report is fenced, the slot ends `timeout`.
+    let (_, _, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 1, "timeout_ms": 1000}))
+        .await;
+    let location = location.unwrap();
+    let leases = s.claim(&a, "dns").await;
+    let token = leases[0]["token"].as_str().unwrap().to_owned();
+    let done = s
+        .until(&location, "the deadline ends it", |c| {
+            c["status"] == "finished"
+        })
+        .await;
+    assert_eq!(done["results"][0]["outcome"], "timeout", "{done}");
+    assert_eq!(s.try_report(&a, &token).await["error"], "ERR_LEASE_CLOSED");
+
+    // Never claimed at all: also `timeout`, never stuck `in_progress`.
+    let (_, _, location) = s
+        .create(json!({"kind": "dns", "target": "example.org", "limit": 1, "timeout_ms": 1000}))
+        .await;
+    let location = location.unwrap();
+    let done = s
+        .until(&location, "an untouched check ends", |c| {
+            c["status"] == "finished"
+        })
+        .await;
+    assert_eq!(done["results"][0]["outcome"], "timeout", "{done}");
+    assert!(
+        s.claim(&a, "dns").await.is_empty(),
+        "the closed task is gone"
+    );
+
+    // Cancelled while leased.
+    let (_, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.net", "limit": 1}))
+        .await;
+    let location = location.unwrap();
+    let leases = s.claim(&a, "dns").await;
+    let token = leases[0]["token"].as_str().unwrap().to_owned();
+    let cancel = |key: &'static str| {
+        let url = s.gw.url(&format!("{location}/cancel"));
+        let http = s.http.clone();
+        async move {
+            http.post(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(cancel(ADMIN).await, 202);
+    assert_eq!(s.try_report(&a, &token).await["error"], "ERR_LEASE_CLOSED");
+    let done = s
+        .until(&location, "the cancel ends it", |c| {
+            c["status"] == "finished"
+        })
+        .await;
+    assert_eq!(done["results"][0]["outcome"], "cancelled", "{done}");
+    assert_eq!(
+        cancel(ADMIN).await,
+        200,
+        "a finished check is answered as it is"
+    );
+    let cancelled = count(
+        &s.db,
+        &format!(
+            "SELECT count(*) FROM audit_log WHERE action = 'check.cancelled' AND object = 'check:{}'",
+            body["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(cancelled, 1, "the cancel is audited once");
     s.stop().await;
 }
