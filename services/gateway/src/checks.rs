@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use checkplane_runtime::clock::now_ms;
-use checkplane_runtime::http::{ApiError, ApiJson};
+use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::leases::CloseReason;
 use checkplane_runtime::selection::{self, candidate, candidates, spread, Candidate};
 use checkplane_runtime::{fanout, outbox};
@@ -33,7 +33,9 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/checks",
-            post(create).layer(DefaultBodyLimit::max(64 * 1024)),
+            post(create)
+                .get(list)
+                .layer(DefaultBodyLimit::max(64 * 1024)),
         )
         .route("/v1/checks/{id}", get(read))
         .route("/v1/checks/{id}/cancel", post(cancel))
@@ -408,4 +410,126 @@ async fn cancel(
         Json(serde_json::json!({"id": id, "status": "cancelling"})),
     )
         .into_response())
+}
+
+/// Filters and page of `GET /v1/checks`; `since`/`until` in ms since the epoch (creation).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    kind: Option<String>,
+    since: Option<i64>,
+    until: Option<i64>,
+    #[serde(default = "default_limit")]
+    limit: i64,
+    #[serde(default)]
+    offset: i64,
+}
+
+fn default_limit() -> i64 {
+    50
+}
+
+#[derive(Debug, Serialize)]
+struct CheckSummary {
+    id: Uuid,
+    kind: String,
+    target: String,
+    status: String,
+    agents_count: i32,
+    done_count: i32,
+    created_at: String,
+    created_by: String,
+    finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Page<T> {
+    items: Vec<T>,
+    total: i64,
+    limit: i64,
+    offset: i64,
+    has_more: bool,
+}
+
+/// `GET /v1/checks` (role `viewer`): newest first.
+async fn list(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Page<CheckSummary>>, ApiError> {
+    if !(1..=500).contains(&q.limit) {
+        return Err(ApiError::validation("limit: must be 1-500"));
+    }
+    if !(0..=1_000_000).contains(&q.offset) {
+        return Err(ApiError::validation("offset: must be 0-1000000"));
+    }
+    if let Some(status) = &q.status {
+        if !["queued", "in_progress", "finished"].contains(&status.as_str()) {
+            return Err(ApiError::validation(
+                "status: expected queued, in_progress or finished",
+            ));
+        }
+    }
+    if let Some(kind) = &q.kind {
+        if !checkplane_wire::checks::CHECK_KINDS.contains(&kind.as_str()) {
+            return Err(ApiError::validation("kind: unknown kind"));
+        }
+    }
+    let in_range = |t: i64| (0..=253_402_300_799_999).contains(&t);
+    if q.since.is_some_and(|t| !in_range(t)) {
+        return Err(ApiError::validation(
+            "since: milliseconds since 1970, before 10000",
+        ));
+    }
+    if q.until.is_some_and(|t| !in_range(t)) {
+        return Err(ApiError::validation(
+            "until: milliseconds since 1970, before 10000",
+        ));
+    }
+    let filter = "($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR kind = $2)
+        AND ($3::bigint IS NULL OR created_at >= 'epoch'::timestamptz + $3 * interval '1 millisecond')
+        AND ($4::bigint IS NULL OR created_at < 'epoch'::timestamptz + $4 * interval '1 millisecond')";
+    let client = app.stores.pg.get().await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT check_id, kind, target, status, slots, slots_done,
+                        to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
+                        to_char(finished_at AT TIME ZONE 'UTC', {RFC3339})
+                 FROM checks WHERE {filter}
+                 ORDER BY created_at DESC, check_id DESC LIMIT $5 OFFSET $6"
+            ),
+            &[&q.status, &q.kind, &q.since, &q.until, &q.limit, &q.offset],
+        )
+        .await?;
+    let total: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM checks WHERE {filter}"),
+            &[&q.status, &q.kind, &q.since, &q.until],
+        )
+        .await?
+        .get(0);
+    let items: Vec<CheckSummary> = rows
+        .iter()
+        .map(|r| CheckSummary {
+            id: r.get(0),
+            kind: r.get(1),
+            target: r.get(2),
+            status: r.get(3),
+            agents_count: r.get(4),
+            done_count: r.get(5),
+            created_at: r.get(6),
+            created_by: r.get(7),
+            finished_at: r.get(8),
+        })
+        .collect();
+    let has_more = q.offset + (items.len() as i64) < total;
+    Ok(Json(Page {
+        items,
+        total,
+        limit: q.limit,
+        offset: q.offset,
+        has_more,
+    }))
 }

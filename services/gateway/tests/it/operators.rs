@@ -67,6 +67,7 @@ fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role,
             204,
         ),
         ("GET", "/v1/audit".into(), None, Role::Admin, 200),
+        ("GET", "/v1/checks".into(), None, Role::Viewer, 200),
         // No agents in this installation: the check is refused after authorisation.
         (
             "POST",

@@ -386,7 +386,52 @@ async fn selection_spreads_over_networks_and_rotates() {
         .create(json!({"kind": "ping", "target": "192.0.2.2", "reuse": previous}))
         .await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(chosen(&s.check(&location.unwrap()).await), both);
+    let newest = location.unwrap();
+    assert_eq!(chosen(&s.check(&newest).await), both);
+
+    // The list: newest first, filtered, paged.
+    let all = s.check("/v1/checks?kind=ping").await;
+    assert_eq!(all["total"], 5);
+    assert_eq!(
+        format!("/v1/checks/{}", all["items"][0]["id"].as_str().unwrap()),
+        newest
+    );
+    let page = s.check("/v1/checks?kind=ping&limit=2&offset=2").await;
+    assert_eq!(
+        (
+            page["items"].as_array().unwrap().len(),
+            page["has_more"].clone()
+        ),
+        (2, json!(true))
+    );
+    let none = s.check("/v1/checks?kind=dns").await;
+    assert_eq!(
+        (none["total"].clone(), none["has_more"].clone()),
+        (json!(0), json!(false))
+    );
+    let queued = s.check("/v1/checks?status=queued").await;
+    assert_eq!(queued["total"], 5, "nobody claimed anything");
+    assert_eq!(s.check("/v1/checks?until=1").await["total"], 0);
+    for bad in [
+        "status=done",
+        "kind=smtp",
+        "limit=0",
+        "offset=-1",
+        "since=-1",
+        "colour=red",
+    ] {
+        let response = s
+            .http
+            .get(s.gw.url(&format!("/v1/checks?{bad}")))
+            .header("x-api-key", ADMIN)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        assert!(status == 400 || status == 422, "{bad}: {status}");
+        assert!(body["error"]["code"].is_string(), "{bad}: {body}");
+    }
     s.stop().await;
 }
 
