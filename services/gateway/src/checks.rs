@@ -39,6 +39,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/checks/{id}", get(read))
         .route("/v1/checks/{id}/cancel", post(cancel))
+        .route("/v1/checks/{id}/live", get(live))
 }
 
 fn refused(error: CheckError) -> ApiError {
@@ -532,4 +533,143 @@ async fn list(
         offset: q.offset,
         has_more,
     }))
+}
+
+/// How often a live stream looks for new results.
+const LIVE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// The longest a live stream stays open (a check lasts five minutes at most).
+const LIVE_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
+struct LiveState {
+    app: AppState,
+    id: Uuid,
+    /// The last `seq` sent (or given in `Last-Event-ID`).
+    last: i64,
+    pending: std::collections::VecDeque<axum::response::sse::Event>,
+    done: bool,
+    until: tokio::time::Instant,
+}
+
+/// The next results after `state.last`, and the final event once the check has finished and
+/// every result was sent.
+async fn live_step(state: &mut LiveState) -> Result<(), ApiError> {
+    let client = state.app.stores.pg.get().await?;
+    // Read the check's status first: a result committed after this read is picked up next
+    // time, and `finished` is only announced when its last result has been read too.
+    let check = client
+        .query_one(
+            "SELECT status = 'finished', seq FROM checks WHERE check_id = $1",
+            &[&state.id],
+        )
+        .await?;
+    let (finished, seq): (bool, i64) = (check.get(0), check.get(1));
+    let rows = client
+        .query(
+            &format!(
+                "SELECT seq, slot, attempt, agent_id, country, city, asn, network, outcome,
+                        result, to_char(done_at AT TIME ZONE 'UTC', {RFC3339})
+                 FROM check_slots WHERE check_id = $1 AND seq > $2 ORDER BY seq LIMIT 500"
+            ),
+            &[&state.id, &state.last],
+        )
+        .await?;
+    for r in &rows {
+        let seq: i64 = r.get(0);
+        let data = serde_json::json!({
+            "seq": seq,
+            "slot": r.get::<_, i32>(1),
+            "attempt": r.get::<_, i32>(2),
+            "agent_id": r.get::<_, Option<String>>(3),
+            "location": {
+                "country": r.get::<_, Option<String>>(4),
+                "city": r.get::<_, Option<String>>(5),
+                "asn": r.get::<_, Option<i64>>(6),
+                "network": r.get::<_, Option<String>>(7),
+            },
+            "outcome": r.get::<_, Option<String>>(8),
+            "result": r.get::<_, Option<serde_json::Value>>(9),
+            "done_at": r.get::<_, Option<String>>(10),
+        });
+        state.pending.push_back(
+            axum::response::sse::Event::default()
+                .id(seq.to_string())
+                .event("result")
+                .data(data.to_string()),
+        );
+        state.last = seq;
+    }
+    if finished && state.last >= seq {
+        state.pending.push_back(
+            axum::response::sse::Event::default()
+                .event("finished")
+                .data(serde_json::json!({"id": state.id, "seq": seq}).to_string()),
+        );
+        state.done = true;
+    }
+    Ok(())
+}
+
+/// `GET /v1/checks/{id}/live` (role `viewer`): Server-Sent Events, one `result` per slot as it
+/// is projected (event id = the check's `seq`), then `finished`. A client reconnecting with
+/// `Last-Event-ID` gets everything after it: `seq` is assigned under the check row's lock,
+/// so results never become visible out of `seq` order.
+async fn live(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found("no such check");
+    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let last = match headers.get("last-event-id") {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::validation("Last-Event-ID: expected a result's seq"))?,
+    };
+    {
+        let client = app.stores.pg.get().await?;
+        client
+            .query_opt("SELECT 1 FROM checks WHERE check_id = $1", &[&id])
+            .await?
+            .ok_or_else(not_found)?;
+    }
+    let shutdown = app.shutdown.clone();
+    let state = LiveState {
+        app,
+        id,
+        last,
+        pending: std::collections::VecDeque::new(),
+        done: false,
+        until: tokio::time::Instant::now() + LIVE_MAX,
+    };
+    let stream = futures::stream::unfold(state, move |mut state| {
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                if let Some(event) = state.pending.pop_front() {
+                    return Some((Ok::<_, std::convert::Infallible>(event), state));
+                }
+                if state.done || tokio::time::Instant::now() >= state.until {
+                    return None;
+                }
+                if let Err(error) = live_step(&mut state).await {
+                    tracing::warn!(check_id = %state.id, ?error, "live stream ended on an error");
+                    return None;
+                }
+                if state.pending.is_empty() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(LIVE_POLL) => {}
+                    }
+                }
+            }
+        }
+    });
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
 }

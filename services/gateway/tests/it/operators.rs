@@ -68,6 +68,13 @@ fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role,
         ),
         ("GET", "/v1/audit".into(), None, Role::Admin, 200),
         ("GET", "/v1/checks".into(), None, Role::Viewer, 200),
+        (
+            "GET",
+            "/v1/checks/01234567-89ab-7def-8123-456789abcdef/live".into(),
+            None,
+            Role::Viewer,
+            404,
+        ),
         // No agents in this installation: the check is refused after authorisation.
         (
             "POST",

@@ -609,3 +609,120 @@ async fn deadlines_and_cancels_end_every_slot_and_fence_late_reports() {
     assert_eq!(cancelled, 1, "the cancel is audited once");
     s.stop().await;
 }
+
+/// Read server-sent events from `response` until `want` non-comment events arrived:
+/// (event, id, data).
+async fn sse_events(
+    response: &mut reqwest::Response,
+    want: usize,
+) -> Vec<(String, Option<String>, Value)> {
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while events.len() < want {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .expect("events in time")
+            .unwrap()
+            .expect("the stream stays open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let (mut event, mut id, mut data) = (String::from("message"), None, String::new());
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if !data.is_empty() {
+                events.push((event, id, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_results_arrive_and_a_reconnect_with_last_event_id_misses_nothing() {
+    let s = stand().await;
+    let a = s.agent("a", "NL", 64530, &["dns"]).await;
+    let b = s.agent("b", "DE", 64531, &["dns"]).await;
+    s.online(&[&a, &b]).await;
+    let (_, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 2}))
+        .await;
+    let location = location.unwrap();
+    let open = |last: Option<&str>| {
+        let mut request = s
+            .http
+            .get(s.gw.url(&format!("{location}/live")))
+            .header("x-api-key", ADMIN);
+        if let Some(last) = last {
+            request = request.header("last-event-id", last);
+        }
+        request.send()
+    };
+    let mut stream = open(None).await.unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    assert!(stream.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+
+    let leases = s.claim(&a, "dns").await;
+    s.report(
+        &a,
+        leases[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let first = sse_events(&mut stream, 1).await;
+    assert_eq!(first[0].0, "result");
+    assert_eq!(first[0].1.as_deref(), Some("1"));
+    assert_eq!(first[0].2["agent_id"], a.id.as_str());
+    drop(stream);
+
+    // While nobody listens, the second result comes in; the reconnect gets it, then the end.
+    let leases = s.claim(&b, "dns").await;
+    s.report(
+        &b,
+        leases[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let mut stream = open(Some("1")).await.unwrap();
+    let rest = sse_events(&mut stream, 2).await;
+    assert_eq!(
+        (rest[0].0.as_str(), rest[0].1.as_deref()),
+        ("result", Some("2"))
+    );
+    assert_eq!(rest[0].2["agent_id"], b.id.as_str());
+    assert_eq!(rest[1].0, "finished");
+    assert_eq!(rest[1].2["id"], body["id"]);
+    // The stream ends after `finished`.
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(end.is_none(), "{end:?}");
+
+    // From the start, a finished check replays everything.
+    let mut stream = open(None).await.unwrap();
+    let all = sse_events(&mut stream, 3).await;
+    let ids: Vec<Option<&str>> = all.iter().map(|e| e.1.as_deref()).collect();
+    assert_eq!(ids, [Some("1"), Some("2"), None]);
+    let response = s
+        .http
+        .get(s.gw.url(&format!("{location}/live")))
+        .header("x-api-key", ADMIN)
+        .header("last-event-id", "banana")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 422);
+    s.stop().await;
+}
