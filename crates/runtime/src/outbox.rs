@@ -7,10 +7,27 @@
 
 use std::time::Duration;
 
-use checkplane_wire::events::Event;
+use checkplane_wire::events::{Event, EventBody, SCHEMA};
 use tokio_postgres::GenericClient;
 
 use crate::projection::{self, ApplyError};
+
+/// How long a command waits for its effects and publish after commit before leaving them to
+/// the outbox sweep.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A new event made now, with a fresh UUID v7 id.
+pub fn new_event(aggregate_id: String, version: i64, actor: String, body: EventBody) -> Event {
+    Event {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_id,
+        version,
+        occurred_at: crate::clock::now_ms(),
+        actor,
+        schema: SCHEMA,
+        body,
+    }
+}
 
 /// Inside the command's transaction: record, apply, and remember to publish.
 pub async fn append(

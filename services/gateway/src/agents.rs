@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
-use checkplane_runtime::outbox;
+use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_wire::agents::{HeartbeatResponse, RegisterRequest, RegisterResponse};
 use checkplane_wire::events::{AgentRegistered, Event, EventBody, SCHEMA};
 use serde::{Deserialize, Serialize};
@@ -17,12 +17,11 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::auth::{hash_secret, AgentIdentity, Enrollment, Viewer};
+use crate::paging::{check_window, Page, RFC3339};
 use crate::state::AppState;
 
 /// Largest registration body.
 const REGISTER_BODY_LIMIT: usize = 64 * 1024;
-/// How long publishing an event may take before it is left to the outbox sweep.
-const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -184,14 +183,10 @@ struct ListQuery {
     capability: Option<String>,
     /// `key:value`
     label: Option<String>,
-    #[serde(default = "default_limit")]
+    #[serde(default = "crate::paging::default_limit")]
     limit: i64,
     #[serde(default)]
     offset: i64,
-}
-
-fn default_limit() -> i64 {
-    50
 }
 
 #[derive(Debug, Serialize)]
@@ -210,28 +205,12 @@ struct AgentView {
     last_seen: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct Page<T> {
-    items: Vec<T>,
-    total: i64,
-    limit: i64,
-    offset: i64,
-    has_more: bool,
-}
-
-const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
-
 async fn list(
     State(app): State<AppState>,
     _viewer: Viewer,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Page<AgentView>>, ApiError> {
-    if !(1..=500).contains(&q.limit) {
-        return Err(ApiError::validation("limit: must be 1-500"));
-    }
-    if !(0..=1_000_000).contains(&q.offset) {
-        return Err(ApiError::validation("offset: must be 0-1000000"));
-    }
+    check_window(q.limit, q.offset)?;
     let mut clauses: Vec<String> = Vec::new();
     let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
     let mut bind = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
@@ -328,12 +307,5 @@ async fn list(
             last_seen: r.get(14),
         })
         .collect();
-    let has_more = q.offset + (items.len() as i64) < total;
-    Ok(Json(Page {
-        items,
-        total,
-        limit: q.limit,
-        offset: q.offset,
-        has_more,
-    }))
+    Ok(Json(Page::new(items, total, q.limit, q.offset)))
 }

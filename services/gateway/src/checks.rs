@@ -11,23 +11,21 @@ use axum::{Json, Router};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::leases::CloseReason;
+use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
 use checkplane_runtime::selection::{self, candidate, candidates, spread, Candidate};
 use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::task_id;
 use checkplane_wire::checks::{
     CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, Selection,
 };
-use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, Event, EventBody, SCHEMA};
+use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, EventBody};
 use checkplane_wire::ErrorCode;
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::auth::{Operator, Viewer};
+use crate::paging::{check_millis, check_window, Page, RFC3339};
 use crate::state::AppState;
-
-/// How long fan-out and publishing may take before they are left to the outbox sweep.
-const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -150,15 +148,12 @@ async fn create(
             .collect(),
     };
     let agents_count = created.slots.len() as u32;
-    let event = Event {
-        event_id: Uuid::now_v7(),
-        aggregate_id: format!("check:{check_id}"),
-        version: 1,
-        occurred_at: now,
-        actor: operator.caller.actor(),
-        schema: SCHEMA,
-        body: EventBody::CheckCreated(Box::new(created.clone())),
-    };
+    let event = outbox::new_event(
+        format!("check:{check_id}"),
+        1,
+        operator.caller.actor(),
+        EventBody::CheckCreated(Box::new(created.clone())),
+    );
     outbox::append(&*tx, &event, &stream)
         .await
         .map_err(|e| ApiError::internal(&e))?;
@@ -350,14 +345,13 @@ async fn cancel(
         )
             .into_response());
     }
-    let event = (!cancelled).then(|| Event {
-        event_id: Uuid::now_v7(),
-        aggregate_id: format!("check:{id}"),
-        version: now_ms(),
-        occurred_at: now_ms(),
-        actor: operator.caller.actor(),
-        schema: SCHEMA,
-        body: EventBody::CheckCancelled(CheckCancelled { check_id: id }),
+    let event = (!cancelled).then(|| {
+        outbox::new_event(
+            format!("check:{id}"),
+            now_ms(),
+            operator.caller.actor(),
+            EventBody::CheckCancelled(CheckCancelled { check_id: id }),
+        )
     });
     if let Some(event) = &event {
         outbox::append(&*tx, event, &stream)
@@ -421,14 +415,10 @@ struct ListQuery {
     kind: Option<String>,
     since: Option<i64>,
     until: Option<i64>,
-    #[serde(default = "default_limit")]
+    #[serde(default = "crate::paging::default_limit")]
     limit: i64,
     #[serde(default)]
     offset: i64,
-}
-
-fn default_limit() -> i64 {
-    50
 }
 
 #[derive(Debug, Serialize)]
@@ -444,27 +434,13 @@ struct CheckSummary {
     finished_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct Page<T> {
-    items: Vec<T>,
-    total: i64,
-    limit: i64,
-    offset: i64,
-    has_more: bool,
-}
-
 /// `GET /v1/checks` (role `viewer`): newest first.
 async fn list(
     State(app): State<AppState>,
     _viewer: Viewer,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Page<CheckSummary>>, ApiError> {
-    if !(1..=500).contains(&q.limit) {
-        return Err(ApiError::validation("limit: must be 1-500"));
-    }
-    if !(0..=1_000_000).contains(&q.offset) {
-        return Err(ApiError::validation("offset: must be 0-1000000"));
-    }
+    check_window(q.limit, q.offset)?;
     if let Some(status) = &q.status {
         if !["queued", "in_progress", "finished"].contains(&status.as_str()) {
             return Err(ApiError::validation(
@@ -477,17 +453,8 @@ async fn list(
             return Err(ApiError::validation("kind: unknown kind"));
         }
     }
-    let in_range = |t: i64| (0..=253_402_300_799_999).contains(&t);
-    if q.since.is_some_and(|t| !in_range(t)) {
-        return Err(ApiError::validation(
-            "since: milliseconds since 1970, before 10000",
-        ));
-    }
-    if q.until.is_some_and(|t| !in_range(t)) {
-        return Err(ApiError::validation(
-            "until: milliseconds since 1970, before 10000",
-        ));
-    }
+    check_millis("since", q.since)?;
+    check_millis("until", q.until)?;
     let filter = "($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR kind = $2)
         AND ($3::bigint IS NULL OR created_at >= 'epoch'::timestamptz + $3 * interval '1 millisecond')
         AND ($4::bigint IS NULL OR created_at < 'epoch'::timestamptz + $4 * interval '1 millisecond')";
@@ -525,14 +492,7 @@ async fn list(
             finished_at: r.get(8),
         })
         .collect();
-    let has_more = q.offset + (items.len() as i64) < total;
-    Ok(Json(Page {
-        items,
-        total,
-        limit: q.limit,
-        offset: q.offset,
-        has_more,
-    }))
+    Ok(Json(Page::new(items, total, q.limit, q.offset)))
 }
 
 /// How often a live stream looks for new results.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod geoip;
 pub mod leases;
 pub mod operators;
+pub mod paging;
 pub mod state;
 
 use std::sync::Arc;

@@ -17,17 +17,17 @@ use std::time::Duration;
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::keys::Keys;
 use checkplane_runtime::leases::{CloseReason, Leases};
+use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
 use checkplane_runtime::selection::{candidates, record_selected, spread};
 use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::{task_id, LocationRequest, Selection};
-use checkplane_wire::events::{CheckSlotRetried, CheckSlotsClosed, Event, EventBody, SCHEMA};
+use checkplane_wire::events::{CheckSlotRetried, CheckSlotsClosed, Event, EventBody};
 use uuid::Uuid;
 
 /// How long after closing in Redis the scheduler ends what is still open in PostgreSQL.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Most checks (deadlines) and slots (retries) handled per pass.
 const BATCH: i64 = 100;
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a lifecycle pass failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,15 +65,12 @@ pub struct Lifecycle {
 }
 
 fn system_event(check: Uuid, body: EventBody) -> Event {
-    Event {
-        event_id: Uuid::now_v7(),
-        aggregate_id: format!("check:{check}"),
-        version: now_ms(),
-        occurred_at: now_ms(),
-        actor: "system:scheduler".to_owned(),
-        schema: SCHEMA,
+    outbox::new_event(
+        format!("check:{check}"),
+        now_ms(),
+        "system:scheduler".to_owned(),
         body,
-    }
+    )
 }
 
 impl Lifecycle {
@@ -98,42 +95,44 @@ impl Lifecycle {
 
     async fn deadlines(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
         let grace_ms = CLOSE_GRACE.as_millis() as i64;
-        let due = {
+        // The due checks with their open slots, in one query.
+        let rows = {
             let client = self.pg.get().await?;
             client
                 .query(
-                    "SELECT check_id, kind, cancelled_at IS NOT NULL,
-                            COALESCE(LEAST(cancelled_at, deadline), deadline)
-                              < now() - $1::bigint * interval '1 millisecond'
-                     FROM checks
-                     WHERE status <> 'finished' AND (deadline <= now() OR cancelled_at IS NOT NULL)
-                     ORDER BY deadline LIMIT $2",
+                    "WITH due AS (
+                        SELECT check_id, kind, cancelled_at IS NOT NULL AS cancelled,
+                               COALESCE(LEAST(cancelled_at, deadline), deadline)
+                                 < now() - $1::bigint * interval '1 millisecond' AS overdue
+                        FROM checks
+                        WHERE status <> 'finished'
+                          AND (deadline <= now() OR cancelled_at IS NOT NULL)
+                        ORDER BY deadline LIMIT $2)
+                     SELECT d.check_id, d.kind, d.cancelled, d.overdue,
+                            s.slot, s.attempt, s.agent_id, s.status
+                     FROM due d JOIN check_slots s USING (check_id)
+                     WHERE s.status <> 'done'
+                     ORDER BY d.check_id, s.slot",
                     &[&grace_ms, &BATCH],
                 )
                 .await?
         };
-        for row in due {
-            let (check, kind, cancelled, overdue): (Uuid, String, bool, bool) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
+        for slots in rows.chunk_by(|a, b| a.get::<_, Uuid>(0) == b.get::<_, Uuid>(0)) {
+            let (check, kind, cancelled, overdue): (Uuid, String, bool, bool) = (
+                slots[0].get(0),
+                slots[0].get(1),
+                slots[0].get(2),
+                slots[0].get(3),
+            );
             let (reason, outcome) = if cancelled {
                 (CloseReason::Cancelled, "cancelled")
             } else {
                 (CloseReason::Timeout, "timeout")
             };
-            let open = {
-                let client = self.pg.get().await?;
-                client
-                    .query(
-                        "SELECT slot, attempt, agent_id, status FROM check_slots
-                         WHERE check_id = $1 AND status <> 'done' ORDER BY slot",
-                        &[&check],
-                    )
-                    .await?
-            };
             let mut still_open = Vec::new();
-            for slot in &open {
+            for slot in slots {
                 let (n, attempt, agent, status): (i32, i32, Option<String>, String) =
-                    (slot.get(0), slot.get(1), slot.get(2), slot.get(3));
+                    (slot.get(4), slot.get(5), slot.get(6), slot.get(7));
                 let (n, attempt) = (n as u32, attempt as u32);
                 if let (Some(agent), true) = (&agent, status != "retrying") {
                     let task = task_id(check, n, attempt);
@@ -154,7 +153,7 @@ impl Lifecycle {
                 }
                 still_open.push((n, attempt));
             }
-            if overdue && !still_open.is_empty() {
+            if overdue {
                 pass.ended += still_open.len() as u32;
                 let event = system_event(
                     check,
