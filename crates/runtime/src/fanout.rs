@@ -1,52 +1,96 @@
-//! Fan-out: a new check's tasks added to its agents' task streams, each once (by task id), and
-//! their doorbells rung. Run by the gateway right after the check's transaction commits, and
-//! by the scheduler's outbox sweep for a check whose gateway died before it was done.
+//! Fan-out: a check's tasks added to its agents' task streams, each once (by task id), and
+//! their doorbells rung. Run by the gateway right after the check's transaction commits (the
+//! first `max_parallel` slots), by the scheduler for released slots and retries, and by the
+//! outbox sweep for an event whose writer died before it was done.
 
 use checkplane_wire::checks::{task_id, TaskSpec};
-use checkplane_wire::events::{CheckCreated, CheckSlotRetried, EventBody};
+use checkplane_wire::events::{CheckCreated, CheckSlotRetried, CheckSlotsReleased, EventBody};
 
 use crate::leases::Leases;
 
-/// Add every slot's first attempt; concurrent calls on a multiplexed connection pipeline.
-pub async fn enqueue_check(
+/// Add one attempt's task to `agent`'s stream, once.
+async fn enqueue(
     conn: &(impl redis::aio::ConnectionLike + Clone + Send),
     leases: &Leases,
-    check: &CheckCreated,
+    agent: &str,
+    spec: &TaskSpec,
 ) -> redis::RedisResult<()> {
-    let adds = check.slots.iter().map(|slot| {
-        let mut conn = conn.clone();
-        let spec = TaskSpec {
-            check_id: check.check_id,
-            slot: slot.slot,
-            attempt: 1,
-            kind: check.kind.clone(),
-            target: check.target.clone(),
-            options: check.options.clone(),
-            deadline_ms: check.deadline,
-        };
-        async move {
-            let spec = serde_json::to_string(&spec).map_err(|e| {
-                redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "serialising a task spec",
-                    e.to_string(),
-                ))
-            })?;
-            leases
-                .enqueue_task(
-                    &mut conn,
-                    &slot.agent_id,
-                    &check.kind,
-                    &task_id(check.check_id, slot.slot, 1),
-                    &spec,
-                )
-                .await
-        }
+    let body = serde_json::to_string(spec).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "serialising a task spec",
+            e.to_string(),
+        ))
+    })?;
+    leases
+        .enqueue_task(
+            &mut conn.clone(),
+            agent,
+            &spec.kind,
+            &task_id(spec.check_id, spec.slot, spec.attempt),
+            &body,
+        )
+        .await
+        .map(|_| ())
+}
+
+/// First attempts of `slots` (slot, agent); concurrent calls on a multiplexed connection
+/// pipeline.
+async fn enqueue_first<'a>(
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    leases: &Leases,
+    spec: impl Fn(u32) -> TaskSpec,
+    slots: impl Iterator<Item = (u32, &'a str)>,
+) -> redis::RedisResult<()> {
+    let adds = slots.map(|(slot, agent)| {
+        let spec = spec(slot);
+        async move { enqueue(conn, leases, agent, &spec).await }
     });
     for added in futures::future::join_all(adds).await {
         added?;
     }
     Ok(())
+}
+
+/// Add the first attempt of every slot sent at creation (the first `max_parallel`).
+pub async fn enqueue_check(
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    leases: &Leases,
+    check: &CheckCreated,
+) -> redis::RedisResult<()> {
+    let spec = |slot| TaskSpec {
+        check_id: check.check_id,
+        slot,
+        attempt: 1,
+        kind: check.kind.clone(),
+        target: check.target.clone(),
+        options: check.options.clone(),
+        deadline_ms: check.deadline,
+    };
+    let slots = check
+        .first_wave()
+        .iter()
+        .map(|s| (s.slot, s.agent_id.as_str()));
+    enqueue_first(conn, leases, spec, slots).await
+}
+
+/// Add the first attempt of every released slot.
+pub async fn enqueue_released(
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    leases: &Leases,
+    released: &CheckSlotsReleased,
+) -> redis::RedisResult<()> {
+    let spec = |slot| TaskSpec {
+        check_id: released.check_id,
+        slot,
+        attempt: 1,
+        kind: released.kind.clone(),
+        target: released.target.clone(),
+        options: released.options.clone(),
+        deadline_ms: released.deadline,
+    };
+    let slots = released.slots.iter().map(|(s, a)| (*s, a.as_str()));
+    enqueue_first(conn, leases, spec, slots).await
 }
 
 /// A retried slot's new attempt, added once.
@@ -64,23 +108,7 @@ pub async fn enqueue_retry(
         options: retry.options.clone(),
         deadline_ms: retry.deadline,
     };
-    let spec = serde_json::to_string(&spec).map_err(|e| {
-        redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "serialising a task spec",
-            e.to_string(),
-        ))
-    })?;
-    leases
-        .enqueue_task(
-            &mut conn.clone(),
-            &retry.agent_id,
-            &retry.kind,
-            &task_id(retry.check_id, retry.slot, retry.attempt),
-            &spec,
-        )
-        .await
-        .map(|_| ())
+    enqueue(conn, leases, &retry.agent_id, &spec).await
 }
 
 /// The Redis effects of an edge event, if it has any: what the outbox sweep runs before it
@@ -93,6 +121,7 @@ pub async fn effects(
     match body {
         EventBody::CheckCreated(check) => enqueue_check(conn, leases, check).await,
         EventBody::CheckSlotRetried(retry) => enqueue_retry(conn, leases, retry).await,
+        EventBody::CheckSlotsReleased(released) => enqueue_released(conn, leases, released).await,
         _ => Ok(()),
     }
 }

@@ -329,6 +329,18 @@ pub struct TaskRef<'a> {
     pub task: &'a str,
 }
 
+/// What closing a task by its id did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskClosed {
+    /// It was open and is closed now: its `lease.closed` is on the lease stream.
+    Closed,
+    /// It was closed or ended before (or its close was already marked).
+    Already,
+    /// It had not been sent: a mark now keeps a late fan-out from adding it, and no event
+    /// was made.
+    Unsent,
+}
+
 /// Why a task is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -620,7 +632,7 @@ impl Leases {
         task: &str,
         reason: CloseReason,
         now_ms: i64,
-    ) -> redis::RedisResult<bool> {
+    ) -> redis::RedisResult<TaskClosed> {
         let entry: Option<String> = self
             .close_unsent
             .key(self.keys.task_ref(agent, task))
@@ -628,7 +640,8 @@ impl Leases {
             .invoke_async(conn)
             .await?;
         match entry.as_deref() {
-            None | Some("closed") => Ok(false),
+            None => Ok(TaskClosed::Unsent),
+            Some("closed") => Ok(TaskClosed::Already),
             Some(entry) => {
                 let task = TaskRef {
                     agent,
@@ -636,7 +649,12 @@ impl Leases {
                     entry,
                     task,
                 };
-                self.close(conn, &task, reason, now_ms).await
+                let closed = self.close(conn, &task, reason, now_ms).await?;
+                Ok(if closed {
+                    TaskClosed::Closed
+                } else {
+                    TaskClosed::Already
+                })
             }
         }
     }

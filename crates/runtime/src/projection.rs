@@ -162,6 +162,17 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
             }
             Ok(())
         }
+        EventBody::CheckSlotsInterrupted(e) => {
+            for (slot, attempt) in &e.slots {
+                let task = checkplane_wire::checks::task_id(e.check_id, *slot, *attempt);
+                let interrupted = SlotChange::Interrupted {
+                    outcome: &e.outcome,
+                };
+                checks::apply_slot(client, event, &task, interrupted).await?;
+            }
+            Ok(())
+        }
+        EventBody::CheckSlotsReleased(e) => checks::apply_released(client, e).await,
         EventBody::KeyCreated(e) => apply_key_created(client, event, e).await,
         EventBody::KeyRevoked(e) => apply_key_revoked(client, event, e).await,
     }?;

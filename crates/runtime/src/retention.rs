@@ -70,3 +70,61 @@ pub async fn maintain_events(
     }
     Ok(done)
 }
+
+/// What one round of results and metrics retention deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Finished checks, with their slots and results.
+    pub checks: u64,
+    /// Agent metrics rows.
+    pub metrics: u64,
+}
+
+/// Rows deleted per statement by [`trim_results`]: each statement is its own short
+/// transaction, so projector writes never wait long behind it.
+pub const TRIM_BATCH: i64 = 1_000;
+
+/// Delete checks that finished more than `results` ago (their slots go with them) and agent
+/// metrics older than `metrics`, `batch` rows per statement until none is left.
+pub async fn trim_results(
+    client: &tokio_postgres::Client,
+    results: Duration,
+    metrics: Duration,
+    batch: i64,
+) -> Result<Trimmed, tokio_postgres::Error> {
+    let mut done = Trimmed::default();
+    let results_ms = i64::try_from(results.as_millis()).unwrap_or(i64::MAX);
+    let metrics_ms = i64::try_from(metrics.as_millis()).unwrap_or(i64::MAX);
+    let statements = [
+        (
+            "DELETE FROM checks WHERE check_id IN (
+                SELECT check_id FROM checks
+                WHERE status = 'finished'
+                  AND finished_at < now() - $1::bigint * interval '1 millisecond'
+                ORDER BY finished_at LIMIT $2)",
+            results_ms,
+            &mut done.checks,
+        ),
+        (
+            "DELETE FROM agent_metrics WHERE ctid IN (
+                SELECT ctid FROM agent_metrics
+                WHERE recorded_at < now() - $1::bigint * interval '1 millisecond'
+                LIMIT $2)",
+            metrics_ms,
+            &mut done.metrics,
+        ),
+    ];
+    for (sql, age_ms, deleted) in statements {
+        loop {
+            let n = client.execute(sql, &[&age_ms, &batch]).await?;
+            *deleted += n;
+            if n < batch as u64 {
+                break;
+            }
+            if *deleted % (batch as u64 * 100) == 0 {
+                tracing::info!(deleted = *deleted, "retention: still deleting");
+            }
+        }
+    }
+    Ok(done)
+}

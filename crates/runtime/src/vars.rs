@@ -165,6 +165,9 @@ pub const ALL: &[Var] = &[
     Var { name: "CLAIM_BLOCK_MS", services: "gateway", default: "20000", doc: "the longest a claim waits for work, in ms (0-120000); `wait_ms` above it is cut to it", secret: false },
     Var { name: "MAX_RETRIES", services: "scheduler", default: "2", doc: "new attempts (0-10) of a check slot whose agent went away, each on another matching agent", secret: false },
     Var { name: "RETRY_BACKOFF", services: "scheduler", default: "2s", doc: "how long an interrupted check slot waits before its next attempt (0s-10m); kept in PostgreSQL, so it survives a restart", secret: false },
+    Var { name: "DEFAULT_MAX_PARALLEL", services: "gateway", default: "100", doc: "slots of one check (1-1000) that run at once when the check gives no `max_parallel`; the rest wait until earlier ones end", secret: false },
+    Var { name: "RESULTS_RETENTION", services: "scheduler", default: "30d", doc: "how long finished checks and their results are kept (1h-10y), deleted in bounded batches", secret: false },
+    Var { name: "METRICS_RETENTION", services: "scheduler", default: "30d", doc: "how long agents' reported metrics are kept (1h-10y), deleted in bounded batches", secret: false },
     Var { name: "GATEWAY_ALLOW_PRIVATE_TARGETS", services: "gateway", default: "false", doc: "accept check targets in loopback, private, link-local and reserved ranges (for checking your own network; the tests and the stand use loopback targets)", secret: false },
     Var { name: "GATEWAY_AUTH_CACHE_TTL", services: "gateway", default: "5s", doc: "how long a verified agent token or operator key is trusted without asking PostgreSQL again (0s: always ask); after a rotation or revocation on another replica the old one may pass that long", secret: false },
 ];

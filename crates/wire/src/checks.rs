@@ -86,6 +86,10 @@ pub struct CreateCheckRequest {
     /// otherwise. Slots still open then end as `timeout`.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// How many of the check's slots may run at once (1-1000); the installation's
+    /// `DEFAULT_MAX_PARALLEL` otherwise. The others wait until earlier ones end.
+    #[serde(default)]
+    pub max_parallel: Option<u32>,
 }
 
 /// Longest `timeout_ms`.
@@ -151,6 +155,8 @@ pub struct CheckSpec {
     pub target: String,
     /// The kind's options with every default filled in.
     pub options: serde_json::Value,
+    /// Slots that may run at once, when the request said (else the installation's default).
+    pub max_parallel: Option<u32>,
 }
 
 /// A validated selection.
@@ -294,6 +300,7 @@ fn dns(
     Ok(CheckSpec {
         kind: "dns".into(),
         timeout_ms: 0,
+        max_parallel: None,
         target: name,
         options: serde_json::json!({"type": record, "protocol": protocol, "resolver": resolver}),
     })
@@ -407,6 +414,7 @@ fn http(
     Ok(CheckSpec {
         kind: "http".into(),
         timeout_ms: 0,
+        max_parallel: None,
         target: normalised.to_string(),
         options: serde_json::json!({"method": method, "protocol": protocol, "headers": headers}),
     })
@@ -424,6 +432,7 @@ fn tcp(
     Ok(CheckSpec {
         kind: "tcp".into(),
         timeout_ms: 0,
+        max_parallel: None,
         target: host("target", target, allow_private)?,
         options: serde_json::json!({ "port": port }),
     })
@@ -439,6 +448,7 @@ fn ping(
     Ok(CheckSpec {
         kind: "ping".into(),
         timeout_ms: 0,
+        max_parallel: None,
         target: host("target", target, allow_private)?,
         options: serde_json::json!({ "packets": packets }),
     })
@@ -463,6 +473,7 @@ fn trace(
     Ok(CheckSpec {
         kind: "trace".into(),
         timeout_ms: 0,
+        max_parallel: None,
         target: host("target", target, allow_private)?,
         options: serde_json::json!({"protocol": protocol, "port": port}),
     })
@@ -510,6 +521,11 @@ impl CreateCheckRequest {
                     "timeout_ms: expected 1000-{MAX_TIMEOUT_MS}"
                 )))
             }
+        };
+        spec.max_parallel = match self.max_parallel {
+            None => None,
+            Some(n) if (1..=MAX_AGENTS).contains(&n) => Some(n),
+            Some(_) => return Err(invalid(format!("max_parallel: expected 1-{MAX_AGENTS}"))),
         };
         let given = [
             !self.locations.is_empty(),

@@ -78,6 +78,12 @@ pub enum EventBody {
     /// Slots ended by the scheduler (deadline, cancel, no agent, retries used up).
     #[serde(rename = "check.slots_closed")]
     CheckSlotsClosed(CheckSlotsClosed),
+    /// Waiting slots of a check let run (its parallelism allows more).
+    #[serde(rename = "check.slots_released")]
+    CheckSlotsReleased(CheckSlotsReleased),
+    /// Slots whose agent went away before their task was sent: they wait for a retry.
+    #[serde(rename = "check.slots_interrupted")]
+    CheckSlotsInterrupted(CheckSlotsClosed),
     /// An operator API key was made.
     #[serde(rename = "key.created")]
     KeyCreated(KeyCreated),
@@ -103,6 +109,8 @@ impl EventBody {
             Self::CheckCancelled(_) => "check.cancelled",
             Self::CheckSlotRetried(_) => "check.slot_retried",
             Self::CheckSlotsClosed(_) => "check.slots_closed",
+            Self::CheckSlotsReleased(_) => "check.slots_released",
+            Self::CheckSlotsInterrupted(_) => "check.slots_interrupted",
             Self::KeyCreated(_) => "key.created",
             Self::KeyRevoked(_) => "key.revoked",
         }
@@ -323,6 +331,18 @@ pub struct CheckCreated {
     /// When open slots are closed as `timeout` (ms since the epoch).
     pub deadline: i64,
     pub slots: Vec<CheckSlot>,
+    /// How many slots run at once: the first ones are sent at creation, the rest wait for
+    /// `check.slots_released`. None: all at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+}
+
+impl CheckCreated {
+    /// The slots sent at creation (the first `max_parallel`).
+    pub fn first_wave(&self) -> &[CheckSlot] {
+        let n = self.max_parallel.map_or(self.slots.len(), |n| n as usize);
+        &self.slots[..n.min(self.slots.len())]
+    }
 }
 
 impl Eq for CheckCreated {}
@@ -362,7 +382,20 @@ pub struct CheckSlotRetried {
     pub location: Location,
 }
 
-/// Payload of `check.slots_closed`.
+/// Payload of `check.slots_released`: what the released slots' tasks need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSlotsReleased {
+    pub check_id: Uuid,
+    pub kind: String,
+    pub target: String,
+    pub options: serde_json::Value,
+    pub deadline: i64,
+    /// (slot, agent): each slot's first attempt.
+    pub slots: Vec<(u32, String)>,
+}
+
+/// Payload of `check.slots_closed` and `check.slots_interrupted`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckSlotsClosed {

@@ -146,6 +146,7 @@ async fn create(
                 constraint,
             })
             .collect(),
+        max_parallel: Some(spec.max_parallel.unwrap_or(app.config.default_max_parallel)),
     };
     let agents_count = created.slots.len() as u32;
     let event = outbox::new_event(
@@ -221,6 +222,7 @@ struct CheckView {
     status: String,
     agents_count: i32,
     done_count: i32,
+    max_parallel: Option<i32>,
     seq: i64,
     created_at: String,
     created_by: String,
@@ -244,7 +246,7 @@ async fn read(
                 "SELECT kind, target, options, selection, status, slots, slots_done, seq, revision,
                         to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
                         to_char(deadline AT TIME ZONE 'UTC', {RFC3339}),
-                        to_char(finished_at AT TIME ZONE 'UTC', {RFC3339})
+                        to_char(finished_at AT TIME ZONE 'UTC', {RFC3339}), max_parallel
                  FROM checks WHERE check_id = $1"
             ),
             &[&id],
@@ -283,6 +285,7 @@ async fn read(
         status: row.get(4),
         agents_count: row.get(5),
         done_count: row.get(6),
+        max_parallel: row.get(13),
         seq: row.get(7),
         created_at: row.get(9),
         created_by: row.get(10),

@@ -31,6 +31,9 @@ pub struct Config {
     pub auth_cache_ttl: Duration,
     /// `GATEWAY_ALLOW_PRIVATE_TARGETS`: accept targets in private and reserved ranges.
     pub allow_private_targets: bool,
+    /// `DEFAULT_MAX_PARALLEL`: slots of one check that run at once when the check does not
+    /// say; fixed into the check when it is made, so replicas never disagree.
+    pub default_max_parallel: u32,
 }
 
 /// Read the gateway's configuration.
@@ -78,7 +81,10 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         Duration::from_secs(300),
     )?;
     let allow_private_targets = env.bool("GATEWAY_ALLOW_PRIVATE_TARGETS", false)?;
+    let default_max_parallel =
+        u32::try_from(env.u64_in("DEFAULT_MAX_PARALLEL", 100, 1, 1000)?).unwrap_or(100);
     Ok(Config {
+        default_max_parallel,
         allow_private_targets,
         auth_cache_ttl,
         service,

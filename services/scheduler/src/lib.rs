@@ -33,6 +33,10 @@ pub struct Config {
     pub outbox_min_age: Duration,
     /// `EVENTS_RETENTION`: how long `events` are kept.
     pub events_retention: Duration,
+    /// `RESULTS_RETENTION`: how long finished checks and their results are kept.
+    pub results_retention: Duration,
+    /// `METRICS_RETENTION`: how long agents' reported metrics are kept.
+    pub metrics_retention: Duration,
     /// `PROJECTOR_MAX_ATTEMPTS`: failures before an event is parked.
     pub max_attempts: u32,
     /// `MAX_RETRIES`: new attempts of a slot whose agent went away.
@@ -78,6 +82,18 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
             "EVENTS_RETENTION",
             Duration::from_secs(30 * 86_400),
             Duration::from_secs(86_400),
+            Duration::from_secs(3650 * 86_400),
+        )?,
+        results_retention: env.duration(
+            "RESULTS_RETENTION",
+            Duration::from_secs(30 * 86_400),
+            Duration::from_secs(3600),
+            Duration::from_secs(3650 * 86_400),
+        )?,
+        metrics_retention: env.duration(
+            "METRICS_RETENTION",
+            Duration::from_secs(30 * 86_400),
+            Duration::from_secs(3600),
             Duration::from_secs(3650 * 86_400),
         )?,
         max_attempts: u32::try_from(env.u64_in("PROJECTOR_MAX_ATTEMPTS", 5, 1, 100)?).unwrap_or(5),
@@ -239,27 +255,38 @@ pub async fn run(
             );
 
             let (pg, schema) = (stores.pg.clone(), stores.clone());
-            let retention = config.events_retention;
+            let (events, results, metrics) = (
+                config.events_retention,
+                config.results_retention,
+                config.metrics_retention,
+            );
             every(
                 tracker,
                 shutdown,
-                "events_retention",
+                "retention",
                 Duration::from_secs(3600),
                 move || {
                     let (pg, schema) = (pg.clone(), schema.clone());
                     async move {
+                        use checkplane_runtime::retention::{
+                            maintain_events, trim_results, TRIM_BATCH,
+                        };
                         schema.schema_current().await;
+                        let failed = |e: tokio_postgres::Error| {
+                            RunError::Startup(checkplane_runtime::error_chain(&e))
+                        };
                         let client = pg
                             .get()
                             .await
                             .map_err(|e| RunError::Startup(e.to_string()))?;
-                        let done =
-                            checkplane_runtime::retention::maintain_events(&client, retention)
-                                .await
-                                .map_err(|e| {
-                                    RunError::Startup(checkplane_runtime::error_chain(&e))
-                                })?;
+                        let done = maintain_events(&client, events).await.map_err(failed)?;
                         tracing::debug!(?done, "events maintenance");
+                        let trimmed = trim_results(&client, results, metrics, TRIM_BATCH)
+                            .await
+                            .map_err(failed)?;
+                        if trimmed != Default::default() {
+                            tracing::info!(?trimmed, "retention: old results and metrics deleted");
+                        }
                         Ok::<_, RunError>(())
                     }
                 },

@@ -9,19 +9,27 @@
 //!   `RETRY_BACKOFF` (its end time is in the row, so the wait survives a restart), then gets a
 //!   new attempt on another matching agent (`check.slot_retried`, fanned out like a new check)
 //!   until `MAX_RETRIES`; with no retry left it ends with the interruption, with no agent
-//!   `no_agent`.
+//!   `no_agent`;
+//! - **offline agents**: a slot sent to an agent that went offline before claiming it is
+//!   closed in Redis with reason `offline` (a task never sent is marked so it never will be)
+//!   and waits for its retry like the others;
+//! - **parallelism**: slots past a check's `max_parallel` start `waiting`; as earlier ones end,
+//!   `check.slots_released` lets the next ones run (in the check row's lock, so two replicas
+//!   never release the same slots) and they are sent like a new check's.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{CloseReason, Leases};
+use checkplane_runtime::leases::{CloseReason, Leases, TaskClosed};
 use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
 use checkplane_runtime::selection::{candidates, record_selected, spread};
 use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::{task_id, LocationRequest, Selection};
-use checkplane_wire::events::{CheckSlotRetried, CheckSlotsClosed, Event, EventBody};
+use checkplane_wire::events::{
+    CheckSlotRetried, CheckSlotsClosed, CheckSlotsReleased, Event, EventBody,
+};
 use uuid::Uuid;
 
 /// How long after closing in Redis the scheduler ends what is still open in PostgreSQL.
@@ -51,6 +59,10 @@ pub struct Pass {
     pub ended: u32,
     /// New attempts.
     pub retried: u32,
+    /// Sent slots taken back from agents that went offline before claiming them.
+    pub offline: u32,
+    /// Waiting slots let run.
+    pub released: u32,
 }
 
 #[derive(Clone)]
@@ -77,7 +89,9 @@ impl Lifecycle {
     pub async fn pass(&self) -> Result<Pass, LifecycleError> {
         let mut pass = Pass::default();
         self.deadlines(&mut pass).await?;
+        self.offline(&mut pass).await?;
         self.retries(&mut pass).await?;
+        self.release(&mut pass).await?;
         Ok(pass)
     }
 
@@ -147,7 +161,7 @@ impl Lifecycle {
                             now_ms(),
                         )
                         .await?;
-                    if closed {
+                    if closed == TaskClosed::Closed {
                         pass.closed += 1;
                     }
                 }
@@ -165,6 +179,138 @@ impl Lifecycle {
                 );
                 self.record(&event).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Slots sent to an agent that went offline before it claimed them: closed in Redis (the
+    /// `lease.closed` with reason `offline` leaves the slot `retrying`), or, when their task
+    /// was never sent, marked so and interrupted in PostgreSQL. A task the agent did claim is
+    /// left to lease recovery.
+    async fn offline(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
+        let rows = {
+            let client = self.pg.get().await?;
+            client
+                .query(
+                    "SELECT s.check_id, s.slot, s.attempt, s.agent_id, c.kind
+                     FROM check_slots s
+                     JOIN agents a ON a.agent_id = s.agent_id
+                     JOIN checks c ON c.check_id = s.check_id
+                     WHERE s.status = 'pending' AND a.status = 'offline'
+                       AND c.status <> 'finished' AND c.cancelled_at IS NULL
+                       AND c.deadline > now()
+                     ORDER BY s.check_id, s.slot LIMIT $1",
+                    &[&BATCH],
+                )
+                .await?
+        };
+        for row in &rows {
+            let (check, slot, attempt, agent, kind): (Uuid, i32, i32, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            let (slot, attempt) = (slot as u32, attempt as u32);
+            let task = task_id(check, slot, attempt);
+            let closed = self
+                .leases
+                .close_task(
+                    &mut self.redis.clone(),
+                    &agent,
+                    &kind,
+                    &task,
+                    CloseReason::Offline,
+                    now_ms(),
+                )
+                .await?;
+            match closed {
+                TaskClosed::Closed => pass.offline += 1,
+                // Its `lease.closed` (or report) is on its way to the projector.
+                TaskClosed::Already => {}
+                TaskClosed::Unsent => {
+                    pass.offline += 1;
+                    let event = system_event(
+                        check,
+                        EventBody::CheckSlotsInterrupted(CheckSlotsClosed {
+                            check_id: check,
+                            outcome: "offline".to_owned(),
+                            slots: vec![(slot, attempt)],
+                        }),
+                    );
+                    self.record(&event).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waiting slots of checks running fewer than `max_parallel` slots: released in the
+    /// check row's lock (two replicas never release the same slots), then sent.
+    async fn release(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
+        let mut client = self.pg.get().await?;
+        let tx = client.transaction().await?;
+        let due = tx
+            .query(
+                "SELECT c.check_id, c.kind, c.target, c.options,
+                        (extract(epoch FROM c.deadline) * 1000)::bigint,
+                        c.max_parallel - (SELECT count(*) FROM check_slots o
+                                          WHERE o.check_id = c.check_id
+                                            AND o.status IN ('pending', 'leased', 'retrying'))
+                 FROM checks c
+                 WHERE c.check_id IN (SELECT DISTINCT check_id FROM check_slots
+                                      WHERE status = 'waiting')
+                   AND c.status <> 'finished' AND c.cancelled_at IS NULL AND c.deadline > now()
+                 ORDER BY c.created_at LIMIT $1
+                 FOR UPDATE OF c SKIP LOCKED",
+                &[&BATCH],
+            )
+            .await?;
+        let stream = self.keys.events("checks");
+        let mut events = Vec::new();
+        for row in &due {
+            let (check, free): (Uuid, i64) =
+                (row.get(0), row.get::<_, Option<i64>>(5).unwrap_or(0));
+            if free <= 0 {
+                continue;
+            }
+            let slots: Vec<(u32, String)> = tx
+                .query(
+                    "SELECT slot, agent_id FROM check_slots
+                     WHERE check_id = $1 AND status = 'waiting' AND agent_id IS NOT NULL
+                     ORDER BY slot LIMIT $2",
+                    &[&check, &free],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get::<_, i32>(0) as u32, r.get(1)))
+                .collect();
+            let event = system_event(
+                check,
+                EventBody::CheckSlotsReleased(CheckSlotsReleased {
+                    check_id: check,
+                    kind: row.get(1),
+                    target: row.get(2),
+                    options: row.get(3),
+                    deadline: row.get(4),
+                    slots,
+                }),
+            );
+            outbox::append(&*tx, &event, &stream).await?;
+            events.push(event);
+        }
+        tx.commit().await?;
+        drop(client);
+        for event in &events {
+            let EventBody::CheckSlotsReleased(released) = &event.body else {
+                continue;
+            };
+            pass.released += released.slots.len() as u32;
+            let added = tokio::time::timeout(
+                PUBLISH_TIMEOUT,
+                fanout::enqueue_released(&self.redis, &self.leases, released),
+            )
+            .await;
+            if matches!(added, Ok(Ok(()))) {
+                outbox::publish(&self.pg, &self.redis_pool, &stream, event, PUBLISH_TIMEOUT).await;
+            }
+            // Otherwise the outbox sweep adds them.
         }
         Ok(())
     }

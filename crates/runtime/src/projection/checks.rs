@@ -7,7 +7,9 @@
 //! concurrently, which is what lets a live reader resume after the last `seq` it saw.
 
 use checkplane_wire::checks::parse_task_id;
-use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlotRetried, Event};
+use checkplane_wire::events::{
+    CheckCancelled, CheckCreated, CheckSlotRetried, CheckSlotsReleased, Event,
+};
 use tokio_postgres::GenericClient;
 
 use super::{ApplyError, AT};
@@ -35,9 +37,9 @@ pub(super) async fn apply_created(
         .execute(
             &format!(
                 "INSERT INTO checks (check_id, kind, target, options, selection, status, slots,
-                                     created_at, created_by, deadline)
+                                     created_at, created_by, deadline, max_parallel)
                  VALUES ($2, $3, $4, $5, $6, 'queued', $7, {AT}, $8,
-                         'epoch'::timestamptz + $9::bigint * interval '1 millisecond')
+                         'epoch'::timestamptz + $9::bigint * interval '1 millisecond', $10)
                  ON CONFLICT (check_id) DO NOTHING"
             ),
             &[
@@ -50,6 +52,7 @@ pub(super) async fn apply_created(
                 &i32::try_from(e.slots.len()).unwrap_or(i32::MAX),
                 &event.actor,
                 &e.deadline,
+                &e.max_parallel.map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
             ],
         )
         .await?;
@@ -57,6 +60,10 @@ pub(super) async fn apply_created(
         return Ok(());
     }
     let slots: Vec<i32> = e.slots.iter().map(|s| s.slot as i32).collect();
+    let sent = e.first_wave().len();
+    let statuses: Vec<&str> = (0..e.slots.len())
+        .map(|i| if i < sent { "pending" } else { "waiting" })
+        .collect();
     let agents: Vec<&str> = e.slots.iter().map(|s| s.agent_id.as_str()).collect();
     let constraints: Vec<Option<i32>> = e
         .slots
@@ -83,9 +90,9 @@ pub(super) async fn apply_created(
         .execute(
             "INSERT INTO check_slots (check_id, slot, attempt, agent_id, constraint_index, status,
                                       country, city, asn, network)
-             SELECT $1, s, 1, a, c, 'pending', co, ci, asn, n
+             SELECT $1, s, 1, a, c, st, co, ci, asn, n
              FROM unnest($2::int[], $3::text[], $4::int[], $5::text[], $6::text[], $7::bigint[],
-                         $8::text[]) AS u(s, a, c, co, ci, asn, n)
+                         $8::text[], $9::text[]) AS u(s, a, c, co, ci, asn, n, st)
              ON CONFLICT DO NOTHING",
             &[
                 &e.check_id,
@@ -96,6 +103,7 @@ pub(super) async fn apply_created(
                 &cities,
                 &asns,
                 &networks,
+                &statuses,
             ],
         )
         .await?;
@@ -121,7 +129,8 @@ pub(super) async fn apply_slot(
                         "WITH s AS (
                             UPDATE check_slots SET status = 'leased',
                                    started_at = COALESCE(started_at, {AT})
-                            WHERE check_id = $2 AND slot = $3 AND attempt = $4 AND status = 'pending'
+                            WHERE check_id = $2 AND slot = $3 AND attempt = $4
+                              AND status IN ('pending', 'waiting')
                             RETURNING 1)
                          UPDATE checks SET revision = revision + 1,
                                 status = CASE WHEN status = 'queued' THEN 'in_progress' ELSE status END
@@ -138,7 +147,7 @@ pub(super) async fn apply_slot(
                         "WITH s AS (
                             UPDATE check_slots SET status = 'retrying', outcome = $5, done_at = {AT}
                             WHERE check_id = $2 AND slot = $3 AND attempt = $4
-                              AND status IN ('pending', 'leased')
+                              AND status IN ('pending', 'waiting', 'leased')
                             RETURNING 1)
                          UPDATE checks SET revision = revision + 1
                          WHERE check_id = $2 AND EXISTS (SELECT 1 FROM s)"
@@ -250,6 +259,25 @@ pub(super) async fn apply_cancelled(
                  WHERE check_id = $2"
             ),
             &[&event.occurred_at, &e.check_id],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn apply_released(
+    client: &impl GenericClient,
+    e: &CheckSlotsReleased,
+) -> Result<(), ApplyError> {
+    let slots: Vec<i32> = e.slots.iter().map(|(s, _)| *s as i32).collect();
+    client
+        .execute(
+            "WITH s AS (
+                UPDATE check_slots SET status = 'pending'
+                WHERE check_id = $1 AND slot = ANY($2) AND attempt = 1 AND status = 'waiting'
+                RETURNING 1)
+             UPDATE checks SET revision = revision + 1
+             WHERE check_id = $1 AND EXISTS (SELECT 1 FROM s)",
+            &[&e.check_id, &slots],
         )
         .await?;
     Ok(())

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{CloseReason, Fenced, LeaseSettings, Leases, TaskRef};
+use checkplane_runtime::leases::{CloseReason, Fenced, LeaseSettings, Leases, TaskClosed, TaskRef};
 use checkplane_testkit::servers::RedisCluster;
 use checkplane_testkit::{eventually, TestRedis};
 use checkplane_wire::leases::LeaseToken;
@@ -412,10 +412,20 @@ async fn tasks_by_id(conn: &mut impl ConnectionLike, keys: Keys) {
     );
 
     // Closed before it was sent: a late fan-out does not add it.
-    assert!(!leases
-        .close_task(conn, agent, "dns", "c1:1:1", CloseReason::Timeout, now())
-        .await
-        .unwrap());
+    assert_eq!(
+        leases
+            .close_task(conn, agent, "dns", "c1:1:1", CloseReason::Timeout, now())
+            .await
+            .unwrap(),
+        TaskClosed::Unsent
+    );
+    assert_eq!(
+        leases
+            .close_task(conn, agent, "dns", "c1:1:1", CloseReason::Timeout, now())
+            .await
+            .unwrap(),
+        TaskClosed::Already
+    );
     assert_eq!(
         leases
             .enqueue_task(conn, agent, "dns", "c1:1:1", "{}")
@@ -435,10 +445,13 @@ async fn tasks_by_id(conn: &mut impl ConnectionLike, keys: Keys) {
         .await
         .unwrap();
     let token = LeaseToken::parse(&granted[0].token).unwrap();
-    assert!(leases
-        .close_task(conn, agent, "dns", "c1:2:1", CloseReason::Cancelled, now())
-        .await
-        .unwrap());
+    assert_eq!(
+        leases
+            .close_task(conn, agent, "dns", "c1:2:1", CloseReason::Cancelled, now())
+            .await
+            .unwrap(),
+        TaskClosed::Closed
+    );
     let closed = last_event(conn, &keys, agent).await;
     assert_eq!(
         (closed["type"].as_str(), closed["payload"]["task"].as_str()),
@@ -451,11 +464,12 @@ async fn tasks_by_id(conn: &mut impl ConnectionLike, keys: Keys) {
             .unwrap(),
         Fenced::Refused("ERR_LEASE_CLOSED".into())
     );
-    assert!(
-        !leases
+    assert_eq!(
+        leases
             .close_task(conn, agent, "dns", "c1:2:1", CloseReason::Cancelled, now())
             .await
             .unwrap(),
+        TaskClosed::Already,
         "closing twice"
     );
 }

@@ -726,3 +726,159 @@ async fn live_results_arrive_and_a_reconnect_with_last_event_id_misses_nothing()
     assert_eq!(response.status().as_u16(), 422);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_left_unclaimed_by_an_agent_that_went_offline_is_retried_elsewhere() {
+    let s = stand_with(
+        &[("HEARTBEAT_INTERVAL", "300ms")],
+        &[("OFFLINE_GRACE", "300ms"), ("RETRY_BACKOFF", "0s")],
+    )
+    .await;
+    let a = s.agent("a", "NL", 64540, &["dns"]).await;
+    let b = s.agent("b", "NL", 64541, &["dns"]).await;
+    s.online(&[&a, &b]).await;
+    // A long deadline: only the offline handling can end this in time.
+    let (status, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 1, "timeout_ms": 120000}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let location = location.unwrap();
+    let first = s.check(&location).await;
+    let picked = chosen(&first);
+    let (silent, spare) = if picked[0] == a.id {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+
+    // The chosen agent never claims and stops heartbeating; the spare keeps heartbeating
+    // (`claim` heartbeats first) and gets attempt 2.
+    let retried = eventually(
+        "the spare agent gets the slot",
+        Duration::from_secs(20),
+        || async {
+            let leases = s.claim(spare, "dns").await;
+            (!leases.is_empty()).then_some(leases)
+        },
+    )
+    .await;
+    assert_eq!(retried[0]["spec"]["attempt"], 2, "{retried:?}");
+    s.report(
+        spare,
+        retried[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let done = s
+        .until(&location, "the check finishes", |c| {
+            c["status"] == "finished"
+        })
+        .await;
+    let results = done["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{done}");
+    assert_eq!(results[0]["agent_id"], spare.id.as_str());
+    assert_eq!(results[0]["outcome"], "finished");
+
+    // The agent that was gone finds nothing when it comes back: its task was closed.
+    assert!(s.claim(silent, "dns").await.is_empty());
+    let closed = count(
+        &s.db,
+        &format!(
+            "SELECT count(*) FROM lease_history WHERE agent_id = '{}'
+             AND type = 'lease.closed' AND detail::text LIKE '%offline%'",
+            silent.id
+        ),
+    )
+    .await;
+    assert_eq!(closed, 1, "its task was closed once, as offline");
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM projection_failures").await,
+        0
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_parallel_bounds_the_slots_running_at_once() {
+    let s = stand_with(&[("DEFAULT_MAX_PARALLEL", "2")], &[]).await;
+    let agents = [
+        s.agent("p1", "NL", 64550, &["dns"]).await,
+        s.agent("p2", "DE", 64551, &["dns"]).await,
+        s.agent("p3", "FR", 64552, &["dns"]).await,
+    ];
+    s.online(&agents.iter().collect::<Vec<_>>()).await;
+
+    for bad in [json!(0), json!(1001), json!("two")] {
+        let (status, body, _) = s
+            .create(
+                json!({"kind": "dns", "target": "example.com", "limit": 3, "max_parallel": bad}),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_parallel"),
+            "{body}"
+        );
+    }
+
+    // One at a time: the first slot is sent, the others wait.
+    let (status, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 3, "max_parallel": 1}))
+        .await;
+    assert_eq!((status, body["agents_count"].as_u64()), (202, Some(3)));
+    let location = location.unwrap();
+    let check = s.check(&location).await;
+    assert_eq!(check["max_parallel"], 1);
+    let statuses = |c: &Value| -> Vec<String> {
+        c["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["status"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(statuses(&check), ["pending", "waiting", "waiting"]);
+    let by_slot: Vec<&Agent> = check["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| agents.iter().find(|a| a.id == r["agent_id"]).unwrap())
+        .collect();
+    assert!(s.claim(by_slot[1], "dns").await.is_empty(), "slot 1 waits");
+    assert!(s.claim(by_slot[2], "dns").await.is_empty(), "slot 2 waits");
+    for (n, agent) in by_slot.iter().enumerate() {
+        let leases = eventually("the slot is released", Duration::from_secs(10), || async {
+            let leases = s.claim(agent, "dns").await;
+            (!leases.is_empty()).then_some(leases)
+        })
+        .await;
+        assert_eq!(leases[0]["spec"]["slot"], n as u64);
+        // While this one runs, the next one is still waiting.
+        let now = s.check(&location).await;
+        let running = statuses(&now)
+            .iter()
+            .filter(|s| *s == "pending" || *s == "leased")
+            .count();
+        assert_eq!(running, 1, "{now}");
+        s.report(agent, leases[0]["token"].as_str().unwrap(), json!({}))
+            .await;
+    }
+    let done = s
+        .until(&location, "the check finishes", |c| {
+            c["status"] == "finished"
+        })
+        .await;
+    assert_eq!(done["done_count"], 3);
+
+    // The installation's default applies when the check gives none.
+    let (_, _, location) = s
+        .create(json!({"kind": "dns", "target": "example.org", "limit": 3}))
+        .await;
+    let check = s.check(&location.unwrap()).await;
+    assert_eq!(check["max_parallel"], 2);
+    assert_eq!(statuses(&check), ["pending", "pending", "waiting"]);
+    s.stop().await;
+}

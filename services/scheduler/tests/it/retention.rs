@@ -51,3 +51,42 @@ async fn partitions_are_made_ahead_and_expired_days_dropped() {
         .unwrap();
     assert_eq!((again.created, again.dropped, again.deleted), (0, 0, 0));
 }
+
+#[tokio::test]
+async fn old_results_and_metrics_are_deleted_in_batches() {
+    use checkplane_runtime::retention::trim_results;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Five checks finished 40 days ago, one 10 days ago, one still running from 40 days ago
+    // (it is not finished, so it stays), each with a slot.
+    client
+        .batch_execute(
+            "INSERT INTO checks (check_id, kind, target, options, selection, status, slots,
+                                 created_at, created_by, deadline, finished_at)
+             SELECT gen_random_uuid(), 'dns', 'example.com', '{}', '{}', st, 1,
+                    now() - age, 'test', now() - age, CASE WHEN st = 'finished' THEN now() - age END
+             FROM (VALUES ('finished', interval '40 days'), ('finished', interval '40 days'),
+                          ('finished', interval '40 days'), ('finished', interval '40 days'),
+                          ('finished', interval '40 days'), ('finished', interval '10 days'),
+                          ('in_progress', interval '40 days')) AS v(st, age);
+             INSERT INTO check_slots (check_id, slot, attempt, status)
+             SELECT check_id, 0, 1, 'done' FROM checks;
+             INSERT INTO agent_metrics (agent_id, recorded_at, metrics)
+             SELECT 'agt-' || i, now() - (i || ' days')::interval + interval '12 hours', '{}'
+             FROM generate_series(1, 45) AS i;",
+        )
+        .await
+        .unwrap();
+    let month = Duration::from_secs(30 * 86_400);
+    let done = trim_results(&client, month, month, 2).await.unwrap();
+    assert_eq!((done.checks, done.metrics), (5, 15), "{done:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM checks").await, 2);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM check_slots").await,
+        2,
+        "slots go with their check"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM agent_metrics").await, 30);
+    let again = trim_results(&client, month, month, 2).await.unwrap();
+    assert_eq!((again.checks, again.metrics), (0, 0));
+}
