@@ -17,6 +17,7 @@ struct Stand {
     gw: Service,
     sched: Service,
     db: TestDb,
+    redis: TestRedis,
     http: reqwest::Client,
 }
 
@@ -38,6 +39,7 @@ async fn stand_with(gateway: &[(&str, &str)], scheduler: &[(&str, &str)]) -> Sta
         gw,
         sched,
         db,
+        redis,
         http: reqwest::Client::new(),
     }
 }
@@ -880,5 +882,101 @@ async fn max_parallel_bounds_the_slots_running_at_once() {
     let check = s.check(&location.unwrap()).await;
     assert_eq!(check["max_parallel"], 2);
     assert_eq!(statuses(&check), ["pending", "pending", "waiting"]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_results_from_two_projector_replicas_arrive_in_seq_order_without_gaps() {
+    const AGENTS: usize = 24;
+    let s = stand().await;
+    let second = start_scheduler(&s.db, &s.redis, &[("CONSUMER_NAME", "replica-2")]).await;
+    let mut agents = Vec::new();
+    for i in 0..AGENTS {
+        agents.push(
+            s.agent(&format!("r{i}"), "NL", 64600 + i as u32, &["dns"])
+                .await,
+        );
+    }
+    s.online(&agents.iter().collect::<Vec<_>>()).await;
+    let (status, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": AGENTS}))
+        .await;
+    assert_eq!(
+        (status, body["agents_count"].as_u64()),
+        (202, Some(AGENTS as u64))
+    );
+    let location = location.unwrap();
+    let mut tokens = Vec::new();
+    for agent in &agents {
+        let leases = s.claim(agent, "dns").await;
+        assert_eq!(leases.len(), 1);
+        tokens.push(leases[0]["token"].as_str().unwrap().to_owned());
+    }
+    let open = |last: Option<String>| {
+        let mut request = s
+            .http
+            .get(s.gw.url(&format!("{location}/live")))
+            .header("x-api-key", ADMIN);
+        if let Some(last) = last {
+            request = request.header("last-event-id", last);
+        }
+        request.send()
+    };
+    let mut stream = open(None).await.unwrap();
+
+    // Every agent reports at once: both replicas project, committing concurrently.
+    let reports = agents.iter().zip(&tokens).map(|(agent, token)| {
+        let (http, url) = (s.http.clone(), s.gw.url("/v1/agents/report"));
+        async move {
+            let (status, body) = agent_post(
+                &http,
+                &url,
+                &agent.id,
+                &agent.token,
+                &json!({"completed": [{"token": token, "result": {"answers": []}}]}),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    });
+    futures::future::join_all(reports).await;
+
+    // A third of the way through, the reader goes away and comes back with its last id.
+    let mut seen = sse_events(&mut stream, AGENTS / 3).await;
+    drop(stream);
+    let last = seen.last().unwrap().1.clone().unwrap();
+    let mut stream = open(Some(last)).await.unwrap();
+    seen.extend(sse_events(&mut stream, AGENTS - AGENTS / 3 + 1).await);
+
+    let (results, end) = seen.split_at(AGENTS);
+    assert_eq!(end[0].0, "finished", "{end:?}");
+    let ids: Vec<i64> = results
+        .iter()
+        .map(|(event, id, _)| {
+            assert_eq!(event, "result");
+            id.as_deref().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=AGENTS as i64).collect::<Vec<_>>(),
+        "no gap, no repeat"
+    );
+    let mut slots: Vec<u64> = results
+        .iter()
+        .map(|(_, _, data)| data["slot"].as_u64().unwrap())
+        .collect();
+    slots.sort_unstable();
+    assert_eq!(
+        slots,
+        (0..AGENTS as u64).collect::<Vec<_>>(),
+        "every slot once"
+    );
+    let done = s.check(&location).await;
+    assert_eq!(
+        (done["status"].as_str(), done["seq"].as_i64()),
+        (Some("finished"), Some(AGENTS as i64))
+    );
+    second.stop().await.unwrap();
     s.stop().await;
 }
