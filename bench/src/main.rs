@@ -2,9 +2,13 @@
 //! both sides of a comparison in one go, prints their command lines and appends the figures to
 //! `bench/RESULTS.md`.
 //!
+//! `fan-out`: see `fanout.rs`.
+//!
 //! `projection`: events applied into PostgreSQL by the projector (from Redis streams, with the
 //! same connection count) beside a raw batch INSERT of the same rows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fanout;
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +37,10 @@ enum Command {
     /// Simulated agents claiming and reporting through the gateway; then wake-up latency
     /// with 1,000 agents long-polling.
     LeaseCycle(LeaseArgs),
+    /// One check to 100 of 1,000 long-polling agents, POST to the last result on GET.
+    FanOut(fanout::FanOutArgs),
+    /// The same data path in raw Redis streams and one PostgreSQL insert per read.
+    FanOutRaw(fanout::FanOutArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -631,5 +639,7 @@ fn main() {
         Command::Projector(args) => runtime.block_on(projector(args)),
         Command::RawStreams(args) => runtime.block_on(raw_streams(args)),
         Command::LeaseCycle(args) => runtime.block_on(lease_cycle(args)),
+        Command::FanOut(args) => runtime.block_on(fanout::checks(args)),
+        Command::FanOutRaw(args) => runtime.block_on(fanout::raw(args)),
     }
 }

@@ -15,7 +15,7 @@ use checkplane_wire::events::{
     AgentPresence, AgentRegistered, Event, EventBody, KeyCreated, KeyRevoked,
 };
 use checkplane_wire::leases::LeaseToken;
-use checks::SlotChange;
+use checks::{SlotChange, SlotUpdate};
 use tokio_postgres::GenericClient;
 
 /// Why an event could not be applied.
@@ -97,87 +97,46 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
         EventBody::AgentRegistered(e) => apply_registered(client, event, e).await,
         EventBody::AgentCameBack(e) => apply_presence(client, event, e, "online").await,
         EventBody::AgentWentOffline(e) => apply_presence(client, event, e, "offline").await,
-        EventBody::LeaseGranted(e) => {
-            let change = TaskChange {
-                status: "leased",
-                outcome: None,
-                epoch: Some(e.epoch),
-                deadline: Some(e.deadline),
-                result: None,
-            };
-            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
-        }
-        EventBody::LeaseReported(e) => {
-            let change = TaskChange {
-                status: "reported",
-                outcome: Some(&e.outcome),
-                epoch: Some(e.epoch),
-                deadline: None,
-                result: Some(&e.result),
-            };
-            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
-        }
-        EventBody::LeaseClosed(e) => {
-            let change = TaskChange {
-                status: "closed",
-                outcome: Some(&e.reason),
-                epoch: None,
-                deadline: None,
-                result: None,
-            };
-            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
-        }
-        EventBody::LeaseExpired(e) => {
-            let change = TaskChange {
-                status: "expired",
-                outcome: Some("lease_expired"),
-                epoch: Some(e.epoch),
-                deadline: None,
-                result: None,
-            };
-            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
-        }
-        EventBody::TaskDeadLettered(e) => {
-            let change = TaskChange {
-                status: "dead_lettered",
-                outcome: Some("dead_lettered"),
-                epoch: Some(e.deliveries),
-                deadline: None,
-                result: None,
-            };
-            apply_task(client, event, (&e.agent_id, &e.kind, &e.entry), &change).await
-        }
+        EventBody::LeaseGranted(_)
+        | EventBody::LeaseReported(_)
+        | EventBody::LeaseClosed(_)
+        | EventBody::LeaseExpired(_)
+        | EventBody::TaskDeadLettered(_) => match task_change(event) {
+            Some(change) => apply_tasks(client, &[change]).await,
+            None => Ok(()),
+        },
         EventBody::LeaseExtended(e) => apply_extended(client, event, e).await,
         EventBody::CheckCreated(e) => checks::apply_created(client, event, e).await,
         EventBody::CheckCancelled(e) => checks::apply_cancelled(client, event, e).await,
         EventBody::CheckSlotRetried(e) => checks::apply_retried(client, event, e).await,
-        EventBody::CheckSlotsClosed(e) => {
-            for (slot, attempt) in &e.slots {
-                let task = checkplane_wire::checks::task_id(e.check_id, *slot, *attempt);
-                let ended = SlotChange::Ended {
-                    outcome: &e.outcome,
-                    result: None,
-                };
-                checks::apply_slot(client, event, &task, ended).await?;
-            }
-            Ok(())
-        }
-        EventBody::CheckSlotsInterrupted(e) => {
-            for (slot, attempt) in &e.slots {
-                let task = checkplane_wire::checks::task_id(e.check_id, *slot, *attempt);
-                let interrupted = SlotChange::Interrupted {
-                    outcome: &e.outcome,
-                };
-                checks::apply_slot(client, event, &task, interrupted).await?;
-            }
-            Ok(())
+        EventBody::CheckSlotsClosed(e) | EventBody::CheckSlotsInterrupted(e) => {
+            let ended = matches!(event.body, EventBody::CheckSlotsClosed(_));
+            let changes: Vec<SlotUpdate<'_>> = e
+                .slots
+                .iter()
+                .map(|&(slot, attempt)| SlotUpdate {
+                    at_ms: event.occurred_at,
+                    slot: (e.check_id, slot, attempt),
+                    change: if ended {
+                        SlotChange::Ended {
+                            outcome: &e.outcome,
+                            result: None,
+                        }
+                    } else {
+                        SlotChange::Interrupted {
+                            outcome: &e.outcome,
+                        }
+                    },
+                })
+                .collect();
+            checks::apply_slots(client, &changes).await
         }
         EventBody::CheckSlotsReleased(e) => checks::apply_released(client, e).await,
         EventBody::KeyCreated(e) => apply_key_created(client, event, e).await,
         EventBody::KeyRevoked(e) => apply_key_revoked(client, event, e).await,
     }?;
-    if let Some((task, change)) = slot_change(&event.body) {
-        checks::apply_slot(client, event, task, change).await?;
+    if let Some(change) = slot_change(event) {
+        checks::apply_slots(client, &[change]).await?;
     }
     if event.body.is_operator_action() {
         audit(client, event).await?;
@@ -185,28 +144,32 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
     Ok(())
 }
 
-/// The check slot a lease event moves, if its task belongs to a check.
-fn slot_change(body: &EventBody) -> Option<(&str, SlotChange<'_>)> {
+/// The check slot a lease event moves, if its task belongs to a check (task id
+/// `<check>:<slot>:<attempt>`; a test's or a benchmark's task has none).
+fn slot_change(event: &Event) -> Option<SlotUpdate<'_>> {
     let ended = |outcome, result| SlotChange::Ended { outcome, result };
-    match body {
-        EventBody::LeaseGranted(e) => Some((e.task.as_deref()?, SlotChange::Leased)),
-        EventBody::LeaseReported(e) => {
-            Some((e.task.as_deref()?, ended(&e.outcome, Some(&e.result))))
-        }
-        EventBody::LeaseClosed(e) if e.reason == "offline" => Some((
+    let (task, change) = match &event.body {
+        EventBody::LeaseGranted(e) => (e.task.as_deref()?, SlotChange::Leased),
+        EventBody::LeaseReported(e) => (e.task.as_deref()?, ended(&e.outcome, Some(&e.result))),
+        EventBody::LeaseClosed(e) if e.reason == "offline" => (
             e.task.as_deref()?,
             SlotChange::Interrupted { outcome: "offline" },
-        )),
-        EventBody::LeaseClosed(e) => Some((e.task.as_deref()?, ended(&e.reason, None))),
-        EventBody::LeaseExpired(e) => Some((
+        ),
+        EventBody::LeaseClosed(e) => (e.task.as_deref()?, ended(&e.reason, None)),
+        EventBody::LeaseExpired(e) => (
             e.task.as_deref()?,
             SlotChange::Interrupted {
                 outcome: "lease_expired",
             },
-        )),
-        EventBody::TaskDeadLettered(e) => Some((e.task.as_deref()?, ended("dead_lettered", None))),
-        _ => None,
-    }
+        ),
+        EventBody::TaskDeadLettered(e) => (e.task.as_deref()?, ended("dead_lettered", None)),
+        _ => return None,
+    };
+    Some(SlotUpdate {
+        at_ms: event.occurred_at,
+        slot: checkplane_wire::checks::parse_task_id(task)?,
+        change,
+    })
 }
 
 /// The audit record of an operator action: who, when, what, on what, and the payload
@@ -282,36 +245,123 @@ async fn apply_key_revoked(
     Ok(())
 }
 
-/// What a lease event says of its task.
+/// What a lease event says of its task row.
 struct TaskChange<'a> {
+    event: &'a Event,
+    /// (agent, kind, entry)
+    key: (&'a str, &'a str, &'a str),
     status: &'a str,
     outcome: Option<&'a str>,
     epoch: Option<i64>,
     deadline: Option<i64>,
     result: Option<&'a serde_json::Value>,
+    /// What `lease_history` keeps of it.
+    detail: serde_json::Value,
 }
 
-async fn apply_task(
+/// The task row change of a lease event (granted, reported, closed, expired, dead-lettered).
+fn task_change(event: &Event) -> Option<TaskChange<'_>> {
+    use serde_json::json;
+    let change = |key, status, outcome, epoch, deadline, result, detail| TaskChange {
+        event,
+        key,
+        status,
+        outcome,
+        epoch,
+        deadline,
+        result,
+        detail,
+    };
+    Some(match &event.body {
+        EventBody::LeaseGranted(e) => change(
+            (e.agent_id.as_str(), e.kind.as_str(), e.entry.as_str()),
+            "leased",
+            None,
+            Some(e.epoch),
+            Some(e.deadline),
+            None,
+            json!({"deadline": e.deadline}),
+        ),
+        EventBody::LeaseReported(e) => change(
+            (&e.agent_id, &e.kind, &e.entry),
+            "reported",
+            Some(e.outcome.as_str()),
+            Some(e.epoch),
+            None,
+            Some(&e.result),
+            json!({"outcome": e.outcome}),
+        ),
+        EventBody::LeaseClosed(e) => change(
+            (&e.agent_id, &e.kind, &e.entry),
+            "closed",
+            Some(e.reason.as_str()),
+            None,
+            None,
+            None,
+            json!({"reason": e.reason}),
+        ),
+        EventBody::LeaseExpired(e) => change(
+            (&e.agent_id, &e.kind, &e.entry),
+            "expired",
+            Some("lease_expired"),
+            Some(e.epoch),
+            None,
+            None,
+            json!({}),
+        ),
+        EventBody::TaskDeadLettered(e) => change(
+            (&e.agent_id, &e.kind, &e.entry),
+            "dead_lettered",
+            Some("dead_lettered"),
+            Some(e.deliveries),
+            None,
+            None,
+            json!({}),
+        ),
+        _ => return None,
+    })
+}
+
+/// Task rows and their history, in two pipelined statements whatever the number of changes. Rows are
+/// merged per task first (a batch may hold a task's grant and its report) with the same
+/// rules as against the stored row: status, outcome and time follow the newest version; what
+/// only grows (epoch, deadline, deliveries) or is set once (first grant; the result, of the
+/// earliest report when Redis lost one and the task ran twice) merges order-free. Tasks are
+/// written in key order, so replicas lock rows in one order.
+async fn apply_tasks(
     client: &impl GenericClient,
-    event: &Event,
-    (agent, kind, entry): (&str, &str, &str),
-    change: &TaskChange<'_>,
+    changes: &[TaskChange<'_>],
 ) -> Result<(), ApplyError> {
-    // Status, outcome and time follow the newest version; what only grows (epoch, deadline,
-    // deliveries) or is set once (first grant; the result, of the earliest report when Redis
-    // lost one and the task ran twice) merges order-free.
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let agents: Vec<&str> = changes.iter().map(|c| c.key.0).collect();
+    let kinds: Vec<&str> = changes.iter().map(|c| c.key.1).collect();
+    let entries: Vec<&str> = changes.iter().map(|c| c.key.2).collect();
+    let statuses: Vec<&str> = changes.iter().map(|c| c.status).collect();
+    let outcomes: Vec<Option<&str>> = changes.iter().map(|c| c.outcome).collect();
+    let epochs: Vec<Option<i64>> = changes.iter().map(|c| c.epoch).collect();
+    let deadlines: Vec<Option<i64>> = changes.iter().map(|c| c.deadline).collect();
+    let results: Vec<Option<&serde_json::Value>> = changes.iter().map(|c| c.result).collect();
+    let granted: Vec<bool> = changes.iter().map(|c| c.status == "leased").collect();
+    let versions: Vec<i64> = changes.iter().map(|c| c.event.version).collect();
+    let ms: Vec<i64> = changes.iter().map(|c| c.event.occurred_at).collect();
+    let ts = |v: &str| format!("'epoch'::timestamptz + {v} * interval '1 millisecond'");
     let newer = "tasks.version < EXCLUDED.version";
-    let granted = change.status == "leased";
-    client
-        .execute(
-            &format!(
+    let upsert_sql = format!(
                 "INSERT INTO tasks (agent_id, kind, entry, status, outcome, epoch, deliveries,
                                     lease_deadline, result, result_version, first_granted_at,
                                     updated_at, version)
-                 VALUES ($2, $3, $4, $5, $6::text, COALESCE($7::bigint, 0), COALESCE($7::bigint, 0),
-                         'epoch'::timestamptz + $8::bigint * interval '1 millisecond', $9::jsonb,
-                         CASE WHEN $9::jsonb IS NOT NULL THEN $11::bigint END,
-                         CASE WHEN $10::boolean THEN {AT} END, {AT}, $11)
+                 SELECT a, k, e, (array_agg(st ORDER BY v DESC))[1],
+                        (array_agg(oc ORDER BY v DESC))[1],
+                        COALESCE(max(ep), 0), COALESCE(max(ep), 0), {deadline},
+                        (array_agg(res ORDER BY v) FILTER (WHERE res IS NOT NULL))[1],
+                        min(v) FILTER (WHERE res IS NOT NULL), {first_granted},
+                        {updated}, max(v)
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::bigint[], $7::bigint[], $8::jsonb[], $9::boolean[], $10::bigint[],
+                             $11::bigint[]) AS u(a, k, e, st, oc, ep, dl, res, granted, v, ms)
+                 GROUP BY a, k, e ORDER BY a, k, e
                  ON CONFLICT (agent_id, kind, entry) DO UPDATE SET
                     status = CASE WHEN {newer} THEN EXCLUDED.status ELSE tasks.status END,
                     outcome = CASE WHEN {newer} THEN EXCLUDED.outcome ELSE tasks.outcome END,
@@ -328,38 +378,35 @@ async fn apply_task(
                     deliveries = GREATEST(tasks.deliveries, EXCLUDED.deliveries),
                     first_granted_at = LEAST(tasks.first_granted_at, EXCLUDED.first_granted_at),
                     updated_at = CASE WHEN {newer} THEN EXCLUDED.updated_at ELSE tasks.updated_at END,
-                    version = GREATEST(tasks.version, EXCLUDED.version)"
-            ),
-            &[
-                &event.occurred_at,
-                &agent,
-                &kind,
-                &entry,
-                &change.status,
-                &change.outcome,
-                &change.epoch,
-                &change.deadline,
-                &change.result,
-                &granted,
-                &event.version,
-            ],
-        )
-        .await?;
-    let detail = match &event.body {
-        EventBody::LeaseReported(e) => serde_json::json!({"outcome": e.outcome}),
-        EventBody::LeaseClosed(e) => serde_json::json!({"reason": e.reason}),
-        EventBody::LeaseGranted(e) => serde_json::json!({"deadline": e.deadline}),
-        _ => serde_json::json!({}),
-    };
-    history(
-        client,
-        event,
-        agent,
-        Some((kind, entry)),
-        change.epoch,
-        &detail,
-    )
-    .await
+                    version = GREATEST(tasks.version, EXCLUDED.version)",
+                deadline = ts("max(dl)"),
+                first_granted = ts("min(ms) FILTER (WHERE granted)"),
+                updated = ts("(array_agg(ms ORDER BY v DESC))[1]"),
+            );
+    let upsert_params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+        &agents, &kinds, &entries, &statuses, &outcomes, &epochs, &deadlines, &results, &granted,
+        &versions, &ms,
+    ];
+    let upsert = client.execute(&upsert_sql, &upsert_params);
+    let ids: Vec<uuid::Uuid> = changes.iter().map(|c| c.event.event_id).collect();
+    let types: Vec<&str> = changes.iter().map(|c| c.event.body.type_name()).collect();
+    let details: Vec<&serde_json::Value> = changes.iter().map(|c| &c.detail).collect();
+    let history_params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+        &ids, &agents, &kinds, &entries, &types, &epochs, &details, &ms,
+    ];
+    let history = client.execute(
+            "INSERT INTO lease_history (event_id, agent_id, kind, entry, type, epoch, detail, occurred_at)
+             SELECT id, a, k, e, t, ep, d, 'epoch'::timestamptz + ms * interval '1 millisecond'
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                         $7::jsonb[], $8::bigint[]) AS u(id, a, k, e, t, ep, d, ms)
+             ON CONFLICT (event_id) DO NOTHING",
+            &history_params,
+        );
+    // One pipeline: neither needs the other's answer.
+    let (upserted, recorded) = futures::join!(upsert, history);
+    upserted?;
+    recorded?;
+    Ok(())
 }
 
 async fn history(
@@ -596,6 +643,8 @@ pub async fn record_and_apply_batch(
     let mut new: std::collections::HashSet<uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
     let mut applied = Applied::default();
     let mut presence: Vec<(&Event, &AgentPresence, &str)> = Vec::new();
+    let mut tasks = Vec::new();
+    let mut slots = Vec::new();
     for event in events {
         // `remove`: an id repeated within the batch is applied once.
         if !new.remove(&event.event_id) {
@@ -606,12 +655,25 @@ pub async fn record_and_apply_batch(
         match &event.body {
             EventBody::AgentCameBack(p) => presence.push((event, p, "online")),
             EventBody::AgentWentOffline(p) => presence.push((event, p, "offline")),
-            _ => apply(client, event).await?,
+            _ => match task_change(event) {
+                Some(change) => {
+                    tasks.push(change);
+                    slots.extend(slot_change(event));
+                }
+                None => apply(client, event).await?,
+            },
         }
     }
     if !presence.is_empty() {
         apply_presence_batch(client, &presence).await?;
     }
+    // Independent of each other: one pipeline.
+    let (tasks_done, slots_done) = futures::join!(
+        apply_tasks(client, &tasks),
+        checks::apply_slots(client, &slots)
+    );
+    tasks_done?;
+    slots_done?;
     Ok(applied)
 }
 

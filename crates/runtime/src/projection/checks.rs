@@ -6,11 +6,11 @@
 //! transaction: results become visible in `seq` order even when projector replicas commit
 //! concurrently, which is what lets a live reader resume after the last `seq` it saw.
 
-use checkplane_wire::checks::parse_task_id;
 use checkplane_wire::events::{
     CheckCancelled, CheckCreated, CheckSlotRetried, CheckSlotsReleased, Event,
 };
 use tokio_postgres::GenericClient;
+use uuid::Uuid;
 
 use super::{ApplyError, AT};
 
@@ -110,105 +110,146 @@ pub(super) async fn apply_created(
     Ok(())
 }
 
-pub(super) async fn apply_slot(
+/// One lease event's (or scheduler event's) change of one slot attempt.
+pub(crate) struct SlotUpdate<'a> {
+    /// When it happened (ms since the epoch).
+    pub at_ms: i64,
+    /// (check, slot, attempt)
+    pub slot: (Uuid, u32, u32),
+    pub change: SlotChange<'a>,
+}
+
+/// Move slots along: five statements whatever the number of changes and checks, sent as one
+/// pipeline (no statement's parameters depend on another's answer, and PostgreSQL runs them in
+/// the order sent), so a batch waits for one round trip rather than five.
+///
+/// The changed checks' rows are locked first, in check id order, and held to commit: so
+/// replicas never deadlock on them, and the `seq` numbers one transaction hands out (its
+/// ends, in the order given) become visible only after every smaller one. Then grants,
+/// interruptions and ends (only the slot's current attempt counts, and a slot ends once: the
+/// first end given wins; a grant applied after its end still records the earliest start, so
+/// `started_at` does not depend on the order), and last the checks' counters, derived from
+/// their slots.
+pub(super) async fn apply_slots(
     client: &impl GenericClient,
-    event: &Event,
-    task: &str,
-    change: SlotChange<'_>,
+    changes: &[SlotUpdate<'_>],
 ) -> Result<(), ApplyError> {
-    // A task of no check (a test's, a benchmark's) has nothing more to update.
-    let Some((check, slot, attempt)) = parse_task_id(task) else {
+    if changes.is_empty() {
         return Ok(());
+    }
+    let mut checks: Vec<Uuid> = changes.iter().map(|c| c.slot.0).collect();
+    checks.sort_unstable();
+    checks.dedup();
+
+    let columns = |keep: &dyn Fn(&SlotChange<'_>) -> bool| {
+        let picked: Vec<&SlotUpdate<'_>> = changes.iter().filter(|c| keep(&c.change)).collect();
+        let ids: Vec<Uuid> = picked.iter().map(|c| c.slot.0).collect();
+        let slots: Vec<i32> = picked.iter().map(|c| c.slot.1 as i32).collect();
+        let attempts: Vec<i32> = picked.iter().map(|c| c.slot.2 as i32).collect();
+        let ms: Vec<i64> = picked.iter().map(|c| c.at_ms).collect();
+        (ids, slots, attempts, ms)
     };
-    let (slot, attempt) = (slot as i32, attempt as i32);
-    match change {
-        SlotChange::Leased => {
-            client
-                .execute(
-                    &format!(
-                        "WITH s AS (
-                            UPDATE check_slots SET status = 'leased',
-                                   started_at = COALESCE(started_at, {AT})
-                            WHERE check_id = $2 AND slot = $3 AND attempt = $4
-                              AND status IN ('pending', 'waiting')
-                            RETURNING 1)
-                         UPDATE checks SET revision = revision + 1,
-                                status = CASE WHEN status = 'queued' THEN 'in_progress' ELSE status END
-                         WHERE check_id = $2 AND EXISTS (SELECT 1 FROM s)"
-                    ),
-                    &[&event.occurred_at, &check, &slot, &attempt],
-                )
-                .await?;
-        }
-        SlotChange::Interrupted { outcome } => {
-            client
-                .execute(
-                    &format!(
-                        "WITH s AS (
-                            UPDATE check_slots SET status = 'retrying', outcome = $5, done_at = {AT}
-                            WHERE check_id = $2 AND slot = $3 AND attempt = $4
-                              AND status IN ('pending', 'waiting', 'leased')
-                            RETURNING 1)
-                         UPDATE checks SET revision = revision + 1
-                         WHERE check_id = $2 AND EXISTS (SELECT 1 FROM s)"
-                    ),
-                    &[&event.occurred_at, &check, &slot, &attempt, &outcome],
-                )
-                .await?;
-        }
-        SlotChange::Ended { outcome, result } => {
-            let ended = client
-                .execute(
-                    &format!(
-                        "UPDATE check_slots SET status = 'done', outcome = $5, result = $6::jsonb,
-                                done_at = {AT}
-                         WHERE check_id = $2 AND slot = $3 AND attempt = $4 AND status <> 'done'"
-                    ),
-                    &[
-                        &event.occurred_at,
-                        &check,
-                        &slot,
-                        &attempt,
-                        &outcome,
-                        &result,
-                    ],
-                )
-                .await?;
-            if ended == 0 {
-                return Ok(());
-            }
-            // Under the check row's lock until commit: the next result gets the next seq only
-            // after this one is visible.
-            let row = client
-                .query_one(
-                    "UPDATE checks SET seq = seq + 1, slots_done = slots_done + 1,
-                            revision = revision + 1,
-                            status = CASE WHEN slots_done + 1 >= slots THEN 'finished'
-                                          ELSE 'in_progress' END
-                     WHERE check_id = $1
-                     RETURNING seq, status = 'finished'",
-                    &[&check],
-                )
-                .await?;
-            let (seq, finished): (i64, bool) = (row.get(0), row.get(1));
-            client
-                .execute(
-                    "UPDATE check_slots SET seq = $3 WHERE check_id = $1 AND slot = $2",
-                    &[&check, &slot, &seq],
-                )
-                .await?;
-            if finished {
-                // The latest end, whatever order the ends were applied in.
-                client
-                    .execute(
-                        "UPDATE checks SET finished_at =
-                            (SELECT max(done_at) FROM check_slots WHERE check_id = $1)
-                         WHERE check_id = $1",
-                        &[&check],
-                    )
-                    .await?;
-            }
-        }
+    let leased = columns(&|c| matches!(c, SlotChange::Leased));
+    let interrupted = columns(&|c| matches!(c, SlotChange::Interrupted { .. }));
+    let interrupted_outcomes: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| match c.change {
+            SlotChange::Interrupted { outcome } => Some(outcome),
+            _ => None,
+        })
+        .collect();
+    let ended = columns(&|c| matches!(c, SlotChange::Ended { .. }));
+    let (ended_outcomes, ended_results): (Vec<&str>, Vec<Option<&serde_json::Value>>) = changes
+        .iter()
+        .filter_map(|c| match c.change {
+            SlotChange::Ended { outcome, result } => Some((outcome, result)),
+            _ => None,
+        })
+        .unzip();
+
+    type Params<'p> = Vec<&'p (dyn tokio_postgres::types::ToSql + Sync)>;
+    let lock_params: Params<'_> = vec![&checks];
+    let grant_params: Params<'_> = vec![&leased.0, &leased.1, &leased.2, &leased.3];
+    let interrupt_params: Params<'_> = vec![
+        &interrupted.0,
+        &interrupted.1,
+        &interrupted.2,
+        &interrupted.3,
+        &interrupted_outcomes,
+    ];
+    let end_params: Params<'_> = vec![
+        &ended.0,
+        &ended.1,
+        &ended.2,
+        &ended.3,
+        &ended_outcomes,
+        &ended_results,
+    ];
+    let lock = client.execute(
+        "SELECT 1 FROM checks WHERE check_id = ANY($1) ORDER BY check_id FOR UPDATE",
+        &lock_params,
+    );
+    let grant = client.execute(
+        "UPDATE check_slots s
+         SET status = CASE WHEN s.status IN ('pending', 'waiting') THEN 'leased' ELSE s.status END,
+             started_at = LEAST(s.started_at, 'epoch'::timestamptz + u.ms * interval '1 millisecond')
+         FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms
+               FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[]) AS i(c, sl, at, ms)
+               ORDER BY c, sl, at, ms) u
+         WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at",
+        &grant_params,
+    );
+    let interrupt = client.execute(
+        "UPDATE check_slots s SET status = 'retrying', outcome = u.oc,
+                done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond'
+         FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms, oc
+               FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[], $5::text[])
+                    WITH ORDINALITY AS i(c, sl, at, ms, oc, ord)
+               ORDER BY c, sl, at, ord) u
+         WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
+           AND s.status IN ('pending', 'waiting', 'leased')",
+        &interrupt_params,
+    );
+    // Each ending slot gets its check's next seq, in the order given.
+    let end = client.execute(
+        "UPDATE check_slots s SET status = 'done', outcome = u.oc, result = u.res,
+                done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond',
+                seq = u.base + u.rank
+         FROM (SELECT d.*, k.seq AS base,
+                      row_number() OVER (PARTITION BY d.c ORDER BY d.ord) AS rank
+               FROM (SELECT DISTINCT ON (i.c, i.sl) i.*
+                     FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[], $5::text[],
+                                 $6::jsonb[]) WITH ORDINALITY AS i(c, sl, at, ms, oc, res, ord)
+                     JOIN check_slots o ON o.check_id = i.c AND o.slot = i.sl
+                                       AND o.attempt = i.at AND o.status <> 'done'
+                     ORDER BY i.c, i.sl, i.ord) d
+               JOIN checks k ON k.check_id = d.c) u
+         WHERE s.check_id = u.c AND s.slot = u.sl",
+        &end_params,
+    );
+    // The counters follow from the slots, so they need no answer from the statements
+    // before; `finished_at` is the latest slot end, whatever order the ends came in. The
+    // revision (the ETag) moves for every check the batch touched.
+    let count = client.execute(
+        "UPDATE checks c SET seq = GREATEST(c.seq, t.seq), slots_done = t.done,
+                revision = c.revision + 1,
+                status = CASE WHEN t.done >= c.slots THEN 'finished'
+                              WHEN t.started > 0 THEN 'in_progress'
+                              ELSE c.status END,
+                finished_at = CASE WHEN t.done >= c.slots THEN t.last_end
+                                   ELSE c.finished_at END
+         FROM (SELECT check_id, COALESCE(max(seq), 0) AS seq,
+                      count(*) FILTER (WHERE status = 'done') AS done,
+                      count(*) FILTER (WHERE status NOT IN ('pending', 'waiting')) AS started,
+                      max(done_at) FILTER (WHERE status = 'done') AS last_end
+               FROM check_slots WHERE check_id = ANY($1) GROUP BY check_id) t
+         WHERE c.check_id = t.check_id",
+        &lock_params,
+    );
+    let (locked, granted, interrupted, ended, counted) =
+        futures::join!(lock, grant, interrupt, end, count);
+    for done in [locked, granted, interrupted, ended, counted] {
+        done?;
     }
     Ok(())
 }

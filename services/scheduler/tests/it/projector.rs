@@ -153,6 +153,21 @@ fn ordered_log(agents: usize, registrations: i64, transitions: i64) -> Vec<Event
             "2-0",
             &[Step::Granted(1), Step::Closed],
         ));
+        // Two slots of one check: one reported, one closed by its deadline. Both projectors
+        // move slots of the same check at once.
+        let slot = |n: usize| Some(checkplane_wire::checks::task_id(CHECK, n as u32, 1));
+        log.extend(check_task_events(
+            &agent,
+            "3-0",
+            slot(2 * a),
+            &[Step::Granted(1), Step::Reported(1)],
+        ));
+        log.extend(check_task_events(
+            &agent,
+            "4-0",
+            slot(2 * a + 1),
+            &[Step::Granted(1), Step::Closed],
+        ));
     }
     log
 }
@@ -164,8 +179,44 @@ enum Step {
     Closed,
 }
 
+/// The check whose slots the log's check tasks move: one pair of slots per agent, made (as
+/// the edge does) before any lease event is projected.
+fn check_created(agents: usize) -> Event {
+    use checkplane_wire::events::{CheckCreated, CheckSlot, EventBody, Location};
+    let slots = (0..2 * agents)
+        .map(|slot| CheckSlot {
+            slot: slot as u32,
+            agent_id: format!("agent-{}", slot / 2),
+            location: Location::default(),
+            constraint: None,
+        })
+        .collect();
+    checkplane_runtime::outbox::new_event(
+        format!("check:{CHECK}"),
+        1,
+        "key:test".into(),
+        EventBody::CheckCreated(Box::new(CheckCreated {
+            check_id: CHECK,
+            kind: "dns".into(),
+            target: "example.com".into(),
+            options: serde_json::json!({}),
+            selection: serde_json::json!({"anywhere": 2 * agents}),
+            deadline: 900_000,
+            slots,
+            max_parallel: None,
+        })),
+    )
+}
+
+const CHECK: uuid::Uuid = uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+
 /// The lease events of one task, versions 1, 2, … in order, as the scripts make them.
 fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
+    check_task_events(agent, entry, None, steps)
+}
+
+/// The same for a task of a check slot (`task`: its id).
+fn check_task_events(agent: &str, entry: &str, task: Option<String>, steps: &[Step]) -> Vec<Event> {
     use checkplane_wire::events::{
         EventBody, LeaseClosed, LeaseExtended, LeaseGranted, LeaseReported,
     };
@@ -179,7 +230,7 @@ fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
                 Step::Granted(epoch) => (
                     None,
                     EventBody::LeaseGranted(LeaseGranted {
-                        task: None,
+                        task: task.clone(),
                         agent_id: agent.into(),
                         kind: "dns".into(),
                         entry: entry.into(),
@@ -198,7 +249,7 @@ fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
                 Step::Reported(epoch) => (
                     None,
                     EventBody::LeaseReported(LeaseReported {
-                        task: None,
+                        task: task.clone(),
                         agent_id: agent.into(),
                         kind: "dns".into(),
                         entry: entry.into(),
@@ -210,7 +261,7 @@ fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
                 Step::Closed => (
                     None,
                     EventBody::LeaseClosed(LeaseClosed {
-                        task: None,
+                        task: task.clone(),
                         agent_id: agent.into(),
                         kind: "dns".into(),
                         entry: entry.into(),
@@ -232,11 +283,13 @@ fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {
 }
 
 async fn project_concurrently(
+    setup: &Event,
     log: &[Event],
     order: &[usize],
     duplicates: &[usize],
 ) -> Vec<(String, Vec<String>)> {
     let db = TestDb::new().await;
+    assert!(record_and_apply(&db.client().await, setup).await.unwrap());
     let redis = TestRedis::new();
     let keys = Keys::new(redis.prefix.clone(), 2);
     let streams = vec![keys.presence_events(0), keys.presence_events(1)];
@@ -284,16 +337,16 @@ async fn project_concurrently(
     let unique = crate::count(&db, "SELECT count(*) FROM events").await;
     assert_eq!(
         unique as usize,
-        log.len(),
+        log.len() + 1,
         "every event recorded exactly once"
     );
     canonical_dump(&db.client().await).await.unwrap()
 }
 
-async fn project_in_order(log: &[Event]) -> Vec<(String, Vec<String>)> {
+async fn project_in_order(setup: &Event, log: &[Event]) -> Vec<(String, Vec<String>)> {
     let db = TestDb::new().await;
     let client = db.client().await;
-    for event in log {
+    for event in std::iter::once(setup).chain(log) {
         assert!(record_and_apply(&client, event).await.unwrap());
     }
     canonical_dump(&client).await.unwrap()
@@ -324,11 +377,15 @@ proptest! {
         }
         let duplicates: Vec<usize> = order.iter().copied().step_by(duplicate_every).collect();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let check = check_created(agents);
         let (concurrent, ordered) = runtime.block_on(async {
-            let concurrent = project_concurrently(&log, &order, &duplicates).await;
-            let ordered = project_in_order(&log).await;
+            let concurrent = project_concurrently(&check, &log, &order, &duplicates).await;
+            let ordered = project_in_order(&check, &log).await;
             (concurrent, ordered)
         });
+        // The check finished with every slot ended once, whatever the order.
+        let checks = &ordered.iter().find(|(t, _)| t == "checks").unwrap().1;
+        prop_assert!(checks[0].contains(r#""status": "finished""#), "{:?}", checks);
         prop_assert_eq!(concurrent, ordered);
     }
 }

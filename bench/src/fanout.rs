@@ -1,0 +1,484 @@
+//! `fan-out`: one check to `fan` agents, from `POST /v1/checks` to the last result visible
+//! on `GET /v1/checks/{id}`, with `agents` simulated agents long-polling their claims and
+//! reporting at once. The gateway and the scheduler run in this process.
+//!
+//! `fan-out-raw`, the floor of the same data path with nothing of ours in it: tasks added to
+//! `fan` agents' Redis streams in one pipeline, each agent blocked in `XREADGROUP` takes its
+//! task, acknowledges it and adds a result to a results stream, a collector reads the results
+//! and writes them to PostgreSQL in one transaction per read, and the run ends when a
+//! `SELECT` sees all of them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::{drop_scratch, percentile, scratch};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FanOutArgs {
+    /// Admin URL of PostgreSQL (a scratch database is made next to it and dropped).
+    #[arg(long)]
+    pub pg_url: String,
+    /// Redis URL.
+    #[arg(long)]
+    pub redis_url: String,
+    /// Agents connected (long-polling) during the runs.
+    #[arg(long, default_value_t = 1_000)]
+    pub agents: usize,
+    /// Agents one check goes to.
+    #[arg(long, default_value_t = 100)]
+    pub fan: usize,
+    /// Measured runs.
+    #[arg(long, default_value_t = 100)]
+    pub runs: usize,
+    /// Runs before measuring.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+}
+
+/// When claims with work and reports were answered during one run.
+#[derive(Default)]
+struct Marks {
+    claimed: Vec<Instant>,
+    reported: Vec<Instant>,
+}
+
+const ADMIN: &str = "bench-admin-key-0123456789";
+const ENROLL: &str = "bench-enrollment-token-0123";
+
+fn summary(side: &str, args: &FanOutArgs, mut millis: Vec<f64>, extra: Value) {
+    millis.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let round = |v: f64| (v * 100.0).round() / 100.0;
+    let mut out = json!({"bench": "fan_out", "side": side, "agents": args.agents,
+        "fan": args.fan, "runs": millis.len(),
+        "p50_ms": round(percentile(&millis, 0.5)), "p99_ms": round(percentile(&millis, 0.99)),
+        "max_ms": round(millis.last().copied().unwrap_or(0.0))});
+    if let (Some(out), Some(extra)) = (out.as_object_mut(), extra.as_object()) {
+        out.extend(extra.clone());
+    }
+    println!("{out}");
+}
+
+async fn until_ready(http: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "{base} not ready in 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn checks(args: FanOutArgs) {
+    let (name, _) = scratch(&args.pg_url).await;
+    let prefix = format!("fob{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let db_url = format!("{}/{name}", args.pg_url.rsplit_once('/').unwrap().0);
+    let common = [
+        ("DATABASE_URL", db_url.as_str()),
+        ("REDIS_URL", args.redis_url.as_str()),
+        ("STREAM_PREFIX", prefix.as_str()),
+        ("DATABASE_POOL_SIZE", "16"),
+        ("REDIS_POOL_SIZE", "16"),
+        ("LOG_LEVEL", "warn"),
+    ];
+    let mut gw_env: Vec<(&str, &str)> = common.to_vec();
+    gw_env.extend([
+        ("GATEWAY_ENROLLMENT_TOKEN", ENROLL),
+        ("GATEWAY_ADMIN_KEY", ADMIN),
+        // Agents heartbeat once; nobody goes offline during the runs.
+        ("HEARTBEAT_INTERVAL", "600s"),
+    ]);
+    let gw_config = gateway::load(&mut checkplane_runtime::Env::from_pairs(gw_env)).unwrap();
+    let sched_config = scheduler::load(&mut checkplane_runtime::Env::from_pairs(common)).unwrap();
+    let shutdown = CancellationToken::new();
+    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", gw_listener.local_addr().unwrap());
+    let sched_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sched_base = format!("http://{}", sched_listener.local_addr().unwrap());
+    let gw = tokio::spawn(gateway::run(gw_config, gw_listener, shutdown.clone()));
+    let sched = tokio::spawn(scheduler::run(
+        sched_config,
+        sched_listener,
+        shutdown.clone(),
+    ));
+    let http = reqwest::Client::new();
+    until_ready(&http, &base).await;
+    until_ready(&http, &sched_base).await;
+
+    // Agents in 20 countries and 200 networks, each heartbeating once.
+    let mut agents: Vec<(String, String)> = Vec::with_capacity(args.agents);
+    for chunk in (0..args.agents).collect::<Vec<_>>().chunks(32) {
+        let regs = futures::future::join_all(chunk.iter().map(|i| {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                let body = json!({"hostname": format!("fan-{i}"), "capabilities": {"dns": 4},
+                    "location": {"country": format!("C{}", (b'A' + (i % 20) as u8) as char),
+                                 "asn": 64512 + (i % 200) as u32}});
+                let (id, token) =
+                    checkplane_testkit::register_agent(&http, &base, ENROLL, &body).await;
+                let url = format!("{base}/v1/agents/heartbeat");
+                let (status, _) =
+                    checkplane_testkit::agent_post(&http, &url, &id, &token, &json!({})).await;
+                assert_eq!(status, 200);
+                (id, token)
+            }
+        }))
+        .await;
+        agents.extend(regs);
+    }
+    let admin = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(admin.1);
+    let pg = admin.0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let online: i64 = pg
+            .query_one("SELECT count(*) FROM agents WHERE status = 'online'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if online as usize == args.agents {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {online} agents online");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every agent long-polls; whatever it gets it reports at once. When each claim with work
+    // and each report was answered, to show where a run's time goes.
+    let stop = CancellationToken::new();
+    let marks: Arc<Mutex<Marks>> = Arc::default();
+    let mut pollers = Vec::new();
+    for (p, (id, token)) in agents.iter().cloned().enumerate() {
+        let (http, base, stop, marks) = (http.clone(), base.clone(), stop.clone(), marks.clone());
+        pollers.push(tokio::spawn(async move {
+            let (claim_url, report_url) = (
+                format!("{base}/v1/agents/claim"),
+                format!("{base}/v1/agents/report"),
+            );
+            for round in 0.. {
+                let body = json!({"capacities": {"dns": 4}, "request_id": format!("p{p}r{round}"),
+                                  "wait_ms": 20_000});
+                let claim = checkplane_testkit::agent_post(&http, &claim_url, &id, &token, &body);
+                let (_, claimed) =
+                    tokio::select! { _ = stop.cancelled() => return, c = claim => c };
+                let done: Vec<Value> = claimed["leases"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .map(|l| json!({"token": l["token"], "result": {"answers": []}}))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !done.is_empty() {
+                    marks.lock().unwrap().claimed.push(Instant::now());
+                    let body = json!({"completed": done});
+                    checkplane_testkit::agent_post(&http, &report_url, &id, &token, &body).await;
+                    marks.lock().unwrap().reported.push(Instant::now());
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // every poller waiting
+    eprintln!(
+        "fan-out: {} agents online and long-polling; {} runs",
+        args.agents,
+        args.warmup + args.runs
+    );
+
+    let mut totals = Vec::with_capacity(args.runs);
+    let mut accepted = Vec::with_capacity(args.runs);
+    let mut gets = 0usize;
+    let mut phases: Vec<[f64; 3]> = Vec::with_capacity(args.runs);
+    for run in 0..args.warmup + args.runs {
+        *marks.lock().unwrap() = Marks::default();
+        let started = Instant::now();
+        let response = http
+            .post(format!("{base}/v1/checks"))
+            .header("x-api-key", ADMIN)
+            .json(&json!({"kind": "dns", "target": "example.com", "limit": args.fan}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 202);
+        let body: Value = response.json().await.unwrap();
+        let answered = started.elapsed();
+        assert_eq!(body["agents_count"].as_u64(), Some(args.fan as u64));
+        let url = format!("{base}/v1/checks/{}", body["id"].as_str().unwrap());
+        let check = loop {
+            let check: Value = http
+                .get(&url)
+                .header("x-api-key", ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            gets += 1;
+            if check["status"] == "finished" {
+                break check;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "run {run} not finished in 30 s: {check}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let total = started.elapsed();
+        let results = check["results"].as_array().unwrap();
+        assert_eq!(results.len(), args.fan);
+        assert!(
+            results.iter().all(|r| r["outcome"] == "finished"),
+            "{check}"
+        );
+        if run >= args.warmup {
+            totals.push(total.as_secs_f64() * 1000.0);
+            accepted.push(answered.as_secs_f64() * 1000.0);
+            let marks = marks.lock().unwrap();
+            let last = |v: &[Instant]| {
+                v.iter()
+                    .max()
+                    .map_or(0.0, |t| t.duration_since(started).as_secs_f64() * 1000.0)
+            };
+            phases.push([
+                last(&marks.claimed),
+                last(&marks.reported),
+                total.as_secs_f64() * 1000.0,
+            ]);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    for p in pollers {
+        let _ = p.await;
+    }
+    // Rotation: with `runs` checks of `fan` agents, how evenly the work was spread.
+    let spread: (i64, i64) = {
+        let row = pg
+            .query_one(
+                "SELECT min(n), max(n) FROM (SELECT a.agent_id, count(s.slot) AS n
+                 FROM agents a LEFT JOIN check_slots s USING (agent_id) GROUP BY 1) t",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    // The projector's own view: batches and their mean time.
+    let metrics = http
+        .get(format!("{sched_base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let pick = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let batches = pick("checkplane_projector_batch_seconds_count");
+    let batch_mean_ms = pick("checkplane_projector_batch_seconds_sum") / batches.max(1.0) * 1000.0;
+    shutdown.cancel();
+    let _ = gw.await;
+    let _ = sched.await;
+    drop(pg);
+    drop_scratch(&args.pg_url, &name).await;
+    accepted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let round = |v: f64| (v * 100.0).round() / 100.0;
+    let median_of = |i: usize| {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        round(percentile(&v, 0.5))
+    };
+    summary(
+        "checkplane",
+        &args,
+        totals,
+        json!({"accepted_p50_ms": round(percentile(&accepted, 0.5)),
+               "accepted_p99_ms": round(percentile(&accepted, 0.99)),
+               "gets_per_run": gets / (args.warmup + args.runs),
+               "last_claim_p50_ms": median_of(0), "last_report_p50_ms": median_of(1),
+               "projector_batches": batches, "projector_batch_mean_ms": round(batch_mean_ms),
+               "slots_per_agent_min": spread.0, "slots_per_agent_max": spread.1}),
+    );
+}
+
+pub async fn raw(args: FanOutArgs) {
+    let (name, _) = scratch(&args.pg_url).await;
+    let db_url = format!("{}/{name}", args.pg_url.rsplit_once('/').unwrap().0);
+    let (pg, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    pg.batch_execute(
+        "CREATE TABLE raw_results (run int, agent int, result jsonb, PRIMARY KEY (run, agent))",
+    )
+    .await
+    .unwrap();
+    let prefix = format!("forb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let results = format!("{prefix}:results");
+    let stream = |a: usize| format!("{prefix}:tasks:{a}");
+    for a in 0..args.agents {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream(a))
+            .arg("agents")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Every agent blocked on its own stream, on its own connection.
+    let stop = CancellationToken::new();
+    let mut agents = Vec::new();
+    for a in 0..args.agents {
+        let (client, stop, key, results) =
+            (redis.clone(), stop.clone(), stream(a), results.clone());
+        agents.push(tokio::spawn(async move {
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            while !stop.is_cancelled() {
+                let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("agents")
+                    .arg("a")
+                    .arg("COUNT")
+                    .arg(4)
+                    .arg("BLOCK")
+                    .arg(200)
+                    .arg("STREAMS")
+                    .arg(&key)
+                    .arg(">")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                    let run: String = entry.get("run").unwrap();
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("XACK")
+                        .arg(&key)
+                        .arg("agents")
+                        .arg(&entry.id)
+                        .ignore()
+                        .cmd("XADD")
+                        .arg(&results)
+                        .arg("*")
+                        .arg("run")
+                        .arg(run)
+                        .arg("agent")
+                        .arg(a)
+                        .arg("result")
+                        .arg(r#"{"answers": []}"#)
+                        .ignore();
+                    let _: () = pipe.query_async(&mut c).await.unwrap();
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut reader = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut last = "0-0".to_owned();
+    let mut totals = Vec::with_capacity(args.runs);
+    let spec = json!({"check_id": uuid::Uuid::nil(), "slot": 0, "attempt": 1, "kind": "dns",
+                      "target": "example.com", "options": {"type": "A"}, "deadline_ms": 0})
+    .to_string();
+    for run in 0..args.warmup + args.runs {
+        let started = Instant::now();
+        let mut pipe = redis::pipe();
+        for i in 0..args.fan {
+            let a = (run * args.fan + i) % args.agents;
+            pipe.cmd("XADD")
+                .arg(stream(a))
+                .arg("*")
+                .arg("run")
+                .arg(run)
+                .arg("spec")
+                .arg(&spec)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+        let mut stored = 0usize;
+        while stored < args.fan {
+            let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("BLOCK")
+                .arg(200)
+                .arg("STREAMS")
+                .arg(&results)
+                .arg(&last)
+                .query_async(&mut reader)
+                .await
+                .unwrap();
+            let entries: Vec<redis::streams::StreamId> = reply
+                .into_iter()
+                .flat_map(|r| r.keys)
+                .flat_map(|k| k.ids)
+                .collect();
+            let Some(tail) = entries.last() else { continue };
+            last = tail.id.clone();
+            let runs: Vec<i32> = entries
+                .iter()
+                .map(|e| e.get::<String>("run").unwrap().parse().unwrap())
+                .collect();
+            let who: Vec<i32> = entries
+                .iter()
+                .map(|e| e.get::<String>("agent").unwrap().parse().unwrap())
+                .collect();
+            let bodies: Vec<String> = entries
+                .iter()
+                .map(|e| e.get::<String>("result").unwrap())
+                .collect();
+            pg.execute(
+                "INSERT INTO raw_results SELECT r, a, b::jsonb
+                 FROM unnest($1::int[], $2::int[], $3::text[]) AS u(r, a, b)",
+                &[&runs, &who, &bodies],
+            )
+            .await
+            .unwrap();
+            stored += entries.len();
+        }
+        let seen: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM raw_results WHERE run = $1",
+                &[&(run as i32)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(seen as usize, args.fan);
+        if run >= args.warmup {
+            totals.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    for a in agents {
+        let _ = a.await;
+    }
+    let mut keys: Vec<String> = (0..args.agents).map(stream).collect();
+    keys.push(results);
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    drop(pg);
+    drop_scratch(&args.pg_url, &name).await;
+    summary("raw", &args, totals, json!({}));
+}
