@@ -315,6 +315,9 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Due retries, under their checks' row locks: every writer of a check's slots takes the
+    /// check's row first (the projector in id order), so this never deadlocks with it, and
+    /// two replicas never retry the same slot.
     async fn retries(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
         let backoff_ms = self.retry_backoff.as_millis() as i64;
         let mut client = self.pg.get().await?;
@@ -329,7 +332,7 @@ impl Lifecycle {
                    AND s.done_at <= now() - $1::bigint * interval '1 millisecond'
                    AND c.status <> 'finished' AND c.cancelled_at IS NULL AND c.deadline > now()
                  ORDER BY s.done_at LIMIT $2
-                 FOR UPDATE OF s SKIP LOCKED",
+                 FOR UPDATE OF c SKIP LOCKED",
                 &[&backoff_ms, &BATCH],
             )
             .await?;
