@@ -162,6 +162,27 @@ impl Stand {
         .await
     }
 
+    /// Poll a check until it is finished.
+    async fn finished(&self, location: &str, what: &str) -> Value {
+        self.until(location, what, |c| c["status"] == "finished")
+            .await
+    }
+
+    /// Claim as `agent` until something comes, for up to `secs` seconds: the leases.
+    async fn claim_eventually(
+        &self,
+        agent: &Agent,
+        kind: &str,
+        what: &str,
+        secs: u64,
+    ) -> Vec<Value> {
+        eventually(what, Duration::from_secs(secs), || async {
+            let leases = self.claim(agent, kind).await;
+            (!leases.is_empty()).then_some(leases)
+        })
+        .await
+    }
+
     /// Claim (waiting up to a second) as `agent`, heartbeating first: the leases.
     async fn claim(&self, agent: &Agent, kind: &str) -> Vec<Value> {
         self.heartbeat(agent).await;
@@ -256,11 +277,7 @@ async fn a_check_runs_on_its_agents_and_its_results_are_readable() {
             .await;
     }
 
-    let done = eventually("the check finishes", Duration::from_secs(10), || async {
-        let check = s.check(&location).await;
-        (check["status"] == "finished").then_some(check)
-    })
-    .await;
+    let done = s.finished(&location, "the check finishes").await;
     assert_eq!(done["done_count"], 2);
     assert_eq!(done["seq"], 2);
     let results = done["results"].as_array().unwrap();
@@ -471,15 +488,9 @@ async fn an_agent_that_dies_mid_check_is_replaced_and_the_check_still_finishes()
     .await;
 
     // Its lease expires, the slot is retried on the agent the check does not use yet.
-    let retried = eventually(
-        "the spare agent gets the retry",
-        Duration::from_secs(20),
-        || async {
-            let leases = s.claim(spare, "dns").await;
-            (!leases.is_empty()).then_some(leases)
-        },
-    )
-    .await;
+    let retried = s
+        .claim_eventually(spare, "dns", "the spare agent gets the retry", 20)
+        .await;
     assert_eq!(retried.len(), 1);
     assert_eq!(retried[0]["spec"]["attempt"], 2);
     s.report(
@@ -489,11 +500,7 @@ async fn an_agent_that_dies_mid_check_is_replaced_and_the_check_still_finishes()
     )
     .await;
 
-    let done = s
-        .until(&location, "the check finishes", |c| {
-            c["status"] == "finished"
-        })
-        .await;
+    let done = s.finished(&location, "the check finishes").await;
     let results = done["results"].as_array().unwrap();
     assert_eq!(results.len(), 2, "one result per slot");
     assert!(results.iter().all(|r| r["outcome"] == "finished"), "{done}");
@@ -517,11 +524,7 @@ async fn an_agent_that_dies_mid_check_is_replaced_and_the_check_still_finishes()
         .await;
     let location = location.unwrap();
     assert_eq!(s.claim(&lone, "tcp").await.len(), 1);
-    let done = s
-        .until(&location, "the lone slot ends", |c| {
-            c["status"] == "finished"
-        })
-        .await;
+    let done = s.finished(&location, "the lone slot ends").await;
     assert_eq!(done["results"][0]["outcome"], "no_agent", "{done}");
     assert_eq!(
         count(&s.db, "SELECT count(*) FROM projection_failures").await,
@@ -543,11 +546,7 @@ async fn deadlines_and_cancels_end_every_slot_and_fence_late_reports() {
     let location = location.unwrap();
     let leases = s.claim(&a, "dns").await;
     let token = leases[0]["token"].as_str().unwrap().to_owned();
-    let done = s
-        .until(&location, "the deadline ends it", |c| {
-            c["status"] == "finished"
-        })
-        .await;
+    let done = s.finished(&location, "the deadline ends it").await;
     assert_eq!(done["results"][0]["outcome"], "timeout", "{done}");
     assert_eq!(s.try_report(&a, &token).await["error"], "ERR_LEASE_CLOSED");
 
@@ -556,11 +555,7 @@ async fn deadlines_and_cancels_end_every_slot_and_fence_late_reports() {
         .create(json!({"kind": "dns", "target": "example.org", "limit": 1, "timeout_ms": 1000}))
         .await;
     let location = location.unwrap();
-    let done = s
-        .until(&location, "an untouched check ends", |c| {
-            c["status"] == "finished"
-        })
-        .await;
+    let done = s.finished(&location, "an untouched check ends").await;
     assert_eq!(done["results"][0]["outcome"], "timeout", "{done}");
     assert!(
         s.claim(&a, "dns").await.is_empty(),
@@ -589,11 +584,7 @@ async fn deadlines_and_cancels_end_every_slot_and_fence_late_reports() {
     };
     assert_eq!(cancel(ADMIN).await, 202);
     assert_eq!(s.try_report(&a, &token).await["error"], "ERR_LEASE_CLOSED");
-    let done = s
-        .until(&location, "the cancel ends it", |c| {
-            c["status"] == "finished"
-        })
-        .await;
+    let done = s.finished(&location, "the cancel ends it").await;
     assert_eq!(done["results"][0]["outcome"], "cancelled", "{done}");
     assert_eq!(
         cancel(ADMIN).await,
@@ -755,15 +746,9 @@ async fn a_task_left_unclaimed_by_an_agent_that_went_offline_is_retried_elsewher
 
     // The chosen agent never claims and stops heartbeating; the spare keeps heartbeating
     // (`claim` heartbeats first) and gets attempt 2.
-    let retried = eventually(
-        "the spare agent gets the slot",
-        Duration::from_secs(20),
-        || async {
-            let leases = s.claim(spare, "dns").await;
-            (!leases.is_empty()).then_some(leases)
-        },
-    )
-    .await;
+    let retried = s
+        .claim_eventually(spare, "dns", "the spare agent gets the slot", 20)
+        .await;
     assert_eq!(retried[0]["spec"]["attempt"], 2, "{retried:?}");
     s.report(
         spare,
@@ -771,11 +756,7 @@ async fn a_task_left_unclaimed_by_an_agent_that_went_offline_is_retried_elsewher
         json!({"answers": []}),
     )
     .await;
-    let done = s
-        .until(&location, "the check finishes", |c| {
-            c["status"] == "finished"
-        })
-        .await;
+    let done = s.finished(&location, "the check finishes").await;
     let results = done["results"].as_array().unwrap();
     assert_eq!(results.len(), 1, "{done}");
     assert_eq!(results[0]["agent_id"], spare.id.as_str());
@@ -852,11 +833,9 @@ async fn max_parallel_bounds_the_slots_running_at_once() {
     assert!(s.claim(by_slot[1], "dns").await.is_empty(), "slot 1 waits");
     assert!(s.claim(by_slot[2], "dns").await.is_empty(), "slot 2 waits");
     for (n, agent) in by_slot.iter().enumerate() {
-        let leases = eventually("the slot is released", Duration::from_secs(10), || async {
-            let leases = s.claim(agent, "dns").await;
-            (!leases.is_empty()).then_some(leases)
-        })
-        .await;
+        let leases = s
+            .claim_eventually(agent, "dns", "the slot is released", 10)
+            .await;
         assert_eq!(leases[0]["spec"]["slot"], n as u64);
         // While this one runs, the next one is still waiting.
         let now = s.check(&location).await;
@@ -868,11 +847,7 @@ async fn max_parallel_bounds_the_slots_running_at_once() {
         s.report(agent, leases[0]["token"].as_str().unwrap(), json!({}))
             .await;
     }
-    let done = s
-        .until(&location, "the check finishes", |c| {
-            c["status"] == "finished"
-        })
-        .await;
+    let done = s.finished(&location, "the check finishes").await;
     assert_eq!(done["done_count"], 3);
 
     // The installation's default applies when the check gives none.
