@@ -10,6 +10,10 @@
 
 mod fanout;
 
+/// The allocator the service binaries use, so their figures are the services'.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use checkplane_runtime::keys::Keys;
