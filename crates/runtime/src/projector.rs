@@ -359,8 +359,15 @@ impl Projector {
             self.apply_one_by_one(&decoded, &mut outcome, &mut done, &mut failures)
                 .await?;
         }
+        // Every stream's acknowledgement in one round trip.
+        if !done.is_empty() {
+            let mut acks = redis::pipe();
+            for (stream, ids) in &done {
+                acks.xack(stream, &self.config.group, ids).ignore();
+            }
+            let () = acks.query_async(conn).await?;
+        }
         for (stream, ids) in &done {
-            let _: i64 = conn.xack(stream, &self.config.group, ids).await?;
             for id in ids {
                 self.attempts.remove(&(stream.clone(), id.clone()));
             }
