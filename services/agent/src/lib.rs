@@ -1,6 +1,10 @@
 //! The checkplane agent: runs on each probe host, leases check work from the gateway and
-//! reports results. It serves `/livez`, `/readyz` and `/metrics` on its own small health port
-//! (`AGENT_HEALTH_ADDR`); `/readyz` asks whether the control plane answers.
+//! reports results (see `worker`). It serves `/livez`, `/readyz` and `/metrics` on its own
+//! small health port (`AGENT_HEALTH_ADDR`); `/readyz` asks whether the control plane answers.
+
+pub mod identity;
+pub mod tcp;
+pub mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +25,23 @@ pub struct Config {
     pub base: BaseSettings,
     /// Base URL of the gateway (`AGENT_CONTROL_PLANE`).
     pub control_plane: reqwest::Url,
+    /// Where the identity comes from (`AGENT_ID` + `AGENT_AUTH_TOKEN`, or `AGENT_STATE_FILE`
+    /// and `AGENT_ENROLLMENT_TOKEN`).
+    pub identity: identity::Source,
+    /// `AGENT_HOSTNAME`: the name it registers with (default: the host name).
+    pub hostname: String,
+    /// `AGENT_POOL_TCP_SIZE`: tcp checks run at once.
+    pub tcp_pool: u32,
+    /// `AGENT_ALLOW_PRIVATE_TARGETS`: check loopback and private addresses too.
+    pub allow_private_targets: bool,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".to_owned())
 }
 
 /// Read the configuration from an environment snapshot.
@@ -36,9 +57,55 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
                 format!("expected an http:// URL of the gateway, got {raw:?}"),
             )
         })?;
+    let agent_id = env.opt_string("AGENT_ID");
+    let token = env.secret("AGENT_AUTH_TOKEN")?;
+    let enrollment = env.secret("AGENT_ENROLLMENT_TOKEN")?;
+    let state_file = std::path::PathBuf::from(
+        env.string("AGENT_STATE_FILE", "/var/lib/checkplane-agent/state.json"),
+    );
+    let identity = match (agent_id, token) {
+        (Some(agent_id), Some(token)) => identity::Source::Given { agent_id, token },
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "AGENT_AUTH_TOKEN",
+                "required with AGENT_ID",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "AGENT_ID",
+                "required with AGENT_AUTH_TOKEN",
+            ))
+        }
+        (None, None) => {
+            if enrollment.is_none() && !state_file.exists() {
+                return Err(ConfigError::new(
+                    "AGENT_ENROLLMENT_TOKEN",
+                    format!(
+                        "required to register: there is no identity in {} and no AGENT_ID",
+                        state_file.display()
+                    ),
+                ));
+            }
+            identity::Source::Enrolled {
+                enrollment,
+                state_file,
+            }
+        }
+    };
+    let hostname = env.string("AGENT_HOSTNAME", &host_name());
+    if hostname.is_empty() || hostname.len() > 253 {
+        return Err(ConfigError::new("AGENT_HOSTNAME", "1 to 253 characters"));
+    }
+    let tcp_pool = u32::try_from(env.u64_in("AGENT_POOL_TCP_SIZE", 16, 1, 1024)?).unwrap_or(16);
+    let allow_private_targets = env.bool("AGENT_ALLOW_PRIVATE_TARGETS", false)?;
     Ok(Config {
         base,
         control_plane,
+        identity,
+        hostname,
+        tcp_pool,
+        allow_private_targets,
     })
 }
 
@@ -92,7 +159,21 @@ pub async fn run(
         .control_plane
         .join("livez")
         .map_err(|e| RunError::Startup(format!("control plane URL: {e}")))?;
-    let probe: Arc<dyn Probe> = Arc::new(ControlPlaneProbe { client, livez });
+    let probe: Arc<dyn Probe> = Arc::new(ControlPlaneProbe {
+        client: client.clone(),
+        livez,
+    });
+    let settings = worker::Settings {
+        control_plane: config.control_plane.clone(),
+        source: config.identity.clone(),
+        hostname: config.hostname.clone(),
+        pools: worker::Pools {
+            tcp: config.tcp_pool,
+        },
+        allow_private_targets: config.allow_private_targets,
+        report_buffer: 10_000,
+    };
+    let work = tokio::spawn(worker::run(client, settings, shutdown.clone()));
     let health = Arc::new(Health::new(
         NAME,
         vec![probe],
@@ -100,9 +181,13 @@ pub async fn run(
         config.base.metrics.clone(),
     ));
     let app = checkplane_runtime::http::finish(health.router());
-    checkplane_runtime::http::serve(listener, app, shutdown)
+    let served = checkplane_runtime::http::serve(listener, app, shutdown)
         .await
-        .map_err(RunError::Serve)
+        .map_err(RunError::Serve);
+    // Running checks finish and their reports go out (the launcher bounds this with
+    // SHUTDOWN_TIMEOUT).
+    let _ = work.await;
+    served
 }
 
 /// The agent as a launchable [`checkplane_runtime::Service`].

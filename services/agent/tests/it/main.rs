@@ -1,6 +1,8 @@
 //! Black-box tests of the agent process and its health port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod checks;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,6 +13,35 @@ use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agent"))
 }
+
+/// A fresh folder for an agent's state file, removed when dropped.
+pub struct StateDir(pub std::path::PathBuf);
+
+impl Default for StateDir {
+    fn default() -> Self {
+        let dir = std::env::temp_dir().join(format!("cp-agent-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl StateDir {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn file(&self) -> String {
+        self.0.join("state.json").display().to_string()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub const ENROLL: &str = "agent-test-enrollment-0123";
 
 async fn start_gateway(db: &TestDb, redis: &TestRedis) -> Running<checkplane_runtime::RunError> {
     let config = gateway::load(&mut Env::from_pairs(store_env(db, redis))).unwrap();
@@ -24,7 +55,13 @@ async fn ready_only_while_the_control_plane_answers() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let gw = start_gateway(&db, &redis).await;
-    let config = agent::load(&mut Env::from_pairs([("AGENT_CONTROL_PLANE", gw.url("/"))])).unwrap();
+    let state = StateDir::new();
+    let config = agent::load(&mut Env::from_pairs([
+        ("AGENT_CONTROL_PLANE", gw.url("/")),
+        ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
+        ("AGENT_STATE_FILE", state.file()),
+    ]))
+    .unwrap();
     let agent = Running::start(|l, s| agent::run(config, l, s)).await;
     agent.wait_ready(Duration::from_secs(10)).await;
 
@@ -48,6 +85,7 @@ async fn ready_only_while_the_control_plane_answers() {
 
 #[test]
 fn bad_configuration_exits_2_naming_the_variable() {
+    let state = StateDir::new();
     let env = vec![
         (
             "AGENT_CONTROL_PLANE".to_owned(),
@@ -57,17 +95,34 @@ fn bad_configuration_exits_2_naming_the_variable() {
             "AGENT_HEALTH_ADDR".to_owned(),
             format!("127.0.0.1:{}", free_port()),
         ),
+        ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
+        ("AGENT_STATE_FILE".to_owned(), state.file()),
     ];
     assert_bad_config_exits_2(bin(), &env);
+
+    // No way to an identity: no id, no enrollment token, no state file.
+    let mut bare = env.clone();
+    bare.retain(|(k, _)| k != "AGENT_ENROLLMENT_TOKEN");
+    let out = checkplane_testkit::process::run_to_end(bin(), &[], &bare, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AGENT_ENROLLMENT_TOKEN"));
 
     for (var, value) in [
         ("AGENT_CONTROL_PLANE", "ftp://x"),
         ("AGENT_CONTROL_PLANE", "not a url"),
         ("AGENT_HEALTH_ADDR", "localhost"),
+        ("AGENT_POOL_TCP_SIZE", "0"),
+        ("AGENT_ALLOW_PRIVATE_TARGETS", "perhaps"),
+        // An id without its token.
+        ("AGENT_AUTH_TOKEN", "AGENT_ID"),
     ] {
         let mut env = env.clone();
         env.retain(|(k, _)| k != var);
-        env.push((var.to_owned(), value.to_owned()));
+        if value == "AGENT_ID" {
+            env.push(("AGENT_ID".to_owned(), "agt-0123".to_owned()));
+        } else {
+            env.push((var.to_owned(), value.to_owned()));
+        }
         let out =
             checkplane_testkit::process::run_to_end(bin(), &[], &env, Duration::from_secs(20));
         assert_eq!(out.status.code(), Some(2), "{var}={value}");
@@ -81,8 +136,11 @@ async fn sigterm_exits_0_within_the_bound() {
     let redis = TestRedis::new();
     let gw = start_gateway(&db, &redis).await;
     let port = free_port();
+    let state = StateDir::new();
     let env = vec![
         ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
+        ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
+        ("AGENT_STATE_FILE".to_owned(), state.file()),
         ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
         ("SHUTDOWN_TIMEOUT".to_owned(), "3s".to_owned()),
     ];

@@ -1,0 +1,555 @@
+//! The agent's work with the control plane:
+//!
+//! - **identity** first (see `identity`): given, restored from the state file, or registered;
+//! - **heartbeat** ticker, at the interval the gateway asked for;
+//! - **claim** loop: asks, per kind, for as many tasks as its pool has free slots, long-polling;
+//!   a task id already running is never started twice (a redelivery after a lost answer only
+//!   moves the running task to its newer lease token);
+//! - **extend** ticker: every lease in flight is extended a third of the way into its term;
+//! - **reports**: finished tasks go to a bounded buffer, sent in batches and kept until the
+//!   gateway acknowledged them (a full buffer drops the oldest and says how many);
+//! - failures of the control plane back off with jitter, from 500 ms up to 30 s.
+//!
+//! On shutdown it stops claiming, lets running checks finish (bounded by `SHUTDOWN_TIMEOUT`
+//! through the caller), and sends what it has.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use checkplane_wire::checks::{task_id, TaskSpec};
+use checkplane_wire::leases::api::{ClaimResponse, Completed, Lease, ReportRequest, TokenOutcomes};
+use serde_json::{json, Value};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::identity::{self, Identity, Source};
+use crate::tcp;
+
+/// What the agent runs, per kind: the kinds it declares and each pool's size.
+#[derive(Debug, Clone)]
+pub struct Pools {
+    pub tcp: u32,
+}
+
+/// The worker's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub control_plane: reqwest::Url,
+    pub source: Source,
+    pub hostname: String,
+    pub pools: Pools,
+    pub allow_private_targets: bool,
+    /// Most finished results kept while the control plane does not take them.
+    pub report_buffer: usize,
+}
+
+/// A call to the control plane that did not work.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("unreachable: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("answered {status}: {body}")]
+    Refused { status: u16, body: String },
+}
+
+struct Control {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    identity: Identity,
+}
+
+impl Control {
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> Result<T, CallError> {
+        let url = self.base.join(path).map_err(|e| CallError::Refused {
+            status: 0,
+            body: e.to_string(),
+        })?;
+        let response = self
+            .http
+            .post(url)
+            .header("x-agent-id", &self.identity.agent_id)
+            .header("x-agent-token", &self.identity.token)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = response.text().await.unwrap_or_default();
+            return Err(CallError::Refused {
+                status,
+                body: body.chars().take(300).collect(),
+            });
+        }
+        Ok(response.json().await?)
+    }
+}
+
+/// Exponential backoff with jitter: 500 ms doubling to 30 s, ±25 %.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(500))
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(500);
+    }
+    fn next(&mut self) -> Duration {
+        let base = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(30));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let spread = (nanos % 500) as f64 / 1000.0 + 0.75; // 0.75 ..= 1.25
+        base.mul_f64(spread)
+    }
+}
+
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Find or make the identity; retried with backoff until it works or `stop`.
+async fn identity(
+    http: &reqwest::Client,
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> Option<Identity> {
+    let (enrollment, state_file) = match &settings.source {
+        Source::Given { agent_id, token } => {
+            return Some(Identity {
+                agent_id: agent_id.clone(),
+                token: token.expose().to_owned(),
+                heartbeat_interval_ms: 10_000,
+            })
+        }
+        Source::Enrolled {
+            enrollment,
+            state_file,
+        } => (enrollment, state_file),
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match identity::load(state_file) {
+            Ok(Some(identity)) => {
+                tracing::info!(agent_id = %identity.agent_id, state_file = %state_file.display(), "restored control plane session");
+                return Some(identity);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                // Never overwrite a file we cannot read: an operator should look at it.
+                tracing::error!(error = %checkplane_runtime::error_chain(&error), "agent state file unusable");
+                if !sleep_or_stop(backoff.next(), stop).await {
+                    return None;
+                }
+                continue;
+            }
+        }
+        let Some(enrollment) = enrollment else {
+            tracing::error!(state_file = %state_file.display(), "no identity: the state file is gone and no AGENT_ENROLLMENT_TOKEN is set");
+            if !sleep_or_stop(backoff.next(), stop).await {
+                return None;
+            }
+            continue;
+        };
+        let body = json!({"hostname": settings.hostname,
+                          "capabilities": {"tcp": settings.pools.tcp},
+                          "agent_version": env!("CARGO_PKG_VERSION")});
+        let registered = async {
+            let url = settings
+                .control_plane
+                .join("v1/agents/register")
+                .map_err(|e| e.to_string())?;
+            let response = http
+                .post(url)
+                .header("x-enrollment-token", enrollment.expose())
+                .timeout(Duration::from_secs(10))
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| format!("unreachable: {e}"))?;
+            let status = response.status().as_u16();
+            if !(200..300).contains(&status) {
+                return Err(format!("answered {status}"));
+            }
+            response
+                .json::<checkplane_wire::agents::RegisterResponse>()
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match registered {
+            Ok(r) => {
+                let identity = Identity {
+                    agent_id: r.agent_id,
+                    token: r.token,
+                    heartbeat_interval_ms: r.heartbeat_interval_ms,
+                };
+                if let Err(error) = identity::store(state_file, &identity) {
+                    // Without the file a restart would register anew: refuse to go on.
+                    tracing::error!(error = %checkplane_runtime::error_chain(&error), "cannot keep the identity");
+                } else {
+                    tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
+                    return Some(identity);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "registration failed"),
+        }
+        if !sleep_or_stop(backoff.next(), stop).await {
+            return None;
+        }
+    }
+}
+
+/// A task in flight: its current lease token and its term.
+struct Running {
+    token: String,
+    lease_ms: u64,
+}
+
+#[derive(Default)]
+struct Reports {
+    queue: VecDeque<Completed>,
+    dropped: u64,
+}
+
+struct Shared {
+    control: Control,
+    settings: Settings,
+    /// By task id (or token, for a task without an id).
+    running: Mutex<HashMap<String, Running>>,
+    reports: Mutex<Reports>,
+    report_ready: Notify,
+    tcp_pool: Arc<Semaphore>,
+    freed: Notify,
+}
+
+impl Shared {
+    fn push_report(&self, done: Completed) {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        if reports.queue.len() >= self.settings.report_buffer {
+            reports.queue.pop_front();
+            reports.dropped += 1;
+            tracing::warn!(
+                dropped = reports.dropped,
+                "report buffer full: dropped the oldest result"
+            );
+        }
+        reports.queue.push_back(done);
+        drop(reports);
+        self.report_ready.notify_one();
+    }
+}
+
+/// Run until `stop`, then finish what runs and send the reports. `done` is cancelled when
+/// everything is sent or given up.
+pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationToken) {
+    let Some(identity) = identity(&http, &settings, &stop).await else {
+        return;
+    };
+    let shared = Arc::new(Shared {
+        tcp_pool: Arc::new(Semaphore::new(settings.pools.tcp as usize)),
+        control: Control {
+            http,
+            base: settings.control_plane.clone(),
+            identity,
+        },
+        settings,
+        running: Mutex::default(),
+        reports: Mutex::default(),
+        report_ready: Notify::new(),
+        freed: Notify::new(),
+    });
+    let tasks = TaskTracker::new();
+    let reporter_stop = CancellationToken::new();
+    let reporter = tokio::spawn(report_loop(shared.clone(), reporter_stop.clone()));
+    let beats = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
+    let extends = tokio::spawn(extend_loop(shared.clone(), stop.clone()));
+    claim_loop(&shared, &tasks, &stop).await;
+    // Stop claiming; let the running checks finish (each is bounded by its own timeout), send.
+    tasks.close();
+    tasks.wait().await;
+    reporter_stop.cancel();
+    let _ = reporter.await;
+    let _ = beats.await;
+    let _ = extends.await;
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut every = Duration::from_millis(shared.control.identity.heartbeat_interval_ms.max(100));
+    let mut backoff = Backoff::new();
+    loop {
+        let beat: Result<checkplane_wire::agents::HeartbeatResponse, _> = shared
+            .control
+            .post("v1/agents/heartbeat", &json!({}), Duration::from_secs(5))
+            .await;
+        let wait = match beat {
+            Ok(answer) => {
+                backoff.reset();
+                every = Duration::from_millis(answer.next_deadline_ms.max(100));
+                // Well inside the deadline.
+                every.mul_f64(0.8)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "heartbeat failed");
+                backoff.next().min(every)
+            }
+        };
+        if !sleep_or_stop(wait, &stop).await {
+            return;
+        }
+    }
+}
+
+async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &CancellationToken) {
+    let mut backoff = Backoff::new();
+    let mut round: u64 = 0;
+    while !stop.is_cancelled() {
+        let free = shared.tcp_pool.available_permits() as u32;
+        if free == 0 {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = shared.freed.notified() => continue,
+            }
+        }
+        round += 1;
+        let request_id = format!(
+            "{}-{round}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let body =
+            json!({"capacities": {"tcp": free}, "request_id": request_id, "wait_ms": 20_000});
+        let claim =
+            shared
+                .control
+                .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30));
+        let claimed = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = claim => c,
+        };
+        match claimed {
+            Ok(answer) => {
+                backoff.reset();
+                if !answer.leases.is_empty() {
+                    tracing::info!(leases = answer.leases.len(), "dispatcher received batch");
+                }
+                for lease in answer.leases {
+                    start(shared, tasks, lease);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "claim failed");
+                if !sleep_or_stop(backoff.next(), stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Start one leased task, unless its task id is running already.
+fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
+    let spec: Option<TaskSpec> = serde_json::from_value(lease.spec.clone()).ok();
+    let key = spec
+        .as_ref()
+        .map(|s| task_id(s.check_id, s.slot, s.attempt))
+        .unwrap_or_else(|| lease.token.clone());
+    {
+        let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(task) = running.get_mut(&key) {
+            // Delivered again (a lost claim answer): the run goes on under the newer lease.
+            tracing::info!(task = %key, "task already running; following its new lease");
+            task.token = lease.token;
+            task.lease_ms = lease.lease_duration_ms;
+            return;
+        }
+        running.insert(
+            key.clone(),
+            Running {
+                token: lease.token.clone(),
+                lease_ms: lease.lease_duration_ms,
+            },
+        );
+    }
+    let Ok(permit) = shared.tcp_pool.clone().try_acquire_owned() else {
+        // Asked for no more than was free; should the pool be full anyway, say so at once.
+        finish(
+            shared,
+            &key,
+            "failed",
+            json!({"error": {"code": "ERR_OVERLOADED", "message": "no free worker"}}),
+        );
+        return;
+    };
+    let shared = shared.clone();
+    tasks.spawn(async move {
+        let outcome = execute(&shared, lease.kind.as_str(), spec.as_ref()).await;
+        finish(&shared, &key, outcome.outcome, outcome.result);
+        drop(permit);
+        shared.freed.notify_one();
+    });
+}
+
+/// The longest any check runs on this agent.
+const MAX_CHECK: Duration = Duration::from_secs(60);
+
+async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> tcp::Outcome {
+    let Some(spec) = spec else {
+        return tcp::Outcome::failed("ERR_BAD_SPEC", "the task spec is not a check", json!({}));
+    };
+    let left = spec.deadline_ms - checkplane_runtime::clock::now_ms();
+    let timeout = Duration::from_millis(u64::try_from(left).unwrap_or(0)).min(MAX_CHECK);
+    match kind {
+        "tcp" => {
+            let Some(port) = spec
+                .options
+                .get("port")
+                .and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                return tcp::Outcome::failed("ERR_BAD_SPEC", "options.port missing", json!({}));
+            };
+            tcp::check(
+                &spec.target,
+                port,
+                timeout,
+                shared.settings.allow_private_targets,
+            )
+            .await
+        }
+        other => tcp::Outcome::failed(
+            "ERR_UNSUPPORTED",
+            format!("this agent does not run {other} checks"),
+            json!({}),
+        ),
+    }
+}
+
+fn finish(shared: &Shared, key: &str, outcome: &str, result: Value) {
+    let Some(task) = shared
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(key)
+    else {
+        return;
+    };
+    shared.push_report(Completed {
+        token: task.token,
+        outcome: Some(outcome.to_owned()),
+        observations: Vec::new(),
+        result,
+    });
+}
+
+async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (tokens, term) = {
+            let running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+            let term = running.values().map(|r| r.lease_ms).min().unwrap_or(30_000);
+            (
+                running
+                    .values()
+                    .map(|r| r.token.clone())
+                    .collect::<Vec<_>>(),
+                term,
+            )
+        };
+        if !tokens.is_empty() {
+            let extended: Result<TokenOutcomes, _> = shared
+                .control
+                .post(
+                    "v1/agents/extend",
+                    &json!({ "tokens": tokens }),
+                    Duration::from_secs(5),
+                )
+                .await;
+            match extended {
+                Ok(answer) => {
+                    for refused in answer.results.iter().filter(|r| r.error.is_some()) {
+                        tracing::warn!(token = %refused.token, error = ?refused.error, "lease extension failed");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "lease extension failed"),
+            }
+        }
+        let wait = Duration::from_millis((term / 3).clamp(200, 10_000));
+        if !sleep_or_stop(wait, &stop).await {
+            return;
+        }
+    }
+}
+
+/// Send reports in batches of up to 100 until `stop`, then once more what is left.
+async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut backoff = Backoff::new();
+    loop {
+        let batch: Vec<Completed> = {
+            let reports = shared.reports.lock().unwrap_or_else(|p| p.into_inner());
+            reports.queue.iter().take(100).cloned().collect()
+        };
+        if batch.is_empty() {
+            if stop.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = shared.report_ready.notified() => {}
+            }
+            continue;
+        }
+        let body = ReportRequest {
+            completed: batch.clone(),
+            cancelled: Vec::new(),
+        };
+        let sent: Result<TokenOutcomes, _> = shared
+            .control
+            .post("v1/agents/report", &body, Duration::from_secs(10))
+            .await;
+        match sent {
+            Ok(answer) => {
+                backoff.reset();
+                for refused in answer.results.iter().filter(|r| r.error.is_some()) {
+                    // Fenced (lost, closed): the control plane will not take this result.
+                    tracing::warn!(token = %refused.token, error = ?refused.error, "report refused");
+                }
+                let mut reports = shared.reports.lock().unwrap_or_else(|p| p.into_inner());
+                let sent: std::collections::HashSet<&str> =
+                    batch.iter().map(|c| c.token.as_str()).collect();
+                reports.queue.retain(|c| !sent.contains(c.token.as_str()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, pending = batch.len(), "report failed; kept for the next try");
+                let wait = backoff.next();
+                if stop.is_cancelled() {
+                    // Shutting down: one more try after a short wait, then give up.
+                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                    let left = shared
+                        .reports
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .queue
+                        .len();
+                    tracing::warn!(left, "shutting down with unsent reports");
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}

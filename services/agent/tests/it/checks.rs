@@ -1,0 +1,196 @@
+//! The real agent against the real control plane: it registers (keeping its identity in its
+//! state file), claims, runs tcp checks against loopback listeners, reports; the results land
+//! in PostgreSQL. Restarted from its state file it is the same agent.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use checkplane_runtime::Env;
+use checkplane_testkit::process::free_port;
+use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
+use serde_json::{json, Value};
+
+use crate::{StateDir, ENROLL};
+
+const ADMIN: &str = "agent-test-admin-key-0123";
+
+type Service = Running<checkplane_runtime::RunError>;
+
+async fn start_agent(gw: &Service, state: &StateDir, extra: &[(&str, &str)]) -> Service {
+    let mut env = vec![
+        ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
+        ("AGENT_STATE_FILE".to_owned(), state.file()),
+        ("AGENT_HOSTNAME".to_owned(), "probe-e2e".to_owned()),
+    ];
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let config = agent::load(&mut Env::from_pairs(env)).unwrap();
+    let agent = Running::start(|l, s| agent::run(config, l, s)).await;
+    agent.wait_ready(Duration::from_secs(10)).await;
+    agent
+}
+
+async fn create(http: &reqwest::Client, gw: &Service, body: Value) -> String {
+    let response = http
+        .post(gw.url("/v1/checks"))
+        .header("x-api-key", ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    response.headers()["location"].to_str().unwrap().to_owned()
+}
+
+async fn finished(http: &reqwest::Client, gw: &Service, location: &str) -> Value {
+    eventually("the check finishes", Duration::from_secs(20), || async {
+        let check: Value = http
+            .get(gw.url(location))
+            .header("x-api-key", ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (check["status"] == "finished").then_some(check)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut env = store_env(&db, &redis);
+    for (k, v) in [
+        ("GATEWAY_ENROLLMENT_TOKEN", ENROLL),
+        ("GATEWAY_ADMIN_KEY", ADMIN),
+        ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
+    ] {
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    let gw_config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let gw = Running::start(|l, s| gateway::run(gw_config, l, s)).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let sched_config = scheduler::load(&mut Env::from_pairs(store_env(&db, &redis))).unwrap();
+    let sched = Running::start(|l, s| scheduler::run(sched_config, l, s)).await;
+    sched.wait_ready(Duration::from_secs(10)).await;
+
+    // A target that accepts, and a port where nothing listens.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    let closed = free_port();
+
+    let state = StateDir::new();
+    let agent = start_agent(
+        &gw,
+        &state,
+        &[
+            ("AGENT_ENROLLMENT_TOKEN", ENROLL),
+            ("AGENT_ALLOW_PRIVATE_TARGETS", "true"),
+        ],
+    )
+    .await;
+    let pg = db.client().await;
+    let agent_id: String = eventually("the agent is online", Duration::from_secs(15), || async {
+        pg.query_opt(
+            "SELECT agent_id FROM agents WHERE hostname = 'probe-e2e' AND status = 'online'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+    })
+    .await;
+    // Its identity is kept, readable by its owner only.
+    let meta = std::fs::metadata(state.file()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let kept: Value = serde_json::from_slice(&std::fs::read(state.file()).unwrap()).unwrap();
+    assert_eq!(kept["agent_id"], agent_id.as_str());
+
+    let http = reqwest::Client::new();
+    let location = create(
+        &http,
+        &gw,
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": open}, "limit": 1}),
+    )
+    .await;
+    let done = finished(&http, &gw, &location).await;
+    let slot = &done["results"][0];
+    assert_eq!(slot["agent_id"], agent_id.as_str());
+    assert_eq!(slot["outcome"], "finished", "{done}");
+    let result = &slot["result"]["result"];
+    assert_eq!(result["connected"], true, "{result}");
+    assert_eq!(result["address"], "127.0.0.1");
+    assert_eq!(result["port"], open);
+    for timing in ["dns", "connect", "total"] {
+        assert!(
+            result["timings"][timing].as_f64().unwrap() >= 0.0,
+            "{result}"
+        );
+    }
+
+    let location = create(
+        &http,
+        &gw,
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": closed}, "limit": 1}),
+    )
+    .await;
+    let done = finished(&http, &gw, &location).await;
+    let slot = &done["results"][0];
+    assert_eq!(slot["outcome"], "failed", "{done}");
+    assert_eq!(
+        slot["result"]["result"]["error"]["code"], "ERR_CONNECTION_REFUSED",
+        "{done}"
+    );
+
+    // Restarted with its state file alone (no enrollment token): the same agent. Without
+    // AGENT_ALLOW_PRIVATE_TARGETS it refuses the loopback target the gateway let through.
+    agent.stop().await.unwrap();
+    let agent = start_agent(&gw, &state, &[]).await;
+    let location = create(
+        &http,
+        &gw,
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": open}, "limit": 1}),
+    )
+    .await;
+    let done = finished(&http, &gw, &location).await;
+    let slot = &done["results"][0];
+    assert_eq!(slot["agent_id"], agent_id.as_str());
+    assert_eq!(slot["outcome"], "failed", "{done}");
+    assert_eq!(
+        slot["result"]["result"]["error"]["code"], "ERR_TARGET_FORBIDDEN",
+        "{done}"
+    );
+    let registered: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM agents WHERE hostname = 'probe-e2e'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(registered, 1, "one agent, not a second registration");
+    // The results are in PostgreSQL, one task row each.
+    let reported: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM tasks WHERE agent_id = $1 AND status = 'reported'",
+            &[&agent_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reported, 3);
+    agent.stop().await.unwrap();
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
