@@ -172,6 +172,8 @@ pub async fn run(
         },
         allow_private_targets: config.allow_private_targets,
         report_buffer: 10_000,
+        // Time left after the drain to send the last reports.
+        drain: config.base.shutdown_timeout.mul_f64(0.7),
     };
     let work = tokio::spawn(worker::run(client, settings, shutdown.clone()));
     let health = Arc::new(Health::new(

@@ -10,15 +10,18 @@
 //!   gateway acknowledged them (a full buffer drops the oldest and says how many);
 //! - failures of the control plane back off with jitter, from 500 ms up to 30 s.
 //!
-//! On shutdown it stops claiming, lets running checks finish (bounded by `SHUTDOWN_TIMEOUT`
-//! through the caller), and sends what it has.
+//! On shutdown it stops claiming, lets running checks finish for up to `drain` (most of
+//! `SHUTDOWN_TIMEOUT`), reports the ones still running then as `cancelled` (reason
+//! `shutdown`), and sends what it has.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkplane_wire::checks::{task_id, TaskSpec};
-use checkplane_wire::leases::api::{ClaimResponse, Completed, Lease, ReportRequest, TokenOutcomes};
+use checkplane_wire::leases::api::{
+    Cancelled, ClaimResponse, Completed, Lease, ReportRequest, TokenOutcomes,
+};
 use serde_json::{json, Value};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -43,6 +46,8 @@ pub struct Settings {
     pub allow_private_targets: bool,
     /// Most finished results kept while the control plane does not take them.
     pub report_buffer: usize,
+    /// How long running checks may go on after shutdown begins.
+    pub drain: Duration,
 }
 
 /// A call to the control plane that did not work.
@@ -219,9 +224,25 @@ struct Running {
     lease_ms: u64,
 }
 
+/// One report waiting to be sent.
+#[derive(Clone)]
+enum Report {
+    Completed(Completed),
+    Cancelled(Cancelled),
+}
+
+impl Report {
+    fn token(&self) -> &str {
+        match self {
+            Self::Completed(c) => &c.token,
+            Self::Cancelled(c) => &c.token,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Reports {
-    queue: VecDeque<Completed>,
+    queue: VecDeque<Report>,
     dropped: u64,
 }
 
@@ -234,10 +255,12 @@ struct Shared {
     report_ready: Notify,
     tcp_pool: Arc<Semaphore>,
     freed: Notify,
+    /// Stops the checks still running when the drain is over.
+    abort: CancellationToken,
 }
 
 impl Shared {
-    fn push_report(&self, done: Completed) {
+    fn push_report(&self, done: Report) {
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         if reports.queue.len() >= self.settings.report_buffer {
             reports.queue.pop_front();
@@ -271,6 +294,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
         reports: Mutex::default(),
         report_ready: Notify::new(),
         freed: Notify::new(),
+        abort: CancellationToken::new(),
     });
     let tasks = TaskTracker::new();
     let reporter_stop = CancellationToken::new();
@@ -278,9 +302,31 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
     let beats = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
     let extends = tokio::spawn(extend_loop(shared.clone(), stop.clone()));
     claim_loop(&shared, &tasks, &stop).await;
-    // Stop claiming; let the running checks finish (each is bounded by its own timeout), send.
+    // Stop claiming; let the running checks finish for a while, cancel the rest, send.
     tasks.close();
-    tasks.wait().await;
+    if tokio::time::timeout(shared.settings.drain, tasks.wait())
+        .await
+        .is_err()
+    {
+        let left: Vec<(String, Running)> = shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        tracing::warn!(
+            running = left.len(),
+            "shutting down: checks still running are reported cancelled"
+        );
+        for (_, task) in left {
+            shared.push_report(Report::Cancelled(Cancelled {
+                token: task.token,
+                reason: Some("shutdown".to_owned()),
+            }));
+        }
+        shared.abort.cancel();
+        tasks.wait().await;
+    }
     reporter_stop.cancel();
     let _ = reporter.await;
     let _ = beats.await;
@@ -395,8 +441,11 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
     };
     let shared = shared.clone();
     tasks.spawn(async move {
-        let outcome = execute(&shared, lease.kind.as_str(), spec.as_ref()).await;
-        finish(&shared, &key, outcome.outcome, outcome.result);
+        let run = execute(&shared, lease.kind.as_str(), spec.as_ref());
+        // Aborted at the end of a shutdown's drain: the canceller has reported it.
+        if let Some(outcome) = shared.abort.run_until_cancelled(run).await {
+            finish(&shared, &key, outcome.outcome, outcome.result);
+        }
         drop(permit);
         shared.freed.notify_one();
     });
@@ -446,12 +495,12 @@ fn finish(shared: &Shared, key: &str, outcome: &str, result: Value) {
     else {
         return;
     };
-    shared.push_report(Completed {
+    shared.push_report(Report::Completed(Completed {
         token: task.token,
         outcome: Some(outcome.to_owned()),
         observations: Vec::new(),
         result,
-    });
+    }));
 }
 
 async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
@@ -496,7 +545,7 @@ async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
 async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut backoff = Backoff::new();
     loop {
-        let batch: Vec<Completed> = {
+        let batch: Vec<Report> = {
             let reports = shared.reports.lock().unwrap_or_else(|p| p.into_inner());
             reports.queue.iter().take(100).cloned().collect()
         };
@@ -510,10 +559,16 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             }
             continue;
         }
-        let body = ReportRequest {
-            completed: batch.clone(),
+        let mut body = ReportRequest {
+            completed: Vec::new(),
             cancelled: Vec::new(),
         };
+        for report in &batch {
+            match report.clone() {
+                Report::Completed(c) => body.completed.push(c),
+                Report::Cancelled(c) => body.cancelled.push(c),
+            }
+        }
         let sent: Result<TokenOutcomes, _> = shared
             .control
             .post("v1/agents/report", &body, Duration::from_secs(10))
@@ -527,8 +582,8 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 }
                 let mut reports = shared.reports.lock().unwrap_or_else(|p| p.into_inner());
                 let sent: std::collections::HashSet<&str> =
-                    batch.iter().map(|c| c.token.as_str()).collect();
-                reports.queue.retain(|c| !sent.contains(c.token.as_str()));
+                    batch.iter().map(Report::token).collect();
+                reports.queue.retain(|c| !sent.contains(c.token()));
             }
             Err(error) => {
                 tracing::warn!(%error, pending = batch.len(), "report failed; kept for the next try");

@@ -194,3 +194,94 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_a_check_in_flight_reports_it_cancelled_and_exits_0() {
+    use checkplane_testkit::process::ServiceProcess;
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut env = store_env(&db, &redis);
+    for (k, v) in [
+        ("GATEWAY_ENROLLMENT_TOKEN", ENROLL),
+        ("GATEWAY_ADMIN_KEY", ADMIN),
+        ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
+    ] {
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    let gw_config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let gw = Running::start(|l, s| gateway::run(gw_config, l, s)).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let sched_config = scheduler::load(&mut Env::from_pairs(store_env(&db, &redis))).unwrap();
+    let sched = Running::start(|l, s| scheduler::run(sched_config, l, s)).await;
+    sched.wait_ready(Duration::from_secs(10)).await;
+
+    // A listener that never accepts, its queue full: a connect to it hangs.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hanging = socket.listen(1).unwrap();
+    let port = hanging.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..2 {
+        fillers.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    }
+
+    let state = StateDir::new();
+    let health = free_port();
+    let agent_env: Vec<(String, String)> = [
+        ("AGENT_CONTROL_PLANE", gw.url("/")),
+        ("AGENT_HEALTH_ADDR", format!("127.0.0.1:{health}")),
+        ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
+        ("AGENT_STATE_FILE", state.file()),
+        ("AGENT_ALLOW_PRIVATE_TARGETS", "true".to_owned()),
+        ("SHUTDOWN_TIMEOUT", "3s".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut process = ServiceProcess::spawn(crate::bin(), &[], &agent_env);
+    let pg = db.client().await;
+    eventually("the agent is online", Duration::from_secs(15), || async {
+        pg.query_opt("SELECT 1 FROM agents WHERE status = 'online'", &[])
+            .await
+            .unwrap()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let location = create(
+        &http,
+        &gw,
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port},
+               "limit": 1, "timeout_ms": 60000}),
+    )
+    .await;
+    eventually(
+        "the agent runs the check",
+        Duration::from_secs(10),
+        || async {
+            let check: Value = http
+                .get(gw.url(&location))
+                .header("x-api-key", ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (check["results"][0]["status"] == "leased").then_some(())
+        },
+    )
+    .await;
+
+    process.signal("TERM");
+    let status = tokio::task::block_in_place(|| process.wait(Duration::from_secs(6)));
+    let stderr = process.stderr();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{stderr}");
+    assert!(stderr.contains("reported cancelled"), "{stderr}");
+    let done = finished(&http, &gw, &location).await;
+    let slot = &done["results"][0];
+    assert_eq!(slot["outcome"], "cancelled", "{done}");
+    assert_eq!(slot["result"]["reason"], "shutdown", "{done}");
+    drop(fillers);
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}

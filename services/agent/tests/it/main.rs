@@ -10,7 +10,7 @@ use checkplane_runtime::Env;
 use checkplane_testkit::process::{assert_bad_config_exits_2, assert_sigterm_exits_0, free_port};
 use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 
-fn bin() -> &'static Path {
+pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agent"))
 }
 
