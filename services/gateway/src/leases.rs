@@ -123,11 +123,15 @@ async fn claim(
                 leases: granted.into_iter().map(|g| to_lease(g, now)).collect(),
             }));
         }
+        // No doorbell rings when the agent's own leases (left by a crash of the agent or its
+        // gateway) become idle enough to be handed back: look again every LEASE_TTL, so a
+        // restarted agent gets them within about one term rather than at its next claim.
+        let recheck = tokio::time::Instant::now() + app.config.lease_ttl;
         tokio::select! {
             _ = mine => {}
             _ = all => {}
             _ = app.shutdown.cancelled() => return Ok(Json(ClaimResponse { leases: Vec::new() })),
-            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep_until(deadline.min(recheck)) => {}
         }
     }
 }

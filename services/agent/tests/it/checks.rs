@@ -61,8 +61,8 @@ async fn finished(http: &reqwest::Client, gw: &Service, location: &str) -> Value
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
+/// Gateway and scheduler in-process, with the agents' enrollment token and loopback targets.
+async fn control_plane(gateway_env: &[(&str, &str)]) -> (TestDb, TestRedis, Service, Service) {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let mut env = store_env(&db, &redis);
@@ -70,8 +70,11 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
         ("GATEWAY_ENROLLMENT_TOKEN", ENROLL),
         ("GATEWAY_ADMIN_KEY", ADMIN),
         ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
-    ] {
-        env.push((k.to_owned(), v.to_owned()));
+    ]
+    .iter()
+    .chain(gateway_env)
+    {
+        env.push(((*k).to_owned(), (*v).to_owned()));
     }
     let gw_config = gateway::load(&mut Env::from_pairs(env)).unwrap();
     let gw = Running::start(|l, s| gateway::run(gw_config, l, s)).await;
@@ -79,6 +82,57 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
     let sched_config = scheduler::load(&mut Env::from_pairs(store_env(&db, &redis))).unwrap();
     let sched = Running::start(|l, s| scheduler::run(sched_config, l, s)).await;
     sched.wait_ready(Duration::from_secs(10)).await;
+    (db, redis, gw, sched)
+}
+
+/// A listener that never accepts, its queue full: a connect to it hangs until the test
+/// takes what is queued.
+async fn hanging_listener() -> (tokio::net::TcpListener, u16, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fillers = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    (listener, port, fillers)
+}
+
+/// The environment of an agent process.
+fn process_env(gw: &Service, state: &StateDir, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("AGENT_CONTROL_PLANE", gw.url("/")),
+        ("AGENT_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("AGENT_STATE_FILE", state.file()),
+        ("AGENT_ALLOW_PRIVATE_TARGETS", "true".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    env
+}
+
+async fn slot_status(http: &reqwest::Client, gw: &Service, location: &str) -> Value {
+    let check: Value = http
+        .get(gw.url(location))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    check["results"][0]["status"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
+    let (db, _redis, gw, sched) = control_plane(&[]).await;
 
     // A target that accepts, and a port where nothing listens.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -198,46 +252,18 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_a_check_in_flight_reports_it_cancelled_and_exits_0() {
     use checkplane_testkit::process::ServiceProcess;
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let mut env = store_env(&db, &redis);
-    for (k, v) in [
-        ("GATEWAY_ENROLLMENT_TOKEN", ENROLL),
-        ("GATEWAY_ADMIN_KEY", ADMIN),
-        ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
-    ] {
-        env.push((k.to_owned(), v.to_owned()));
-    }
-    let gw_config = gateway::load(&mut Env::from_pairs(env)).unwrap();
-    let gw = Running::start(|l, s| gateway::run(gw_config, l, s)).await;
-    gw.wait_ready(Duration::from_secs(10)).await;
-    let sched_config = scheduler::load(&mut Env::from_pairs(store_env(&db, &redis))).unwrap();
-    let sched = Running::start(|l, s| scheduler::run(sched_config, l, s)).await;
-    sched.wait_ready(Duration::from_secs(10)).await;
+    let (db, _redis, gw, sched) = control_plane(&[]).await;
 
-    // A listener that never accepts, its queue full: a connect to it hangs.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let hanging = socket.listen(1).unwrap();
-    let port = hanging.local_addr().unwrap().port();
-    let mut fillers = Vec::new();
-    for _ in 0..2 {
-        fillers.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
-    }
-
+    let (_hanging, port, fillers) = hanging_listener().await;
     let state = StateDir::new();
-    let health = free_port();
-    let agent_env: Vec<(String, String)> = [
-        ("AGENT_CONTROL_PLANE", gw.url("/")),
-        ("AGENT_HEALTH_ADDR", format!("127.0.0.1:{health}")),
-        ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
-        ("AGENT_STATE_FILE", state.file()),
-        ("AGENT_ALLOW_PRIVATE_TARGETS", "true".to_owned()),
-        ("SHUTDOWN_TIMEOUT", "3s".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let agent_env = process_env(
+        &gw,
+        &state,
+        &[
+            ("AGENT_ENROLLMENT_TOKEN", ENROLL),
+            ("SHUTDOWN_TIMEOUT", "3s"),
+        ],
+    );
     let mut process = ServiceProcess::spawn(crate::bin(), &[], &agent_env);
     let pg = db.client().await;
     eventually("the agent is online", Duration::from_secs(15), || async {
@@ -257,18 +283,7 @@ async fn sigterm_with_a_check_in_flight_reports_it_cancelled_and_exits_0() {
     eventually(
         "the agent runs the check",
         Duration::from_secs(10),
-        || async {
-            let check: Value = http
-                .get(gw.url(&location))
-                .header("x-api-key", ADMIN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (check["results"][0]["status"] == "leased").then_some(())
-        },
+        || async { (slot_status(&http, &gw, &location).await == "leased").then_some(()) },
     )
     .await;
 
@@ -282,6 +297,90 @@ async fn sigterm_with_a_check_in_flight_reports_it_cancelled_and_exits_0() {
     assert_eq!(slot["outcome"], "cancelled", "{done}");
     assert_eq!(slot["result"]["reason"], "shutdown", "{done}");
     drop(fillers);
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_mid_check_resumes_from_its_state_file_and_its_lease_recovers() {
+    use checkplane_testkit::process::ServiceProcess;
+    let (db, _redis, gw, sched) = control_plane(&[("LEASE_TTL", "1s")]).await;
+    let (listener, port, fillers) = hanging_listener().await;
+    let state = StateDir::new();
+    let mut first = ServiceProcess::spawn(
+        crate::bin(),
+        &[],
+        &process_env(&gw, &state, &[("AGENT_ENROLLMENT_TOKEN", ENROLL)]),
+    );
+    let pg = db.client().await;
+    let agent_id: String = eventually("the agent is online", Duration::from_secs(15), || async {
+        pg.query_opt("SELECT agent_id FROM agents WHERE status = 'online'", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let location = create(
+        &http,
+        &gw,
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port},
+               "limit": 1, "timeout_ms": 60000}),
+    )
+    .await;
+    eventually(
+        "the agent runs the check",
+        Duration::from_secs(10),
+        || async { (slot_status(&http, &gw, &location).await == "leased").then_some(()) },
+    )
+    .await;
+    first.signal("KILL");
+    tokio::task::block_in_place(|| first.wait(Duration::from_secs(5))).unwrap();
+
+    // The target answers now; the agent comes back with its state file alone.
+    drop(fillers);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    let mut second = ServiceProcess::spawn(crate::bin(), &[], &process_env(&gw, &state, &[]));
+    let done = finished(&http, &gw, &location).await;
+    let slot = &done["results"][0];
+    assert_eq!(slot["agent_id"], agent_id.as_str(), "{done}");
+    assert_eq!(
+        (slot["attempt"].as_i64(), slot["outcome"].as_str()),
+        (Some(1), Some("finished")),
+        "{done}"
+    );
+    assert_eq!(slot["result"]["result"]["connected"], true, "{done}");
+    // The lease came back to the same agent with the next epoch.
+    let epochs: Vec<i64> = pg
+        .query(
+            "SELECT epoch FROM lease_history
+             WHERE agent_id = $1 AND type = 'lease.granted' ORDER BY epoch",
+            &[&agent_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(epochs, [1, 2]);
+    let agents: i64 = pg
+        .query_one("SELECT count(*) FROM agents", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(agents, 1, "no second registration");
+    second.signal("TERM");
+    let status = tokio::task::block_in_place(|| second.wait(Duration::from_secs(10)));
+    let stderr = second.stderr();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("restored control plane session"),
+        "{stderr}"
+    );
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
