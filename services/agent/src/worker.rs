@@ -516,7 +516,8 @@ async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 term,
             )
         };
-        if !tokens.is_empty() {
+        // The gateway takes at most MAX_TOKENS per call.
+        for tokens in tokens.chunks(checkplane_wire::leases::api::MAX_TOKENS) {
             let extended: Result<TokenOutcomes, _> = shared
                 .control
                 .post(
