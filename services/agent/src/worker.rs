@@ -84,9 +84,15 @@ impl Control {
             .timeout(timeout)
             .json(body)
             .send()
-            .await?;
+            .await
+            .inspect_err(|_| {
+                metrics::counter!("checkplane_agent_control_plane_errors_total", "call" => path.to_owned())
+                    .increment(1);
+            })?;
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
+            metrics::counter!("checkplane_agent_control_plane_errors_total", "call" => path.to_owned())
+                .increment(1);
             let body = response.text().await.unwrap_or_default();
             return Err(CallError::Refused {
                 status,
@@ -265,12 +271,14 @@ impl Shared {
         if reports.queue.len() >= self.settings.report_buffer {
             reports.queue.pop_front();
             reports.dropped += 1;
+            metrics::counter!("checkplane_agent_reports_dropped_total").increment(1);
             tracing::warn!(
                 dropped = reports.dropped,
                 "report buffer full: dropped the oldest result"
             );
         }
         reports.queue.push_back(done);
+        metrics::gauge!("checkplane_agent_reports_pending").set(reports.queue.len() as f64);
         drop(reports);
         self.report_ready.notify_one();
     }
@@ -390,6 +398,8 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
                 backoff.reset();
                 if !answer.leases.is_empty() {
                     tracing::info!(leases = answer.leases.len(), "dispatcher received batch");
+                    metrics::counter!("checkplane_agent_leases_total")
+                        .increment(answer.leases.len() as u64);
                 }
                 for lease in answer.leases {
                     start(shared, tasks, lease);
@@ -444,6 +454,9 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
         let run = execute(&shared, lease.kind.as_str(), spec.as_ref());
         // Aborted at the end of a shutdown's drain: the canceller has reported it.
         if let Some(outcome) = shared.abort.run_until_cancelled(run).await {
+            metrics::counter!("checkplane_agent_checks_total",
+                "kind" => lease.kind.clone(), "outcome" => outcome.outcome)
+            .increment(1);
             finish(&shared, &key, outcome.outcome, outcome.result);
         }
         drop(permit);
@@ -585,6 +598,7 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 let sent: std::collections::HashSet<&str> =
                     batch.iter().map(Report::token).collect();
                 reports.queue.retain(|c| !sent.contains(c.token()));
+                metrics::gauge!("checkplane_agent_reports_pending").set(reports.queue.len() as f64);
             }
             Err(error) => {
                 tracing::warn!(%error, pending = batch.len(), "report failed; kept for the next try");

@@ -207,6 +207,31 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
         "{done}"
     );
 
+    // What it did is on its metrics.
+    let metrics = http
+        .get(agent.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let checks = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("checkplane_agent_checks_total")
+                    && l.contains("kind=\"tcp\"")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(
+        (checks("finished"), checks("failed")),
+        (Some(1.0), Some(1.0)),
+        "{metrics}"
+    );
+
     // Restarted with its state file alone (no enrollment token): the same agent. Without
     // AGENT_ALLOW_PRIVATE_TARGETS it refuses the loopback target the gateway let through.
     agent.stop().await.unwrap();
