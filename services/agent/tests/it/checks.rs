@@ -130,6 +130,35 @@ async fn slot_status(http: &reqwest::Client, gw: &Service, location: &str) -> Va
     check["results"][0]["status"].clone()
 }
 
+/// The id of the (only) agent once it is online.
+async fn online_agent(pg: &tokio_postgres::Client) -> String {
+    eventually("the agent is online", Duration::from_secs(15), || async {
+        pg.query_opt("SELECT agent_id FROM agents WHERE status = 'online'", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    })
+    .await
+}
+
+/// A tcp check to `port` (a hanging listener's) once its agent has leased it: its location.
+async fn leased_check(http: &reqwest::Client, gw: &Service, port: u16) -> String {
+    let location = create(
+        http,
+        gw,
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port},
+               "limit": 1, "timeout_ms": 60000}),
+    )
+    .await;
+    eventually(
+        "the agent runs the check",
+        Duration::from_secs(10),
+        || async { (slot_status(http, gw, &location).await == "leased").then_some(()) },
+    )
+    .await;
+    location
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
     let (db, _redis, gw, sched) = control_plane(&[]).await;
@@ -291,26 +320,9 @@ async fn sigterm_with_a_check_in_flight_reports_it_cancelled_and_exits_0() {
     );
     let mut process = ServiceProcess::spawn(crate::bin(), &[], &agent_env);
     let pg = db.client().await;
-    eventually("the agent is online", Duration::from_secs(15), || async {
-        pg.query_opt("SELECT 1 FROM agents WHERE status = 'online'", &[])
-            .await
-            .unwrap()
-    })
-    .await;
+    online_agent(&pg).await;
     let http = reqwest::Client::new();
-    let location = create(
-        &http,
-        &gw,
-        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port},
-               "limit": 1, "timeout_ms": 60000}),
-    )
-    .await;
-    eventually(
-        "the agent runs the check",
-        Duration::from_secs(10),
-        || async { (slot_status(&http, &gw, &location).await == "leased").then_some(()) },
-    )
-    .await;
+    let location = leased_check(&http, &gw, port).await;
 
     process.signal("TERM");
     let status = tokio::task::block_in_place(|| process.wait(Duration::from_secs(6)));
@@ -338,27 +350,9 @@ async fn an_agent_killed_mid_check_resumes_from_its_state_file_and_its_lease_rec
         &process_env(&gw, &state, &[("AGENT_ENROLLMENT_TOKEN", ENROLL)]),
     );
     let pg = db.client().await;
-    let agent_id: String = eventually("the agent is online", Duration::from_secs(15), || async {
-        pg.query_opt("SELECT agent_id FROM agents WHERE status = 'online'", &[])
-            .await
-            .unwrap()
-            .map(|r| r.get(0))
-    })
-    .await;
+    let agent_id = online_agent(&pg).await;
     let http = reqwest::Client::new();
-    let location = create(
-        &http,
-        &gw,
-        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port},
-               "limit": 1, "timeout_ms": 60000}),
-    )
-    .await;
-    eventually(
-        "the agent runs the check",
-        Duration::from_secs(10),
-        || async { (slot_status(&http, &gw, &location).await == "leased").then_some(()) },
-    )
-    .await;
+    let location = leased_check(&http, &gw, port).await;
     first.signal("KILL");
     tokio::task::block_in_place(|| first.wait(Duration::from_secs(5))).unwrap();
 
