@@ -130,6 +130,19 @@ async fn slot_status(http: &reqwest::Client, gw: &Service, location: &str) -> Va
     check["results"][0]["status"].clone()
 }
 
+/// A tcp check to 127.0.0.1:`port` on one agent, run to its end: the check and its slot.
+async fn run_tcp(http: &reqwest::Client, gw: &Service, port: u16) -> (Value, Value) {
+    let location = create(
+        http,
+        gw,
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port}, "limit": 1}),
+    )
+    .await;
+    let done = finished(http, gw, &location).await;
+    let slot = done["results"][0].clone();
+    (done, slot)
+}
+
 /// The id of the (only) agent once it is online.
 async fn online_agent(pg: &tokio_postgres::Client) -> String {
     eventually("the agent is online", Duration::from_secs(15), || async {
@@ -201,14 +214,7 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
     assert_eq!(kept["agent_id"], agent_id.as_str());
 
     let http = reqwest::Client::new();
-    let location = create(
-        &http,
-        &gw,
-        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": open}, "limit": 1}),
-    )
-    .await;
-    let done = finished(&http, &gw, &location).await;
-    let slot = &done["results"][0];
+    let (done, slot) = run_tcp(&http, &gw, open).await;
     assert_eq!(slot["agent_id"], agent_id.as_str());
     assert_eq!(slot["outcome"], "finished", "{done}");
     let result = &slot["result"]["result"];
@@ -222,14 +228,7 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
         );
     }
 
-    let location = create(
-        &http,
-        &gw,
-        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": closed}, "limit": 1}),
-    )
-    .await;
-    let done = finished(&http, &gw, &location).await;
-    let slot = &done["results"][0];
+    let (done, slot) = run_tcp(&http, &gw, closed).await;
     assert_eq!(slot["outcome"], "failed", "{done}");
     assert_eq!(
         slot["result"]["result"]["error"]["code"], "ERR_CONNECTION_REFUSED",
@@ -265,14 +264,7 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
     // AGENT_ALLOW_PRIVATE_TARGETS it refuses the loopback target the gateway let through.
     agent.stop().await.unwrap();
     let agent = start_agent(&gw, &state, &[]).await;
-    let location = create(
-        &http,
-        &gw,
-        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": open}, "limit": 1}),
-    )
-    .await;
-    let done = finished(&http, &gw, &location).await;
-    let slot = &done["results"][0];
+    let (done, slot) = run_tcp(&http, &gw, open).await;
     assert_eq!(slot["agent_id"], agent_id.as_str());
     assert_eq!(slot["outcome"], "failed", "{done}");
     assert_eq!(

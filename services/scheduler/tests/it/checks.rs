@@ -162,6 +162,22 @@ impl Stand {
         .await
     }
 
+    /// Open the check's live stream, resuming after `last` when given.
+    fn live(
+        &self,
+        location: &str,
+        last: Option<&str>,
+    ) -> impl std::future::Future<Output = reqwest::Result<reqwest::Response>> {
+        let mut request = self
+            .http
+            .get(self.gw.url(&format!("{location}/live")))
+            .header("x-api-key", ADMIN);
+        if let Some(last) = last {
+            request = request.header("last-event-id", last);
+        }
+        request.send()
+    }
+
     /// Poll a check until it is finished.
     async fn finished(&self, location: &str, what: &str) -> Value {
         self.until(location, what, |c| c["status"] == "finished")
@@ -649,16 +665,7 @@ async fn live_results_arrive_and_a_reconnect_with_last_event_id_misses_nothing()
         .create(json!({"kind": "dns", "target": "example.com", "limit": 2}))
         .await;
     let location = location.unwrap();
-    let open = |last: Option<&str>| {
-        let mut request = s
-            .http
-            .get(s.gw.url(&format!("{location}/live")))
-            .header("x-api-key", ADMIN);
-        if let Some(last) = last {
-            request = request.header("last-event-id", last);
-        }
-        request.send()
-    };
+    let open = |last: Option<&str>| s.live(&location, last);
     let mut stream = open(None).await.unwrap();
     assert_eq!(stream.status().as_u16(), 200);
     assert!(stream.headers()["content-type"]
@@ -887,16 +894,7 @@ async fn live_results_from_two_projector_replicas_arrive_in_seq_order_without_ga
         assert_eq!(leases.len(), 1);
         tokens.push(leases[0]["token"].as_str().unwrap().to_owned());
     }
-    let open = |last: Option<String>| {
-        let mut request = s
-            .http
-            .get(s.gw.url(&format!("{location}/live")))
-            .header("x-api-key", ADMIN);
-        if let Some(last) = last {
-            request = request.header("last-event-id", last);
-        }
-        request.send()
-    };
+    let open = |last: Option<String>| s.live(&location, last.as_deref());
     let mut stream = open(None).await.unwrap();
 
     // Every agent reports at once: both replicas project, committing concurrently.
