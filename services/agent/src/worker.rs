@@ -62,7 +62,8 @@ enum CallError {
 struct Control {
     http: reqwest::Client,
     base: reqwest::Url,
-    identity: Identity,
+    /// Replaced when the agent registers again (its token was refused).
+    identity: std::sync::RwLock<Identity>,
 }
 
 impl Control {
@@ -76,11 +77,15 @@ impl Control {
             status: 0,
             body: e.to_string(),
         })?;
+        let (id, token) = {
+            let identity = self.identity.read().unwrap_or_else(|p| p.into_inner());
+            (identity.agent_id.clone(), identity.token.clone())
+        };
         let response = self
             .http
             .post(url)
-            .header("x-agent-id", &self.identity.agent_id)
-            .header("x-agent-token", &self.identity.token)
+            .header("x-agent-id", id)
+            .header("x-agent-token", token)
             .timeout(timeout)
             .json(body)
             .send()
@@ -175,46 +180,10 @@ async fn identity(
             }
             continue;
         };
-        let body = json!({"hostname": settings.hostname,
-                          "capabilities": {"tcp": settings.pools.tcp},
-                          "agent_version": env!("CARGO_PKG_VERSION")});
-        let registered = async {
-            let url = settings
-                .control_plane
-                .join("v1/agents/register")
-                .map_err(|e| e.to_string())?;
-            let response = http
-                .post(url)
-                .header("x-enrollment-token", enrollment.expose())
-                .timeout(Duration::from_secs(10))
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| format!("unreachable: {e}"))?;
-            let status = response.status().as_u16();
-            if !(200..300).contains(&status) {
-                return Err(format!("answered {status}"));
-            }
-            response
-                .json::<checkplane_wire::agents::RegisterResponse>()
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
-        match registered {
-            Ok(r) => {
-                let identity = Identity {
-                    agent_id: r.agent_id,
-                    token: r.token,
-                    heartbeat_interval_ms: r.heartbeat_interval_ms,
-                };
-                if let Err(error) = identity::store(state_file, &identity) {
-                    // Without the file a restart would register anew: refuse to go on.
-                    tracing::error!(error = %checkplane_runtime::error_chain(&error), "cannot keep the identity");
-                } else {
-                    tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
-                    return Some(identity);
-                }
+        match register(http, settings, enrollment, state_file).await {
+            Ok(identity) => {
+                tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
+                return Some(identity);
             }
             Err(error) => tracing::warn!(%error, "registration failed"),
         }
@@ -222,6 +191,51 @@ async fn identity(
             return None;
         }
     }
+}
+
+/// Register with the enrollment token and keep the answer in the state file (before it is
+/// used: without the file a restart would register anew).
+async fn register(
+    http: &reqwest::Client,
+    settings: &Settings,
+    enrollment: &checkplane_runtime::Secret,
+    state_file: &std::path::Path,
+) -> Result<Identity, String> {
+    let body = json!({"hostname": settings.hostname,
+                      "capabilities": {"tcp": settings.pools.tcp},
+                      "agent_version": env!("CARGO_PKG_VERSION")});
+    let url = settings
+        .control_plane
+        .join("v1/agents/register")
+        .map_err(|e| e.to_string())?;
+    let response = http
+        .post(url)
+        .header("x-enrollment-token", enrollment.expose())
+        .timeout(Duration::from_secs(10))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("unreachable: {e}"))?;
+    let status = response.status().as_u16();
+    if !(200..300).contains(&status) {
+        return Err(format!("answered {status}"));
+    }
+    let r = response
+        .json::<checkplane_wire::agents::RegisterResponse>()
+        .await
+        .map_err(|e| e.to_string())?;
+    let identity = Identity {
+        agent_id: r.agent_id,
+        token: r.token,
+        heartbeat_interval_ms: r.heartbeat_interval_ms,
+    };
+    identity::store(state_file, &identity).map_err(|e| {
+        format!(
+            "cannot keep the identity: {}",
+            checkplane_runtime::error_chain(&e)
+        )
+    })?;
+    Ok(identity)
 }
 
 /// A task in flight: its current lease token and its term.
@@ -295,7 +309,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
         control: Control {
             http,
             base: settings.control_plane.clone(),
-            identity,
+            identity: std::sync::RwLock::new(identity),
         },
         settings,
         running: Mutex::default(),
@@ -342,7 +356,13 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut every = Duration::from_millis(shared.control.identity.heartbeat_interval_ms.max(100));
+    let interval = shared
+        .control
+        .identity
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .heartbeat_interval_ms;
+    let mut every = Duration::from_millis(interval.max(100));
     let mut backoff = Backoff::new();
     loop {
         let beat: Result<checkplane_wire::agents::HeartbeatResponse, _> = shared
@@ -356,6 +376,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 // Well inside the deadline.
                 every.mul_f64(0.8)
             }
+            Err(CallError::Refused { status: 401, .. }) => {
+                reregister(&shared).await;
+                backoff.next().min(every)
+            }
             Err(error) => {
                 tracing::warn!(%error, "heartbeat failed");
                 backoff.next().min(every)
@@ -364,6 +388,42 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
         if !sleep_or_stop(wait, &stop).await {
             return;
         }
+    }
+}
+
+/// The control plane no longer takes this agent's token (another registration of its host
+/// name rotated it, or an operator removed it): register again when an enrollment token is
+/// configured, else say so. Two agents sharing a host name take each other's token this way,
+/// and each such turn is logged.
+async fn reregister(shared: &Shared) {
+    let Source::Enrolled {
+        enrollment: Some(enrollment),
+        state_file,
+    } = &shared.settings.source
+    else {
+        tracing::error!("heartbeat failed: the control plane refuses this agent's token, and there is no AGENT_ENROLLMENT_TOKEN to register again");
+        return;
+    };
+    tracing::warn!(
+        "heartbeat failed: the control plane refuses this agent's token; registering again"
+    );
+    match register(
+        &shared.control.http,
+        &shared.settings,
+        enrollment,
+        state_file,
+    )
+    .await
+    {
+        Ok(identity) => {
+            tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
+            *shared
+                .control
+                .identity
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = identity;
+        }
+        Err(error) => tracing::warn!(%error, "registration failed"),
     }
 }
 

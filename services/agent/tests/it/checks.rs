@@ -395,3 +395,63 @@ async fn an_agent_killed_mid_check_resumes_from_its_state_file_and_its_lease_rec
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_whose_token_was_rotated_away_registers_again_and_works_on() {
+    let (db, _redis, gw, sched) = control_plane(&[
+        ("HEARTBEAT_INTERVAL", "300ms"),
+        ("GATEWAY_AUTH_CACHE_TTL", "0s"),
+    ])
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    let state = StateDir::new();
+    let agent = start_agent(
+        &gw,
+        &state,
+        &[
+            ("AGENT_ENROLLMENT_TOKEN", ENROLL),
+            ("AGENT_ALLOW_PRIVATE_TARGETS", "true"),
+        ],
+    )
+    .await;
+    let agent_id = online_agent(&db.client().await).await;
+    let token = |state: &StateDir| -> String {
+        let kept: Value = serde_json::from_slice(&std::fs::read(state.file()).unwrap()).unwrap();
+        kept["token"].as_str().unwrap().to_owned()
+    };
+    let before = token(&state);
+
+    // Someone registers the same host name: the gateway rotates the token away from it.
+    let (same_id, theirs) = checkplane_testkit::register_agent(
+        &reqwest::Client::new(),
+        &gw.url(""),
+        ENROLL,
+        &json!({"hostname": "probe-e2e", "capabilities": {"tcp": 1}}),
+    )
+    .await;
+    assert_eq!(same_id, agent_id);
+
+    // Its next heartbeat is refused; it registers again and works on as the same agent.
+    eventually(
+        "the agent registers again",
+        Duration::from_secs(10),
+        || async {
+            let now = token(&state);
+            (now != before && now != theirs).then_some(())
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let (done, slot) = run_tcp(&http, &gw, open).await;
+    assert_eq!(slot["agent_id"], agent_id.as_str(), "{done}");
+    assert_eq!(slot["outcome"], "finished", "{done}");
+    agent.stop().await.unwrap();
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
