@@ -60,7 +60,7 @@ pub async fn run(
                     .clone()
                     .subscribe(redis_client, keys.clone(), shutdown.clone()),
             );
-            let state = state::AppState {
+            let state = state::AppState::new(state::Shared {
                 stores: stores.clone(),
                 presence: Presence::new(keys.clone()),
                 leases: Leases::new(keys.clone(), lease_settings),
@@ -70,7 +70,7 @@ pub async fn run(
                 key_cache: Arc::new(auth::KeyCache::new(config.auth_cache_ttl)),
                 config,
                 shutdown: shutdown.clone(),
-            };
+            });
             agents::router()
                 .merge(leases::router())
                 .merge(operators::router())

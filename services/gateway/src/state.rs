@@ -10,9 +10,27 @@ use checkplane_runtime::Stores;
 
 use crate::config::Config;
 
-/// Shared by every handler; cheap to clone.
+/// Shared by every handler; a clone is one reference count (axum clones it for every
+/// extractor of every request, and the lease scripts' sources inside are kilobytes).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     pub stores: Stores,
     pub keys: Keys,
     pub presence: Presence,
