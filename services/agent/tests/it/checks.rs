@@ -130,6 +130,24 @@ async fn slot_status(http: &reqwest::Client, gw: &Service, location: &str) -> Va
     check["results"][0]["status"].clone()
 }
 
+/// An agent that registers with the enrollment token and may check loopback targets.
+const ENROLLED: &[(&str, &str)] = &[
+    ("AGENT_ENROLLMENT_TOKEN", ENROLL),
+    ("AGENT_ALLOW_PRIVATE_TARGETS", "true"),
+];
+
+/// A loopback listener that accepts (and drops) every connection: its port.
+async fn accepting_listener() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    port
+}
+
 /// A tcp check to 127.0.0.1:`port` on one agent, run to its end: the check and its slot.
 async fn run_tcp(http: &reqwest::Client, gw: &Service, port: u16) -> (Value, Value) {
     let location = create(
@@ -177,25 +195,11 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
     let (db, _redis, gw, sched) = control_plane(&[]).await;
 
     // A target that accepts, and a port where nothing listens.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let open = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            drop(socket);
-        }
-    });
+    let open = accepting_listener().await;
     let closed = free_port();
 
     let state = StateDir::new();
-    let agent = start_agent(
-        &gw,
-        &state,
-        &[
-            ("AGENT_ENROLLMENT_TOKEN", ENROLL),
-            ("AGENT_ALLOW_PRIVATE_TARGETS", "true"),
-        ],
-    )
-    .await;
+    let agent = start_agent(&gw, &state, ENROLLED).await;
     let pg = db.client().await;
     let agent_id: String = eventually("the agent is online", Duration::from_secs(15), || async {
         pg.query_opt(
@@ -403,23 +407,9 @@ async fn an_agent_whose_token_was_rotated_away_registers_again_and_works_on() {
         ("GATEWAY_AUTH_CACHE_TTL", "0s"),
     ])
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let open = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            drop(socket);
-        }
-    });
+    let open = accepting_listener().await;
     let state = StateDir::new();
-    let agent = start_agent(
-        &gw,
-        &state,
-        &[
-            ("AGENT_ENROLLMENT_TOKEN", ENROLL),
-            ("AGENT_ALLOW_PRIVATE_TARGETS", "true"),
-        ],
-    )
-    .await;
+    let agent = start_agent(&gw, &state, ENROLLED).await;
     let agent_id = online_agent(&db.client().await).await;
     let token = |state: &StateDir| -> String {
         let kept: Value = serde_json::from_slice(&std::fs::read(state.file()).unwrap()).unwrap();
