@@ -274,8 +274,17 @@ fn dns(
     let resolver = match o.string("resolver", 64)? {
         None => None,
         Some(r) => {
-            let ip = targets::parse_ip_any(r)
-                .ok_or_else(|| invalid("options.resolver: expected an IP address"))?;
+            // `192.0.2.53`, `192.0.2.53:5353`, `2001:db8::53` or `[2001:db8::53]:5353`.
+            let (ip, port) = match r.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.port() != 0 => (addr.ip(), addr.port()),
+                Ok(_) => return Err(invalid("options.resolver: port 1-65535")),
+                Err(_) => (
+                    targets::parse_ip_any(r).ok_or_else(|| {
+                        invalid("options.resolver: expected an IP address, optionally with :port")
+                    })?,
+                    53,
+                ),
+            };
             if !allow_private {
                 if let Some(why) = targets::forbidden_ip(ip) {
                     return Err(CheckError::Forbidden {
@@ -284,7 +293,7 @@ fn dns(
                     });
                 }
             }
-            Some(ip.to_string())
+            Some(std::net::SocketAddr::new(ip, port).to_string())
         }
     };
     // The name asked about is data sent to the resolver, not a place to connect to: any valid
@@ -639,6 +648,19 @@ mod tests {
         .unwrap();
         assert_eq!(spec.target, "4.4.8.8.in-addr.arpa");
 
+        for (given, kept) in [
+            ("9.9.9.9", "9.9.9.9:53"),
+            ("9.9.9.9:5353", "9.9.9.9:5353"),
+            ("2620:fe::fe", "[2620:fe::fe]:53"),
+            ("[2620:fe::fe]:853", "[2620:fe::fe]:853"),
+        ] {
+            let (spec, _) = request(json!({"kind": "dns", "target": "example.com",
+                "options": {"resolver": given}, "limit": 1}))
+            .validate(false)
+            .unwrap();
+            assert_eq!(spec.options["resolver"], kept, "{given}");
+        }
+
         let (spec, _) = request(
             json!({"kind": "http", "target": "https://example.com/a?b=1#frag",
             "options": {"method": "head", "headers": {"Accept": "text/html"}}, "limit": 1}),
@@ -682,6 +704,14 @@ mod tests {
             ),
             (
                 json!({"kind": "dns", "target": "x.com", "options": {"resolver": "dns.google"}, "limit": 1}),
+                "options.resolver",
+            ),
+            (
+                json!({"kind": "dns", "target": "x.com", "options": {"resolver": "9.9.9.9:0"}, "limit": 1}),
+                "options.resolver",
+            ),
+            (
+                json!({"kind": "dns", "target": "x.com", "options": {"resolver": "9.9.9.9:99999"}, "limit": 1}),
                 "options.resolver",
             ),
             (

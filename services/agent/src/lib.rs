@@ -2,6 +2,8 @@
 //! reports results (see `worker`). It serves `/livez`, `/readyz` and `/metrics` on its own
 //! small health port (`AGENT_HEALTH_ADDR`); `/readyz` asks whether the control plane answers.
 
+pub mod check;
+pub mod dns;
 pub mod identity;
 pub mod tcp;
 pub mod worker;
@@ -18,6 +20,15 @@ use tokio_util::sync::CancellationToken;
 /// The binary's name.
 pub const NAME: &str = "agent";
 
+/// Each kind's pool size unless `AGENT_POOL_<KIND>_SIZE` says otherwise.
+const POOL_DEFAULTS: [(&str, u64); 5] = [
+    ("dns", 32),
+    ("http", 16),
+    ("tcp", 16),
+    ("ping", 8),
+    ("trace", 4),
+];
+
 /// The agent's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -30,8 +41,8 @@ pub struct Config {
     pub identity: identity::Source,
     /// `AGENT_HOSTNAME`: the name it registers with (default: the host name).
     pub hostname: String,
-    /// `AGENT_POOL_TCP_SIZE`: tcp checks run at once.
-    pub tcp_pool: u32,
+    /// `AGENT_POOL_<KIND>_SIZE` and `AGENT_MAX_INFLIGHT`.
+    pub pools: worker::Pools,
     /// `AGENT_ALLOW_PRIVATE_TARGETS`: check loopback and private addresses too.
     pub allow_private_targets: bool,
 }
@@ -97,14 +108,29 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     if hostname.is_empty() || hostname.len() > 253 {
         return Err(ConfigError::new("AGENT_HOSTNAME", "1 to 253 characters"));
     }
-    let tcp_pool = u32::try_from(env.u64_in("AGENT_POOL_TCP_SIZE", 16, 1, 1024)?).unwrap_or(16);
+    let mut sizes = std::collections::BTreeMap::new();
+    for (kind, default) in POOL_DEFAULTS {
+        let name = format!("AGENT_POOL_{}_SIZE", kind.to_ascii_uppercase());
+        let size = env.u64_in(&name, default, 0, 1024)?;
+        sizes.insert(kind, u32::try_from(size).unwrap_or(0));
+    }
+    let pools = worker::Pools {
+        sizes,
+        max_inflight: u32::try_from(env.u64_in("AGENT_MAX_INFLIGHT", 64, 1, 4096)?).unwrap_or(64),
+    };
+    if pools.declared().is_empty() {
+        return Err(ConfigError::new(
+            "AGENT_POOL_TCP_SIZE",
+            "every AGENT_POOL_<KIND>_SIZE is 0: the agent would run nothing",
+        ));
+    }
     let allow_private_targets = env.bool("AGENT_ALLOW_PRIVATE_TARGETS", false)?;
     Ok(Config {
         base,
         control_plane,
         identity,
         hostname,
-        tcp_pool,
+        pools,
         allow_private_targets,
     })
 }
@@ -167,9 +193,7 @@ pub async fn run(
         control_plane: config.control_plane.clone(),
         source: config.identity.clone(),
         hostname: config.hostname.clone(),
-        pools: worker::Pools {
-            tcp: config.tcp_pool,
-        },
+        pools: config.pools.clone(),
         allow_private_targets: config.allow_private_targets,
         report_buffer: 10_000,
         // Time left after the drain to send the last reports.

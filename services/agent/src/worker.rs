@@ -14,7 +14,7 @@
 //! `SHUTDOWN_TIMEOUT`), reports the ones still running then as `cancelled` (reason
 //! `shutdown`), and sends what it has.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,12 +28,28 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::identity::{self, Identity, Source};
-use crate::tcp;
+use crate::{check, dns, tcp};
 
-/// What the agent runs, per kind: the kinds it declares and each pool's size.
+/// What the agent runs: each kind's pool size (a kind of size 0 is not declared) and the
+/// most checks in flight across kinds.
 #[derive(Debug, Clone)]
 pub struct Pools {
-    pub tcp: u32,
+    pub sizes: BTreeMap<&'static str, u32>,
+    pub max_inflight: u32,
+}
+
+/// The kinds this build runs.
+const RUNS: [&str; 2] = ["dns", "tcp"];
+
+impl Pools {
+    /// The kinds declared (run by this build and of a size above 0), with their sizes.
+    pub fn declared(&self) -> BTreeMap<&'static str, u32> {
+        self.sizes
+            .iter()
+            .filter(|(kind, size)| **size > 0 && RUNS.contains(kind))
+            .map(|(kind, size)| (*kind, *size))
+            .collect()
+    }
 }
 
 /// The worker's settings.
@@ -202,7 +218,7 @@ async fn register(
     state_file: &std::path::Path,
 ) -> Result<Identity, String> {
     let body = json!({"hostname": settings.hostname,
-                      "capabilities": {"tcp": settings.pools.tcp},
+                      "capabilities": settings.pools.declared(),
                       "agent_version": env!("CARGO_PKG_VERSION")});
     let url = settings
         .control_plane
@@ -273,7 +289,10 @@ struct Shared {
     running: Mutex<HashMap<String, Running>>,
     reports: Mutex<Reports>,
     report_ready: Notify,
-    tcp_pool: Arc<Semaphore>,
+    /// One pool per declared kind.
+    pools: BTreeMap<&'static str, Arc<Semaphore>>,
+    /// Checks in flight across kinds (`AGENT_MAX_INFLIGHT`).
+    inflight: Arc<Semaphore>,
     freed: Notify,
     /// Stops the checks still running when the drain is over.
     abort: CancellationToken,
@@ -305,7 +324,13 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
         return;
     };
     let shared = Arc::new(Shared {
-        tcp_pool: Arc::new(Semaphore::new(settings.pools.tcp as usize)),
+        pools: settings
+            .pools
+            .declared()
+            .into_iter()
+            .map(|(kind, size)| (kind, Arc::new(Semaphore::new(size as usize))))
+            .collect(),
+        inflight: Arc::new(Semaphore::new(settings.pools.max_inflight as usize)),
         control: Control {
             http,
             base: settings.control_plane.clone(),
@@ -431,20 +456,19 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
     let mut backoff = Backoff::new();
     let mut round: u64 = 0;
     while !stop.is_cancelled() {
-        let free = shared.tcp_pool.available_permits() as u32;
-        if free == 0 {
+        round += 1;
+        let capacities = capacities(shared, round);
+        if capacities.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = shared.freed.notified() => continue,
             }
         }
-        round += 1;
         let request_id = format!(
             "{}-{round}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let body =
-            json!({"capacities": {"tcp": free}, "request_id": request_id, "wait_ms": 20_000});
+        let body = json!({"capacities": capacities, "request_id": request_id, "wait_ms": 20_000});
         let claim =
             shared
                 .control
@@ -475,6 +499,32 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
     }
 }
 
+/// How many tasks of each kind to ask for: what each pool has free, no more than the
+/// global limit has free in all (shared out from a different kind each round, so no kind
+/// starves the others).
+fn capacities(shared: &Shared, round: u64) -> BTreeMap<&'static str, u32> {
+    let mut left = shared.inflight.available_permits() as u32;
+    let kinds: Vec<(&'static str, u32)> = shared
+        .pools
+        .iter()
+        .map(|(kind, pool)| (*kind, pool.available_permits() as u32))
+        .collect();
+    let mut asked = BTreeMap::new();
+    if kinds.is_empty() {
+        return asked;
+    }
+    let first = (round % kinds.len() as u64) as usize;
+    for i in 0..kinds.len() {
+        let (kind, free) = kinds[(first + i) % kinds.len()];
+        let n = free.min(left);
+        if n > 0 {
+            asked.insert(kind, n);
+            left -= n;
+        }
+    }
+    asked
+}
+
 /// Start one leased task, unless its task id is running already.
 fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
     let spec: Option<TaskSpec> = serde_json::from_value(lease.spec.clone()).ok();
@@ -499,7 +549,11 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
             },
         );
     }
-    let Ok(permit) = shared.tcp_pool.clone().try_acquire_owned() else {
+    let permit = shared
+        .pools
+        .get(lease.kind.as_str())
+        .and_then(|pool| pool.clone().try_acquire_owned().ok());
+    let Some(permit) = permit else {
         // Asked for no more than was free; should the pool be full anyway, say so at once.
         finish(
             shared,
@@ -511,6 +565,9 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
     };
     let shared = shared.clone();
     tasks.spawn(async move {
+        let Ok(inflight) = shared.inflight.clone().acquire_owned().await else {
+            return;
+        };
         let run = execute(&shared, lease.kind.as_str(), spec.as_ref());
         // Aborted at the end of a shutdown's drain: the canceller has reported it.
         if let Some(outcome) = shared.abort.run_until_cancelled(run).await {
@@ -519,7 +576,7 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
             .increment(1);
             finish(&shared, &key, outcome.outcome, outcome.result);
         }
-        drop(permit);
+        drop((permit, inflight));
         shared.freed.notify_one();
     });
 }
@@ -527,9 +584,9 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
 /// The longest any check runs on this agent.
 const MAX_CHECK: Duration = Duration::from_secs(60);
 
-async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> tcp::Outcome {
+async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check::Outcome {
     let Some(spec) = spec else {
-        return tcp::Outcome::failed("ERR_BAD_SPEC", "the task spec is not a check", json!({}));
+        return check::Outcome::failed("ERR_BAD_SPEC", "the task spec is not a check", json!({}));
     };
     let left = spec.deadline_ms - checkplane_runtime::clock::now_ms();
     let timeout = Duration::from_millis(u64::try_from(left).unwrap_or(0)).min(MAX_CHECK);
@@ -541,7 +598,7 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> tcp::O
                 .and_then(Value::as_u64)
                 .and_then(|p| u16::try_from(p).ok())
             else {
-                return tcp::Outcome::failed("ERR_BAD_SPEC", "options.port missing", json!({}));
+                return check::Outcome::failed("ERR_BAD_SPEC", "options.port missing", json!({}));
             };
             tcp::check(
                 &spec.target,
@@ -551,7 +608,11 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> tcp::O
             )
             .await
         }
-        other => tcp::Outcome::failed(
+        "dns" => {
+            let question = dns::Question::from_spec(&spec.target, &spec.options);
+            dns::check(&question, timeout, shared.settings.allow_private_targets).await
+        }
+        other => check::Outcome::failed(
             "ERR_UNSUPPORTED",
             format!("this agent does not run {other} checks"),
             json!({}),

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod checks;
+mod dns;
 
 use std::path::Path;
 use std::time::Duration;
@@ -107,11 +108,22 @@ fn bad_configuration_exits_2_naming_the_variable() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENT_ENROLLMENT_TOKEN"));
 
+    // Every pool at 0: nothing to run.
+    let mut idle = env.clone();
+    for kind in ["DNS", "HTTP", "TCP", "PING", "TRACE"] {
+        idle.push((format!("AGENT_POOL_{kind}_SIZE"), "0".to_owned()));
+    }
+    let out = checkplane_testkit::process::run_to_end(bin(), &[], &idle, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AGENT_POOL_"));
+
     for (var, value) in [
         ("AGENT_CONTROL_PLANE", "ftp://x"),
         ("AGENT_CONTROL_PLANE", "not a url"),
         ("AGENT_HEALTH_ADDR", "localhost"),
-        ("AGENT_POOL_TCP_SIZE", "0"),
+        ("AGENT_POOL_TCP_SIZE", "1025"),
+        ("AGENT_POOL_DNS_SIZE", "-1"),
+        ("AGENT_MAX_INFLIGHT", "0"),
         ("AGENT_ALLOW_PRIVATE_TARGETS", "perhaps"),
         // An id without its token.
         ("AGENT_AUTH_TOKEN", "AGENT_ID"),
