@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod dns;
+pub mod http;
 pub mod identity;
 pub mod tcp;
 pub mod worker;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::identity::{self, Identity, Source};
-use crate::{check, dns, tcp};
+use crate::{check, dns, http, tcp};
 
 /// What the agent runs: each kind's pool size (a kind of size 0 is not declared) and the
 /// most checks in flight across kinds.
@@ -39,7 +39,7 @@ pub struct Pools {
 }
 
 /// The kinds this build runs.
-const RUNS: [&str; 2] = ["dns", "tcp"];
+const RUNS: [&str; 3] = ["dns", "http", "tcp"];
 
 impl Pools {
     /// The kinds declared (run by this build and of a size above 0), with their sizes.
@@ -293,6 +293,8 @@ struct Shared {
     pools: BTreeMap<&'static str, Arc<Semaphore>>,
     /// Checks in flight across kinds (`AGENT_MAX_INFLIGHT`).
     inflight: Arc<Semaphore>,
+    /// Trusted roots of https checks.
+    roots: Arc<rustls::RootCertStore>,
     freed: Notify,
     /// Stops the checks still running when the drain is over.
     abort: CancellationToken,
@@ -331,6 +333,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
             .map(|(kind, size)| (kind, Arc::new(Semaphore::new(size as usize))))
             .collect(),
         inflight: Arc::new(Semaphore::new(settings.pools.max_inflight as usize)),
+        roots: http::roots(),
         control: Control {
             http,
             base: settings.control_plane.clone(),
@@ -611,6 +614,11 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check:
         "dns" => {
             let question = dns::Question::from_spec(&spec.target, &spec.options);
             dns::check(&question, timeout, shared.settings.allow_private_targets).await
+        }
+        "http" => {
+            let request = http::Request::from_spec(&spec.target, &spec.options);
+            let allow = shared.settings.allow_private_targets;
+            http::check(&request, timeout, allow, shared.roots.clone()).await
         }
         other => check::Outcome::failed(
             "ERR_UNSUPPORTED",

@@ -3,6 +3,7 @@
 
 mod checks;
 mod dns;
+mod http;
 
 use std::path::Path;
 use std::time::Duration;
