@@ -5,7 +5,9 @@
 pub mod check;
 pub mod dns;
 pub mod http;
+pub mod icmp;
 pub mod identity;
+pub mod ping;
 pub mod tcp;
 pub mod worker;
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::identity::{self, Identity, Source};
-use crate::{check, dns, http, tcp};
+use crate::{check, dns, http, icmp, ping, tcp};
 
 /// What the agent runs: each kind's pool size (a kind of size 0 is not declared) and the
 /// most checks in flight across kinds.
@@ -39,7 +39,7 @@ pub struct Pools {
 }
 
 /// The kinds this build runs.
-const RUNS: [&str; 3] = ["dns", "http", "tcp"];
+const RUNS: [&str; 4] = ["dns", "http", "tcp", "ping"];
 
 impl Pools {
     /// The kinds declared (run by this build and of a size above 0), with their sizes.
@@ -619,6 +619,17 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check:
             let request = http::Request::from_spec(&spec.target, &spec.options);
             let allow = shared.settings.allow_private_targets;
             http::check(&request, timeout, allow, shared.roots.clone()).await
+        }
+        "ping" => {
+            let packets = spec
+                .options
+                .get("packets")
+                .and_then(Value::as_u64)
+                .unwrap_or(3);
+            let packets = u16::try_from(packets.clamp(1, 16)).unwrap_or(3);
+            let allow = shared.settings.allow_private_targets;
+            let kinds = [icmp::Kind::Raw, icmp::Kind::Datagram];
+            ping::check(&spec.target, packets, timeout, allow, &kinds).await
         }
         other => check::Outcome::failed(
             "ERR_UNSUPPORTED",

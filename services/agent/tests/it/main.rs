@@ -4,6 +4,7 @@
 mod checks;
 mod dns;
 mod http;
+mod ping;
 
 use std::path::Path;
 use std::time::Duration;
