@@ -160,6 +160,7 @@ pub const ALL: &[Var] = &[
     Var { name: "AGENT_POOL_TCP_SIZE", services: "agent", default: "16", doc: "tcp checks (0-1024) the agent runs at once; it claims no more than this; 0: it does not run tcp checks", secret: false },
     Var { name: "AGENT_POOL_PING_SIZE", services: "agent", default: "8", doc: "ping checks (0-1024) the agent runs at once; it claims no more than this; 0: it does not run ping checks", secret: false },
     Var { name: "AGENT_POOL_TRACE_SIZE", services: "agent", default: "4", doc: "trace checks (0-1024) the agent runs at once; it claims no more than this; 0: it does not run trace checks", secret: false },
+    Var { name: "AGENT_TRACE_RUNTIME_WORKERS", services: "agent", default: "1", doc: "threads (1-64) of the runtime of its own that trace checks run on, apart from the other checks", secret: false },
     Var { name: "AGENT_MAX_INFLIGHT", services: "agent", default: "64", doc: "most checks (1-4096) in flight across all kinds; the agent claims no more than this has free", secret: false },
     Var { name: "AGENT_ALLOW_PRIVATE_TARGETS", services: "agent", default: "false", doc: "let checks reach loopback, private and reserved addresses (checked after resolution and at connect)", secret: false },
     Var { name: "GATEWAY_ENROLLMENT_TOKEN", services: "gateway", default: "-", doc: "what agents present as `X-Enrollment-Token` to register (16+ characters); unset disables registration", secret: true },

@@ -9,6 +9,7 @@ pub mod icmp;
 pub mod identity;
 pub mod ping;
 pub mod tcp;
+pub mod trace;
 pub mod worker;
 
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct Config {
     pub pools: worker::Pools,
     /// `AGENT_ALLOW_PRIVATE_TARGETS`: check loopback and private addresses too.
     pub allow_private_targets: bool,
+    /// `AGENT_TRACE_RUNTIME_WORKERS`: threads of the runtime trace checks run on.
+    pub trace_workers: u32,
 }
 
 fn host_name() -> String {
@@ -128,6 +131,8 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         ));
     }
     let allow_private_targets = env.bool("AGENT_ALLOW_PRIVATE_TARGETS", false)?;
+    let trace_workers =
+        u32::try_from(env.u64_in("AGENT_TRACE_RUNTIME_WORKERS", 1, 1, 64)?).unwrap_or(1);
     Ok(Config {
         base,
         control_plane,
@@ -135,6 +140,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         hostname,
         pools,
         allow_private_targets,
+        trace_workers,
     })
 }
 
@@ -198,6 +204,7 @@ pub async fn run(
         hostname: config.hostname.clone(),
         pools: config.pools.clone(),
         allow_private_targets: config.allow_private_targets,
+        trace_workers: config.trace_workers,
         report_buffer: 10_000,
         // Time left after the drain to send the last reports.
         drain: config.base.shutdown_timeout.mul_f64(0.7),

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::identity::{self, Identity, Source};
-use crate::{check, dns, http, icmp, ping, tcp};
+use crate::{check, dns, http, icmp, ping, tcp, trace};
 
 /// What the agent runs: each kind's pool size (a kind of size 0 is not declared) and the
 /// most checks in flight across kinds.
@@ -39,7 +39,7 @@ pub struct Pools {
 }
 
 /// The kinds this build runs.
-const RUNS: [&str; 4] = ["dns", "http", "tcp", "ping"];
+const RUNS: [&str; 5] = ["dns", "http", "tcp", "ping", "trace"];
 
 impl Pools {
     /// The kinds declared (run by this build and of a size above 0), with their sizes.
@@ -60,6 +60,8 @@ pub struct Settings {
     pub hostname: String,
     pub pools: Pools,
     pub allow_private_targets: bool,
+    /// Threads of the runtime trace checks run on.
+    pub trace_workers: u32,
     /// Most finished results kept while the control plane does not take them.
     pub report_buffer: usize,
     /// How long running checks may go on after shutdown begins.
@@ -295,6 +297,8 @@ struct Shared {
     inflight: Arc<Semaphore>,
     /// Trusted roots of https checks.
     roots: Arc<rustls::RootCertStore>,
+    /// The runtime of trace checks (long, mostly waiting: kept off the other checks').
+    traces: tokio::runtime::Handle,
     freed: Notify,
     /// Stops the checks still running when the drain is over.
     abort: CancellationToken,
@@ -325,6 +329,18 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
     let Some(identity) = identity(&http, &settings, &stop).await else {
         return;
     };
+    let traces = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.trace_workers as usize)
+        .thread_name("trace")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the trace runtime");
+            return;
+        }
+    };
     let shared = Arc::new(Shared {
         pools: settings
             .pools
@@ -334,6 +350,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
             .collect(),
         inflight: Arc::new(Semaphore::new(settings.pools.max_inflight as usize)),
         roots: http::roots(),
+        traces: traces.handle().clone(),
         control: Control {
             http,
             base: settings.control_plane.clone(),
@@ -381,6 +398,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
     let _ = reporter.await;
     let _ = beats.await;
     let _ = extends.await;
+    traces.shutdown_background();
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
@@ -630,6 +648,17 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check:
             let allow = shared.settings.allow_private_targets;
             let kinds = [icmp::Kind::Raw, icmp::Kind::Datagram];
             ping::check(&spec.target, packets, timeout, allow, &kinds).await
+        }
+        "trace" => {
+            let probe = trace::Probe::from_options(&spec.options);
+            let target = spec.target.clone();
+            let allow = shared.settings.allow_private_targets;
+            let traced = shared
+                .traces
+                .spawn(async move { trace::check(&target, probe, timeout, allow).await });
+            traced.await.unwrap_or_else(|e| {
+                check::Outcome::failed("ERR_INTERNAL", format!("trace: {e}"), json!({}))
+            })
         }
         other => check::Outcome::failed(
             "ERR_UNSUPPORTED",

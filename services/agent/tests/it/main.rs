@@ -5,6 +5,7 @@ mod checks;
 mod dns;
 mod http;
 mod ping;
+mod trace;
 
 use std::path::Path;
 use std::time::Duration;
