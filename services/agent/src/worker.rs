@@ -520,30 +520,48 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
     }
 }
 
-/// How many tasks of each kind to ask for: what each pool has free, no more than the
-/// global limit has free in all (shared out from a different kind each round, so no kind
-/// starves the others).
+/// How many tasks of each kind to ask for (see [`share`]).
 fn capacities(shared: &Shared, round: u64) -> BTreeMap<&'static str, u32> {
-    let mut left = shared.inflight.available_permits() as u32;
-    let kinds: Vec<(&'static str, u32)> = shared
+    let free: Vec<(&'static str, u32)> = shared
         .pools
         .iter()
         .map(|(kind, pool)| (*kind, pool.available_permits() as u32))
         .collect();
-    let mut asked = BTreeMap::new();
-    if kinds.is_empty() {
-        return asked;
-    }
-    let first = (round % kinds.len() as u64) as usize;
-    for i in 0..kinds.len() {
-        let (kind, free) = kinds[(first + i) % kinds.len()];
-        let n = free.min(left);
-        if n > 0 {
-            asked.insert(kind, n);
-            left -= n;
+    share(&free, shared.inflight.available_permits() as u32, round)
+}
+
+/// Share `left` (what the global limit has free) among the kinds by what each pool has
+/// `free`, one at a time from a different kind each `round`. Every kind with a free worker
+/// gets at least one even past `left` (it waits for a global slot): a claim long-polls, and
+/// no kind may wait a whole poll behind the others.
+fn share(free: &[(&'static str, u32)], left: u32, round: u64) -> BTreeMap<&'static str, u32> {
+    let mut asked: Vec<u32> = free.iter().map(|(_, f)| u32::from(*f > 0)).collect();
+    let mut left = left.saturating_sub(asked.iter().sum());
+    let n = free.len();
+    let first = if n == 0 {
+        0
+    } else {
+        (round % n as u64) as usize
+    };
+    while left > 0 {
+        let mut gave = false;
+        for i in 0..n {
+            let k = (first + i) % n;
+            if left > 0 && asked[k] < free[k].1 {
+                asked[k] += 1;
+                left -= 1;
+                gave = true;
+            }
+        }
+        if !gave {
+            break;
         }
     }
-    asked
+    free.iter()
+        .zip(asked)
+        .filter(|(_, a)| *a > 0)
+        .map(|((kind, _), a)| (*kind, a))
+        .collect()
 }
 
 /// Start one leased task, unless its task id is running already.
@@ -790,5 +808,48 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    const FREE: [(&str, u32); 5] = [
+        ("dns", 32),
+        ("http", 16),
+        ("tcp", 16),
+        ("ping", 7),
+        ("trace", 4),
+    ];
+
+    #[test]
+    fn every_kind_with_a_free_worker_is_asked_for_even_when_the_global_limit_is_short() {
+        for left in [0, 1, 3, 10, 63, 75, 500] {
+            for round in 0..5 {
+                let asked = share(&FREE, left, round);
+                assert_eq!(asked.len(), 5, "left {left}: {asked:?}");
+                for (kind, free) in FREE {
+                    assert!(
+                        (1..=free).contains(&asked[kind]),
+                        "{kind}, left {left}: {asked:?}"
+                    );
+                }
+                let total: u32 = asked.values().sum();
+                assert_eq!(total, left.clamp(5, 75), "left {left}: {asked:?}");
+            }
+        }
+        // Shared evenly: 63 = 4 trace + 7 ping + 52 among three, none above its pool.
+        let asked = share(&FREE, 63, 0);
+        assert_eq!((asked["trace"], asked["ping"]), (4, 7));
+        assert_eq!((asked["http"], asked["tcp"]), (16, 16));
+        assert_eq!(asked["dns"], 20);
+    }
+
+    #[test]
+    fn a_full_pool_is_not_asked_for() {
+        let asked = share(&[("dns", 0), ("tcp", 2)], 10, 0);
+        assert_eq!(asked.into_iter().collect::<Vec<_>>(), [("tcp", 2)]);
+        assert!(share(&[("dns", 0)], 10, 0).is_empty());
     }
 }

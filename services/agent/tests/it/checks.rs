@@ -445,3 +445,79 @@ async fn an_agent_whose_token_was_rotated_away_registers_again_and_works_on() {
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_of_every_kind_runs_on_the_agent_process_and_lands_in_postgres() {
+    use checkplane_testkit::process::ServiceProcess;
+    let (db, _redis, gw, sched) = control_plane(&[]).await;
+    let dns = checkplane_testkit::dns::Unbound::start();
+    let web = crate::http::serve(None).await;
+    let open = accepting_listener().await;
+
+    let state = StateDir::new();
+    let mut process = ServiceProcess::spawn(crate::bin(), &[], &process_env(&gw, &state, ENROLLED));
+    let pg = db.client().await;
+    online_agent(&pg).await;
+    let http = reqwest::Client::new();
+    let bodies = [
+        json!({"kind": "dns", "target": "example.test",
+               "options": {"type": "MX", "resolver": dns.addr()}, "limit": 1}),
+        json!({"kind": "http", "target": format!("http://127.0.0.1:{web}/"), "limit": 1}),
+        json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": open}, "limit": 1}),
+        json!({"kind": "ping", "target": "127.0.0.1", "options": {"packets": 2}, "limit": 1}),
+        json!({"kind": "trace", "target": "127.0.0.1", "limit": 1}),
+    ];
+    let mut locations = Vec::new();
+    for body in bodies {
+        locations.push(create(&http, &gw, body).await);
+    }
+    for location in &locations {
+        let done = finished(&http, &gw, location).await;
+        assert_eq!(done["results"][0]["outcome"], "finished", "{done}");
+    }
+    // What each result says, as PostgreSQL holds it.
+    let rows = pg
+        .query(
+            "SELECT c.kind, s.outcome, s.result FROM check_slots s JOIN checks c USING (check_id)
+              ORDER BY c.kind",
+            &[],
+        )
+        .await
+        .unwrap();
+    let results: std::collections::BTreeMap<String, Value> = rows
+        .iter()
+        .map(|r| {
+            assert_eq!(r.get::<_, Option<String>>(1).as_deref(), Some("finished"));
+            let result: Value = r.get(2);
+            (r.get(0), result["result"].clone())
+        })
+        .collect();
+    assert_eq!(results.len(), 5, "{results:?}");
+    assert_eq!(results["dns"]["rcode"], "NOERROR", "{results:?}");
+    assert_eq!(
+        results["dns"]["answers"][0]["value"],
+        "10 mail.example.test."
+    );
+    assert_eq!(results["dns"]["resolver"], dns.addr());
+    assert_eq!(results["http"]["status"], 200, "{results:?}");
+    assert_eq!(results["http"]["body"], "hello");
+    assert!(results["http"]["timings"]["first_byte"].as_f64().is_some());
+    assert_eq!(results["tcp"]["connected"], true);
+    // Ping needs raw sockets (root) or ping_group_range: the agent says which it used.
+    if results["ping"]["socket"].is_string() {
+        assert_eq!(results["ping"]["stats"]["received"], 2, "{results:?}");
+    }
+    assert_eq!(results["trace"]["reached"], true, "{results:?}");
+    assert_eq!(results["trace"]["hops"][0]["address"], "127.0.0.1");
+
+    process.signal("TERM");
+    let status = tokio::task::block_in_place(|| process.wait(Duration::from_secs(10)));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        process.stderr()
+    );
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}

@@ -45,7 +45,7 @@ async fn answer(
 
 /// A server on loopback speaking HTTP/1.1 and h2 (by ALPN over TLS, by preface in the
 /// clear); with `tls`, the certificate it presents. Its port.
-async fn serve(tls: Option<rustls::ServerConfig>) -> u16 {
+pub async fn serve(tls: Option<rustls::ServerConfig>) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let acceptor = tls.map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
