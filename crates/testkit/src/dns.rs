@@ -19,6 +19,7 @@ pub const ZONE: &[&str] = &[
     "ns.example.test. 300 IN A 192.0.2.53",
     "mail.example.test. 300 IN A 192.0.2.25",
     "www.example.test. 300 IN CNAME example.test.",
+    "short.example.test. 1 IN A 192.0.2.77",
     "_sip._tcp.example.test. 300 IN SRV 10 5 5060 sip.example.test.",
 ];
 

@@ -4,6 +4,8 @@
 
 pub mod check;
 pub mod dns;
+pub mod dns_proxy;
+pub mod dns_wire;
 pub mod http;
 pub mod icmp;
 pub mod identity;
@@ -51,6 +53,59 @@ pub struct Config {
     pub allow_private_targets: bool,
     /// `AGENT_TRACE_RUNTIME_WORKERS`: threads of the runtime trace checks run on.
     pub trace_workers: u32,
+    /// The caching DNS proxy, when `AGENT_DNS_LISTEN` is set.
+    pub dns_proxy: Option<dns_proxy::Settings>,
+}
+
+fn dns_proxy_settings(env: &mut Env) -> Result<Option<dns_proxy::Settings>, ConfigError> {
+    let Some(listen) = env.opt_string("AGENT_DNS_LISTEN") else {
+        for name in [
+            "AGENT_DNS_UPSTREAM",
+            "AGENT_DNS_UPSTREAM_TIMEOUT_MS",
+            "AGENT_DNS_CACHE_SIZE",
+            "AGENT_DNS_MAX_INFLIGHT",
+            "AGENT_DNS_STALE_SECS",
+        ] {
+            if env.opt_string(name).is_some() {
+                return Err(ConfigError::new(
+                    name,
+                    "only with AGENT_DNS_LISTEN (the proxy is off)",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let listen = listen.parse().map_err(|_| {
+        ConfigError::new(
+            "AGENT_DNS_LISTEN",
+            format!("expected an address like 127.0.0.1:5353, got {listen:?}"),
+        )
+    })?;
+    let upstream = env.required_string("AGENT_DNS_UPSTREAM")?;
+    let upstream = upstream
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .or_else(|| Some(std::net::SocketAddr::new(upstream.parse().ok()?, 53)))
+        .ok_or_else(|| {
+            ConfigError::new(
+                "AGENT_DNS_UPSTREAM",
+                format!("expected ip or ip:port, got {upstream:?}"),
+            )
+        })?;
+    Ok(Some(dns_proxy::Settings {
+        listen,
+        upstream,
+        upstream_timeout: Duration::from_millis(env.u64_in(
+            "AGENT_DNS_UPSTREAM_TIMEOUT_MS",
+            2000,
+            50,
+            30_000,
+        )?),
+        cache_size: env.u64_in("AGENT_DNS_CACHE_SIZE", 10_000, 1, 1_000_000)?,
+        max_inflight: usize::try_from(env.u64_in("AGENT_DNS_MAX_INFLIGHT", 1024, 1, 65_536)?)
+            .unwrap_or(1024),
+        stale: Duration::from_secs(env.u64_in("AGENT_DNS_STALE_SECS", 3600, 0, 604_800)?),
+    }))
 }
 
 fn host_name() -> String {
@@ -133,6 +188,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     let allow_private_targets = env.bool("AGENT_ALLOW_PRIVATE_TARGETS", false)?;
     let trace_workers =
         u32::try_from(env.u64_in("AGENT_TRACE_RUNTIME_WORKERS", 1, 1, 64)?).unwrap_or(1);
+    let dns_proxy = dns_proxy_settings(env)?;
     Ok(Config {
         base,
         control_plane,
@@ -141,6 +197,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         pools,
         allow_private_targets,
         trace_workers,
+        dns_proxy,
     })
 }
 
@@ -209,6 +266,14 @@ pub async fn run(
         // Time left after the drain to send the last reports.
         drain: config.base.shutdown_timeout.mul_f64(0.7),
     };
+    let proxy = match config.dns_proxy.clone() {
+        Some(proxy) => Some(
+            dns_proxy::start(proxy.clone(), shutdown.clone())
+                .await
+                .map_err(|e| RunError::Startup(format!("DNS proxy on {}: {e}", proxy.listen)))?,
+        ),
+        None => None,
+    };
     let work = tokio::spawn(worker::run(client, settings, shutdown.clone()));
     let health = Arc::new(Health::new(
         NAME,
@@ -223,6 +288,9 @@ pub async fn run(
     // Running checks finish and their reports go out (the launcher bounds this with
     // SHUTDOWN_TIMEOUT).
     let _ = work.await;
+    if let Some(proxy) = proxy {
+        let _ = proxy.await;
+    }
     served
 }
 

@@ -455,9 +455,36 @@ async fn a_check_of_every_kind_runs_on_the_agent_process_and_lands_in_postgres()
     let open = accepting_listener().await;
 
     let state = StateDir::new();
-    let mut process = ServiceProcess::spawn(crate::bin(), &[], &process_env(&gw, &state, ENROLLED));
+    let proxy = format!("127.0.0.1:{}", free_port());
+    let upstream = dns.addr();
+    let mut env = process_env(&gw, &state, ENROLLED);
+    env.push(("AGENT_DNS_LISTEN".to_owned(), proxy.clone()));
+    env.push(("AGENT_DNS_UPSTREAM".to_owned(), upstream.clone()));
+    let mut process = ServiceProcess::spawn(crate::bin(), &[], &env);
     let pg = db.client().await;
     online_agent(&pg).await;
+    // Its caching DNS proxy answers dig.
+    let (ip, port) = proxy.split_once(':').unwrap();
+    let (ip, port) = (ip.to_owned(), port.to_owned());
+    let dug = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("dig")
+            .args([
+                &format!("@{ip}"),
+                "-p",
+                &port,
+                "+tries=1",
+                "+time=3",
+                "example.test",
+                "A",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let dug = String::from_utf8_lossy(&dug.stdout);
+    assert!(dug.contains("192.0.2.10"), "{dug}");
+    assert!(process.stderr().contains("starting DNS proxy"));
     let http = reqwest::Client::new();
     let bodies = [
         json!({"kind": "dns", "target": "example.test",

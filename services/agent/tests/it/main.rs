@@ -3,6 +3,7 @@
 
 mod checks;
 mod dns;
+mod dns_proxy;
 mod http;
 mod ping;
 mod trace;
@@ -127,6 +128,10 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ("AGENT_POOL_TCP_SIZE", "1025"),
         ("AGENT_POOL_DNS_SIZE", "-1"),
         ("AGENT_MAX_INFLIGHT", "0"),
+        ("AGENT_TRACE_RUNTIME_WORKERS", "0"),
+        ("AGENT_DNS_LISTEN", "port 53"),
+        // Proxy settings without the proxy.
+        ("AGENT_DNS_UPSTREAM", "9.9.9.9"),
         ("AGENT_ALLOW_PRIVATE_TARGETS", "perhaps"),
         // An id without its token.
         ("AGENT_AUTH_TOKEN", "AGENT_ID"),

@@ -1,0 +1,438 @@
+//! The caching DNS proxy (`AGENT_DNS_LISTEN`, UDP and TCP): answers from its cache while an
+//! answer's TTL lasts (aged as it is served), forwards misses to `AGENT_DNS_UPSTREAM`.
+//!
+//! - **Cache**: bounded by entries (`AGENT_DNS_CACHE_SIZE`) and by size per answer (4 kB);
+//!   positive answers live for their smallest TTL, negative ones (NXDOMAIN, NODATA) for
+//!   min(SOA TTL, SOA MINIMUM) as RFC 2308 says, and not at all without an SOA. SERVFAIL,
+//!   REFUSED and truncated answers are never cached.
+//! - **Coalescing**: one upstream query per question in flight; the others asking the same
+//!   wait for its answer.
+//! - **Stale**: when the upstream fails (timeout, SERVFAIL, REFUSED, unreachable) an answer
+//!   expired less than `AGENT_DNS_STALE_SECS` ago is served with TTL 30 (RFC 8767).
+//! - **Limits**: at most `AGENT_DNS_MAX_INFLIGHT` queries wait for the upstream; past it,
+//!   and whenever there is nothing to answer with, SERVFAIL. TCP connections are bounded
+//!   too, and idle ones closed.
+//! - A malformed packet is answered FORMERR (or NOTIMP) when its header can be read, and
+//!   dropped otherwise; nothing a client sends stops the proxy.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::dns_wire::{self, Query, Refusal, RCODE_SERVFAIL};
+
+/// The largest answer cached.
+const MAX_CACHED: usize = 4096;
+/// TTL of a stale answer (RFC 8767 §4).
+const STALE_TTL: u32 = 30;
+/// Most TCP connections at once, and how long one may stay idle.
+const MAX_TCP: usize = 256;
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Longest a cached answer lives, whatever its TTL says.
+const MAX_TTL: u32 = 86_400;
+
+/// The proxy's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+    pub upstream_timeout: Duration,
+    pub cache_size: u64,
+    pub max_inflight: usize,
+    pub stale: Duration,
+}
+
+/// One cached answer.
+struct Entry {
+    bytes: Vec<u8>,
+    ttl_offsets: Vec<usize>,
+    stored: Instant,
+    ttl: u32,
+}
+
+impl Entry {
+    fn age(&self) -> Duration {
+        self.stored.elapsed()
+    }
+    fn fresh(&self) -> bool {
+        self.age() < Duration::from_secs(u64::from(self.ttl))
+    }
+}
+
+/// Where an answer came from (for the log and the metrics).
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Cache,
+    Upstream,
+    Stale,
+    Error,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Cache => "cache",
+            Self::Upstream => "upstream",
+            Self::Stale => "stale",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// What an upstream exchange gave: the answer, or why not.
+type Fetched = Result<Arc<Entry>, String>;
+
+struct Proxy {
+    settings: Settings,
+    cache: moka::sync::Cache<Vec<u8>, Arc<Entry>>,
+    /// Questions being asked upstream, with the channel their answer arrives on.
+    inflight: Mutex<std::collections::HashMap<Vec<u8>, watch::Receiver<Option<Fetched>>>>,
+    permits: Semaphore,
+}
+
+/// Bind the proxy's sockets (so a port in use fails the start), then serve until `stop`.
+pub async fn start(
+    settings: Settings,
+    stop: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let udp = Arc::new(UdpSocket::bind(settings.listen).await?);
+    let tcp = TcpListener::bind(udp.local_addr()?).await?;
+    tracing::info!(listen = %udp.local_addr()?, upstream = %settings.upstream, "starting DNS proxy");
+    let proxy = Arc::new(Proxy {
+        cache: moka::sync::Cache::builder()
+            .max_capacity(settings.cache_size)
+            // Kept past their TTL for the stale window; freshness is judged when read.
+            .time_to_live(Duration::from_secs(u64::from(MAX_TTL)) + settings.stale)
+            .build(),
+        inflight: Mutex::default(),
+        permits: Semaphore::new(settings.max_inflight),
+        settings,
+    });
+    Ok(tokio::spawn(async move {
+        let udp_loop = udp_loop(proxy.clone(), udp, stop.clone());
+        let tcp_loop = tcp_loop(proxy, tcp, stop);
+        tokio::join!(udp_loop, tcp_loop);
+    }))
+}
+
+async fn udp_loop(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, stop: CancellationToken) {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            got = socket.recv_from(&mut buf) => match got {
+                Ok(got) => got,
+                // ICMP errors from earlier answers and the like: keep serving.
+                Err(_) => continue,
+            },
+        };
+        let packet = &buf[..n];
+        let query = match dns_wire::parse_query(packet) {
+            Ok(query) => query,
+            Err(refusal) => {
+                if let Some(answer) = refused(packet, refusal) {
+                    let _ = socket.send_to(&answer, peer).await;
+                }
+                continue;
+            }
+        };
+        // Fresh in the cache: answered here, without a task.
+        if let Some(answer) = proxy.cached(&query, query.udp_limit()) {
+            let _ = socket.send_to(&answer, peer).await;
+            continue;
+        }
+        let packet = packet.to_vec();
+        let (proxy, socket) = (proxy.clone(), socket.clone());
+        tokio::spawn(async move {
+            let limit = query.udp_limit();
+            let answer = proxy.resolve(&query, &packet, limit).await;
+            let _ = socket.send_to(&answer, peer).await;
+        });
+    }
+}
+
+async fn tcp_loop(proxy: Arc<Proxy>, listener: TcpListener, stop: CancellationToken) {
+    let connections = Arc::new(Semaphore::new(MAX_TCP));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            got = listener.accept() => match got {
+                Ok(got) => got,
+                Err(_) => continue,
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream); // too many: the client tries again later
+            continue;
+        };
+        let proxy = proxy.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tcp_connection(&proxy, stream, &stop).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Length-prefixed queries, one after another, until idle, closed or `stop`.
+async fn tcp_connection(
+    proxy: &Proxy,
+    mut stream: TcpStream,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        let mut len = [0u8; 2];
+        let read = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)) => r,
+        };
+        let Ok(read) = read else { return Ok(()) };
+        read?;
+        let mut packet = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut packet))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let answer = match dns_wire::parse_query(&packet) {
+            Ok(query) => match proxy.cached(&query, usize::MAX) {
+                Some(answer) => answer,
+                None => proxy.resolve(&query, &packet, usize::MAX).await,
+            },
+            Err(refusal) => match refused(&packet, refusal) {
+                Some(answer) => answer,
+                None => return Ok(()),
+            },
+        };
+        let mut framed = Vec::with_capacity(answer.len() + 2);
+        framed.extend_from_slice(&(answer.len() as u16).to_be_bytes());
+        framed.extend_from_slice(&answer);
+        stream.write_all(&framed).await?;
+    }
+}
+
+fn refused(packet: &[u8], refusal: Refusal) -> Option<Vec<u8>> {
+    let Refusal::Answer(rcode) = refusal else {
+        return None;
+    };
+    metrics::counter!("checkplane_agent_dns_queries_total", "source" => "refused").increment(1);
+    dns_wire::header_error(packet, rcode)
+}
+
+fn served(query: &Query, source: Source, answer: &[u8]) {
+    metrics::counter!("checkplane_agent_dns_queries_total", "source" => source.name()).increment(1);
+    tracing::debug!(
+        name = %query.name_text(),
+        qtype = query.qtype,
+        rcode = answer.get(3).map_or(0, |f| f & 0x0f),
+        source = source.name(),
+        "served DNS response"
+    );
+}
+
+impl Proxy {
+    fn cached(&self, query: &Query, limit: usize) -> Option<Vec<u8>> {
+        let entry = self.cache.get(&query.key())?;
+        if !entry.fresh() {
+            return None;
+        }
+        let age = u32::try_from(entry.age().as_secs()).unwrap_or(u32::MAX);
+        let answer = dns_wire::serve(
+            &entry.bytes,
+            &entry.ttl_offsets,
+            query,
+            |ttl| ttl.min(entry.ttl).saturating_sub(age),
+            limit,
+        );
+        served(query, Source::Cache, &answer);
+        Some(answer)
+    }
+
+    /// Answer a query the cache could not: upstream (coalesced), else stale, else SERVFAIL.
+    async fn resolve(&self, query: &Query, packet: &[u8], limit: usize) -> Vec<u8> {
+        let key = query.key();
+        let fetched = match self.join_or_lead(&key) {
+            Ok(mut waiting) => {
+                // Someone asks already: wait for their answer.
+                match waiting.wait_for(Option::is_some).await {
+                    Ok(answer) => answer.clone().unwrap_or_else(|| Err("no answer".into())),
+                    Err(_) => Err("the upstream query was dropped".into()),
+                }
+            }
+            Err(sender) => {
+                let fetched = match self.permits.try_acquire() {
+                    Ok(_permit) => self.fetch(query, packet).await,
+                    Err(_) => Err("too many queries in flight".to_owned()),
+                };
+                if let Ok(entry) = &fetched {
+                    if entry.ttl > 0 && entry.bytes.len() <= MAX_CACHED {
+                        self.cache.insert(key.clone(), entry.clone());
+                    }
+                }
+                let _ = sender.send(Some(fetched.clone()));
+                self.inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                fetched
+            }
+        };
+        match fetched {
+            Ok(entry) if usable(&entry) => {
+                let answer = dns_wire::serve(&entry.bytes, &entry.ttl_offsets, query, |t| t, limit);
+                served(query, Source::Upstream, &answer);
+                answer
+            }
+            failed => {
+                if let Some(answer) = self.stale(query, &key, limit) {
+                    return answer;
+                }
+                let why = match &failed {
+                    Ok(_) => "the upstream answered with an error".to_owned(),
+                    Err(why) => why.clone(),
+                };
+                match failed {
+                    // The upstream's own error answer, when it gave one.
+                    Ok(entry) => {
+                        let answer =
+                            dns_wire::serve(&entry.bytes, &entry.ttl_offsets, query, |t| t, limit);
+                        served(query, Source::Upstream, &answer);
+                        answer
+                    }
+                    Err(_) => {
+                        tracing::debug!(name = %query.name_text(), error = %why, "DNS upstream failed");
+                        let answer = dns_wire::answer_only_header(query, packet, RCODE_SERVFAIL, 0);
+                        served(query, Source::Error, &answer);
+                        answer
+                    }
+                }
+            }
+        }
+    }
+
+    /// Join the upstream query for `key` in flight, or become the one who makes it.
+    fn join_or_lead(
+        &self,
+        key: &[u8],
+    ) -> Result<watch::Receiver<Option<Fetched>>, watch::Sender<Option<Fetched>>> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(waiting) = inflight.get(key) {
+            return Ok(waiting.clone());
+        }
+        let (sender, receiver) = watch::channel(None);
+        inflight.insert(key.to_vec(), receiver);
+        Err(sender)
+    }
+
+    fn stale(&self, query: &Query, key: &[u8], limit: usize) -> Option<Vec<u8>> {
+        let entry = self.cache.get(key)?;
+        let expired_for = entry
+            .age()
+            .saturating_sub(Duration::from_secs(u64::from(entry.ttl)));
+        if expired_for > self.settings.stale {
+            return None;
+        }
+        let answer = dns_wire::serve(
+            &entry.bytes,
+            &entry.ttl_offsets,
+            query,
+            |_| STALE_TTL,
+            limit,
+        );
+        served(query, Source::Stale, &answer);
+        Some(answer)
+    }
+
+    /// Ask the upstream over UDP (TCP when the answer is truncated), from a socket of its
+    /// own (a fresh port and id per query), within the upstream timeout.
+    async fn fetch(&self, query: &Query, packet: &[u8]) -> Fetched {
+        let upstream = self.settings.upstream;
+        let within = self.settings.upstream_timeout;
+        let id = u16::from_be_bytes(
+            uuid::Uuid::new_v4().as_bytes()[..2]
+                .try_into()
+                .unwrap_or([0; 2]),
+        );
+        let forwarded = dns_wire::with_id(packet, id);
+        let udp = tokio::time::timeout(within, ask_udp(upstream, &forwarded, query, id))
+            .await
+            .map_err(|_| format!("no answer from {upstream} within {} ms", within.as_millis()))?
+            .map_err(|e| format!("asking {upstream}: {e}"))?;
+        let bytes = match udp {
+            Some(bytes) => bytes,
+            None => tokio::time::timeout(within, ask_tcp(upstream, &forwarded))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "no TCP answer from {upstream} within {} ms",
+                        within.as_millis()
+                    )
+                })?
+                .map_err(|e| format!("asking {upstream} over TCP: {e}"))?,
+        };
+        let response = dns_wire::parse_response(&bytes, query, id)
+            .ok_or_else(|| format!("{upstream} answered something else"))?;
+        let ttl = match (response.rcode, response.answers) {
+            (0, n) if n > 0 => response.min_ttl.unwrap_or(0),
+            (0 | 3, _) => response.negative_ttl.unwrap_or(0),
+            _ => 0,
+        };
+        Ok(Arc::new(Entry {
+            bytes,
+            ttl_offsets: response.ttl_offsets,
+            stored: Instant::now(),
+            ttl: ttl.min(MAX_TTL),
+        }))
+    }
+}
+
+/// An answer worth serving as it is: NOERROR or NXDOMAIN (not SERVFAIL, REFUSED, ...).
+fn usable(entry: &Entry) -> bool {
+    matches!(entry.bytes.get(3).map(|f| f & 0x0f), Some(0 | 3))
+}
+
+/// One UDP exchange: the answer, or `None` when it came truncated (ask over TCP).
+async fn ask_udp(
+    upstream: SocketAddr,
+    packet: &[u8],
+    query: &Query,
+    id: u16,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let local: SocketAddr = if upstream.is_ipv6() {
+        SocketAddr::from(([0u16; 8], 0))
+    } else {
+        SocketAddr::from(([0u8; 4], 0))
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(upstream).await?;
+    socket.send(packet).await?;
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let n = socket.recv(&mut buf).await?;
+        // Only the answer to this question counts (a connected socket hears only the
+        // upstream; the id and question must match too).
+        let Some(response) = dns_wire::parse_response(&buf[..n], query, id) else {
+            continue;
+        };
+        if response.truncated {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        return Ok(Some(buf));
+    }
+}
+
+async fn ask_tcp(upstream: SocketAddr, packet: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(upstream).await?;
+    let mut framed = (packet.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(packet);
+    stream.write_all(&framed).await?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).await?;
+    Ok(answer)
+}
