@@ -78,6 +78,8 @@ pub struct Trimmed {
     pub checks: u64,
     /// Agent metrics rows.
     pub metrics: u64,
+    /// Concurrency controller snapshots.
+    pub windows: u64,
 }
 
 /// Rows deleted per statement by [`trim_results`]: each statement is its own short
@@ -112,6 +114,14 @@ pub async fn trim_results(
                 LIMIT $2)",
             metrics_ms,
             &mut done.metrics,
+        ),
+        (
+            "DELETE FROM concurrency_windows WHERE ctid IN (
+                SELECT ctid FROM concurrency_windows
+                WHERE recorded_at < now() - $1::bigint * interval '1 millisecond'
+                LIMIT $2)",
+            metrics_ms,
+            &mut done.windows,
         ),
     ];
     for (sql, age_ms, deleted) in statements {

@@ -73,6 +73,104 @@ impl std::fmt::Display for AgentId {
     }
 }
 
+/// One snapshot of an agent's concurrency controller.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSnapshot {
+    /// When it was taken (ms since the epoch).
+    pub at_ms: i64,
+    /// Checks the controller lets run at once now.
+    pub window: u32,
+    /// The most it may grow to (`AGENT_MAX_INFLIGHT`).
+    pub max: u32,
+    pub inflight: u32,
+    pub queued: u32,
+    pub backpressure: bool,
+    /// Why the window shrank (`timeouts`, `queueing`, `lag`), when it did.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/agents/metrics`: the agent's counters and gauges (names to numbers), and the
+/// controller's snapshots since the last report.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsReport {
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub concurrency: Vec<WindowSnapshot>,
+}
+
+/// Bounds of a metrics report.
+pub mod metrics_limits {
+    pub const METRICS: usize = 128;
+    pub const NAME: usize = 128;
+    pub const SNAPSHOTS: usize = 600;
+    pub const REASON: usize = 32;
+    pub const WINDOW: u32 = 4096;
+    /// How far in the past or future (ms) a snapshot may be dated.
+    pub const PAST_MS: i64 = 24 * 3600 * 1000;
+    pub const FUTURE_MS: i64 = 5 * 60 * 1000;
+}
+
+impl MetricsReport {
+    /// Check every field against [`metrics_limits`], `now_ms` being the server's clock.
+    pub fn validate(&self, now_ms: i64) -> Result<(), Invalid> {
+        use metrics_limits as l;
+        if self.metrics.len() > l::METRICS {
+            return Err(Invalid::new("metrics", format!("at most {}", l::METRICS)));
+        }
+        for (name, value) in &self.metrics {
+            let good = !name.is_empty()
+                && name.len() <= l::NAME
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            let shown: String = name.chars().take(32).collect();
+            if !good {
+                return Err(Invalid::new(
+                    format!("metrics.{shown}"),
+                    "names are 1-128 of A-Z a-z 0-9 . _ -",
+                ));
+            }
+            if !value.is_finite() {
+                return Err(Invalid::new(
+                    format!("metrics.{shown}"),
+                    "not a finite number",
+                ));
+            }
+        }
+        if self.concurrency.len() > l::SNAPSHOTS {
+            return Err(Invalid::new(
+                "concurrency",
+                format!("at most {}", l::SNAPSHOTS),
+            ));
+        }
+        for (i, s) in self.concurrency.iter().enumerate() {
+            let field = |f: &str| format!("concurrency[{i}].{f}");
+            if !(now_ms - l::PAST_MS..=now_ms + l::FUTURE_MS).contains(&s.at_ms) {
+                return Err(Invalid::new(field("at_ms"), "within the last day"));
+            }
+            if s.max == 0 || s.max > l::WINDOW || s.window > s.max {
+                return Err(Invalid::new(field("window"), "1 <= window <= max <= 4096"));
+            }
+            if s.inflight > l::WINDOW * 2 || s.queued > l::WINDOW * 2 {
+                return Err(Invalid::new(field("inflight"), "at most 8192"));
+            }
+            if let Some(reason) = &s.reason {
+                if reason.is_empty()
+                    || reason.len() > l::REASON
+                    || !reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                {
+                    return Err(Invalid::new(field("reason"), "1-32 of a-z _"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `POST /v1/agents/register`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -3,6 +3,7 @@
 //! small health port (`AGENT_HEALTH_ADDR`); `/readyz` asks whether the control plane answers.
 
 pub mod check;
+pub mod concurrency;
 pub mod dns;
 pub mod dns_proxy;
 pub mod dns_wire;
@@ -55,6 +56,8 @@ pub struct Config {
     pub trace_workers: u32,
     /// The caching DNS proxy, when `AGENT_DNS_LISTEN` is set.
     pub dns_proxy: Option<dns_proxy::Settings>,
+    /// `AGENT_METRICS_INTERVAL`: how often metrics and controller snapshots are sent.
+    pub metrics_interval: Duration,
 }
 
 fn dns_proxy_settings(env: &mut Env) -> Result<Option<dns_proxy::Settings>, ConfigError> {
@@ -189,6 +192,12 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     let trace_workers =
         u32::try_from(env.u64_in("AGENT_TRACE_RUNTIME_WORKERS", 1, 1, 64)?).unwrap_or(1);
     let dns_proxy = dns_proxy_settings(env)?;
+    let metrics_interval = env.duration(
+        "AGENT_METRICS_INTERVAL",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    )?;
     Ok(Config {
         base,
         control_plane,
@@ -198,6 +207,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         allow_private_targets,
         trace_workers,
         dns_proxy,
+        metrics_interval,
     })
 }
 
@@ -262,6 +272,7 @@ pub async fn run(
         pools: config.pools.clone(),
         allow_private_targets: config.allow_private_targets,
         trace_workers: config.trace_workers,
+        metrics_interval: config.metrics_interval,
         report_buffer: 10_000,
         // Time left after the drain to send the last reports.
         drain: config.base.shutdown_timeout.mul_f64(0.7),

@@ -62,6 +62,8 @@ pub struct Settings {
     pub allow_private_targets: bool,
     /// Threads of the runtime trace checks run on.
     pub trace_workers: u32,
+    /// How often the agent's metrics and controller snapshots are sent.
+    pub metrics_interval: Duration,
     /// Most finished results kept while the control plane does not take them.
     pub report_buffer: usize,
     /// How long running checks may go on after shutdown begins.
@@ -293,8 +295,8 @@ struct Shared {
     report_ready: Notify,
     /// One pool per declared kind.
     pools: BTreeMap<&'static str, Arc<Semaphore>>,
-    /// Checks in flight across kinds (`AGENT_MAX_INFLIGHT`).
-    inflight: Arc<Semaphore>,
+    /// Checks in flight across kinds, under the concurrency controller's window.
+    gate: crate::concurrency::Gate,
     /// Trusted roots of https checks.
     roots: Arc<rustls::RootCertStore>,
     /// The runtime of trace checks (long, mostly waiting: kept off the other checks').
@@ -348,7 +350,10 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
             .into_iter()
             .map(|(kind, size)| (kind, Arc::new(Semaphore::new(size as usize))))
             .collect(),
-        inflight: Arc::new(Semaphore::new(settings.pools.max_inflight as usize)),
+        gate: crate::concurrency::Gate::new(
+            settings.pools.max_inflight,
+            settings.pools.declared().values().sum(),
+        ),
         roots: http::roots(),
         traces: traces.handle().clone(),
         control: Control {
@@ -368,6 +373,11 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
     let reporter = tokio::spawn(report_loop(shared.clone(), reporter_stop.clone()));
     let beats = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
     let extends = tokio::spawn(extend_loop(shared.clone(), stop.clone()));
+    let ticks = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        tokio::spawn(async move { crate::concurrency::run(&shared.gate, &stop).await })
+    };
+    let reports = tokio::spawn(metrics_loop(shared.clone(), stop.clone()));
     claim_loop(&shared, &tasks, &stop).await;
     // Stop claiming; let the running checks finish for a while, cancel the rest, send.
     tasks.close();
@@ -398,6 +408,8 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
     let _ = reporter.await;
     let _ = beats.await;
     let _ = extends.await;
+    let _ = ticks.await;
+    let _ = reports.await;
     traces.shutdown_background();
 }
 
@@ -478,18 +490,21 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
     let mut round: u64 = 0;
     while !stop.is_cancelled() {
         round += 1;
-        let capacities = capacities(shared, round);
+        let (capacities, complete) = capacities(shared, round);
         if capacities.is_empty() {
+            // Full: until a check ends, or the window grows.
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = shared.freed.notified() => continue,
+                _ = tokio::time::sleep(crate::concurrency::TICK) => continue,
             }
         }
+        let wait_ms = if complete { 20_000 } else { 1_000 };
         let request_id = format!(
             "{}-{round}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let body = json!({"capacities": capacities, "request_id": request_id, "wait_ms": 20_000});
+        let body = json!({"capacities": capacities, "request_id": request_id, "wait_ms": wait_ms});
         let claim =
             shared
                 .control
@@ -521,23 +536,27 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
 }
 
 /// How many tasks of each kind to ask for (see [`share`]).
-fn capacities(shared: &Shared, round: u64) -> BTreeMap<&'static str, u32> {
+fn capacities(shared: &Shared, round: u64) -> (BTreeMap<&'static str, u32>, bool) {
     let free: Vec<(&'static str, u32)> = shared
         .pools
         .iter()
         .map(|(kind, pool)| (*kind, pool.available_permits() as u32))
         .collect();
-    share(&free, shared.inflight.available_permits() as u32, round)
+    share(&free, shared.gate.free(), round)
 }
 
-/// Share `left` (what the global limit has free) among the kinds by what each pool has
-/// `free`, one at a time from a different kind each `round`. Every kind with a free worker
-/// gets at least one even past `left` (it waits for a global slot): a claim long-polls, and
-/// no kind may wait a whole poll behind the others.
-fn share(free: &[(&'static str, u32)], left: u32, round: u64) -> BTreeMap<&'static str, u32> {
-    let mut asked: Vec<u32> = free.iter().map(|(_, f)| u32::from(*f > 0)).collect();
-    let mut left = left.saturating_sub(asked.iter().sum());
+/// Share `left` (what the concurrency window has free) among the kinds by what each pool
+/// has `free`, one at a time from a different kind each `round`, so every kind gets its
+/// part. Also says whether every kind with a free worker got at least one: when not (the
+/// window is short), the claim must not long-poll, or the kinds left out would wait a
+/// whole poll for their turn.
+fn share(
+    free: &[(&'static str, u32)],
+    mut left: u32,
+    round: u64,
+) -> (BTreeMap<&'static str, u32>, bool) {
     let n = free.len();
+    let mut asked = vec![0u32; n];
     let first = if n == 0 {
         0
     } else {
@@ -557,11 +576,14 @@ fn share(free: &[(&'static str, u32)], left: u32, round: u64) -> BTreeMap<&'stat
             break;
         }
     }
-    free.iter()
+    let complete = free.iter().zip(&asked).all(|((_, f), a)| *f == 0 || *a > 0);
+    let asked = free
+        .iter()
         .zip(asked)
         .filter(|(_, a)| *a > 0)
         .map(|((kind, _), a)| (*kind, a))
-        .collect()
+        .collect();
+    (asked, complete)
 }
 
 /// Start one leased task, unless its task id is running already.
@@ -604,18 +626,20 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
     };
     let shared = shared.clone();
     tasks.spawn(async move {
-        let Ok(inflight) = shared.inflight.clone().acquire_owned().await else {
-            return;
+        let run = async {
+            let _place = shared.gate.enter().await;
+            execute(&shared, lease.kind.as_str(), spec.as_ref()).await
         };
-        let run = execute(&shared, lease.kind.as_str(), spec.as_ref());
         // Aborted at the end of a shutdown's drain: the canceller has reported it.
         if let Some(outcome) = shared.abort.run_until_cancelled(run).await {
             metrics::counter!("checkplane_agent_checks_total",
                 "kind" => lease.kind.clone(), "outcome" => outcome.outcome)
             .increment(1);
+            let timed_out = outcome.result["error"]["code"] == "ERR_TIMEOUT";
+            shared.gate.ended(timed_out);
             finish(&shared, &key, outcome.outcome, outcome.result);
         }
-        drop((permit, inflight));
+        drop(permit);
         shared.freed.notify_one();
     });
 }
@@ -701,6 +725,54 @@ fn finish(shared: &Shared, key: &str, outcome: &str, result: Value) {
         observations: Vec::new(),
         result,
     }));
+}
+
+/// Resident memory of this process, from `/proc/self/statm` (bytes).
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Send the agent's gauges and the controller's snapshots every `metrics_interval` (and
+/// once more at shutdown); snapshots a failed report could not deliver go with the next.
+async fn metrics_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let stopping = !sleep_or_stop(shared.settings.metrics_interval, &stop).await;
+        let now = checkplane_runtime::clock::now_ms();
+        let snapshots = shared.gate.take_snapshots(now);
+        let mut metrics: BTreeMap<String, f64> = shared
+            .gate
+            .gauges()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        if let Some(rss) = rss_bytes() {
+            metrics.insert("process.rss_bytes".into(), rss as f64);
+        }
+        let pending = shared
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .len();
+        metrics.insert("reports.pending".into(), pending as f64);
+        let body = checkplane_wire::agents::MetricsReport {
+            metrics,
+            concurrency: snapshots.clone(),
+        };
+        let sent: Result<Value, _> = shared
+            .control
+            .post("v1/agents/metrics", &body, Duration::from_secs(10))
+            .await;
+        if let Err(error) = sent {
+            tracing::warn!(%error, "metrics report failed; snapshots kept for the next");
+            shared.gate.restore(snapshots);
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
@@ -824,32 +896,37 @@ mod tests {
     ];
 
     #[test]
-    fn every_kind_with_a_free_worker_is_asked_for_even_when_the_global_limit_is_short() {
-        for left in [0, 1, 3, 10, 63, 75, 500] {
+    fn the_window_is_shared_out_evenly_and_never_exceeded() {
+        for left in [0, 1, 3, 5, 10, 63, 75, 500] {
             for round in 0..5 {
-                let asked = share(&FREE, left, round);
-                assert_eq!(asked.len(), 5, "left {left}: {asked:?}");
-                for (kind, free) in FREE {
-                    assert!(
-                        (1..=free).contains(&asked[kind]),
-                        "{kind}, left {left}: {asked:?}"
-                    );
-                }
+                let (asked, complete) = share(&FREE, left, round);
                 let total: u32 = asked.values().sum();
-                assert_eq!(total, left.clamp(5, 75), "left {left}: {asked:?}");
+                assert_eq!(total, left.min(75), "left {left}: {asked:?}");
+                for (kind, free) in FREE {
+                    assert!(asked.get(kind).copied().unwrap_or(0) <= free);
+                }
+                // With at least one place per kind, every kind gets one.
+                assert_eq!(complete, left >= 5, "left {left}: {asked:?}");
+                assert_eq!(asked.len() as u32, left.min(5), "left {left}: {asked:?}");
             }
         }
-        // Shared evenly: 63 = 4 trace + 7 ping + 52 among three, none above its pool.
-        let asked = share(&FREE, 63, 0);
+        // 63 = 4 trace + 7 ping + 52 among three, none above its pool.
+        let (asked, _) = share(&FREE, 63, 0);
         assert_eq!((asked["trace"], asked["ping"]), (4, 7));
         assert_eq!((asked["http"], asked["tcp"]), (16, 16));
         assert_eq!(asked["dns"], 20);
+        // A short window goes round the kinds, one round after another.
+        let turns: std::collections::BTreeSet<&str> = (0..5)
+            .flat_map(|round| share(&FREE, 1, round).0.into_keys())
+            .collect();
+        assert_eq!(turns.len(), 5);
     }
 
     #[test]
     fn a_full_pool_is_not_asked_for() {
-        let asked = share(&[("dns", 0), ("tcp", 2)], 10, 0);
+        let (asked, complete) = share(&[("dns", 0), ("tcp", 2)], 10, 0);
         assert_eq!(asked.into_iter().collect::<Vec<_>>(), [("tcp", 2)]);
-        assert!(share(&[("dns", 0)], 10, 0).is_empty());
+        assert!(complete);
+        assert!(share(&[("dns", 0)], 10, 0).0.is_empty());
     }
 }

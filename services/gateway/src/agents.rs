@@ -10,7 +10,9 @@ use base64::Engine;
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
-use checkplane_wire::agents::{HeartbeatResponse, RegisterRequest, RegisterResponse};
+use checkplane_wire::agents::{
+    HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
+};
 use checkplane_wire::events::{AgentRegistered, Event, EventBody, SCHEMA};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
@@ -33,7 +35,150 @@ pub fn router() -> Router<AppState> {
             "/v1/agents/heartbeat",
             post(heartbeat).layer(DefaultBodyLimit::max(4 * 1024)),
         )
+        .route(
+            "/v1/agents/metrics",
+            post(report_metrics).layer(DefaultBodyLimit::max(METRICS_BODY_LIMIT)),
+        )
         .route("/v1/agents", get(list))
+        .route("/v1/agents/{agent_id}/concurrency", get(concurrency))
+}
+
+/// Largest metrics report (600 snapshots and 128 metrics fit well inside).
+const METRICS_BODY_LIMIT: usize = 256 * 1024;
+
+/// `POST /v1/agents/metrics`: kept as it arrives (telemetry, not events): one
+/// `agent_metrics` row, and the controller's snapshots in `concurrency_windows` (a snapshot
+/// sent twice, after a lost answer, is kept once).
+async fn report_metrics(
+    State(app): State<AppState>,
+    agent: AgentIdentity,
+    ApiJson(report): ApiJson<MetricsReport>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    report
+        .validate(now_ms())
+        .map_err(|e| ApiError::validation(e.to_string()))?;
+    let agent_id = agent.agent_id.as_str();
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    if !report.metrics.is_empty() {
+        let metrics = serde_json::to_value(&report.metrics).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO agent_metrics (agent_id, recorded_at, metrics) VALUES ($1, now(), $2)
+             ON CONFLICT DO NOTHING",
+            &[&agent_id, &metrics],
+        )
+        .await?;
+    }
+    if !report.concurrency.is_empty() {
+        let at: Vec<i64> = report.concurrency.iter().map(|s| s.at_ms).collect();
+        let window: Vec<i32> = report.concurrency.iter().map(|s| s.window as i32).collect();
+        let max: Vec<i32> = report.concurrency.iter().map(|s| s.max as i32).collect();
+        let inflight: Vec<i32> = report
+            .concurrency
+            .iter()
+            .map(|s| s.inflight as i32)
+            .collect();
+        let queued: Vec<i32> = report.concurrency.iter().map(|s| s.queued as i32).collect();
+        let pressure: Vec<bool> = report.concurrency.iter().map(|s| s.backpressure).collect();
+        let reason: Vec<Option<String>> = report
+            .concurrency
+            .iter()
+            .map(|s| s.reason.clone())
+            .collect();
+        tx.execute(
+            "INSERT INTO concurrency_windows
+                 (agent_id, recorded_at, window_size, max_window, inflight, queued, backpressure, reason)
+             SELECT $1, to_timestamp(at / 1000.0), w, m, i, q, b, r
+             FROM unnest($2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::bool[], $8::text[])
+                  AS u(at, w, m, i, q, b, r)
+             ON CONFLICT DO NOTHING",
+            &[&agent_id, &at, &window, &max, &inflight, &queued, &pressure, &reason],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"accepted": report.concurrency.len()})),
+    ))
+}
+
+/// Filters and page of `GET /v1/agents/{id}/concurrency`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowQuery {
+    /// ms since the epoch
+    from: Option<i64>,
+    to: Option<i64>,
+    #[serde(default = "crate::paging::default_limit")]
+    limit: i64,
+    #[serde(default)]
+    offset: i64,
+}
+
+/// One snapshot as operators read it.
+#[derive(Debug, Serialize)]
+struct WindowView {
+    recorded_at: String,
+    window: i32,
+    max: i32,
+    inflight: i32,
+    queued: i32,
+    backpressure: bool,
+    reason: Option<String>,
+}
+
+/// `GET /v1/agents/{id}/concurrency`: the controller's snapshots, oldest first, to chart.
+async fn concurrency(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    axum::extract::Path(agent_id): axum::extract::Path<String>,
+    ApiQuery(q): ApiQuery<WindowQuery>,
+) -> Result<Json<Page<WindowView>>, ApiError> {
+    let agent_id = checkplane_wire::agents::AgentId::parse(&agent_id)
+        .map_err(|e| ApiError::validation(e.to_string()))?;
+    check_window(q.limit, q.offset)?;
+    crate::paging::check_millis("from", q.from)?;
+    crate::paging::check_millis("to", q.to)?;
+    let client = app.stores.pg.get().await?;
+    let known = client
+        .query_opt(
+            "SELECT 1 FROM agents WHERE agent_id = $1",
+            &[&agent_id.as_str()],
+        )
+        .await?;
+    if known.is_none() {
+        return Err(ApiError::not_found("no such agent"));
+    }
+    let sql = format!(
+        "SELECT to_char(recorded_at AT TIME ZONE 'UTC', {RFC3339}), window_size, max_window,
+                inflight, queued, backpressure, reason, count(*) OVER ()
+         FROM concurrency_windows
+         WHERE agent_id = $1
+           AND ($2::bigint IS NULL OR recorded_at >= to_timestamp($2 / 1000.0))
+           AND ($3::bigint IS NULL OR recorded_at < to_timestamp($3 / 1000.0))
+         ORDER BY recorded_at LIMIT $4 OFFSET $5"
+    );
+    let rows = client
+        .query(
+            &sql,
+            &[&agent_id.as_str(), &q.from, &q.to, &q.limit, &q.offset],
+        )
+        .await?;
+    let total = rows.first().map_or(0, |r| r.get(7));
+    let items = rows
+        .iter()
+        .map(|r| WindowView {
+            recorded_at: r.get(0),
+            window: r.get(1),
+            max: r.get(2),
+            inflight: r.get(3),
+            queued: r.get(4),
+            backpressure: r.get(5),
+            reason: r.get(6),
+        })
+        .collect();
+    Ok(Json(Page::new(items, total, q.limit, q.offset)))
 }
 
 /// A fresh secret token: 32 random bytes, URL-safe base64, with a recognisable prefix.

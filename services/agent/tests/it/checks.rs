@@ -548,3 +548,97 @@ async fn a_check_of_every_kind_runs_on_the_agent_process_and_lands_in_postgres()
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checks_timing_out_together_shrink_the_window_and_operators_see_it_collapse() {
+    let (db, _redis, gw, sched) = control_plane(&[]).await;
+    let (_hanging, port, fillers) = hanging_listener().await;
+    let state = StateDir::new();
+    let agent = start_agent(
+        &gw,
+        &state,
+        &[
+            ("AGENT_ENROLLMENT_TOKEN", ENROLL),
+            ("AGENT_ALLOW_PRIVATE_TARGETS", "true"),
+            ("AGENT_MAX_INFLIGHT", "32"),
+            ("AGENT_POOL_TCP_SIZE", "32"),
+            ("AGENT_METRICS_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let pg = db.client().await;
+    let agent_id = online_agent(&pg).await;
+    let http = reqwest::Client::new();
+    // Twenty connects that hang until their check's deadline: most of what ends in the
+    // tick they end in is a timeout.
+    let mut locations = Vec::new();
+    for _ in 0..20 {
+        locations.push(
+            create(
+                &http,
+                &gw,
+                json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port},
+                       "limit": 1, "timeout_ms": 1500}),
+            )
+            .await,
+        );
+    }
+    for location in &locations {
+        let done = finished(&http, &gw, location).await;
+        assert_eq!(
+            done["results"][0]["result"]["result"]["error"]["code"], "ERR_TIMEOUT",
+            "{done}"
+        );
+    }
+    // The collapse, then the way back up, as operators read it.
+    let windows: Vec<Value> = eventually(
+        "the window shrinks and grows back",
+        Duration::from_secs(20),
+        || async {
+            let page: Value = http
+                .get(gw.url(&format!("/v1/agents/{agent_id}/concurrency?limit=500")))
+                .header("x-api-key", ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let items = page["items"].as_array().cloned().unwrap_or_default();
+            let shrank = items.iter().position(|w| {
+                w["backpressure"] == true
+                    && w["reason"] == "timeouts"
+                    && w["window"].as_u64() < Some(32)
+            })?;
+            items[shrank..]
+                .iter()
+                .any(|w| {
+                    w["backpressure"] == false
+                        && w["window"].as_u64() > items[shrank]["window"].as_u64()
+                })
+                .then_some(items)
+        },
+    )
+    .await;
+    assert!(windows.iter().all(|w| w["max"] == 32), "{windows:?}");
+    // The gauges are on the agent's metrics too.
+    let metrics = http
+        .get(agent.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for gauge in [
+        "checkplane_agent_concurrency_window",
+        "checkplane_agent_concurrency_backpressure",
+        "checkplane_agent_dispatcher_queue_fill",
+    ] {
+        assert!(metrics.contains(gauge), "{gauge}: {metrics}");
+    }
+    drop(fillers);
+    agent.stop().await.unwrap();
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}

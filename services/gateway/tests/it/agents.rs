@@ -546,3 +546,100 @@ async fn a_token_rotated_on_another_replica_stops_working_within_the_cache_ttl()
     b.stop().await.unwrap();
     a.running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn metrics_reports_are_kept_and_their_snapshots_read_back_in_order() {
+    let gw = start().await;
+    let (_, reg) = gw.register(probe("metered")).await;
+    let id = reg["agent_id"].as_str().unwrap().to_owned();
+    let token = reg["token"].as_str().unwrap().to_owned();
+    let auth = [
+        ("x-agent-id", id.as_str()),
+        ("x-agent-token", token.as_str()),
+    ];
+    let now = checkplane_runtime::clock::now_ms();
+    let snap = |at: i64, window: u32, pressure: bool, reason: Option<&str>| {
+        json!({"at_ms": at, "window": window, "max": 64, "inflight": window, "queued": 3,
+               "backpressure": pressure, "reason": reason})
+    };
+    let body = json!({
+        "metrics": {"concurrency.window": 44.0, "process.rss_bytes": 9_000_000.0},
+        "concurrency": [snap(now - 2000, 64, false, None), snap(now - 1000, 44, true, Some("timeouts"))],
+    });
+    let (status, answer) = gw.post("/v1/agents/metrics", &auth, body.clone()).await;
+    assert_eq!(status, 202, "{answer}");
+    // Sent again (a lost answer): the snapshots are kept once.
+    assert_eq!(gw.post("/v1/agents/metrics", &auth, body).await.0, 202);
+    let (status, page) = gw
+        .get(
+            &format!("/v1/agents/{id}/concurrency"),
+            &[("x-api-key", ADMIN)],
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 2, "{page}");
+    assert_eq!(page["items"][0]["window"], 64);
+    assert_eq!(page["items"][1]["window"], 44);
+    assert_eq!(page["items"][1]["backpressure"], true);
+    assert_eq!(page["items"][1]["reason"], "timeouts");
+    let (_, later) = gw
+        .get(
+            &format!("/v1/agents/{id}/concurrency?from={}", now - 1500),
+            &[("x-api-key", ADMIN)],
+        )
+        .await;
+    assert_eq!(later["total"], 1, "{later}");
+    let kept: serde_json::Value = gw
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT metrics FROM agent_metrics WHERE agent_id = $1 LIMIT 1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept["process.rss_bytes"], 9_000_000.0);
+
+    // Bad reports name what is wrong.
+    for (bad, field) in [
+        (json!({"metrics": {"no spaces": 1.0}}), "metrics.no spaces"),
+        (
+            json!({"concurrency": [snap(now - 2 * 86_400_000, 1, false, None)]}),
+            "concurrency[0].at_ms",
+        ),
+        (
+            json!({"concurrency": [snap(now, 65, false, None)]}),
+            "concurrency[0].window",
+        ),
+        (
+            json!({"concurrency": [snap(now, 1, true, Some("Bad Reason"))]}),
+            "concurrency[0].reason",
+        ),
+        (
+            json!({"concurrency": (0..601).map(|i| snap(now - i, 1, false, None)).collect::<Vec<_>>()}),
+            "concurrency",
+        ),
+        (json!({"extra": 1}), "extra"),
+    ] {
+        let (status, answer) = gw.post("/v1/agents/metrics", &auth, bad).await;
+        assert_eq!(status, 422, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{field}: {message}");
+    }
+    // Agents only, and operators read only agents that exist.
+    assert_eq!(gw.post("/v1/agents/metrics", &[], json!({})).await.0, 401);
+    let (status, _) = gw
+        .get("/v1/agents/agt-nobody/concurrency", &[("x-api-key", ADMIN)])
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = gw
+        .get(
+            &format!("/v1/agents/{id}/concurrency?limit=0"),
+            &[("x-api-key", ADMIN)],
+        )
+        .await;
+    assert_eq!(status, 422);
+    gw.running.stop().await.unwrap();
+}

@@ -51,6 +51,13 @@ impl Gw {
 fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role, u16)> {
     vec![
         ("GET", "/v1/agents".into(), None, Role::Viewer, 200),
+        (
+            "GET",
+            "/v1/agents/agt-none/concurrency".into(),
+            None,
+            Role::Viewer,
+            404,
+        ),
         ("GET", "/v1/keys".into(), None, Role::Admin, 200),
         (
             "POST",
