@@ -73,13 +73,17 @@ async fn old_results_and_metrics_are_deleted_in_batches() {
              SELECT check_id, 0, 1, 'done' FROM checks;
              INSERT INTO agent_metrics (agent_id, recorded_at, metrics)
              SELECT 'agt-' || i, now() - (i || ' days')::interval + interval '12 hours', '{}'
-             FROM generate_series(1, 45) AS i;",
+             FROM generate_series(1, 45) AS i;
+             INSERT INTO concurrency_windows (agent_id, recorded_at, window_size, max_window,
+                                              inflight, queued, backpressure)
+             SELECT 'agt-1', now() - (i || ' days')::interval + interval '12 hours', 4, 8, 4, 0, false
+             FROM generate_series(1, 35) AS i;",
         )
         .await
         .unwrap();
     let month = Duration::from_secs(30 * 86_400);
     let done = trim_results(&client, month, month, 2).await.unwrap();
-    assert_eq!((done.checks, done.metrics), (5, 15), "{done:?}");
+    assert_eq!((done.checks, done.metrics, done.windows), (5, 15, 5), "{done:?}");
     assert_eq!(count(&db, "SELECT count(*) FROM checks").await, 2);
     assert_eq!(
         count(&db, "SELECT count(*) FROM check_slots").await,
@@ -88,5 +92,6 @@ async fn old_results_and_metrics_are_deleted_in_batches() {
     );
     assert_eq!(count(&db, "SELECT count(*) FROM agent_metrics").await, 30);
     let again = trim_results(&client, month, month, 2).await.unwrap();
-    assert_eq!((again.checks, again.metrics), (0, 0));
+    assert_eq!((again.checks, again.metrics, again.windows), (0, 0, 0));
+    assert_eq!(count(&db, "SELECT count(*) FROM concurrency_windows").await, 30);
 }
