@@ -45,8 +45,8 @@ struct Marks {
     reported: Vec<Instant>,
 }
 
-const ADMIN: &str = "bench-admin-key-0123456789";
-const ENROLL: &str = "bench-enrollment-token-0123";
+pub const ADMIN: &str = "bench-admin-key-0123456789";
+pub const ENROLL: &str = "bench-enrollment-token-0123";
 
 fn summary(side: &str, args: &FanOutArgs, mut millis: Vec<f64>, extra: Value) {
     millis.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -61,7 +61,7 @@ fn summary(side: &str, args: &FanOutArgs, mut millis: Vec<f64>, extra: Value) {
     println!("{out}");
 }
 
-async fn until_ready(http: &reqwest::Client, base: &str) {
+pub async fn until_ready(http: &reqwest::Client, base: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !http
         .get(format!("{base}/readyz"))

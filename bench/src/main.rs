@@ -2,12 +2,13 @@
 //! both sides of a comparison in one go, prints their command lines and appends the figures to
 //! `bench/RESULTS.md`.
 //!
-//! `fan-out`: see `fanout.rs`.
+//! `fan-out`: see `fanout.rs`. `dns-proxy` and `agent-rss`: see `dns.rs`.
 //!
 //! `projection`: events applied into PostgreSQL by the projector (from Redis streams, with the
 //! same connection count) beside a raw batch INSERT of the same rows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod dns;
 mod fanout;
 
 /// The allocator the service binaries use, so their figures are the services'.
@@ -45,6 +46,10 @@ enum Command {
     FanOut(fanout::FanOutArgs),
     /// The same data path in raw Redis streams and one PostgreSQL insert per read.
     FanOutRaw(fanout::FanOutArgs),
+    /// dnsperf against the agent's caching DNS proxy and against unbound, same threads.
+    DnsProxy(dns::DnsArgs),
+    /// The agent process's resident memory, idle and with 1,000 checks in flight.
+    AgentRss(dns::RssArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -645,5 +650,7 @@ fn main() {
         Command::LeaseCycle(args) => runtime.block_on(lease_cycle(args)),
         Command::FanOut(args) => runtime.block_on(fanout::checks(args)),
         Command::FanOutRaw(args) => runtime.block_on(fanout::raw(args)),
+        Command::DnsProxy(args) => dns::proxy(args),
+        Command::AgentRss(args) => runtime.block_on(dns::rss(args)),
     }
 }

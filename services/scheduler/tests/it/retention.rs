@@ -83,7 +83,11 @@ async fn old_results_and_metrics_are_deleted_in_batches() {
         .unwrap();
     let month = Duration::from_secs(30 * 86_400);
     let done = trim_results(&client, month, month, 2).await.unwrap();
-    assert_eq!((done.checks, done.metrics, done.windows), (5, 15, 5), "{done:?}");
+    assert_eq!(
+        (done.checks, done.metrics, done.windows),
+        (5, 15, 5),
+        "{done:?}"
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM checks").await, 2);
     assert_eq!(
         count(&db, "SELECT count(*) FROM check_slots").await,
@@ -93,5 +97,8 @@ async fn old_results_and_metrics_are_deleted_in_batches() {
     assert_eq!(count(&db, "SELECT count(*) FROM agent_metrics").await, 30);
     let again = trim_results(&client, month, month, 2).await.unwrap();
     assert_eq!((again.checks, again.metrics, again.windows), (0, 0, 0));
-    assert_eq!(count(&db, "SELECT count(*) FROM concurrency_windows").await, 30);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM concurrency_windows").await,
+        30
+    );
 }
