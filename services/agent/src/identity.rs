@@ -19,6 +19,10 @@ pub struct Identity {
     /// How often the gateway wants heartbeats (ms), as it said at registration.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,
+    /// The kinds (and pool sizes) that registration declared: an agent started with other
+    /// ones registers again, so the control plane sends it what it now runs.
+    #[serde(default)]
+    pub declared: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 fn default_heartbeat_ms() -> u64 {

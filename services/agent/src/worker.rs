@@ -169,6 +169,7 @@ async fn identity(
                 agent_id: agent_id.clone(),
                 token: token.expose().to_owned(),
                 heartbeat_interval_ms: 10_000,
+                declared: None,
             })
         }
         Source::Enrolled {
@@ -179,7 +180,21 @@ async fn identity(
     let mut backoff = Backoff::new();
     loop {
         match identity::load(state_file) {
+            Ok(Some(identity))
+                if enrollment.is_some() && identity.declared != Some(declared(settings)) =>
+            {
+                // Registered with other kinds or pool sizes (an upgrade, a changed
+                // configuration): register again, so the control plane knows what it runs.
+                tracing::info!(agent_id = %identity.agent_id, "declared kinds changed since registration; registering again");
+            }
             Ok(Some(identity)) => {
+                if identity
+                    .declared
+                    .as_ref()
+                    .is_some_and(|d| *d != declared(settings))
+                {
+                    tracing::warn!(agent_id = %identity.agent_id, "declared kinds changed since registration, and there is no AGENT_ENROLLMENT_TOKEN to register again with");
+                }
                 tracing::info!(agent_id = %identity.agent_id, state_file = %state_file.display(), "restored control plane session");
                 return Some(identity);
             }
@@ -211,6 +226,16 @@ async fn identity(
             return None;
         }
     }
+}
+
+/// The kinds and pool sizes this agent declares.
+fn declared(settings: &Settings) -> BTreeMap<String, u32> {
+    settings
+        .pools
+        .declared()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
 /// Register with the enrollment token and keep the answer in the state file (before it is
@@ -248,6 +273,7 @@ async fn register(
         agent_id: r.agent_id,
         token: r.token,
         heartbeat_interval_ms: r.heartbeat_interval_ms,
+        declared: Some(declared(settings)),
     };
     identity::store(state_file, &identity).map_err(|e| {
         format!(

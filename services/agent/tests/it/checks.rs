@@ -642,3 +642,53 @@ async fn checks_timing_out_together_shrink_the_window_and_operators_see_it_colla
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+/// The kinds an agent's row says it runs.
+async fn declared_kinds(pg: &tokio_postgres::Client, agent_id: &str) -> Vec<String> {
+    let caps: Value = pg
+        .query_one(
+            "SELECT capabilities FROM agents WHERE agent_id = $1",
+            &[&agent_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    caps.as_object().unwrap().keys().cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_restarted_with_other_kinds_registers_them_as_the_same_agent() {
+    let (db, _redis, gw, sched) = control_plane(&[]).await;
+    let state = StateDir::new();
+    let only_tcp = [
+        ("AGENT_ENROLLMENT_TOKEN", ENROLL),
+        ("AGENT_POOL_DNS_SIZE", "0"),
+        ("AGENT_POOL_HTTP_SIZE", "0"),
+        ("AGENT_POOL_PING_SIZE", "0"),
+        ("AGENT_POOL_TRACE_SIZE", "0"),
+    ];
+    let agent = start_agent(&gw, &state, &only_tcp).await;
+    let pg = db.client().await;
+    let agent_id = online_agent(&pg).await;
+    assert_eq!(declared_kinds(&pg, &agent_id).await, ["tcp"]);
+    agent.stop().await.unwrap();
+
+    // Every kind now: it registers again (same host name, so the same agent) and says so.
+    let agent = start_agent(&gw, &state, &[("AGENT_ENROLLMENT_TOKEN", ENROLL)]).await;
+    let all = eventually(
+        "the new kinds are known",
+        Duration::from_secs(10),
+        || async {
+            let k = declared_kinds(&pg, &agent_id).await;
+            (k.len() == 5).then_some(k)
+        },
+    )
+    .await;
+    assert_eq!(all, ["dns", "http", "ping", "tcp", "trace"]);
+    let kept: Value = serde_json::from_slice(&std::fs::read(state.file()).unwrap()).unwrap();
+    assert_eq!(kept["agent_id"], agent_id.as_str());
+    assert_eq!(kept["declared"]["trace"], 4);
+    agent.stop().await.unwrap();
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
