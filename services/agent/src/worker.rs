@@ -351,6 +351,27 @@ impl Shared {
     }
 }
 
+/// The trace checks' runtime, shut down without waiting when dropped (also when the worker
+/// itself is dropped mid-await: a runtime may not be dropped in async code otherwise).
+struct TraceRuntime(Option<tokio::runtime::Runtime>);
+
+impl TraceRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(runtime) => runtime.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for TraceRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Run until `stop`, then finish what runs and send the reports. `done` is cancelled when
 /// everything is sent or given up.
 pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationToken) {
@@ -363,7 +384,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => TraceRuntime(Some(runtime)),
         Err(error) => {
             tracing::error!(%error, "cannot start the trace runtime");
             return;
@@ -381,7 +402,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
             settings.pools.declared().values().sum(),
         ),
         roots: http::roots(),
-        traces: traces.handle().clone(),
+        traces: traces.handle(),
         control: Control {
             http,
             base: settings.control_plane.clone(),
@@ -436,7 +457,7 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
     let _ = extends.await;
     let _ = ticks.await;
     let _ = reports.await;
-    traces.shutdown_background();
+    drop(traces);
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
@@ -672,13 +693,19 @@ fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
 
 /// The longest any check runs on this agent.
 const MAX_CHECK: Duration = Duration::from_secs(60);
+/// What a check leaves of its deadline for its report to arrive (a fifth of its time at most).
+const REPORT_MARGIN: Duration = Duration::from_millis(500);
 
 async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check::Outcome {
     let Some(spec) = spec else {
         return check::Outcome::failed("ERR_BAD_SPEC", "the task spec is not a check", json!({}));
     };
+    // Done a little before the check's deadline, so the result (a timeout included) is
+    // reported before the scheduler closes the slot as `timeout` without one.
     let left = spec.deadline_ms - checkplane_runtime::clock::now_ms();
-    let timeout = Duration::from_millis(u64::try_from(left).unwrap_or(0)).min(MAX_CHECK);
+    let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
+    let margin = (left / 5).min(REPORT_MARGIN);
+    let timeout = left.saturating_sub(margin).min(MAX_CHECK);
     match kind {
         "tcp" => {
             let Some(port) = spec

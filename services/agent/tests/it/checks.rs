@@ -585,10 +585,11 @@ async fn checks_timing_out_together_shrink_the_window_and_operators_see_it_colla
     }
     for location in &locations {
         let done = finished(&http, &gw, location).await;
-        assert_eq!(
-            done["results"][0]["result"]["result"]["error"]["code"], "ERR_TIMEOUT",
-            "{done}"
-        );
+        let slot = &done["results"][0];
+        // The agent's own timeout, or (a report later than the deadline) the check's.
+        let timed_out = slot["result"]["result"]["error"]["code"] == "ERR_TIMEOUT"
+            || slot["outcome"] == "timeout";
+        assert!(timed_out, "{done}");
     }
     // The collapse, then the way back up, as operators read it.
     let windows: Vec<Value> = eventually(
