@@ -8,6 +8,7 @@
 //! - [`TestRedis`]: a unique key prefix per test; its keys are deleted afterwards.
 //! - [`servers`]: PostgreSQL and Redis servers owned by one test, for tests that stop them.
 //! - [`dns`]: an unbound of the test's own serving `example.test`.
+//! - [`haproxy`]: a real HAProxy of the test's own, with its Runtime API and master CLI.
 //! - [`netns`]: network namespaces joined by veth pairs, for hosts and routers on one machine.
 //! - [`Running`]: a service started in-process on port 0, with readiness polled to a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,6 +16,7 @@
 pub mod dns;
 pub mod events;
 pub mod geo;
+pub mod haproxy;
 pub mod netns;
 pub mod process;
 pub mod servers;

@@ -1,5 +1,8 @@
 //! haproxy-sync: polls HAProxy through its Runtime API and executes drain / maint / ready. Serves its probes on `HTTP_ADDR`.
 
+pub mod replies;
+pub mod runtime_api;
+
 use checkplane_runtime::stores::{serve_with_stores, StoreServiceConfig};
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;

@@ -1,6 +1,8 @@
 //! Black-box tests of the haproxy-sync against real PostgreSQL and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod runtime_api;
+
 use std::path::Path;
 use std::time::Duration;
 

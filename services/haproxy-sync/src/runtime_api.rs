@@ -1,0 +1,273 @@
+//! A client of HAProxy's Runtime API, as HAProxy wants it used (HAPROXY-NOTES.md): one
+//! command per connection, `\n`-terminated, prefixed with `set severity-output number;` so
+//! that errors read `[3]: message`; connect and read timeouts; commands to one instance one at
+//! a time. Behind [`Transport`], so the same client runs over a direct socket (TCP or unix)
+//! or, later, through the node's agent.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::replies::{self, Info, Malformed, ServerState, StatRow};
+
+/// Largest reply read (a `show stat` of thousands of servers fits).
+const MAX_REPLY: usize = 16 * 1024 * 1024;
+
+/// What went wrong with a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// No connection, a reset, a timeout: worth retrying, and counted by the breaker.
+    #[error("{0}")]
+    Unreachable(String),
+    /// HAProxy's own answer (`No such server.`, `Permission denied`, ...): final.
+    #[error("HAProxy: {0}")]
+    Refused(String),
+    /// A reply of the wrong shape.
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+}
+
+impl ApiError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Unreachable(_))
+    }
+}
+
+/// Where an instance's Runtime API is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `host:port`
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp {a}"),
+            Self::Unix(p) => write!(f, "unix {}", p.display()),
+        }
+    }
+}
+
+/// Carries one command to an instance and brings back its raw reply.
+pub trait Transport: Send + Sync {
+    fn send<'a>(
+        &'a self,
+        command: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>>;
+}
+
+/// The direct transport: a socket of the instance's own.
+pub struct Direct {
+    pub endpoint: Endpoint,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    command: &str,
+    read_timeout: Duration,
+) -> Result<String, ApiError> {
+    let line = format!("{command}\n");
+    let io = |e: std::io::Error| ApiError::Unreachable(format!("talking to HAProxy: {e}"));
+    let talk = async {
+        stream.write_all(line.as_bytes()).await.map_err(io)?;
+        // HAProxy closes the connection after the reply.
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            if reply.len() + n > MAX_REPLY {
+                return Err(ApiError::Unreachable(format!(
+                    "a reply over {MAX_REPLY} bytes"
+                )));
+            }
+            reply.extend_from_slice(&chunk[..n]);
+        }
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    };
+    tokio::time::timeout(read_timeout, talk)
+        .await
+        .map_err(|_| {
+            ApiError::Unreachable(format!("no reply within {} ms", read_timeout.as_millis()))
+        })?
+}
+
+impl Transport for Direct {
+    fn send<'a>(
+        &'a self,
+        command: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>> {
+        Box::pin(async move {
+            let connect_failed = |e: std::io::Error| {
+                ApiError::Unreachable(format!("connecting to {}: {e}", self.endpoint))
+            };
+            let timed_out = |_| {
+                ApiError::Unreachable(format!(
+                    "connecting to {}: no answer within {} ms",
+                    self.endpoint,
+                    self.connect_timeout.as_millis()
+                ))
+            };
+            match &self.endpoint {
+                Endpoint::Tcp(addr) => {
+                    let stream = tokio::time::timeout(
+                        self.connect_timeout,
+                        tokio::net::TcpStream::connect(addr.as_str()),
+                    )
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(connect_failed)?;
+                    exchange(stream, command, self.read_timeout).await
+                }
+                Endpoint::Unix(path) => {
+                    let stream = tokio::time::timeout(
+                        self.connect_timeout,
+                        tokio::net::UnixStream::connect(path),
+                    )
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(connect_failed)?;
+                    exchange(stream, command, self.read_timeout).await
+                }
+            }
+        })
+    }
+}
+
+/// The Runtime API of one instance.
+pub struct Client {
+    transport: Box<dyn Transport>,
+    /// One command at a time per instance.
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// A server state an operator can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Ready,
+    Drain,
+    Maint,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ready" => Some(Self::Ready),
+            "drain" => Some(Self::Drain),
+            "maint" => Some(Self::Maint),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Drain => "drain",
+            Self::Maint => "maint",
+        }
+    }
+}
+
+/// A backend or server name safe to put in a command (no spaces, separators or newlines).
+fn safe_name(name: &str) -> Result<&str, ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(name)
+    } else {
+        Err(ApiError::Refused(format!(
+            "{name:?} is not a valid proxy or server name"
+        )))
+    }
+}
+
+impl Client {
+    pub fn new(transport: Box<dyn Transport>) -> Self {
+        Self {
+            transport,
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Send `command` and return its reply, with HAProxy's errors as [`ApiError::Refused`].
+    pub async fn command(&self, command: &str) -> Result<String, ApiError> {
+        let _turn = self.turn.lock().await;
+        let raw = self
+            .transport
+            .send(&format!("set severity-output number; {command}"))
+            .await?;
+        // The prefix's own (empty) reply comes first; a blank line ends the reply.
+        let body = raw.strip_prefix('\n').unwrap_or(&raw);
+        let body = body.trim_end_matches('\n');
+        if let Some(rest) = body.strip_prefix('[') {
+            if let Some((level, message)) = rest.split_once("]: ") {
+                if level.parse::<u8>().is_ok_and(|l| l <= 3) {
+                    return Err(ApiError::Refused(message.trim().to_owned()));
+                }
+            }
+        }
+        Ok(format!("{body}\n"))
+    }
+
+    pub async fn show_info(&self) -> Result<Info, ApiError> {
+        Ok(replies::parse_info(&self.command("show info").await?)?)
+    }
+
+    pub async fn show_servers_state(
+        &self,
+        backend: Option<&str>,
+    ) -> Result<Vec<ServerState>, ApiError> {
+        let command = match backend {
+            Some(b) => format!("show servers state {}", safe_name(b)?),
+            None => "show servers state".to_owned(),
+        };
+        Ok(replies::parse_servers_state(
+            &self.command(&command).await?,
+        )?)
+    }
+
+    pub async fn show_stat(&self) -> Result<Vec<StatRow>, ApiError> {
+        Ok(replies::parse_stat(&self.command("show stat").await?)?)
+    }
+
+    /// `set server <backend>/<server> state <target>`: an empty reply is success.
+    pub async fn set_state(
+        &self,
+        backend: &str,
+        server: &str,
+        target: Target,
+    ) -> Result<(), ApiError> {
+        let command = format!(
+            "set server {}/{} state {}",
+            safe_name(backend)?,
+            safe_name(server)?,
+            target.name()
+        );
+        let reply = self.command(&command).await?;
+        if reply.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::Refused(reply.trim().to_owned()))
+        }
+    }
+
+    /// The state of one server, read back.
+    pub async fn server(&self, backend: &str, server: &str) -> Result<ServerState, ApiError> {
+        self.show_servers_state(Some(backend))
+            .await?
+            .into_iter()
+            .find(|s| s.server == server)
+            .ok_or_else(|| ApiError::Refused("No such server.".to_owned()))
+    }
+}
