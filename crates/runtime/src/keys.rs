@@ -64,6 +64,12 @@ impl Keys {
         format!("{}:events:{domain}", self.prefix)
     }
 
+    /// The haproxy-sync replica that owns an HAProxy instance (a lease: its value is the
+    /// owner, its expiry the end of the claim).
+    pub fn haproxy_owner(&self, instance: &str) -> String {
+        format!("{}:haproxy:owner:{instance}", self.prefix)
+    }
+
     /// Stream of presence events of shard `n`.
     pub fn presence_events(&self, n: u32) -> String {
         format!("{}:events:presence:{{s{n}}}", self.prefix)

@@ -10,6 +10,7 @@
 //! - values that merge (first registration time) use an order-free merge (`LEAST`).
 
 mod checks;
+mod haproxy;
 
 use checkplane_wire::events::{
     AgentPresence, AgentRegistered, Event, EventBody, KeyCreated, KeyRevoked,
@@ -51,6 +52,10 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "lease_history",
     "api_keys",
     "audit_log",
+    "haproxy_instances",
+    "haproxy_backends",
+    "haproxy_servers",
+    "haproxy_server_status_history",
 ];
 
 /// Columns that count in apply order rather than event order (the live results cursor and
@@ -134,6 +139,12 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
         EventBody::CheckSlotsReleased(e) => checks::apply_released(client, e).await,
         EventBody::KeyCreated(e) => apply_key_created(client, event, e).await,
         EventBody::KeyRevoked(e) => apply_key_revoked(client, event, e).await,
+        EventBody::HaproxyInstanceRegistered(e) => {
+            haproxy::apply_registered(client, event, e).await
+        }
+        EventBody::HaproxyInstanceRemoved(e) => haproxy::apply_removed(client, event, e).await,
+        EventBody::HaproxyServerObserved(e) => haproxy::apply_observed(client, event, e).await,
+        EventBody::HaproxyServerMissing(e) => haproxy::apply_missing(client, event, e).await,
     }?;
     if let Some(change) = slot_change(event) {
         checks::apply_slots(client, &[change]).await?;

@@ -136,6 +136,9 @@ pub const ALL: &[Var] = &[
         doc: "`X-API-Key` that unlocks `/metrics` for non-loopback clients",
         secret: true,
     },
+    Var { name: "HAPROXY_SYNC_INTERVAL", services: "haproxy-sync", default: "1m", doc: "how often (1s-1h, jittered ±10 %) each HAProxy instance is polled; a new instance at once", secret: false },
+    Var { name: "HAPROXY_SYNC_LEASE", services: "haproxy-sync", default: "15s", doc: "how long (2s-10m) a replica's claim on an instance lasts unrenewed: a dead replica's instances move within it", secret: false },
+    Var { name: "HAPROXY_SYNC_TIMEOUT", services: "haproxy-sync", default: "5s", doc: "how long (100ms-1m) one Runtime API command may take (connecting: at most 2 s of it)", secret: false },
     Var {
         name: "AGENT_CONTROL_PLANE",
         services: "agent",

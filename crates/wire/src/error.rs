@@ -36,6 +36,9 @@ pub enum ErrorCode {
     /// No online agent matches a check's selection.
     #[serde(rename = "ERR_NO_AGENTS")]
     NoAgents,
+    /// The request conflicts with what exists (a name in use).
+    #[serde(rename = "ERR_CONFLICT")]
+    Conflict,
 }
 
 impl ErrorCode {
@@ -56,6 +59,7 @@ impl ErrorCode {
             Self::Internal => "ERR_INTERNAL",
             Self::TargetForbidden => "ERR_TARGET_FORBIDDEN",
             Self::NoAgents => "ERR_NO_AGENTS",
+            Self::Conflict => "ERR_CONFLICT",
         }
     }
 }

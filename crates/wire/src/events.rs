@@ -90,6 +90,18 @@ pub enum EventBody {
     /// An operator API key was revoked.
     #[serde(rename = "key.revoked")]
     KeyRevoked(KeyRevoked),
+    /// An operator registered an HAProxy instance.
+    #[serde(rename = "haproxy.instance_registered")]
+    HaproxyInstanceRegistered(HaproxyInstanceRegistered),
+    /// An operator removed an HAProxy instance (it is no longer polled).
+    #[serde(rename = "haproxy.instance_removed")]
+    HaproxyInstanceRemoved(HaproxyInstanceRemoved),
+    /// A poll saw a server new or changed (id derived from instance, poll, server).
+    #[serde(rename = "haproxy.server_observed")]
+    HaproxyServerObserved(Box<HaproxyServerObserved>),
+    /// A successful poll did not see a server it knew (two in a row soft-delete it).
+    #[serde(rename = "haproxy.server_missing")]
+    HaproxyServerMissing(HaproxyServerMissing),
 }
 
 impl EventBody {
@@ -113,6 +125,10 @@ impl EventBody {
             Self::CheckSlotsInterrupted(_) => "check.slots_interrupted",
             Self::KeyCreated(_) => "key.created",
             Self::KeyRevoked(_) => "key.revoked",
+            Self::HaproxyInstanceRegistered(_) => "haproxy.instance_registered",
+            Self::HaproxyInstanceRemoved(_) => "haproxy.instance_removed",
+            Self::HaproxyServerObserved(_) => "haproxy.server_observed",
+            Self::HaproxyServerMissing(_) => "haproxy.server_missing",
         }
     }
 
@@ -124,6 +140,8 @@ impl EventBody {
                 | Self::KeyRevoked(_)
                 | Self::CheckCreated(_)
                 | Self::CheckCancelled(_)
+                | Self::HaproxyInstanceRegistered(_)
+                | Self::HaproxyInstanceRemoved(_)
         )
     }
 }
@@ -405,4 +423,68 @@ pub struct CheckSlotsClosed {
     pub outcome: String,
     /// (slot, attempt): only that attempt is closed.
     pub slots: Vec<(u32, u32)>,
+}
+
+/// Payload of `haproxy.instance_registered`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyInstanceRegistered {
+    pub instance_id: String,
+    pub name: String,
+    /// `direct` (TCP `host:port` or a unix socket path) or `agent` (through the node's agent).
+    pub transport: String,
+    pub address: String,
+    /// The node (agent) it runs on, if known.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+/// Payload of `haproxy.instance_removed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyInstanceRemoved {
+    pub instance_id: String,
+}
+
+/// A server as HAProxy reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservedServer {
+    pub address: String,
+    pub port: Option<u16>,
+    pub weight: u32,
+    /// `stopped`, `starting`, `running`, `stopping`.
+    pub op_state: String,
+    /// `ready`, `drain` or `maint`, and the raw bit mask.
+    pub admin_state: String,
+    pub admin_bits: u32,
+    /// `show stat`'s `status` (`UP`, `DOWN`, `DRAIN`, `MAINT`, `no check`, ...).
+    pub status: Option<String>,
+    pub check_status: Option<String>,
+    /// Current sessions.
+    pub scur: Option<u64>,
+}
+
+/// Payload of `haproxy.server_observed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyServerObserved {
+    pub instance_id: String,
+    /// The poll that saw it (per instance, increasing).
+    pub poll: i64,
+    pub backend: String,
+    pub server: String,
+    pub observed: ObservedServer,
+    /// What the state change was caused by: `sync` (seen by a poll), or an action's id.
+    pub cause: String,
+}
+
+/// Payload of `haproxy.server_missing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyServerMissing {
+    pub instance_id: String,
+    pub poll: i64,
+    pub backend: String,
+    pub server: String,
 }

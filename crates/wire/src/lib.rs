@@ -5,6 +5,7 @@ pub mod agents;
 pub mod checks;
 pub mod error;
 pub mod events;
+pub mod haproxy;
 pub mod health;
 pub mod leases;
 pub mod operators;

@@ -7,6 +7,7 @@ pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod geoip;
+pub mod haproxy;
 pub mod leases;
 pub mod operators;
 pub mod paging;
@@ -75,6 +76,7 @@ pub async fn run(
                 .merge(leases::router())
                 .merge(operators::router())
                 .merge(checks::router())
+                .merge(haproxy::router())
                 .with_state(state)
         },
     )

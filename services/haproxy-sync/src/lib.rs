@@ -2,7 +2,11 @@
 
 pub mod replies;
 pub mod runtime_api;
+pub mod sync;
 
+use std::time::Duration;
+
+use checkplane_runtime::keys::Keys;
 use checkplane_runtime::stores::{serve_with_stores, StoreServiceConfig};
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;
@@ -12,11 +16,43 @@ use tokio_util::sync::CancellationToken;
 pub const NAME: &str = "haproxy-sync";
 
 /// The haproxy-sync's configuration.
-pub type Config = StoreServiceConfig;
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub service: StoreServiceConfig,
+    /// `HAPROXY_SYNC_INTERVAL`, `HAPROXY_SYNC_LEASE` and the Runtime API timeouts.
+    pub sync: sync::Settings,
+}
 
 /// Read the configuration from an environment snapshot.
 pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8082")
+    let service = StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8082")?;
+    let interval = env.duration(
+        "HAPROXY_SYNC_INTERVAL",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    )?;
+    let lease = env.duration(
+        "HAPROXY_SYNC_LEASE",
+        Duration::from_secs(15),
+        Duration::from_secs(2),
+        Duration::from_secs(600),
+    )?;
+    let read_timeout = env.duration(
+        "HAPROXY_SYNC_TIMEOUT",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    )?;
+    Ok(Config {
+        service,
+        sync: sync::Settings {
+            interval,
+            lease,
+            connect_timeout: read_timeout.min(Duration::from_secs(2)),
+            read_timeout,
+        },
+    })
 }
 
 /// Run the haproxy-sync until `shutdown` fires.
@@ -25,12 +61,36 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    serve_with_stores(
-        config,
-        listener,
-        shutdown,
-        |_stores, _tracker, _shutdown| axum::Router::new(),
-    )
+    let settings = config.sync.clone();
+    let keys = Keys::new(
+        config.service.store.stream_prefix.clone(),
+        config.service.store.stream_shards,
+    );
+    serve_with_stores(config.service, listener, shutdown, move |stores, tracker, shutdown| {
+        let (stores, shutdown) = (stores.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            stores.schema_current().await;
+            let lease = settings.lease;
+            let mut sync = sync::Sync::new(stores, keys, settings);
+            // Rounds well inside the lease, so the owner renews it in time.
+            let mut ticker = tokio::time::interval((lease / 4).min(Duration::from_secs(1)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                let round = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    round = sync.round() => round,
+                };
+                if let Err(error) = round {
+                    tracing::warn!(error = %checkplane_runtime::error_chain(&error), "sync round failed");
+                }
+            }
+        });
+        axum::Router::new()
+    })
     .await
 }
 
@@ -47,11 +107,11 @@ impl checkplane_runtime::Service for Service {
     }
 
     fn base(config: &Config) -> &BaseSettings {
-        &config.base
+        &config.service.base
     }
 
     fn store(config: &Config) -> Option<&StoreSettings> {
-        Some(&config.store)
+        Some(&config.service.store)
     }
 
     async fn run(

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod runtime_api;
+mod sync;
 
 use std::path::Path;
 use std::time::Duration;

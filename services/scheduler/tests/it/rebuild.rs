@@ -111,6 +111,53 @@ async fn rebuild_reproduces_every_projection_table() {
         .unwrap();
     assert_eq!(created.status().as_u16(), 202);
     assert_eq!(count(&db, "SELECT count(*) FROM check_slots").await, 2);
+    // An HAProxy instance, and a server a poll saw twice (a change: two history rows).
+    let registered: serde_json::Value = http
+        .post(gw.url("/v1/haproxy/instances"))
+        .header("x-api-key", admin)
+        .json(&serde_json::json!({"name": "lb-1", "address": "127.0.0.1:9999"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let instance = registered["id"].as_str().unwrap().to_owned();
+    let pg = db.client().await;
+    for (poll, state) in [(1i64, "ready"), (2, "drain")] {
+        use checkplane_wire::events::*;
+        let body = EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+            instance_id: instance.clone(),
+            poll,
+            backend: "be".into(),
+            server: "s1".into(),
+            observed: ObservedServer {
+                address: "127.0.0.1".into(),
+                port: Some(18101),
+                weight: 1,
+                op_state: "running".into(),
+                admin_state: state.into(),
+                admin_bits: if state == "drain" { 8 } else { 0 },
+                status: None,
+                check_status: None,
+                scur: Some(0),
+            },
+            cause: "sync".into(),
+        }));
+        let event = Event {
+            event_id: checkplane_wire::haproxy::poll_event_id(&instance, poll, "be", "s1"),
+            aggregate_id: "haproxy-server:x".into(),
+            version: poll,
+            occurred_at: checkplane_runtime::clock::now_ms(),
+            actor: "haproxy-sync".into(),
+            schema: SCHEMA,
+            body,
+        };
+        checkplane_runtime::projection::record_and_apply(&pg, &event)
+            .await
+            .unwrap();
+    }
+    drop(pg);
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 

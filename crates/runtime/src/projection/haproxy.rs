@@ -1,0 +1,199 @@
+//! HAProxy events into `haproxy_instances`, `haproxy_backends`, `haproxy_servers` and
+//! `haproxy_server_status_history`. Order-free like every projection: a server's observed
+//! state is only overwritten by a newer poll (`observed_poll`), and history records a change
+//! only when the state a poll saw differs from the state the row holds, so the same change
+//! seen by two polls (a takeover, a replayed event) is one history row.
+
+use checkplane_wire::events::{
+    Event, HaproxyInstanceRegistered, HaproxyInstanceRemoved, HaproxyServerMissing,
+    HaproxyServerObserved,
+};
+use checkplane_wire::haproxy::{backend_id, server_id};
+use tokio_postgres::GenericClient;
+
+use super::{ApplyError, AT};
+
+pub(super) async fn apply_registered(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &HaproxyInstanceRegistered,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO haproxy_instances (instance_id, name, transport, address, node, created_at, created_by)
+                 VALUES ($2, $3, $4, $5, $6, {AT}, $7) ON CONFLICT (instance_id) DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &e.instance_id,
+                &e.name,
+                &e.transport,
+                &e.address,
+                &e.node,
+                &event.actor,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn apply_removed(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &HaproxyInstanceRemoved,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE haproxy_instances SET removed_at = LEAST(COALESCE(removed_at, {AT}), {AT})
+                 WHERE instance_id = $2"
+            ),
+            &[&event.occurred_at, &e.instance_id],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn note_poll(
+    client: &impl GenericClient,
+    event: &Event,
+    instance: &str,
+    poll: i64,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE haproxy_instances SET last_poll = $3, last_poll_at = {AT}
+                 WHERE instance_id = $2 AND last_poll < $3"
+            ),
+            &[&event.occurred_at, &instance, &poll],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn apply_observed(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &HaproxyServerObserved,
+) -> Result<(), ApplyError> {
+    let backend = backend_id(&e.instance_id, &e.backend);
+    let server = server_id(&e.instance_id, &e.backend, &e.server);
+    note_poll(client, event, &e.instance_id, e.poll).await?;
+    client
+        .execute(
+            &format!(
+                "INSERT INTO haproxy_backends (backend_id, instance_id, name, first_seen)
+                 VALUES ($2, $3, $4, {AT})
+                 ON CONFLICT (backend_id) DO UPDATE SET first_seen = LEAST(haproxy_backends.first_seen, EXCLUDED.first_seen)"
+            ),
+            &[&event.occurred_at, &backend, &e.instance_id, &e.backend],
+        )
+        .await?;
+    let before = client
+        .query_opt(
+            "SELECT observed_poll, admin_state, status FROM haproxy_servers WHERE server_id = $1 FOR UPDATE",
+            &[&server],
+        )
+        .await?;
+    if before
+        .as_ref()
+        .is_some_and(|r| r.get::<_, i64>(0) >= e.poll)
+    {
+        return Ok(()); // a newer poll has spoken
+    }
+    let o = &e.observed;
+    let port = o.port.map(i32::from);
+    let weight = i32::try_from(o.weight).unwrap_or(i32::MAX);
+    let bits = i32::try_from(o.admin_bits).unwrap_or(i32::MAX);
+    let scur = o.scur.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+    client
+        .execute(
+            &format!(
+                "INSERT INTO haproxy_servers (server_id, instance_id, backend_id, backend, name, address, port,
+                     weight, op_state, admin_state, admin_bits, status, check_status, scur, observed_poll, observed_at)
+                 VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, {AT})
+                 ON CONFLICT (server_id) DO UPDATE SET
+                     address = EXCLUDED.address, port = EXCLUDED.port, weight = EXCLUDED.weight,
+                     op_state = EXCLUDED.op_state, admin_state = EXCLUDED.admin_state,
+                     admin_bits = EXCLUDED.admin_bits, status = EXCLUDED.status,
+                     check_status = EXCLUDED.check_status, scur = EXCLUDED.scur,
+                     observed_poll = EXCLUDED.observed_poll, observed_at = EXCLUDED.observed_at,
+                     missed_polls = 0, removed_at = NULL"
+            ),
+            &[
+                &event.occurred_at,
+                &server,
+                &e.instance_id,
+                &backend,
+                &e.backend,
+                &e.server,
+                &o.address,
+                &port,
+                &weight,
+                &o.op_state,
+                &o.admin_state,
+                &bits,
+                &o.status,
+                &o.check_status,
+                &scur,
+                &e.poll,
+            ],
+        )
+        .await?;
+    let (previous_state, previous_status) = match &before {
+        Some(r) => (r.get::<_, Option<String>>(1), r.get::<_, Option<String>>(2)),
+        None => (None, None),
+    };
+    let changed = before.is_none()
+        || previous_state.as_deref() != Some(o.admin_state.as_str())
+        || previous_status != o.status;
+    if changed {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO haproxy_server_status_history (event_id, server_id, occurred_at,
+                         previous_state, new_state, previous_status, new_status, changed_by, poll)
+                     VALUES ($2, $3, {AT}, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING"
+                ),
+                &[
+                    &event.occurred_at,
+                    &event.event_id,
+                    &server,
+                    &previous_state,
+                    &o.admin_state,
+                    &previous_status,
+                    &o.status,
+                    &e.cause,
+                    &e.poll,
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn apply_missing(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &HaproxyServerMissing,
+) -> Result<(), ApplyError> {
+    let server = server_id(&e.instance_id, &e.backend, &e.server);
+    note_poll(client, event, &e.instance_id, e.poll).await?;
+    // Counted once per poll, only for polls after the one that last saw it; the second miss
+    // in a row soft-deletes.
+    client
+        .execute(
+            &format!(
+                "UPDATE haproxy_servers SET
+                     missed_polls = missed_polls + 1,
+                     missed_poll = $3,
+                     removed_at = CASE WHEN missed_polls + 1 >= 2 THEN COALESCE(removed_at, {AT}) ELSE removed_at END
+                 WHERE server_id = $2 AND observed_poll < $3 AND missed_poll < $3"
+            ),
+            &[&event.occurred_at, &server, &e.poll],
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! The HAProxy API: instances (register, list, remove; admin to change, viewer to read) and
+//! what haproxy-sync's polls found — backends, servers (observed state beside the operators'
+//! desired state) and each server's state history.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
+use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
+use checkplane_wire::events::{EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved};
+use checkplane_wire::haproxy::RegisterInstance;
+use checkplane_wire::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Admin, Viewer};
+use crate::paging::{check_window, Page, RFC3339};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/haproxy/instances", get(list).post(register))
+        .route("/v1/haproxy/instances/{id}", get(one).delete(remove))
+        .route("/v1/haproxy/instances/{id}/backends", get(backends))
+        .route("/v1/haproxy/backends/{id}/servers", get(servers))
+        .route("/v1/haproxy/servers/{id}/history", get(history))
+}
+
+/// An instance as operators read it.
+#[derive(Debug, Serialize)]
+struct InstanceView {
+    id: String,
+    name: String,
+    transport: String,
+    address: String,
+    node: Option<String>,
+    created_at: String,
+    created_by: String,
+    last_poll: i64,
+    last_poll_at: Option<String>,
+}
+
+const INSTANCE_COLUMNS: &str = "instance_id, name, transport, address, node,
+    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), created_by, last_poll,
+    to_char(last_poll_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+
+fn instance(r: &tokio_postgres::Row) -> InstanceView {
+    InstanceView {
+        id: r.get(0),
+        name: r.get(1),
+        transport: r.get(2),
+        address: r.get(3),
+        node: r.get(4),
+        created_at: r.get(5),
+        created_by: r.get(6),
+        last_poll: r.get(7),
+        last_poll_at: r.get(8),
+    }
+}
+
+fn valid_id(prefix: &str, id: &str) -> bool {
+    id.len() == prefix.len() + 20
+        && id.starts_with(prefix)
+        && id[prefix.len()..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+async fn register(
+    State(app): State<AppState>,
+    admin: Admin,
+    ApiJson(request): ApiJson<RegisterInstance>,
+) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
+    let (name, transport, address, node) = request.validate().map_err(ApiError::validation)?;
+    let instance_id = format!("hpi-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
+    let stream = app.keys.events("haproxy");
+    let event = outbox::new_event(
+        format!("haproxy:{instance_id}"),
+        1,
+        admin.caller.actor(),
+        EventBody::HaproxyInstanceRegistered(HaproxyInstanceRegistered {
+            instance_id: instance_id.clone(),
+            name: name.clone(),
+            transport,
+            address,
+            node,
+        }),
+    );
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    // One live instance per name (the unique index says so too; this says it nicely).
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('haproxy_instance_names'))",
+        &[],
+    )
+    .await?;
+    let taken = tx
+        .query_opt(
+            "SELECT instance_id FROM haproxy_instances WHERE name = $1 AND removed_at IS NULL",
+            &[&name],
+        )
+        .await?;
+    if let Some(row) = taken {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            format!("name: instance {} has it", row.get::<_, String>(0)),
+        ));
+    }
+    outbox::append(&*tx, &event, &stream)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let row = tx
+        .query_one(
+            &format!("SELECT {INSTANCE_COLUMNS} FROM haproxy_instances WHERE instance_id = $1"),
+            &[&instance_id],
+        )
+        .await?;
+    tx.commit().await?;
+    drop(client);
+    outbox::publish(
+        &app.stores.pg,
+        &app.stores.redis,
+        &stream,
+        &event,
+        PUBLISH_TIMEOUT,
+    )
+    .await;
+    tracing::info!(%instance_id, %name, "HAProxy instance registered");
+    Ok((StatusCode::CREATED, Json(instance(&row))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default = "crate::paging::default_limit")]
+    limit: i64,
+    #[serde(default)]
+    offset: i64,
+}
+
+async fn list(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Page<InstanceView>>, ApiError> {
+    check_window(q.limit, q.offset)?;
+    let client = app.stores.pg.get().await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {INSTANCE_COLUMNS}, count(*) OVER () FROM haproxy_instances
+                 WHERE removed_at IS NULL ORDER BY name LIMIT $1 OFFSET $2"
+            ),
+            &[&q.limit, &q.offset],
+        )
+        .await?;
+    let total = rows.first().map_or(0, |r| r.get(9));
+    Ok(Json(Page::new(
+        rows.iter().map(instance).collect(),
+        total,
+        q.limit,
+        q.offset,
+    )))
+}
+
+async fn live_instance(
+    client: &impl tokio_postgres::GenericClient,
+    id: &str,
+) -> Result<tokio_postgres::Row, ApiError> {
+    if !valid_id("hpi-", id) {
+        return Err(ApiError::not_found("no such instance"));
+    }
+    client
+        .query_opt(
+            &format!("SELECT {INSTANCE_COLUMNS} FROM haproxy_instances WHERE instance_id = $1 AND removed_at IS NULL"),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such instance"))
+}
+
+async fn one(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+) -> Result<Json<InstanceView>, ApiError> {
+    let client = app.stores.pg.get().await?;
+    Ok(Json(instance(&live_instance(&**client, &id).await?)))
+}
+
+async fn remove(
+    State(app): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let stream = app.keys.events("haproxy");
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    live_instance(&*tx, &id).await?;
+    let event = outbox::new_event(
+        format!("haproxy:{id}"),
+        2,
+        admin.caller.actor(),
+        EventBody::HaproxyInstanceRemoved(HaproxyInstanceRemoved {
+            instance_id: id.clone(),
+        }),
+    );
+    outbox::append(&*tx, &event, &stream)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    tx.commit().await?;
+    drop(client);
+    outbox::publish(
+        &app.stores.pg,
+        &app.stores.redis,
+        &stream,
+        &event,
+        PUBLISH_TIMEOUT,
+    )
+    .await;
+    tracing::info!(instance_id = %id, "HAProxy instance removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize)]
+struct BackendView {
+    id: String,
+    name: String,
+    servers: i64,
+    first_seen: String,
+}
+
+async fn backends(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Page<BackendView>>, ApiError> {
+    check_window(q.limit, q.offset)?;
+    let client = app.stores.pg.get().await?;
+    live_instance(&**client, &id).await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT b.backend_id, b.name,
+                        (SELECT count(*) FROM haproxy_servers s WHERE s.backend_id = b.backend_id AND s.removed_at IS NULL),
+                        to_char(b.first_seen AT TIME ZONE 'UTC', {RFC3339}), count(*) OVER ()
+                 FROM haproxy_backends b WHERE b.instance_id = $1 ORDER BY b.name LIMIT $2 OFFSET $3"
+            ),
+            &[&id, &q.limit, &q.offset],
+        )
+        .await?;
+    let total = rows.first().map_or(0, |r| r.get(4));
+    let items = rows
+        .iter()
+        .map(|r| BackendView {
+            id: r.get(0),
+            name: r.get(1),
+            servers: r.get(2),
+            first_seen: r.get(3),
+        })
+        .collect();
+    Ok(Json(Page::new(items, total, q.limit, q.offset)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServersQuery {
+    #[serde(default = "crate::paging::default_limit")]
+    limit: i64,
+    #[serde(default)]
+    offset: i64,
+    /// Also the servers two polls no longer saw.
+    #[serde(default)]
+    include_removed: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct ServerView {
+    id: String,
+    backend: String,
+    name: String,
+    observed: serde_json::Value,
+    desired: serde_json::Value,
+    removed_at: Option<String>,
+}
+
+async fn servers(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ServersQuery>,
+) -> Result<Json<Page<ServerView>>, ApiError> {
+    check_window(q.limit, q.offset)?;
+    if !valid_id("hpb-", &id) {
+        return Err(ApiError::not_found("no such backend"));
+    }
+    let client = app.stores.pg.get().await?;
+    let known = client
+        .query_opt(
+            "SELECT 1 FROM haproxy_backends WHERE backend_id = $1",
+            &[&id],
+        )
+        .await?;
+    if known.is_none() {
+        return Err(ApiError::not_found("no such backend"));
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT server_id, backend, name, address, port, weight, op_state, admin_state, admin_bits,
+                        status, check_status, scur, observed_poll,
+                        to_char(observed_at AT TIME ZONE 'UTC', {RFC3339}),
+                        desired_state, desired_by, to_char(desired_at AT TIME ZONE 'UTC', {RFC3339}),
+                        to_char(removed_at AT TIME ZONE 'UTC', {RFC3339}), count(*) OVER ()
+                 FROM haproxy_servers WHERE backend_id = $1 AND ($4 OR removed_at IS NULL)
+                 ORDER BY name LIMIT $2 OFFSET $3"
+            ),
+            &[&id, &q.limit, &q.offset, &q.include_removed],
+        )
+        .await?;
+    let total = rows.first().map_or(0, |r| r.get(18));
+    let items = rows
+        .iter()
+        .map(|r| ServerView {
+            id: r.get(0),
+            backend: r.get(1),
+            name: r.get(2),
+            observed: serde_json::json!({
+                "address": r.get::<_, Option<String>>(3), "port": r.get::<_, Option<i32>>(4),
+                "weight": r.get::<_, Option<i32>>(5), "op_state": r.get::<_, Option<String>>(6),
+                "admin_state": r.get::<_, Option<String>>(7), "admin_bits": r.get::<_, Option<i32>>(8),
+                "status": r.get::<_, Option<String>>(9), "check_status": r.get::<_, Option<String>>(10),
+                "scur": r.get::<_, Option<i64>>(11), "poll": r.get::<_, i64>(12),
+                "at": r.get::<_, Option<String>>(13),
+            }),
+            desired: serde_json::json!({
+                "state": r.get::<_, Option<String>>(14), "by": r.get::<_, Option<String>>(15),
+                "at": r.get::<_, Option<String>>(16),
+            }),
+            removed_at: r.get(17),
+        })
+        .collect();
+    Ok(Json(Page::new(items, total, q.limit, q.offset)))
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryView {
+    at: String,
+    previous_state: Option<String>,
+    new_state: String,
+    previous_status: Option<String>,
+    new_status: Option<String>,
+    changed_by: String,
+    poll: i64,
+}
+
+async fn history(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Page<HistoryView>>, ApiError> {
+    check_window(q.limit, q.offset)?;
+    if !valid_id("hps-", &id) {
+        return Err(ApiError::not_found("no such server"));
+    }
+    let client = app.stores.pg.get().await?;
+    let known = client
+        .query_opt("SELECT 1 FROM haproxy_servers WHERE server_id = $1", &[&id])
+        .await?;
+    if known.is_none() {
+        return Err(ApiError::not_found("no such server"));
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT to_char(occurred_at AT TIME ZONE 'UTC', {RFC3339}), previous_state, new_state,
+                        previous_status, new_status, changed_by, poll, count(*) OVER ()
+                 FROM haproxy_server_status_history WHERE server_id = $1
+                 ORDER BY occurred_at, poll LIMIT $2 OFFSET $3"
+            ),
+            &[&id, &q.limit, &q.offset],
+        )
+        .await?;
+    let total = rows.first().map_or(0, |r| r.get(7));
+    let items = rows
+        .iter()
+        .map(|r| HistoryView {
+            at: r.get(0),
+            previous_state: r.get(1),
+            new_state: r.get(2),
+            previous_status: r.get(3),
+            new_status: r.get(4),
+            changed_by: r.get(5),
+            poll: r.get(6),
+        })
+        .collect();
+    Ok(Json(Page::new(items, total, q.limit, q.offset)))
+}

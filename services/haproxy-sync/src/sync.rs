@@ -1,0 +1,365 @@
+//! Sync: every `HAPROXY_SYNC_INTERVAL` (jittered ±10 %; at once for an instance this
+//! replica has not polled yet) each instance this replica owns is polled through its Runtime
+//! API, and what differs from the projection becomes events: `haproxy.server_observed` for a
+//! server new or changed, `haproxy.server_missing` for a known server the poll did not see.
+//! Event ids come from (instance, poll number, server), poll numbers from a counter in
+//! PostgreSQL (every poll its own number, whichever replica makes it). The events are
+//! recorded, applied and put in the outbox in one transaction, then published.
+//!
+//! Ownership: a Redis lease per instance (`SET NX PX`, renewed by its holder); a replica that
+//! dies leaves its instances to the others within one lease period. An unreachable instance
+//! makes no events: nothing is soft-deleted while HAProxy cannot be asked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::outbox;
+use checkplane_runtime::stores::Stores;
+use checkplane_wire::events::{
+    Event, EventBody, HaproxyServerMissing, HaproxyServerObserved, ObservedServer, SCHEMA,
+};
+use checkplane_wire::haproxy::{poll_event_id, server_id};
+
+use crate::replies::op_state_name;
+use crate::runtime_api::{ApiError, Client, Direct, Endpoint};
+
+/// How sync runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub interval: Duration,
+    /// How long an owner's claim on an instance lasts without renewal.
+    pub lease: Duration,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// An instance as sync needs it.
+#[derive(Debug, Clone)]
+struct Instance {
+    id: String,
+    transport: String,
+    address: String,
+}
+
+/// Why a round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("PostgreSQL")]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL pool")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("Redis")]
+    Redis(#[from] redis::RedisError),
+    #[error("applying events")]
+    Apply(#[from] checkplane_runtime::projection::ApplyError),
+    #[error("HAProxy")]
+    Api(#[from] ApiError),
+}
+
+/// What one poll found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Polled {
+    pub poll: i64,
+    pub servers: usize,
+    pub observed: usize,
+    pub missing: usize,
+}
+
+/// Renew our lease on `key`, or take it if free: whether we hold it.
+const CLAIM: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not held then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// The sync of one replica.
+pub struct Sync {
+    stores: Stores,
+    keys: Keys,
+    settings: Settings,
+    /// This replica's name in the leases.
+    me: String,
+    clients: HashMap<String, (String, std::sync::Arc<Client>)>,
+    /// When each owned instance is due.
+    due: HashMap<String, Instant>,
+    claim: redis::Script,
+}
+
+fn jittered(interval: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    interval.mul_f64(0.9 + f64::from(nanos % 1000) / 5000.0)
+}
+
+impl Sync {
+    pub fn new(stores: Stores, keys: Keys, settings: Settings) -> Self {
+        Self {
+            stores,
+            keys,
+            settings,
+            me: format!("sync-{}", uuid::Uuid::new_v4().simple()),
+            clients: HashMap::new(),
+            due: HashMap::new(),
+            claim: redis::Script::new(CLAIM),
+        }
+    }
+
+    fn client(&mut self, instance: &Instance) -> std::sync::Arc<Client> {
+        let fresh = self
+            .clients
+            .get(&instance.id)
+            .is_none_or(|(address, _)| *address != instance.address);
+        if fresh {
+            let endpoint = if instance.address.starts_with('/') {
+                Endpoint::Unix(PathBuf::from(&instance.address))
+            } else {
+                Endpoint::Tcp(instance.address.clone())
+            };
+            let client = Client::new(Box::new(Direct {
+                endpoint,
+                connect_timeout: self.settings.connect_timeout,
+                read_timeout: self.settings.read_timeout,
+            }));
+            self.clients.insert(
+                instance.id.clone(),
+                (instance.address.clone(), std::sync::Arc::new(client)),
+            );
+        }
+        self.clients[&instance.id].1.clone()
+    }
+
+    /// One round: claim or renew the instances, poll the ones due.
+    pub async fn round(&mut self) -> Result<(), SyncError> {
+        let client = self.stores.pg.get().await?;
+        let instances: Vec<Instance> = client
+            .query(
+                "SELECT instance_id, transport, address FROM haproxy_instances
+                 WHERE removed_at IS NULL AND transport = 'direct' ORDER BY instance_id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| Instance {
+                id: r.get(0),
+                transport: r.get(1),
+                address: r.get(2),
+            })
+            .collect();
+        drop(client);
+        let mut conn = self.stores.redis_shared.clone();
+        let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(15_000);
+        let live: std::collections::HashSet<&str> =
+            instances.iter().map(|i| i.id.as_str()).collect();
+        self.due.retain(|id, _| live.contains(id.as_str()));
+        self.clients.retain(|id, _| live.contains(id.as_str()));
+        for instance in &instances {
+            let held: i64 = self
+                .claim
+                .key(self.keys.haproxy_owner(&instance.id))
+                .arg(&self.me)
+                .arg(lease_ms)
+                .invoke_async(&mut conn)
+                .await?;
+            if held != 1 {
+                // Another replica's; poll at once should it come to us.
+                self.due.remove(&instance.id);
+                continue;
+            }
+            let due = *self
+                .due
+                .entry(instance.id.clone())
+                .or_insert_with(Instant::now);
+            if Instant::now() < due {
+                continue;
+            }
+            self.due.insert(
+                instance.id.clone(),
+                Instant::now() + jittered(self.settings.interval),
+            );
+            let api = self.client(instance);
+            match poll(&self.stores, &self.keys, &instance.id, &api).await {
+                Ok(polled) => tracing::debug!(instance = %instance.id, ?polled, "polled HAProxy"),
+                Err(SyncError::Api(error)) => {
+                    metrics::counter!("checkplane_haproxy_poll_failures_total").increment(1);
+                    tracing::warn!(instance = %instance.id, transport = %instance.transport, %error, "HAProxy poll failed");
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Poll one instance and record what changed.
+pub async fn poll(
+    stores: &Stores,
+    keys: &Keys,
+    instance: &str,
+    api: &Client,
+) -> Result<Polled, SyncError> {
+    let info = api.show_info().await?;
+    if info.stopping() {
+        // An old process finishing after a reload: not the current state.
+        return Ok(Polled::default());
+    }
+    let states = api.show_servers_state(None).await?;
+    let stats = api.show_stat().await?;
+    let stat: HashMap<(&str, &str), &crate::replies::StatRow> =
+        stats.iter().map(|r| ((r.proxy(), r.name()), r)).collect();
+    let seen: BTreeMap<(String, String), ObservedServer> = states
+        .iter()
+        .map(|s| {
+            let row = stat.get(&(s.backend.as_str(), s.server.as_str()));
+            (
+                (s.backend.clone(), s.server.clone()),
+                ObservedServer {
+                    address: s.address.clone(),
+                    port: s.port,
+                    weight: s.weight,
+                    op_state: op_state_name(s.op_state).to_owned(),
+                    admin_state: s.admin_state.name().to_owned(),
+                    admin_bits: s.admin_state.0,
+                    status: row.and_then(|r| r.status()).map(str::to_owned),
+                    check_status: row.and_then(|r| r.get("check_status")).map(str::to_owned),
+                    scur: row.and_then(|r| r.scur()),
+                },
+            )
+        })
+        .collect();
+
+    let mut client = stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    let poll: i64 = tx
+        .query_one(
+            "INSERT INTO haproxy_poll_seq (instance_id, seq) VALUES ($1, 1)
+             ON CONFLICT (instance_id) DO UPDATE SET seq = haproxy_poll_seq.seq + 1
+             RETURNING seq",
+            &[&instance],
+        )
+        .await?
+        .get(0);
+    // What the projection holds now, to compare with.
+    let known: HashMap<(String, String), (Option<ObservedServer>, bool)> = tx
+        .query(
+            "SELECT backend, name, address, port, weight, op_state, admin_state, admin_bits,
+                    status, check_status, removed_at IS NOT NULL
+             FROM haproxy_servers WHERE instance_id = $1",
+            &[&instance],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let observed = r.get::<_, Option<String>>(2).map(|address| ObservedServer {
+                address,
+                port: r
+                    .get::<_, Option<i32>>(3)
+                    .and_then(|p| u16::try_from(p).ok()),
+                weight: r
+                    .get::<_, Option<i32>>(4)
+                    .and_then(|w| u32::try_from(w).ok())
+                    .unwrap_or(0),
+                op_state: r.get::<_, Option<String>>(5).unwrap_or_default(),
+                admin_state: r.get::<_, Option<String>>(6).unwrap_or_default(),
+                admin_bits: r
+                    .get::<_, Option<i32>>(7)
+                    .and_then(|b| u32::try_from(b).ok())
+                    .unwrap_or(0),
+                status: r.get(8),
+                check_status: r.get(9),
+                scur: None,
+            });
+            ((r.get(0), r.get(1)), (observed, r.get(10)))
+        })
+        .collect();
+    let now = checkplane_runtime::clock::now_ms();
+    let event = |backend: &str, server: &str, body: EventBody| Event {
+        event_id: poll_event_id(instance, poll, backend, server),
+        aggregate_id: format!("haproxy-server:{}", server_id(instance, backend, server)),
+        version: poll,
+        occurred_at: now,
+        actor: "haproxy-sync".to_owned(),
+        schema: SCHEMA,
+        body,
+    };
+    let mut events = Vec::new();
+    let mut polled = Polled {
+        poll,
+        servers: seen.len(),
+        ..Polled::default()
+    };
+    for ((backend, server), observed) in &seen {
+        let same = known
+            .get(&(backend.clone(), server.clone()))
+            .is_some_and(|(was, removed)| {
+                // Sessions come and go: not a change worth an event by themselves.
+                !removed
+                    && was.as_ref().is_some_and(|w| {
+                        ObservedServer {
+                            scur: None,
+                            ..observed.clone()
+                        } == *w
+                    })
+            });
+        if same {
+            continue;
+        }
+        polled.observed += 1;
+        events.push(event(
+            backend,
+            server,
+            EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+                instance_id: instance.to_owned(),
+                poll,
+                backend: backend.clone(),
+                server: server.clone(),
+                observed: observed.clone(),
+                cause: "sync".to_owned(),
+            })),
+        ));
+    }
+    for ((backend, server), (_, removed)) in &known {
+        if *removed || seen.contains_key(&(backend.clone(), server.clone())) {
+            continue;
+        }
+        polled.missing += 1;
+        events.push(event(
+            backend,
+            server,
+            EventBody::HaproxyServerMissing(HaproxyServerMissing {
+                instance_id: instance.to_owned(),
+                poll,
+                backend: backend.clone(),
+                server: server.clone(),
+            }),
+        ));
+    }
+    let stream = keys.events("haproxy");
+    for e in &events {
+        outbox::append(&*tx, e, &stream).await?;
+    }
+    tx.commit().await?;
+    drop(client);
+    for e in &events {
+        outbox::publish(
+            &stores.pg,
+            &stores.redis,
+            &stream,
+            e,
+            outbox::PUBLISH_TIMEOUT,
+        )
+        .await;
+    }
+    metrics::counter!("checkplane_haproxy_polls_total").increment(1);
+    Ok(polled)
+}

@@ -1,0 +1,312 @@
+//! Sync end to end: an instance registered over the gateway's API is polled by haproxy-sync
+//! through a real HAProxy's Runtime API; backends and servers appear in the read API, a state
+//! changed behind our back shows in the server's history, a server removed by a reload is
+//! soft-deleted after two polls, and nothing is deleted while HAProxy is down.
+
+use std::time::Duration;
+
+use checkplane_runtime::Env;
+use checkplane_testkit::haproxy::Haproxy;
+use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
+use serde_json::{json, Value};
+
+const ADMIN: &str = "sync-test-admin-key-012345";
+
+type Service = Running<checkplane_runtime::RunError>;
+
+async fn gateway(db: &TestDb, redis: &TestRedis) -> Service {
+    let mut env = store_env(db, redis);
+    env.push(("GATEWAY_ADMIN_KEY".into(), ADMIN.into()));
+    let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    gw
+}
+
+async fn haproxy_sync(db: &TestDb, redis: &TestRedis) -> Service {
+    let mut env = store_env(db, redis);
+    env.push(("HAPROXY_SYNC_INTERVAL".into(), "1s".into()));
+    env.push(("HAPROXY_SYNC_LEASE".into(), "2s".into()));
+    env.push(("HAPROXY_SYNC_TIMEOUT".into(), "500ms".into()));
+    let config = haproxy_sync::load(&mut Env::from_pairs(env)).unwrap();
+    let sync = Running::start(|l, s| haproxy_sync::run(config, l, s)).await;
+    sync.wait_ready(Duration::from_secs(10)).await;
+    sync
+}
+
+async fn call(
+    http: &reqwest::Client,
+    gw: &Service,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = http
+        .request(method.parse().unwrap(), gw.url(path))
+        .header("x-api-key", ADMIN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn backends() -> Vec<(&'static str, Vec<(&'static str, u16)>)> {
+    vec![
+        ("be_app", vec![("s1", 18101), ("s2", 18102)]),
+        ("be_other", vec![("o1", 18201)]),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_discovers_follows_and_soft_deletes_servers() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let mut ha = Haproxy::start(&backends());
+    let gw = gateway(&db, &redis).await;
+    let http = reqwest::Client::new();
+    let (status, instance) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/instances",
+        Some(json!({"name": "lb-1", "address": ha.stats.to_string()})),
+    )
+    .await;
+    assert_eq!(status, 201, "{instance}");
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let sync = haproxy_sync(&db, &redis).await;
+
+    // Discovered: both backends with their servers.
+    let found = eventually("backends discovered", Duration::from_secs(10), || async {
+        let (_, page) = call(
+            &http,
+            &gw,
+            "GET",
+            &format!("/v1/haproxy/instances/{id}/backends"),
+            None,
+        )
+        .await;
+        (page["total"] == 2).then_some(page)
+    })
+    .await;
+    assert_eq!(found["items"][0]["name"], "be_app");
+    assert_eq!(found["items"][0]["servers"], 2);
+    assert_eq!(found["items"][1]["servers"], 1);
+    let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
+    let servers_of = |include_removed: bool| {
+        let (http, gw, backend) = (&http, &gw, backend.clone());
+        async move {
+            let (_, page) = call(
+                http,
+                gw,
+                "GET",
+                &format!(
+                    "/v1/haproxy/backends/{backend}/servers?include_removed={include_removed}"
+                ),
+                None,
+            )
+            .await;
+            page["items"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let servers = servers_of(false).await;
+    assert_eq!(servers[0]["name"], "s1");
+    assert_eq!(servers[0]["observed"]["admin_state"], "ready");
+    assert_eq!(servers[0]["observed"]["port"], 18101);
+    assert!(servers[0]["desired"]["state"].is_null());
+    let s1 = servers[0]["id"].as_str().unwrap().to_owned();
+
+    // Drained behind our back (straight through the socket): the next poll records it.
+    assert_eq!(ha.command("set server be_app/s1 state drain").trim(), "");
+    let history = eventually(
+        "the drain is in the history",
+        Duration::from_secs(10),
+        || async {
+            let (_, page) = call(
+                &http,
+                &gw,
+                "GET",
+                &format!("/v1/haproxy/servers/{s1}/history"),
+                None,
+            )
+            .await;
+            let items = page["items"].as_array().cloned().unwrap_or_default();
+            items
+                .iter()
+                .any(|h| h["new_state"] == "drain")
+                .then_some(items)
+        },
+    )
+    .await;
+    assert_eq!(
+        history[0]["previous_state"],
+        Value::Null,
+        "first seen: {history:?}"
+    );
+    assert_eq!(history[0]["new_state"], "ready");
+    assert_eq!(history[1]["previous_state"], "ready");
+    assert_eq!(history[1]["new_state"], "drain");
+    assert_eq!(history[1]["new_status"], "DRAIN");
+    assert_eq!(history[1]["changed_by"], "sync");
+    assert_eq!(history.len(), 2, "unchanged polls add nothing: {history:?}");
+
+    // s2 leaves the configuration (reload through the master CLI): gone after two polls.
+    ha.reload(&[
+        ("be_app", vec![("s1", 18101)]),
+        ("be_other", vec![("o1", 18201)]),
+    ]);
+    let servers = eventually("s2 soft-deleted", Duration::from_secs(15), || async {
+        let live = servers_of(false).await;
+        (live.len() == 1).then_some(live)
+    })
+    .await;
+    assert_eq!(servers[0]["name"], "s1");
+    let all = servers_of(true).await;
+    let s2 = all.iter().find(|s| s["name"] == "s2").unwrap();
+    assert!(s2["removed_at"].is_string(), "{s2}");
+    let misses: i32 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT missed_polls FROM haproxy_servers WHERE name = 's2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(misses, 2);
+
+    // HAProxy down: polls fail, nothing is deleted however long it lasts.
+    ha.kill();
+    let before: i64 = db
+        .client()
+        .await
+        .query_one("SELECT last_poll FROM haproxy_instances", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let live = servers_of(false).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    let after: i64 = db
+        .client()
+        .await
+        .query_one("SELECT last_poll FROM haproxy_instances", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, after, "no poll recorded while unreachable");
+    sync.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_are_registered_validated_listed_and_removed() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gw = gateway(&db, &redis).await;
+    let http = reqwest::Client::new();
+    for (body, field) in [
+        (json!({"name": "lb", "address": "nohost"}), "address"),
+        (json!({"name": "", "address": "127.0.0.1:1"}), "name"),
+        (
+            json!({"name": "lb", "address": "/run/h.sock", "transport": "agent"}),
+            "node",
+        ),
+        (
+            json!({"name": "lb", "address": "127.0.0.1:1", "colour": "red"}),
+            "colour",
+        ),
+    ] {
+        let (status, answer) = call(&http, &gw, "POST", "/v1/haproxy/instances", Some(body)).await;
+        assert_eq!(status, 422, "{answer}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(field),
+            "{answer}"
+        );
+    }
+    let (status, first) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/instances",
+        Some(json!({"name": "lb", "address": "127.0.0.1:1"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, dup) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/instances",
+        Some(json!({"name": "lb", "address": "127.0.0.1:2"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{dup}");
+    assert_eq!(dup["error"]["code"], "ERR_CONFLICT");
+    let (_, list) = call(&http, &gw, "GET", "/v1/haproxy/instances", None).await;
+    assert_eq!(list["total"], 1);
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(
+        call(
+            &http,
+            &gw,
+            "DELETE",
+            &format!("/v1/haproxy/instances/{id}"),
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    assert_eq!(
+        call(
+            &http,
+            &gw,
+            "DELETE",
+            &format!("/v1/haproxy/instances/{id}"),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        call(
+            &http,
+            &gw,
+            "GET",
+            &format!("/v1/haproxy/instances/{id}"),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    // The name is free again, and both actions are in the audit log with their actor.
+    assert_eq!(
+        call(
+            &http,
+            &gw,
+            "POST",
+            "/v1/haproxy/instances",
+            Some(json!({"name": "lb", "address": "127.0.0.1:3"}))
+        )
+        .await
+        .0,
+        201
+    );
+    let (_, audit) = call(
+        &http,
+        &gw,
+        "GET",
+        "/v1/audit?action=haproxy.instance_removed",
+        None,
+    )
+    .await;
+    assert_eq!(audit["total"], 1, "{audit}");
+    assert_eq!(audit["items"][0]["actor"], "key:bootstrap");
+    gw.stop().await.unwrap();
+}
