@@ -56,6 +56,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "haproxy_backends",
     "haproxy_servers",
     "haproxy_server_status_history",
+    "haproxy_actions",
 ];
 
 /// Columns that count in apply order rather than event order (the live results cursor and
@@ -145,6 +146,10 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
         EventBody::HaproxyInstanceRemoved(e) => haproxy::apply_removed(client, event, e).await,
         EventBody::HaproxyServerObserved(e) => haproxy::apply_observed(client, event, e).await,
         EventBody::HaproxyServerMissing(e) => haproxy::apply_missing(client, event, e).await,
+        EventBody::HaproxyActionRequested(e) => {
+            haproxy::apply_action_requested(client, event, e).await
+        }
+        EventBody::HaproxyActionUpdated(e) => haproxy::apply_action_updated(client, event, e).await,
     }?;
     if let Some(change) = slot_change(event) {
         checks::apply_slots(client, &[change]).await?;

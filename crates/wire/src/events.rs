@@ -102,6 +102,12 @@ pub enum EventBody {
     /// A successful poll did not see a server it knew (two in a row soft-delete it).
     #[serde(rename = "haproxy.server_missing")]
     HaproxyServerMissing(HaproxyServerMissing),
+    /// An operator asked for drain / maint / ready of a server (idempotency key unique).
+    #[serde(rename = "haproxy.action_requested")]
+    HaproxyActionRequested(Box<HaproxyActionRequested>),
+    /// An action moved on: `running`, `success` or `failed`.
+    #[serde(rename = "haproxy.action_updated")]
+    HaproxyActionUpdated(HaproxyActionUpdated),
 }
 
 impl EventBody {
@@ -129,6 +135,8 @@ impl EventBody {
             Self::HaproxyInstanceRemoved(_) => "haproxy.instance_removed",
             Self::HaproxyServerObserved(_) => "haproxy.server_observed",
             Self::HaproxyServerMissing(_) => "haproxy.server_missing",
+            Self::HaproxyActionRequested(_) => "haproxy.action_requested",
+            Self::HaproxyActionUpdated(_) => "haproxy.action_updated",
         }
     }
 
@@ -142,6 +150,7 @@ impl EventBody {
                 | Self::CheckCancelled(_)
                 | Self::HaproxyInstanceRegistered(_)
                 | Self::HaproxyInstanceRemoved(_)
+                | Self::HaproxyActionRequested(_)
         )
     }
 }
@@ -487,4 +496,36 @@ pub struct HaproxyServerMissing {
     pub poll: i64,
     pub backend: String,
     pub server: String,
+}
+
+/// Payload of `haproxy.action_requested`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyActionRequested {
+    pub action_id: String,
+    pub idempotency_key: String,
+    pub server_id: String,
+    pub instance_id: String,
+    pub backend: String,
+    pub server: String,
+    /// `drain`, `maint` or `ready`.
+    pub action: String,
+    /// For drain: how long to wait for current sessions to reach 0 (0: do not wait).
+    pub drain_wait_ms: u64,
+}
+
+/// Payload of `haproxy.action_updated`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyActionUpdated {
+    pub action_id: String,
+    /// `running`, `success` or `failed`.
+    pub status: String,
+    pub attempts: u32,
+    /// What happened (already there, set and confirmed, sessions at the end of a drain
+    /// wait), or why it failed.
+    #[serde(default)]
+    pub detail: serde_json::Value,
+    #[serde(default)]
+    pub error: Option<String>,
 }

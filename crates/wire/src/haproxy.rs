@@ -103,6 +103,44 @@ impl RegisterInstance {
     }
 }
 
+/// `POST /v1/haproxy/servers/{id}/action`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    pub action: String,
+    pub idempotency_key: String,
+    /// For drain: wait up to this long (ms, at most 300000) for sessions to reach 0.
+    #[serde(default)]
+    pub drain_wait_ms: u64,
+}
+
+/// Longest drain wait.
+pub const MAX_DRAIN_WAIT_MS: u64 = 300_000;
+
+impl ActionRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        if !["drain", "maint", "ready"].contains(&self.action.as_str()) {
+            return Err("action: expected drain, maint or ready".into());
+        }
+        let key = &self.idempotency_key;
+        if key.is_empty()
+            || key.len() > 128
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return Err("idempotency_key: 1-128 of A-Z a-z 0-9 - _ . :".into());
+        }
+        if self.drain_wait_ms > MAX_DRAIN_WAIT_MS {
+            return Err(format!("drain_wait_ms: at most {MAX_DRAIN_WAIT_MS}"));
+        }
+        if self.drain_wait_ms > 0 && self.action != "drain" {
+            return Err("drain_wait_ms: only with action drain".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

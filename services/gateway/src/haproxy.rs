@@ -24,6 +24,165 @@ pub fn router() -> Router<AppState> {
         .route("/v1/haproxy/instances/{id}/backends", get(backends))
         .route("/v1/haproxy/backends/{id}/servers", get(servers))
         .route("/v1/haproxy/servers/{id}/history", get(history))
+        .route(
+            "/v1/haproxy/servers/{id}/action",
+            axum::routing::post(request_action),
+        )
+        .route("/v1/haproxy/actions/{id}", get(action))
+}
+
+/// An action as operators read it.
+#[derive(Debug, Serialize)]
+struct ActionView {
+    id: String,
+    idempotency_key: String,
+    server_id: String,
+    instance_id: String,
+    backend: String,
+    server: String,
+    action: String,
+    drain_wait_ms: i64,
+    status: String,
+    attempts: i32,
+    detail: Option<serde_json::Value>,
+    error: Option<String>,
+    requested_by: String,
+    requested_at: String,
+    updated_at: String,
+}
+
+const ACTION_COLUMNS: &str =
+    "action_id, idempotency_key, server_id, instance_id, backend, server, action,
+    drain_wait_ms, status, attempts, detail, error, requested_by,
+    to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+
+fn action_view(r: &tokio_postgres::Row) -> ActionView {
+    ActionView {
+        id: r.get(0),
+        idempotency_key: r.get(1),
+        server_id: r.get(2),
+        instance_id: r.get(3),
+        backend: r.get(4),
+        server: r.get(5),
+        action: r.get(6),
+        drain_wait_ms: r.get(7),
+        status: r.get(8),
+        attempts: r.get(9),
+        detail: r.get(10),
+        error: r.get(11),
+        requested_by: r.get(12),
+        requested_at: r.get(13),
+        updated_at: r.get(14),
+    }
+}
+
+/// `POST /v1/haproxy/servers/{id}/action`: 202 with the action. The same idempotency key
+/// answers with the first action (and never runs twice); with another body it is 422.
+async fn request_action(
+    State(app): State<AppState>,
+    operator: crate::auth::Operator,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<checkplane_wire::haproxy::ActionRequest>,
+) -> Result<(StatusCode, Json<ActionView>), ApiError> {
+    request.validate().map_err(ApiError::validation)?;
+    if !valid_id("hps-", &id) {
+        return Err(ApiError::not_found("no such server"));
+    }
+    let stream = app.keys.events("haproxy");
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    // One request per key at a time: the second waits here, then finds the first.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))",
+        &[&request.idempotency_key],
+    )
+    .await?;
+    let existing = tx
+        .query_opt(
+            &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE idempotency_key = $1"),
+            &[&request.idempotency_key],
+        )
+        .await?;
+    if let Some(row) = existing {
+        let first = action_view(&row);
+        let same = first.server_id == id
+            && first.action == request.action
+            && first.drain_wait_ms == i64::try_from(request.drain_wait_ms).unwrap_or(-1);
+        if !same {
+            return Err(ApiError::validation(
+                "idempotency_key: already used for another request",
+            ));
+        }
+        return Ok((StatusCode::ACCEPTED, Json(first)));
+    }
+    let server = tx
+        .query_opt(
+            "SELECT s.instance_id, s.backend, s.name FROM haproxy_servers s
+             JOIN haproxy_instances i USING (instance_id)
+             WHERE s.server_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such server"))?;
+    let action_id = format!("hpa-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
+    let event = outbox::new_event(
+        format!("haproxy-action:{action_id}"),
+        1,
+        operator.caller.actor(),
+        EventBody::HaproxyActionRequested(Box::new(
+            checkplane_wire::events::HaproxyActionRequested {
+                action_id: action_id.clone(),
+                idempotency_key: request.idempotency_key.clone(),
+                server_id: id.clone(),
+                instance_id: server.get(0),
+                backend: server.get(1),
+                server: server.get(2),
+                action: request.action.clone(),
+                drain_wait_ms: request.drain_wait_ms,
+            },
+        )),
+    );
+    outbox::append(&*tx, &event, &stream)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let row = tx
+        .query_one(
+            &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE action_id = $1"),
+            &[&action_id],
+        )
+        .await?;
+    tx.commit().await?;
+    drop(client);
+    outbox::publish(
+        &app.stores.pg,
+        &app.stores.redis,
+        &stream,
+        &event,
+        PUBLISH_TIMEOUT,
+    )
+    .await;
+    tracing::info!(%action_id, server_id = %id, action = %request.action, "HAProxy action requested");
+    Ok((StatusCode::ACCEPTED, Json(action_view(&row))))
+}
+
+async fn action(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+) -> Result<Json<ActionView>, ApiError> {
+    if !valid_id("hpa-", &id) {
+        return Err(ApiError::not_found("no such action"));
+    }
+    let client = app.stores.pg.get().await?;
+    let row = client
+        .query_opt(
+            &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE action_id = $1"),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such action"))?;
+    Ok(Json(action_view(&row)))
 }
 
 /// An instance as operators read it.
@@ -38,11 +197,14 @@ struct InstanceView {
     created_by: String,
     last_poll: i64,
     last_poll_at: Option<String>,
+    /// The circuit breaker as the owning haproxy-sync left it: closed, open, half_open.
+    breaker: String,
 }
 
 const INSTANCE_COLUMNS: &str = "instance_id, name, transport, address, node,
     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), created_by, last_poll,
-    to_char(last_poll_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+    to_char(last_poll_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+    COALESCE((SELECT b.state FROM haproxy_breakers b WHERE b.instance_id = haproxy_instances.instance_id), 'closed')";
 
 fn instance(r: &tokio_postgres::Row) -> InstanceView {
     InstanceView {
@@ -55,6 +217,7 @@ fn instance(r: &tokio_postgres::Row) -> InstanceView {
         created_by: r.get(6),
         last_poll: r.get(7),
         last_poll_at: r.get(8),
+        breaker: r.get(9),
     }
 }
 
@@ -153,7 +316,7 @@ async fn list(
             &[&q.limit, &q.offset],
         )
         .await?;
-    let total = rows.first().map_or(0, |r| r.get(9));
+    let total = rows.first().map_or(0, |r| r.get(10));
     Ok(Json(Page::new(
         rows.iter().map(instance).collect(),
         total,

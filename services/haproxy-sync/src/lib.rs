@@ -1,5 +1,7 @@
 //! haproxy-sync: polls HAProxy through its Runtime API and executes drain / maint / ready. Serves its probes on `HTTP_ADDR`.
 
+pub mod actions;
+pub mod breaker;
 pub mod replies;
 pub mod runtime_api;
 pub mod sync;
@@ -44,6 +46,18 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         Duration::from_millis(100),
         Duration::from_secs(60),
     )?;
+    let retry_base = env.duration(
+        "HAPROXY_ACTION_RETRY_BASE",
+        Duration::from_secs(1),
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+    )?;
+    let cooldown = env.duration(
+        "HAPROXY_BREAKER_COOLDOWN",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    )?;
     Ok(Config {
         service,
         sync: sync::Settings {
@@ -51,6 +65,10 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
             lease,
             connect_timeout: read_timeout.min(Duration::from_secs(2)),
             read_timeout,
+            actions: actions::Settings {
+                retry_base,
+                cooldown,
+            },
         },
     })
 }

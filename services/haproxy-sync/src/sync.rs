@@ -33,6 +33,7 @@ pub struct Settings {
     pub lease: Duration,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    pub actions: crate::actions::Settings,
 }
 
 /// An instance as sync needs it.
@@ -92,6 +93,8 @@ pub struct Sync {
     /// When each owned instance is due.
     due: HashMap<String, Instant>,
     claim: redis::Script,
+    breakers: HashMap<String, std::sync::Arc<std::sync::Mutex<crate::breaker::Breaker>>>,
+    executing: crate::actions::Executing,
 }
 
 fn jittered(interval: Duration) -> Duration {
@@ -112,6 +115,8 @@ impl Sync {
             clients: HashMap::new(),
             due: HashMap::new(),
             claim: redis::Script::new(CLAIM),
+            breakers: HashMap::new(),
+            executing: crate::actions::Executing::default(),
         }
     }
 
@@ -176,6 +181,7 @@ impl Sync {
                 self.due.remove(&instance.id);
                 continue;
             }
+            self.start_actions(instance).await?;
             let due = *self
                 .due
                 .entry(instance.id.clone())
@@ -196,6 +202,49 @@ impl Sync {
                 }
                 Err(other) => return Err(other),
             }
+        }
+        Ok(())
+    }
+}
+
+impl Sync {
+    /// Start executing the instance's actions nobody here runs yet.
+    async fn start_actions(&mut self, instance: &Instance) -> Result<(), SyncError> {
+        let open = crate::actions::open_actions(&self.stores, &instance.id).await?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        let api = self.client(instance);
+        let cooldown = self.settings.actions.cooldown;
+        let breaker = self
+            .breakers
+            .entry(instance.id.clone())
+            .or_insert_with(|| {
+                std::sync::Arc::new(std::sync::Mutex::new(crate::breaker::Breaker::new(
+                    cooldown,
+                )))
+            })
+            .clone();
+        for action in open {
+            if !self.executing.claim(&action.action_id) {
+                continue;
+            }
+            let (stores, keys, api, breaker) = (
+                self.stores.clone(),
+                self.keys.clone(),
+                api.clone(),
+                breaker.clone(),
+            );
+            let (settings, executing) = (self.settings.actions.clone(), self.executing.clone());
+            tokio::spawn(async move {
+                let id = action.action_id.clone();
+                if let Err(error) =
+                    crate::actions::execute(stores, keys, api, breaker, settings, action).await
+                {
+                    tracing::warn!(action_id = %id, error = %checkplane_runtime::error_chain(&error), "HAProxy action interrupted; retried next round");
+                }
+                executing.release(&id);
+            });
         }
         Ok(())
     }

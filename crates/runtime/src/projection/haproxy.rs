@@ -5,8 +5,8 @@
 //! seen by two polls (a takeover, a replayed event) is one history row.
 
 use checkplane_wire::events::{
-    Event, HaproxyInstanceRegistered, HaproxyInstanceRemoved, HaproxyServerMissing,
-    HaproxyServerObserved,
+    Event, HaproxyActionRequested, HaproxyActionUpdated, HaproxyInstanceRegistered,
+    HaproxyInstanceRemoved, HaproxyServerMissing, HaproxyServerObserved,
 };
 use checkplane_wire::haproxy::{backend_id, server_id};
 use tokio_postgres::GenericClient;
@@ -193,6 +193,76 @@ pub(super) async fn apply_missing(
                  WHERE server_id = $2 AND observed_poll < $3 AND missed_poll < $3"
             ),
             &[&event.occurred_at, &server, &e.poll],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn apply_action_requested(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &HaproxyActionRequested,
+) -> Result<(), ApplyError> {
+    let wait = i64::try_from(e.drain_wait_ms).unwrap_or(i64::MAX);
+    let inserted = client
+        .execute(
+            &format!(
+                "INSERT INTO haproxy_actions (action_id, idempotency_key, server_id, instance_id, backend,
+                     server, action, drain_wait_ms, status, version, requested_by, requested_at, updated_at)
+                 VALUES ($2, $3, $4, $5, $6, $7, $8, $9, 'pending', 1, $10, {AT}, {AT})
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &e.action_id,
+                &e.idempotency_key,
+                &e.server_id,
+                &e.instance_id,
+                &e.backend,
+                &e.server,
+                &e.action,
+                &wait,
+                &event.actor,
+            ],
+        )
+        .await?;
+    // The operator's wish, kept apart from what HAProxy says (the newest request wins).
+    if inserted == 1 {
+        client
+            .execute(
+                &format!(
+                    "UPDATE haproxy_servers SET desired_state = $3, desired_by = $4, desired_at = {AT}
+                     WHERE server_id = $2 AND (desired_at IS NULL OR desired_at <= {AT})"
+                ),
+                &[&event.occurred_at, &e.server_id, &e.action, &event.actor],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn apply_action_updated(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &HaproxyActionUpdated,
+) -> Result<(), ApplyError> {
+    let attempts = i32::try_from(e.attempts).unwrap_or(i32::MAX);
+    client
+        .execute(
+            &format!(
+                "UPDATE haproxy_actions SET status = $3, version = $4, attempts = $5, detail = $6,
+                     error = $7, updated_at = {AT}
+                 WHERE action_id = $2 AND version < $4"
+            ),
+            &[
+                &event.occurred_at,
+                &e.action_id,
+                &e.status,
+                &event.version,
+                &attempts,
+                &e.detail,
+                &e.error,
+            ],
         )
         .await?;
     Ok(())

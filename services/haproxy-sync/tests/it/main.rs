@@ -1,6 +1,7 @@
 //! Black-box tests of the haproxy-sync against real PostgreSQL and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod actions;
 mod runtime_api;
 mod sync;
 

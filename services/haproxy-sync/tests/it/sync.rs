@@ -10,11 +10,11 @@ use checkplane_testkit::haproxy::Haproxy;
 use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 use serde_json::{json, Value};
 
-const ADMIN: &str = "sync-test-admin-key-012345";
+pub const ADMIN: &str = "sync-test-admin-key-012345";
 
-type Service = Running<checkplane_runtime::RunError>;
+pub type Service = Running<checkplane_runtime::RunError>;
 
-async fn gateway(db: &TestDb, redis: &TestRedis) -> Service {
+pub async fn gateway(db: &TestDb, redis: &TestRedis) -> Service {
     let mut env = store_env(db, redis);
     env.push(("GATEWAY_ADMIN_KEY".into(), ADMIN.into()));
     let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
@@ -24,7 +24,16 @@ async fn gateway(db: &TestDb, redis: &TestRedis) -> Service {
 }
 
 async fn haproxy_sync(db: &TestDb, redis: &TestRedis) -> Service {
+    haproxy_sync_with(db, redis, &[]).await
+}
+
+pub async fn haproxy_sync_with(db: &TestDb, redis: &TestRedis, extra: &[(&str, &str)]) -> Service {
     let mut env = store_env(db, redis);
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     env.push(("HAPROXY_SYNC_INTERVAL".into(), "1s".into()));
     env.push(("HAPROXY_SYNC_LEASE".into(), "2s".into()));
     env.push(("HAPROXY_SYNC_TIMEOUT".into(), "500ms".into()));
@@ -34,7 +43,7 @@ async fn haproxy_sync(db: &TestDb, redis: &TestRedis) -> Service {
     sync
 }
 
-async fn call(
+pub async fn call(
     http: &reqwest::Client,
     gw: &Service,
     method: &str,
@@ -52,7 +61,7 @@ async fn call(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-fn backends() -> Vec<(&'static str, Vec<(&'static str, u16)>)> {
+pub fn backends() -> Vec<(&'static str, Vec<(&'static str, u16)>)> {
     vec![
         ("be_app", vec![("s1", 18101), ("s2", 18102)]),
         ("be_other", vec![("o1", 18201)]),

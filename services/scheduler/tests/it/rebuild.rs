@@ -158,6 +158,16 @@ async fn rebuild_reproduces_every_projection_table() {
             .unwrap();
     }
     drop(pg);
+    // An operator's drain of that server (an action, and the server's desired state).
+    let server = checkplane_wire::haproxy::server_id(&instance, "be", "s1");
+    let acted = http
+        .post(gw.url(&format!("/v1/haproxy/servers/{server}/action")))
+        .header("x-api-key", admin)
+        .json(&serde_json::json!({"action": "drain", "idempotency_key": "rebuild-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acted.status().as_u16(), 202);
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 

@@ -1,0 +1,399 @@
+//! Executing drain / maint / ready. The owner of an instance takes its pending actions (and
+//! running ones nobody here is executing: their executor died) and, for each:
+//!
+//! 1. if the breaker is open, fails it at once (`ERR_INSTANCE_UNAVAILABLE`);
+//! 2. commits `running` (an event, through the outbox) before touching HAProxy;
+//! 3. reads the server's state; already there: skips the `set`; else `set server … state …`
+//!    and reads back to confirm. After a crash between 2 and the end this is what runs again:
+//!    it reads first, so a `set` that went through is never sent twice;
+//! 4. for a drain with `drain_wait_ms`, waits (bounded) for current sessions to reach 0;
+//! 5. commits `success` with what it did, and the state it read back as an observation
+//!    caused by the action (so the history says who changed it); or `failed` with why.
+//!
+//! Connection errors and timeouts are retried after 1, 2 and 4 × `HAPROXY_ACTION_RETRY_BASE`
+//! and count against the breaker; HAProxy's own errors fail at once and do not.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::outbox;
+use checkplane_runtime::stores::Stores;
+use checkplane_wire::events::{
+    Event, EventBody, HaproxyActionUpdated, HaproxyServerObserved, ObservedServer, SCHEMA,
+};
+use serde_json::{json, Value};
+
+use crate::breaker::Breaker;
+use crate::replies::op_state_name;
+use crate::runtime_api::{ApiError, Client, Target};
+use crate::sync::SyncError;
+
+/// How actions run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// First retry delay; then twice, then four times as long.
+    pub retry_base: Duration,
+    /// How long an open breaker waits before a trial.
+    pub cooldown: Duration,
+}
+
+/// An action to execute.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub action_id: String,
+    pub instance_id: String,
+    pub server_id: String,
+    pub backend: String,
+    pub server: String,
+    pub action: String,
+    pub drain_wait_ms: i64,
+    pub version: i64,
+}
+
+/// Actions of `instance` waiting for an executor.
+pub async fn open_actions(stores: &Stores, instance: &str) -> Result<Vec<Pending>, SyncError> {
+    let client = stores.pg.get().await?;
+    Ok(client
+        .query(
+            "SELECT action_id, instance_id, server_id, backend, server, action, drain_wait_ms, version
+             FROM haproxy_actions WHERE instance_id = $1 AND status IN ('pending', 'running')
+             ORDER BY requested_at LIMIT 100",
+            &[&instance],
+        )
+        .await?
+        .iter()
+        .map(|r| Pending {
+            action_id: r.get(0),
+            instance_id: r.get(1),
+            server_id: r.get(2),
+            backend: r.get(3),
+            server: r.get(4),
+            action: r.get(5),
+            drain_wait_ms: r.get(6),
+            version: r.get(7),
+        })
+        .collect())
+}
+
+/// Record an update of `action` (version after `*version`).
+async fn update(
+    stores: &Stores,
+    keys: &Keys,
+    action: &Pending,
+    version: &mut i64,
+    extra: Option<Event>,
+    body: HaproxyActionUpdated,
+) -> Result<(), SyncError> {
+    *version += 1;
+    let event = Event {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_id: format!("haproxy-action:{}", action.action_id),
+        version: *version,
+        occurred_at: checkplane_runtime::clock::now_ms(),
+        actor: "haproxy-sync".to_owned(),
+        schema: SCHEMA,
+        body: EventBody::HaproxyActionUpdated(body),
+    };
+    let stream = keys.events("haproxy");
+    let mut client = stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    let events: Vec<Event> = extra.into_iter().chain([event]).collect();
+    for e in &events {
+        outbox::append(&*tx, e, &stream).await?;
+    }
+    tx.commit().await?;
+    drop(client);
+    for e in &events {
+        outbox::publish(
+            &stores.pg,
+            &stores.redis,
+            &stream,
+            e,
+            outbox::PUBLISH_TIMEOUT,
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Keep the breaker's state where the API reads it.
+pub async fn store_breaker(stores: &Stores, instance: &str, breaker: &Breaker) {
+    let write = async {
+        let client = stores.pg.get().await.map_err(|e| e.to_string())?;
+        let opened_ago_ms = breaker
+            .opened_at
+            .map(|t| i64::try_from(t.elapsed().as_millis()).unwrap_or(0));
+        client
+            .execute(
+                "INSERT INTO haproxy_breakers (instance_id, state, failures, opened_at, updated_at)
+                 VALUES ($1, $2, $3, now() - $4::bigint * interval '1 millisecond', now())
+                 ON CONFLICT (instance_id) DO UPDATE SET state = EXCLUDED.state,
+                     failures = EXCLUDED.failures, opened_at = EXCLUDED.opened_at, updated_at = now()",
+                &[
+                    &instance,
+                    &breaker.state.name(),
+                    &i32::try_from(breaker.failures).unwrap_or(i32::MAX),
+                    &opened_ago_ms,
+                ],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    };
+    if let Err(error) = write.await {
+        tracing::warn!(instance, %error, "cannot record the breaker's state");
+    }
+    metrics::gauge!("checkplane_haproxy_breaker_open", "instance" => instance.to_owned()).set(
+        if breaker.state.name() == "closed" {
+            0.0
+        } else {
+            1.0
+        },
+    );
+}
+
+/// What one attempt did.
+async fn attempt(
+    api: &Client,
+    action: &Pending,
+    target: Target,
+) -> Result<(Value, ObservedServer), ApiError> {
+    let before = api.server(&action.backend, &action.server).await?;
+    let already = before.admin_state.name() == target.name();
+    if !already {
+        api.set_state(&action.backend, &action.server, target)
+            .await?;
+    }
+    let after = api.server(&action.backend, &action.server).await?;
+    if after.admin_state.name() != target.name() {
+        return Err(ApiError::Refused(format!(
+            "read back {} after set {}",
+            after.admin_state.name(),
+            target.name()
+        )));
+    }
+    let mut detail = json!({"already": already, "admin_bits": after.admin_state.0});
+    let mut scur = None;
+    if target == Target::Drain && action.drain_wait_ms > 0 {
+        let until = Instant::now()
+            + Duration::from_millis(u64::try_from(action.drain_wait_ms).unwrap_or(0));
+        let started = Instant::now();
+        loop {
+            let sessions = api
+                .show_stat()
+                .await?
+                .iter()
+                .find(|r| r.proxy() == action.backend && r.name() == action.server)
+                .and_then(|r| r.scur());
+            scur = sessions;
+            if sessions == Some(0) || Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        detail["drained"] = json!(scur == Some(0));
+        detail["scur"] = json!(scur);
+        detail["waited_ms"] = json!(started.elapsed().as_millis() as u64);
+    }
+    let status = api
+        .show_stat()
+        .await?
+        .iter()
+        .find(|r| r.proxy() == action.backend && r.name() == action.server)
+        .map(|r| {
+            (
+                r.status().map(str::to_owned),
+                r.get("check_status").map(str::to_owned),
+                r.scur(),
+            )
+        });
+    let (status, check_status, stat_scur) = status.unwrap_or((None, None, None));
+    let observed = ObservedServer {
+        address: after.address.clone(),
+        port: after.port,
+        weight: after.weight,
+        op_state: op_state_name(after.op_state).to_owned(),
+        admin_state: after.admin_state.name().to_owned(),
+        admin_bits: after.admin_state.0,
+        status,
+        check_status,
+        scur: scur.or(stat_scur),
+    };
+    Ok((detail, observed))
+}
+
+/// Run one action to its end.
+#[allow(clippy::too_many_arguments)]
+pub async fn execute(
+    stores: Stores,
+    keys: Keys,
+    api: Arc<Client>,
+    breaker: Arc<Mutex<Breaker>>,
+    settings: Settings,
+    action: Pending,
+) -> Result<(), SyncError> {
+    let mut version = action.version;
+    let Some(target) = Target::parse(&action.action) else {
+        return Ok(());
+    };
+    let fail = |attempts: u32, error: String| HaproxyActionUpdated {
+        action_id: action.action_id.clone(),
+        status: "failed".to_owned(),
+        attempts,
+        detail: Value::Null,
+        error: Some(error),
+    };
+    let allowed = breaker
+        .lock()
+        .map(|mut b| b.allow(Instant::now()))
+        .unwrap_or(false);
+    if !allowed {
+        let error = "ERR_INSTANCE_UNAVAILABLE: the instance's circuit breaker is open".to_owned();
+        return update(&stores, &keys, &action, &mut version, None, fail(0, error)).await;
+    }
+    let delays = [
+        Duration::ZERO,
+        settings.retry_base,
+        settings.retry_base * 2,
+        settings.retry_base * 4,
+    ];
+    let mut attempts = 0u32;
+    let mut last_error = String::new();
+    for (i, delay) in delays.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(*delay).await;
+            let allowed = breaker
+                .lock()
+                .map(|mut b| b.allow(Instant::now()))
+                .unwrap_or(false);
+            if !allowed {
+                last_error =
+                    format!("ERR_INSTANCE_UNAVAILABLE: circuit breaker open after: {last_error}");
+                break;
+            }
+        }
+        attempts += 1;
+        let running = HaproxyActionUpdated {
+            action_id: action.action_id.clone(),
+            status: "running".to_owned(),
+            attempts,
+            detail: Value::Null,
+            error: None,
+        };
+        update(&stores, &keys, &action, &mut version, None, running).await?;
+        match attempt(&api, &action, target).await {
+            Ok((detail, observed)) => {
+                if let Ok(mut b) = breaker.lock() {
+                    b.success();
+                }
+                let snapshot = breaker.lock().map(|b| b.clone()).ok();
+                if let Some(b) = snapshot {
+                    store_breaker(&stores, &action.instance_id, &b).await;
+                }
+                let seen = observation(&stores, &action, observed).await?;
+                let done = HaproxyActionUpdated {
+                    action_id: action.action_id.clone(),
+                    status: "success".to_owned(),
+                    attempts,
+                    detail,
+                    error: None,
+                };
+                tracing::info!(action_id = %action.action_id, action = %action.action, server = %action.server, "HAProxy action done");
+                return update(&stores, &keys, &action, &mut version, Some(seen), done).await;
+            }
+            Err(ApiError::Unreachable(why)) => {
+                last_error = why;
+                let snapshot = breaker
+                    .lock()
+                    .map(|mut b| {
+                        b.failure(Instant::now());
+                        b.clone()
+                    })
+                    .ok();
+                if let Some(b) = snapshot {
+                    store_breaker(&stores, &action.instance_id, &b).await;
+                }
+                tracing::warn!(action_id = %action.action_id, attempt = attempts, error = %last_error, "HAProxy action attempt failed");
+            }
+            Err(final_error) => {
+                return update(
+                    &stores,
+                    &keys,
+                    &action,
+                    &mut version,
+                    None,
+                    fail(attempts, final_error.to_string()),
+                )
+                .await;
+            }
+        }
+    }
+    update(
+        &stores,
+        &keys,
+        &action,
+        &mut version,
+        None,
+        fail(attempts, last_error),
+    )
+    .await
+}
+
+/// The state an action read back, as an observation caused by it (its own poll number).
+async fn observation(
+    stores: &Stores,
+    action: &Pending,
+    observed: ObservedServer,
+) -> Result<Event, SyncError> {
+    let client = stores.pg.get().await?;
+    let poll: i64 = client
+        .query_one(
+            "INSERT INTO haproxy_poll_seq (instance_id, seq) VALUES ($1, 1)
+             ON CONFLICT (instance_id) DO UPDATE SET seq = haproxy_poll_seq.seq + 1 RETURNING seq",
+            &[&action.instance_id],
+        )
+        .await?
+        .get(0);
+    Ok(Event {
+        event_id: checkplane_wire::haproxy::poll_event_id(
+            &action.instance_id,
+            poll,
+            &action.backend,
+            &action.server,
+        ),
+        aggregate_id: format!("haproxy-server:{}", action.server_id),
+        version: poll,
+        occurred_at: checkplane_runtime::clock::now_ms(),
+        actor: "haproxy-sync".to_owned(),
+        schema: SCHEMA,
+        body: EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+            instance_id: action.instance_id.clone(),
+            poll,
+            backend: action.backend.clone(),
+            server: action.server.clone(),
+            observed,
+            cause: action.action_id.clone(),
+        })),
+    })
+}
+
+/// Which actions this replica is executing (so a round does not start one twice).
+#[derive(Default, Clone)]
+pub struct Executing(Arc<Mutex<HashSet<String>>>);
+
+impl Executing {
+    /// Mark `id` as ours; `false` when it already was.
+    pub fn claim(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .map(|mut s| s.insert(id.to_owned()))
+            .unwrap_or(false)
+    }
+    pub fn release(&self, id: &str) {
+        if let Ok(mut s) = self.0.lock() {
+            s.remove(id);
+        }
+    }
+}

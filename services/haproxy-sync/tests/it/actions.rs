@@ -1,0 +1,388 @@
+//! drain / maint / ready through the API, executed by haproxy-sync on a real HAProxy: state
+//! read back through the socket, history naming the action, idempotency under 1,000
+//! concurrent requests (one `set server` counted by a relay in front of the Runtime API), an
+//! operator-level socket, and the circuit breaker around a frozen HAProxy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use checkplane_testkit::haproxy::Haproxy;
+use checkplane_testkit::{eventually, TestDb, TestRedis};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::sync::{backends, call, gateway, haproxy_sync_with, Service};
+
+/// A TCP relay in front of a Runtime API that counts the `set server` commands through it.
+async fn counting_relay(to: std::net::SocketAddr) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let sets = Arc::new(AtomicUsize::new(0));
+    let counted = sets.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut command = Vec::new();
+                let mut byte = [0u8; 1];
+                while client.read_exact(&mut byte).await.is_ok() {
+                    command.push(byte[0]);
+                    if byte[0] == b'\n' {
+                        break;
+                    }
+                }
+                if String::from_utf8_lossy(&command).contains("set server") {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = upstream.write_all(&command).await;
+                let mut reply = Vec::new();
+                let _ = upstream.read_to_end(&mut reply).await;
+                let _ = client.write_all(&reply).await;
+            });
+        }
+    });
+    (addr, sets)
+}
+
+/// Register `address` as an instance and wait for its servers: (instance, s1's id).
+async fn instance_with_servers(
+    http: &reqwest::Client,
+    gw: &Service,
+    address: &str,
+) -> (String, String) {
+    let (status, instance) = call(
+        http,
+        gw,
+        "POST",
+        "/v1/haproxy/instances",
+        Some(json!({"name": format!("lb-{}", uuid::Uuid::new_v4().simple()), "address": address})),
+    )
+    .await;
+    assert_eq!(status, 201, "{instance}");
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let backend: String = eventually("backends discovered", Duration::from_secs(10), || async {
+        let (_, page) = call(
+            http,
+            gw,
+            "GET",
+            &format!("/v1/haproxy/instances/{id}/backends"),
+            None,
+        )
+        .await;
+        page["items"][0]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    let (_, page) = call(
+        http,
+        gw,
+        "GET",
+        &format!("/v1/haproxy/backends/{backend}/servers"),
+        None,
+    )
+    .await;
+    let s1 = page["items"][0]["id"].as_str().unwrap().to_owned();
+    (id, s1)
+}
+
+async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value) -> (u16, Value) {
+    call(
+        http,
+        gw,
+        "POST",
+        &format!("/v1/haproxy/servers/{server}/action"),
+        Some(body),
+    )
+    .await
+}
+
+async fn settled(http: &reqwest::Client, gw: &Service, action: &str) -> Value {
+    eventually("the action ends", Duration::from_secs(20), || async {
+        let (_, a) = call(
+            http,
+            gw,
+            "GET",
+            &format!("/v1/haproxy/actions/{action}"),
+            None,
+        )
+        .await;
+        ["success", "failed"]
+            .contains(&a["status"].as_str().unwrap_or(""))
+            .then_some(a)
+    })
+    .await
+}
+
+fn admin_bits(ha: &Haproxy, server: &str) -> u32 {
+    let state = ha.command("show servers state be_app");
+    state
+        .lines()
+        .find(|l| l.split_whitespace().nth(3) == Some(server))
+        .and_then(|l| l.split_whitespace().nth(6)?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let (relay, sets) = counting_relay(ha.stats).await;
+    let gw = gateway(&db, &redis).await;
+    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
+    let http = reqwest::Client::new();
+    let (_, s1) = instance_with_servers(&http, &gw, &relay).await;
+
+    for (action, bits) in [("drain", 8), ("maint", 1), ("ready", 0)] {
+        let (status, requested) = act(
+            &http,
+            &gw,
+            &s1,
+            json!({"action": action, "idempotency_key": format!("k-{action}")}),
+        )
+        .await;
+        assert_eq!(status, 202, "{requested}");
+        assert_eq!(requested["status"], "pending");
+        let done = settled(&http, &gw, requested["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "success", "{done}");
+        assert_eq!(done["attempts"], 1);
+        assert_eq!(done["detail"]["already"], false);
+        // The real server, read back through the socket.
+        assert_eq!(admin_bits(&ha, "s1"), bits, "{action}");
+    }
+    assert_eq!(sets.load(Ordering::SeqCst), 3, "one set server per action");
+    // History names the actions that changed it; the desired state is the last asked.
+    let (_, history) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/servers/{s1}/history"),
+        None,
+    )
+    .await;
+    let by: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["changed_by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by.len(), 4, "{history}");
+    assert_eq!(by[0], "sync");
+    assert!(by[1..].iter().all(|b| b.starts_with("hpa-")), "{history}");
+
+    // A thousand requests with one key at once: one action, one set server.
+    let before = sets.load(Ordering::SeqCst);
+    let body = json!({"action": "drain", "idempotency_key": "one-key-for-all"});
+    let answers =
+        futures::future::join_all((0..1000).map(|_| act(&http, &gw, &s1, body.clone()))).await;
+    let ids: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|(status, a)| {
+            assert_eq!(*status, 202, "{a}");
+            a["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let done = settled(&http, &gw, ids.iter().next().unwrap()).await;
+    assert_eq!(done["status"], "success");
+    let count: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM haproxy_actions WHERE idempotency_key = 'one-key-for-all'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sets.load(Ordering::SeqCst),
+        before + 1,
+        "exactly one set server"
+    );
+    // The same key with another body: refused, naming the key.
+    let (status, refused) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "maint", "idempotency_key": "one-key-for-all"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("idempotency_key"));
+    // Already drained: no set, said so.
+    let (_, again) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "drain-again"}),
+    )
+    .await;
+    let done = settled(&http, &gw, again["id"].as_str().unwrap()).await;
+    assert_eq!(done["detail"]["already"], true, "{done}");
+    assert_eq!(sets.load(Ordering::SeqCst), before + 1);
+    // Bad requests are named.
+    for (body, field) in [
+        (
+            json!({"action": "reboot", "idempotency_key": "x"}),
+            "action",
+        ),
+        (
+            json!({"action": "drain", "idempotency_key": ""}),
+            "idempotency_key",
+        ),
+        (
+            json!({"action": "maint", "idempotency_key": "y", "drain_wait_ms": 5}),
+            "drain_wait_ms",
+        ),
+    ] {
+        let (status, a) = act(&http, &gw, &s1, body).await;
+        assert_eq!(status, 422);
+        assert!(
+            a["error"]["message"].as_str().unwrap().contains(field),
+            "{a}"
+        );
+    }
+    assert_eq!(
+        act(
+            &http,
+            &gw,
+            "hps-00000000000000000000",
+            json!({"action": "drain", "idempotency_key": "z"})
+        )
+        .await
+        .0,
+        404
+    );
+    sync.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_level_socket_fails_with_a_clear_permission_error() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let gw = gateway(&db, &redis).await;
+    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
+    let http = reqwest::Client::new();
+    let (_, s1) =
+        instance_with_servers(&http, &gw, &ha.operator_socket.display().to_string()).await;
+    let (_, requested) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "maint", "idempotency_key": "op-1"}),
+    )
+    .await;
+    let done = settled(&http, &gw, requested["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["attempts"], 1, "HAProxy's own errors are not retried");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{done}"
+    );
+    assert_eq!(admin_bits(&ha, "s1"), 0);
+    sync.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_closes_it() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let gw = gateway(&db, &redis).await;
+    let sync = haproxy_sync_with(
+        &db,
+        &redis,
+        &[
+            ("HAPROXY_SYNC_INTERVAL", "1s"),
+            ("HAPROXY_SYNC_TIMEOUT", "300ms"),
+            ("HAPROXY_ACTION_RETRY_BASE", "50ms"),
+            ("HAPROXY_BREAKER_COOLDOWN", "2s"),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let (instance, s1) = instance_with_servers(&http, &gw, &ha.stats.to_string()).await;
+    ha.freeze();
+    let (_, first) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "f-1"}),
+    )
+    .await;
+    let done = settled(&http, &gw, first["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(
+        done["attempts"], 3,
+        "retried until the breaker opened: {done}"
+    );
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("ERR_INSTANCE_UNAVAILABLE"),
+        "{done}"
+    );
+    let (_, view) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/instances/{instance}"),
+        None,
+    )
+    .await;
+    assert_eq!(view["breaker"], "open", "{view}");
+    // Open: the next action fails at once, without touching HAProxy.
+    let (_, second) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "f-2"}),
+    )
+    .await;
+    let done = settled(&http, &gw, second["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (done["status"].as_str(), done["attempts"].as_i64()),
+        (Some("failed"), Some(0)),
+        "{done}"
+    );
+    // HAProxy is back and the cooldown is over: the trial succeeds and closes the breaker.
+    ha.thaw();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (_, third) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "f-3"}),
+    )
+    .await;
+    let done = settled(&http, &gw, third["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(admin_bits(&ha, "s1"), 8);
+    let (_, view) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/instances/{instance}"),
+        None,
+    )
+    .await;
+    assert_eq!(view["breaker"], "closed", "{view}");
+    sync.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}
