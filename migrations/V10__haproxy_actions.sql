@@ -30,3 +30,7 @@ CREATE TABLE haproxy_breakers (
     opened_at   timestamptz,
     updated_at  timestamptz NOT NULL
 );
+
+-- What the last poll of each instance saw of the process: a new Pid or a smaller Uptime_sec
+-- means HAProxy restarted or reloaded (and lost its runtime state).
+ALTER TABLE haproxy_poll_seq ADD COLUMN pid bigint, ADD COLUMN uptime_sec bigint;

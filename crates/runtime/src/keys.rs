@@ -70,6 +70,11 @@ impl Keys {
         format!("{}:haproxy:owner:{instance}", self.prefix)
     }
 
+    /// A forced sync of an HAProxy instance, asked for and not yet started.
+    pub fn haproxy_sync_request(&self, instance: &str) -> String {
+        format!("{}:haproxy:sync:{instance}", self.prefix)
+    }
+
     /// Stream of presence events of shard `n`.
     pub fn presence_events(&self, n: u32) -> String {
         format!("{}:events:presence:{{s{n}}}", self.prefix)

@@ -22,6 +22,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/haproxy/instances", get(list).post(register))
         .route("/v1/haproxy/instances/{id}", get(one).delete(remove))
         .route("/v1/haproxy/instances/{id}/backends", get(backends))
+        .route(
+            "/v1/haproxy/instances/{id}/sync",
+            axum::routing::post(force_sync),
+        )
         .route("/v1/haproxy/backends/{id}/servers", get(servers))
         .route("/v1/haproxy/servers/{id}/history", get(history))
         .route(
@@ -382,6 +386,31 @@ async fn remove(
     .await;
     tracing::info!(instance_id = %id, "HAProxy instance removed");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/haproxy/instances/{id}/sync`: the owner polls it at its next round (about a
+/// second), whatever the interval says.
+async fn force_sync(
+    State(app): State<AppState>,
+    _operator: crate::auth::Operator,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let client = app.stores.pg.get().await?;
+    live_instance(&**client, &id).await?;
+    drop(client);
+    let mut conn = app.stores.redis_shared.clone();
+    let _: () = redis::cmd("SET")
+        .arg(app.keys.haproxy_sync_request(&id))
+        .arg(checkplane_runtime::clock::now_ms())
+        .arg("EX")
+        .arg(300)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"sync_requested": true})),
+    ))
 }
 
 #[derive(Debug, Serialize)]

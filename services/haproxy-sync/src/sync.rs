@@ -66,6 +66,8 @@ pub struct Polled {
     pub servers: usize,
     pub observed: usize,
     pub missing: usize,
+    /// Desired states put back after a restart or reload.
+    pub reapplied: usize,
 }
 
 /// Renew our lease on `key`, or take it if free: whether we hold it.
@@ -182,6 +184,14 @@ impl Sync {
                 continue;
             }
             self.start_actions(instance).await?;
+            // A forced sync (`POST /v1/haproxy/instances/{id}/sync`): now.
+            let forced: Option<String> = redis::cmd("GETDEL")
+                .arg(self.keys.haproxy_sync_request(&instance.id))
+                .query_async(&mut conn)
+                .await?;
+            if forced.is_some() {
+                self.due.insert(instance.id.clone(), Instant::now());
+            }
             let due = *self
                 .due
                 .entry(instance.id.clone())
@@ -289,12 +299,27 @@ pub async fn poll(
 
     let mut client = stores.pg.get().await?;
     let tx = client.transaction().await?;
+    let pid = info.pid().map(i64::from);
+    let uptime = info.uptime_sec().and_then(|u| i64::try_from(u).ok());
+    let before = tx
+        .query_opt(
+            "SELECT pid, uptime_sec FROM haproxy_poll_seq WHERE instance_id = $1 FOR UPDATE",
+            &[&instance],
+        )
+        .await?;
+    // A new process, or one younger than the last poll saw: HAProxy restarted or reloaded.
+    let restarted = before.as_ref().is_some_and(|r| {
+        let (old_pid, old_uptime): (Option<i64>, Option<i64>) = (r.get(0), r.get(1));
+        (old_pid.is_some() && old_pid != pid)
+            || matches!((old_uptime, uptime), (Some(o), Some(n)) if n < o)
+    });
     let poll: i64 = tx
         .query_one(
-            "INSERT INTO haproxy_poll_seq (instance_id, seq) VALUES ($1, 1)
-             ON CONFLICT (instance_id) DO UPDATE SET seq = haproxy_poll_seq.seq + 1
+            "INSERT INTO haproxy_poll_seq (instance_id, seq, pid, uptime_sec) VALUES ($1, 1, $2, $3)
+             ON CONFLICT (instance_id) DO UPDATE SET seq = haproxy_poll_seq.seq + 1,
+                 pid = EXCLUDED.pid, uptime_sec = EXCLUDED.uptime_sec
              RETURNING seq",
-            &[&instance],
+            &[&instance, &pid, &uptime],
         )
         .await?
         .get(0);
@@ -410,5 +435,94 @@ pub async fn poll(
         .await;
     }
     metrics::counter!("checkplane_haproxy_polls_total").increment(1);
+    if restarted {
+        tracing::warn!(
+            instance,
+            ?pid,
+            "HAProxy restarted or reloaded; re-applying desired states"
+        );
+        polled.reapplied = reapply(stores, keys, instance, api, &seen).await?;
+    }
     Ok(polled)
+}
+
+/// After a restart or reload: every server whose operator-desired state HAProxy no longer
+/// has gets it again, read back, and recorded in its history (`reapply:<who asked>`).
+async fn reapply(
+    stores: &Stores,
+    keys: &Keys,
+    instance: &str,
+    api: &Client,
+    seen: &BTreeMap<(String, String), ObservedServer>,
+) -> Result<usize, SyncError> {
+    let client = stores.pg.get().await?;
+    let wanted = client
+        .query(
+            "SELECT backend, name, desired_state, desired_by FROM haproxy_servers
+             WHERE instance_id = $1 AND desired_state IS NOT NULL AND removed_at IS NULL",
+            &[&instance],
+        )
+        .await?;
+    drop(client);
+    let mut reapplied = 0;
+    for row in &wanted {
+        let (backend, server, desired, by): (String, String, String, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let Some(target) = crate::runtime_api::Target::parse(&desired) else {
+            continue;
+        };
+        // Only servers this poll saw, in another state than desired.
+        let Some(now) = seen.get(&(backend.clone(), server.clone())) else {
+            continue;
+        };
+        if now.admin_state == desired {
+            continue;
+        }
+        api.set_state(&backend, &server, target).await?;
+        let after = api.server(&backend, &server).await?;
+        let observed = ObservedServer {
+            admin_state: after.admin_state.name().to_owned(),
+            admin_bits: after.admin_state.0,
+            ..now.clone()
+        };
+        let mut client = stores.pg.get().await?;
+        let tx = client.transaction().await?;
+        let poll: i64 = tx
+            .query_one(
+                "UPDATE haproxy_poll_seq SET seq = seq + 1 WHERE instance_id = $1 RETURNING seq",
+                &[&instance],
+            )
+            .await?
+            .get(0);
+        let event = Event {
+            event_id: poll_event_id(instance, poll, &backend, &server),
+            aggregate_id: format!("haproxy-server:{}", server_id(instance, &backend, &server)),
+            version: poll,
+            occurred_at: checkplane_runtime::clock::now_ms(),
+            actor: "haproxy-sync".to_owned(),
+            schema: SCHEMA,
+            body: EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+                instance_id: instance.to_owned(),
+                poll,
+                backend: backend.clone(),
+                server: server.clone(),
+                observed,
+                cause: format!("reapply:{}", by.unwrap_or_default()),
+            })),
+        };
+        let stream = keys.events("haproxy");
+        outbox::append(&*tx, &event, &stream).await?;
+        tx.commit().await?;
+        drop(client);
+        outbox::publish(
+            &stores.pg,
+            &stores.redis,
+            &stream,
+            &event,
+            outbox::PUBLISH_TIMEOUT,
+        )
+        .await;
+        reapplied += 1;
+    }
+    Ok(reapplied)
 }

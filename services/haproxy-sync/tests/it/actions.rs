@@ -386,3 +386,59 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
     sync.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_loses_the_drain_and_sync_puts_it_back_in_the_history() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let gw = gateway(&db, &redis).await;
+    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
+    let http = reqwest::Client::new();
+    let (_, s1) = instance_with_servers(&http, &gw, &ha.stats.to_string()).await;
+    let (_, requested) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "before-reload"}),
+    )
+    .await;
+    let done = settled(&http, &gw, requested["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "success");
+    assert_eq!(admin_bits(&ha, "s1"), 8);
+
+    // No server-state file here: the reload forgets the drain.
+    ha.reload(&backends());
+    let history = eventually(
+        "the drain is re-applied",
+        Duration::from_secs(15),
+        || async {
+            let (_, page) = call(
+                &http,
+                &gw,
+                "GET",
+                &format!("/v1/haproxy/servers/{s1}/history"),
+                None,
+            )
+            .await;
+            let items = page["items"].as_array().cloned().unwrap_or_default();
+            items
+                .iter()
+                .any(|h| {
+                    h["changed_by"]
+                        .as_str()
+                        .is_some_and(|b| b.starts_with("reapply:"))
+                })
+                .then_some(items)
+        },
+    )
+    .await;
+    assert_eq!(admin_bits(&ha, "s1"), 8, "drained again: {history:?}");
+    let last = history.last().unwrap();
+    assert_eq!(last["new_state"], "drain", "{history:?}");
+    assert_eq!(last["changed_by"], "reapply:key:bootstrap");
+    // s2 was never asked for anything: left as the reload made it.
+    assert_eq!(admin_bits(&ha, "s2"), 0);
+    sync.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}

@@ -29,14 +29,20 @@ async fn haproxy_sync(db: &TestDb, redis: &TestRedis) -> Service {
 
 pub async fn haproxy_sync_with(db: &TestDb, redis: &TestRedis, extra: &[(&str, &str)]) -> Service {
     let mut env = store_env(db, redis);
+    for (k, v) in [
+        ("HAPROXY_SYNC_INTERVAL", "1s"),
+        ("HAPROXY_SYNC_LEASE", "2s"),
+        ("HAPROXY_SYNC_TIMEOUT", "500ms"),
+    ] {
+        if !extra.iter().any(|(name, _)| *name == k) {
+            env.push((k.to_owned(), v.to_owned()));
+        }
+    }
     env.extend(
         extra
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
-    env.push(("HAPROXY_SYNC_INTERVAL".into(), "1s".into()));
-    env.push(("HAPROXY_SYNC_LEASE".into(), "2s".into()));
-    env.push(("HAPROXY_SYNC_TIMEOUT".into(), "500ms".into()));
     let config = haproxy_sync::load(&mut Env::from_pairs(env)).unwrap();
     let sync = Running::start(|l, s| haproxy_sync::run(config, l, s)).await;
     sync.wait_ready(Duration::from_secs(10)).await;
@@ -317,5 +323,119 @@ async fn instances_are_registered_validated_listed_and_removed() {
     .await;
     assert_eq!(audit["total"], 1, "{audit}");
     assert_eq!(audit["items"][0]["actor"], "key:bootstrap");
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owner_stopping_hands_the_instance_over_and_a_forced_sync_runs_at_once() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let gw = gateway(&db, &redis).await;
+    let http = reqwest::Client::new();
+    let slow = [
+        ("HAPROXY_SYNC_INTERVAL", "1h"),
+        ("HAPROXY_SYNC_LEASE", "2s"),
+    ];
+    // The first replica alone: it owns the instance and polls it once (then not for an hour).
+    let first = haproxy_sync_with(&db, &redis, &slow).await;
+    let (_, instance) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/instances",
+        Some(json!({"name": "lb-handover", "address": ha.stats.to_string()})),
+    )
+    .await;
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let backend: String = eventually("first poll", Duration::from_secs(10), || async {
+        let (_, page) = call(
+            &http,
+            &gw,
+            "GET",
+            &format!("/v1/haproxy/instances/{id}/backends"),
+            None,
+        )
+        .await;
+        page["items"][0]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    let (_, page) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/backends/{backend}/servers"),
+        None,
+    )
+    .await;
+    let s1 = page["items"][0]["id"].as_str().unwrap().to_owned();
+    let second = haproxy_sync_with(&db, &redis, &slow).await;
+    first.stop().await.unwrap();
+
+    // Changed behind our back: the second replica takes the instance once the first one's
+    // lease has run out, and polls it at once.
+    assert_eq!(ha.command("set server be_app/s1 state maint").trim(), "");
+    let history_with = |state: &'static str| {
+        let (http, gw, s1) = (&http, &gw, s1.clone());
+        async move {
+            eventually("the change is seen", Duration::from_secs(10), || async {
+                let (_, page) = call(
+                    http,
+                    gw,
+                    "GET",
+                    &format!("/v1/haproxy/servers/{s1}/history"),
+                    None,
+                )
+                .await;
+                let items = page["items"].as_array().cloned().unwrap_or_default();
+                items
+                    .iter()
+                    .any(|h| h["new_state"] == state)
+                    .then_some(items)
+            })
+            .await
+        }
+    };
+    let history = history_with("maint").await;
+    // Seen ready once, then maint once: the takeover doubled nothing.
+    let states: Vec<&str> = history
+        .iter()
+        .map(|h| h["new_state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["ready", "maint"], "{history:?}");
+
+    // The interval is an hour: only a forced sync sees the next change.
+    assert_eq!(ha.command("set server be_app/s1 state drain").trim(), "");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, page) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/servers/{s1}/history"),
+        None,
+    )
+    .await;
+    assert_eq!(page["total"], 2, "no poll before the forced one: {page}");
+    let (status, _) = call(
+        &http,
+        &gw,
+        "POST",
+        &format!("/v1/haproxy/instances/{id}/sync"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202);
+    let history = history_with("drain").await;
+    assert_eq!(history.len(), 3, "{history:?}");
+    let (status, _) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/instances/hpi-00000000000000000000/sync",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    second.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
