@@ -80,6 +80,16 @@ pub struct Trimmed {
     pub metrics: u64,
     /// Concurrency controller snapshots.
     pub windows: u64,
+    /// HAProxy servers' state history rows.
+    pub history: u64,
+}
+
+/// How long each kind of row is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Ages {
+    pub results: Duration,
+    pub metrics: Duration,
+    pub history: Duration,
 }
 
 /// Rows deleted per statement by [`trim_results`]: each statement is its own short
@@ -90,13 +100,13 @@ pub const TRIM_BATCH: i64 = 1_000;
 /// metrics older than `metrics`, `batch` rows per statement until none is left.
 pub async fn trim_results(
     client: &tokio_postgres::Client,
-    results: Duration,
-    metrics: Duration,
+    ages: Ages,
     batch: i64,
 ) -> Result<Trimmed, tokio_postgres::Error> {
     let mut done = Trimmed::default();
-    let results_ms = i64::try_from(results.as_millis()).unwrap_or(i64::MAX);
-    let metrics_ms = i64::try_from(metrics.as_millis()).unwrap_or(i64::MAX);
+    let results_ms = i64::try_from(ages.results.as_millis()).unwrap_or(i64::MAX);
+    let metrics_ms = i64::try_from(ages.metrics.as_millis()).unwrap_or(i64::MAX);
+    let history_ms = i64::try_from(ages.history.as_millis()).unwrap_or(i64::MAX);
     let statements = [
         (
             "DELETE FROM checks WHERE check_id IN (
@@ -122,6 +132,14 @@ pub async fn trim_results(
                 LIMIT $2)",
             metrics_ms,
             &mut done.windows,
+        ),
+        (
+            "DELETE FROM haproxy_server_status_history WHERE event_id IN (
+                SELECT event_id FROM haproxy_server_status_history
+                WHERE occurred_at < now() - $1::bigint * interval '1 millisecond'
+                LIMIT $2)",
+            history_ms,
+            &mut done.history,
         ),
     ];
     for (sql, age_ms, deleted) in statements {

@@ -33,6 +33,7 @@ pub fn router() -> Router<AppState> {
             axum::routing::post(request_action),
         )
         .route("/v1/haproxy/actions/{id}", get(action))
+        .route("/v1/haproxy/batch/action", axum::routing::post(batch))
 }
 
 /// An action as operators read it.
@@ -90,7 +91,28 @@ async fn request_action(
     ApiJson(request): ApiJson<checkplane_wire::haproxy::ActionRequest>,
 ) -> Result<(StatusCode, Json<ActionView>), ApiError> {
     request.validate().map_err(ApiError::validation)?;
-    if !valid_id("hps-", &id) {
+    let view = request_one(
+        &app,
+        &operator.caller.actor(),
+        &id,
+        &request.action,
+        &request.idempotency_key,
+        request.drain_wait_ms,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Record one action (or find the one its key made).
+async fn request_one(
+    app: &AppState,
+    actor: &str,
+    id: &str,
+    action: &str,
+    key: &str,
+    drain_wait_ms: u64,
+) -> Result<ActionView, ApiError> {
+    if !valid_id("hps-", id) {
         return Err(ApiError::not_found("no such server"));
     }
     let stream = app.keys.events("haproxy");
@@ -99,26 +121,26 @@ async fn request_action(
     // One request per key at a time: the second waits here, then finds the first.
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))",
-        &[&request.idempotency_key],
+        &[&key],
     )
     .await?;
     let existing = tx
         .query_opt(
             &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE idempotency_key = $1"),
-            &[&request.idempotency_key],
+            &[&key],
         )
         .await?;
     if let Some(row) = existing {
         let first = action_view(&row);
         let same = first.server_id == id
-            && first.action == request.action
-            && first.drain_wait_ms == i64::try_from(request.drain_wait_ms).unwrap_or(-1);
+            && first.action == action
+            && first.drain_wait_ms == i64::try_from(drain_wait_ms).unwrap_or(-1);
         if !same {
             return Err(ApiError::validation(
                 "idempotency_key: already used for another request",
             ));
         }
-        return Ok((StatusCode::ACCEPTED, Json(first)));
+        return Ok(first);
     }
     let server = tx
         .query_opt(
@@ -133,17 +155,17 @@ async fn request_action(
     let event = outbox::new_event(
         format!("haproxy-action:{action_id}"),
         1,
-        operator.caller.actor(),
+        actor.to_owned(),
         EventBody::HaproxyActionRequested(Box::new(
             checkplane_wire::events::HaproxyActionRequested {
                 action_id: action_id.clone(),
-                idempotency_key: request.idempotency_key.clone(),
-                server_id: id.clone(),
+                idempotency_key: key.to_owned(),
+                server_id: id.to_owned(),
                 instance_id: server.get(0),
                 backend: server.get(1),
                 server: server.get(2),
-                action: request.action.clone(),
-                drain_wait_ms: request.drain_wait_ms,
+                action: action.to_owned(),
+                drain_wait_ms,
             },
         )),
     );
@@ -166,8 +188,74 @@ async fn request_action(
         PUBLISH_TIMEOUT,
     )
     .await;
-    tracing::info!(%action_id, server_id = %id, action = %request.action, "HAProxy action requested");
-    Ok((StatusCode::ACCEPTED, Json(action_view(&row))))
+    tracing::info!(%action_id, server_id = %id, action, "HAProxy action requested");
+    Ok(action_view(&row))
+}
+
+/// Most servers in one batch.
+const MAX_BATCH: usize = 500;
+
+/// `POST /v1/haproxy/batch/action`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    action: String,
+    idempotency_key: String,
+    servers: Vec<String>,
+    #[serde(default)]
+    drain_wait_ms: u64,
+}
+
+/// `POST /v1/haproxy/batch/action`: one action per server (key `<key>:<server>`, so the
+/// batch sent again makes nothing new); the answer lists each server's action or error. They
+/// run at most `HAPROXY_ACTION_PARALLELISM` at once per instance.
+async fn batch(
+    State(app): State<AppState>,
+    operator: crate::auth::Operator,
+    ApiJson(request): ApiJson<BatchRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let one = checkplane_wire::haproxy::ActionRequest {
+        action: request.action.clone(),
+        idempotency_key: request.idempotency_key.clone(),
+        drain_wait_ms: request.drain_wait_ms,
+    };
+    one.validate().map_err(ApiError::validation)?;
+    if request.servers.is_empty() || request.servers.len() > MAX_BATCH {
+        return Err(ApiError::validation(format!(
+            "servers: 1-{MAX_BATCH} server ids"
+        )));
+    }
+    let unique: std::collections::BTreeSet<&str> =
+        request.servers.iter().map(String::as_str).collect();
+    if unique.len() != request.servers.len() {
+        return Err(ApiError::validation("servers: each server once"));
+    }
+    let actor = operator.caller.actor();
+    let mut out = Vec::with_capacity(request.servers.len());
+    for server in &request.servers {
+        let key = format!("{}:{server}", request.idempotency_key);
+        match request_one(
+            &app,
+            &actor,
+            server,
+            &request.action,
+            &key,
+            request.drain_wait_ms,
+        )
+        .await
+        {
+            Ok(view) => out.push(serde_json::json!({"server_id": server, "action": view})),
+            Err(error) if error.status.is_client_error() => out.push(serde_json::json!({
+                "server_id": server,
+                "error": {"code": error.code.as_str(), "message": error.message},
+            })),
+            Err(error) => return Err(error),
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"items": out})),
+    ))
 }
 
 async fn action(

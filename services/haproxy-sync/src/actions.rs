@@ -37,6 +37,8 @@ pub struct Settings {
     pub retry_base: Duration,
     /// How long an open breaker waits before a trial.
     pub cooldown: Duration,
+    /// Actions running at once per instance (`HAPROXY_ACTION_PARALLELISM`).
+    pub parallelism: usize,
 }
 
 /// An action to execute.

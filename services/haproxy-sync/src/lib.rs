@@ -58,6 +58,8 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         Duration::from_millis(100),
         Duration::from_secs(3600),
     )?;
+    let parallelism =
+        usize::try_from(env.u64_in("HAPROXY_ACTION_PARALLELISM", 4, 1, 64)?).unwrap_or(4);
     Ok(Config {
         service,
         sync: sync::Settings {
@@ -68,6 +70,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
             actions: actions::Settings {
                 retry_base,
                 cooldown,
+                parallelism,
             },
         },
     })

@@ -96,6 +96,8 @@ pub struct Sync {
     due: HashMap<String, Instant>,
     claim: redis::Script,
     breakers: HashMap<String, std::sync::Arc<std::sync::Mutex<crate::breaker::Breaker>>>,
+    /// Bounds the actions running at once on each instance.
+    lanes: HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>,
     executing: crate::actions::Executing,
 }
 
@@ -118,6 +120,7 @@ impl Sync {
             due: HashMap::new(),
             claim: redis::Script::new(CLAIM),
             breakers: HashMap::new(),
+            lanes: HashMap::new(),
             executing: crate::actions::Executing::default(),
         }
     }
@@ -235,10 +238,17 @@ impl Sync {
                 )))
             })
             .clone();
+        let parallelism = self.settings.actions.parallelism;
+        let lanes = self
+            .lanes
+            .entry(instance.id.clone())
+            .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(parallelism)))
+            .clone();
         for action in open {
             if !self.executing.claim(&action.action_id) {
                 continue;
             }
+            let lanes = lanes.clone();
             let (stores, keys, api, breaker) = (
                 self.stores.clone(),
                 self.keys.clone(),
@@ -248,6 +258,10 @@ impl Sync {
             let (settings, executing) = (self.settings.actions.clone(), self.executing.clone());
             tokio::spawn(async move {
                 let id = action.action_id.clone();
+                let Ok(_lane) = lanes.acquire_owned().await else {
+                    executing.release(&id);
+                    return;
+                };
                 if let Err(error) =
                     crate::actions::execute(stores, keys, api, breaker, settings, action).await
                 {

@@ -37,6 +37,8 @@ pub struct Config {
     pub results_retention: Duration,
     /// `METRICS_RETENTION`: how long agents' reported metrics are kept.
     pub metrics_retention: Duration,
+    /// `HAPROXY_HISTORY_RETENTION`: how long HAProxy servers' state history is kept.
+    pub history_retention: Duration,
     /// `PROJECTOR_MAX_ATTEMPTS`: failures before an event is parked.
     pub max_attempts: u32,
     /// `MAX_RETRIES`: new attempts of a slot whose agent went away.
@@ -92,6 +94,12 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         )?,
         metrics_retention: env.duration(
             "METRICS_RETENTION",
+            Duration::from_secs(30 * 86_400),
+            Duration::from_secs(3600),
+            Duration::from_secs(3650 * 86_400),
+        )?,
+        history_retention: env.duration(
+            "HAPROXY_HISTORY_RETENTION",
             Duration::from_secs(30 * 86_400),
             Duration::from_secs(3600),
             Duration::from_secs(3650 * 86_400),
@@ -255,11 +263,12 @@ pub async fn run(
             );
 
             let (pg, schema) = (stores.pg.clone(), stores.clone());
-            let (events, results, metrics) = (
-                config.events_retention,
-                config.results_retention,
-                config.metrics_retention,
-            );
+            let events = config.events_retention;
+            let ages = checkplane_runtime::retention::Ages {
+                results: config.results_retention,
+                metrics: config.metrics_retention,
+                history: config.history_retention,
+            };
             every(
                 tracker,
                 shutdown,
@@ -281,7 +290,7 @@ pub async fn run(
                             .map_err(|e| RunError::Startup(e.to_string()))?;
                         let done = maintain_events(&client, events).await.map_err(failed)?;
                         tracing::debug!(?done, "events maintenance");
-                        let trimmed = trim_results(&client, results, metrics, TRIM_BATCH)
+                        let trimmed = trim_results(&client, ages, TRIM_BATCH)
                             .await
                             .map_err(failed)?;
                         if trimmed != Default::default() {

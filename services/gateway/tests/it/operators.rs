@@ -101,6 +101,22 @@ fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role,
             404,
         ),
         (
+            "POST",
+            "/v1/haproxy/batch/action".into(),
+            Some(
+                json!({"action": "drain", "idempotency_key": "t", "servers": ["hps-00000000000000000000"]}),
+            ),
+            Role::Operator,
+            202,
+        ),
+        (
+            "POST",
+            "/v1/haproxy/instances/hpi-00000000000000000000/sync".into(),
+            None,
+            Role::Operator,
+            404,
+        ),
+        (
             "GET",
             "/v1/haproxy/actions/hpa-00000000000000000000".into(),
             None,

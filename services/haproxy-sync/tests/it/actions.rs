@@ -442,3 +442,73 @@ async fn a_reload_loses_the_drain_and_sync_puts_it_back_in_the_history() {
     sync.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_drains_each_server_once_and_lists_what_it_could_not() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let gw = gateway(&db, &redis).await;
+    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_ACTION_PARALLELISM", "1")]).await;
+    let http = reqwest::Client::new();
+    let (_, s1) = instance_with_servers(&http, &gw, &ha.stats.to_string()).await;
+    let backend = db
+        .client()
+        .await
+        .query_one(
+            "SELECT backend_id FROM haproxy_servers WHERE server_id = $1",
+            &[&s1],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    let (_, page) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/backends/{backend}/servers"),
+        None,
+    )
+    .await;
+    let s2 = page["items"][1]["id"].as_str().unwrap().to_owned();
+    let body = json!({"action": "drain", "idempotency_key": "batch-1",
+                      "servers": [s1, s2, "hps-00000000000000000000"]});
+    let (status, answer) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/batch/action",
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let items = answer["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[2]["error"]["code"], "ERR_NOT_FOUND", "{answer}");
+    let ids: Vec<String> = items[..2]
+        .iter()
+        .map(|i| i["action"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    for id in &ids {
+        assert_eq!(settled(&http, &gw, id).await["status"], "success");
+    }
+    assert_eq!((admin_bits(&ha, "s1"), admin_bits(&ha, "s2")), (8, 8));
+    // Sent again: the same actions, nothing new.
+    let (_, again) = call(&http, &gw, "POST", "/v1/haproxy/batch/action", Some(body)).await;
+    let again: Vec<&str> = again["items"].as_array().unwrap()[..2]
+        .iter()
+        .map(|i| i["action"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(again, ids);
+    let (status, _) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/batch/action",
+        Some(json!({"action": "drain", "idempotency_key": "b2", "servers": []})),
+    )
+    .await;
+    assert_eq!(status, 422);
+    sync.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}

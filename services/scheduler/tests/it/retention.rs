@@ -54,7 +54,7 @@ async fn partitions_are_made_ahead_and_expired_days_dropped() {
 
 #[tokio::test]
 async fn old_results_and_metrics_are_deleted_in_batches() {
-    use checkplane_runtime::retention::trim_results;
+    use checkplane_runtime::retention::{trim_results, Ages};
     let db = TestDb::new().await;
     let client = db.client().await;
     // Five checks finished 40 days ago, one 10 days ago, one still running from 40 days ago
@@ -77,12 +77,22 @@ async fn old_results_and_metrics_are_deleted_in_batches() {
              INSERT INTO concurrency_windows (agent_id, recorded_at, window_size, max_window,
                                               inflight, queued, backpressure)
              SELECT 'agt-1', now() - (i || ' days')::interval + interval '12 hours', 4, 8, 4, 0, false
-             FROM generate_series(1, 35) AS i;",
+             FROM generate_series(1, 35) AS i;
+             INSERT INTO haproxy_server_status_history (event_id, server_id, occurred_at, new_state,
+                                                        changed_by, poll)
+             SELECT gen_random_uuid(), 'hps-x', now() - (i || ' days')::interval + interval '12 hours',
+                    'ready', 'sync', i
+             FROM generate_series(1, 33) AS i;",
         )
         .await
         .unwrap();
     let month = Duration::from_secs(30 * 86_400);
-    let done = trim_results(&client, month, month, 2).await.unwrap();
+    let ages = Ages {
+        results: month,
+        metrics: month,
+        history: month,
+    };
+    let done = trim_results(&client, ages, 2).await.unwrap();
     assert_eq!(
         (done.checks, done.metrics, done.windows),
         (5, 15, 5),
@@ -95,8 +105,15 @@ async fn old_results_and_metrics_are_deleted_in_batches() {
         "slots go with their check"
     );
     assert_eq!(count(&db, "SELECT count(*) FROM agent_metrics").await, 30);
-    let again = trim_results(&client, month, month, 2).await.unwrap();
-    assert_eq!((again.checks, again.metrics, again.windows), (0, 0, 0));
+    let again = trim_results(&client, ages, 2).await.unwrap();
+    assert_eq!(
+        (again.checks, again.metrics, again.windows, again.history),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM haproxy_server_status_history").await,
+        30
+    );
     assert_eq!(
         count(&db, "SELECT count(*) FROM concurrency_windows").await,
         30
