@@ -10,6 +10,7 @@
 
 mod dns;
 mod fanout;
+mod haproxy;
 
 /// The allocator the service binaries use, so their figures are the services'.
 #[global_allocator]
@@ -50,6 +51,10 @@ enum Command {
     DnsProxy(dns::DnsArgs),
     /// The agent process's resident memory, idle and with 1,000 checks in flight.
     AgentRss(dns::RssArgs),
+    /// 10 HAProxy instances x 100 servers: one sync cycle, first and steady.
+    HaproxySync(haproxy::HaproxyArgs),
+    /// drain / ready from the request to the confirmed state.
+    HaproxyAction(haproxy::HaproxyArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -652,5 +657,7 @@ fn main() {
         Command::FanOutRaw(args) => runtime.block_on(fanout::raw(args)),
         Command::DnsProxy(args) => dns::proxy(args),
         Command::AgentRss(args) => runtime.block_on(dns::rss(args)),
+        Command::HaproxySync(args) => runtime.block_on(haproxy::sync_cycle(args)),
+        Command::HaproxyAction(args) => runtime.block_on(haproxy::action_latency(args)),
     }
 }

@@ -88,6 +88,51 @@ pub async fn publish(
     }
 }
 
+/// [`publish`] for many events of one stream: one pipelined XADD each, one DELETE of their
+/// outbox rows.
+pub async fn publish_all(
+    pg: &deadpool_postgres::Pool,
+    redis: &deadpool_redis::Pool,
+    stream: &str,
+    events: &[Event],
+    timeout: Duration,
+) {
+    if events.is_empty() {
+        return;
+    }
+    let attempt = tokio::time::timeout(timeout, async {
+        let mut pipe = redis::pipe();
+        for event in events {
+            let json = serde_json::to_string(event).map_err(|e| e.to_string())?;
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("event")
+                .arg(json)
+                .ignore();
+        }
+        let mut conn = redis.get().await.map_err(|e| e.to_string())?;
+        let _: () = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+        let client = pg.get().await.map_err(|e| e.to_string())?;
+        client
+            .execute("DELETE FROM outbox WHERE event_id = ANY($1)", &[&ids])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    if let Err(error) = attempt {
+        metrics::counter!("checkplane_outbox_publish_deferred_total")
+            .increment(events.len() as u64);
+        tracing::warn!(events = events.len(), %error, "events left to the outbox sweep");
+    }
+}
+
 /// Why a sweep failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {

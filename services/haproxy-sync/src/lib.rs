@@ -92,6 +92,15 @@ pub async fn run(
         tracker.spawn(async move {
             stores.schema_current().await;
             let lease = settings.lease;
+            // New events on the haproxy stream (an action requested, a forced sync) start a
+            // round at once rather than at the next tick.
+            let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+            tokio::spawn(watch_events(
+                stores.clone(),
+                keys.events("haproxy"),
+                wake.clone(),
+                shutdown.clone(),
+            ));
             let mut sync = sync::Sync::new(stores, keys, settings);
             // Rounds well inside the lease, so the owner renews it in time.
             let mut ticker = tokio::time::interval((lease / 4).min(Duration::from_secs(1)));
@@ -100,6 +109,7 @@ pub async fn run(
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = ticker.tick() => {}
+                    _ = wake.notified() => {}
                 }
                 let round = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -113,6 +123,54 @@ pub async fn run(
         axum::Router::new()
     })
     .await
+}
+
+/// Wake the sync loop whenever something is added to the haproxy events stream (blocking
+/// reads on a connection of the pool's own, from the newest entry on).
+async fn watch_events(
+    stores: checkplane_runtime::stores::Stores,
+    stream: String,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut last = "$".to_owned();
+    while !shutdown.is_cancelled() {
+        let read = async {
+            let mut conn = stores.redis.get().await.map_err(|e| e.to_string())?;
+            let reply: redis::streams::StreamReadReply = redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(&last)
+                .query_async(&mut *conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(reply)
+        };
+        let reply = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = read => r,
+        };
+        match reply {
+            Ok(reply) => {
+                let newest = reply
+                    .keys
+                    .iter()
+                    .flat_map(|k| k.ids.iter())
+                    .map(|e| e.id.clone())
+                    .next_back();
+                if let Some(id) = newest {
+                    last = id;
+                    wake.notify_one();
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "watching the haproxy stream");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// The haproxy-sync as a launchable [`checkplane_runtime::Service`].

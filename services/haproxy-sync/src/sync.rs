@@ -21,6 +21,7 @@ use checkplane_wire::events::{
     Event, EventBody, HaproxyServerMissing, HaproxyServerObserved, ObservedServer, SCHEMA,
 };
 use checkplane_wire::haproxy::{poll_event_id, server_id};
+use futures::StreamExt;
 
 use crate::replies::op_state_name;
 use crate::runtime_api::{ApiError, Client, Direct, Endpoint};
@@ -69,6 +70,9 @@ pub struct Polled {
     /// Desired states put back after a restart or reload.
     pub reapplied: usize,
 }
+
+/// Instances polled at once in a round.
+const POLLS_AT_ONCE: usize = 8;
 
 /// Renew our lease on `key`, or take it if free: whether we hold it.
 const CLAIM: &str = r"
@@ -173,6 +177,7 @@ impl Sync {
             instances.iter().map(|i| i.id.as_str()).collect();
         self.due.retain(|id, _| live.contains(id.as_str()));
         self.clients.retain(|id, _| live.contains(id.as_str()));
+        let mut due_now = Vec::new();
         for instance in &instances {
             let held: i64 = self
                 .claim
@@ -206,8 +211,18 @@ impl Sync {
                 instance.id.clone(),
                 Instant::now() + jittered(self.settings.interval),
             );
-            let api = self.client(instance);
-            match poll(&self.stores, &self.keys, &instance.id, &api).await {
+            due_now.push((instance.clone(), self.client(instance)));
+        }
+        // The due instances polled side by side (each on its own connections), a few at once.
+        let (stores, keys) = (&self.stores, &self.keys);
+        let mut polls =
+            futures::stream::iter(due_now.into_iter().map(|(instance, api)| async move {
+                let polled = poll(stores, keys, &instance.id, &api).await;
+                (instance, polled)
+            }))
+            .buffer_unordered(POLLS_AT_ONCE);
+        while let Some((instance, polled)) = polls.next().await {
+            match polled {
                 Ok(polled) => tracing::debug!(instance = %instance.id, ?polled, "polled HAProxy"),
                 Err(SyncError::Api(error)) => {
                     metrics::counter!("checkplane_haproxy_poll_failures_total").increment(1);
@@ -433,21 +448,18 @@ pub async fn poll(
         ));
     }
     let stream = keys.events("haproxy");
-    for e in &events {
-        outbox::append(&*tx, e, &stream).await?;
-    }
+    // Each event touches its own server's rows: sent together, pipelined on the connection.
+    futures::future::try_join_all(events.iter().map(|e| outbox::append(&*tx, e, &stream))).await?;
     tx.commit().await?;
     drop(client);
-    for e in &events {
-        outbox::publish(
-            &stores.pg,
-            &stores.redis,
-            &stream,
-            e,
-            outbox::PUBLISH_TIMEOUT,
-        )
-        .await;
-    }
+    outbox::publish_all(
+        &stores.pg,
+        &stores.redis,
+        &stream,
+        &events,
+        outbox::PUBLISH_TIMEOUT,
+    )
+    .await;
     metrics::counter!("checkplane_haproxy_polls_total").increment(1);
     if restarted {
         tracing::warn!(

@@ -111,8 +111,9 @@ async fn a_stopped_or_frozen_haproxy_is_unreachable_and_retryable() {
     let started = std::time::Instant::now();
     let err = api.show_info().await.unwrap_err();
     assert!(err.retryable(), "{err:?}");
+    // Bounded by the timeouts (1.3 s here), not hanging; generous, the machine may be busy.
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(15),
         "bounded by the timeouts"
     );
     ha.thaw();
