@@ -137,7 +137,8 @@ async fn watch_events(
     while !shutdown.is_cancelled() {
         let read = async {
             let mut conn = stores.redis.get().await.map_err(|e| e.to_string())?;
-            let reply: redis::streams::StreamReadReply = redis::cmd("XREAD")
+            // Nil when the block times out with nothing new.
+            let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
                 .arg("BLOCK")
                 .arg(1000)
                 .arg("STREAMS")
@@ -153,7 +154,8 @@ async fn watch_events(
             r = read => r,
         };
         match reply {
-            Ok(reply) => {
+            Ok(None) => {}
+            Ok(Some(reply)) => {
                 let newest = reply
                     .keys
                     .iter()
