@@ -190,6 +190,9 @@ pub async fn sync_cycle(args: HaproxyArgs) {
     teardown(&args, s).await;
 }
 
+/// Actions made before the measured ones.
+const WARMUP: usize = 5;
+
 pub async fn action_latency(args: HaproxyArgs) {
     let s = setup(&args).await;
     let mut env = s.env.clone();
@@ -229,7 +232,8 @@ pub async fn action_latency(args: HaproxyArgs) {
         .map(|r| r.get(0))
         .collect();
     let mut ours = Vec::new();
-    for i in 0..args.runs {
+    // Five warm-up actions first (the first cycle's last publishes may still be going out).
+    for i in 0..args.runs + WARMUP {
         let server = &servers[i % servers.len()];
         let action = if (i / servers.len()) % 2 == 0 {
             "drain"
@@ -266,7 +270,9 @@ pub async fn action_latency(args: HaproxyArgs) {
             assert_ne!(a["status"], "failed", "{a}");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        if i >= WARMUP {
+            ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
     }
     // Raw: the same change and read-back straight over the socket.
     let addr = s.proxies[0].stats;
