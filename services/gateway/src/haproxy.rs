@@ -169,9 +169,7 @@ async fn request_one(
             },
         )),
     );
-    outbox::append(&*tx, &event, &stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    append(&tx, &event, &stream).await?;
     let row = tx
         .query_one(
             &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE action_id = $1"),
@@ -180,14 +178,7 @@ async fn request_one(
         .await?;
     tx.commit().await?;
     drop(client);
-    outbox::publish(
-        &app.stores.pg,
-        &app.stores.redis,
-        &stream,
-        &event,
-        PUBLISH_TIMEOUT,
-    )
-    .await;
+    publish(app, &stream, &event).await;
     tracing::info!(%action_id, server_id = %id, action, "HAProxy action requested");
     Ok(action_view(&row))
 }
@@ -277,6 +268,29 @@ async fn action(
     Ok(Json(action_view(&row)))
 }
 
+/// Record, apply and keep for publishing `event` inside the command's transaction.
+async fn append(
+    tx: &deadpool_postgres::Transaction<'_>,
+    event: &checkplane_wire::events::Event,
+    stream: &str,
+) -> Result<(), ApiError> {
+    outbox::append(&**tx, event, stream)
+        .await
+        .map_err(|e| ApiError::internal(&e))
+}
+
+/// After commit: publish `event` (or leave it to the outbox sweep).
+async fn publish(app: &AppState, stream: &str, event: &checkplane_wire::events::Event) {
+    outbox::publish(
+        &app.stores.pg,
+        &app.stores.redis,
+        stream,
+        event,
+        PUBLISH_TIMEOUT,
+    )
+    .await;
+}
+
 /// An instance as operators read it.
 #[derive(Debug, Serialize)]
 struct InstanceView {
@@ -360,9 +374,7 @@ async fn register(
             format!("name: instance {} has it", row.get::<_, String>(0)),
         ));
     }
-    outbox::append(&*tx, &event, &stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    append(&tx, &event, &stream).await?;
     let row = tx
         .query_one(
             &format!("SELECT {INSTANCE_COLUMNS} FROM haproxy_instances WHERE instance_id = $1"),
@@ -371,14 +383,7 @@ async fn register(
         .await?;
     tx.commit().await?;
     drop(client);
-    outbox::publish(
-        &app.stores.pg,
-        &app.stores.redis,
-        &stream,
-        &event,
-        PUBLISH_TIMEOUT,
-    )
-    .await;
+    publish(&app, &stream, &event).await;
     tracing::info!(%instance_id, %name, "HAProxy instance registered");
     Ok((StatusCode::CREATED, Json(instance(&row))))
 }
@@ -459,19 +464,10 @@ async fn remove(
             instance_id: id.clone(),
         }),
     );
-    outbox::append(&*tx, &event, &stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    append(&tx, &event, &stream).await?;
     tx.commit().await?;
     drop(client);
-    outbox::publish(
-        &app.stores.pg,
-        &app.stores.redis,
-        &stream,
-        &event,
-        PUBLISH_TIMEOUT,
-    )
-    .await;
+    publish(&app, &stream, &event).await;
     tracing::info!(instance_id = %id, "HAProxy instance removed");
     Ok(StatusCode::NO_CONTENT)
 }
