@@ -44,6 +44,31 @@ pub async fn append(
     Ok(())
 }
 
+/// [`append`] for many events that touch rows of their own each (one poll's servers): one
+/// `events` insert, the applies pipelined, one `outbox` insert.
+pub async fn append_all(
+    tx: &impl GenericClient,
+    events: &[Event],
+    stream: &str,
+) -> Result<(), ApplyError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    projection::record_and_apply_independent(tx, events).await?;
+    let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    let bodies = events
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()?;
+    tx.execute(
+        "INSERT INTO outbox (event_id, stream, event)
+         SELECT id, $2, e FROM unnest($1::uuid[], $3::jsonb[]) AS u(id, e)",
+        &[&ids, &stream, &bodies],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn xadd(
     conn: &mut impl redis::aio::ConnectionLike,
     stream: &str,

@@ -626,6 +626,15 @@ pub async fn record_and_apply_batch(
     client: &impl GenericClient,
     events: &[Event],
 ) -> Result<Applied, ApplyError> {
+    let new = record_batch(client, events).await?;
+    apply_recorded(client, events, new).await
+}
+
+/// Insert a batch into `events` with one statement: the ids that were new.
+pub async fn record_batch(
+    client: &impl GenericClient,
+    events: &[Event],
+) -> Result<std::collections::HashSet<uuid::Uuid>, ApplyError> {
     let mut ids = Vec::with_capacity(events.len());
     let mut ms = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
@@ -656,7 +665,31 @@ pub async fn record_and_apply_batch(
             &[&ids, &ms, &types, &aggregates, &versions, &actors, &schemas, &payloads],
         )
         .await?;
-    let mut new: std::collections::HashSet<uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Record `events` (one statement) and apply the new ones side by side: for events that
+/// touch rows of their own (one poll's servers), pipelined on the connection.
+pub async fn record_and_apply_independent(
+    client: &impl GenericClient,
+    events: &[Event],
+) -> Result<(), ApplyError> {
+    let new = record_batch(client, events).await?;
+    futures::future::try_join_all(
+        events
+            .iter()
+            .filter(|e| new.contains(&e.event_id))
+            .map(|e| apply(client, e)),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply_recorded(
+    client: &impl GenericClient,
+    events: &[Event],
+    mut new: std::collections::HashSet<uuid::Uuid>,
+) -> Result<Applied, ApplyError> {
     let mut applied = Applied::default();
     let mut presence: Vec<(&Event, &AgentPresence, &str)> = Vec::new();
     let mut tasks = Vec::new();

@@ -448,8 +448,8 @@ pub async fn poll(
         ));
     }
     let stream = keys.events("haproxy");
-    // Each event touches its own server's rows: sent together, pipelined on the connection.
-    futures::future::try_join_all(events.iter().map(|e| outbox::append(&*tx, e, &stream))).await?;
+    // Each event touches its own server's rows: recorded together, applied pipelined.
+    outbox::append_all(&*tx, &events, &stream).await?;
     tx.commit().await?;
     drop(client);
     outbox::publish_all(
