@@ -12,7 +12,7 @@ use checkplane_testkit::{eventually, TestDb, TestRedis};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::sync::{backends, call, gateway, haproxy_sync_with, Service};
+use crate::sync::{backends, call, gateway, haproxy_sync_with, history, history_until, Service};
 
 /// A TCP relay in front of a Runtime API that counts the `set server` commands through it.
 async fn counting_relay(to: std::net::SocketAddr) -> (String, Arc<AtomicUsize>) {
@@ -155,23 +155,14 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
     }
     assert_eq!(sets.load(Ordering::SeqCst), 3, "one set server per action");
     // History names the actions that changed it; the desired state is the last asked.
-    let (_, history) = call(
-        &http,
-        &gw,
-        "GET",
-        &format!("/v1/haproxy/servers/{s1}/history"),
-        None,
-    )
-    .await;
-    let by: Vec<&str> = history["items"]
-        .as_array()
-        .unwrap()
+    let history = history(&http, &gw, &s1).await;
+    let by: Vec<&str> = history
         .iter()
         .map(|h| h["changed_by"].as_str().unwrap())
         .collect();
-    assert_eq!(by.len(), 4, "{history}");
+    assert_eq!(by.len(), 4, "{history:?}");
     assert_eq!(by[0], "sync");
-    assert!(by[1..].iter().all(|b| b.starts_with("hpa-")), "{history}");
+    assert!(by[1..].iter().all(|b| b.starts_with("hpa-")), "{history:?}");
 
     // A thousand requests with one key at once: one action, one set server.
     let before = sets.load(Ordering::SeqCst);
@@ -409,29 +400,11 @@ async fn a_reload_loses_the_drain_and_sync_puts_it_back_in_the_history() {
 
     // No server-state file here: the reload forgets the drain.
     ha.reload(&backends());
-    let history = eventually(
-        "the drain is re-applied",
-        Duration::from_secs(15),
-        || async {
-            let (_, page) = call(
-                &http,
-                &gw,
-                "GET",
-                &format!("/v1/haproxy/servers/{s1}/history"),
-                None,
-            )
-            .await;
-            let items = page["items"].as_array().cloned().unwrap_or_default();
-            items
-                .iter()
-                .any(|h| {
-                    h["changed_by"]
-                        .as_str()
-                        .is_some_and(|b| b.starts_with("reapply:"))
-                })
-                .then_some(items)
-        },
-    )
+    let history = history_until(&http, &gw, &s1, "the drain is re-applied", |h| {
+        h["changed_by"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("reapply:"))
+    })
     .await;
     assert_eq!(admin_bits(&ha, "s1"), 8, "drained again: {history:?}");
     let last = history.last().unwrap();

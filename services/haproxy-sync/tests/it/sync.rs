@@ -67,6 +67,34 @@ pub async fn call(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The state history of `server`, oldest first.
+pub async fn history(http: &reqwest::Client, gw: &Service, server: &str) -> Vec<Value> {
+    let (_, page) = call(
+        http,
+        gw,
+        "GET",
+        &format!("/v1/haproxy/servers/{server}/history"),
+        None,
+    )
+    .await;
+    page["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// The history of `server` once a row of it satisfies `found`.
+pub async fn history_until(
+    http: &reqwest::Client,
+    gw: &Service,
+    server: &str,
+    what: &str,
+    found: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    eventually(what, Duration::from_secs(15), || async {
+        let items = history(http, gw, server).await;
+        items.iter().any(&found).then_some(items)
+    })
+    .await
+}
+
 pub fn backends() -> Vec<(&'static str, Vec<(&'static str, u16)>)> {
     vec![
         ("be_app", vec![("s1", 18101), ("s2", 18102)]),
@@ -135,25 +163,9 @@ async fn sync_discovers_follows_and_soft_deletes_servers() {
 
     // Drained behind our back (straight through the socket): the next poll records it.
     assert_eq!(ha.command("set server be_app/s1 state drain").trim(), "");
-    let history = eventually(
-        "the drain is in the history",
-        Duration::from_secs(10),
-        || async {
-            let (_, page) = call(
-                &http,
-                &gw,
-                "GET",
-                &format!("/v1/haproxy/servers/{s1}/history"),
-                None,
-            )
-            .await;
-            let items = page["items"].as_array().cloned().unwrap_or_default();
-            items
-                .iter()
-                .any(|h| h["new_state"] == "drain")
-                .then_some(items)
-        },
-    )
+    let history = history_until(&http, &gw, &s1, "the drain is in the history", |h| {
+        h["new_state"] == "drain"
+    })
     .await;
     assert_eq!(
         history[0]["previous_state"],
@@ -376,46 +388,23 @@ async fn the_owner_stopping_hands_the_instance_over_and_a_forced_sync_runs_at_on
     // lease has run out, and polls it at once.
     assert_eq!(ha.command("set server be_app/s1 state maint").trim(), "");
     let history_with = |state: &'static str| {
-        let (http, gw, s1) = (&http, &gw, s1.clone());
-        async move {
-            eventually("the change is seen", Duration::from_secs(10), || async {
-                let (_, page) = call(
-                    http,
-                    gw,
-                    "GET",
-                    &format!("/v1/haproxy/servers/{s1}/history"),
-                    None,
-                )
-                .await;
-                let items = page["items"].as_array().cloned().unwrap_or_default();
-                items
-                    .iter()
-                    .any(|h| h["new_state"] == state)
-                    .then_some(items)
-            })
-            .await
-        }
+        history_until(&http, &gw, &s1, "the change is seen", move |h| {
+            h["new_state"] == state
+        })
     };
-    let history = history_with("maint").await;
+    let changes = history_with("maint").await;
     // Seen ready once, then maint once: the takeover doubled nothing.
-    let states: Vec<&str> = history
+    let states: Vec<&str> = changes
         .iter()
         .map(|h| h["new_state"].as_str().unwrap())
         .collect();
-    assert_eq!(states, ["ready", "maint"], "{history:?}");
+    assert_eq!(states, ["ready", "maint"], "{changes:?}");
 
     // The interval is an hour: only a forced sync sees the next change.
     assert_eq!(ha.command("set server be_app/s1 state drain").trim(), "");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, page) = call(
-        &http,
-        &gw,
-        "GET",
-        &format!("/v1/haproxy/servers/{s1}/history"),
-        None,
-    )
-    .await;
-    assert_eq!(page["total"], 2, "no poll before the forced one: {page}");
+    let seen = history(&http, &gw, &s1).await;
+    assert_eq!(seen.len(), 2, "no poll before the forced one: {seen:?}");
     let (status, _) = call(
         &http,
         &gw,
@@ -425,8 +414,8 @@ async fn the_owner_stopping_hands_the_instance_over_and_a_forced_sync_runs_at_on
     )
     .await;
     assert_eq!(status, 202);
-    let history = history_with("drain").await;
-    assert_eq!(history.len(), 3, "{history:?}");
+    let changes = history_with("drain").await;
+    assert_eq!(changes.len(), 3, "{changes:?}");
     let (status, _) = call(
         &http,
         &gw,
