@@ -23,6 +23,7 @@
 //! | `<p>:closed:{s<n>}:<agent>:<kind>:<entry>` | string | tombstone: `closed` or `lost` |
 //! | `<p>:claims:{s<n>}:<agent>:<request_id>` | string | the reply to a claim, for retries |
 //! | `<p>:reported:{s<n>}:<token>` | string | the reply to a report, for retries |
+//! | `<p>:relay:{s<n>}:<agent>:<kind>:<entry>` | list | a relayed task's result, for its waiting asker |
 //! | `<p>:dlq:{s<n>}` | stream | tasks over the delivery limit, with the reason |
 //! | `<p>:wake:{s<n>}` | pub/sub | doorbell: an agent id whose tasks stream got work |
 
@@ -152,6 +153,16 @@ impl Keys {
     pub fn reported(&self, agent: &str, token: &str) -> String {
         format!(
             "{}:reported:{{s{}}}:{token}",
+            self.prefix,
+            self.shard_of(agent)
+        )
+    }
+
+    /// Where the result of a relayed task (kind `haproxy`: a Runtime API command carried by
+    /// the node's agent) is pushed for the haproxy-sync waiting on it.
+    pub fn relay_reply(&self, agent: &str, kind: &str, entry: &str) -> String {
+        format!(
+            "{}:relay:{{s{}}}:{agent}:{kind}:{entry}",
             self.prefix,
             self.shard_of(agent)
         )

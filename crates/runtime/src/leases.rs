@@ -202,9 +202,12 @@ end
 return out
 "#;
 
-/// KEYS: leases, lease events, versions, then (task stream, tombstone, reported reply) per
-/// report. ARGV: agent, now, reply_ttl_ms, then (token, entry, epoch, kind, event id, outcome,
-/// result JSON) per report. Returns per report `acknowledged` or the fence's error code.
+/// KEYS: leases, lease events, versions, then (task stream, tombstone, reported reply, relay
+/// list) per report. ARGV: agent, now, reply_ttl_ms, then (token, entry, epoch, kind, event id,
+/// outcome, result JSON) per report. Returns per report `acknowledged` or the fence's error
+/// code. The result of a relayed kind (`haproxy`) goes to its relay list, where its asker
+/// waits, and only its size into the event: a Runtime API reply is the asker's business, not
+/// history.
 const REPORT: &str = r#"
 local agent, now = ARGV[1], tonumber(ARGV[2])
 local out = {}
@@ -213,7 +216,7 @@ for r = 1, n do
   local a = 3 + 7 * (r - 1)
   local token, id, epoch, kind, eid, outcome, result =
     ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
-  local stream, closed, reported = KEYS[1 + 3 * r], KEYS[2 + 3 * r], KEYS[3 + 3 * r]
+  local stream, closed, reported, relay = KEYS[4 * r], KEYS[1 + 4 * r], KEYS[2 + 4 * r], KEYS[3 + 4 * r]
   local cached = redis.call('GET', reported)
   if cached then
     out[r] = cached
@@ -229,6 +232,11 @@ for r = 1, n do
       -- The result is spliced in as sent (already valid JSON): a decode and re-encode in Lua
       -- would turn empty arrays into objects.
       local task = agent .. ':' .. kind .. ':' .. id
+      if kind == 'haproxy' then
+        redis.call('RPUSH', relay, outcome .. ' ' .. result)
+        redis.call('PEXPIRE', relay, 60000)
+        result = '{"relayed_bytes":' .. #result .. '}'
+      end
       local v = final_version(KEYS[3], task, now)
       local ev = cjson.encode({event_id = eid, aggregate_id = 'task:' .. task, version = v,
         occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
@@ -569,7 +577,8 @@ impl Leases {
             let text = token.to_string();
             inv.key(self.keys.tasks(agent, token.kind))
                 .key(self.keys.closed(agent, token.kind, &token.entry))
-                .key(self.keys.reported(agent, &text));
+                .key(self.keys.reported(agent, &text))
+                .key(self.keys.relay_reply(agent, token.kind, &token.entry));
             inv.arg(text)
                 .arg(&token.entry)
                 .arg(token.epoch)

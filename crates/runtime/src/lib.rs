@@ -6,6 +6,7 @@ pub mod config;
 pub mod db;
 pub mod doorbell;
 pub mod fanout;
+pub mod haproxy_socket;
 pub mod health;
 pub mod http;
 pub mod keys;

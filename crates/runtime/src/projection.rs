@@ -57,6 +57,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "haproxy_servers",
     "haproxy_server_status_history",
     "haproxy_actions",
+    "haproxy_nodes",
 ];
 
 /// Columns that count in apply order rather than event order (the live results cursor and
@@ -150,6 +151,7 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
             haproxy::apply_action_requested(client, event, e).await
         }
         EventBody::HaproxyActionUpdated(e) => haproxy::apply_action_updated(client, event, e).await,
+        EventBody::HaproxyNodeMarked(e) => haproxy::apply_node_marked(client, event, e).await,
     }?;
     if let Some(change) = slot_change(event) {
         checks::apply_slots(client, &[change]).await?;

@@ -167,6 +167,8 @@ pub const ALL: &[Var] = &[
     Var { name: "AGENT_POOL_PING_SIZE", services: "agent", default: "8", doc: "ping checks (0-1024) the agent runs at once; it claims no more than this; 0: it does not run ping checks", secret: false },
     Var { name: "AGENT_POOL_TRACE_SIZE", services: "agent", default: "4", doc: "trace checks (0-1024) the agent runs at once; it claims no more than this; 0: it does not run trace checks", secret: false },
     Var { name: "AGENT_TRACE_RUNTIME_WORKERS", services: "agent", default: "1", doc: "threads (1-64) of the runtime of its own that trace checks run on, apart from the other checks", secret: false },
+    Var { name: "AGENT_HAPROXY_SOCKET", services: "agent", default: "-", doc: "this host's HAProxy Runtime API (an absolute unix socket path or host:port): the agent relays haproxy-sync's commands to it (tasks of kind haproxy; only the commands checkplane sends); unset: no relay", secret: false },
+    Var { name: "AGENT_POOL_HAPROXY_SIZE", services: "agent", default: "2", doc: "relayed HAProxy commands (1-16) run at once, outside the checks' concurrency window (only with AGENT_HAPROXY_SOCKET)", secret: false },
     Var { name: "AGENT_DNS_LISTEN", services: "agent", default: "-", doc: "where the caching DNS proxy listens (UDP and TCP), e.g. 127.0.0.1:5353; unset: no proxy", secret: false },
     Var { name: "AGENT_DNS_UPSTREAM", services: "agent", default: "-", doc: "the resolver the proxy forwards to, ip or ip:port (required with AGENT_DNS_LISTEN)", secret: false },
     Var { name: "AGENT_DNS_UPSTREAM_TIMEOUT_MS", services: "agent", default: "2000", doc: "how long (50-30000 ms) the proxy waits for the upstream", secret: false },

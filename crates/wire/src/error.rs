@@ -39,6 +39,10 @@ pub enum ErrorCode {
     /// The request conflicts with what exists (a name in use).
     #[serde(rename = "ERR_CONFLICT")]
     Conflict,
+    /// An HAProxy instance cannot be commanded now (its node's agent is offline, or its
+    /// circuit breaker is open).
+    #[serde(rename = "ERR_INSTANCE_UNAVAILABLE")]
+    InstanceUnavailable,
 }
 
 impl ErrorCode {
@@ -60,6 +64,7 @@ impl ErrorCode {
             Self::TargetForbidden => "ERR_TARGET_FORBIDDEN",
             Self::NoAgents => "ERR_NO_AGENTS",
             Self::Conflict => "ERR_CONFLICT",
+            Self::InstanceUnavailable => "ERR_INSTANCE_UNAVAILABLE",
         }
     }
 }

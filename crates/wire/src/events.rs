@@ -108,6 +108,9 @@ pub enum EventBody {
     /// An action moved on: `running`, `success` or `failed`.
     #[serde(rename = "haproxy.action_updated")]
     HaproxyActionUpdated(HaproxyActionUpdated),
+    /// An operator marked a server as an HAProxy node, or unmarked it.
+    #[serde(rename = "haproxy.node_marked")]
+    HaproxyNodeMarked(HaproxyNodeMarked),
 }
 
 impl EventBody {
@@ -137,6 +140,7 @@ impl EventBody {
             Self::HaproxyServerMissing(_) => "haproxy.server_missing",
             Self::HaproxyActionRequested(_) => "haproxy.action_requested",
             Self::HaproxyActionUpdated(_) => "haproxy.action_updated",
+            Self::HaproxyNodeMarked(_) => "haproxy.node_marked",
         }
     }
 
@@ -151,6 +155,7 @@ impl EventBody {
                 | Self::HaproxyInstanceRegistered(_)
                 | Self::HaproxyInstanceRemoved(_)
                 | Self::HaproxyActionRequested(_)
+                | Self::HaproxyNodeMarked(_)
         )
     }
 }
@@ -512,6 +517,16 @@ pub struct HaproxyActionRequested {
     pub action: String,
     /// For drain: how long to wait for current sessions to reach 0 (0: do not wait).
     pub drain_wait_ms: u64,
+}
+
+/// Payload of `haproxy.node_marked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaproxyNodeMarked {
+    /// The server: the agent id of the agent on that host.
+    pub server_id: String,
+    pub hostname: String,
+    pub enabled: bool,
 }
 
 /// Payload of `haproxy.action_updated`.

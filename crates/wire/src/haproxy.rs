@@ -41,6 +41,46 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
+/// What every command starts with, so that HAProxy's errors read `[3]: message`.
+pub const SEVERITY_PREFIX: &str = "set severity-output number; ";
+
+/// The task kind that carries Runtime API commands to the agent on an HAProxy host.
+pub const RELAY_KIND: &str = "haproxy";
+
+/// A command a node's agent relays to its HAProxy (the spec of a `haproxy` task).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayedCommand {
+    pub instance_id: String,
+    /// The whole line, [`SEVERITY_PREFIX`] included.
+    pub command: String,
+    /// When the asker stops waiting (ms since the epoch): later, the agent does not send it.
+    pub deadline_ms: i64,
+}
+
+/// Whether `line` is one of the commands checkplane sends, and nothing else: the relaying
+/// agent refuses any other (a compromised control plane cannot `shutdown sessions` or read
+/// `show env` through it). `[SEVERITY_PREFIX]` then `show info`, `show stat`, `show servers
+/// state [<backend>]` or `set server <backend>/<server> state ready|drain|maint`, names as
+/// [`valid_name`] allows.
+pub fn relayable(line: &str) -> bool {
+    let Some(command) = line.strip_prefix(SEVERITY_PREFIX) else {
+        return false;
+    };
+    let words: Vec<&str> = command.split(' ').collect();
+    match words.as_slice() {
+        ["show", "info"] | ["show", "stat"] | ["show", "servers", "state"] => true,
+        ["show", "servers", "state", backend] => valid_name(backend),
+        ["set", "server", target, "state", state] => {
+            ["ready", "drain", "maint"].contains(state)
+                && target
+                    .split_once('/')
+                    .is_some_and(|(b, s)| valid_name(b) && valid_name(s))
+        }
+        _ => false,
+    }
+}
+
 /// `POST /v1/haproxy/instances`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -49,8 +89,10 @@ pub struct RegisterInstance {
     /// `direct` (default) or `agent`.
     #[serde(default)]
     pub transport: Option<String>,
-    /// `host:port` or an absolute unix socket path (direct); the socket path on the node
-    /// (agent).
+    /// `host:port` or an absolute unix socket path (direct). With transport `agent` the
+    /// node's agent uses the socket it is configured with (`AGENT_HAPROXY_SOCKET`); an
+    /// address given then only records that path.
+    #[serde(default)]
     pub address: String,
     #[serde(default)]
     pub node: Option<String>,
@@ -73,9 +115,9 @@ impl RegisterInstance {
             !host.is_empty() && host.len() <= 255 && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
         match transport {
-            "agent" if !path_like => {
+            "agent" if !(address.is_empty() || path_like) => {
                 return Err(
-                    "address: the unix socket path on the node (absolute, at most 100 characters)"
+                    "address: empty, or the unix socket path on the node (absolute, at most 100 characters)"
                         .into(),
                 )
             }
@@ -161,6 +203,37 @@ mod tests {
             poll_event_id("i", 1, "b", "s"),
             poll_event_id("i", 2, "b", "s")
         );
+    }
+
+    #[test]
+    fn only_the_commands_checkplane_sends_are_relayable() {
+        for ok in [
+            "show info",
+            "show stat",
+            "show servers state",
+            "show servers state be_app",
+            "set server be_app/s1 state drain",
+            "set server be.x/s-1:2 state ready",
+            "set server b/s state maint",
+        ] {
+            assert!(relayable(&format!("{SEVERITY_PREFIX}{ok}")), "{ok}");
+        }
+        for bad in [
+            "show env",
+            "shutdown sessions server be/s1",
+            "show info; shutdown frontend fe",
+            "set server be/s1 state stopped",
+            "set server be/s1 addr 10.0.0.1",
+            "set server be state drain",
+            "show servers state a b",
+            "show servers state a;b",
+            "show stat\nshow env",
+            "show  info",
+            "",
+        ] {
+            assert!(!relayable(&format!("{SEVERITY_PREFIX}{bad}")), "{bad}");
+        }
+        assert!(!relayable("show info"), "without the prefix");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod http;
 pub mod icmp;
 pub mod identity;
 pub mod ping;
+pub mod relay;
 pub mod tcp;
 pub mod trace;
 pub mod worker;
@@ -58,6 +59,9 @@ pub struct Config {
     pub dns_proxy: Option<dns_proxy::Settings>,
     /// `AGENT_METRICS_INTERVAL`: how often metrics and controller snapshots are sent.
     pub metrics_interval: Duration,
+    /// `AGENT_HAPROXY_SOCKET`: this host's HAProxy Runtime API (a unix socket path or
+    /// `host:port`), to which the agent relays commands (tasks of kind `haproxy`).
+    pub haproxy_socket: Option<checkplane_runtime::haproxy_socket::Endpoint>,
 }
 
 fn dns_proxy_settings(env: &mut Env) -> Result<Option<dns_proxy::Settings>, ConfigError> {
@@ -178,6 +182,35 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         let size = env.u64_in(&name, default, 0, 1024)?;
         sizes.insert(kind, u32::try_from(size).unwrap_or(0));
     }
+    let haproxy_socket = env.opt_string("AGENT_HAPROXY_SOCKET");
+    let haproxy_socket = match haproxy_socket {
+        Some(address) => {
+            let path_like = address.starts_with('/') && address.len() <= 100;
+            let host_port = address
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !(path_like || host_port) {
+                return Err(ConfigError::new(
+                    "AGENT_HAPROXY_SOCKET",
+                    "an absolute unix socket path or host:port",
+                ));
+            }
+            let size = env.u64_in("AGENT_POOL_HAPROXY_SIZE", 2, 1, 16)?;
+            sizes.insert("haproxy", u32::try_from(size).unwrap_or(2));
+            Some(checkplane_runtime::haproxy_socket::Endpoint::parse(
+                &address,
+            ))
+        }
+        None => {
+            if env.opt_string("AGENT_POOL_HAPROXY_SIZE").is_some() {
+                return Err(ConfigError::new(
+                    "AGENT_POOL_HAPROXY_SIZE",
+                    "only with AGENT_HAPROXY_SOCKET (the relay is off)",
+                ));
+            }
+            None
+        }
+    };
     let pools = worker::Pools {
         sizes,
         max_inflight: u32::try_from(env.u64_in("AGENT_MAX_INFLIGHT", 64, 1, 4096)?).unwrap_or(64),
@@ -208,6 +241,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         trace_workers,
         dns_proxy,
         metrics_interval,
+        haproxy_socket,
     })
 }
 
@@ -274,6 +308,7 @@ pub async fn run(
         trace_workers: config.trace_workers,
         metrics_interval: config.metrics_interval,
         report_buffer: 10_000,
+        haproxy_socket: config.haproxy_socket.clone(),
         // Time left after the drain to send the last reports.
         drain: config.base.shutdown_timeout.mul_f64(0.7),
     };

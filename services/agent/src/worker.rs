@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::identity::{self, Identity, Source};
-use crate::{check, dns, http, icmp, ping, tcp, trace};
+use crate::{check, dns, http, icmp, ping, relay, tcp, trace};
 
 /// What the agent runs: each kind's pool size (a kind of size 0 is not declared) and the
 /// most checks in flight across kinds.
@@ -39,7 +39,10 @@ pub struct Pools {
 }
 
 /// The kinds this build runs.
-const RUNS: [&str; 5] = ["dns", "http", "tcp", "ping", "trace"];
+const RUNS: [&str; 6] = ["dns", "http", "tcp", "ping", "trace", RELAY_KIND];
+
+/// Relayed Runtime API commands (see [`relay`]).
+const RELAY_KIND: &str = checkplane_wire::haproxy::RELAY_KIND;
 
 impl Pools {
     /// The kinds declared (run by this build and of a size above 0), with their sizes.
@@ -68,6 +71,8 @@ pub struct Settings {
     pub report_buffer: usize,
     /// How long running checks may go on after shutdown begins.
     pub drain: Duration,
+    /// This host's HAProxy Runtime API, when the agent relays commands to it.
+    pub haproxy_socket: Option<checkplane_runtime::haproxy_socket::Endpoint>,
 }
 
 /// A call to the control plane that did not work.
@@ -330,6 +335,15 @@ struct Shared {
     freed: Notify,
     /// Stops the checks still running when the drain is over.
     abort: CancellationToken,
+    /// The relay to this host's HAProxy, when configured.
+    relay: Option<RelayLane>,
+}
+
+/// The relayed commands' own workers and wake-up.
+struct RelayLane {
+    endpoint: checkplane_runtime::haproxy_socket::Endpoint,
+    pool: Arc<Semaphore>,
+    freed: Notify,
 }
 
 impl Shared {
@@ -390,17 +404,32 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
             return;
         }
     };
+    // Checks share the pools and the concurrency window; relayed commands have their own.
+    let checks: BTreeMap<&'static str, u32> = settings
+        .pools
+        .declared()
+        .into_iter()
+        .filter(|(kind, _)| *kind != RELAY_KIND)
+        .collect();
+    let relay = settings.haproxy_socket.clone().map(|endpoint| RelayLane {
+        endpoint,
+        pool: Arc::new(Semaphore::new(
+            settings
+                .pools
+                .declared()
+                .get(RELAY_KIND)
+                .copied()
+                .unwrap_or(1) as usize,
+        )),
+        freed: Notify::new(),
+    });
     let shared = Arc::new(Shared {
-        pools: settings
-            .pools
-            .declared()
-            .into_iter()
-            .map(|(kind, size)| (kind, Arc::new(Semaphore::new(size as usize))))
+        pools: checks
+            .iter()
+            .map(|(kind, size)| (*kind, Arc::new(Semaphore::new(*size as usize))))
             .collect(),
-        gate: crate::concurrency::Gate::new(
-            settings.pools.max_inflight,
-            settings.pools.declared().values().sum(),
-        ),
+        gate: crate::concurrency::Gate::new(settings.pools.max_inflight, checks.values().sum()),
+        relay,
         roots: http::roots(),
         traces: traces.handle(),
         control: Control {
@@ -425,7 +454,17 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
         tokio::spawn(async move { crate::concurrency::run(&shared.gate, &stop).await })
     };
     let reports = tokio::spawn(metrics_loop(shared.clone(), stop.clone()));
-    claim_loop(&shared, &tasks, &stop).await;
+    let relays = {
+        let (shared, tasks, stop) = (shared.clone(), tasks.clone(), stop.clone());
+        tokio::spawn(async move { relay_loop(&shared, &tasks, &stop).await })
+    };
+    if shared.pools.is_empty() {
+        // A relay and nothing else.
+        stop.cancelled().await;
+    } else {
+        claim_loop(&shared, &tasks, &stop).await;
+    }
+    let _ = relays.await;
     // Stop claiming; let the running checks finish for a while, cancel the rest, send.
     tasks.close();
     if tokio::time::timeout(shared.settings.drain, tasks.wait())
@@ -580,6 +619,102 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
             }
         }
     }
+}
+
+/// Claim relayed commands whenever a relay worker is free (long polls of their own, so a
+/// command never waits behind the checks' claim).
+async fn relay_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &CancellationToken) {
+    let Some(lane) = &shared.relay else {
+        return;
+    };
+    let mut backoff = Backoff::new();
+    let mut round: u64 = 0;
+    while !stop.is_cancelled() {
+        let free = lane.pool.available_permits();
+        if free == 0 {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = lane.freed.notified() => continue,
+            }
+        }
+        round += 1;
+        let request_id = format!(
+            "r{}-{round}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let body =
+            json!({"capacities": {RELAY_KIND: free}, "request_id": request_id, "wait_ms": 20_000});
+        let claim =
+            shared
+                .control
+                .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30));
+        let claimed = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = claim => c,
+        };
+        match claimed {
+            Ok(answer) => {
+                backoff.reset();
+                for lease in answer.leases {
+                    start_relay(shared, tasks, lease);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "claim of relayed commands failed");
+                if !sleep_or_stop(backoff.next(), stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Relay one command and report its reply at once (three tries: the asker stops waiting at
+/// the command's deadline and asks again, so a reply kept longer is of no use).
+fn start_relay(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
+    let Some(lane) = &shared.relay else {
+        return;
+    };
+    let permit = lane.pool.clone().try_acquire_owned().ok();
+    let shared = shared.clone();
+    tasks.spawn(async move {
+        let Some(lane) = &shared.relay else {
+            return;
+        };
+        let outcome = match permit {
+            Some(_) => relay::execute(&lane.endpoint, &lease.spec).await,
+            None => check::Outcome::failed("ERR_OVERLOADED", "no free relay worker", json!({})),
+        };
+        metrics::counter!("checkplane_agent_relayed_total", "outcome" => outcome.outcome)
+            .increment(1);
+        let body = ReportRequest {
+            completed: vec![Completed {
+                token: lease.token.clone(),
+                outcome: Some(outcome.outcome.to_owned()),
+                observations: Vec::new(),
+                result: outcome.result,
+            }],
+            cancelled: Vec::new(),
+        };
+        drop(permit);
+        lane.freed.notify_one();
+        for pause in [50, 200, 0] {
+            let sent: Result<TokenOutcomes, _> = shared
+                .control
+                .post("v1/agents/report", &body, Duration::from_secs(5))
+                .await;
+            match sent {
+                Ok(_) => return,
+                Err(error) if pause > 0 => {
+                    tracing::debug!(%error, "report of a relayed command failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, token = %lease.token, "report of a relayed command failed; its asker will ask again");
+                }
+            }
+        }
+    });
 }
 
 /// How many tasks of each kind to ask for (see [`share`]).

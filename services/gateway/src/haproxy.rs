@@ -34,6 +34,151 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/haproxy/actions/{id}", get(action))
         .route("/v1/haproxy/batch/action", axum::routing::post(batch))
+        .route("/v1/servers/{id}/haproxy", get(node).put(mark_node))
+}
+
+/// A server (the host an agent runs on, by agent id) as an HAProxy node.
+#[derive(Debug, Serialize)]
+struct NodeView {
+    id: String,
+    hostname: Option<String>,
+    /// Marked as an HAProxy node: instances with transport `agent` may name it.
+    haproxy_node: bool,
+    /// Its agent's presence (`online`, `offline`, `registered`).
+    agent_status: String,
+    /// Whether its agent declares the relay (kind `haproxy`, `AGENT_HAPROXY_SOCKET` set).
+    relays: bool,
+}
+
+async fn node_view(
+    client: &impl tokio_postgres::GenericClient,
+    id: &str,
+) -> Result<NodeView, ApiError> {
+    if checkplane_wire::agents::AgentId::parse(id).is_err() {
+        return Err(ApiError::not_found("no such server"));
+    }
+    let row = client
+        .query_opt(
+            "SELECT a.hostname, COALESCE(n.enabled, false), a.status, a.capabilities ? 'haproxy'
+             FROM agents a LEFT JOIN haproxy_nodes n ON n.server_id = a.agent_id
+             WHERE a.agent_id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("no such server (servers are the hosts agents run on, by agent id)")
+        })?;
+    Ok(NodeView {
+        id: id.to_owned(),
+        hostname: row.get(0),
+        haproxy_node: row.get(1),
+        agent_status: row.get(2),
+        relays: row.get(3),
+    })
+}
+
+async fn node(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let client = app.stores.pg.get().await?;
+    Ok(Json(node_view(&**client, &id).await?))
+}
+
+/// `PUT /v1/servers/{id}/haproxy`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkNode {
+    /// `true` marks the server as an HAProxy node, `false` unmarks it.
+    enabled: bool,
+}
+
+/// `PUT /v1/servers/{id}/haproxy` (admin): mark (or unmark) a server as an HAProxy node.
+async fn mark_node(
+    State(app): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<MarkNode>,
+) -> Result<Json<NodeView>, ApiError> {
+    let stream = app.keys.events("haproxy");
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('haproxy_node:' || $1))",
+        &[&id],
+    )
+    .await?;
+    let view = node_view(&*tx, &id).await?;
+    if !request.enabled {
+        let used = tx
+            .query_opt(
+                "SELECT instance_id FROM haproxy_instances WHERE node = $1 AND transport = 'agent'
+                 AND removed_at IS NULL LIMIT 1",
+                &[&id],
+            )
+            .await?;
+        if let Some(row) = used {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::Conflict,
+                format!(
+                    "instance {} is reached through this node; remove it first",
+                    row.get::<_, String>(0)
+                ),
+            ));
+        }
+    }
+    let last: Option<i64> = tx
+        .query_opt(
+            "SELECT version FROM haproxy_nodes WHERE server_id = $1",
+            &[&id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let version = checkplane_runtime::clock::now_ms().max(last.unwrap_or(0) + 1);
+    let event = outbox::new_event(
+        format!("haproxy-node:{id}"),
+        version,
+        admin.caller.actor(),
+        EventBody::HaproxyNodeMarked(checkplane_wire::events::HaproxyNodeMarked {
+            server_id: id.clone(),
+            hostname: view.hostname.clone().unwrap_or_default(),
+            enabled: request.enabled,
+        }),
+    );
+    append(&tx, &event, &stream).await?;
+    let view = node_view(&*tx, &id).await?;
+    tx.commit().await?;
+    drop(client);
+    publish(&app, &stream, &event).await;
+    tracing::info!(server_id = %id, enabled = request.enabled, "HAProxy node marked");
+    Ok(Json(view))
+}
+
+/// Whether `agent` is online now (its presence in Redis, as heartbeats keep it).
+async fn agent_online(app: &AppState, agent: &str) -> Result<bool, ApiError> {
+    let mut conn = app.stores.redis_shared.clone();
+    let presence: Option<String> = redis::cmd("HGET")
+        .arg(app.keys.presence(app.keys.shard_of(agent)))
+        .arg(agent)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(presence.is_some_and(|p| p.starts_with("online:")))
+}
+
+/// Refuse commands to an instance reached through its node's agent while that agent is
+/// offline.
+async fn reachable(app: &AppState, transport: &str, node: Option<&str>) -> Result<(), ApiError> {
+    match (transport, node) {
+        ("agent", Some(node)) if !agent_online(app, node).await? => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::InstanceUnavailable,
+            format!("the instance is reached through the agent of node {node}, which is offline"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// An action as operators read it.
@@ -144,13 +289,14 @@ async fn request_one(
     }
     let server = tx
         .query_opt(
-            "SELECT s.instance_id, s.backend, s.name FROM haproxy_servers s
+            "SELECT s.instance_id, s.backend, s.name, i.transport, i.node FROM haproxy_servers s
              JOIN haproxy_instances i USING (instance_id)
              WHERE s.server_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL",
             &[&id],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("no such server"))?;
+    reachable(app, server.get(3), server.get(4)).await?;
     let action_id = format!("hpa-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
     let event = outbox::new_event(
         format!("haproxy-action:{action_id}"),
@@ -340,6 +486,8 @@ async fn register(
 ) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
     let (name, transport, address, node) = request.validate().map_err(ApiError::validation)?;
     let instance_id = format!("hpi-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
+    // The node an instance with transport `agent` is reached through.
+    let through_agent = node.clone().filter(|_| transport == "agent");
     let stream = app.keys.events("haproxy");
     let event = outbox::new_event(
         format!("haproxy:{instance_id}"),
@@ -373,6 +521,21 @@ async fn register(
             ErrorCode::Conflict,
             format!("name: instance {} has it", row.get::<_, String>(0)),
         ));
+    }
+    if let Some(node) = through_agent.as_deref() {
+        let marked = checkplane_wire::agents::AgentId::parse(node).is_ok()
+            && tx
+                .query_opt(
+                    "SELECT 1 FROM haproxy_nodes WHERE server_id = $1 AND enabled",
+                    &[&node],
+                )
+                .await?
+                .is_some();
+        if !marked {
+            return Err(ApiError::validation(format!(
+                "node: server {node:?} is not marked as an HAProxy node (PUT /v1/servers/{{id}}/haproxy)"
+            )));
+        }
     }
     append(&tx, &event, &stream).await?;
     let row = tx
@@ -480,8 +643,9 @@ async fn force_sync(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let client = app.stores.pg.get().await?;
-    live_instance(&**client, &id).await?;
+    let row = live_instance(&**client, &id).await?;
     drop(client);
+    reachable(&app, row.get(2), row.get(4)).await?;
     let mut conn = app.stores.redis_shared.clone();
     let _: () = redis::cmd("SET")
         .arg(app.keys.haproxy_sync_request(&id))

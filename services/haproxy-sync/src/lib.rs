@@ -2,6 +2,7 @@
 
 pub mod actions;
 pub mod breaker;
+pub mod relay;
 pub mod replies;
 pub mod runtime_api;
 pub mod sync;

@@ -5,11 +5,11 @@
 //! or, later, through the node's agent.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+pub use checkplane_runtime::haproxy_socket::Endpoint;
+use checkplane_runtime::haproxy_socket::{self, Limits};
 
 use crate::replies::{self, Info, Malformed, ServerState, StatRow};
 
@@ -25,6 +25,10 @@ pub enum ApiError {
     /// HAProxy's own answer (`No such server.`, `Permission denied`, ...): final.
     #[error("HAProxy: {0}")]
     Refused(String),
+    /// The way to the instance is known to be closed (its node's agent is offline): final,
+    /// and not the instance's fault, so not counted by the breaker.
+    #[error("ERR_INSTANCE_UNAVAILABLE: {0}")]
+    Unavailable(String),
     /// A reply of the wrong shape.
     #[error(transparent)]
     Malformed(#[from] Malformed),
@@ -33,23 +37,6 @@ pub enum ApiError {
 impl ApiError {
     pub fn retryable(&self) -> bool {
         matches!(self, Self::Unreachable(_))
-    }
-}
-
-/// Where an instance's Runtime API is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `host:port`
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Tcp(a) => write!(f, "tcp {a}"),
-            Self::Unix(p) => write!(f, "unix {}", p.display()),
-        }
     }
 }
 
@@ -68,77 +55,20 @@ pub struct Direct {
     pub read_timeout: Duration,
 }
 
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    command: &str,
-    read_timeout: Duration,
-) -> Result<String, ApiError> {
-    let line = format!("{command}\n");
-    let io = |e: std::io::Error| ApiError::Unreachable(format!("talking to HAProxy: {e}"));
-    let talk = async {
-        stream.write_all(line.as_bytes()).await.map_err(io)?;
-        // HAProxy closes the connection after the reply.
-        let mut reply = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            let n = stream.read(&mut chunk).await.map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            if reply.len() + n > MAX_REPLY {
-                return Err(ApiError::Unreachable(format!(
-                    "a reply over {MAX_REPLY} bytes"
-                )));
-            }
-            reply.extend_from_slice(&chunk[..n]);
-        }
-        Ok(String::from_utf8_lossy(&reply).into_owned())
-    };
-    tokio::time::timeout(read_timeout, talk)
-        .await
-        .map_err(|_| {
-            ApiError::Unreachable(format!("no reply within {} ms", read_timeout.as_millis()))
-        })?
-}
-
 impl Transport for Direct {
     fn send<'a>(
         &'a self,
         command: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>> {
         Box::pin(async move {
-            let connect_failed = |e: std::io::Error| {
-                ApiError::Unreachable(format!("connecting to {}: {e}", self.endpoint))
+            let limits = Limits {
+                connect_timeout: self.connect_timeout,
+                read_timeout: self.read_timeout,
+                max_reply: MAX_REPLY,
             };
-            let timed_out = |_| {
-                ApiError::Unreachable(format!(
-                    "connecting to {}: no answer within {} ms",
-                    self.endpoint,
-                    self.connect_timeout.as_millis()
-                ))
-            };
-            match &self.endpoint {
-                Endpoint::Tcp(addr) => {
-                    let stream = tokio::time::timeout(
-                        self.connect_timeout,
-                        tokio::net::TcpStream::connect(addr.as_str()),
-                    )
-                    .await
-                    .map_err(timed_out)?
-                    .map_err(connect_failed)?;
-                    exchange(stream, command, self.read_timeout).await
-                }
-                Endpoint::Unix(path) => {
-                    let stream = tokio::time::timeout(
-                        self.connect_timeout,
-                        tokio::net::UnixStream::connect(path),
-                    )
-                    .await
-                    .map_err(timed_out)?
-                    .map_err(connect_failed)?;
-                    exchange(stream, command, self.read_timeout).await
-                }
-            }
+            haproxy_socket::exchange(&self.endpoint, command, limits)
+                .await
+                .map_err(|e| ApiError::Unreachable(e.0))
         })
     }
 }
@@ -178,12 +108,7 @@ impl Target {
 
 /// A backend or server name safe to put in a command (no spaces, separators or newlines).
 fn safe_name(name: &str) -> Result<&str, ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    if ok {
+    if checkplane_wire::haproxy::valid_name(name) {
         Ok(name)
     } else {
         Err(ApiError::Refused(format!(
@@ -205,7 +130,10 @@ impl Client {
         let _turn = self.turn.lock().await;
         let raw = self
             .transport
-            .send(&format!("set severity-output number; {command}"))
+            .send(&format!(
+                "{}{command}",
+                checkplane_wire::haproxy::SEVERITY_PREFIX
+            ))
             .await?;
         // The prefix's own (empty) reply comes first; a blank line ends the reply.
         let body = raw.strip_prefix('\n').unwrap_or(&raw);

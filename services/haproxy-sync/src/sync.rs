@@ -11,7 +11,6 @@
 //! makes no events: nothing is soft-deleted while HAProxy cannot be asked.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use checkplane_runtime::keys::Keys;
@@ -24,7 +23,7 @@ use checkplane_wire::haproxy::{poll_event_id, server_id};
 use futures::StreamExt;
 
 use crate::replies::op_state_name;
-use crate::runtime_api::{ApiError, Client, Direct, Endpoint};
+use crate::runtime_api::{ApiError, Client, Direct, Endpoint, Transport};
 
 /// How sync runs.
 #[derive(Debug, Clone)]
@@ -43,6 +42,8 @@ struct Instance {
     id: String,
     transport: String,
     address: String,
+    /// The agent on the HAProxy host (transport `agent`).
+    node: Option<String>,
 }
 
 /// Why a round failed.
@@ -103,6 +104,8 @@ pub struct Sync {
     /// Bounds the actions running at once on each instance.
     lanes: HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>,
     executing: crate::actions::Executing,
+    /// Enqueues and closes the commands relayed through nodes' agents.
+    leases: checkplane_runtime::leases::Leases,
 }
 
 fn jittered(interval: Duration) -> Duration {
@@ -117,7 +120,7 @@ impl Sync {
     pub fn new(stores: Stores, keys: Keys, settings: Settings) -> Self {
         Self {
             stores,
-            keys,
+            keys: keys.clone(),
             settings,
             me: format!("sync-{}", uuid::Uuid::new_v4().simple()),
             clients: HashMap::new(),
@@ -126,29 +129,43 @@ impl Sync {
             breakers: HashMap::new(),
             lanes: HashMap::new(),
             executing: crate::actions::Executing::default(),
+            leases: checkplane_runtime::leases::Leases::new(
+                keys.clone(),
+                checkplane_runtime::leases::LeaseSettings::new(0, 0),
+            ),
         }
     }
 
     fn client(&mut self, instance: &Instance) -> std::sync::Arc<Client> {
+        // The way to the instance: its address and, through an agent, which agent.
+        let route = format!(
+            "{} {} {}",
+            instance.transport,
+            instance.node.as_deref().unwrap_or(""),
+            instance.address
+        );
         let fresh = self
             .clients
             .get(&instance.id)
-            .is_none_or(|(address, _)| *address != instance.address);
+            .is_none_or(|(known, _)| *known != route);
         if fresh {
-            let endpoint = if instance.address.starts_with('/') {
-                Endpoint::Unix(PathBuf::from(&instance.address))
-            } else {
-                Endpoint::Tcp(instance.address.clone())
+            let transport: Box<dyn Transport> = match (&*instance.transport, &instance.node) {
+                ("agent", Some(node)) => Box::new(crate::relay::Relay {
+                    stores: self.stores.clone(),
+                    leases: self.leases.clone(),
+                    instance: instance.id.clone(),
+                    agent: node.clone(),
+                    read_timeout: self.settings.read_timeout,
+                }),
+                _ => Box::new(Direct {
+                    endpoint: Endpoint::parse(&instance.address),
+                    connect_timeout: self.settings.connect_timeout,
+                    read_timeout: self.settings.read_timeout,
+                }),
             };
-            let client = Client::new(Box::new(Direct {
-                endpoint,
-                connect_timeout: self.settings.connect_timeout,
-                read_timeout: self.settings.read_timeout,
-            }));
-            self.clients.insert(
-                instance.id.clone(),
-                (instance.address.clone(), std::sync::Arc::new(client)),
-            );
+            let client = Client::new(transport);
+            self.clients
+                .insert(instance.id.clone(), (route, std::sync::Arc::new(client)));
         }
         self.clients[&instance.id].1.clone()
     }
@@ -158,8 +175,8 @@ impl Sync {
         let client = self.stores.pg.get().await?;
         let instances: Vec<Instance> = client
             .query(
-                "SELECT instance_id, transport, address FROM haproxy_instances
-                 WHERE removed_at IS NULL AND transport = 'direct' ORDER BY instance_id",
+                "SELECT instance_id, transport, address, node FROM haproxy_instances
+                 WHERE removed_at IS NULL ORDER BY instance_id",
                 &[],
             )
             .await?
@@ -168,6 +185,7 @@ impl Sync {
                 id: r.get(0),
                 transport: r.get(1),
                 address: r.get(2),
+                node: r.get(3),
             })
             .collect();
         drop(client);

@@ -6,7 +6,7 @@
 
 use checkplane_wire::events::{
     Event, HaproxyActionRequested, HaproxyActionUpdated, HaproxyInstanceRegistered,
-    HaproxyInstanceRemoved, HaproxyServerMissing, HaproxyServerObserved,
+    HaproxyInstanceRemoved, HaproxyNodeMarked, HaproxyServerMissing, HaproxyServerObserved,
 };
 use checkplane_wire::haproxy::{backend_id, server_id};
 use tokio_postgres::GenericClient;
@@ -262,6 +262,34 @@ pub(super) async fn apply_action_updated(
                 &attempts,
                 &e.detail,
                 &e.error,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn apply_node_marked(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &HaproxyNodeMarked,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO haproxy_nodes (server_id, hostname, enabled, version, marked_by, marked_at)
+                 VALUES ($2, $3, $4, $5, $6, {AT})
+                 ON CONFLICT (server_id) DO UPDATE SET hostname = EXCLUDED.hostname,
+                     enabled = EXCLUDED.enabled, version = EXCLUDED.version,
+                     marked_by = EXCLUDED.marked_by, marked_at = EXCLUDED.marked_at
+                 WHERE haproxy_nodes.version < EXCLUDED.version"
+            ),
+            &[
+                &event.occurred_at,
+                &e.server_id,
+                &e.hostname,
+                &e.enabled,
+                &event.version,
+                &event.actor,
             ],
         )
         .await?;

@@ -123,6 +123,17 @@ async fn rebuild_reproduces_every_projection_table() {
         .await
         .unwrap();
     let instance = registered["id"].as_str().unwrap().to_owned();
+    // One agent's host marked as an HAProxy node, then unmarked (the newest wins).
+    for enabled in [true, false] {
+        let marked = http
+            .put(gw.url(&format!("/v1/servers/{}/haproxy", ids[0])))
+            .header("x-api-key", admin)
+            .json(&serde_json::json!({"enabled": enabled}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(marked.status().as_u16(), 200);
+    }
     let pg = db.client().await;
     for (poll, state) in [(1i64, "ready"), (2, "drain")] {
         use checkplane_wire::events::*;

@@ -1,0 +1,189 @@
+//! The transport through the node's agent: each command becomes a task of kind `haproxy` in
+//! that one agent's task stream (the node named when the instance was registered, never any
+//! other agent), the agent relays it to its local socket and reports the raw reply, which the
+//! report script pushes to the task's relay list, where this side waits for it.
+//!
+//! - An agent that is not online (its presence in Redis) refuses the command at once:
+//!   [`ApiError::Unavailable`], `ERR_INSTANCE_UNAVAILABLE`.
+//! - No reply by the command's deadline: the task is closed (a late report is fenced, so the
+//!   agent never answers a command nobody waits for) and the command is
+//!   [`ApiError::Unreachable`], retried like a socket timeout.
+//! - The agent could not reach its socket: [`ApiError::Unreachable`] with its message.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::leases::{CloseReason, Leases};
+use checkplane_runtime::stores::Stores;
+use checkplane_wire::haproxy::{RelayedCommand, RELAY_KIND};
+
+use crate::runtime_api::{ApiError, Transport};
+
+/// Commands relayed by `agent` to `instance`.
+pub struct Relay {
+    pub stores: Stores,
+    pub leases: Leases,
+    pub instance: String,
+    pub agent: String,
+    /// How long a command may take on the agent's side.
+    pub read_timeout: Duration,
+}
+
+/// Time for the claim and the report around the command itself.
+const CARRY: Duration = Duration::from_secs(1);
+
+fn redis_error(e: redis::RedisError) -> ApiError {
+    ApiError::Unreachable(format!("Redis: {e}"))
+}
+
+impl Relay {
+    /// Whether the agent is online (its presence, as heartbeats and the sweep keep it).
+    async fn online(&self) -> Result<bool, ApiError> {
+        let keys = self.leases.keys();
+        let mut conn = self.stores.redis_shared.clone();
+        let presence: Option<String> = redis::cmd("HGET")
+            .arg(keys.presence(keys.shard_of(&self.agent)))
+            .arg(&self.agent)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(presence.is_some_and(|p| p.starts_with("online:")))
+    }
+
+    async fn relay(&self, command: &str) -> Result<String, ApiError> {
+        if !self.online().await? {
+            return Err(ApiError::Unavailable(format!(
+                "the node's agent {} is offline",
+                self.agent
+            )));
+        }
+        let wait = self.read_timeout + CARRY;
+        let deadline_ms = now_ms() + i64::try_from(self.read_timeout.as_millis()).unwrap_or(0);
+        let spec = RelayedCommand {
+            instance_id: self.instance.clone(),
+            command: command.to_owned(),
+            deadline_ms,
+        };
+        let spec =
+            serde_json::to_string(&spec).map_err(|e| ApiError::Unreachable(e.to_string()))?;
+        let task = format!("hap:{}:{}", self.instance, uuid::Uuid::now_v7().simple());
+        let mut conn = self.stores.redis_shared.clone();
+        let entry = self
+            .leases
+            .enqueue_task(&mut conn, &self.agent, RELAY_KIND, &task, &spec)
+            .await
+            .map_err(redis_error)?;
+        let reply_key = self
+            .leases
+            .keys()
+            .relay_reply(&self.agent, RELAY_KIND, &entry);
+        // A blocking pop holds its connection: one of the pool's, never the shared one.
+        let popped: Option<(String, String)> = {
+            let mut pooled = self
+                .stores
+                .redis
+                .get()
+                .await
+                .map_err(|e| ApiError::Unreachable(format!("Redis pool: {e}")))?;
+            redis::cmd("BLPOP")
+                .arg(&reply_key)
+                .arg(wait.as_secs_f64())
+                .query_async(&mut *pooled)
+                .await
+                .map_err(redis_error)?
+        };
+        let Some((_, reply)) = popped else {
+            // Fence the late report: nobody waits for it any more.
+            let closed = self
+                .leases
+                .close_task(
+                    &mut conn,
+                    &self.agent,
+                    RELAY_KIND,
+                    &task,
+                    CloseReason::Timeout,
+                    now_ms(),
+                )
+                .await;
+            if let Err(error) = closed {
+                tracing::warn!(%error, task, "cannot close a relayed command nobody answered");
+            }
+            return Err(ApiError::Unreachable(format!(
+                "the node's agent {} did not answer within {} ms",
+                self.agent,
+                wait.as_millis()
+            )));
+        };
+        parse_reply(&reply)
+    }
+}
+
+/// `<outcome> <report JSON>` as the report script pushed it: the raw reply, or why not.
+fn parse_reply(pushed: &str) -> Result<String, ApiError> {
+    let (outcome, report) = pushed.split_once(' ').unwrap_or((pushed, "{}"));
+    let report: serde_json::Value = serde_json::from_str(report)
+        .map_err(|e| ApiError::Unreachable(format!("the agent's report: {e}")))?;
+    let result = &report["result"];
+    match outcome {
+        "finished" => result["reply"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| ApiError::Unreachable("the agent's report has no reply".to_owned())),
+        "cancelled" => Err(ApiError::Unreachable(
+            "the node's agent shut down before it answered".to_owned(),
+        )),
+        _ => {
+            let code = result["error"]["code"].as_str().unwrap_or("ERR_INTERNAL");
+            let message = result["error"]["message"].as_str().unwrap_or("");
+            match code {
+                // The socket, not HAProxy: worth another try.
+                "ERR_UNREACHABLE" | "ERR_TIMEOUT" | "ERR_OVERLOADED" => Err(ApiError::Unreachable(
+                    format!("the node's agent: {message}"),
+                )),
+                _ => Err(ApiError::Refused(format!(
+                    "the node's agent refused: {code}: {message}"
+                ))),
+            }
+        }
+    }
+}
+
+impl Transport for Relay {
+    fn send<'a>(
+        &'a self,
+        command: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>> {
+        Box::pin(self.relay(command))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushed_replies_are_told_apart() {
+        assert_eq!(
+            parse_reply(r#"finished {"observations":[],"result":{"reply":"1\n# be\n"}}"#),
+            Ok("1\n# be\n".to_owned())
+        );
+        assert!(matches!(
+            parse_reply(r#"failed {"result":{"error":{"code":"ERR_UNREACHABLE","message":"connecting: refused"}}}"#),
+            Err(ApiError::Unreachable(m)) if m.contains("refused")
+        ));
+        assert!(matches!(
+            parse_reply(r#"failed {"result":{"error":{"code":"ERR_FORBIDDEN","message":"no"}}}"#),
+            Err(ApiError::Refused(_))
+        ));
+        assert!(matches!(
+            parse_reply(r#"cancelled {"reason":"shutdown"}"#),
+            Err(ApiError::Unreachable(_))
+        ));
+        assert!(matches!(
+            parse_reply("finished not-json"),
+            Err(ApiError::Unreachable(_))
+        ));
+    }
+}

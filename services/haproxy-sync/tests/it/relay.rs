@@ -1,0 +1,315 @@
+//! The transport through the node's agent, end to end with real processes' code: a real
+//! agent (in-process) configured with a real HAProxy's admin socket relays the commands of
+//! haproxy-sync, which has no way to the socket itself (the instance has no address). Sync
+//! discovers the servers, a drain changes the real server, the agent refuses commands
+//! checkplane does not send, replies stay out of the event log, and while the agent is
+//! offline commands are refused with `ERR_INSTANCE_UNAVAILABLE`.
+
+use std::time::Duration;
+
+use checkplane_runtime::keys::Keys;
+use checkplane_runtime::leases::{LeaseSettings, Leases};
+use checkplane_runtime::Env;
+use checkplane_testkit::haproxy::Haproxy;
+use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
+use checkplane_wire::haproxy::{RelayedCommand, RELAY_KIND, SEVERITY_PREFIX};
+use serde_json::{json, Value};
+
+use crate::sync::{backends, call, haproxy_sync_with, history_until, Service, ADMIN};
+
+const ENROLL: &str = "relay-test-enrollment-0123";
+
+/// Gateway (quick heartbeats) and scheduler (quick offline sweep), in-process.
+async fn control_plane(db: &TestDb, redis: &TestRedis) -> (Service, Service) {
+    let mut env = store_env(db, redis);
+    for (k, v) in [
+        ("GATEWAY_ADMIN_KEY", ADMIN),
+        ("GATEWAY_ENROLLMENT_TOKEN", ENROLL),
+        ("HEARTBEAT_INTERVAL", "300ms"),
+    ] {
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let mut env = store_env(db, redis);
+    env.push(("OFFLINE_GRACE".into(), "600ms".into()));
+    let config = scheduler::load(&mut Env::from_pairs(env)).unwrap();
+    let sched = Running::start(|l, s| scheduler::run(config, l, s)).await;
+    sched.wait_ready(Duration::from_secs(10)).await;
+    (gw, sched)
+}
+
+/// An agent relaying to `socket` (and running tcp checks only): it and its id once online.
+async fn relaying_agent(gw: &Service, state: &std::path::Path, socket: &str) -> (Service, String) {
+    let env: Vec<(String, String)> = [
+        ("AGENT_CONTROL_PLANE", gw.url("/")),
+        ("AGENT_STATE_FILE", state.display().to_string()),
+        ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
+        ("AGENT_HOSTNAME", "lb-host-1".to_owned()),
+        ("AGENT_HAPROXY_SOCKET", socket.to_owned()),
+        ("AGENT_POOL_DNS_SIZE", "0".to_owned()),
+        ("AGENT_POOL_HTTP_SIZE", "0".to_owned()),
+        ("AGENT_POOL_PING_SIZE", "0".to_owned()),
+        ("AGENT_POOL_TRACE_SIZE", "0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let config = agent::load(&mut Env::from_pairs(env)).unwrap();
+    let agent = Running::start(|l, s| agent::run(config, l, s)).await;
+    agent.wait_ready(Duration::from_secs(10)).await;
+    let http = reqwest::Client::new();
+    let id = eventually("the agent is online", Duration::from_secs(15), || async {
+        let (_, page) = call(&http, gw, "GET", "/v1/agents?status=online", None).await;
+        page["items"][0]["agent_id"].as_str().map(str::to_owned)
+    })
+    .await;
+    (agent, id)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let (gw, _sched) = control_plane(&db, &redis).await;
+    let state = tempdir();
+    let socket = ha.admin_socket.display().to_string();
+    let (agent, node) = relaying_agent(&gw, &state.0, &socket).await;
+    let http = reqwest::Client::new();
+
+    // The node must be marked before an instance may be reached through it.
+    let register = json!({"name": "lb-via-agent", "transport": "agent", "node": node});
+    let (status, refused) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/instances",
+        Some(register.clone()),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("node:"),
+        "{refused}"
+    );
+    let (status, unknown) = call(
+        &http,
+        &gw,
+        "PUT",
+        "/v1/servers/no-such-agent/haproxy",
+        Some(json!({"enabled": true})),
+    )
+    .await;
+    assert_eq!(status, 404, "{unknown}");
+    let (status, marked) = call(
+        &http,
+        &gw,
+        "PUT",
+        &format!("/v1/servers/{node}/haproxy"),
+        Some(json!({"enabled": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{marked}");
+    assert_eq!(marked["haproxy_node"], true);
+    assert_eq!(marked["relays"], true, "the agent declares the relay");
+    assert_eq!(marked["hostname"], "lb-host-1");
+    let (status, instance) =
+        call(&http, &gw, "POST", "/v1/haproxy/instances", Some(register)).await;
+    assert_eq!(status, 201, "{instance}");
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let (status, busy) = call(
+        &http,
+        &gw,
+        "PUT",
+        &format!("/v1/servers/{node}/haproxy"),
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(status, 409, "a node in use is not unmarked: {busy}");
+
+    // Sync discovers the servers through the agent: haproxy-sync has no address to use.
+    let _sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
+    let found = eventually("backends discovered", Duration::from_secs(15), || async {
+        let (_, page) = call(
+            &http,
+            &gw,
+            "GET",
+            &format!("/v1/haproxy/instances/{id}/backends"),
+            None,
+        )
+        .await;
+        (page["total"] == 2).then_some(page)
+    })
+    .await;
+    assert_eq!(found["items"][0]["name"], "be_app");
+    let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
+    let (_, servers) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/backends/{backend}/servers"),
+        None,
+    )
+    .await;
+    assert_eq!(servers["items"][0]["name"], "s1");
+    let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
+
+    // A drain through the agent changes the real server.
+    let (status, action) = call(
+        &http,
+        &gw,
+        "POST",
+        &format!("/v1/haproxy/servers/{s1}/action"),
+        Some(json!({"action": "drain", "idempotency_key": "relay-drain-1"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{action}");
+    let action_id = action["id"].as_str().unwrap().to_owned();
+    let done = eventually("the drain ends", Duration::from_secs(20), || async {
+        let (_, a) = call(
+            &http,
+            &gw,
+            "GET",
+            &format!("/v1/haproxy/actions/{action_id}"),
+            None,
+        )
+        .await;
+        ["success", "failed"]
+            .contains(&a["status"].as_str().unwrap_or(""))
+            .then_some(a)
+    })
+    .await;
+    assert_eq!(done["status"], "success", "{done}");
+    let state_line = ha.command("show servers state be_app");
+    let s1_line = state_line
+        .lines()
+        .find(|l| l.split_whitespace().nth(3) == Some("s1"))
+        .unwrap();
+    // srv_admin_state (column 7) 8 = forced drain.
+    assert_eq!(s1_line.split_whitespace().nth(6), Some("8"), "{state_line}");
+    history_until(&http, &gw, &s1, "the drain in history", |h| {
+        h["new_state"] == "drain" && h["changed_by"] == action_id.as_str()
+    })
+    .await;
+
+    // The commands went as leased tasks of the node's agent, their replies kept out of the
+    // event log (only their size is recorded).
+    let pg = db.client().await;
+    let relayed: Vec<Value> = pg
+        .query(
+            "SELECT result FROM tasks WHERE agent_id = $1 AND kind = 'haproxy' AND status = 'reported'",
+            &[&node],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(relayed.len() >= 4, "{relayed:?}");
+    assert!(
+        relayed
+            .iter()
+            .all(|r| r["relayed_bytes"].as_u64().is_some()),
+        "{relayed:?}"
+    );
+
+    // The agent refuses a command checkplane does not send, and says so.
+    let keys = Keys::new(redis.prefix.clone(), 4);
+    let leases = Leases::new(keys.clone(), LeaseSettings::new(30_000, 5));
+    let mut conn = redis.connection().await;
+    let spec = RelayedCommand {
+        instance_id: id.clone(),
+        command: format!("{SEVERITY_PREFIX}show env"),
+        deadline_ms: checkplane_runtime::clock::now_ms() + 5_000,
+    };
+    let entry = leases
+        .enqueue_task(
+            &mut conn,
+            &node,
+            RELAY_KIND,
+            "hap:test:forbidden",
+            &serde_json::to_string(&spec).unwrap(),
+        )
+        .await
+        .unwrap();
+    let (_, pushed): (String, String) = redis::cmd("BLPOP")
+        .arg(keys.relay_reply(&node, RELAY_KIND, &entry))
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pushed.starts_with("failed "), "{pushed}");
+    assert!(pushed.contains("ERR_FORBIDDEN"), "{pushed}");
+
+    // The agent stops: once it is offline, commands are refused at once.
+    agent.stop().await.unwrap();
+    eventually(
+        "the node's agent is offline",
+        Duration::from_secs(15),
+        || async {
+            let (_, view) = call(
+                &http,
+                &gw,
+                "GET",
+                &format!("/v1/servers/{node}/haproxy"),
+                None,
+            )
+            .await;
+            (view["agent_status"] == "offline").then_some(())
+        },
+    )
+    .await;
+    let (status, refused) = call(
+        &http,
+        &gw,
+        "POST",
+        &format!("/v1/haproxy/servers/{s1}/action"),
+        Some(json!({"action": "ready", "idempotency_key": "relay-ready-1"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "ERR_INSTANCE_UNAVAILABLE");
+    let (status, refused) = call(
+        &http,
+        &gw,
+        "POST",
+        &format!("/v1/haproxy/instances/{id}/sync"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "ERR_INSTANCE_UNAVAILABLE");
+    // Its servers stay: an unreachable instance makes no events.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, servers) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/backends/{backend}/servers"),
+        None,
+    )
+    .await;
+    assert_eq!(servers["total"], 2, "{servers}");
+}
+
+/// A folder removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+fn tempdir() -> TempDir {
+    let dir = std::env::temp_dir().join(format!("cp-relay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir.join("state.json"))
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
