@@ -5,7 +5,9 @@
 //!
 //! `haproxy-action`: drain / ready through the API, from the request to the action's
 //! `success` on GET (the server set and read back through the socket), p50 / p99, beside a raw
-//! `set server` + `show servers state` read-back over the socket.
+//! `set server` + `show servers state` read-back over the socket. With `--via-agent` every
+//! instance is reached through an agent of its own (in-process, relaying to the HAProxy's
+//! unix socket), as on a node whose socket only its agent can open.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -27,7 +29,12 @@ pub struct HaproxyArgs {
     /// Cycles (sync) or actions (action) measured.
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Reach each instance through an agent of its own (transport `agent`).
+    #[arg(long)]
+    via_agent: bool,
 }
+
+const ENROLL: &str = "bench-enrollment-token-0123";
 
 fn raw(addr: std::net::SocketAddr, command: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -52,6 +59,65 @@ struct Setup {
     base: String,
     shutdown: CancellationToken,
     gw: tokio::task::JoinHandle<Result<(), checkplane_runtime::RunError>>,
+    /// The relaying agents (with `--via-agent`) and their state folder.
+    agents: Vec<tokio::task::JoinHandle<Result<(), checkplane_runtime::RunError>>>,
+    state: std::path::PathBuf,
+}
+
+/// An agent relaying to `ha`'s admin unix socket: its id once online.
+async fn relaying_agent(s: &mut Setup, ha: usize) -> String {
+    let hostname = format!("lb-node-{ha}");
+    let env: Vec<(String, String)> = [
+        ("AGENT_CONTROL_PLANE", format!("{}/", s.base)),
+        (
+            "AGENT_STATE_FILE",
+            s.state.join(format!("{hostname}.json")).display().to_string(),
+        ),
+        ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
+        ("AGENT_HOSTNAME", hostname.clone()),
+        (
+            "AGENT_HAPROXY_SOCKET",
+            s.proxies[ha].admin_socket.display().to_string(),
+        ),
+        ("AGENT_POOL_DNS_SIZE", "0".to_owned()),
+        ("AGENT_POOL_HTTP_SIZE", "0".to_owned()),
+        ("AGENT_POOL_TCP_SIZE", "0".to_owned()),
+        ("AGENT_POOL_PING_SIZE", "0".to_owned()),
+        ("AGENT_POOL_TRACE_SIZE", "0".to_owned()),
+        ("AGENT_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
+        ("LOG_LEVEL", "warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let config = agent::load(&mut checkplane_runtime::Env::from_pairs(env)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    s.agents
+        .push(tokio::spawn(agent::run(config, listener, s.shutdown.clone())));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page: serde_json::Value = s
+            .http
+            .get(format!("{}/v1/agents?limit=200", s.base))
+            .header("x-api-key", crate::fanout::ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let found = page["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["hostname"] == hostname.as_str())
+            .and_then(|a| a["agent_id"].as_str().map(str::to_owned));
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "agent {hostname} not online: {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn setup(args: &HaproxyArgs) -> Setup {
@@ -69,6 +135,7 @@ async fn setup(args: &HaproxyArgs) -> Setup {
     .collect();
     let mut gw_env = env.clone();
     gw_env.push(("GATEWAY_ADMIN_KEY".into(), crate::fanout::ADMIN.into()));
+    gw_env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
     let gw_config = gateway::load(&mut checkplane_runtime::Env::from_pairs(gw_env)).unwrap();
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -87,35 +154,59 @@ async fn setup(args: &HaproxyArgs) -> Setup {
     let proxies: Vec<Haproxy> = (0..args.instances)
         .map(|_| Haproxy::start(&[("be", servers.clone())]))
         .collect();
-    let mut instances = Vec::new();
-    for (i, ha) in proxies.iter().enumerate() {
-        let r: serde_json::Value = http
-            .post(format!("{base}/v1/haproxy/instances"))
+    let state = std::env::temp_dir().join(format!("cp-bench-{prefix}"));
+    std::fs::create_dir_all(&state).unwrap();
+    let mut s = Setup {
+        name,
+        env,
+        proxies,
+        instances: Vec::new(),
+        http,
+        base,
+        shutdown,
+        gw,
+        agents: Vec::new(),
+        state,
+    };
+    for i in 0..s.proxies.len() {
+        let body = if args.via_agent {
+            let node = relaying_agent(&mut s, i).await;
+            let marked = s
+                .http
+                .put(format!("{}/v1/servers/{node}/haproxy", s.base))
+                .header("x-api-key", crate::fanout::ADMIN)
+                .json(&json!({"enabled": true}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(marked.status().as_u16(), 200);
+            json!({"name": format!("lb-{i}"), "transport": "agent", "node": node})
+        } else {
+            json!({"name": format!("lb-{i}"), "address": s.proxies[i].stats.to_string()})
+        };
+        let r: serde_json::Value = s
+            .http
+            .post(format!("{}/v1/haproxy/instances", s.base))
             .header("x-api-key", crate::fanout::ADMIN)
-            .json(&json!({"name": format!("lb-{i}"), "address": ha.stats.to_string()}))
+            .json(&body)
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        instances.push(r["id"].as_str().unwrap().to_owned());
+        s.instances.push(r["id"].as_str().unwrap().to_owned());
     }
-    Setup {
-        name,
-        env,
-        proxies,
-        instances,
-        http,
-        base,
-        shutdown,
-        gw,
-    }
+    s
 }
 
 async fn teardown(args: &HaproxyArgs, s: Setup) {
     s.shutdown.cancel();
+    for agent in s.agents {
+        let _ = agent.await;
+    }
     let _ = s.gw.await;
+    let _ = std::fs::remove_dir_all(&s.state);
     drop(s.proxies);
     crate::drop_scratch(&args.pg_url, &s.name).await;
 }
@@ -289,7 +380,7 @@ pub async fn action_latency(args: HaproxyArgs) {
     }
     println!(
         "{}",
-        json!({"bench": "haproxy_action", "transport": "direct", "runs": args.runs,
+        json!({"bench": "haproxy_action", "transport": if args.via_agent { "agent" } else { "direct" }, "runs": args.runs,
                "p50_ms": quantile(ours.clone(), 0.5), "p99_ms": quantile(ours, 0.99),
                "raw_p50_ms": quantile(raws.clone(), 0.5), "raw_p99_ms": quantile(raws, 0.99)})
     );
