@@ -71,7 +71,10 @@ async fn relaying_agent(s: &mut Setup, ha: usize) -> String {
         ("AGENT_CONTROL_PLANE", format!("{}/", s.base)),
         (
             "AGENT_STATE_FILE",
-            s.state.join(format!("{hostname}.json")).display().to_string(),
+            s.state
+                .join(format!("{hostname}.json"))
+                .display()
+                .to_string(),
         ),
         ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
         ("AGENT_HOSTNAME", hostname.clone()),
@@ -92,8 +95,11 @@ async fn relaying_agent(s: &mut Setup, ha: usize) -> String {
     .collect();
     let config = agent::load(&mut checkplane_runtime::Env::from_pairs(env)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    s.agents
-        .push(tokio::spawn(agent::run(config, listener, s.shutdown.clone())));
+    s.agents.push(tokio::spawn(agent::run(
+        config,
+        listener,
+        s.shutdown.clone(),
+    )));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let page: serde_json::Value = s
@@ -115,7 +121,10 @@ async fn relaying_agent(s: &mut Setup, ha: usize) -> String {
         if let Some(id) = found {
             return id;
         }
-        assert!(Instant::now() < deadline, "agent {hostname} not online: {page}");
+        assert!(
+            Instant::now() < deadline,
+            "agent {hostname} not online: {page}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -17,7 +17,8 @@ use crate::RunError;
 pub struct Stores {
     /// The PostgreSQL work pool.
     pub pg: deadpool_postgres::Pool,
-    /// The Redis work pool: for blocking reads and anything that holds a connection.
+    /// The Redis work pool: for anything that holds a connection, but not blocking reads (its
+    /// connections answer within 500 ms or fail): those take [`Stores::blocking_connection`].
     pub redis: deadpool_redis::Pool,
     /// One multiplexed Redis connection shared by every request for short, non-blocking
     /// commands (the lease scripts, heartbeats): concurrent requests pipeline on it, and no
@@ -85,6 +86,21 @@ impl Stores {
             probes,
             schema,
         })
+    }
+
+    /// A Redis connection of its own for blocking commands (`BLPOP`, `XREAD BLOCK`): pooled
+    /// and shared connections answer within 500 ms or fail, which a block longer than that
+    /// would always do. `block` is the longest block it will be sent.
+    pub async fn blocking_connection(
+        &self,
+        block: Duration,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(block + Duration::from_secs(5)));
+        redis::Client::open(self.settings.redis.connection_info())?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
     }
 
     /// Run an idempotent Redis operation on the shared connection, once more when the first

@@ -60,9 +60,9 @@ pub struct RelayedCommand {
 
 /// Whether `line` is one of the commands checkplane sends, and nothing else: the relaying
 /// agent refuses any other (a compromised control plane cannot `shutdown sessions` or read
-/// `show env` through it). `[SEVERITY_PREFIX]` then `show info`, `show stat`, `show servers
-/// state [<backend>]` or `set server <backend>/<server> state ready|drain|maint`, names as
-/// [`valid_name`] allows.
+/// `show env` through it). `[SEVERITY_PREFIX]` then `show info`, `show stat [<backend> 4
+/// <server id>]`, `show servers state [<backend>]` or `set server <backend>/<server> state
+/// ready|drain|maint`, names as [`valid_name`] allows.
 pub fn relayable(line: &str) -> bool {
     let Some(command) = line.strip_prefix(SEVERITY_PREFIX) else {
         return false;
@@ -71,6 +71,13 @@ pub fn relayable(line: &str) -> bool {
     match words.as_slice() {
         ["show", "info"] | ["show", "stat"] | ["show", "servers", "state"] => true,
         ["show", "servers", "state", backend] => valid_name(backend),
+        // One server's stats row: proxy, type 4 (servers), server id.
+        ["show", "stat", backend, "4", id] => {
+            valid_name(backend)
+                && !id.is_empty()
+                && id.len() <= 10
+                && id.bytes().all(|b| b.is_ascii_digit())
+        }
         ["set", "server", target, "state", state] => {
             ["ready", "drain", "maint"].contains(state)
                 && target
@@ -215,6 +222,7 @@ mod tests {
             "set server be_app/s1 state drain",
             "set server be.x/s-1:2 state ready",
             "set server b/s state maint",
+            "show stat be_app 4 12",
         ] {
             assert!(relayable(&format!("{SEVERITY_PREFIX}{ok}")), "{ok}");
         }
@@ -229,6 +237,8 @@ mod tests {
             "show servers state a;b",
             "show stat\nshow env",
             "show  info",
+            "show stat be_app 2 1",
+            "show stat be_app 4 x",
             "",
         ] {
             assert!(!relayable(&format!("{SEVERITY_PREFIX}{bad}")), "{bad}");

@@ -425,16 +425,14 @@ async fn append(
         .map_err(|e| ApiError::internal(&e))
 }
 
-/// After commit: publish `event` (or leave it to the outbox sweep).
+/// After commit: publish `event` in the background (the outbox sweep does it should this
+/// fail); the answer does not wait for the stream.
 async fn publish(app: &AppState, stream: &str, event: &checkplane_wire::events::Event) {
-    outbox::publish(
-        &app.stores.pg,
-        &app.stores.redis,
-        stream,
-        event,
-        PUBLISH_TIMEOUT,
-    )
-    .await;
+    let (pg, redis) = (app.stores.pg.clone(), app.stores.redis.clone());
+    let (stream, event) = (stream.to_owned(), event.clone());
+    tokio::spawn(async move {
+        outbox::publish(&pg, &redis, &stream, &event, PUBLISH_TIMEOUT).await;
+    });
 }
 
 /// An instance as operators read it.

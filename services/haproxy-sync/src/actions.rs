@@ -13,7 +13,7 @@
 //! Connection errors and timeouts are retried after 1, 2 and 4 × `HAPROXY_ACTION_RETRY_BASE`
 //! and count against the breaker; HAProxy's own errors fail at once and do not.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,19 +54,27 @@ pub struct Pending {
     pub version: i64,
 }
 
-/// Actions of `instance` waiting for an executor.
-pub async fn open_actions(stores: &Stores, instance: &str) -> Result<Vec<Pending>, SyncError> {
+/// Actions of `instances` waiting for an executor (running ones too: their executor may have
+/// died), by instance, oldest first, at most 100 per instance.
+pub async fn open_actions(
+    stores: &Stores,
+    instances: &[&str],
+) -> Result<HashMap<String, Vec<Pending>>, SyncError> {
+    let mut open: HashMap<String, Vec<Pending>> = HashMap::new();
+    if instances.is_empty() {
+        return Ok(open);
+    }
     let client = stores.pg.get().await?;
-    Ok(client
+    let rows = client
         .query(
             "SELECT action_id, instance_id, server_id, backend, server, action, drain_wait_ms, version
-             FROM haproxy_actions WHERE instance_id = $1 AND status IN ('pending', 'running')
-             ORDER BY requested_at LIMIT 100",
-            &[&instance],
+             FROM haproxy_actions WHERE instance_id = ANY($1) AND status IN ('pending', 'running')
+             ORDER BY requested_at",
+            &[&instances],
         )
-        .await?
-        .iter()
-        .map(|r| Pending {
+        .await?;
+    for r in rows {
+        let pending = Pending {
             action_id: r.get(0),
             instance_id: r.get(1),
             server_id: r.get(2),
@@ -75,17 +83,25 @@ pub async fn open_actions(stores: &Stores, instance: &str) -> Result<Vec<Pending
             action: r.get(5),
             drain_wait_ms: r.get(6),
             version: r.get(7),
-        })
-        .collect())
+        };
+        let queue = open.entry(pending.instance_id.clone()).or_default();
+        if queue.len() < 100 {
+            queue.push(pending);
+        }
+    }
+    Ok(open)
 }
 
-/// Record an update of `action` (version after `*version`).
+/// Record an update of `action` (version after `*version`), with the server state it read
+/// back as an observation caused by it when `observed` (its poll number taken in the same
+/// transaction). Published in the background: the outbox has the events once committed, and
+/// nothing here waits for the stream.
 async fn update(
     stores: &Stores,
     keys: &Keys,
     action: &Pending,
     version: &mut i64,
-    extra: Option<Event>,
+    observed: Option<ObservedServer>,
     body: HaproxyActionUpdated,
 ) -> Result<(), SyncError> {
     *version += 1;
@@ -101,22 +117,27 @@ async fn update(
     let stream = keys.events("haproxy");
     let mut client = stores.pg.get().await?;
     let tx = client.transaction().await?;
-    let events: Vec<Event> = extra.into_iter().chain([event]).collect();
+    let mut events = Vec::with_capacity(2);
+    if let Some(observed) = observed {
+        events.push(observation(&tx, action, observed).await?);
+    }
+    events.push(event);
     for e in &events {
         outbox::append(&*tx, e, &stream).await?;
     }
     tx.commit().await?;
     drop(client);
-    for e in &events {
-        outbox::publish(
+    let stores = stores.clone();
+    tokio::spawn(async move {
+        outbox::publish_all(
             &stores.pg,
             &stores.redis,
             &stream,
-            e,
+            &events,
             outbox::PUBLISH_TIMEOUT,
         )
         .await;
-    }
+    });
     Ok(())
 }
 
@@ -184,10 +205,8 @@ async fn attempt(
         let started = Instant::now();
         loop {
             let sessions = api
-                .show_stat()
+                .show_stat_server(&action.backend, after.server_id)
                 .await?
-                .iter()
-                .find(|r| r.proxy() == action.backend && r.name() == action.server)
                 .and_then(|r| r.scur());
             scur = sessions;
             if sessions == Some(0) || Instant::now() >= until {
@@ -200,10 +219,8 @@ async fn attempt(
         detail["waited_ms"] = json!(started.elapsed().as_millis() as u64);
     }
     let status = api
-        .show_stat()
+        .show_stat_server(&action.backend, after.server_id)
         .await?
-        .iter()
-        .find(|r| r.proxy() == action.backend && r.name() == action.server)
         .map(|r| {
             (
                 r.status().map(str::to_owned),
@@ -294,7 +311,6 @@ pub async fn execute(
                 if let Some(b) = snapshot {
                     store_breaker(&stores, &action.instance_id, &b).await;
                 }
-                let seen = observation(&stores, &action, observed).await?;
                 let done = HaproxyActionUpdated {
                     action_id: action.action_id.clone(),
                     status: "success".to_owned(),
@@ -303,7 +319,7 @@ pub async fn execute(
                     error: None,
                 };
                 tracing::info!(action_id = %action.action_id, action = %action.action, server = %action.server, "HAProxy action done");
-                return update(&stores, &keys, &action, &mut version, Some(seen), done).await;
+                return update(&stores, &keys, &action, &mut version, Some(observed), done).await;
             }
             Err(ApiError::Unreachable(why)) => {
                 last_error = why;
@@ -345,12 +361,11 @@ pub async fn execute(
 
 /// The state an action read back, as an observation caused by it (its own poll number).
 async fn observation(
-    stores: &Stores,
+    tx: &deadpool_postgres::Transaction<'_>,
     action: &Pending,
     observed: ObservedServer,
 ) -> Result<Event, SyncError> {
-    let client = stores.pg.get().await?;
-    let poll: i64 = client
+    let poll: i64 = tx
         .query_one(
             "INSERT INTO haproxy_poll_seq (instance_id, seq) VALUES ($1, 1)
              ON CONFLICT (instance_id) DO UPDATE SET seq = haproxy_poll_seq.seq + 1 RETURNING seq",

@@ -134,18 +134,30 @@ async fn watch_events(
     wake: std::sync::Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
+    const BLOCK: Duration = Duration::from_secs(1);
     let mut last = "$".to_owned();
+    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
     while !shutdown.is_cancelled() {
         let read = async {
-            let mut conn = stores.redis.get().await.map_err(|e| e.to_string())?;
+            if conn.is_none() {
+                conn = Some(
+                    stores
+                        .blocking_connection(BLOCK)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let Some(c) = conn.as_mut() else {
+                return Ok(None);
+            };
             // Nil when the block times out with nothing new.
             let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
                 .arg("BLOCK")
-                .arg(1000)
+                .arg(BLOCK.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&stream)
                 .arg(&last)
-                .query_async(&mut *conn)
+                .query_async(c)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(reply)
@@ -170,6 +182,7 @@ async fn watch_events(
             }
             Err(error) => {
                 tracing::debug!(%error, "watching the haproxy stream");
+                conn = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

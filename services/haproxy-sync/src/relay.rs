@@ -29,6 +29,10 @@ pub struct Relay {
     pub agent: String,
     /// How long a command may take on the agent's side.
     pub read_timeout: Duration,
+    /// Where replies are waited for: a connection of its own (a blocking pop on a pooled one
+    /// would fail after 500 ms), made on first use and again after an error. Commands to one
+    /// instance run one at a time, so one is enough.
+    pub waiter: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 /// Time for the claim and the report around the command itself.
@@ -79,20 +83,28 @@ impl Relay {
             .leases
             .keys()
             .relay_reply(&self.agent, RELAY_KIND, &entry);
-        // A blocking pop holds its connection: one of the pool's, never the shared one.
         let popped: Option<(String, String)> = {
-            let mut pooled = self
-                .stores
-                .redis
-                .get()
-                .await
-                .map_err(|e| ApiError::Unreachable(format!("Redis pool: {e}")))?;
-            redis::cmd("BLPOP")
+            let mut waiter = self.waiter.lock().await;
+            if waiter.is_none() {
+                *waiter = Some(
+                    self.stores
+                        .blocking_connection(wait)
+                        .await
+                        .map_err(redis_error)?,
+                );
+            }
+            let Some(conn) = waiter.as_mut() else {
+                return Err(ApiError::Unreachable("no Redis connection".to_owned()));
+            };
+            let popped = redis::cmd("BLPOP")
                 .arg(&reply_key)
                 .arg(wait.as_secs_f64())
-                .query_async(&mut *pooled)
-                .await
-                .map_err(redis_error)?
+                .query_async(conn)
+                .await;
+            if popped.is_err() {
+                *waiter = None;
+            }
+            popped.map_err(redis_error)?
         };
         let Some((_, reply)) = popped else {
             // Fence the late report: nobody waits for it any more.

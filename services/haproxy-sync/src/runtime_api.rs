@@ -169,6 +169,18 @@ impl Client {
         Ok(replies::parse_stat(&self.command("show stat").await?)?)
     }
 
+    /// `show stat <backend> 4 <server id>`: the stats row of one server (type 4: servers).
+    pub async fn show_stat_server(
+        &self,
+        backend: &str,
+        server_id: u32,
+    ) -> Result<Option<StatRow>, ApiError> {
+        let command = format!("show stat {} 4 {server_id}", safe_name(backend)?);
+        Ok(replies::parse_stat(&self.command(&command).await?)?
+            .into_iter()
+            .next())
+    }
+
     /// `set server <backend>/<server> state <target>`: an empty reply is success.
     pub async fn set_state(
         &self,

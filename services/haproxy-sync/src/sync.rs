@@ -156,6 +156,7 @@ impl Sync {
                     instance: instance.id.clone(),
                     agent: node.clone(),
                     read_timeout: self.settings.read_timeout,
+                    waiter: tokio::sync::Mutex::new(None),
                 }),
                 _ => Box::new(Direct {
                     endpoint: Endpoint::parse(&instance.address),
@@ -189,33 +190,56 @@ impl Sync {
             })
             .collect();
         drop(client);
-        let mut conn = self.stores.redis_shared.clone();
+        let conn = self.stores.redis_shared.clone();
         let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(15_000);
         let live: std::collections::HashSet<&str> =
             instances.iter().map(|i| i.id.as_str()).collect();
         self.due.retain(|id, _| live.contains(id.as_str()));
         self.clients.retain(|id, _| live.contains(id.as_str()));
-        let mut due_now = Vec::new();
-        for instance in &instances {
-            let held: i64 = self
-                .claim
-                .key(self.keys.haproxy_owner(&instance.id))
-                .arg(&self.me)
-                .arg(lease_ms)
-                .invoke_async(&mut conn)
-                .await?;
-            if held != 1 {
+        // The leases of every instance renewed or taken at once (pipelined on the shared
+        // connection), then one query for the open actions of all the instances held.
+        let claims = instances.iter().map(|instance| {
+            let mut conn = conn.clone();
+            let (script, key, me) = (&self.claim, self.keys.haproxy_owner(&instance.id), &self.me);
+            async move {
+                script
+                    .key(key)
+                    .arg(me)
+                    .arg(lease_ms)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            }
+        });
+        let held = futures::future::join_all(claims).await;
+        let mut owned = Vec::new();
+        for (instance, held) in instances.iter().zip(held) {
+            if held? == 1 {
+                owned.push(instance);
+            } else {
                 // Another replica's; poll at once should it come to us.
                 self.due.remove(&instance.id);
-                continue;
             }
-            self.start_actions(instance).await?;
-            // A forced sync (`POST /v1/haproxy/instances/{id}/sync`): now.
-            let forced: Option<String> = redis::cmd("GETDEL")
-                .arg(self.keys.haproxy_sync_request(&instance.id))
-                .query_async(&mut conn)
-                .await?;
-            if forced.is_some() {
+        }
+        let ids: Vec<&str> = owned.iter().map(|i| i.id.as_str()).collect();
+        let mut open = crate::actions::open_actions(&self.stores, &ids).await?;
+        // Forced syncs (`POST /v1/haproxy/instances/{id}/sync`), taken at once too.
+        let forced = futures::future::join_all(owned.iter().map(|instance| {
+            let mut conn = conn.clone();
+            let key = self.keys.haproxy_sync_request(&instance.id);
+            async move {
+                redis::cmd("GETDEL")
+                    .arg(key)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+            }
+        }))
+        .await;
+        let mut due_now = Vec::new();
+        for (instance, forced) in owned.into_iter().zip(forced) {
+            if let Some(actions) = open.remove(&instance.id) {
+                self.start_actions(instance, actions);
+            }
+            if forced?.is_some() {
                 self.due.insert(instance.id.clone(), Instant::now());
             }
             let due = *self
@@ -254,12 +278,8 @@ impl Sync {
 }
 
 impl Sync {
-    /// Start executing the instance's actions nobody here runs yet.
-    async fn start_actions(&mut self, instance: &Instance) -> Result<(), SyncError> {
-        let open = crate::actions::open_actions(&self.stores, &instance.id).await?;
-        if open.is_empty() {
-            return Ok(());
-        }
+    /// Start executing the instance's `open` actions nobody here runs yet.
+    fn start_actions(&mut self, instance: &Instance, open: Vec<crate::actions::Pending>) {
         let api = self.client(instance);
         let cooldown = self.settings.actions.cooldown;
         let breaker = self
@@ -303,7 +323,6 @@ impl Sync {
                 executing.release(&id);
             });
         }
-        Ok(())
     }
 }
 
