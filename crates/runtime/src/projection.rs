@@ -58,6 +58,9 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "haproxy_server_status_history",
     "haproxy_actions",
     "haproxy_nodes",
+    "applications",
+    "application_groups",
+    "application_group_members",
 ];
 
 /// Columns that count in apply order rather than event order (the live results cursor and
@@ -152,6 +155,8 @@ pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), App
         }
         EventBody::HaproxyActionUpdated(e) => haproxy::apply_action_updated(client, event, e).await,
         EventBody::HaproxyNodeMarked(e) => haproxy::apply_node_marked(client, event, e).await,
+        EventBody::ApplicationCreated(e) => haproxy::apply_application(client, event, e).await,
+        EventBody::ApplicationGroupCreated(e) => haproxy::apply_group(client, event, e).await,
     }?;
     if let Some(change) = slot_change(event) {
         checks::apply_slots(client, &[change]).await?;

@@ -111,6 +111,12 @@ pub enum EventBody {
     /// An operator marked a server as an HAProxy node, or unmarked it.
     #[serde(rename = "haproxy.node_marked")]
     HaproxyNodeMarked(HaproxyNodeMarked),
+    /// An operator created an application (HAProxy servers link to it by IP:port or name).
+    #[serde(rename = "application.created")]
+    ApplicationCreated(ApplicationCreated),
+    /// An operator created a group of applications.
+    #[serde(rename = "application_group.created")]
+    ApplicationGroupCreated(ApplicationGroupCreated),
 }
 
 impl EventBody {
@@ -141,6 +147,8 @@ impl EventBody {
             Self::HaproxyActionRequested(_) => "haproxy.action_requested",
             Self::HaproxyActionUpdated(_) => "haproxy.action_updated",
             Self::HaproxyNodeMarked(_) => "haproxy.node_marked",
+            Self::ApplicationCreated(_) => "application.created",
+            Self::ApplicationGroupCreated(_) => "application_group.created",
         }
     }
 
@@ -156,6 +164,8 @@ impl EventBody {
                 | Self::HaproxyInstanceRemoved(_)
                 | Self::HaproxyActionRequested(_)
                 | Self::HaproxyNodeMarked(_)
+                | Self::ApplicationCreated(_)
+                | Self::ApplicationGroupCreated(_)
         )
     }
 }
@@ -527,6 +537,27 @@ pub struct HaproxyNodeMarked {
     pub server_id: String,
     pub hostname: String,
     pub enabled: bool,
+}
+
+/// Payload of `application.created`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationCreated {
+    pub application_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// Payload of `application_group.created`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationGroupCreated {
+    pub group_id: String,
+    pub name: String,
+    pub applications: Vec<String>,
 }
 
 /// Payload of `haproxy.action_updated`.

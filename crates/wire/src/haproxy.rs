@@ -152,6 +152,114 @@ impl RegisterInstance {
     }
 }
 
+/// Most addresses one application lists.
+pub const MAX_APPLICATION_ADDRESSES: usize = 256;
+/// Most applications in one group.
+pub const MAX_GROUP_APPLICATIONS: usize = 256;
+
+/// An application or group name: 1-63 of `a-z 0-9 -`, starting with a letter or digit. No
+/// `_`, so that a server name `{hostname}_{app_name}_{instance}` splits one way only.
+pub fn valid_application_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// `POST /v1/applications`: an application, linked to the HAProxy servers at one of its
+/// `addresses` and its `port` when it has a port, else to the servers named
+/// `{hostname}_{name}_{instance}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApplication {
+    pub name: String,
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+impl CreateApplication {
+    /// Check every field (the error names it): the name, the port and the addresses (IPs,
+    /// in their canonical form), which come together.
+    pub fn validate(&self) -> Result<(String, Option<u16>, Vec<String>), String> {
+        if !valid_application_name(&self.name) {
+            return Err("name: 1-63 of a-z 0-9 - (no _), not starting with -".into());
+        }
+        let port = match self.port {
+            None => None,
+            Some(p) => Some(
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or("port: 1-65535")?,
+            ),
+        };
+        if self.addresses.len() > MAX_APPLICATION_ADDRESSES {
+            return Err(format!("addresses: at most {MAX_APPLICATION_ADDRESSES}"));
+        }
+        let mut addresses = Vec::with_capacity(self.addresses.len());
+        for (i, a) in self.addresses.iter().enumerate() {
+            let ip: std::net::IpAddr = a
+                .parse()
+                .map_err(|_| format!("addresses[{i}]: not an IP address"))?;
+            let ip = ip.to_canonical().to_string();
+            if !addresses.contains(&ip) {
+                addresses.push(ip);
+            }
+        }
+        match (port, addresses.is_empty()) {
+            (Some(_), true) => {
+                return Err(
+                    "addresses: required with a port (servers are linked by IP:port)".into(),
+                )
+            }
+            (None, false) => {
+                return Err("port: required with addresses (servers are linked by IP:port)".into())
+            }
+            _ => {}
+        }
+        Ok((self.name.clone(), port, addresses))
+    }
+}
+
+/// `POST /v1/application-groups`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    pub name: String,
+    /// Application ids.
+    pub applications: Vec<String>,
+}
+
+impl CreateGroup {
+    pub fn validate(&self) -> Result<(String, Vec<String>), String> {
+        if !valid_application_name(&self.name) {
+            return Err("name: 1-63 of a-z 0-9 - (no _), not starting with -".into());
+        }
+        if self.applications.is_empty() || self.applications.len() > MAX_GROUP_APPLICATIONS {
+            return Err(format!(
+                "applications: 1-{MAX_GROUP_APPLICATIONS} application ids"
+            ));
+        }
+        let mut ids: Vec<String> = Vec::with_capacity(self.applications.len());
+        for (i, id) in self.applications.iter().enumerate() {
+            if !(id.len() == 24
+                && id.starts_with("app-")
+                && id[4..].bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(format!("applications[{i}]: not an application id"));
+            }
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        Ok((self.name.clone(), ids))
+    }
+}
+
 /// `POST /v1/haproxy/servers/{id}/action`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -244,6 +352,59 @@ mod tests {
             assert!(!relayable(&format!("{SEVERITY_PREFIX}{bad}")), "{bad}");
         }
         assert!(!relayable("show info"), "without the prefix");
+    }
+
+    #[test]
+    fn applications_are_validated_field_by_field() {
+        let app = |name: &str, port: Option<u32>, addresses: &[&str]| CreateApplication {
+            name: name.into(),
+            port,
+            addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        assert_eq!(
+            app("shop", None, &[]).validate(),
+            Ok(("shop".into(), None, vec![]))
+        );
+        assert_eq!(
+            app(
+                "shop-api",
+                Some(8080),
+                &["10.0.0.1", "::ffff:10.0.0.2", "10.0.0.1"]
+            )
+            .validate(),
+            Ok((
+                "shop-api".into(),
+                Some(8080),
+                vec!["10.0.0.1".into(), "10.0.0.2".into()]
+            ))
+        );
+        for (bad, field) in [
+            (app("Shop", None, &[]), "name"),
+            (app("shop_api", None, &[]), "name"),
+            (app("-shop", None, &[]), "name"),
+            (app("", None, &[]), "name"),
+            (app("shop", Some(0), &["10.0.0.1"]), "port"),
+            (app("shop", Some(70000), &["10.0.0.1"]), "port"),
+            (app("shop", Some(80), &[]), "addresses"),
+            (app("shop", None, &["10.0.0.1"]), "port"),
+            (app("shop", Some(80), &["10.0.0.1", "web1"]), "addresses[1]"),
+        ] {
+            let error = bad.validate().unwrap_err();
+            assert!(error.starts_with(field), "{error}");
+        }
+        let group = |apps: &[&str]| CreateGroup {
+            name: "front".into(),
+            applications: apps.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        assert!(group(&["app-0123456789abcdef0123"]).validate().is_ok());
+        assert!(group(&[])
+            .validate()
+            .unwrap_err()
+            .starts_with("applications"));
+        assert!(group(&["app-x"])
+            .validate()
+            .unwrap_err()
+            .starts_with("applications[0]"));
     }
 
     #[test]

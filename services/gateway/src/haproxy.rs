@@ -338,7 +338,11 @@ const MAX_BATCH: usize = 500;
 struct BatchRequest {
     action: String,
     idempotency_key: String,
-    servers: Vec<String>,
+    /// The servers, or (instead) an application group whose servers to act on.
+    #[serde(default)]
+    servers: Option<Vec<String>>,
+    #[serde(default)]
+    group: Option<String>,
     #[serde(default)]
     drain_wait_ms: u64,
 }
@@ -357,19 +361,47 @@ async fn batch(
         drain_wait_ms: request.drain_wait_ms,
     };
     one.validate().map_err(ApiError::validation)?;
-    if request.servers.is_empty() || request.servers.len() > MAX_BATCH {
-        return Err(ApiError::validation(format!(
-            "servers: 1-{MAX_BATCH} server ids"
-        )));
-    }
-    let unique: std::collections::BTreeSet<&str> =
-        request.servers.iter().map(String::as_str).collect();
-    if unique.len() != request.servers.len() {
-        return Err(ApiError::validation("servers: each server once"));
-    }
+    let servers = match (request.servers, request.group) {
+        (Some(servers), None) => {
+            if servers.is_empty() || servers.len() > MAX_BATCH {
+                return Err(ApiError::validation(format!(
+                    "servers: 1-{MAX_BATCH} server ids"
+                )));
+            }
+            let unique: std::collections::BTreeSet<&str> =
+                servers.iter().map(String::as_str).collect();
+            if unique.len() != servers.len() {
+                return Err(ApiError::validation("servers: each server once"));
+            }
+            servers
+        }
+        (None, Some(group)) => {
+            let client = app.stores.pg.get().await?;
+            let servers = crate::applications::group_servers(&**client, &group, MAX_BATCH)
+                .await
+                .map_err(|e| {
+                    if e.status == StatusCode::NOT_FOUND {
+                        ApiError::validation(format!("group: no application group {group}"))
+                    } else {
+                        e
+                    }
+                })?;
+            if servers.is_empty() {
+                return Err(ApiError::validation(
+                    "group: its applications have no servers now",
+                ));
+            }
+            servers
+        }
+        _ => {
+            return Err(ApiError::validation(
+                "servers or group: exactly one of them",
+            ))
+        }
+    };
     let actor = operator.caller.actor();
-    let mut out = Vec::with_capacity(request.servers.len());
-    for server in &request.servers {
+    let mut out = Vec::with_capacity(servers.len());
+    for server in &servers {
         let key = format!("{}:{server}", request.idempotency_key);
         match request_one(
             &app,
@@ -415,7 +447,7 @@ async fn action(
 }
 
 /// Record, apply and keep for publishing `event` inside the command's transaction.
-async fn append(
+pub(crate) async fn append(
     tx: &deadpool_postgres::Transaction<'_>,
     event: &checkplane_wire::events::Event,
     stream: &str,
@@ -427,7 +459,7 @@ async fn append(
 
 /// After commit: publish `event` in the background (the outbox sweep does it should this
 /// fail); the answer does not wait for the stream.
-async fn publish(app: &AppState, stream: &str, event: &checkplane_wire::events::Event) {
+pub(crate) async fn publish(app: &AppState, stream: &str, event: &checkplane_wire::events::Event) {
     let (pg, redis) = (app.stores.pg.clone(), app.stores.redis.clone());
     let (stream, event) = (stream.to_owned(), event.clone());
     tokio::spawn(async move {
@@ -551,11 +583,11 @@ async fn register(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     #[serde(default = "crate::paging::default_limit")]
-    limit: i64,
+    pub limit: i64,
     #[serde(default)]
-    offset: i64,
+    pub offset: i64,
 }
 
 async fn list(
@@ -720,6 +752,8 @@ struct ServerView {
     observed: serde_json::Value,
     desired: serde_json::Value,
     removed_at: Option<String>,
+    /// The applications it belongs to (by IP:port or by name).
+    applications: serde_json::Value,
 }
 
 async fn servers(
@@ -749,8 +783,11 @@ async fn servers(
                         status, check_status, scur, observed_poll,
                         to_char(observed_at AT TIME ZONE 'UTC', {RFC3339}),
                         desired_state, desired_by, to_char(desired_at AT TIME ZONE 'UTC', {RFC3339}),
-                        to_char(removed_at AT TIME ZONE 'UTC', {RFC3339}), count(*) OVER ()
-                 FROM haproxy_servers WHERE backend_id = $1 AND ($4 OR removed_at IS NULL)
+                        to_char(removed_at AT TIME ZONE 'UTC', {RFC3339}), count(*) OVER (),
+                        (SELECT json_agg(json_build_object('id', l.application_id, 'name', l.application,
+                                                           'matched_by', l.matched_by) ORDER BY l.application)
+                         FROM haproxy_server_applications l WHERE l.server_id = s.server_id)
+                 FROM haproxy_servers s WHERE backend_id = $1 AND ($4 OR removed_at IS NULL)
                  ORDER BY name LIMIT $2 OFFSET $3"
             ),
             &[&id, &q.limit, &q.offset, &q.include_removed],
@@ -776,6 +813,9 @@ async fn servers(
                 "at": r.get::<_, Option<String>>(16),
             }),
             removed_at: r.get(17),
+            applications: r
+                .get::<_, Option<serde_json::Value>>(19)
+                .unwrap_or_else(|| serde_json::json!([])),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))

@@ -2,6 +2,7 @@
 //! service has.
 
 pub mod agents;
+pub mod applications;
 pub mod auth;
 pub mod checks;
 pub mod cli;
@@ -77,6 +78,7 @@ pub async fn run(
                 .merge(operators::router())
                 .merge(checks::router())
                 .merge(haproxy::router())
+                .merge(applications::router())
                 .with_state(state)
         },
     )

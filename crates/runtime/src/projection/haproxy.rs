@@ -5,8 +5,9 @@
 //! seen by two polls (a takeover, a replayed event) is one history row.
 
 use checkplane_wire::events::{
-    Event, HaproxyActionRequested, HaproxyActionUpdated, HaproxyInstanceRegistered,
-    HaproxyInstanceRemoved, HaproxyNodeMarked, HaproxyServerMissing, HaproxyServerObserved,
+    ApplicationCreated, ApplicationGroupCreated, Event, HaproxyActionRequested,
+    HaproxyActionUpdated, HaproxyInstanceRegistered, HaproxyInstanceRemoved, HaproxyNodeMarked,
+    HaproxyServerMissing, HaproxyServerObserved,
 };
 use checkplane_wire::haproxy::{backend_id, server_id};
 use tokio_postgres::GenericClient;
@@ -291,6 +292,54 @@ pub(super) async fn apply_node_marked(
                 &event.version,
                 &event.actor,
             ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn apply_application(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &ApplicationCreated,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO applications (application_id, name, port, addresses, created_at, created_by)
+                 VALUES ($2, $3, $4, $5, {AT}, $6) ON CONFLICT (application_id) DO NOTHING"
+            ),
+            &[
+                &event.occurred_at,
+                &e.application_id,
+                &e.name,
+                &e.port.map(i32::from),
+                &e.addresses,
+                &event.actor,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn apply_group(
+    client: &impl GenericClient,
+    event: &Event,
+    e: &ApplicationGroupCreated,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO application_groups (group_id, name, created_at, created_by)
+                 VALUES ($2, $3, {AT}, $4) ON CONFLICT (group_id) DO NOTHING"
+            ),
+            &[&event.occurred_at, &e.group_id, &e.name, &event.actor],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO application_group_members (group_id, application_id)
+             SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+            &[&e.group_id, &e.applications],
         )
         .await?;
     Ok(())

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod actions;
+mod applications;
 mod relay;
 mod runtime_api;
 mod sync;

@@ -123,6 +123,25 @@ async fn rebuild_reproduces_every_projection_table() {
         .await
         .unwrap();
     let instance = registered["id"].as_str().unwrap().to_owned();
+    // An application and a group of it.
+    let made: serde_json::Value = http
+        .post(gw.url("/v1/applications"))
+        .header("x-api-key", admin)
+        .json(&serde_json::json!({"name": "shop", "port": 8080, "addresses": ["10.0.0.1"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let grouped = http
+        .post(gw.url("/v1/application-groups"))
+        .header("x-api-key", admin)
+        .json(&serde_json::json!({"name": "front", "applications": [made["id"]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(grouped.status().as_u16(), 201);
     // One agent's host marked as an HAProxy node, then unmarked (the newest wins).
     for enabled in [true, false] {
         let marked = http
