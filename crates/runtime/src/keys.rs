@@ -25,6 +25,8 @@
 //! | `<p>:reported:{s<n>}:<token>` | string | the reply to a report, for retries |
 //! | `<p>:relay:{s<n>}:<agent>:<kind>:<entry>` | list | a relayed task's result, for its waiting asker |
 //! | `<p>:dlq:{s<n>}` | stream | tasks over the delivery limit, with the reason |
+//! | `<p>:haproxy:owner:<instance>` | string | `<replica>/<token>`: who owns an HAProxy instance, until it expires |
+//! | `<p>:haproxy:fence:<instance>` | string | counter: the fencing token of the next owner |
 //! | `<p>:wake:{s<n>}` | pub/sub | doorbell: an agent id whose tasks stream got work |
 
 /// Key builder for one installation.
@@ -69,6 +71,11 @@ impl Keys {
     /// owner, its expiry the end of the claim).
     pub fn haproxy_owner(&self, instance: &str) -> String {
         format!("{}:haproxy:owner:{instance}", self.prefix)
+    }
+
+    /// The fencing counter of an HAProxy instance: each new owner takes the next number.
+    pub fn haproxy_fence(&self, instance: &str) -> String {
+        format!("{}:haproxy:fence:{instance}", self.prefix)
     }
 
     /// A forced sync of an HAProxy instance, asked for and not yet started.

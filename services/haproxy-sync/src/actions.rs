@@ -54,6 +54,38 @@ pub struct Pending {
     pub version: i64,
 }
 
+/// The claim an executor works under: its instance's owner lease, held with `token`.
+#[derive(Clone)]
+pub struct Fence {
+    pub conn: redis::aio::ConnectionManager,
+    /// The instance's owner key, and the value it holds while the claim is ours.
+    pub key: String,
+    pub holder: String,
+    pub token: i64,
+    /// The least lease time left for a command to HAProxy to be sent: it must end before
+    /// anyone else could take the instance.
+    pub margin: Duration,
+}
+
+/// KEYS: owner. ARGV: holder. What is left of the lease (ms) when it is ours, else -1.
+const HELD: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PTTL', KEYS[1]) end
+return -1
+";
+
+impl Fence {
+    /// Whether the claim is still ours with at least `margin` left.
+    async fn held(&self) -> bool {
+        let mut conn = self.conn.clone();
+        let left: redis::RedisResult<i64> = redis::Script::new(HELD)
+            .key(&self.key)
+            .arg(&self.holder)
+            .invoke_async(&mut conn)
+            .await;
+        left.is_ok_and(|ms| ms >= i64::try_from(self.margin.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
 /// Actions of `instances` waiting for an executor (running ones too: their executor may have
 /// died), by instance, oldest first, at most 100 per instance.
 pub async fn open_actions(
@@ -96,10 +128,12 @@ pub async fn open_actions(
 /// back as an observation caused by it when `observed` (its poll number taken in the same
 /// transaction). Published in the background: the outbox has the events once committed, and
 /// nothing here waits for the stream.
+#[allow(clippy::too_many_arguments)]
 async fn update(
     stores: &Stores,
     keys: &Keys,
     action: &Pending,
+    fence: i64,
     version: &mut i64,
     observed: Option<ObservedServer>,
     body: HaproxyActionUpdated,
@@ -117,6 +151,18 @@ async fn update(
     let stream = keys.events("haproxy");
     let mut client = stores.pg.get().await?;
     let tx = client.transaction().await?;
+    // A newer owner's token (written when it took the instance) refuses this update; the
+    // share lock orders it against that write.
+    let newest: Option<i64> = tx
+        .query_opt(
+            "SELECT token FROM haproxy_fences WHERE instance_id = $1 FOR SHARE",
+            &[&action.instance_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if newest.is_some_and(|t| t > fence) {
+        return Err(SyncError::Fenced(action.instance_id.clone()));
+    }
     let mut events = Vec::with_capacity(2);
     if let Some(observed) = observed {
         events.push(observation(&tx, action, observed).await?);
@@ -177,25 +223,50 @@ pub async fn store_breaker(stores: &Stores, instance: &str, breaker: &Breaker) {
     );
 }
 
+/// Why an attempt stopped.
+enum Attempt {
+    Api(ApiError),
+    /// The instance is no longer (surely) ours.
+    Fenced,
+}
+
+impl From<ApiError> for Attempt {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+impl From<crate::replies::Malformed> for Attempt {
+    fn from(e: crate::replies::Malformed) -> Self {
+        Self::Api(ApiError::Malformed(e))
+    }
+}
+
 /// What one attempt did.
 async fn attempt(
     api: &Client,
     action: &Pending,
     target: Target,
-) -> Result<(Value, ObservedServer), ApiError> {
+    fence: &Fence,
+) -> Result<(Value, ObservedServer), Attempt> {
     let before = api.server(&action.backend, &action.server).await?;
     let already = before.admin_state.name() == target.name();
     if !already {
+        // Only while the instance is surely ours: a replica paused past its lease must not
+        // change HAProxy under the next owner.
+        if !fence.held().await {
+            return Err(Attempt::Fenced);
+        }
         api.set_state(&action.backend, &action.server, target)
             .await?;
     }
     let after = api.server(&action.backend, &action.server).await?;
     if after.admin_state.name() != target.name() {
-        return Err(ApiError::Refused(format!(
+        return Err(Attempt::Api(ApiError::Refused(format!(
             "read back {} after set {}",
             after.admin_state.name(),
             target.name()
-        )));
+        ))));
     }
     let mut detail = json!({"already": already, "admin_bits": after.admin_state.0});
     let mut scur = None;
@@ -252,6 +323,7 @@ pub async fn execute(
     breaker: Arc<Mutex<Breaker>>,
     settings: Settings,
     action: Pending,
+    fence: Fence,
 ) -> Result<(), SyncError> {
     let mut version = action.version;
     let Some(target) = Target::parse(&action.action) else {
@@ -270,7 +342,16 @@ pub async fn execute(
         .unwrap_or(false);
     if !allowed {
         let error = "ERR_INSTANCE_UNAVAILABLE: the instance's circuit breaker is open".to_owned();
-        return update(&stores, &keys, &action, &mut version, None, fail(0, error)).await;
+        return update(
+            &stores,
+            &keys,
+            &action,
+            fence.token,
+            &mut version,
+            None,
+            fail(0, error),
+        )
+        .await;
     }
     let delays = [
         Duration::ZERO,
@@ -301,8 +382,17 @@ pub async fn execute(
             detail: Value::Null,
             error: None,
         };
-        update(&stores, &keys, &action, &mut version, None, running).await?;
-        match attempt(&api, &action, target).await {
+        update(
+            &stores,
+            &keys,
+            &action,
+            fence.token,
+            &mut version,
+            None,
+            running,
+        )
+        .await?;
+        match attempt(&api, &action, target, &fence).await {
             Ok((detail, observed)) => {
                 if let Ok(mut b) = breaker.lock() {
                     b.success();
@@ -319,9 +409,22 @@ pub async fn execute(
                     error: None,
                 };
                 tracing::info!(action_id = %action.action_id, action = %action.action, server = %action.server, "HAProxy action done");
-                return update(&stores, &keys, &action, &mut version, Some(observed), done).await;
+                return update(
+                    &stores,
+                    &keys,
+                    &action,
+                    fence.token,
+                    &mut version,
+                    Some(observed),
+                    done,
+                )
+                .await;
             }
-            Err(ApiError::Unreachable(why)) => {
+            Err(Attempt::Fenced) => {
+                tracing::warn!(action_id = %action.action_id, instance = %action.instance_id, "no longer the instance's owner; leaving the action to the next one");
+                return Err(SyncError::Fenced(action.instance_id.clone()));
+            }
+            Err(Attempt::Api(ApiError::Unreachable(why))) => {
                 last_error = why;
                 let snapshot = breaker
                     .lock()
@@ -335,11 +438,12 @@ pub async fn execute(
                 }
                 tracing::warn!(action_id = %action.action_id, attempt = attempts, error = %last_error, "HAProxy action attempt failed");
             }
-            Err(final_error) => {
+            Err(Attempt::Api(final_error)) => {
                 return update(
                     &stores,
                     &keys,
                     &action,
+                    fence.token,
                     &mut version,
                     None,
                     fail(attempts, final_error.to_string()),
@@ -352,6 +456,7 @@ pub async fn execute(
         &stores,
         &keys,
         &action,
+        fence.token,
         &mut version,
         None,
         fail(attempts, last_error),

@@ -59,6 +59,9 @@ pub enum SyncError {
     Apply(#[from] checkplane_runtime::projection::ApplyError),
     #[error("HAProxy")]
     Api(#[from] ApiError),
+    /// Another replica took the instance (a newer fencing token): this one stops.
+    #[error("fenced: instance {0} has a newer owner")]
+    Fenced(String),
 }
 
 /// What one poll found and did.
@@ -75,18 +78,24 @@ pub struct Polled {
 /// Instances polled at once in a round.
 const POLLS_AT_ONCE: usize = 8;
 
-/// Renew our lease on `key`, or take it if free: whether we hold it.
+/// KEYS: owner, fence counter. ARGV: replica, lease ms, now ms. Renew our lease, or take it
+/// when free with the next fencing token (above the last one and at least the time, so tokens
+/// keep rising even if Redis lost the counter): the token we hold it with, 0 when another
+/// replica does.
 const CLAIM: &str = r"
 local held = redis.call('GET', KEYS[1])
-if held == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+if held then
+  local sep = string.find(held, '/', 1, true)
+  if sep and string.sub(held, 1, sep - 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(string.sub(held, sep + 1))
+  end
+  return 0
 end
-if not held then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
+local token = string.format('%d', math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, tonumber(ARGV[3])))
+redis.call('SET', KEYS[2], token)
+redis.call('SET', KEYS[1], ARGV[1] .. '/' .. token, 'PX', ARGV[2])
+return tonumber(token)
 ";
 
 /// The sync of one replica.
@@ -106,6 +115,8 @@ pub struct Sync {
     executing: crate::actions::Executing,
     /// Enqueues and closes the commands relayed through nodes' agents.
     leases: checkplane_runtime::leases::Leases,
+    /// The fencing token each owned instance is held with.
+    tokens: HashMap<String, i64>,
 }
 
 fn jittered(interval: Duration) -> Duration {
@@ -129,6 +140,7 @@ impl Sync {
             breakers: HashMap::new(),
             lanes: HashMap::new(),
             executing: crate::actions::Executing::default(),
+            tokens: HashMap::new(),
             leases: checkplane_runtime::leases::Leases::new(
                 keys.clone(),
                 checkplane_runtime::leases::LeaseSettings::new(0, 0),
@@ -200,25 +212,40 @@ impl Sync {
         // connection), then one query for the open actions of all the instances held.
         let claims = instances.iter().map(|instance| {
             let mut conn = conn.clone();
-            let (script, key, me) = (&self.claim, self.keys.haproxy_owner(&instance.id), &self.me);
+            let (script, me) = (&self.claim, &self.me);
+            let (key, counter) = (
+                self.keys.haproxy_owner(&instance.id),
+                self.keys.haproxy_fence(&instance.id),
+            );
             async move {
                 script
                     .key(key)
+                    .key(counter)
                     .arg(me)
                     .arg(lease_ms)
+                    .arg(checkplane_runtime::clock::now_ms())
                     .invoke_async::<i64>(&mut conn)
                     .await
             }
         });
         let held = futures::future::join_all(claims).await;
         let mut owned = Vec::new();
+        let mut taken = Vec::new();
         for (instance, held) in instances.iter().zip(held) {
-            if held? == 1 {
+            let token = held?;
+            if token > 0 {
                 owned.push(instance);
+                if self.tokens.insert(instance.id.clone(), token) != Some(token) {
+                    taken.push((instance.id.clone(), token));
+                }
             } else {
                 // Another replica's; poll at once should it come to us.
                 self.due.remove(&instance.id);
+                self.tokens.remove(&instance.id);
             }
+        }
+        if !taken.is_empty() {
+            self.record_fences(&taken).await?;
         }
         let ids: Vec<&str> = owned.iter().map(|i| i.id.as_str()).collect();
         let mut open = crate::actions::open_actions(&self.stores, &ids).await?;
@@ -278,6 +305,25 @@ impl Sync {
 }
 
 impl Sync {
+    /// Write the tokens of instances just taken where action updates check them: from then
+    /// on, updates made under an older owner's token are refused.
+    async fn record_fences(&self, taken: &[(String, i64)]) -> Result<(), SyncError> {
+        let (ids, tokens): (Vec<&str>, Vec<i64>) =
+            taken.iter().map(|(i, t)| (i.as_str(), *t)).unzip();
+        let client = self.stores.pg.get().await?;
+        client
+            .execute(
+                "INSERT INTO haproxy_fences (instance_id, token, owner, updated_at)
+                 SELECT i, t, $3, now() FROM unnest($1::text[], $2::bigint[]) AS f(i, t)
+                 ON CONFLICT (instance_id) DO UPDATE SET token = EXCLUDED.token,
+                     owner = EXCLUDED.owner, updated_at = now()
+                 WHERE haproxy_fences.token < EXCLUDED.token",
+                &[&ids, &tokens, &self.me],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Start executing the instance's `open` actions nobody here runs yet.
     fn start_actions(&mut self, instance: &Instance, open: Vec<crate::actions::Pending>) {
         let api = self.client(instance);
@@ -309,6 +355,15 @@ impl Sync {
                 breaker.clone(),
             );
             let (settings, executing) = (self.settings.actions.clone(), self.executing.clone());
+            let token = self.tokens.get(&instance.id).copied().unwrap_or(0);
+            let fence = crate::actions::Fence {
+                conn: self.stores.redis_shared.clone(),
+                key: self.keys.haproxy_owner(&instance.id),
+                holder: format!("{}/{token}", self.me),
+                token,
+                // A command's whole timeout, or half a lease when the lease is shorter.
+                margin: self.settings.read_timeout.min(self.settings.lease / 2),
+            };
             tokio::spawn(async move {
                 let id = action.action_id.clone();
                 let Ok(_lane) = lanes.acquire_owned().await else {
@@ -316,7 +371,8 @@ impl Sync {
                     return;
                 };
                 if let Err(error) =
-                    crate::actions::execute(stores, keys, api, breaker, settings, action).await
+                    crate::actions::execute(stores, keys, api, breaker, settings, action, fence)
+                        .await
                 {
                     tracing::warn!(action_id = %id, error = %checkplane_runtime::error_chain(&error), "HAProxy action interrupted; retried next round");
                 }

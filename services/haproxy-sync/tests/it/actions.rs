@@ -485,3 +485,156 @@ async fn a_batch_drains_each_server_once_and_lists_what_it_could_not() {
     sync.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_past_its_lease_is_fenced_and_the_next_owner_finishes_the_action() {
+    use checkplane_runtime::keys::Keys;
+    use haproxy_sync::actions::{execute, open_actions, Fence, Settings};
+    use haproxy_sync::runtime_api::{Client, Direct, Endpoint};
+
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let (relay, sets) = counting_relay(ha.stats).await;
+    let gw = gateway(&db, &redis).await;
+    let http = reqwest::Client::new();
+    let first = haproxy_sync_with(&db, &redis, &[]).await;
+    let (instance, s1) = instance_with_servers(&http, &gw, &relay).await;
+    // The owner stops; a drain is asked for while nobody holds the instance.
+    first.stop().await.unwrap();
+    let (status, requested) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "fenced-drain"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{requested}");
+    let action_id = requested["id"].as_str().unwrap().to_owned();
+
+    // Another replica takes the instance (its lease in Redis, its token in PostgreSQL).
+    let keys = Keys::new(redis.prefix.clone(), 4);
+    let token = checkplane_runtime::clock::now_ms();
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(keys.haproxy_owner(&instance))
+        .arg(format!("sync-other/{token}"))
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(keys.haproxy_fence(&instance))
+        .arg(token)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let pg = db.client().await;
+    pg.execute(
+        "INSERT INTO haproxy_fences (instance_id, token, owner, updated_at) VALUES ($1, $2, 'sync-other', now())
+         ON CONFLICT (instance_id) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner",
+        &[&instance, &token],
+    )
+    .await
+    .unwrap();
+
+    // The old owner, resuming under its old claim, records nothing and sends nothing.
+    let env = checkplane_testkit::store_env(&db, &redis);
+    let config = haproxy_sync::load(&mut checkplane_runtime::Env::from_pairs(env)).unwrap();
+    let (tracker, shutdown) = (
+        tokio_util::task::TaskTracker::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let stores = checkplane_runtime::stores::Stores::start(
+        config.service.store.clone(),
+        &tracker,
+        &shutdown,
+    )
+    .unwrap();
+    let api = Arc::new(Client::new(Box::new(Direct {
+        endpoint: Endpoint::parse(&relay),
+        connect_timeout: Duration::from_secs(1),
+        read_timeout: Duration::from_secs(1),
+    })));
+    let settings = Settings {
+        retry_base: Duration::from_millis(10),
+        cooldown: Duration::from_secs(60),
+        parallelism: 1,
+    };
+    let stale = |token: i64, holder: String| Fence {
+        conn: stores.redis_shared.clone(),
+        key: keys.haproxy_owner(&instance),
+        holder,
+        token,
+        margin: Duration::from_millis(100),
+    };
+    let run = |fence: Fence| {
+        let (stores, keys, api, settings) =
+            (stores.clone(), keys.clone(), api.clone(), settings.clone());
+        let instance = instance.clone();
+        async move {
+            let pending = open_actions(&stores, &[instance.as_str()])
+                .await
+                .unwrap()
+                .remove(&instance)
+                .unwrap()
+                .remove(0);
+            let breaker = Arc::new(std::sync::Mutex::new(haproxy_sync::breaker::Breaker::new(
+                Duration::from_secs(60),
+            )));
+            execute(stores, keys, api, breaker, settings, pending, fence).await
+        }
+    };
+    // An older token: refused by PostgreSQL before anything is recorded.
+    let refused = run(stale(1, "sync-old/1".into())).await;
+    assert!(
+        matches!(refused, Err(haproxy_sync::sync::SyncError::Fenced(_))),
+        "{refused:?}"
+    );
+    let status: String = pg
+        .query_one(
+            "SELECT status FROM haproxy_actions WHERE action_id = $1",
+            &[&action_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "pending");
+    // The token passes PostgreSQL, but the lease in Redis is not this replica's: it stops
+    // before the set.
+    let refused = run(stale(token, format!("sync-old/{token}"))).await;
+    assert!(
+        matches!(refused, Err(haproxy_sync::sync::SyncError::Fenced(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        sets.load(Ordering::SeqCst),
+        0,
+        "no set server from a fenced replica"
+    );
+    assert_eq!(admin_bits(&ha, "s1"), 0);
+
+    // The other replica's lease runs out; a live replica takes the instance with a newer
+    // token and finishes the action, reading first: one set server in all.
+    let _: () = redis::cmd("DEL")
+        .arg(keys.haproxy_owner(&instance))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _next = haproxy_sync_with(&db, &redis, &[]).await;
+    let done = settled(&http, &gw, &action_id).await;
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(admin_bits(&ha, "s1"), 8);
+    assert_eq!(sets.load(Ordering::SeqCst), 1);
+    let newest: i64 = pg
+        .query_one(
+            "SELECT token FROM haproxy_fences WHERE instance_id = $1",
+            &[&instance],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(newest > token, "{newest} > {token}");
+    shutdown.cancel();
+}
