@@ -677,15 +677,24 @@ pub async fn record_batch(
 
 /// Record `events` (one statement) and apply the new ones side by side: for events that
 /// touch rows of their own (one poll's servers), pipelined on the connection.
+/// The servers a poll saw are applied set-based (a handful of statements for the whole
+/// poll, the same effect as applying each event on its own).
 pub async fn record_and_apply_independent(
     client: &impl GenericClient,
     events: &[Event],
 ) -> Result<(), ApplyError> {
     let new = record_batch(client, events).await?;
+    let fresh = || events.iter().filter(|e| new.contains(&e.event_id));
+    let observed: Vec<(&Event, &checkplane_wire::events::HaproxyServerObserved)> = fresh()
+        .filter_map(|e| match &e.body {
+            EventBody::HaproxyServerObserved(o) => Some((e, &**o)),
+            _ => None,
+        })
+        .collect();
+    haproxy::apply_observed_batch(client, &observed).await?;
     futures::future::try_join_all(
-        events
-            .iter()
-            .filter(|e| new.contains(&e.event_id))
+        fresh()
+            .filter(|e| !matches!(e.body, EventBody::HaproxyServerObserved(_)))
             .map(|e| apply(client, e)),
     )
     .await?;

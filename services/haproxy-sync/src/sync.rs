@@ -76,7 +76,7 @@ pub struct Polled {
 }
 
 /// Instances polled at once in a round.
-const POLLS_AT_ONCE: usize = 8;
+const POLLS_AT_ONCE: usize = 16;
 
 /// KEYS: owner, fence counter. ARGV: replica, lease ms, now ms. Renew our lease, or take it
 /// when free with the next fencing token (above the last one and at least the time, so tokens

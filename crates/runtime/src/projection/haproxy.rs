@@ -344,3 +344,214 @@ pub(super) async fn apply_group(
         .await?;
     Ok(())
 }
+
+/// [`apply_observed`] for many events at once, each about another server (one poll's): the
+/// newest poll of each instance noted, backends upserted, servers locked and compared, then
+/// written and their changes put in history, one statement each.
+/// One event of a batch: the event, its payload and its server's id.
+type Observed<'a> = (&'a Event, &'a HaproxyServerObserved, String);
+
+pub(crate) async fn apply_observed_batch(
+    client: &impl GenericClient,
+    events: &[(&Event, &HaproxyServerObserved)],
+) -> Result<(), ApplyError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    // Each server once: a second event about one server in the batch goes the slow way.
+    let mut seen = std::collections::HashSet::new();
+    let mut batch = Vec::with_capacity(events.len());
+    for (event, e) in events {
+        let server = server_id(&e.instance_id, &e.backend, &e.server);
+        if seen.insert(server.clone()) {
+            batch.push((*event, *e, server));
+        } else {
+            apply_observed(client, event, e).await?;
+        }
+    }
+    let mut newest: std::collections::BTreeMap<&str, (&Event, i64)> =
+        std::collections::BTreeMap::new();
+    for (event, e, _) in &batch {
+        let entry = newest
+            .entry(e.instance_id.as_str())
+            .or_insert((event, e.poll));
+        if e.poll > entry.1 {
+            *entry = (event, e.poll);
+        }
+    }
+    for (instance, (event, poll)) in newest {
+        note_poll(client, event, instance, poll).await?;
+    }
+    let mut backends: std::collections::BTreeMap<String, (&str, &str, i64)> =
+        std::collections::BTreeMap::new();
+    for (event, e, _) in &batch {
+        let id = backend_id(&e.instance_id, &e.backend);
+        let entry = backends.entry(id).or_insert((
+            e.instance_id.as_str(),
+            e.backend.as_str(),
+            event.occurred_at,
+        ));
+        entry.2 = entry.2.min(event.occurred_at);
+    }
+    let (b_ids, b_rest): (Vec<&String>, Vec<&(&str, &str, i64)>) = backends.iter().unzip();
+    let b_instances: Vec<&str> = b_rest.iter().map(|b| b.0).collect();
+    let b_names: Vec<&str> = b_rest.iter().map(|b| b.1).collect();
+    let b_at: Vec<i64> = b_rest.iter().map(|b| b.2).collect();
+    client
+        .execute(
+            "INSERT INTO haproxy_backends (backend_id, instance_id, name, first_seen)
+             SELECT id, i, n, 'epoch'::timestamptz + ms * interval '1 millisecond'
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS u(id, i, n, ms)
+             ON CONFLICT (backend_id) DO UPDATE SET first_seen = LEAST(haproxy_backends.first_seen, EXCLUDED.first_seen)",
+            &[&b_ids, &b_instances, &b_names, &b_at],
+        )
+        .await?;
+    let servers: Vec<&str> = batch.iter().map(|(_, _, s)| s.as_str()).collect();
+    let before: std::collections::HashMap<String, (i64, Option<String>, Option<String>)> = client
+        .query(
+            "SELECT server_id, observed_poll, admin_state, status FROM haproxy_servers
+             WHERE server_id = ANY($1) ORDER BY server_id FOR UPDATE",
+            &[&servers],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    // Only what a newer poll has not spoken about yet.
+    let apply: Vec<&Observed<'_>> = batch
+        .iter()
+        .filter(|(_, e, s)| before.get(s).is_none_or(|b| b.0 < e.poll))
+        .collect();
+    if apply.is_empty() {
+        return Ok(());
+    }
+    let col = |f: &dyn Fn(&Observed<'_>) -> Option<String>| {
+        apply.iter().map(|x| f(x)).collect::<Vec<Option<String>>>()
+    };
+    let ids = col(&|(_, _, s)| Some(s.clone()));
+    let instances = col(&|(_, e, _)| Some(e.instance_id.clone()));
+    let backend_ids = col(&|(_, e, _)| Some(backend_id(&e.instance_id, &e.backend)));
+    let backend_names = col(&|(_, e, _)| Some(e.backend.clone()));
+    let names = col(&|(_, e, _)| Some(e.server.clone()));
+    let addresses = col(&|(_, e, _)| Some(e.observed.address.clone()));
+    let op_states = col(&|(_, e, _)| Some(e.observed.op_state.clone()));
+    let admin_states = col(&|(_, e, _)| Some(e.observed.admin_state.clone()));
+    let statuses = col(&|(_, e, _)| e.observed.status.clone());
+    let check_statuses = col(&|(_, e, _)| e.observed.check_status.clone());
+    let ports: Vec<Option<i32>> = apply
+        .iter()
+        .map(|(_, e, _)| e.observed.port.map(i32::from))
+        .collect();
+    let weights: Vec<i32> = apply
+        .iter()
+        .map(|(_, e, _)| i32::try_from(e.observed.weight).unwrap_or(i32::MAX))
+        .collect();
+    let bits: Vec<i32> = apply
+        .iter()
+        .map(|(_, e, _)| i32::try_from(e.observed.admin_bits).unwrap_or(i32::MAX))
+        .collect();
+    let scurs: Vec<Option<i64>> = apply
+        .iter()
+        .map(|(_, e, _)| {
+            e.observed
+                .scur
+                .map(|s| i64::try_from(s).unwrap_or(i64::MAX))
+        })
+        .collect();
+    let polls: Vec<i64> = apply.iter().map(|(_, e, _)| e.poll).collect();
+    let at: Vec<i64> = apply.iter().map(|(ev, _, _)| ev.occurred_at).collect();
+    client
+        .execute(
+            "INSERT INTO haproxy_servers (server_id, instance_id, backend_id, backend, name, address, port,
+                 weight, op_state, admin_state, admin_bits, status, check_status, scur, observed_poll, observed_at)
+             SELECT id, i, b, bn, n, a, p, w, o, ad, bits, st, cs, sc, pl,
+                    'epoch'::timestamptz + ms * interval '1 millisecond'
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                 $7::int[], $8::int[], $9::text[], $10::text[], $11::int[], $12::text[], $13::text[],
+                 $14::bigint[], $15::bigint[], $16::bigint[])
+                 AS u(id, i, b, bn, n, a, p, w, o, ad, bits, st, cs, sc, pl, ms)
+             ON CONFLICT (server_id) DO UPDATE SET
+                 address = EXCLUDED.address, port = EXCLUDED.port, weight = EXCLUDED.weight,
+                 op_state = EXCLUDED.op_state, admin_state = EXCLUDED.admin_state,
+                 admin_bits = EXCLUDED.admin_bits, status = EXCLUDED.status,
+                 check_status = EXCLUDED.check_status, scur = EXCLUDED.scur,
+                 observed_poll = EXCLUDED.observed_poll, observed_at = EXCLUDED.observed_at,
+                 missed_polls = 0, removed_at = NULL",
+            &[
+                &ids,
+                &instances,
+                &backend_ids,
+                &backend_names,
+                &names,
+                &addresses,
+                &ports,
+                &weights,
+                &op_states,
+                &admin_states,
+                &bits,
+                &statuses,
+                &check_statuses,
+                &scurs,
+                &polls,
+                &at,
+            ],
+        )
+        .await?;
+    // History: a row for each server new or changed in admin state or status.
+    let changed: Vec<&&Observed<'_>> = apply
+        .iter()
+        .filter(|(_, e, s)| match before.get(s) {
+            None => true,
+            Some((_, state, status)) => {
+                state.as_deref() != Some(e.observed.admin_state.as_str())
+                    || *status != e.observed.status
+            }
+        })
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let h_ids: Vec<uuid::Uuid> = changed.iter().map(|(ev, _, _)| ev.event_id).collect();
+    let h_servers: Vec<&str> = changed.iter().map(|(_, _, s)| s.as_str()).collect();
+    let h_at: Vec<i64> = changed.iter().map(|(ev, _, _)| ev.occurred_at).collect();
+    let h_prev_state: Vec<Option<String>> = changed
+        .iter()
+        .map(|(_, _, s)| before.get(s).and_then(|b| b.1.clone()))
+        .collect();
+    let h_state: Vec<&str> = changed
+        .iter()
+        .map(|(_, e, _)| e.observed.admin_state.as_str())
+        .collect();
+    let h_prev_status: Vec<Option<String>> = changed
+        .iter()
+        .map(|(_, _, s)| before.get(s).and_then(|b| b.2.clone()))
+        .collect();
+    let h_status: Vec<Option<String>> = changed
+        .iter()
+        .map(|(_, e, _)| e.observed.status.clone())
+        .collect();
+    let h_cause: Vec<&str> = changed.iter().map(|(_, e, _)| e.cause.as_str()).collect();
+    let h_poll: Vec<i64> = changed.iter().map(|(_, e, _)| e.poll).collect();
+    client
+        .execute(
+            "INSERT INTO haproxy_server_status_history (event_id, server_id, occurred_at,
+                 previous_state, new_state, previous_status, new_status, changed_by, poll)
+             SELECT id, s, 'epoch'::timestamptz + ms * interval '1 millisecond', ps, ns, pst, nst, c, p
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::bigint[]) AS u(id, s, ms, ps, ns, pst, nst, c, p)
+             ON CONFLICT (event_id) DO NOTHING",
+            &[
+                &h_ids,
+                &h_servers,
+                &h_at,
+                &h_prev_state,
+                &h_state,
+                &h_prev_status,
+                &h_status,
+                &h_cause,
+                &h_poll,
+            ],
+        )
+        .await?;
+    Ok(())
+}

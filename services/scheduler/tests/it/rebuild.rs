@@ -154,39 +154,49 @@ async fn rebuild_reproduces_every_projection_table() {
         assert_eq!(marked.status().as_u16(), 200);
     }
     let pg = db.client().await;
+    // Two polls of two servers each, recorded the way sync does (one poll's events applied
+    // set-based): s1 changes between them, s2 does not. The rebuild replays them one by one,
+    // so the comparison below also holds the set-based apply to the per-event one.
     for (poll, state) in [(1i64, "ready"), (2, "drain")] {
         use checkplane_wire::events::*;
-        let body = EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
-            instance_id: instance.clone(),
-            poll,
-            backend: "be".into(),
-            server: "s1".into(),
-            observed: ObservedServer {
-                address: "127.0.0.1".into(),
-                port: Some(18101),
-                weight: 1,
-                op_state: "running".into(),
-                admin_state: state.into(),
-                admin_bits: if state == "drain" { 8 } else { 0 },
-                status: None,
-                check_status: None,
-                scur: Some(0),
-            },
-            cause: "sync".into(),
-        }));
-        let event = Event {
-            event_id: checkplane_wire::haproxy::poll_event_id(&instance, poll, "be", "s1"),
-            aggregate_id: "haproxy-server:x".into(),
-            version: poll,
-            occurred_at: checkplane_runtime::clock::now_ms(),
-            actor: "haproxy-sync".into(),
-            schema: SCHEMA,
-            body,
-        };
-        checkplane_runtime::projection::record_and_apply(&pg, &event)
+        let events: Vec<Event> = [("s1", state), ("s2", "ready")]
+            .into_iter()
+            .map(|(server, state)| Event {
+                event_id: checkplane_wire::haproxy::poll_event_id(&instance, poll, "be", server),
+                aggregate_id: format!("haproxy-server:{server}"),
+                version: poll,
+                occurred_at: checkplane_runtime::clock::now_ms(),
+                actor: "haproxy-sync".into(),
+                schema: SCHEMA,
+                body: EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+                    instance_id: instance.clone(),
+                    poll,
+                    backend: "be".into(),
+                    server: server.into(),
+                    observed: ObservedServer {
+                        address: "127.0.0.1".into(),
+                        port: Some(18101),
+                        weight: 1,
+                        op_state: "running".into(),
+                        admin_state: state.into(),
+                        admin_bits: if state == "drain" { 8 } else { 0 },
+                        status: None,
+                        check_status: None,
+                        scur: Some(0),
+                    },
+                    cause: "sync".into(),
+                })),
+            })
+            .collect();
+        checkplane_runtime::projection::record_and_apply_independent(&pg, &events)
             .await
             .unwrap();
     }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM haproxy_server_status_history").await,
+        3,
+        "s1 twice (new, drained), s2 once (new)"
+    );
     drop(pg);
     // An operator's drain of that server (an action, and the server's desired state).
     let server = checkplane_wire::haproxy::server_id(&instance, "be", "s1");
