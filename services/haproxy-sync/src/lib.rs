@@ -169,14 +169,14 @@ async fn watch_events(
         match reply {
             Ok(None) => {}
             Ok(Some(reply)) => {
-                let newest = reply
-                    .keys
-                    .iter()
-                    .flat_map(|k| k.ids.iter())
-                    .map(|e| e.id.clone())
-                    .next_back();
-                if let Some(id) = newest {
-                    last = id;
+                let entries: Vec<&redis::streams::StreamId> =
+                    reply.keys.iter().flat_map(|k| k.ids.iter()).collect();
+                if let Some(newest) = entries.last() {
+                    last = newest.id.clone();
+                }
+                // Only what a round acts on: sync's and the executors' own events (polls,
+                // action updates) would only start rounds with nothing new to do.
+                if entries.iter().any(|e| wakes_a_round(e)) {
                     wake.notify_one();
                 }
             }
@@ -187,6 +187,23 @@ async fn watch_events(
             }
         }
     }
+}
+
+/// Whether a haproxy stream entry asks for a round: an action requested, an instance
+/// registered or removed (anything unreadable too, to be safe).
+fn wakes_a_round(entry: &redis::streams::StreamId) -> bool {
+    let Some(redis::Value::BulkString(raw)) = entry.map.get("event") else {
+        return true;
+    };
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(raw) else {
+        return true;
+    };
+    matches!(
+        event["type"].as_str(),
+        Some(
+            "haproxy.action_requested" | "haproxy.instance_registered" | "haproxy.instance_removed"
+        ) | None
+    )
 }
 
 /// The haproxy-sync as a launchable [`checkplane_runtime::Service`].
