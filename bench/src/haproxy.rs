@@ -4,7 +4,8 @@
 //! Runtime API reads (`show info`, `show servers state`, `show stat` over TCP) in the same run.
 //!
 //! `haproxy-action`: drain / ready through the API, from the request to the action's
-//! `success` on GET (the server set and read back through the socket), p50 / p99, beside a raw
+//! `success` on a GET that waits for it (`wait_ms`; the server set and read back through the
+//! socket), p50 / p99, beside a raw
 //! `set server` + `show servers state` read-back over the socket. With `--via-agent` every
 //! instance is reached through an agent of its own (in-process, relaying to the HAProxy's
 //! unix socket), as on a node whose socket only its agent can open.
@@ -356,7 +357,7 @@ pub async fn action_latency(args: HaproxyArgs) {
         loop {
             let a: serde_json::Value = s
                 .http
-                .get(format!("{}/v1/haproxy/actions/{id}", s.base))
+                .get(format!("{}/v1/haproxy/actions/{id}?wait_ms=10000", s.base))
                 .header("x-api-key", crate::fanout::ADMIN)
                 .send()
                 .await

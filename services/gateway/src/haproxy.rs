@@ -2,6 +2,8 @@
 //! what haproxy-sync's polls found — backends, servers (observed state beside the operators'
 //! desired state) and each server's state history.
 
+use std::time::Duration;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -427,23 +429,106 @@ async fn batch(
     ))
 }
 
+/// Requests waiting at once for actions to end; more are answered at once.
+pub const MAX_ACTION_WAITERS: usize = 256;
+/// The longest `wait_ms`.
+const MAX_ACTION_WAIT_MS: u64 = 30_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionQuery {
+    /// Wait up to this long (ms) for the action to end (`success` or `failed`) before
+    /// answering, instead of polling.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// `GET /v1/haproxy/actions/{id}[?wait_ms=N]`: the action; with `wait_ms`, once it has ended
+/// or the wait is over, whichever comes first.
 async fn action(
     State(app): State<AppState>,
     _viewer: Viewer,
     Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ActionQuery>,
 ) -> Result<Json<ActionView>, ApiError> {
     if !valid_id("hpa-", &id) {
         return Err(ApiError::not_found("no such action"));
     }
-    let client = app.stores.pg.get().await?;
-    let row = client
-        .query_opt(
-            &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE action_id = $1"),
-            &[&id],
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found("no such action"))?;
-    Ok(Json(action_view(&row)))
+    if q.wait_ms > MAX_ACTION_WAIT_MS {
+        return Err(ApiError::validation(format!(
+            "wait_ms: at most {MAX_ACTION_WAIT_MS}"
+        )));
+    }
+    let read = || async {
+        let client = app.stores.pg.get().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE action_id = $1"),
+                &[&id],
+            )
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such action"))?;
+        Ok::<_, ApiError>(action_view(&row))
+    };
+    let ended = |a: &ActionView| a.status == "success" || a.status == "failed";
+    let waiter = (q.wait_ms > 0)
+        .then(|| app.action_waiters.clone().try_acquire_owned().ok())
+        .flatten();
+    let Some(_waiter) = waiter else {
+        return Ok(Json(read().await?));
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms);
+    let stream = app.keys.events("haproxy");
+    let mut conn = app
+        .stores
+        .blocking_connection(Duration::from_millis(q.wait_ms))
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    // Where the stream is before the action is read: whatever ends it after that read is
+    // appended after this id.
+    let mut last: String = {
+        let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+            .arg(&stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        newest
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id)
+    };
+    loop {
+        let view = read().await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if ended(&view) || left.is_zero() {
+            return Ok(Json(view));
+        }
+        let block = u64::try_from(left.as_millis()).unwrap_or(1).max(1);
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("BLOCK")
+            .arg(block)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(&last);
+        let reply: Option<redis::streams::StreamReadReply> = tokio::select! {
+            _ = app.shutdown.cancelled() => return Ok(Json(view)),
+            r = xread.query_async(&mut conn) => r.map_err(|e| ApiError::internal(&e))?,
+        };
+        match reply
+            .iter()
+            .flat_map(|r| r.keys.iter())
+            .flat_map(|k| k.ids.iter())
+            .next_back()
+        {
+            Some(newest) => last = newest.id.clone(),
+            None => return Ok(Json(read().await?)),
+        }
+    }
 }
 
 /// Record, apply and keep for publishing `event` inside the command's transaction.

@@ -72,6 +72,7 @@ pub async fn run(
                 key_cache: Arc::new(auth::KeyCache::new(config.auth_cache_ttl)),
                 config,
                 shutdown: shutdown.clone(),
+                action_waiters: Arc::new(tokio::sync::Semaphore::new(haproxy::MAX_ACTION_WAITERS)),
             });
             agents::router()
                 .merge(leases::router())

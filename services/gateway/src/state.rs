@@ -41,4 +41,7 @@ pub struct Shared {
     pub key_cache: Arc<crate::auth::KeyCache>,
     /// Fires at shutdown: waiting claims answer at once.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Bounds the requests waiting for an HAProxy action to end (each holds a Redis
+    /// connection of its own while it waits).
+    pub action_waiters: Arc<tokio::sync::Semaphore>,
 }

@@ -99,21 +99,22 @@ async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value) ->
     .await
 }
 
+/// The action once it has ended: one GET that waits for it (`wait_ms`), no polling.
 async fn settled(http: &reqwest::Client, gw: &Service, action: &str) -> Value {
-    eventually("the action ends", Duration::from_secs(20), || async {
-        let (_, a) = call(
-            http,
-            gw,
-            "GET",
-            &format!("/v1/haproxy/actions/{action}"),
-            None,
-        )
-        .await;
-        ["success", "failed"]
-            .contains(&a["status"].as_str().unwrap_or(""))
-            .then_some(a)
-    })
-    .await
+    let (status, a) = call(
+        http,
+        gw,
+        "GET",
+        &format!("/v1/haproxy/actions/{action}?wait_ms=20000"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{a}");
+    assert!(
+        ["success", "failed"].contains(&a["status"].as_str().unwrap_or("")),
+        "a waiting GET answers once the action has ended: {a}"
+    );
+    a
 }
 
 fn admin_bits(ha: &Haproxy, server: &str) -> u32 {
@@ -146,6 +147,18 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         .await;
         assert_eq!(status, 202, "{requested}");
         assert_eq!(requested["status"], "pending");
+        let (status, too_long) = call(
+            &http,
+            &gw,
+            "GET",
+            &format!(
+                "/v1/haproxy/actions/{}?wait_ms=30001",
+                requested["id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+        assert_eq!(status, 422, "{too_long}");
         let done = settled(&http, &gw, requested["id"].as_str().unwrap()).await;
         assert_eq!(done["status"], "success", "{done}");
         assert_eq!(done["attempts"], 1);
