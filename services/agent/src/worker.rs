@@ -571,6 +571,31 @@ async fn reregister(shared: &Shared) {
     }
 }
 
+/// One claim (a long poll of up to `wait_ms`) for `capacities`, with a fresh request id
+/// (`<prefix><random>-<round>`); `None` when `stop` fired first.
+async fn claim(
+    shared: &Shared,
+    capacities: Value,
+    wait_ms: u64,
+    prefix: &str,
+    round: u64,
+    stop: &CancellationToken,
+) -> Option<Result<ClaimResponse, CallError>> {
+    let request_id = format!(
+        "{prefix}{}-{round}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let body = json!({"capacities": capacities, "request_id": request_id, "wait_ms": wait_ms});
+    let claim =
+        shared
+            .control
+            .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30));
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        c = claim => Some(c),
+    }
+}
+
 async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &CancellationToken) {
     let mut backoff = Backoff::new();
     let mut round: u64 = 0;
@@ -586,18 +611,8 @@ async fn claim_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
             }
         }
         let wait_ms = if complete { 20_000 } else { 1_000 };
-        let request_id = format!(
-            "{}-{round}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let body = json!({"capacities": capacities, "request_id": request_id, "wait_ms": wait_ms});
-        let claim =
-            shared
-                .control
-                .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30));
-        let claimed = tokio::select! {
-            _ = stop.cancelled() => return,
-            c = claim => c,
+        let Some(claimed) = claim(shared, json!(capacities), wait_ms, "", round, stop).await else {
+            return;
         };
         match claimed {
             Ok(answer) => {
@@ -638,19 +653,9 @@ async fn relay_loop(shared: &Arc<Shared>, tasks: &TaskTracker, stop: &Cancellati
             }
         }
         round += 1;
-        let request_id = format!(
-            "r{}-{round}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let body =
-            json!({"capacities": {RELAY_KIND: free}, "request_id": request_id, "wait_ms": 20_000});
-        let claim =
-            shared
-                .control
-                .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30));
-        let claimed = tokio::select! {
-            _ = stop.cancelled() => return,
-            c = claim => c,
+        let capacities = json!({RELAY_KIND: free});
+        let Some(claimed) = claim(shared, capacities, 20_000, "r", round, stop).await else {
+            return;
         };
         match claimed {
             Ok(answer) => {

@@ -100,7 +100,7 @@ async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value) ->
 }
 
 /// The action once it has ended: one GET that waits for it (`wait_ms`), no polling.
-async fn settled(http: &reqwest::Client, gw: &Service, action: &str) -> Value {
+pub async fn settled(http: &reqwest::Client, gw: &Service, action: &str) -> Value {
     let (status, a) = call(
         http,
         gw,
@@ -118,7 +118,12 @@ async fn settled(http: &reqwest::Client, gw: &Service, action: &str) -> Value {
 }
 
 fn admin_bits(ha: &Haproxy, server: &str) -> u32 {
-    let state = ha.command("show servers state be_app");
+    admin_bits_in(ha, "be_app", server)
+}
+
+/// srv_admin_state of `server` of `backend`, read through the socket.
+pub fn admin_bits_in(ha: &Haproxy, backend: &str, server: &str) -> u32 {
+    let state = ha.command(&format!("show servers state {backend}"));
     state
         .lines()
         .find(|l| l.split_whitespace().nth(3) == Some(server))

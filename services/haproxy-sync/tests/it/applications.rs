@@ -9,6 +9,7 @@ use checkplane_testkit::haproxy::Haproxy;
 use checkplane_testkit::{eventually, TestDb, TestRedis};
 use serde_json::{json, Value};
 
+use crate::actions::{admin_bits_in, settled};
 use crate::sync::{call, gateway, haproxy_sync_with, Service};
 
 async fn post(http: &reqwest::Client, gw: &Service, path: &str, body: Value) -> (u16, Value) {
@@ -30,18 +31,6 @@ async fn linked(http: &reqwest::Client, gw: &Service, app: &str, n: usize) -> Ve
         (items.len() == n).then_some(items)
     })
     .await
-}
-
-/// srv_admin_state of each server of `backend`, read through the socket.
-fn admin_states(ha: &Haproxy, backend: &str) -> Vec<(String, String)> {
-    ha.command(&format!("show servers state {backend}"))
-        .lines()
-        .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[3].to_owned(), f[6].to_owned())
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -180,47 +169,18 @@ async fn servers_link_to_applications_and_a_group_batch_drains_them_across_a_ren
     let items = batch["items"].as_array().unwrap().clone();
     assert_eq!(items.len(), 3, "{batch}");
     for item in &items {
-        let id = item["action"]["id"].as_str().unwrap().to_owned();
-        let done = eventually("the action ends", Duration::from_secs(20), || async {
-            let (_, a) = call(
-                &http,
-                &gw,
-                "GET",
-                &format!("/v1/haproxy/actions/{id}"),
-                None,
-            )
-            .await;
-            ["success", "failed"]
-                .contains(&a["status"].as_str().unwrap_or(""))
-                .then_some(a)
-        })
-        .await;
+        let done = settled(&http, &gw, item["action"]["id"].as_str().unwrap()).await;
         assert_eq!(done["status"], "success", "{done}");
     }
-    let drained = |states: Vec<(String, String)>, name: &str| {
-        states
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| s.clone())
-    };
-    for name in ["web1_shop_1", "web2_shop_1"] {
-        assert_eq!(
-            drained(admin_states(&ha, "be_shop"), name).as_deref(),
-            Some("8")
-        );
+    for (backend, server, bits) in [
+        ("be_shop", "web1_shop_1", 8),
+        ("be_shop", "web2_shop_1", 8),
+        ("be_api", "api-a", 8),
+        ("be_api", "api-b", 0),
+        ("be_misc", "web1_blog_1", 0),
+    ] {
+        assert_eq!(admin_bits_in(&ha, backend, server), bits, "{server}");
     }
-    assert_eq!(
-        drained(admin_states(&ha, "be_api"), "api-a").as_deref(),
-        Some("8")
-    );
-    assert_eq!(
-        drained(admin_states(&ha, "be_api"), "api-b").as_deref(),
-        Some("0")
-    );
-    assert_eq!(
-        drained(admin_states(&ha, "be_misc"), "web1_blog_1").as_deref(),
-        Some("0")
-    );
 
     // The shop backend renamed by a reload: its servers come back under the new name, still
     // linked to shop (the old rows soft-deleted after two polls).

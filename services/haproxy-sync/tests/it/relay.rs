@@ -15,7 +15,8 @@ use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 use checkplane_wire::haproxy::{RelayedCommand, RELAY_KIND, SEVERITY_PREFIX};
 use serde_json::{json, Value};
 
-use crate::sync::{backends, call, haproxy_sync_with, history_until, Service, ADMIN};
+use crate::actions::{admin_bits_in, settled};
+use crate::sync::{backends, call, discovered, haproxy_sync_with, history_until, Service, ADMIN};
 
 const ENROLL: &str = "relay-test-enrollment-0123";
 
@@ -134,18 +135,7 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
 
     // Sync discovers the servers through the agent: haproxy-sync has no address to use.
     let _sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
-    let found = eventually("backends discovered", Duration::from_secs(15), || async {
-        let (_, page) = call(
-            &http,
-            &gw,
-            "GET",
-            &format!("/v1/haproxy/instances/{id}/backends"),
-            None,
-        )
-        .await;
-        (page["total"] == 2).then_some(page)
-    })
-    .await;
+    let found = discovered(&http, &gw, &id, 2).await;
     assert_eq!(found["items"][0]["name"], "be_app");
     let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
     let (_, servers) = call(
@@ -170,28 +160,10 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     .await;
     assert_eq!(status, 202, "{action}");
     let action_id = action["id"].as_str().unwrap().to_owned();
-    let done = eventually("the drain ends", Duration::from_secs(20), || async {
-        let (_, a) = call(
-            &http,
-            &gw,
-            "GET",
-            &format!("/v1/haproxy/actions/{action_id}"),
-            None,
-        )
-        .await;
-        ["success", "failed"]
-            .contains(&a["status"].as_str().unwrap_or(""))
-            .then_some(a)
-    })
-    .await;
+    let done = settled(&http, &gw, &action_id).await;
     assert_eq!(done["status"], "success", "{done}");
-    let state_line = ha.command("show servers state be_app");
-    let s1_line = state_line
-        .lines()
-        .find(|l| l.split_whitespace().nth(3) == Some("s1"))
-        .unwrap();
-    // srv_admin_state (column 7) 8 = forced drain.
-    assert_eq!(s1_line.split_whitespace().nth(6), Some("8"), "{state_line}");
+    // Forced drain (8), read through the socket.
+    assert_eq!(admin_bits_in(&ha, "be_app", "s1"), 8);
     history_until(&http, &gw, &s1, "the drain in history", |h| {
         h["new_state"] == "drain" && h["changed_by"] == action_id.as_str()
     })

@@ -95,6 +95,22 @@ pub async fn history_until(
     .await
 }
 
+/// The backends page of `instance` once it lists `n` backends.
+pub async fn discovered(http: &reqwest::Client, gw: &Service, instance: &str, n: usize) -> Value {
+    eventually("backends discovered", Duration::from_secs(15), || async {
+        let (_, page) = call(
+            http,
+            gw,
+            "GET",
+            &format!("/v1/haproxy/instances/{instance}/backends"),
+            None,
+        )
+        .await;
+        (page["total"] == n).then_some(page)
+    })
+    .await
+}
+
 pub fn backends() -> Vec<(&'static str, Vec<(&'static str, u16)>)> {
     vec![
         ("be_app", vec![("s1", 18101), ("s2", 18102)]),
@@ -122,18 +138,7 @@ async fn sync_discovers_follows_and_soft_deletes_servers() {
     let sync = haproxy_sync(&db, &redis).await;
 
     // Discovered: both backends with their servers.
-    let found = eventually("backends discovered", Duration::from_secs(10), || async {
-        let (_, page) = call(
-            &http,
-            &gw,
-            "GET",
-            &format!("/v1/haproxy/instances/{id}/backends"),
-            None,
-        )
-        .await;
-        (page["total"] == 2).then_some(page)
-    })
-    .await;
+    let found = discovered(&http, &gw, &id, 2).await;
     assert_eq!(found["items"][0]["name"], "be_app");
     assert_eq!(found["items"][0]["servers"], 2);
     assert_eq!(found["items"][1]["servers"], 1);
