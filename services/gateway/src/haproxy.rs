@@ -172,15 +172,38 @@ async fn agent_online(app: &AppState, agent: &str) -> Result<bool, ApiError> {
 
 /// Refuse commands to an instance reached through its node's agent while that agent is
 /// offline.
-async fn reachable(app: &AppState, transport: &str, node: Option<&str>) -> Result<(), ApiError> {
-    match (transport, node) {
-        ("agent", Some(node)) if !agent_online(app, node).await? => Err(ApiError::new(
+async fn reachable(
+    app: &AppState,
+    client: &impl tokio_postgres::GenericClient,
+    transport: &str,
+    node: Option<&str>,
+) -> Result<(), ApiError> {
+    let (true, Some(node)) = (transport == "agent", node) else {
+        return Ok(());
+    };
+    let unavailable = |why: String| {
+        Err(ApiError::new(
             StatusCode::CONFLICT,
             ErrorCode::InstanceUnavailable,
-            format!("the instance is reached through the agent of node {node}, which is offline"),
-        )),
-        _ => Ok(()),
+            format!("the instance is reached through the agent of node {node}, {why}"),
+        ))
+    };
+    if !agent_online(app, node).await? {
+        return unavailable("which is offline".to_owned());
     }
+    let relays = client
+        .query_opt(
+            "SELECT capabilities ? 'haproxy' FROM agents WHERE agent_id = $1",
+            &[&node],
+        )
+        .await?
+        .is_some_and(|r| r.get::<_, bool>(0));
+    if !relays {
+        return unavailable(
+            "which does not relay to HAProxy (its AGENT_HAPROXY_SOCKET is not set)".to_owned(),
+        );
+    }
+    Ok(())
 }
 
 /// An action as operators read it.
@@ -298,7 +321,7 @@ async fn request_one(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("no such server"))?;
-    reachable(app, server.get(3), server.get(4)).await?;
+    reachable(app, &*tx, server.get(3), server.get(4)).await?;
     let action_id = format!("hpa-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
     let event = outbox::new_event(
         format!("haproxy-action:{action_id}"),
@@ -759,8 +782,8 @@ async fn force_sync(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let client = app.stores.pg.get().await?;
     let row = live_instance(&**client, &id).await?;
+    reachable(&app, &**client, row.get(2), row.get(4)).await?;
     drop(client);
-    reachable(&app, row.get(2), row.get(4)).await?;
     let mut conn = app.stores.redis_shared.clone();
     let _: () = redis::cmd("SET")
         .arg(app.keys.haproxy_sync_request(&id))

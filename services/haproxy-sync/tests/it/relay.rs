@@ -218,6 +218,60 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     assert!(pushed.starts_with("failed "), "{pushed}");
     assert!(pushed.contains("ERR_FORBIDDEN"), "{pushed}");
 
+    // A node whose agent does not relay (no AGENT_HAPROXY_SOCKET): refused, saying so.
+    let base = gw.url("");
+    let base = base.trim_end_matches('/');
+    let (plain, token) = checkplane_testkit::register_agent(
+        &http,
+        base,
+        ENROLL,
+        &json!({"hostname": "lb-host-2", "capabilities": {"tcp": 1}}),
+    )
+    .await;
+    let beat = format!("{base}/v1/agents/heartbeat");
+    let (status, _) =
+        checkplane_testkit::agent_post(&http, &beat, &plain, &token, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, marked) = call(
+        &http,
+        &gw,
+        "PUT",
+        &format!("/v1/servers/{plain}/haproxy"),
+        Some(json!({"enabled": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{marked}");
+    assert_eq!(marked["relays"], false);
+    let (status, silent) = call(
+        &http,
+        &gw,
+        "POST",
+        "/v1/haproxy/instances",
+        Some(json!({"name": "lb-silent", "transport": "agent", "node": plain})),
+    )
+    .await;
+    assert_eq!(status, 201, "{silent}");
+    let (status, refused) = call(
+        &http,
+        &gw,
+        "POST",
+        &format!(
+            "/v1/haproxy/instances/{}/sync",
+            silent["id"].as_str().unwrap()
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "ERR_INSTANCE_UNAVAILABLE");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not relay"),
+        "{refused}"
+    );
+
     // The agent stops: once it is offline, commands are refused at once.
     agent.stop().await.unwrap();
     eventually(
