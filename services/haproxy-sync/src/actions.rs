@@ -168,9 +168,8 @@ async fn update(
         events.push(observation(&tx, action, observed).await?);
     }
     events.push(event);
-    for e in &events {
-        outbox::append(&*tx, e, &stream).await?;
-    }
+    // The observation and the update touch rows of their own: recorded together.
+    outbox::append_all(&*tx, &events, &stream).await?;
     tx.commit().await?;
     drop(client);
     let stores = stores.clone();
