@@ -77,7 +77,9 @@ impl Fence {
     /// Whether the claim is still ours with at least `margin` left.
     async fn held(&self) -> bool {
         let mut conn = self.conn.clone();
-        let left: redis::RedisResult<i64> = redis::Script::new(HELD)
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(HELD));
+        let left: redis::RedisResult<i64> = SCRIPT
             .key(&self.key)
             .arg(&self.holder)
             .invoke_async(&mut conn)
@@ -124,20 +126,32 @@ pub async fn open_actions(
     Ok(open)
 }
 
+/// What every update of one action is recorded with: the stores, the action, and the
+/// fencing token it is executed under.
+#[derive(Clone, Copy)]
+struct Recorder<'a> {
+    stores: &'a Stores,
+    keys: &'a Keys,
+    action: &'a Pending,
+    fence: i64,
+}
+
 /// Record an update of `action` (version after `*version`), with the server state it read
 /// back as an observation caused by it when `observed` (its poll number taken in the same
 /// transaction). Published in the background: the outbox has the events once committed, and
 /// nothing here waits for the stream.
-#[allow(clippy::too_many_arguments)]
 async fn update(
-    stores: &Stores,
-    keys: &Keys,
-    action: &Pending,
-    fence: i64,
+    record: &Recorder<'_>,
     version: &mut i64,
     observed: Option<ObservedServer>,
     body: HaproxyActionUpdated,
 ) -> Result<(), SyncError> {
+    let Recorder {
+        stores,
+        keys,
+        action,
+        fence,
+    } = *record;
     *version += 1;
     let event = Event {
         event_id: uuid::Uuid::now_v7(),
@@ -325,6 +339,12 @@ pub async fn execute(
     fence: Fence,
 ) -> Result<(), SyncError> {
     let mut version = action.version;
+    let record = Recorder {
+        stores: &stores,
+        keys: &keys,
+        action: &action,
+        fence: fence.token,
+    };
     let Some(target) = Target::parse(&action.action) else {
         return Ok(());
     };
@@ -341,16 +361,7 @@ pub async fn execute(
         .unwrap_or(false);
     if !allowed {
         let error = "ERR_INSTANCE_UNAVAILABLE: the instance's circuit breaker is open".to_owned();
-        return update(
-            &stores,
-            &keys,
-            &action,
-            fence.token,
-            &mut version,
-            None,
-            fail(0, error),
-        )
-        .await;
+        return update(&record, &mut version, None, fail(0, error)).await;
     }
     let delays = [
         Duration::ZERO,
@@ -381,16 +392,7 @@ pub async fn execute(
             detail: Value::Null,
             error: None,
         };
-        update(
-            &stores,
-            &keys,
-            &action,
-            fence.token,
-            &mut version,
-            None,
-            running,
-        )
-        .await?;
+        update(&record, &mut version, None, running).await?;
         match attempt(&api, &action, target, &fence).await {
             Ok((detail, observed)) => {
                 if let Ok(mut b) = breaker.lock() {
@@ -408,16 +410,7 @@ pub async fn execute(
                     error: None,
                 };
                 tracing::info!(action_id = %action.action_id, action = %action.action, server = %action.server, "HAProxy action done");
-                return update(
-                    &stores,
-                    &keys,
-                    &action,
-                    fence.token,
-                    &mut version,
-                    Some(observed),
-                    done,
-                )
-                .await;
+                return update(&record, &mut version, Some(observed), done).await;
             }
             Err(Attempt::Fenced) => {
                 tracing::warn!(action_id = %action.action_id, instance = %action.instance_id, "no longer the instance's owner; leaving the action to the next one");
@@ -439,10 +432,7 @@ pub async fn execute(
             }
             Err(Attempt::Api(final_error)) => {
                 return update(
-                    &stores,
-                    &keys,
-                    &action,
-                    fence.token,
+                    &record,
                     &mut version,
                     None,
                     fail(attempts, final_error.to_string()),
@@ -451,16 +441,7 @@ pub async fn execute(
             }
         }
     }
-    update(
-        &stores,
-        &keys,
-        &action,
-        fence.token,
-        &mut version,
-        None,
-        fail(attempts, last_error),
-    )
-    .await
+    update(&record, &mut version, None, fail(attempts, last_error)).await
 }
 
 /// The state an action read back, as an observation caused by it (its own poll number).
