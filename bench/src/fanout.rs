@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::{drop_scratch, percentile, scratch};
+use crate::{cpu, drop_scratch, percentile, scratch};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FanOutArgs {
@@ -61,6 +61,22 @@ fn summary(side: &str, args: &FanOutArgs, mut millis: Vec<f64>, extra: Value) {
     println!("{out}");
 }
 
+/// The services' thread names, by which their CPU is told apart.
+const SERVICES: &[&str] = &["gateway", "scheduler"];
+
+/// A runtime of two workers whose threads carry `name`, and a loopback listener for it.
+fn service_runtime(name: &str) -> (tokio::runtime::Runtime, std::net::TcpListener) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    (runtime, listener)
+}
+
 pub async fn until_ready(http: &reqwest::Client, base: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !http
@@ -96,16 +112,26 @@ pub async fn checks(args: FanOutArgs) {
     let gw_config = gateway::load(&mut checkplane_runtime::Env::from_pairs(gw_env)).unwrap();
     let sched_config = scheduler::load(&mut checkplane_runtime::Env::from_pairs(common)).unwrap();
     let shutdown = CancellationToken::new();
-    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Each service on a runtime of its own (as in its own process), its threads named after
+    // it, so the CPU each spends can be read apart.
+    let (gw_rt, gw_listener) = service_runtime("gateway");
     let base = format!("http://{}", gw_listener.local_addr().unwrap());
-    let sched_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (sched_rt, sched_listener) = service_runtime("scheduler");
     let sched_base = format!("http://{}", sched_listener.local_addr().unwrap());
-    let gw = tokio::spawn(gateway::run(gw_config, gw_listener, shutdown.clone()));
-    let sched = tokio::spawn(scheduler::run(
-        sched_config,
-        sched_listener,
-        shutdown.clone(),
-    ));
+    let gw = gw_rt.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let listener = tokio::net::TcpListener::from_std(gw_listener).unwrap();
+            gateway::run(gw_config, listener, shutdown).await
+        }
+    });
+    let sched = sched_rt.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let listener = tokio::net::TcpListener::from_std(sched_listener).unwrap();
+            scheduler::run(sched_config, listener, shutdown).await
+        }
+    });
     let http = reqwest::Client::new();
     until_ready(&http, &base).await;
     until_ready(&http, &sched_base).await;
@@ -196,7 +222,11 @@ pub async fn checks(args: FanOutArgs) {
     let mut accepted = Vec::with_capacity(args.runs);
     let mut gets = 0usize;
     let mut phases: Vec<[f64; 3]> = Vec::with_capacity(args.runs);
+    let mut cpu_before = cpu::reading(SERVICES);
     for run in 0..args.warmup + args.runs {
+        if run == args.warmup {
+            cpu_before = cpu::reading(SERVICES);
+        }
         *marks.lock().unwrap() = Marks::default();
         let started = Instant::now();
         let response = http
@@ -259,6 +289,7 @@ pub async fn checks(args: FanOutArgs) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cpu_ms = cpu::per_run(&cpu_before, &cpu::reading(SERVICES), args.runs);
     stop.cancel();
     for p in pollers {
         let _ = p.await;
@@ -296,6 +327,8 @@ pub async fn checks(args: FanOutArgs) {
     shutdown.cancel();
     let _ = gw.await;
     let _ = sched.await;
+    gw_rt.shutdown_background();
+    sched_rt.shutdown_background();
     drop(pg);
     drop_scratch(&args.pg_url, &name).await;
     accepted.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -314,7 +347,8 @@ pub async fn checks(args: FanOutArgs) {
                "gets_per_run": gets / (args.warmup + args.runs),
                "last_claim_p50_ms": median_of(0), "last_report_p50_ms": median_of(1),
                "projector_batches": batches, "projector_batch_mean_ms": round(batch_mean_ms),
-               "slots_per_agent_min": spread.0, "slots_per_agent_max": spread.1}),
+               "slots_per_agent_min": spread.0, "slots_per_agent_max": spread.1,
+               "cpu_ms_per_check": cpu_ms}),
     );
 }
 

@@ -8,6 +8,7 @@
 //! same connection count) beside a raw batch INSERT of the same rows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cpu;
 mod dns;
 mod fanout;
 mod haproxy;

@@ -202,7 +202,14 @@ impl StoreServiceConfig {
                 "HTTP_ADDR",
                 default_listen,
             )?,
-            store: StoreSettings::from_env(env)?,
+            store: {
+                let mut store = StoreSettings::from_env(env)?;
+                // `pg_stat_activity` shows which service a connection is.
+                store
+                    .database
+                    .application_name(format!("checkplane-{service}"));
+                store
+            },
         })
     }
 }

@@ -1,0 +1,79 @@
+//! CPU time by part, read from `/proc`: this process's threads grouped by their name's
+//! prefix (each service runs on a runtime of its own, its threads named after it), and the
+//! PostgreSQL and Redis server processes. Differences of two readings say where a run's CPU
+//! went.
+
+use std::collections::BTreeMap;
+
+/// Clock ticks per second of `/proc/*/stat` (USER_HZ; 100 on every Linux this runs on).
+const TICKS_PER_S: f64 = 100.0;
+
+/// utime and stime of one `/proc/.../stat` line, in ticks; the fields after the `(comm)`.
+fn ticks(stat: &str) -> Option<(String, u64, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_owned();
+    let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+    // After the comm: state(0) ppid pgrp session tty tpgid flags minflt cminflt majflt
+    // cmajflt utime(11) stime(12).
+    let user: u64 = rest.get(11)?.parse().ok()?;
+    let system: u64 = rest.get(12)?.parse().ok()?;
+    Some((comm, user, system))
+}
+
+/// Adds one thread's or process's ticks to its group's total and to its group's kernel part.
+fn add(out: &mut BTreeMap<String, f64>, group: &str, user: u64, system: u64) {
+    *out.entry(group.to_owned()).or_default() += (user + system) as f64 / TICKS_PER_S;
+    *out.entry(format!("{group} (kernel)")).or_default() += system as f64 / TICKS_PER_S;
+}
+
+/// CPU seconds so far (and the kernel's part of them): `groups` of this process's threads (by thread-name prefix, the rest
+/// under "other"), and every `postgres` and `redis-server` process on the machine.
+pub fn reading(groups: &[&str]) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let Some((comm, user, system)) = ticks(&stat) else {
+                continue;
+            };
+            let group = groups
+                .iter()
+                .find(|g| comm.starts_with(**g))
+                .map_or("bench+agents", |g| g);
+            add(&mut out, group, user, system);
+        }
+    }
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for proc in procs.flatten() {
+            let Ok(stat) = std::fs::read_to_string(proc.path().join("stat")) else {
+                continue;
+            };
+            let Some((comm, user, system)) = ticks(&stat) else {
+                continue;
+            };
+            if comm == "postgres" || comm == "redis-server" {
+                add(&mut out, &comm, user, system);
+            }
+        }
+    }
+    out
+}
+
+/// `after - before`, in milliseconds per `runs`.
+pub fn per_run(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    runs: usize,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| {
+            let spent = v - before.get(k).copied().unwrap_or(0.0);
+            let ms = spent * 1000.0 / runs.max(1) as f64;
+            (k.clone(), (ms * 10.0).round() / 10.0)
+        })
+        .collect()
+}
