@@ -127,3 +127,130 @@ pub async fn schema_is_current(config: &tokio_postgres::Config) -> Result<bool, 
     Ok(usize::try_from(applied).unwrap_or(0)
         >= embedded::migrations::runner().get_migrations().len())
 }
+
+/// Parameters of a statement.
+pub type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// Where statements run: a connection or a transaction. On a pooled connection (and its
+/// transactions) each statement is prepared once per connection and kept (deadpool's
+/// statement cache), so a repeated statement is neither parsed nor planned again and costs
+/// one round trip instead of two (prepare, then execute). Dedicated connections
+/// (`tokio_postgres::Client`) prepare each time.
+///
+/// Only constant statement texts belong on a cached connection: every distinct text stays
+/// prepared for the connection's life.
+pub trait Sql: Sync {
+    /// Like `Client::execute`: the rows affected.
+    fn execute(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> impl std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send;
+    /// Like `Client::query`.
+    fn query(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + Send;
+    /// Like `Client::query_one`.
+    fn query_one(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> impl std::future::Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send;
+    /// Like `Client::query_opt`.
+    fn query_opt(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> impl std::future::Future<Output = Result<Option<tokio_postgres::Row>, tokio_postgres::Error>>
+           + Send;
+    /// Like `Client::batch_execute` (simple protocol, never cached).
+    fn batch_execute(
+        &self,
+        sql: &str,
+    ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
+}
+
+/// `Sql` for a type that prepares each statement (`uncached`) or keeps it (`cached`).
+macro_rules! sql_impl {
+    (uncached $ty:ty) => {
+        impl Sql for $ty {
+            async fn execute(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<u64, tokio_postgres::Error> {
+                tokio_postgres::GenericClient::execute(self, sql, params).await
+            }
+            async fn query(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+                tokio_postgres::GenericClient::query(self, sql, params).await
+            }
+            async fn query_one(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+                tokio_postgres::GenericClient::query_one(self, sql, params).await
+            }
+            async fn query_opt(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+                tokio_postgres::GenericClient::query_opt(self, sql, params).await
+            }
+            async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+                tokio_postgres::GenericClient::batch_execute(self, sql).await
+            }
+        }
+    };
+    (cached $ty:ty) => {
+        impl Sql for $ty {
+            async fn execute(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<u64, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                deadpool_postgres::GenericClient::execute(self, &statement, params).await
+            }
+            async fn query(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                deadpool_postgres::GenericClient::query(self, &statement, params).await
+            }
+            async fn query_one(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                deadpool_postgres::GenericClient::query_one(self, &statement, params).await
+            }
+            async fn query_opt(
+                &self,
+                sql: &str,
+                params: &Params<'_>,
+            ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                deadpool_postgres::GenericClient::query_opt(self, &statement, params).await
+            }
+            async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+                deadpool_postgres::GenericClient::batch_execute(self, sql).await
+            }
+        }
+    };
+}
+
+sql_impl!(uncached tokio_postgres::Client);
+sql_impl!(uncached tokio_postgres::Transaction<'_>);
+sql_impl!(cached deadpool_postgres::Client);
+sql_impl!(cached deadpool_postgres::Transaction<'_>);

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
+use crate::db::Sql;
 use checkplane_wire::events::{Event, EventBody, SCHEMA};
-use tokio_postgres::GenericClient;
 
 use crate::projection::{self, ApplyError};
 
@@ -30,11 +30,7 @@ pub fn new_event(aggregate_id: String, version: i64, actor: String, body: EventB
 }
 
 /// Inside the command's transaction: record, apply, and remember to publish.
-pub async fn append(
-    tx: &impl GenericClient,
-    event: &Event,
-    stream: &str,
-) -> Result<(), ApplyError> {
+pub async fn append(tx: &impl Sql, event: &Event, stream: &str) -> Result<(), ApplyError> {
     projection::record_and_apply(tx, event).await?;
     tx.execute(
         "INSERT INTO outbox (event_id, stream, event) VALUES ($1, $2, $3)",
@@ -46,11 +42,7 @@ pub async fn append(
 
 /// [`append`] for many events that touch rows of their own each (one poll's servers): one
 /// `events` insert, the applies pipelined, one `outbox` insert.
-pub async fn append_all(
-    tx: &impl GenericClient,
-    events: &[Event],
-    stream: &str,
-) -> Result<(), ApplyError> {
+pub async fn append_all(tx: &impl Sql, events: &[Event], stream: &str) -> Result<(), ApplyError> {
     if events.is_empty() {
         return Ok(());
     }

@@ -12,12 +12,12 @@
 mod checks;
 mod haproxy;
 
+use crate::db::Sql;
 use checkplane_wire::events::{
     AgentPresence, AgentRegistered, Event, EventBody, KeyCreated, KeyRevoked,
 };
 use checkplane_wire::leases::LeaseToken;
 use checks::{SlotChange, SlotUpdate};
-use tokio_postgres::GenericClient;
 
 /// Why an event could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub const DELIVERY_CURSORS: &[(&str, &str)] = &[
 pub(crate) const AT: &str = "('epoch'::timestamptz + $1::bigint * interval '1 millisecond')";
 
 /// Insert the event into `events`; `false` when its `event_id` is there already.
-pub async fn record(client: &impl GenericClient, event: &Event) -> Result<bool, ApplyError> {
+pub async fn record(client: &impl Sql, event: &Event) -> Result<bool, ApplyError> {
     let payload = serde_json::to_value(&event.body)?;
     let payload = payload.get("payload").cloned().unwrap_or_default();
     let inserted = client
@@ -102,7 +102,7 @@ pub async fn record(client: &impl GenericClient, event: &Event) -> Result<bool, 
 }
 
 /// Apply one event to the projection tables.
-pub async fn apply(client: &impl GenericClient, event: &Event) -> Result<(), ApplyError> {
+pub async fn apply(client: &impl Sql, event: &Event) -> Result<(), ApplyError> {
     match &event.body {
         EventBody::AgentRegistered(e) => apply_registered(client, event, e).await,
         EventBody::AgentCameBack(e) => apply_presence(client, event, e, "online").await,
@@ -197,7 +197,7 @@ fn slot_change(event: &Event) -> Option<SlotUpdate<'_>> {
 
 /// The audit record of an operator action: who, when, what, on what, and the payload
 /// without anything secret.
-async fn audit(client: &impl GenericClient, event: &Event) -> Result<(), ApplyError> {
+async fn audit(client: &impl Sql, event: &Event) -> Result<(), ApplyError> {
     let mut details = serde_json::to_value(&event.body)?
         .get("payload")
         .cloned()
@@ -226,7 +226,7 @@ async fn audit(client: &impl GenericClient, event: &Event) -> Result<(), ApplyEr
 }
 
 async fn apply_key_created(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &KeyCreated,
 ) -> Result<(), ApplyError> {
@@ -251,7 +251,7 @@ async fn apply_key_created(
 }
 
 async fn apply_key_revoked(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &KeyRevoked,
 ) -> Result<(), ApplyError> {
@@ -351,10 +351,7 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
 /// only grows (epoch, deadline, deliveries) or is set once (first grant; the result, of the
 /// earliest report when Redis lost one and the task ran twice) merges order-free. Tasks are
 /// written in key order, so replicas lock rows in one order.
-async fn apply_tasks(
-    client: &impl GenericClient,
-    changes: &[TaskChange<'_>],
-) -> Result<(), ApplyError> {
+async fn apply_tasks(client: &impl Sql, changes: &[TaskChange<'_>]) -> Result<(), ApplyError> {
     if changes.is_empty() {
         return Ok(());
     }
@@ -433,7 +430,7 @@ async fn apply_tasks(
 }
 
 async fn history(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     agent: &str,
     task: Option<(&str, &str)>,
@@ -463,7 +460,7 @@ async fn history(
 }
 
 async fn apply_extended(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &checkplane_wire::events::LeaseExtended,
 ) -> Result<(), ApplyError> {
@@ -507,10 +504,7 @@ async fn apply_extended(
 }
 
 /// Record and apply; `false` (and nothing applied) when the event was known already.
-pub async fn record_and_apply(
-    client: &impl GenericClient,
-    event: &Event,
-) -> Result<bool, ApplyError> {
+pub async fn record_and_apply(client: &impl Sql, event: &Event) -> Result<bool, ApplyError> {
     if !record(client, event).await? {
         return Ok(false);
     }
@@ -519,7 +513,7 @@ pub async fn record_and_apply(
 }
 
 async fn apply_registered(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &AgentRegistered,
 ) -> Result<(), ApplyError> {
@@ -574,7 +568,7 @@ async fn apply_registered(
 }
 
 async fn apply_presence(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &AgentPresence,
     status: &str,
@@ -630,7 +624,7 @@ pub struct Applied {
 /// effect equals [`record_and_apply`] of each event in turn; on an error the caller rolls the
 /// transaction back and applies event by event to find the culprit.
 pub async fn record_and_apply_batch(
-    client: &impl GenericClient,
+    client: &impl Sql,
     events: &[Event],
 ) -> Result<Applied, ApplyError> {
     let new = record_batch(client, events).await?;
@@ -639,7 +633,7 @@ pub async fn record_and_apply_batch(
 
 /// Insert a batch into `events` with one statement: the ids that were new.
 pub async fn record_batch(
-    client: &impl GenericClient,
+    client: &impl Sql,
     events: &[Event],
 ) -> Result<std::collections::HashSet<uuid::Uuid>, ApplyError> {
     let mut ids = Vec::with_capacity(events.len());
@@ -680,7 +674,7 @@ pub async fn record_batch(
 /// The servers a poll saw are applied set-based (a handful of statements for the whole
 /// poll, the same effect as applying each event on its own).
 pub async fn record_and_apply_independent(
-    client: &impl GenericClient,
+    client: &impl Sql,
     events: &[Event],
 ) -> Result<(), ApplyError> {
     let new = record_batch(client, events).await?;
@@ -702,7 +696,7 @@ pub async fn record_and_apply_independent(
 }
 
 async fn apply_recorded(
-    client: &impl GenericClient,
+    client: &impl Sql,
     events: &[Event],
     mut new: std::collections::HashSet<uuid::Uuid>,
 ) -> Result<Applied, ApplyError> {
@@ -743,7 +737,7 @@ async fn apply_recorded(
 }
 
 async fn apply_presence_batch(
-    client: &impl GenericClient,
+    client: &impl Sql,
     events: &[(&Event, &AgentPresence, &str)],
 ) -> Result<(), ApplyError> {
     let ids: Vec<uuid::Uuid> = events.iter().map(|(e, _, _)| e.event_id).collect();
@@ -863,9 +857,7 @@ pub async fn rebuild(client: &mut tokio_postgres::Client) -> Result<RebuildRepor
 
 /// Every projection table as sorted JSON rows, all columns: two states are equal when their
 /// dumps are.
-pub async fn canonical_dump(
-    client: &impl GenericClient,
-) -> Result<Vec<(String, Vec<String>)>, ApplyError> {
+pub async fn canonical_dump(client: &impl Sql) -> Result<Vec<(String, Vec<String>)>, ApplyError> {
     let mut dump = Vec::new();
     for table in PROJECTION_TABLES {
         let cursors: String = DELIVERY_CURSORS

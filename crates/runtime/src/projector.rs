@@ -337,7 +337,7 @@ impl Projector {
         let fast = {
             let mut client = self.pg.get().await?;
             let tx = client.transaction().await?;
-            match projection::record_and_apply_batch(&*tx, &events).await {
+            match projection::record_and_apply_batch(&tx, &events).await {
                 Ok(applied) => {
                     tx.commit().await?;
                     Some(applied)
@@ -411,7 +411,7 @@ impl Projector {
         let tx = client.transaction().await?;
         for (entry, event) in decoded {
             tx.batch_execute("SAVEPOINT event").await?;
-            match projection::record_and_apply(&*tx, event).await {
+            match projection::record_and_apply(&tx, event).await {
                 Ok(applied) => {
                     tx.batch_execute("RELEASE SAVEPOINT event").await?;
                     if applied {

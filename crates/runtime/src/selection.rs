@@ -5,9 +5,9 @@
 
 use std::collections::HashSet;
 
+use crate::db::Sql;
 use checkplane_wire::checks::LocationRequest;
 use checkplane_wire::events::Location;
-use tokio_postgres::GenericClient;
 
 /// Candidates read per query: room to spread over networks.
 const CANDIDATES_MAX: i64 = 5000;
@@ -45,7 +45,7 @@ pub fn candidate(row: &tokio_postgres::Row) -> Candidate {
 
 /// Online agents with the capability matching `filter`, least recently chosen first.
 pub async fn candidates(
-    tx: &impl GenericClient,
+    tx: &impl Sql,
     kind: &str,
     filter: &LocationRequest,
 ) -> Result<Vec<Candidate>, tokio_postgres::Error> {
@@ -124,7 +124,7 @@ pub fn spread(
 
 /// Note the chosen agents as chosen now (operational state for rotation).
 pub async fn record_selected(
-    client: &impl GenericClient,
+    client: &impl Sql,
     agents: &[&str],
 ) -> Result<(), tokio_postgres::Error> {
     client

@@ -254,7 +254,7 @@ async fn register(
         })),
     };
     let stream = app.keys.events("agents");
-    outbox::append(&*tx, &event, &stream)
+    outbox::append(&tx, &event, &stream)
         .await
         .map_err(|e| ApiError::internal(&e))?;
     tx.commit().await?;

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::leases::CloseReason;
 use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
@@ -128,7 +129,7 @@ async fn create(
         ));
     }
     let agent_ids: Vec<&str> = chosen.iter().map(|(c, _)| c.agent_id.as_str()).collect();
-    selection::record_selected(&*tx, &agent_ids).await?;
+    selection::record_selected(&tx, &agent_ids).await?;
     let created = CheckCreated {
         check_id,
         kind: spec.kind.clone(),
@@ -155,7 +156,7 @@ async fn create(
         operator.caller.actor(),
         EventBody::CheckCreated(Box::new(created.clone())),
     );
-    outbox::append(&*tx, &event, &stream)
+    outbox::append(&tx, &event, &stream)
         .await
         .map_err(|e| ApiError::internal(&e))?;
     tx.commit().await?;
@@ -240,19 +241,20 @@ async fn read(
     let not_found = || ApiError::not_found("no such check");
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
     let client = app.stores.pg.get().await?;
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT kind, target, options, selection, status, slots, slots_done, seq, revision,
+    // Both statements kept prepared on the connection: clients poll this.
+    let row = Sql::query_opt(
+        &client,
+        &format!(
+            "SELECT kind, target, options, selection, status, slots, slots_done, seq, revision,
                         to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
                         to_char(deadline AT TIME ZONE 'UTC', {RFC3339}),
                         to_char(finished_at AT TIME ZONE 'UTC', {RFC3339}), max_parallel
                  FROM checks WHERE check_id = $1"
-            ),
-            &[&id],
-        )
-        .await?
-        .ok_or_else(not_found)?;
+        ),
+        &[&id],
+    )
+    .await?
+    .ok_or_else(not_found)?;
     let etag = format!("\"{}\"", row.get::<_, i64>(8));
     let unchanged = headers
         .get(header::IF_NONE_MATCH)
@@ -265,17 +267,17 @@ async fn read(
         }
         return Ok(response);
     }
-    let slots = client
-        .query(
-            &format!(
-                "SELECT slot, attempt, agent_id, country, city, asn, network, status, outcome,
+    let slots = Sql::query(
+        &client,
+        &format!(
+            "SELECT slot, attempt, agent_id, country, city, asn, network, status, outcome,
                         result, seq, to_char(started_at AT TIME ZONE 'UTC', {RFC3339}),
                         to_char(done_at AT TIME ZONE 'UTC', {RFC3339})
                  FROM check_slots WHERE check_id = $1 ORDER BY slot"
-            ),
-            &[&id],
-        )
-        .await?;
+        ),
+        &[&id],
+    )
+    .await?;
     let view = CheckView {
         id,
         kind: row.get(0),
@@ -357,7 +359,7 @@ async fn cancel(
         )
     });
     if let Some(event) = &event {
-        outbox::append(&*tx, event, &stream)
+        outbox::append(&tx, event, &stream)
             .await
             .map_err(|e| ApiError::internal(&e))?;
     }

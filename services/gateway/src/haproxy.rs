@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_wire::events::{EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved};
@@ -560,7 +561,7 @@ pub(crate) async fn append(
     event: &checkplane_wire::events::Event,
     stream: &str,
 ) -> Result<(), ApiError> {
-    outbox::append(&**tx, event, stream)
+    outbox::append(tx, event, stream)
         .await
         .map_err(|e| ApiError::internal(&e))
 }

@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use checkplane_runtime::db::Sql;
 use checkplane_runtime::keys::Keys;
 use checkplane_runtime::outbox;
 use checkplane_runtime::stores::Stores;
@@ -183,7 +184,7 @@ async fn update(
     }
     events.push(event);
     // The observation and the update touch rows of their own: recorded together.
-    outbox::append_all(&*tx, &events, &stream).await?;
+    outbox::append_all(&tx, &events, &stream).await?;
     tx.commit().await?;
     drop(client);
     let stores = stores.clone();

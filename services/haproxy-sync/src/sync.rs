@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use checkplane_runtime::db::Sql;
 use checkplane_runtime::keys::Keys;
 use checkplane_runtime::outbox;
 use checkplane_runtime::stores::Stores;
@@ -542,7 +543,7 @@ pub async fn poll(
     }
     let stream = keys.events("haproxy");
     // Each event touches its own server's rows: recorded together, applied pipelined.
-    outbox::append_all(&*tx, &events, &stream).await?;
+    outbox::append_all(&tx, &events, &stream).await?;
     tx.commit().await?;
     drop(client);
     outbox::publish_all(
@@ -630,7 +631,7 @@ async fn reapply(
             })),
         };
         let stream = keys.events("haproxy");
-        outbox::append(&*tx, &event, &stream).await?;
+        outbox::append(&tx, &event, &stream).await?;
         tx.commit().await?;
         drop(client);
         outbox::publish(

@@ -100,7 +100,7 @@ impl Lifecycle {
         let stream = self.keys.events("checks");
         let mut client = self.pg.get().await?;
         let tx = client.transaction().await?;
-        outbox::append(&*tx, event, &stream).await?;
+        outbox::append(&tx, event, &stream).await?;
         tx.commit().await?;
         drop(client);
         outbox::publish(&self.pg, &self.redis_pool, &stream, event, PUBLISH_TIMEOUT).await;
@@ -292,7 +292,7 @@ impl Lifecycle {
                     slots,
                 }),
             );
-            outbox::append(&*tx, &event, &stream).await?;
+            outbox::append(&tx, &event, &stream).await?;
             events.push(event);
         }
         tx.commit().await?;
@@ -376,12 +376,12 @@ impl Lifecycle {
                 .map(|r| r.get(0))
                 .collect();
             let mut taken: HashSet<String> = used.into_iter().collect();
-            let pool = candidates(&*tx, &kind, &filter).await?;
+            let pool = candidates(&tx, &kind, &filter).await?;
             let Some(agent) = spread(pool, 1, &mut taken, &mut HashSet::new()).pop() else {
                 events.push(close("no_agent"));
                 continue;
             };
-            record_selected(&*tx, &[agent.agent_id.as_str()]).await?;
+            record_selected(&tx, &[agent.agent_id.as_str()]).await?;
             events.push(system_event(
                 check,
                 EventBody::CheckSlotRetried(CheckSlotRetried {
@@ -398,7 +398,7 @@ impl Lifecycle {
             ));
         }
         for event in &events {
-            outbox::append(&*tx, event, &stream).await?;
+            outbox::append(&tx, event, &stream).await?;
         }
         tx.commit().await?;
         drop(client);

@@ -6,10 +6,10 @@
 //! transaction: results become visible in `seq` order even when projector replicas commit
 //! concurrently, which is what lets a live reader resume after the last `seq` it saw.
 
+use crate::db::Sql;
 use checkplane_wire::events::{
     CheckCancelled, CheckCreated, CheckSlotRetried, CheckSlotsReleased, Event,
 };
-use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::{ApplyError, AT};
@@ -29,7 +29,7 @@ pub(super) enum SlotChange<'a> {
 }
 
 pub(super) async fn apply_created(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &CheckCreated,
 ) -> Result<(), ApplyError> {
@@ -131,7 +131,7 @@ pub(crate) struct SlotUpdate<'a> {
 /// `started_at` does not depend on the order), and last the checks' counters, derived from
 /// their slots.
 pub(super) async fn apply_slots(
-    client: &impl GenericClient,
+    client: &impl Sql,
     changes: &[SlotUpdate<'_>],
 ) -> Result<(), ApplyError> {
     if changes.is_empty() {
@@ -255,7 +255,7 @@ pub(super) async fn apply_slots(
 }
 
 pub(super) async fn apply_retried(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &CheckSlotRetried,
 ) -> Result<(), ApplyError> {
@@ -288,7 +288,7 @@ pub(super) async fn apply_retried(
 }
 
 pub(super) async fn apply_cancelled(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &CheckCancelled,
 ) -> Result<(), ApplyError> {
@@ -306,7 +306,7 @@ pub(super) async fn apply_cancelled(
 }
 
 pub(super) async fn apply_released(
-    client: &impl GenericClient,
+    client: &impl Sql,
     e: &CheckSlotsReleased,
 ) -> Result<(), ApplyError> {
     let slots: Vec<i32> = e.slots.iter().map(|(s, _)| *s as i32).collect();

@@ -4,18 +4,18 @@
 //! only when the state a poll saw differs from the state the row holds, so the same change
 //! seen by two polls (a takeover, a replayed event) is one history row.
 
+use crate::db::Sql;
 use checkplane_wire::events::{
     ApplicationCreated, ApplicationGroupCreated, Event, HaproxyActionRequested,
     HaproxyActionUpdated, HaproxyInstanceRegistered, HaproxyInstanceRemoved, HaproxyNodeMarked,
     HaproxyServerMissing, HaproxyServerObserved,
 };
 use checkplane_wire::haproxy::{backend_id, server_id};
-use tokio_postgres::GenericClient;
 
 use super::{ApplyError, AT};
 
 pub(super) async fn apply_registered(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &HaproxyInstanceRegistered,
 ) -> Result<(), ApplyError> {
@@ -40,7 +40,7 @@ pub(super) async fn apply_registered(
 }
 
 pub(super) async fn apply_removed(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &HaproxyInstanceRemoved,
 ) -> Result<(), ApplyError> {
@@ -57,7 +57,7 @@ pub(super) async fn apply_removed(
 }
 
 async fn note_poll(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     instance: &str,
     poll: i64,
@@ -75,7 +75,7 @@ async fn note_poll(
 }
 
 pub(super) async fn apply_observed(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &HaproxyServerObserved,
 ) -> Result<(), ApplyError> {
@@ -176,7 +176,7 @@ pub(super) async fn apply_observed(
 }
 
 pub(super) async fn apply_missing(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &HaproxyServerMissing,
 ) -> Result<(), ApplyError> {
@@ -200,7 +200,7 @@ pub(super) async fn apply_missing(
 }
 
 pub(super) async fn apply_action_requested(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &HaproxyActionRequested,
 ) -> Result<(), ApplyError> {
@@ -243,7 +243,7 @@ pub(super) async fn apply_action_requested(
 }
 
 pub(super) async fn apply_action_updated(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &HaproxyActionUpdated,
 ) -> Result<(), ApplyError> {
@@ -270,7 +270,7 @@ pub(super) async fn apply_action_updated(
 }
 
 pub(super) async fn apply_node_marked(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &HaproxyNodeMarked,
 ) -> Result<(), ApplyError> {
@@ -298,7 +298,7 @@ pub(super) async fn apply_node_marked(
 }
 
 pub(super) async fn apply_application(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &ApplicationCreated,
 ) -> Result<(), ApplyError> {
@@ -322,7 +322,7 @@ pub(super) async fn apply_application(
 }
 
 pub(super) async fn apply_group(
-    client: &impl GenericClient,
+    client: &impl Sql,
     event: &Event,
     e: &ApplicationGroupCreated,
 ) -> Result<(), ApplyError> {
@@ -352,7 +352,7 @@ pub(super) async fn apply_group(
 type Observed<'a> = (&'a Event, &'a HaproxyServerObserved, String);
 
 pub(crate) async fn apply_observed_batch(
-    client: &impl GenericClient,
+    client: &impl Sql,
     events: &[(&Event, &HaproxyServerObserved)],
 ) -> Result<(), ApplyError> {
     if events.is_empty() {
