@@ -54,9 +54,17 @@ pub struct RelayedCommand {
     pub instance_id: String,
     /// The whole line, [`SEVERITY_PREFIX`] included.
     pub command: String,
+    /// Commands to send after `command`, in order, each on a connection of its own (at most
+    /// [`MAX_RELAYED_THEN`]): a set and its read-back travel as one task. The reply then
+    /// lists every command's reply (`replies`), or fails at the first that could not be sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<String>,
     /// When the asker stops waiting (ms since the epoch): later, the agent does not send it.
     pub deadline_ms: i64,
 }
+
+/// The most commands a relayed task carries after its first.
+pub const MAX_RELAYED_THEN: usize = 3;
 
 /// Whether `line` is one of the commands checkplane sends, and nothing else: the relaying
 /// agent refuses any other (a compromised control plane cannot `shutdown sessions` or read

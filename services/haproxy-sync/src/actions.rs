@@ -271,10 +271,18 @@ async fn attempt(
         if !fence.held().await {
             return Err(Attempt::Fenced);
         }
-        api.set_state(&action.backend, &action.server, target)
-            .await?;
     }
-    let after = api.server(&action.backend, &action.server).await?;
+    let drain_wait = target == Target::Drain && action.drain_wait_ms > 0;
+    // The set, its read-back and (unless a drain waits for its sessions first) the stats row
+    // in one turn: through the node's agent, one trip instead of three.
+    let (after, stat) = api
+        .settle(
+            &action.backend,
+            &action.server,
+            (!already).then_some(target),
+            (!drain_wait).then_some(before.server_id),
+        )
+        .await?;
     if after.admin_state.name() != target.name() {
         return Err(Attempt::Api(ApiError::Refused(format!(
             "read back {} after set {}",
@@ -284,7 +292,14 @@ async fn attempt(
     }
     let mut detail = json!({"already": already, "admin_bits": after.admin_state.0});
     let mut scur = None;
-    if target == Target::Drain && action.drain_wait_ms > 0 {
+    let mut stat = stat;
+    if !drain_wait && after.server_id != before.server_id {
+        // Reloaded in between, the server renumbered: its own row, not the old id's.
+        stat = api
+            .show_stat_server(&action.backend, after.server_id)
+            .await?;
+    }
+    if drain_wait {
         let until = Instant::now()
             + Duration::from_millis(u64::try_from(action.drain_wait_ms).unwrap_or(0));
         let started = Instant::now();
@@ -302,17 +317,17 @@ async fn attempt(
         detail["drained"] = json!(scur == Some(0));
         detail["scur"] = json!(scur);
         detail["waited_ms"] = json!(started.elapsed().as_millis() as u64);
+        stat = api
+            .show_stat_server(&action.backend, after.server_id)
+            .await?;
     }
-    let status = api
-        .show_stat_server(&action.backend, after.server_id)
-        .await?
-        .map(|r| {
-            (
-                r.status().map(str::to_owned),
-                r.get("check_status").map(str::to_owned),
-                r.scur(),
-            )
-        });
+    let status = stat.map(|r| {
+        (
+            r.status().map(str::to_owned),
+            r.get("check_status").map(str::to_owned),
+            r.scur(),
+        )
+    });
     let (status, check_status, stat_scur) = status.unwrap_or((None, None, None));
     let observed = ObservedServer {
         address: after.address.clone(),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::leases::{CloseReason, Leases};
 use checkplane_runtime::stores::Stores;
-use checkplane_wire::haproxy::{RelayedCommand, RELAY_KIND};
+use checkplane_wire::haproxy::{RelayedCommand, MAX_RELAYED_THEN, RELAY_KIND};
 
 use crate::runtime_api::{ApiError, Transport};
 
@@ -56,7 +56,33 @@ impl Relay {
         Ok(presence.is_some_and(|p| p.starts_with("online:")))
     }
 
-    async fn relay(&self, command: &str) -> Result<String, ApiError> {
+    /// `commands` as one task (each relayed on a connection of its own, in order): every
+    /// reply. An agent from before command sequences refuses one (`ERR_BAD_SPEC`): then they
+    /// go one task each.
+    async fn relay_all(&self, commands: &[String]) -> Result<Vec<String>, ApiError> {
+        let Some((first, then)) = commands.split_first() else {
+            return Ok(Vec::new());
+        };
+        if then.is_empty() || then.len() > MAX_RELAYED_THEN {
+            let mut replies = Vec::with_capacity(commands.len());
+            for command in commands {
+                replies.extend(self.relay(command, &[]).await?.into_iter().take(1));
+            }
+            return Ok(replies);
+        }
+        match self.relay(first, then).await {
+            Err(ApiError::Refused(why)) if why.contains("ERR_BAD_SPEC") => {
+                let mut replies = Vec::with_capacity(commands.len());
+                for command in commands {
+                    replies.extend(self.relay(command, &[]).await?.into_iter().take(1));
+                }
+                Ok(replies)
+            }
+            other => other,
+        }
+    }
+
+    async fn relay(&self, command: &str, then: &[String]) -> Result<Vec<String>, ApiError> {
         if !self.online().await? {
             return Err(ApiError::Unavailable(format!(
                 "the node's agent {} is offline",
@@ -68,6 +94,7 @@ impl Relay {
         let spec = RelayedCommand {
             instance_id: self.instance.clone(),
             command: command.to_owned(),
+            then: then.to_vec(),
             deadline_ms,
         };
         let spec =
@@ -132,17 +159,28 @@ impl Relay {
     }
 }
 
-/// `<outcome> <report JSON>` as the report script pushed it: the raw reply, or why not.
-fn parse_reply(pushed: &str) -> Result<String, ApiError> {
+/// `<outcome> <report JSON>` as the report script pushed it: the raw replies, or why not.
+fn parse_reply(pushed: &str) -> Result<Vec<String>, ApiError> {
     let (outcome, report) = pushed.split_once(' ').unwrap_or((pushed, "{}"));
     let report: serde_json::Value = serde_json::from_str(report)
         .map_err(|e| ApiError::Unreachable(format!("the agent's report: {e}")))?;
     let result = &report["result"];
     match outcome {
-        "finished" => result["reply"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| ApiError::Unreachable("the agent's report has no reply".to_owned())),
+        "finished" => match result["replies"].as_array() {
+            Some(replies) => replies
+                .iter()
+                .map(|r| {
+                    r.as_str().map(str::to_owned).ok_or_else(|| {
+                        ApiError::Unreachable("the agent's report has a reply not text".to_owned())
+                    })
+                })
+                .collect(),
+            // An agent from before command sequences: the one reply.
+            None => result["reply"]
+                .as_str()
+                .map(|r| vec![r.to_owned()])
+                .ok_or_else(|| ApiError::Unreachable("the agent's report has no reply".to_owned())),
+        },
         "cancelled" => Err(ApiError::Unreachable(
             "the node's agent shut down before it answered".to_owned(),
         )),
@@ -167,7 +205,20 @@ impl Transport for Relay {
         &'a self,
         command: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>> {
-        Box::pin(self.relay(command))
+        Box::pin(async move {
+            self.relay(command, &[])
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| ApiError::Unreachable("the agent's report has no reply".to_owned()))
+        })
+    }
+
+    fn send_all<'a>(
+        &'a self,
+        commands: &'a [String],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ApiError>> + Send + 'a>> {
+        Box::pin(self.relay_all(commands))
     }
 }
 
@@ -179,8 +230,16 @@ mod tests {
     fn pushed_replies_are_told_apart() {
         assert_eq!(
             parse_reply(r#"finished {"observations":[],"result":{"reply":"1\n# be\n"}}"#),
-            Ok("1\n# be\n".to_owned())
+            Ok(vec!["1\n# be\n".to_owned()])
         );
+        assert_eq!(
+            parse_reply(r#"finished {"result":{"reply":"\n","replies":["\n","1\n# be\n"]}}"#),
+            Ok(vec!["\n".to_owned(), "1\n# be\n".to_owned()])
+        );
+        assert!(matches!(
+            parse_reply(r#"finished {"result":{"replies":["\n",3]}}"#),
+            Err(ApiError::Unreachable(_))
+        ));
         assert!(matches!(
             parse_reply(r#"failed {"result":{"error":{"code":"ERR_UNREACHABLE","message":"connecting: refused"}}}"#),
             Err(ApiError::Unreachable(m)) if m.contains("refused")

@@ -46,6 +46,22 @@ pub trait Transport: Send + Sync {
         &'a self,
         command: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>>;
+
+    /// Several commands in order, each on a connection of its own: every raw reply, or the
+    /// error of the first that could not be sent (nothing after it is sent). A transport
+    /// with a cost per trip (the agent's) carries them in one.
+    fn send_all<'a>(
+        &'a self,
+        commands: &'a [String],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ApiError>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut replies = Vec::with_capacity(commands.len());
+            for command in commands {
+                replies.push(self.send(command).await?);
+            }
+            Ok(replies)
+        })
+    }
 }
 
 /// The direct transport: a socket of the instance's own.
@@ -106,6 +122,30 @@ impl Target {
     }
 }
 
+/// `server` among a backend's servers, or HAProxy's own words for its absence.
+fn find_server(servers: Vec<ServerState>, server: &str) -> Result<ServerState, ApiError> {
+    servers
+        .into_iter()
+        .find(|s| s.server == server)
+        .ok_or_else(|| ApiError::Refused("No such server.".to_owned()))
+}
+
+/// A raw reply as HAProxy meant it: its text, or its error (`[3]: No such server.`) as
+/// [`ApiError::Refused`].
+fn interpret(raw: &str) -> Result<String, ApiError> {
+    // The prefix's own (empty) reply comes first; a blank line ends the reply.
+    let body = raw.strip_prefix('\n').unwrap_or(raw);
+    let body = body.trim_end_matches('\n');
+    if let Some(rest) = body.strip_prefix('[') {
+        if let Some((level, message)) = rest.split_once("]: ") {
+            if level.parse::<u8>().is_ok_and(|l| l <= 3) {
+                return Err(ApiError::Refused(message.trim().to_owned()));
+            }
+        }
+    }
+    Ok(format!("{body}\n"))
+}
+
 /// A backend or server name safe to put in a command (no spaces, separators or newlines).
 fn safe_name(name: &str) -> Result<&str, ApiError> {
     if checkplane_wire::haproxy::valid_name(name) {
@@ -135,17 +175,29 @@ impl Client {
                 checkplane_wire::haproxy::SEVERITY_PREFIX
             ))
             .await?;
-        // The prefix's own (empty) reply comes first; a blank line ends the reply.
-        let body = raw.strip_prefix('\n').unwrap_or(&raw);
-        let body = body.trim_end_matches('\n');
-        if let Some(rest) = body.strip_prefix('[') {
-            if let Some((level, message)) = rest.split_once("]: ") {
-                if level.parse::<u8>().is_ok_and(|l| l <= 3) {
-                    return Err(ApiError::Refused(message.trim().to_owned()));
-                }
-            }
+        interpret(&raw)
+    }
+
+    /// Send `commands` in order in one turn (each on its own connection; through the agent,
+    /// as one task): each one's reply or HAProxy's error, or the error that stopped them.
+    pub async fn commands(
+        &self,
+        commands: &[String],
+    ) -> Result<Vec<Result<String, ApiError>>, ApiError> {
+        let _turn = self.turn.lock().await;
+        let lines: Vec<String> = commands
+            .iter()
+            .map(|c| format!("{}{c}", checkplane_wire::haproxy::SEVERITY_PREFIX))
+            .collect();
+        let raws = self.transport.send_all(&lines).await?;
+        if raws.len() != lines.len() {
+            return Err(ApiError::Unreachable(format!(
+                "{} replies to {} commands",
+                raws.len(),
+                lines.len()
+            )));
         }
-        Ok(format!("{body}\n"))
+        Ok(raws.iter().map(|raw| interpret(raw)).collect())
     }
 
     pub async fn show_info(&self) -> Result<Info, ApiError> {
@@ -204,10 +256,54 @@ impl Client {
 
     /// The state of one server, read back.
     pub async fn server(&self, backend: &str, server: &str) -> Result<ServerState, ApiError> {
-        self.show_servers_state(Some(backend))
-            .await?
-            .into_iter()
-            .find(|s| s.server == server)
-            .ok_or_else(|| ApiError::Refused("No such server.".to_owned()))
+        find_server(
+            replies::parse_servers_state(
+                &self
+                    .command(&format!("show servers state {}", safe_name(backend)?))
+                    .await?,
+            )?,
+            server,
+        )
+    }
+
+    /// In one turn: `set` the server to `target` (when given), read its state back, and read
+    /// its stats row (when `stat_id`, its numeric id, is given). A refused `set` stops there.
+    pub async fn settle(
+        &self,
+        backend: &str,
+        server: &str,
+        target: Option<Target>,
+        stat_id: Option<u32>,
+    ) -> Result<(ServerState, Option<StatRow>), ApiError> {
+        let (backend, name) = (safe_name(backend)?, safe_name(server)?);
+        let mut commands = Vec::with_capacity(3);
+        if let Some(target) = target {
+            commands.push(format!(
+                "set server {backend}/{name} state {}",
+                target.name()
+            ));
+        }
+        commands.push(format!("show servers state {backend}"));
+        if let Some(id) = stat_id {
+            commands.push(format!("show stat {backend} 4 {id}"));
+        }
+        let mut replies = self.commands(&commands).await?.into_iter();
+        let mut next = || {
+            replies
+                .next()
+                .unwrap_or_else(|| Err(ApiError::Unreachable("a reply is missing".to_owned())))
+        };
+        if target.is_some() {
+            let reply = next()?;
+            if !reply.trim().is_empty() {
+                return Err(ApiError::Refused(reply.trim().to_owned()));
+            }
+        }
+        let after = find_server(replies::parse_servers_state(&next()?)?, server)?;
+        let stat = match stat_id {
+            Some(_) => replies::parse_stat(&next()?)?.into_iter().next(),
+            None => None,
+        };
+        Ok((after, stat))
     }
 }

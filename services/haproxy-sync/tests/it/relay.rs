@@ -149,7 +149,10 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     assert_eq!(servers["items"][0]["name"], "s1");
     let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
 
-    // A drain through the agent changes the real server.
+    // A drain through the agent changes the real server, in two relayed tasks: the read,
+    // then the set with its read-back and the stats row.
+    let keys = Keys::new(redis.prefix.clone(), 4);
+    let relayed_before = relayed_reports(&redis, &keys, &node).await;
     let (status, action) = call(
         &http,
         &gw,
@@ -164,6 +167,11 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     assert_eq!(done["status"], "success", "{done}");
     // Forced drain (8), read through the socket.
     assert_eq!(admin_bits_in(&ha, "be_app", "s1"), 8);
+    assert_eq!(
+        relayed_reports(&redis, &keys, &node).await - relayed_before,
+        2,
+        "one task for the read, one for set + read-back + stats"
+    );
     history_until(&http, &gw, &s1, "the drain in history", |h| {
         h["new_state"] == "drain" && h["changed_by"] == action_id.as_str()
     })
@@ -191,32 +199,63 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     );
 
     // The agent refuses a command checkplane does not send, and says so.
-    let keys = Keys::new(redis.prefix.clone(), 4);
     let leases = Leases::new(keys.clone(), LeaseSettings::new(30_000, 5));
-    let mut conn = redis.connection().await;
-    let spec = RelayedCommand {
-        instance_id: id.clone(),
-        command: format!("{SEVERITY_PREFIX}show env"),
-        deadline_ms: checkplane_runtime::clock::now_ms() + 5_000,
+    let conn = redis.connection().await;
+    let relay = |task: &'static str, command: &str, then: &[&str]| {
+        let spec = RelayedCommand {
+            instance_id: id.clone(),
+            command: format!("{SEVERITY_PREFIX}{command}"),
+            then: then
+                .iter()
+                .map(|c| format!("{SEVERITY_PREFIX}{c}"))
+                .collect(),
+            deadline_ms: checkplane_runtime::clock::now_ms() + 5_000,
+        };
+        let (leases, keys, node) = (&leases, &keys, &node);
+        let mut conn = conn.clone();
+        async move {
+            let entry = leases
+                .enqueue_task(
+                    &mut conn,
+                    node,
+                    RELAY_KIND,
+                    task,
+                    &serde_json::to_string(&spec).unwrap(),
+                )
+                .await
+                .unwrap();
+            let (_, pushed): (String, String) = redis::cmd("BLPOP")
+                .arg(keys.relay_reply(node, RELAY_KIND, &entry))
+                .arg(10)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            pushed
+        }
     };
-    let entry = leases
-        .enqueue_task(
-            &mut conn,
-            &node,
-            RELAY_KIND,
-            "hap:test:forbidden",
-            &serde_json::to_string(&spec).unwrap(),
-        )
-        .await
-        .unwrap();
-    let (_, pushed): (String, String) = redis::cmd("BLPOP")
-        .arg(keys.relay_reply(&node, RELAY_KIND, &entry))
-        .arg(10)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let pushed = relay("hap:test:forbidden", "show env", &[]).await;
     assert!(pushed.starts_with("failed "), "{pushed}");
     assert!(pushed.contains("ERR_FORBIDDEN"), "{pushed}");
+    // Nor does one hide behind an allowed first command; nor more than three follow one.
+    let pushed = relay("hap:test:forbidden-then", "show info", &["show env"]).await;
+    assert!(pushed.contains("ERR_FORBIDDEN"), "{pushed}");
+    let many = ["show info"; 4];
+    let pushed = relay("hap:test:too-many", "show info", &many).await;
+    assert!(pushed.contains("ERR_BAD_SPEC"), "{pushed}");
+    // A sequence comes back as every command's reply, in order.
+    let pushed = relay(
+        "hap:test:sequence",
+        "show info",
+        &["show servers state be_app"],
+    )
+    .await;
+    let (outcome, report) = pushed.split_once(' ').unwrap();
+    assert_eq!(outcome, "finished", "{pushed}");
+    let report: Value = serde_json::from_str(report).unwrap();
+    let replies = report["result"]["replies"].as_array().unwrap();
+    assert_eq!(replies.len(), 2, "{report}");
+    assert!(replies[0].as_str().unwrap().contains("Pid:"), "{report}");
+    assert!(replies[1].as_str().unwrap().contains("be_app"), "{report}");
 
     // A node whose agent does not relay (no AGENT_HAPROXY_SOCKET): refused, saying so.
     let base = gw.url("");
@@ -338,4 +377,29 @@ impl Drop for TempDir {
             let _ = std::fs::remove_dir_all(parent);
         }
     }
+}
+
+/// How many relayed commands `agent` has reported: `lease.reported` events of kind
+/// `haproxy` in its shard's lease stream (written by the report script itself, so counted
+/// without waiting for the projector).
+async fn relayed_reports(redis: &TestRedis, keys: &Keys, agent: &str) -> usize {
+    let mut conn = redis.connection().await;
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(keys.lease_events(keys.shard_of(agent)))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .ids
+        .iter()
+        .filter_map(|e| e.get::<String>("event"))
+        .filter_map(|raw| serde_json::from_str::<Value>(&raw).ok())
+        .filter(|e| {
+            e["type"] == "lease.reported"
+                && e["payload"]["kind"] == RELAY_KIND
+                && e["payload"]["agent_id"] == agent
+        })
+        .count()
 }
