@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use checkplane_runtime::db::Sql;
+use checkplane_runtime::db::{Params, Sql};
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_wire::events::{EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved};
@@ -289,19 +289,27 @@ async fn request_one(
     let stream = app.keys.events("haproxy");
     let mut client = app.stores.pg.get().await?;
     let tx = client.transaction().await?;
-    // One request per key at a time: the second waits here, then finds the first.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))",
-        &[&key],
-    )
-    .await?;
-    let existing = tx
-        .query_opt(
-            &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE idempotency_key = $1"),
-            &[&key],
+    // One request per key at a time: the second waits here, then finds the first. The three
+    // statements go as one pipeline: PostgreSQL runs them in order, so both reads see what was
+    // committed before the lock was granted.
+    let existing_sql =
+        format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE idempotency_key = $1");
+    let (by_key, by_server): (&Params<'_>, &Params<'_>) = (&[&key], &[&id]);
+    let (locked, existing, server) = futures::join!(
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))",
+            by_key,
+        ),
+        tx.query_opt(&existing_sql, by_key),
+        tx.query_opt(
+            "SELECT s.instance_id, s.backend, s.name, i.transport, i.node FROM haproxy_servers s
+             JOIN haproxy_instances i USING (instance_id)
+             WHERE s.server_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL",
+            by_server,
         )
-        .await?;
-    if let Some(row) = existing {
+    );
+    locked?;
+    if let Some(row) = existing? {
         let first = action_view(&row);
         let same = first.server_id == id
             && first.action == action
@@ -313,15 +321,7 @@ async fn request_one(
         }
         return Ok(first);
     }
-    let server = tx
-        .query_opt(
-            "SELECT s.instance_id, s.backend, s.name, i.transport, i.node FROM haproxy_servers s
-             JOIN haproxy_instances i USING (instance_id)
-             WHERE s.server_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL",
-            &[&id],
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found("no such server"))?;
+    let server = server?.ok_or_else(|| ApiError::not_found("no such server"))?;
     reachable(app, &*tx, server.get(3), server.get(4)).await?;
     let action_id = format!("hpa-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
     let event = outbox::new_event(

@@ -249,19 +249,22 @@ impl Sync {
             self.record_fences(&taken).await?;
         }
         let ids: Vec<&str> = owned.iter().map(|i| i.id.as_str()).collect();
-        let mut open = crate::actions::open_actions(&self.stores, &ids).await?;
-        // Forced syncs (`POST /v1/haproxy/instances/{id}/sync`), taken at once too.
-        let forced = futures::future::join_all(owned.iter().map(|instance| {
-            let mut conn = conn.clone();
-            let key = self.keys.haproxy_sync_request(&instance.id);
-            async move {
-                redis::cmd("GETDEL")
-                    .arg(key)
-                    .query_async::<Option<String>>(&mut conn)
-                    .await
-            }
-        }))
-        .await;
+        // The open actions, and the forced syncs (`POST /v1/haproxy/instances/{id}/sync`)
+        // taken at once too: side by side.
+        let (open, forced) = futures::join!(
+            crate::actions::open_actions(&self.stores, &ids),
+            futures::future::join_all(owned.iter().map(|instance| {
+                let mut conn = conn.clone();
+                let key = self.keys.haproxy_sync_request(&instance.id);
+                async move {
+                    redis::cmd("GETDEL")
+                        .arg(key)
+                        .query_async::<Option<String>>(&mut conn)
+                        .await
+                }
+            }))
+        );
+        let mut open = open?;
         let mut due_now = Vec::new();
         for (instance, forced) in owned.into_iter().zip(forced) {
             if let Some(actions) = open.remove(&instance.id) {
