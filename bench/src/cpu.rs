@@ -27,36 +27,33 @@ fn add(out: &mut BTreeMap<String, f64>, group: &str, user: u64, system: u64) {
     *out.entry(format!("{group} (kernel)")).or_default() += system as f64 / TICKS_PER_S;
 }
 
-/// CPU seconds so far (and the kernel's part of them): `groups` of this process's threads (by thread-name prefix, the rest
-/// under "other"), and every `postgres` and `redis-server` process on the machine.
+/// (name, utime, stime) of every `<dir>/*/stat` that reads.
+fn stats(dir: &str) -> Vec<(String, u64, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| ticks(&stat))
+        .collect()
+}
+
+/// CPU seconds so far (and the kernel's part of them): `groups` of this process's threads
+/// (by thread-name prefix, the rest under "bench+agents"), and every `postgres` and
+/// `redis-server` process on the machine.
 pub fn reading(groups: &[&str]) -> BTreeMap<String, f64> {
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            let Some((comm, user, system)) = ticks(&stat) else {
-                continue;
-            };
-            let group = groups
-                .iter()
-                .find(|g| comm.starts_with(**g))
-                .map_or("bench+agents", |g| g);
-            add(&mut out, group, user, system);
-        }
+    for (comm, user, system) in stats("/proc/self/task") {
+        let group = groups
+            .iter()
+            .find(|g| comm.starts_with(**g))
+            .map_or("bench+agents", |g| g);
+        add(&mut out, group, user, system);
     }
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for proc in procs.flatten() {
-            let Ok(stat) = std::fs::read_to_string(proc.path().join("stat")) else {
-                continue;
-            };
-            let Some((comm, user, system)) = ticks(&stat) else {
-                continue;
-            };
-            if comm == "postgres" || comm == "redis-server" {
-                add(&mut out, &comm, user, system);
-            }
+    for (comm, user, system) in stats("/proc") {
+        if comm == "postgres" || comm == "redis-server" {
+            add(&mut out, &comm, user, system);
         }
     }
     out

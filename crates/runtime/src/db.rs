@@ -172,85 +172,72 @@ pub trait Sql: Sync {
     ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
 }
 
-/// `Sql` for a type that prepares each statement (`uncached`) or keeps it (`cached`).
+/// `Sql` for `$ty` through the `GenericClient` trait `$client`, the statement each call runs
+/// being `$statement` (of `$this` and `$sql`): the text itself, or the connection's prepared
+/// statement for it.
 macro_rules! sql_impl {
-    (uncached $ty:ty) => {
+    ($ty:ty, $client:path, |$this:ident, $sql:ident| $statement:expr) => {
         impl Sql for $ty {
             async fn execute(
                 &self,
                 sql: &str,
                 params: &Params<'_>,
             ) -> Result<u64, tokio_postgres::Error> {
-                tokio_postgres::GenericClient::execute(self, sql, params).await
+                let ($this, $sql) = (self, sql);
+                let statement = $statement;
+                <Self as $client>::execute(self, statement, params).await
             }
             async fn query(
                 &self,
                 sql: &str,
                 params: &Params<'_>,
             ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-                tokio_postgres::GenericClient::query(self, sql, params).await
+                let ($this, $sql) = (self, sql);
+                let statement = $statement;
+                <Self as $client>::query(self, statement, params).await
             }
             async fn query_one(
                 &self,
                 sql: &str,
                 params: &Params<'_>,
             ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-                tokio_postgres::GenericClient::query_one(self, sql, params).await
+                let ($this, $sql) = (self, sql);
+                let statement = $statement;
+                <Self as $client>::query_one(self, statement, params).await
             }
             async fn query_opt(
                 &self,
                 sql: &str,
                 params: &Params<'_>,
             ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-                tokio_postgres::GenericClient::query_opt(self, sql, params).await
+                let ($this, $sql) = (self, sql);
+                let statement = $statement;
+                <Self as $client>::query_opt(self, statement, params).await
             }
             async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
-                tokio_postgres::GenericClient::batch_execute(self, sql).await
-            }
-        }
-    };
-    (cached $ty:ty) => {
-        impl Sql for $ty {
-            async fn execute(
-                &self,
-                sql: &str,
-                params: &Params<'_>,
-            ) -> Result<u64, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                deadpool_postgres::GenericClient::execute(self, &statement, params).await
-            }
-            async fn query(
-                &self,
-                sql: &str,
-                params: &Params<'_>,
-            ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                deadpool_postgres::GenericClient::query(self, &statement, params).await
-            }
-            async fn query_one(
-                &self,
-                sql: &str,
-                params: &Params<'_>,
-            ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                deadpool_postgres::GenericClient::query_one(self, &statement, params).await
-            }
-            async fn query_opt(
-                &self,
-                sql: &str,
-                params: &Params<'_>,
-            ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                deadpool_postgres::GenericClient::query_opt(self, &statement, params).await
-            }
-            async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
-                deadpool_postgres::GenericClient::batch_execute(self, sql).await
+                <Self as $client>::batch_execute(self, sql).await
             }
         }
     };
 }
 
-sql_impl!(uncached tokio_postgres::Client);
-sql_impl!(uncached tokio_postgres::Transaction<'_>);
-sql_impl!(cached deadpool_postgres::Client);
-sql_impl!(cached deadpool_postgres::Transaction<'_>);
+sql_impl!(
+    tokio_postgres::Client,
+    tokio_postgres::GenericClient,
+    |_this, sql| sql
+);
+sql_impl!(
+    tokio_postgres::Transaction<'_>,
+    tokio_postgres::GenericClient,
+    |_this, sql| sql
+);
+sql_impl!(
+    deadpool_postgres::Client,
+    deadpool_postgres::GenericClient,
+    |this, sql| &this.prepare_cached(sql).await?
+);
+sql_impl!(
+    deadpool_postgres::Transaction<'_>,
+    deadpool_postgres::GenericClient,
+    |this, sql| &this.prepare_cached(sql).await?
+);

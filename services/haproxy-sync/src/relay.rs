@@ -64,22 +64,23 @@ impl Relay {
             return Ok(Vec::new());
         };
         if then.is_empty() || then.len() > MAX_RELAYED_THEN {
-            let mut replies = Vec::with_capacity(commands.len());
-            for command in commands {
-                replies.extend(self.relay(command, &[]).await?.into_iter().take(1));
-            }
-            return Ok(replies);
+            return self.one_by_one(commands).await;
         }
         match self.relay(first, then).await {
             Err(ApiError::Refused(why)) if why.contains("ERR_BAD_SPEC") => {
-                let mut replies = Vec::with_capacity(commands.len());
-                for command in commands {
-                    replies.extend(self.relay(command, &[]).await?.into_iter().take(1));
-                }
-                Ok(replies)
+                self.one_by_one(commands).await
             }
             other => other,
         }
+    }
+
+    /// `commands` one task each.
+    async fn one_by_one(&self, commands: &[String]) -> Result<Vec<String>, ApiError> {
+        let mut replies = Vec::with_capacity(commands.len());
+        for command in commands {
+            replies.extend(self.relay(command, &[]).await?.into_iter().take(1));
+        }
+        Ok(replies)
     }
 
     async fn relay(&self, command: &str, then: &[String]) -> Result<Vec<String>, ApiError> {
