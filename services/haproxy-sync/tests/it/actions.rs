@@ -48,6 +48,41 @@ async fn counting_relay(to: std::net::SocketAddr) -> (String, Arc<AtomicUsize>) 
     (addr, sets)
 }
 
+/// What most action tests run on: a database, a Redis, one real HAProxy, a gateway and
+/// haproxy-sync started with `env`.
+struct Stack {
+    db: TestDb,
+    /// Held for the test's life (its key prefix).
+    _redis: TestRedis,
+    ha: Haproxy,
+    gw: Service,
+    sync: Service,
+    http: reqwest::Client,
+}
+
+impl Stack {
+    async fn start(env: &[(&str, &str)]) -> Self {
+        let db = TestDb::new().await;
+        let redis = TestRedis::new();
+        let ha = Haproxy::start(&backends());
+        let gw = gateway(&db, &redis).await;
+        let sync = haproxy_sync_with(&db, &redis, env).await;
+        Self {
+            db,
+            _redis: redis,
+            ha,
+            gw,
+            sync,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn stop(self) {
+        self.sync.stop().await.unwrap();
+        self.gw.stop().await.unwrap();
+    }
+}
+
 /// Register `address` as an instance and wait for its servers: (instance, s1's id).
 async fn instance_with_servers(
     http: &reqwest::Client,
@@ -133,19 +168,14 @@ pub fn admin_bits_in(ha: &Haproxy, backend: &str, server: &str) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let ha = Haproxy::start(&backends());
-    let (relay, sets) = counting_relay(ha.stats).await;
-    let gw = gateway(&db, &redis).await;
-    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
-    let http = reqwest::Client::new();
-    let (_, s1) = instance_with_servers(&http, &gw, &relay).await;
+    let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
+    let (relay, sets) = counting_relay(s.ha.stats).await;
+    let (_, s1) = instance_with_servers(&s.http, &s.gw, &relay).await;
 
     for (action, bits) in [("drain", 8), ("maint", 1), ("ready", 0)] {
         let (status, requested) = act(
-            &http,
-            &gw,
+            &s.http,
+            &s.gw,
             &s1,
             json!({"action": action, "idempotency_key": format!("k-{action}")}),
         )
@@ -153,8 +183,8 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         assert_eq!(status, 202, "{requested}");
         assert_eq!(requested["status"], "pending");
         let (status, too_long) = call(
-            &http,
-            &gw,
+            &s.http,
+            &s.gw,
             "GET",
             &format!(
                 "/v1/haproxy/actions/{}?wait_ms=30001",
@@ -164,16 +194,16 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         )
         .await;
         assert_eq!(status, 422, "{too_long}");
-        let done = settled(&http, &gw, requested["id"].as_str().unwrap()).await;
+        let done = settled(&s.http, &s.gw, requested["id"].as_str().unwrap()).await;
         assert_eq!(done["status"], "success", "{done}");
         assert_eq!(done["attempts"], 1);
         assert_eq!(done["detail"]["already"], false);
         // The real server, read back through the socket.
-        assert_eq!(admin_bits(&ha, "s1"), bits, "{action}");
+        assert_eq!(admin_bits(&s.ha, "s1"), bits, "{action}");
     }
     assert_eq!(sets.load(Ordering::SeqCst), 3, "one set server per action");
     // History names the actions that changed it; the desired state is the last asked.
-    let history = history(&http, &gw, &s1).await;
+    let history = history(&s.http, &s.gw, &s1).await;
     let by: Vec<&str> = history
         .iter()
         .map(|h| h["changed_by"].as_str().unwrap())
@@ -186,7 +216,7 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
     let before = sets.load(Ordering::SeqCst);
     let body = json!({"action": "drain", "idempotency_key": "one-key-for-all"});
     let answers =
-        futures::future::join_all((0..1000).map(|_| act(&http, &gw, &s1, body.clone()))).await;
+        futures::future::join_all((0..1000).map(|_| act(&s.http, &s.gw, &s1, body.clone()))).await;
     let ids: std::collections::HashSet<String> = answers
         .iter()
         .map(|(status, a)| {
@@ -195,18 +225,18 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         })
         .collect();
     assert_eq!(ids.len(), 1);
-    let done = settled(&http, &gw, ids.iter().next().unwrap()).await;
+    let done = settled(&s.http, &s.gw, ids.iter().next().unwrap()).await;
     assert_eq!(done["status"], "success");
-    let count: i64 = db
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM haproxy_actions WHERE idempotency_key = 'one-key-for-all'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let count: i64 =
+        s.db.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM haproxy_actions WHERE idempotency_key = 'one-key-for-all'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
     assert_eq!(count, 1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -216,8 +246,8 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
     );
     // The same key with another body: refused, naming the key.
     let (status, refused) = act(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         &s1,
         json!({"action": "maint", "idempotency_key": "one-key-for-all"}),
     )
@@ -229,13 +259,13 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         .contains("idempotency_key"));
     // Already drained: no set, said so.
     let (_, again) = act(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "drain-again"}),
     )
     .await;
-    let done = settled(&http, &gw, again["id"].as_str().unwrap()).await;
+    let done = settled(&s.http, &s.gw, again["id"].as_str().unwrap()).await;
     assert_eq!(done["detail"]["already"], true, "{done}");
     assert_eq!(sets.load(Ordering::SeqCst), before + 1);
     // Bad requests are named.
@@ -253,7 +283,7 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
             "drain_wait_ms",
         ),
     ] {
-        let (status, a) = act(&http, &gw, &s1, body).await;
+        let (status, a) = act(&s.http, &s.gw, &s1, body).await;
         assert_eq!(status, 422);
         assert!(
             a["error"]["message"].as_str().unwrap().contains(field),
@@ -262,8 +292,8 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
     }
     assert_eq!(
         act(
-            &http,
-            &gw,
+            &s.http,
+            &s.gw,
             "hps-00000000000000000000",
             json!({"action": "drain", "idempotency_key": "z"})
         )
@@ -271,28 +301,22 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         .0,
         404
     );
-    sync.stop().await.unwrap();
-    gw.stop().await.unwrap();
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_level_socket_fails_with_a_clear_permission_error() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let ha = Haproxy::start(&backends());
-    let gw = gateway(&db, &redis).await;
-    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
-    let http = reqwest::Client::new();
+    let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
     let (_, s1) =
-        instance_with_servers(&http, &gw, &ha.operator_socket.display().to_string()).await;
+        instance_with_servers(&s.http, &s.gw, &s.ha.operator_socket.display().to_string()).await;
     let (_, requested) = act(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         &s1,
         json!({"action": "maint", "idempotency_key": "op-1"}),
     )
     .await;
-    let done = settled(&http, &gw, requested["id"].as_str().unwrap()).await;
+    let done = settled(&s.http, &s.gw, requested["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["attempts"], 1, "HAProxy's own errors are not retried");
     assert!(
@@ -302,39 +326,29 @@ async fn an_operator_level_socket_fails_with_a_clear_permission_error() {
             .contains("Permission denied"),
         "{done}"
     );
-    assert_eq!(admin_bits(&ha, "s1"), 0);
-    sync.stop().await.unwrap();
-    gw.stop().await.unwrap();
+    assert_eq!(admin_bits(&s.ha, "s1"), 0);
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_closes_it() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let ha = Haproxy::start(&backends());
-    let gw = gateway(&db, &redis).await;
-    let sync = haproxy_sync_with(
-        &db,
-        &redis,
-        &[
-            ("HAPROXY_SYNC_INTERVAL", "1s"),
-            ("HAPROXY_SYNC_TIMEOUT", "300ms"),
-            ("HAPROXY_ACTION_RETRY_BASE", "50ms"),
-            ("HAPROXY_BREAKER_COOLDOWN", "2s"),
-        ],
-    )
+    let s = Stack::start(&[
+        ("HAPROXY_SYNC_INTERVAL", "1s"),
+        ("HAPROXY_SYNC_TIMEOUT", "300ms"),
+        ("HAPROXY_ACTION_RETRY_BASE", "50ms"),
+        ("HAPROXY_BREAKER_COOLDOWN", "2s"),
+    ])
     .await;
-    let http = reqwest::Client::new();
-    let (instance, s1) = instance_with_servers(&http, &gw, &ha.stats.to_string()).await;
-    ha.freeze();
+    let (instance, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
+    s.ha.freeze();
     let (_, first) = act(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "f-1"}),
     )
     .await;
-    let done = settled(&http, &gw, first["id"].as_str().unwrap()).await;
+    let done = settled(&s.http, &s.gw, first["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "failed");
     assert_eq!(
         done["attempts"], 3,
@@ -348,8 +362,8 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
         "{done}"
     );
     let (_, view) = call(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         "GET",
         &format!("/v1/haproxy/instances/{instance}"),
         None,
@@ -358,104 +372,92 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
     assert_eq!(view["breaker"], "open", "{view}");
     // Open: the next action fails at once, without touching HAProxy.
     let (_, second) = act(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "f-2"}),
     )
     .await;
-    let done = settled(&http, &gw, second["id"].as_str().unwrap()).await;
+    let done = settled(&s.http, &s.gw, second["id"].as_str().unwrap()).await;
     assert_eq!(
         (done["status"].as_str(), done["attempts"].as_i64()),
         (Some("failed"), Some(0)),
         "{done}"
     );
     // HAProxy is back and the cooldown is over: the trial succeeds and closes the breaker.
-    ha.thaw();
+    s.ha.thaw();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (_, third) = act(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "f-3"}),
     )
     .await;
-    let done = settled(&http, &gw, third["id"].as_str().unwrap()).await;
+    let done = settled(&s.http, &s.gw, third["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "success", "{done}");
-    assert_eq!(admin_bits(&ha, "s1"), 8);
+    assert_eq!(admin_bits(&s.ha, "s1"), 8);
     let (_, view) = call(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         "GET",
         &format!("/v1/haproxy/instances/{instance}"),
         None,
     )
     .await;
     assert_eq!(view["breaker"], "closed", "{view}");
-    sync.stop().await.unwrap();
-    gw.stop().await.unwrap();
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_loses_the_drain_and_sync_puts_it_back_in_the_history() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let ha = Haproxy::start(&backends());
-    let gw = gateway(&db, &redis).await;
-    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
-    let http = reqwest::Client::new();
-    let (_, s1) = instance_with_servers(&http, &gw, &ha.stats.to_string()).await;
+    let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
+    let (_, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
     let (_, requested) = act(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "before-reload"}),
     )
     .await;
-    let done = settled(&http, &gw, requested["id"].as_str().unwrap()).await;
+    let done = settled(&s.http, &s.gw, requested["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "success");
-    assert_eq!(admin_bits(&ha, "s1"), 8);
+    assert_eq!(admin_bits(&s.ha, "s1"), 8);
 
     // No server-state file here: the reload forgets the drain.
-    ha.reload(&backends());
-    let history = history_until(&http, &gw, &s1, "the drain is re-applied", |h| {
+    s.ha.reload(&backends());
+    let history = history_until(&s.http, &s.gw, &s1, "the drain is re-applied", |h| {
         h["changed_by"]
             .as_str()
             .is_some_and(|b| b.starts_with("reapply:"))
     })
     .await;
-    assert_eq!(admin_bits(&ha, "s1"), 8, "drained again: {history:?}");
+    assert_eq!(admin_bits(&s.ha, "s1"), 8, "drained again: {history:?}");
     let last = history.last().unwrap();
     assert_eq!(last["new_state"], "drain", "{history:?}");
     assert_eq!(last["changed_by"], "reapply:key:bootstrap");
     // s2 was never asked for anything: left as the reload made it.
-    assert_eq!(admin_bits(&ha, "s2"), 0);
-    sync.stop().await.unwrap();
-    gw.stop().await.unwrap();
+    assert_eq!(admin_bits(&s.ha, "s2"), 0);
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_drains_each_server_once_and_lists_what_it_could_not() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let ha = Haproxy::start(&backends());
-    let gw = gateway(&db, &redis).await;
-    let sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_ACTION_PARALLELISM", "1")]).await;
-    let http = reqwest::Client::new();
-    let (_, s1) = instance_with_servers(&http, &gw, &ha.stats.to_string()).await;
-    let backend = db
-        .client()
-        .await
-        .query_one(
-            "SELECT backend_id FROM haproxy_servers WHERE server_id = $1",
-            &[&s1],
-        )
-        .await
-        .unwrap()
-        .get::<_, String>(0);
+    let s = Stack::start(&[("HAPROXY_ACTION_PARALLELISM", "1")]).await;
+    let (_, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
+    let backend =
+        s.db.client()
+            .await
+            .query_one(
+                "SELECT backend_id FROM haproxy_servers WHERE server_id = $1",
+                &[&s1],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0);
     let (_, page) = call(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         "GET",
         &format!("/v1/haproxy/backends/{backend}/servers"),
         None,
@@ -465,8 +467,8 @@ async fn a_batch_drains_each_server_once_and_lists_what_it_could_not() {
     let body = json!({"action": "drain", "idempotency_key": "batch-1",
                       "servers": [s1, s2, "hps-00000000000000000000"]});
     let (status, answer) = call(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         "POST",
         "/v1/haproxy/batch/action",
         Some(body.clone()),
@@ -481,27 +483,33 @@ async fn a_batch_drains_each_server_once_and_lists_what_it_could_not() {
         .map(|i| i["action"]["id"].as_str().unwrap().to_owned())
         .collect();
     for id in &ids {
-        assert_eq!(settled(&http, &gw, id).await["status"], "success");
+        assert_eq!(settled(&s.http, &s.gw, id).await["status"], "success");
     }
-    assert_eq!((admin_bits(&ha, "s1"), admin_bits(&ha, "s2")), (8, 8));
+    assert_eq!((admin_bits(&s.ha, "s1"), admin_bits(&s.ha, "s2")), (8, 8));
     // Sent again: the same actions, nothing new.
-    let (_, again) = call(&http, &gw, "POST", "/v1/haproxy/batch/action", Some(body)).await;
+    let (_, again) = call(
+        &s.http,
+        &s.gw,
+        "POST",
+        "/v1/haproxy/batch/action",
+        Some(body),
+    )
+    .await;
     let again: Vec<&str> = again["items"].as_array().unwrap()[..2]
         .iter()
         .map(|i| i["action"]["id"].as_str().unwrap())
         .collect();
     assert_eq!(again, ids);
     let (status, _) = call(
-        &http,
-        &gw,
+        &s.http,
+        &s.gw,
         "POST",
         "/v1/haproxy/batch/action",
         Some(json!({"action": "drain", "idempotency_key": "b2", "servers": []})),
     )
     .await;
     assert_eq!(status, 422);
-    sync.stop().await.unwrap();
-    gw.stop().await.unwrap();
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
