@@ -34,7 +34,7 @@ pub const ALL: &[Var] = &[
         name: "DATABASE_POOL_SIZE",
         services: DB,
         default: "16",
-        doc: "connections in the PostgreSQL work pool (1-512)",
+        doc: "connections in the PostgreSQL work pool (1-512); each keeps the statements it ran prepared",
         secret: false,
     },
     Var {
