@@ -96,10 +96,14 @@ pub async fn run(
             // New events on the haproxy stream (an action requested, a forced sync) start a
             // round at once rather than at the next tick.
             let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+            // The instances of actions requested, handed over as they are seen: their open
+            // actions are started at once when the instance was held at the last round.
+            let (requested_tx, mut requested) = tokio::sync::mpsc::channel(256);
             tokio::spawn(watch_events(
                 stores.clone(),
                 keys.events("haproxy"),
                 wake.clone(),
+                requested_tx,
                 shutdown.clone(),
             ));
             let mut sync = sync::Sync::new(stores, keys, settings);
@@ -111,6 +115,13 @@ pub async fn run(
                     _ = shutdown.cancelled() => return,
                     _ = ticker.tick() => {}
                     _ = wake.notified() => {}
+                    Some(instance) = requested.recv() => {
+                        match sync.start_open(&instance).await {
+                            Ok(true) => continue,
+                            Ok(false) => {}
+                            Err(error) => tracing::warn!(error = %checkplane_runtime::error_chain(&error), "starting a requested action"),
+                        }
+                    }
                 }
                 let round = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -132,6 +143,7 @@ async fn watch_events(
     stores: checkplane_runtime::stores::Stores,
     stream: String,
     wake: std::sync::Arc<tokio::sync::Notify>,
+    requested: tokio::sync::mpsc::Sender<String>,
     shutdown: CancellationToken,
 ) {
     const BLOCK: Duration = Duration::from_secs(1);
@@ -176,7 +188,15 @@ async fn watch_events(
                 }
                 // Only what a round acts on: sync's and the executors' own events (polls,
                 // action updates) would only start rounds with nothing new to do.
-                if entries.iter().any(|e| wakes_a_round(e)) {
+                let mut round = false;
+                for entry in &entries {
+                    match requested_action(entry) {
+                        // A full channel: the round finds it instead.
+                        Some(action) => round |= requested.try_send(action).is_err(),
+                        None => round |= wakes_a_round(entry),
+                    }
+                }
+                if round {
                     wake.notify_one();
                 }
             }
@@ -186,6 +206,18 @@ async fn watch_events(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+/// The instance of the action a `haproxy.action_requested` entry asks for.
+fn requested_action(entry: &redis::streams::StreamId) -> Option<String> {
+    let Some(redis::Value::BulkString(raw)) = entry.map.get("event") else {
+        return None;
+    };
+    let event = serde_json::from_slice::<checkplane_wire::events::Event>(raw).ok()?;
+    match event.body {
+        checkplane_wire::events::EventBody::HaproxyActionRequested(r) => Some(r.instance_id),
+        _ => None,
     }
 }
 

@@ -118,6 +118,8 @@ pub struct Sync {
     leases: checkplane_runtime::leases::Leases,
     /// The fencing token each owned instance is held with.
     tokens: HashMap<String, i64>,
+    /// The instances the last round held.
+    owned: HashMap<String, Instance>,
 }
 
 fn jittered(interval: Duration) -> Duration {
@@ -142,6 +144,7 @@ impl Sync {
             lanes: HashMap::new(),
             executing: crate::actions::Executing::default(),
             tokens: HashMap::new(),
+            owned: HashMap::new(),
             leases: checkplane_runtime::leases::Leases::new(
                 keys.clone(),
                 checkplane_runtime::leases::LeaseSettings::new(0, 0),
@@ -248,6 +251,7 @@ impl Sync {
         if !taken.is_empty() {
             self.record_fences(&taken).await?;
         }
+        self.owned = owned.iter().map(|i| (i.id.clone(), (*i).clone())).collect();
         let ids: Vec<&str> = owned.iter().map(|i| i.id.as_str()).collect();
         // The open actions, and the forced syncs (`POST /v1/haproxy/instances/{id}/sync`)
         // taken at once too: side by side.
@@ -326,6 +330,24 @@ impl Sync {
             )
             .await?;
         Ok(())
+    }
+
+    /// Start the open actions of `instance` at once when it was held at the last round
+    /// (rounds come well inside the lease; an executor still checks the lease before it
+    /// changes HAProxy, and its updates are fenced in PostgreSQL): one query instead of a
+    /// round. False when the instance is not ours, or not known to be: a round decides then.
+    pub async fn start_open(&mut self, instance: &str) -> Result<bool, SyncError> {
+        let Some(instance) = self.owned.get(instance).cloned() else {
+            return Ok(false);
+        };
+        if !self.tokens.contains_key(&instance.id) {
+            return Ok(false);
+        }
+        let mut open = crate::actions::open_actions(&self.stores, &[instance.id.as_str()]).await?;
+        if let Some(actions) = open.remove(&instance.id) {
+            self.start_actions(&instance, actions);
+        }
+        Ok(true)
     }
 
     /// Start executing the instance's `open` actions nobody here runs yet.
