@@ -98,23 +98,9 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
             .starts_with("node:"),
         "{refused}"
     );
-    let (status, unknown) = call(
-        &http,
-        &gw,
-        "PUT",
-        "/v1/servers/no-such-agent/haproxy",
-        Some(json!({"enabled": true})),
-    )
-    .await;
+    let (status, unknown) = mark(&http, &gw, "no-such-agent", true).await;
     assert_eq!(status, 404, "{unknown}");
-    let (status, marked) = call(
-        &http,
-        &gw,
-        "PUT",
-        &format!("/v1/servers/{node}/haproxy"),
-        Some(json!({"enabled": true})),
-    )
-    .await;
+    let (status, marked) = mark(&http, &gw, &node, true).await;
     assert_eq!(status, 200, "{marked}");
     assert_eq!(marked["haproxy_node"], true);
     assert_eq!(marked["relays"], true, "the agent declares the relay");
@@ -123,14 +109,7 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
         call(&http, &gw, "POST", "/v1/haproxy/instances", Some(register)).await;
     assert_eq!(status, 201, "{instance}");
     let id = instance["id"].as_str().unwrap().to_owned();
-    let (status, busy) = call(
-        &http,
-        &gw,
-        "PUT",
-        &format!("/v1/servers/{node}/haproxy"),
-        Some(json!({"enabled": false})),
-    )
-    .await;
+    let (status, busy) = mark(&http, &gw, &node, false).await;
     assert_eq!(status, 409, "a node in use is not unmarked: {busy}");
 
     // Sync discovers the servers through the agent: haproxy-sync has no address to use.
@@ -271,14 +250,7 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     let (status, _) =
         checkplane_testkit::agent_post(&http, &beat, &plain, &token, &json!({})).await;
     assert_eq!(status, 200);
-    let (status, marked) = call(
-        &http,
-        &gw,
-        "PUT",
-        &format!("/v1/servers/{plain}/haproxy"),
-        Some(json!({"enabled": true})),
-    )
-    .await;
+    let (status, marked) = mark(&http, &gw, &plain, true).await;
     assert_eq!(status, 200, "{marked}");
     assert_eq!(marked["relays"], false);
     let (status, silent) = call(
@@ -402,4 +374,16 @@ async fn relayed_reports(redis: &TestRedis, keys: &Keys, agent: &str) -> usize {
                 && e["payload"]["agent_id"] == agent
         })
         .count()
+}
+
+/// `PUT /v1/servers/{node}/haproxy` with `enabled`: its status and body.
+async fn mark(http: &reqwest::Client, gw: &Service, node: &str, enabled: bool) -> (u16, Value) {
+    call(
+        http,
+        gw,
+        "PUT",
+        &format!("/v1/servers/{node}/haproxy"),
+        Some(json!({"enabled": enabled})),
+    )
+    .await
 }
