@@ -45,6 +45,18 @@ fn raw(addr: std::net::SocketAddr, command: &str) -> String {
     out
 }
 
+/// `GET base + path` with the admin key, as JSON.
+async fn admin_get(http: &reqwest::Client, base: &str, path: &str) -> serde_json::Value {
+    http.get(format!("{base}{path}"))
+        .header("x-api-key", crate::fanout::ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let i = ((v.len() as f64 - 1.0) * q).round() as usize;
@@ -103,16 +115,7 @@ async fn relaying_agent(s: &mut Setup, ha: usize) -> String {
     )));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let page: serde_json::Value = s
-            .http
-            .get(format!("{}/v1/agents?limit=200", s.base))
-            .header("x-api-key", crate::fanout::ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = admin_get(&s.http, &s.base, "/v1/agents?limit=200").await;
         let found = page["items"]
             .as_array()
             .into_iter()
@@ -355,16 +358,12 @@ pub async fn action_latency(args: HaproxyArgs) {
             .unwrap();
         let id = r["id"].as_str().unwrap().to_owned();
         loop {
-            let a: serde_json::Value = s
-                .http
-                .get(format!("{}/v1/haproxy/actions/{id}?wait_ms=10000", s.base))
-                .header("x-api-key", crate::fanout::ADMIN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let a = admin_get(
+                &s.http,
+                &s.base,
+                &format!("/v1/haproxy/actions/{id}?wait_ms=10000"),
+            )
+            .await;
             if a["status"] == "success" {
                 break;
             }

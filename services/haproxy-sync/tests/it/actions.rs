@@ -123,7 +123,8 @@ async fn instance_with_servers(
     (id, s1)
 }
 
-async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value) -> (u16, Value) {
+/// `POST /v1/haproxy/servers/{server}/action` with `body`: its status and body.
+pub async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value) -> (u16, Value) {
     call(
         http,
         gw,

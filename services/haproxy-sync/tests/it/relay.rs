@@ -15,7 +15,7 @@ use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 use checkplane_wire::haproxy::{RelayedCommand, RELAY_KIND, SEVERITY_PREFIX};
 use serde_json::{json, Value};
 
-use crate::actions::{admin_bits_in, settled};
+use crate::actions::{act, admin_bits_in, settled};
 use crate::sync::{backends, call, discovered, haproxy_sync_with, history_until, Service, ADMIN};
 
 const ENROLL: &str = "relay-test-enrollment-0123";
@@ -132,12 +132,11 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     // then the set with its read-back and the stats row.
     let keys = Keys::new(redis.prefix.clone(), 4);
     let relayed_before = relayed_reports(&redis, &keys, &node).await;
-    let (status, action) = call(
+    let (status, action) = act(
         &http,
         &gw,
-        "POST",
-        &format!("/v1/haproxy/servers/{s1}/action"),
-        Some(json!({"action": "drain", "idempotency_key": "relay-drain-1"})),
+        &s1,
+        json!({"action": "drain", "idempotency_key": "relay-drain-1"}),
     )
     .await;
     assert_eq!(status, 202, "{action}");
@@ -301,12 +300,11 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
         },
     )
     .await;
-    let (status, refused) = call(
+    let (status, refused) = act(
         &http,
         &gw,
-        "POST",
-        &format!("/v1/haproxy/servers/{s1}/action"),
-        Some(json!({"action": "ready", "idempotency_key": "relay-ready-1"})),
+        &s1,
+        json!({"action": "ready", "idempotency_key": "relay-ready-1"}),
     )
     .await;
     assert_eq!(status, 409, "{refused}");
