@@ -66,6 +66,101 @@ pub struct RelayedCommand {
 /// The most commands a relayed task carries after its first.
 pub const MAX_RELAYED_THEN: usize = 3;
 
+/// An action's whole exchange with one server, run where the socket is (by the node's agent,
+/// in one trip): read the server's state; unless it is already `state`, set it; read it back;
+/// with `stat`, read its stats row (by the id the read-back shows). See [`settle`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settle {
+    pub backend: String,
+    pub server: String,
+    /// `ready`, `drain` or `maint`.
+    pub state: String,
+    #[serde(default)]
+    pub stat: bool,
+}
+
+impl Settle {
+    /// Names as [`valid_name`] allows them and a state HAProxy can be set to.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_name(&self.backend) || !valid_name(&self.server) {
+            return Err("backend, server: not valid proxy or server names".into());
+        }
+        if !["ready", "drain", "maint"].contains(&self.state.as_str()) {
+            return Err("state: expected ready, drain or maint".into());
+        }
+        Ok(())
+    }
+    fn read(&self) -> String {
+        format!("{SEVERITY_PREFIX}show servers state {}", self.backend)
+    }
+    fn set(&self) -> String {
+        format!(
+            "{SEVERITY_PREFIX}set server {}/{} state {}",
+            self.backend, self.server, self.state
+        )
+    }
+    fn stat_row(&self, server_id: u32) -> String {
+        format!("{SEVERITY_PREFIX}show stat {} 4 {server_id}", self.backend)
+    }
+}
+
+/// The spec of a `haproxy` task that carries a [`Settle`] (an agent from before settles
+/// refuses it as `ERR_BAD_SPEC`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayedSettle {
+    pub instance_id: String,
+    pub settle: Settle,
+    /// When the asker stops waiting (ms since the epoch): no command is sent later.
+    pub deadline_ms: i64,
+}
+
+/// Run `settle`, each raw line through `send` (one connection each): the raw replies, in
+/// order — before, the set's (`None` when the server was already there), after, the stats
+/// row's (only with `stat`). It stops early, with fewer replies, where going on makes no sense:
+/// the server is not in the first reply (or it is HAProxy's error), the set was refused, the
+/// read-back lacks the server. The asker reads the replies (`already` is the set's `None`);
+/// this only decides what to send next, with the same parsers.
+pub async fn settle<F, Fut, E>(settle: &Settle, mut send: F) -> Result<Vec<Option<String>>, E>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<String, E>>,
+{
+    use crate::haproxy_replies::{parse_servers_state, reply_body, ServerState};
+    let find = |raw: &str| -> Option<ServerState> {
+        let body = reply_body(raw).ok()?;
+        parse_servers_state(&body)
+            .ok()?
+            .into_iter()
+            .find(|s| s.server == settle.server)
+    };
+    let mut replies = Vec::with_capacity(4);
+    let before = send(settle.read()).await?;
+    let state = find(&before);
+    replies.push(Some(before));
+    let Some(state) = state else {
+        return Ok(replies);
+    };
+    if state.admin_state.name() == settle.state {
+        replies.push(None);
+    } else {
+        let set = send(settle.set()).await?;
+        let refused = reply_body(&set).map_or(true, |body| !body.trim().is_empty());
+        replies.push(Some(set));
+        if refused {
+            return Ok(replies);
+        }
+    }
+    let after = send(settle.read()).await?;
+    let server_id = find(&after).map(|s| s.server_id);
+    replies.push(Some(after));
+    if let (true, Some(id)) = (settle.stat, server_id) {
+        replies.push(Some(send(settle.stat_row(id)).await?));
+    }
+    Ok(replies)
+}
+
 /// Whether `line` is one of the commands checkplane sends, and nothing else: the relaying
 /// agent refuses any other (a compromised control plane cannot `shutdown sessions` or read
 /// `show env` through it). `[SEVERITY_PREFIX]` then `show info`, `show stat [<backend> 4
@@ -326,6 +421,94 @@ mod tests {
             poll_event_id("i", 1, "b", "s"),
             poll_event_id("i", 2, "b", "s")
         );
+    }
+
+    /// Run a settle against a table of replies by line (the decisions only: the exchanges
+    /// with a real HAProxy are the relay's and the executor's tests).
+    fn run_settle(
+        settle_: &Settle,
+        admin: u32,
+        set_reply: &str,
+    ) -> (Vec<String>, Vec<Option<String>>) {
+        use std::future::Future as _;
+        let mut sent = Vec::new();
+        let mut admin = admin;
+        let state = |admin: u32| {
+            format!("\n1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord\n3 be 7 s1 127.0.0.1 2 {admin} 1 1 2 6 3 4 6 0 0 0 - 18101 -\n\n")
+        };
+        let future = settle(settle_, |line: String| {
+            sent.push(line.strip_prefix(SEVERITY_PREFIX).unwrap_or("?").to_owned());
+            let reply = if line.contains("set server") {
+                if set_reply == "\n\n" {
+                    admin = 8;
+                }
+                set_reply.to_owned()
+            } else if line.contains("show stat") {
+                "\n# pxname,svname,scur,\nbe,s1,0,\n\n".to_owned()
+            } else {
+                state(admin)
+            };
+            std::future::ready(Ok::<_, ()>(reply))
+        });
+        let mut future = Box::pin(future);
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        let std::task::Poll::Ready(Ok(replies)) = future.as_mut().poll(&mut context) else {
+            panic!("a settle over ready replies is ready");
+        };
+        drop(future);
+        (sent, replies)
+    }
+
+    #[test]
+    fn a_settle_sets_only_what_is_not_there_and_reads_back() {
+        let drain = |stat| Settle {
+            backend: "be".into(),
+            server: "s1".into(),
+            state: "drain".into(),
+            stat,
+        };
+        let (sent, replies) = run_settle(&drain(true), 0, "\n\n");
+        assert_eq!(
+            sent,
+            [
+                "show servers state be",
+                "set server be/s1 state drain",
+                "show servers state be",
+                "show stat be 4 7"
+            ]
+        );
+        assert_eq!(replies.len(), 4);
+        assert!(replies[2]
+            .as_ref()
+            .unwrap()
+            .contains(" 7 s1 127.0.0.1 2 8 "));
+        // Already drained: no set, its place empty.
+        let (sent, replies) = run_settle(&drain(false), 8, "\n\n");
+        assert_eq!(sent, ["show servers state be", "show servers state be"]);
+        assert_eq!(replies[1], None);
+        // A refused set stops there; so does a server the first read lacks.
+        let (sent, replies) = run_settle(&drain(true), 0, "\n[3]: Permission denied\n\n");
+        assert_eq!(sent.len(), 2);
+        assert_eq!(replies.len(), 2);
+        let other = Settle {
+            server: "s9".into(),
+            ..drain(true)
+        };
+        let (sent, replies) = run_settle(&other, 0, "\n\n");
+        assert_eq!((sent.len(), replies.len()), (1, 1));
+        assert!(other.validate().is_ok());
+        assert!(Settle {
+            state: "stopped".into(),
+            ..drain(true)
+        }
+        .validate()
+        .is_err());
+        assert!(Settle {
+            backend: "be x".into(),
+            ..drain(true)
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -9,10 +9,13 @@
 //! on their own claim loop, and each reply is reported on its own right away (a few tries;
 //! the asker gives up at the command's deadline and asks again).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use checkplane_runtime::haproxy_socket::{self, Endpoint, Limits};
-use checkplane_wire::haproxy::{relayable, RelayedCommand, MAX_RELAYED_THEN};
+use checkplane_wire::haproxy::{
+    relayable, settle, RelayedCommand, RelayedSettle, MAX_RELAYED_THEN,
+};
 use serde_json::{json, Value};
 
 use crate::check::Outcome;
@@ -24,10 +27,87 @@ pub const MAX_REPLY: usize = 2 * 1024 * 1024;
 /// The longest connect wait.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Send the commands of `spec` to `endpoint`, one connection each and in order, before its
-/// deadline. The reply is the first command's (`reply`) and every command's (`replies`); a
-/// command that cannot be sent fails the task and nothing after it is sent.
+/// Sends one line after another to the socket, each on its own connection, all before one
+/// deadline and within one reply budget: a line checkplane does not send, a passed deadline
+/// or an unreachable socket is the task's failure.
+struct Sender<'a> {
+    endpoint: &'a Endpoint,
+    instance_id: &'a str,
+    deadline_ms: i64,
+    room: AtomicUsize,
+}
+
+impl Sender<'_> {
+    async fn send(&self, line: String) -> Result<String, Outcome> {
+        if !relayable(&line) {
+            return Err(forbidden(self.instance_id));
+        }
+        let left = self.deadline_ms - checkplane_runtime::clock::now_ms();
+        let Some(left) = u64::try_from(left).ok().filter(|l| *l > 0) else {
+            return Err(Outcome::failed(
+                "ERR_TIMEOUT",
+                "the command's deadline passed before it was sent",
+                json!({}),
+            ));
+        };
+        let left = Duration::from_millis(left);
+        let limits = Limits {
+            connect_timeout: left.min(CONNECT_TIMEOUT),
+            read_timeout: left,
+            max_reply: self.room.load(Ordering::Relaxed),
+        };
+        match haproxy_socket::exchange(self.endpoint, &line, limits).await {
+            Ok(reply) => {
+                let used = reply.len();
+                let _ = self
+                    .room
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |room| {
+                        Some(room.saturating_sub(used))
+                    });
+                Ok(reply)
+            }
+            Err(unreachable) => Err(Outcome::failed("ERR_UNREACHABLE", unreachable.0, json!({}))),
+        }
+    }
+}
+
+fn forbidden(instance_id: &str) -> Outcome {
+    tracing::warn!(%instance_id, "refused to relay a command checkplane does not send");
+    Outcome::failed(
+        "ERR_FORBIDDEN",
+        "this agent relays only the commands checkplane sends",
+        json!({}),
+    )
+}
+
+fn finished(replies: &[Option<String>]) -> Outcome {
+    Outcome {
+        outcome: "finished",
+        result: json!({"reply": replies.first(), "replies": replies}),
+    }
+}
+
+/// Run the task `spec` against `endpoint`: a [`RelayedSettle`] (an action's read, set when
+/// needed, read-back and stats row, decided here), or the commands of a [`RelayedCommand`],
+/// one connection each and in order, before its deadline. The reply is the first command's
+/// (`reply`) and every command's (`replies`; a settle's set is `null` when it was not
+/// needed); a command that cannot be sent fails the task and nothing after it is sent.
 pub async fn execute(endpoint: &Endpoint, spec: &Value) -> Outcome {
+    if let Ok(task) = serde_json::from_value::<RelayedSettle>(spec.clone()) {
+        if let Err(why) = task.settle.validate() {
+            return Outcome::failed("ERR_BAD_SPEC", why, json!({}));
+        }
+        let sender = Sender {
+            endpoint,
+            instance_id: &task.instance_id,
+            deadline_ms: task.deadline_ms,
+            room: AtomicUsize::new(MAX_REPLY),
+        };
+        return match settle(&task.settle, |line| sender.send(line)).await {
+            Ok(replies) => finished(&replies),
+            Err(failed) => failed,
+        };
+    }
     let Ok(command) = serde_json::from_value::<RelayedCommand>(spec.clone()) else {
         return Outcome::failed("ERR_BAD_SPEC", "not a relayed command", json!({}));
     };
@@ -41,43 +121,22 @@ pub async fn execute(endpoint: &Endpoint, spec: &Value) -> Outcome {
     let lines: Vec<&str> = std::iter::once(command.command.as_str())
         .chain(command.then.iter().map(String::as_str))
         .collect();
+    // All or nothing: a forbidden line anywhere refuses the task before any is sent.
     if !lines.iter().all(|line| relayable(line)) {
-        tracing::warn!(instance_id = %command.instance_id, "refused to relay a command checkplane does not send");
-        return Outcome::failed(
-            "ERR_FORBIDDEN",
-            "this agent relays only the commands checkplane sends",
-            json!({}),
-        );
+        return forbidden(&command.instance_id);
     }
-    let mut replies: Vec<String> = Vec::with_capacity(lines.len());
-    let mut room = MAX_REPLY;
+    let sender = Sender {
+        endpoint,
+        instance_id: &command.instance_id,
+        deadline_ms: command.deadline_ms,
+        room: AtomicUsize::new(MAX_REPLY),
+    };
+    let mut replies = Vec::with_capacity(lines.len());
     for line in lines {
-        let left = command.deadline_ms - checkplane_runtime::clock::now_ms();
-        let Some(left) = u64::try_from(left).ok().filter(|l| *l > 0) else {
-            return Outcome::failed(
-                "ERR_TIMEOUT",
-                "the command's deadline passed before it was sent",
-                json!({}),
-            );
-        };
-        let left = Duration::from_millis(left);
-        let limits = Limits {
-            connect_timeout: left.min(CONNECT_TIMEOUT),
-            read_timeout: left,
-            max_reply: room,
-        };
-        match haproxy_socket::exchange(endpoint, line, limits).await {
-            Ok(reply) => {
-                room = room.saturating_sub(reply.len());
-                replies.push(reply);
-            }
-            Err(unreachable) => {
-                return Outcome::failed("ERR_UNREACHABLE", unreachable.0, json!({}))
-            }
+        match sender.send(line.to_owned()).await {
+            Ok(reply) => replies.push(Some(reply)),
+            Err(failed) => return failed,
         }
     }
-    Outcome {
-        outcome: "finished",
-        result: json!({"reply": replies.first(), "replies": replies}),
-    }
+    finished(&replies)
 }

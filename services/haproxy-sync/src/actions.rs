@@ -263,26 +263,26 @@ async fn attempt(
     target: Target,
     fence: &Fence,
 ) -> Result<(Value, ObservedServer), Attempt> {
-    let before = api.server(&action.backend, &action.server).await?;
-    let already = before.admin_state.name() == target.name();
-    if !already {
-        // Only while the instance is surely ours: a replica paused past its lease must not
-        // change HAProxy under the next owner.
-        if !fence.held().await {
-            return Err(Attempt::Fenced);
-        }
+    // Only while the instance is surely ours: a replica paused past its lease must not change
+    // HAProxy under the next owner. No command of the exchange is sent after the margin the
+    // lease had left when checked.
+    let checked = Instant::now();
+    if !fence.held().await {
+        return Err(Attempt::Fenced);
     }
     let drain_wait = target == Target::Drain && action.drain_wait_ms > 0;
-    // The set, its read-back and (unless a drain waits for its sessions first) the stats row
-    // in one turn: through the node's agent, one trip instead of three.
-    let (after, stat) = api
+    // Read, set unless already there, read back and (unless a drain waits for its sessions
+    // first) the stats row in one turn: through the node's agent, one trip.
+    let settled = api
         .settle(
             &action.backend,
             &action.server,
-            (!already).then_some(target),
-            (!drain_wait).then_some(before.server_id),
+            target,
+            !drain_wait,
+            checked + fence.margin,
         )
         .await?;
+    let (already, after) = (settled.already, settled.after);
     if after.admin_state.name() != target.name() {
         return Err(Attempt::Api(ApiError::Refused(format!(
             "read back {} after set {}",
@@ -292,13 +292,7 @@ async fn attempt(
     }
     let mut detail = json!({"already": already, "admin_bits": after.admin_state.0});
     let mut scur = None;
-    let mut stat = stat;
-    if !drain_wait && after.server_id != before.server_id {
-        // Reloaded in between, the server renumbered: its own row, not the old id's.
-        stat = api
-            .show_stat_server(&action.backend, after.server_id)
-            .await?;
-    }
+    let mut stat = settled.stat;
     if drain_wait {
         let until = Instant::now()
             + Duration::from_millis(u64::try_from(action.drain_wait_ms).unwrap_or(0));

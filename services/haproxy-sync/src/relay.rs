@@ -10,16 +10,14 @@
 //!   [`ApiError::Unreachable`], retried like a socket timeout.
 //! - The agent could not reach its socket: [`ApiError::Unreachable`] with its message.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::leases::{CloseReason, Leases};
 use checkplane_runtime::stores::Stores;
-use checkplane_wire::haproxy::{RelayedCommand, MAX_RELAYED_THEN, RELAY_KIND};
+use checkplane_wire::haproxy::{RelayedCommand, RelayedSettle, Settle, RELAY_KIND};
 
-use crate::runtime_api::{ApiError, Transport};
+use crate::runtime_api::{ApiError, Reply, Transport};
 
 /// Commands relayed by `agent` to `instance`.
 pub struct Relay {
@@ -56,34 +54,55 @@ impl Relay {
         Ok(presence.is_some_and(|p| p.starts_with("online:")))
     }
 
-    /// `commands` as one task (each relayed on a connection of its own, in order): every
-    /// reply. An agent from before command sequences refuses one (`ERR_BAD_SPEC`): then they
-    /// go one task each.
-    async fn relay_all(&self, commands: &[String]) -> Result<Vec<String>, ApiError> {
-        let Some((first, then)) = commands.split_first() else {
-            return Ok(Vec::new());
+    /// One command, one task: its reply.
+    async fn relay(&self, command: &str) -> Result<String, ApiError> {
+        let spec = RelayedCommand {
+            instance_id: self.instance.clone(),
+            command: command.to_owned(),
+            then: Vec::new(),
+            deadline_ms: now_ms() + millis(self.read_timeout),
         };
-        if then.is_empty() || then.len() > MAX_RELAYED_THEN {
-            return self.one_by_one(commands).await;
-        }
-        match self.relay(first, then).await {
+        self.trip(&spec)
+            .await?
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| ApiError::Unreachable("the agent's report has no reply".to_owned()))
+    }
+
+    /// A settle, one task: the agent decides on the set where the socket is. An agent from
+    /// before settles refuses the task (`ERR_BAD_SPEC`): then one task per command.
+    async fn relay_settle(
+        &self,
+        settle: &Settle,
+        not_after: Instant,
+    ) -> Result<Vec<Option<String>>, ApiError> {
+        let within = not_after
+            .saturating_duration_since(Instant::now())
+            .min(self.read_timeout);
+        let spec = RelayedSettle {
+            instance_id: self.instance.clone(),
+            settle: settle.clone(),
+            deadline_ms: now_ms() + millis(within),
+        };
+        match self.trip(&spec).await {
             Err(ApiError::Refused(why)) if why.contains("ERR_BAD_SPEC") => {
-                self.one_by_one(commands).await
+                checkplane_wire::haproxy::settle(settle, |line| async move {
+                    if Instant::now() >= not_after {
+                        return Err(ApiError::Unreachable(
+                            "the lease margin ran out before the command was sent".to_owned(),
+                        ));
+                    }
+                    self.relay(&line).await
+                })
+                .await
             }
             other => other,
         }
     }
 
-    /// `commands` one task each.
-    async fn one_by_one(&self, commands: &[String]) -> Result<Vec<String>, ApiError> {
-        let mut replies = Vec::with_capacity(commands.len());
-        for command in commands {
-            replies.extend(self.relay(command, &[]).await?.into_iter().take(1));
-        }
-        Ok(replies)
-    }
-
-    async fn relay(&self, command: &str, then: &[String]) -> Result<Vec<String>, ApiError> {
+    /// The task `spec` to the node's agent, and its replies when it reports.
+    async fn trip(&self, spec: &impl serde::Serialize) -> Result<Vec<Option<String>>, ApiError> {
         if !self.online().await? {
             return Err(ApiError::Unavailable(format!(
                 "the node's agent {} is offline",
@@ -91,15 +110,7 @@ impl Relay {
             )));
         }
         let wait = self.read_timeout + CARRY;
-        let deadline_ms = now_ms() + i64::try_from(self.read_timeout.as_millis()).unwrap_or(0);
-        let spec = RelayedCommand {
-            instance_id: self.instance.clone(),
-            command: command.to_owned(),
-            then: then.to_vec(),
-            deadline_ms,
-        };
-        let spec =
-            serde_json::to_string(&spec).map_err(|e| ApiError::Unreachable(e.to_string()))?;
+        let spec = serde_json::to_string(spec).map_err(|e| ApiError::Unreachable(e.to_string()))?;
         let task = format!("hap:{}:{}", self.instance, uuid::Uuid::now_v7().simple());
         let mut conn = self.stores.redis_shared.clone();
         let entry = self
@@ -161,25 +172,27 @@ impl Relay {
 }
 
 /// `<outcome> <report JSON>` as the report script pushed it: the raw replies, or why not.
-fn parse_reply(pushed: &str) -> Result<Vec<String>, ApiError> {
+fn parse_reply(pushed: &str) -> Result<Vec<Option<String>>, ApiError> {
     let (outcome, report) = pushed.split_once(' ').unwrap_or((pushed, "{}"));
     let report: serde_json::Value = serde_json::from_str(report)
         .map_err(|e| ApiError::Unreachable(format!("the agent's report: {e}")))?;
     let result = &report["result"];
     match outcome {
         "finished" => match result["replies"].as_array() {
+            // A settle's set not needed is `null`.
             Some(replies) => replies
                 .iter()
-                .map(|r| {
-                    r.as_str().map(str::to_owned).ok_or_else(|| {
+                .map(|r| match r {
+                    serde_json::Value::Null => Ok(None),
+                    r => r.as_str().map(|r| Some(r.to_owned())).ok_or_else(|| {
                         ApiError::Unreachable("the agent's report has a reply not text".to_owned())
-                    })
+                    }),
                 })
                 .collect(),
             // An agent from before command sequences: the one reply.
             None => result["reply"]
                 .as_str()
-                .map(|r| vec![r.to_owned()])
+                .map(|r| vec![Some(r.to_owned())])
                 .ok_or_else(|| ApiError::Unreachable("the agent's report has no reply".to_owned())),
         },
         "cancelled" => Err(ApiError::Unreachable(
@@ -201,25 +214,21 @@ fn parse_reply(pushed: &str) -> Result<Vec<String>, ApiError> {
     }
 }
 
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl Transport for Relay {
-    fn send<'a>(
-        &'a self,
-        command: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>> {
-        Box::pin(async move {
-            self.relay(command, &[])
-                .await?
-                .into_iter()
-                .next()
-                .ok_or_else(|| ApiError::Unreachable("the agent's report has no reply".to_owned()))
-        })
+    fn send<'a>(&'a self, command: &'a str) -> Reply<'a, String> {
+        Box::pin(self.relay(command))
     }
 
-    fn send_all<'a>(
+    fn settle<'a>(
         &'a self,
-        commands: &'a [String],
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ApiError>> + Send + 'a>> {
-        Box::pin(self.relay_all(commands))
+        settle: &'a Settle,
+        not_after: Instant,
+    ) -> Reply<'a, Vec<Option<String>>> {
+        Box::pin(self.relay_settle(settle, not_after))
     }
 }
 
@@ -231,11 +240,15 @@ mod tests {
     fn pushed_replies_are_told_apart() {
         assert_eq!(
             parse_reply(r#"finished {"observations":[],"result":{"reply":"1\n# be\n"}}"#),
-            Ok(vec!["1\n# be\n".to_owned()])
+            Ok(vec![Some("1\n# be\n".to_owned())])
         );
         assert_eq!(
-            parse_reply(r#"finished {"result":{"reply":"\n","replies":["\n","1\n# be\n"]}}"#),
-            Ok(vec!["\n".to_owned(), "1\n# be\n".to_owned()])
+            parse_reply(r#"finished {"result":{"reply":"\n","replies":["\n",null,"1\n# be\n"]}}"#),
+            Ok(vec![
+                Some("\n".to_owned()),
+                None,
+                Some("1\n# be\n".to_owned())
+            ])
         );
         assert!(matches!(
             parse_reply(r#"finished {"result":{"replies":["\n",3]}}"#),

@@ -6,7 +6,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use checkplane_wire::haproxy::Settle;
 
 pub use checkplane_runtime::haproxy_socket::Endpoint;
 use checkplane_runtime::haproxy_socket::{self, Limits};
@@ -40,27 +42,32 @@ impl ApiError {
     }
 }
 
+/// What a [`Transport`] brings back, in time.
+pub type Reply<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + Send + 'a>>;
+
 /// Carries one command to an instance and brings back its raw reply.
 pub trait Transport: Send + Sync {
-    fn send<'a>(
-        &'a self,
-        command: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>>;
+    fn send<'a>(&'a self, command: &'a str) -> Reply<'a, String>;
 
-    /// Several commands in order, each on a connection of its own: every raw reply, or the
-    /// error of the first that could not be sent (nothing after it is sent). A transport
-    /// with a cost per trip (the agent's) carries them in one.
-    fn send_all<'a>(
+    /// Run `settle` ([`checkplane_wire::haproxy::settle`]) with no command sent at or after
+    /// `not_after` (the lease margin: a set must reach HAProxy while the instance is ours):
+    /// the raw replies. A transport with a cost per trip (the agent's) runs it in one.
+    fn settle<'a>(
         &'a self,
-        commands: &'a [String],
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ApiError>> + Send + 'a>> {
-        Box::pin(async move {
-            let mut replies = Vec::with_capacity(commands.len());
-            for command in commands {
-                replies.push(self.send(command).await?);
-            }
-            Ok(replies)
-        })
+        settle: &'a Settle,
+        not_after: Instant,
+    ) -> Reply<'a, Vec<Option<String>>> {
+        Box::pin(checkplane_wire::haproxy::settle(
+            settle,
+            move |line| async move {
+                if Instant::now() >= not_after {
+                    return Err(ApiError::Unreachable(
+                        "the lease margin ran out before the command was sent".to_owned(),
+                    ));
+                }
+                self.send(&line).await
+            },
+        ))
     }
 }
 
@@ -72,10 +79,7 @@ pub struct Direct {
 }
 
 impl Transport for Direct {
-    fn send<'a>(
-        &'a self,
-        command: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<String, ApiError>> + Send + 'a>> {
+    fn send<'a>(&'a self, command: &'a str) -> Reply<'a, String> {
         Box::pin(async move {
             let limits = Limits {
                 connect_timeout: self.connect_timeout,
@@ -133,17 +137,7 @@ fn find_server(servers: Vec<ServerState>, server: &str) -> Result<ServerState, A
 /// A raw reply as HAProxy meant it: its text, or its error (`[3]: No such server.`) as
 /// [`ApiError::Refused`].
 fn interpret(raw: &str) -> Result<String, ApiError> {
-    // The prefix's own (empty) reply comes first; a blank line ends the reply.
-    let body = raw.strip_prefix('\n').unwrap_or(raw);
-    let body = body.trim_end_matches('\n');
-    if let Some(rest) = body.strip_prefix('[') {
-        if let Some((level, message)) = rest.split_once("]: ") {
-            if level.parse::<u8>().is_ok_and(|l| l <= 3) {
-                return Err(ApiError::Refused(message.trim().to_owned()));
-            }
-        }
-    }
-    Ok(format!("{body}\n"))
+    replies::reply_body(raw).map_err(ApiError::Refused)
 }
 
 /// A backend or server name safe to put in a command (no spaces, separators or newlines).
@@ -176,28 +170,6 @@ impl Client {
             ))
             .await?;
         interpret(&raw)
-    }
-
-    /// Send `commands` in order in one turn (each on its own connection; through the agent,
-    /// as one task): each one's reply or HAProxy's error, or the error that stopped them.
-    pub async fn commands(
-        &self,
-        commands: &[String],
-    ) -> Result<Vec<Result<String, ApiError>>, ApiError> {
-        let _turn = self.turn.lock().await;
-        let lines: Vec<String> = commands
-            .iter()
-            .map(|c| format!("{}{c}", checkplane_wire::haproxy::SEVERITY_PREFIX))
-            .collect();
-        let raws = self.transport.send_all(&lines).await?;
-        if raws.len() != lines.len() {
-            return Err(ApiError::Unreachable(format!(
-                "{} replies to {} commands",
-                raws.len(),
-                lines.len()
-            )));
-        }
-        Ok(raws.iter().map(|raw| interpret(raw)).collect())
     }
 
     pub async fn show_info(&self) -> Result<Info, ApiError> {
@@ -266,44 +238,66 @@ impl Client {
         )
     }
 
-    /// In one turn: `set` the server to `target` (when given), read its state back, and read
-    /// its stats row (when `stat_id`, its numeric id, is given). A refused `set` stops there.
+    /// In one turn, an action's exchange ([`Settle`]): read the server's state, set it to
+    /// `target` unless it is already there, read it back, and (with `stat`) read its stats
+    /// row; no command is sent at or after `not_after`. A refused `set` stops there.
     pub async fn settle(
         &self,
         backend: &str,
         server: &str,
-        target: Option<Target>,
-        stat_id: Option<u32>,
-    ) -> Result<(ServerState, Option<StatRow>), ApiError> {
-        let (backend, name) = (safe_name(backend)?, safe_name(server)?);
-        let mut commands = Vec::with_capacity(3);
-        if let Some(target) = target {
-            commands.push(format!(
-                "set server {backend}/{name} state {}",
-                target.name()
-            ));
-        }
-        commands.push(format!("show servers state {backend}"));
-        if let Some(id) = stat_id {
-            commands.push(format!("show stat {backend} 4 {id}"));
-        }
-        let mut replies = self.commands(&commands).await?.into_iter();
-        let mut next = || {
-            replies
-                .next()
-                .unwrap_or_else(|| Err(ApiError::Unreachable("a reply is missing".to_owned())))
+        target: Target,
+        stat: bool,
+        not_after: Instant,
+    ) -> Result<Settled, ApiError> {
+        let settle = Settle {
+            backend: safe_name(backend)?.to_owned(),
+            server: safe_name(server)?.to_owned(),
+            state: target.name().to_owned(),
+            stat,
         };
-        if target.is_some() {
-            let reply = next()?;
-            if !reply.trim().is_empty() {
-                return Err(ApiError::Refused(reply.trim().to_owned()));
+        let raws = {
+            let _turn = self.turn.lock().await;
+            self.transport.settle(&settle, not_after).await?
+        };
+        let mut raws = raws.into_iter();
+        let missing = || ApiError::Unreachable("a reply is missing".to_owned());
+        let before = raws.next().flatten().ok_or_else(missing)?;
+        let before = find_server(replies::parse_servers_state(&interpret(&before)?)?, server)?;
+        let already = match raws.next().ok_or_else(missing)? {
+            None => true,
+            Some(set) => {
+                let reply = interpret(&set)?;
+                if !reply.trim().is_empty() {
+                    return Err(ApiError::Refused(reply.trim().to_owned()));
+                }
+                false
             }
-        }
-        let after = find_server(replies::parse_servers_state(&next()?)?, server)?;
-        let stat = match stat_id {
-            Some(_) => replies::parse_stat(&next()?)?.into_iter().next(),
-            None => None,
         };
-        Ok((after, stat))
+        let after = raws.next().flatten().ok_or_else(missing)?;
+        let after = find_server(replies::parse_servers_state(&interpret(&after)?)?, server)?;
+        let stat = match stat {
+            true => {
+                let row = raws.next().flatten().ok_or_else(missing)?;
+                replies::parse_stat(&interpret(&row)?)?.into_iter().next()
+            }
+            false => None,
+        };
+        Ok(Settled {
+            before,
+            already,
+            after,
+            stat,
+        })
     }
+}
+
+/// What an action's exchange found and left.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub before: ServerState,
+    /// The server was in the target state already: nothing was set.
+    pub already: bool,
+    pub after: ServerState,
+    /// Its stats row, by the id the read-back shows, when asked for.
+    pub stat: Option<StatRow>,
 }

@@ -128,8 +128,8 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     assert_eq!(servers["items"][0]["name"], "s1");
     let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
 
-    // A drain through the agent changes the real server, in two relayed tasks: the read,
-    // then the set with its read-back and the stats row.
+    // A drain through the agent changes the real server, in one relayed task: the agent
+    // reads, sets (the server was ready), reads back and reads the stats row.
     let keys = Keys::new(redis.prefix.clone(), 4);
     let relayed_before = relayed_reports(&redis, &keys, &node).await;
     let (status, action) = act(
@@ -147,13 +147,31 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     assert_eq!(admin_bits_in(&ha, "be_app", "s1"), 8);
     assert_eq!(
         relayed_reports(&redis, &keys, &node).await - relayed_before,
-        2,
-        "one task for the read, one for set + read-back + stats"
+        1,
+        "read, set, read-back and stats as one task"
     );
+    assert_eq!(done["detail"]["already"], false, "{done}");
     history_until(&http, &gw, &s1, "the drain in history", |h| {
         h["new_state"] == "drain" && h["changed_by"] == action_id.as_str()
     })
     .await;
+    // Asked again under another key, the agent finds it drained and sets nothing.
+    let relayed_before = relayed_reports(&redis, &keys, &node).await;
+    let (status, again) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "relay-drain-2"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{again}");
+    let again = settled(&http, &gw, again["id"].as_str().unwrap()).await;
+    assert_eq!(again["status"], "success", "{again}");
+    assert_eq!(again["detail"]["already"], true, "{again}");
+    assert_eq!(
+        relayed_reports(&redis, &keys, &node).await - relayed_before,
+        1
+    );
 
     // The commands went as leased tasks of the node's agent, their replies kept out of the
     // event log (only their size is recorded).
@@ -179,27 +197,25 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     // The agent refuses a command checkplane does not send, and says so.
     let leases = Leases::new(keys.clone(), LeaseSettings::new(30_000, 5));
     let conn = redis.connection().await;
-    let relay = |task: &'static str, command: &str, then: &[&str]| {
-        let spec = RelayedCommand {
+    let deadline_ms = checkplane_runtime::clock::now_ms() + 60_000;
+    let command = |command: &str, then: &[&str]| {
+        serde_json::to_value(RelayedCommand {
             instance_id: id.clone(),
             command: format!("{SEVERITY_PREFIX}{command}"),
             then: then
                 .iter()
                 .map(|c| format!("{SEVERITY_PREFIX}{c}"))
                 .collect(),
-            deadline_ms: checkplane_runtime::clock::now_ms() + 5_000,
-        };
+            deadline_ms,
+        })
+        .unwrap()
+    };
+    let relay = |task: &'static str, spec: Value| {
         let (leases, keys, node) = (&leases, &keys, &node);
         let mut conn = conn.clone();
         async move {
             let entry = leases
-                .enqueue_task(
-                    &mut conn,
-                    node,
-                    RELAY_KIND,
-                    task,
-                    &serde_json::to_string(&spec).unwrap(),
-                )
+                .enqueue_task(&mut conn, node, RELAY_KIND, task, &spec.to_string())
                 .await
                 .unwrap();
             let (_, pushed): (String, String) = redis::cmd("BLPOP")
@@ -211,20 +227,34 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
             pushed
         }
     };
-    let pushed = relay("hap:test:forbidden", "show env", &[]).await;
+    let pushed = relay("hap:test:forbidden", command("show env", &[])).await;
     assert!(pushed.starts_with("failed "), "{pushed}");
     assert!(pushed.contains("ERR_FORBIDDEN"), "{pushed}");
     // Nor does one hide behind an allowed first command; nor more than three follow one.
-    let pushed = relay("hap:test:forbidden-then", "show info", &["show env"]).await;
+    let pushed = relay(
+        "hap:test:forbidden-then",
+        command("show info", &["show env"]),
+    )
+    .await;
     assert!(pushed.contains("ERR_FORBIDDEN"), "{pushed}");
     let many = ["show info"; 4];
-    let pushed = relay("hap:test:too-many", "show info", &many).await;
+    let pushed = relay("hap:test:too-many", command("show info", &many)).await;
     assert!(pushed.contains("ERR_BAD_SPEC"), "{pushed}");
+    // A settle names a backend and server as commands can carry them, and a state to set.
+    for (task, backend, state) in [
+        ("hap:test:settle-name", "be_app;show env", "drain"),
+        ("hap:test:settle-state", "be_app", "stopped"),
+    ] {
+        let spec = json!({"instance_id": id, "deadline_ms": deadline_ms,
+                          "settle": {"backend": backend, "server": "s1", "state": state}});
+        let pushed = relay(task, spec).await;
+        assert!(pushed.starts_with("failed "), "{pushed}");
+        assert!(pushed.contains("ERR_BAD_SPEC"), "{pushed}");
+    }
     // A sequence comes back as every command's reply, in order.
     let pushed = relay(
         "hap:test:sequence",
-        "show info",
-        &["show servers state be_app"],
+        command("show info", &["show servers state be_app"]),
     )
     .await;
     let (outcome, report) = pushed.split_once(' ').unwrap();

@@ -23,6 +23,23 @@ fn malformed(command: &'static str, why: impl Into<String>) -> Malformed {
     }
 }
 
+/// A raw reply as HAProxy meant it: its text (ending in one newline), or its error
+/// (`[3]: No such server.`) as the message. Every command is sent after the severity prefix
+/// ([`crate::haproxy::SEVERITY_PREFIX`]), whose own (empty) reply comes first; a blank line
+/// ends the reply.
+pub fn reply_body(raw: &str) -> Result<String, String> {
+    let body = raw.strip_prefix('\n').unwrap_or(raw);
+    let body = body.trim_end_matches('\n');
+    if let Some(rest) = body.strip_prefix('[') {
+        if let Some((level, message)) = rest.split_once("]: ") {
+            if level.parse::<u8>().is_ok_and(|l| l <= 3) {
+                return Err(message.trim().to_owned());
+            }
+        }
+    }
+    Ok(format!("{body}\n"))
+}
+
 /// `show info`: every `Key: value` line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Info(pub BTreeMap<String, String>);
