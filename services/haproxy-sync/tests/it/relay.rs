@@ -5,6 +5,7 @@
 //! checkplane does not send, replies stay out of the event log, and while the agent is
 //! offline commands are refused with `ERR_INSTANCE_UNAVAILABLE`.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkplane_runtime::keys::Keys;
@@ -377,6 +378,138 @@ impl Drop for TempDir {
             let _ = std::fs::remove_dir_all(parent);
         }
     }
+}
+
+/// An agent from before settles, simulated over the agents' API: it heartbeats, claims its
+/// `haproxy` tasks, relays a single command with the real agent's code and refuses a settle as
+/// that agent did (`ERR_BAD_SPEC`, not a relayed command). What it was asked, in order: the
+/// command line, or `settle`.
+fn older_agent(
+    gw: &Service,
+    id: String,
+    token: String,
+    socket: std::path::PathBuf,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let base = gw.url("");
+    let base = base.trim_end_matches('/').to_owned();
+    let log = asked.clone();
+    let task = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let endpoint = checkplane_runtime::haproxy_socket::Endpoint::Unix(socket);
+        let (beat, claim, report) = (
+            format!("{base}/v1/agents/heartbeat"),
+            format!("{base}/v1/agents/claim"),
+            format!("{base}/v1/agents/report"),
+        );
+        let post = checkplane_testkit::agent_post;
+        let mut beaten = tokio::time::Instant::now() - Duration::from_secs(1);
+        for round in 0u64.. {
+            if beaten.elapsed() >= Duration::from_millis(150) {
+                post(&http, &beat, &id, &token, &json!({})).await;
+                beaten = tokio::time::Instant::now();
+            }
+            let body = json!({"capacities": {"haproxy": 2}, "request_id": format!("old-{round}"),
+                              "wait_ms": 100});
+            let (_, claimed) = post(&http, &claim, &id, &token, &body).await;
+            for lease in claimed["leases"].as_array().into_iter().flatten() {
+                let spec = &lease["spec"];
+                let outcome = if spec.get("settle").is_some() {
+                    log.lock().unwrap().push("settle".to_owned());
+                    agent::check::Outcome::failed(
+                        "ERR_BAD_SPEC",
+                        "not a relayed command",
+                        json!({}),
+                    )
+                } else {
+                    let line = spec["command"].as_str().unwrap_or_default();
+                    log.lock()
+                        .unwrap()
+                        .push(line.trim_start_matches(SEVERITY_PREFIX).to_owned());
+                    agent::relay::execute(&endpoint, spec).await
+                };
+                let done = json!({"completed": [{"token": lease["token"],
+                    "outcome": outcome.outcome, "result": outcome.result}]});
+                let (status, _) = post(&http, &report, &id, &token, &done).await;
+                assert_eq!(status, 200);
+            }
+        }
+    });
+    (task, asked)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_from_before_settles_gets_an_actions_commands_one_task_each() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let (gw, _sched) = control_plane(&db, &redis).await;
+    let http = reqwest::Client::new();
+    let base = gw.url("");
+    let (node, token) = checkplane_testkit::register_agent(
+        &http,
+        base.trim_end_matches('/'),
+        ENROLL,
+        &json!({"hostname": "lb-old", "capabilities": {"haproxy": 2}}),
+    )
+    .await;
+    let (old, asked) = older_agent(&gw, node.clone(), token, ha.admin_socket.clone());
+    eventually(
+        "the older agent is online",
+        Duration::from_secs(15),
+        || async {
+            let (_, page) = call(&http, &gw, "GET", "/v1/agents?status=online", None).await;
+            (page["total"] == 1).then_some(())
+        },
+    )
+    .await;
+    let (status, marked) = mark(&http, &gw, &node, true).await;
+    assert_eq!((status, &marked["relays"]), (200, &json!(true)), "{marked}");
+    let register = json!({"name": "lb-old", "transport": "agent", "node": node});
+    let (status, instance) =
+        call(&http, &gw, "POST", "/v1/haproxy/instances", Some(register)).await;
+    assert_eq!(status, 201, "{instance}");
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let _sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
+    let found = discovered(&http, &gw, &id, 2).await;
+    let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
+    let (_, servers) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/backends/{backend}/servers"),
+        None,
+    )
+    .await;
+    let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
+
+    let before = asked.lock().unwrap().len();
+    let (status, action) = act(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "maint", "idempotency_key": "old-agent-maint"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{action}");
+    let done = settled(&http, &gw, action["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(admin_bits_in(&ha, "be_app", "s1"), 1);
+    // The settle was refused once; then the read, the set, the read-back and the stats row
+    // went one task each (sync's own polls may come in between).
+    let asked: Vec<String> = asked.lock().unwrap()[before..].to_vec();
+    let of = |what: &str| asked.iter().filter(|a| a.as_str() == what).count();
+    assert_eq!(of("settle"), 1, "{asked:?}");
+    assert_eq!(of("set server be_app/s1 state maint"), 1, "{asked:?}");
+    let settle_at = asked.iter().position(|a| a == "settle").unwrap();
+    let after: Vec<&str> = asked[settle_at + 1..]
+        .iter()
+        .map(String::as_str)
+        .filter(|a| a.starts_with("set server") || a.starts_with("show stat be_app 4 "))
+        .collect();
+    assert_eq!(after.len(), 2, "the set, then the stats row: {asked:?}");
+    assert_eq!(after[0], "set server be_app/s1 state maint");
+    old.abort();
 }
 
 /// How many relayed commands `agent` has reported: `lease.reported` events of kind
