@@ -118,7 +118,7 @@ pub struct RelayedSettle {
 
 /// Run `settle`, each raw line through `send` (one connection each): the raw replies, in
 /// order — before, the set's (`None` when the server was already there), after, the stats
-/// row's (only with `stat`). It stops early, with fewer replies, where going on makes no sense:
+/// row's (only with `stat`); the state replies cut to the server's line. It stops early, with fewer replies, where going on makes no sense:
 /// the server is not in the first reply (or it is HAProxy's error), the set was refused, the
 /// read-back lacks the server. The asker reads the replies (`already` is the set's `None`);
 /// this only decides what to send next, with the same parsers.
@@ -138,7 +138,7 @@ where
     let mut replies = Vec::with_capacity(4);
     let before = send(settle.read()).await?;
     let state = find(&before);
-    replies.push(Some(before));
+    replies.push(Some(cut_to_server(before, &settle.server)));
     let Some(state) = state else {
         return Ok(replies);
     };
@@ -154,11 +154,37 @@ where
     }
     let after = send(settle.read()).await?;
     let server_id = find(&after).map(|s| s.server_id);
-    replies.push(Some(after));
+    replies.push(Some(cut_to_server(after, &settle.server)));
     if let (true, Some(id)) = (settle.stat, server_id) {
         replies.push(Some(send(settle.stat_row(id)).await?));
     }
     Ok(replies)
+}
+
+/// A raw `show servers state` reply cut to its format line, its header and the lines of
+/// `server` (a backend of a thousand servers replies ~200 kB; an action needs one line). Any
+/// other reply (HAProxy's error, another shape) is kept whole.
+fn cut_to_server(raw: String, server: &str) -> String {
+    let Ok(body) = crate::haproxy_replies::reply_body(&raw) else {
+        return raw;
+    };
+    let mut lines = body.lines().filter(|l| !l.trim().is_empty());
+    let (Some(format), Some(header)) = (lines.next(), lines.next()) else {
+        return raw;
+    };
+    let Some(at) = header
+        .strip_prefix('#')
+        .and_then(|h| h.split_whitespace().position(|n| n == "srv_name"))
+    else {
+        return raw;
+    };
+    let mut cut = format!("\n{format}\n{header}\n");
+    for line in lines.filter(|l| l.split_whitespace().nth(at) == Some(server)) {
+        cut.push_str(line);
+        cut.push('\n');
+    }
+    cut.push('\n');
+    cut
 }
 
 /// Whether `line` is one of the commands checkplane sends, and nothing else: the relaying
@@ -434,7 +460,7 @@ mod tests {
         let mut sent = Vec::new();
         let mut admin = admin;
         let state = |admin: u32| {
-            format!("\n1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord\n3 be 7 s1 127.0.0.1 2 {admin} 1 1 2 6 3 4 6 0 0 0 - 18101 -\n\n")
+            format!("\n1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord\n3 be 7 s1 127.0.0.1 2 {admin} 1 1 2 6 3 4 6 0 0 0 - 18101 -\n3 be 8 s2 127.0.0.1 2 0 1 1 2 6 3 4 6 0 0 0 - 18102 -\n\n")
         };
         let future = settle(settle_, |line: String| {
             sent.push(line.strip_prefix(SEVERITY_PREFIX).unwrap_or("?").to_owned());
@@ -482,6 +508,16 @@ mod tests {
             .as_ref()
             .unwrap()
             .contains(" 7 s1 127.0.0.1 2 8 "));
+        // The state replies keep only the server's line (with the format and header lines).
+        for reply in [&replies[0], &replies[2]] {
+            let body = crate::haproxy_replies::reply_body(reply.as_ref().unwrap()).unwrap();
+            let servers = crate::haproxy_replies::parse_servers_state(&body).unwrap();
+            assert_eq!(servers.len(), 1, "{body}");
+            assert_eq!(
+                (servers[0].server.as_str(), servers[0].server_id),
+                ("s1", 7)
+            );
+        }
         // Already drained: no set, its place empty.
         let (sent, replies) = run_settle(&drain(false), 8, "\n\n");
         assert_eq!(sent, ["show servers state be", "show servers state be"]);
