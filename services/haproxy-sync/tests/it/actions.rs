@@ -12,7 +12,9 @@ use checkplane_testkit::{eventually, TestDb, TestRedis};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::sync::{backends, call, gateway, haproxy_sync_with, history, history_until, Service};
+use crate::sync::{
+    backends, call, gateway, haproxy_sync_with, history, history_until, servers_page, Service,
+};
 
 /// A TCP relay in front of a Runtime API that counts the `set server` commands through it.
 async fn counting_relay(to: std::net::SocketAddr) -> (String, Arc<AtomicUsize>) {
@@ -111,14 +113,7 @@ async fn instance_with_servers(
         page["items"][0]["id"].as_str().map(str::to_owned)
     })
     .await;
-    let (_, page) = call(
-        http,
-        gw,
-        "GET",
-        &format!("/v1/haproxy/backends/{backend}/servers"),
-        None,
-    )
-    .await;
+    let page = servers_page(http, gw, &backend).await;
     let s1 = page["items"][0]["id"].as_str().unwrap().to_owned();
     (id, s1)
 }
@@ -133,6 +128,13 @@ pub async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value
         Some(body),
     )
     .await
+}
+
+/// Request an action (202) and wait for its end: the ended action.
+pub async fn act_done(http: &reqwest::Client, gw: &Service, server: &str, body: Value) -> Value {
+    let (status, requested) = act(http, gw, server, body).await;
+    assert_eq!(status, 202, "{requested}");
+    settled(http, gw, requested["id"].as_str().unwrap()).await
 }
 
 /// The action once it has ended: one GET that waits for it (`wait_ms`), no polling.
@@ -259,14 +261,13 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         .unwrap()
         .contains("idempotency_key"));
     // Already drained: no set, said so.
-    let (_, again) = act(
+    let done = act_done(
         &s.http,
         &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "drain-again"}),
     )
     .await;
-    let done = settled(&s.http, &s.gw, again["id"].as_str().unwrap()).await;
     assert_eq!(done["detail"]["already"], true, "{done}");
     assert_eq!(sets.load(Ordering::SeqCst), before + 1);
     // Bad requests are named.
@@ -310,14 +311,13 @@ async fn an_operator_level_socket_fails_with_a_clear_permission_error() {
     let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
     let (_, s1) =
         instance_with_servers(&s.http, &s.gw, &s.ha.operator_socket.display().to_string()).await;
-    let (_, requested) = act(
+    let done = act_done(
         &s.http,
         &s.gw,
         &s1,
         json!({"action": "maint", "idempotency_key": "op-1"}),
     )
     .await;
-    let done = settled(&s.http, &s.gw, requested["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["attempts"], 1, "HAProxy's own errors are not retried");
     assert!(
@@ -342,14 +342,13 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
     .await;
     let (instance, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
     s.ha.freeze();
-    let (_, first) = act(
+    let done = act_done(
         &s.http,
         &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "f-1"}),
     )
     .await;
-    let done = settled(&s.http, &s.gw, first["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "failed");
     assert_eq!(
         done["attempts"], 3,
@@ -372,14 +371,13 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
     .await;
     assert_eq!(view["breaker"], "open", "{view}");
     // Open: the next action fails at once, without touching HAProxy.
-    let (_, second) = act(
+    let done = act_done(
         &s.http,
         &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "f-2"}),
     )
     .await;
-    let done = settled(&s.http, &s.gw, second["id"].as_str().unwrap()).await;
     assert_eq!(
         (done["status"].as_str(), done["attempts"].as_i64()),
         (Some("failed"), Some(0)),
@@ -388,14 +386,13 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
     // HAProxy is back and the cooldown is over: the trial succeeds and closes the breaker.
     s.ha.thaw();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (_, third) = act(
+    let done = act_done(
         &s.http,
         &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "f-3"}),
     )
     .await;
-    let done = settled(&s.http, &s.gw, third["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "success", "{done}");
     assert_eq!(admin_bits(&s.ha, "s1"), 8);
     let (_, view) = call(
@@ -414,14 +411,13 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
 async fn a_reload_loses_the_drain_and_sync_puts_it_back_in_the_history() {
     let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
     let (_, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
-    let (_, requested) = act(
+    let done = act_done(
         &s.http,
         &s.gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "before-reload"}),
     )
     .await;
-    let done = settled(&s.http, &s.gw, requested["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "success");
     assert_eq!(admin_bits(&s.ha, "s1"), 8);
 
@@ -456,14 +452,7 @@ async fn a_batch_drains_each_server_once_and_lists_what_it_could_not() {
             .await
             .unwrap()
             .get::<_, String>(0);
-    let (_, page) = call(
-        &s.http,
-        &s.gw,
-        "GET",
-        &format!("/v1/haproxy/backends/{backend}/servers"),
-        None,
-    )
-    .await;
+    let page = servers_page(&s.http, &s.gw, &backend).await;
     let s2 = page["items"][1]["id"].as_str().unwrap().to_owned();
     let body = json!({"action": "drain", "idempotency_key": "batch-1",
                       "servers": [s1, s2, "hps-00000000000000000000"]});

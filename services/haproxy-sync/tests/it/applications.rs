@@ -10,7 +10,7 @@ use checkplane_testkit::{eventually, TestDb, TestRedis};
 use serde_json::{json, Value};
 
 use crate::actions::{admin_bits_in, settled};
-use crate::sync::{call, gateway, haproxy_sync_with, Service};
+use crate::sync::{call, gateway, haproxy_sync_with, servers_page, Service};
 
 async fn post(http: &reqwest::Client, gw: &Service, path: &str, body: Value) -> (u16, Value) {
     call(http, gw, "POST", path, Some(body)).await
@@ -109,14 +109,7 @@ async fn servers_link_to_applications_and_a_group_batch_drains_them_across_a_ren
     let backend = api_servers[0]["backend"].as_str().unwrap();
     let backend_id =
         checkplane_wire::haproxy::backend_id(instance["id"].as_str().unwrap(), backend);
-    let (_, page) = call(
-        &http,
-        &gw,
-        "GET",
-        &format!("/v1/haproxy/backends/{backend_id}/servers"),
-        None,
-    )
-    .await;
+    let page = servers_page(&http, &gw, &backend_id).await;
     assert_eq!(page["items"][0]["applications"][0]["name"], "api");
     assert_eq!(page["items"][1]["applications"], json!([]), "{page}");
 

@@ -16,8 +16,10 @@ use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 use checkplane_wire::haproxy::{RelayedCommand, RELAY_KIND, SEVERITY_PREFIX};
 use serde_json::{json, Value};
 
-use crate::actions::{act, admin_bits_in, settled};
-use crate::sync::{backends, call, discovered, haproxy_sync_with, history_until, Service, ADMIN};
+use crate::actions::{act, act_done, admin_bits_in, settled};
+use crate::sync::{
+    backends, call, discovered, haproxy_sync_with, history_until, servers_page, Service, ADMIN,
+};
 
 const ENROLL: &str = "relay-test-enrollment-0123";
 
@@ -118,14 +120,7 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     let found = discovered(&http, &gw, &id, 2).await;
     assert_eq!(found["items"][0]["name"], "be_app");
     let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
-    let (_, servers) = call(
-        &http,
-        &gw,
-        "GET",
-        &format!("/v1/haproxy/backends/{backend}/servers"),
-        None,
-    )
-    .await;
+    let servers = servers_page(&http, &gw, &backend).await;
     assert_eq!(servers["items"][0]["name"], "s1");
     let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
 
@@ -158,15 +153,13 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     .await;
     // Asked again under another key, the agent finds it drained and sets nothing.
     let relayed_before = relayed_reports(&redis, &keys, &node).await;
-    let (status, again) = act(
+    let again = act_done(
         &http,
         &gw,
         &s1,
         json!({"action": "drain", "idempotency_key": "relay-drain-2"}),
     )
     .await;
-    assert_eq!(status, 202, "{again}");
-    let again = settled(&http, &gw, again["id"].as_str().unwrap()).await;
     assert_eq!(again["status"], "success", "{again}");
     assert_eq!(again["detail"]["already"], true, "{again}");
     assert_eq!(
@@ -352,14 +345,7 @@ async fn commands_go_through_the_nodes_agent_and_are_refused_while_it_is_offline
     assert_eq!(refused["error"]["code"], "ERR_INSTANCE_UNAVAILABLE");
     // Its servers stay: an unreachable instance makes no events.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (_, servers) = call(
-        &http,
-        &gw,
-        "GET",
-        &format!("/v1/haproxy/backends/{backend}/servers"),
-        None,
-    )
-    .await;
+    let servers = servers_page(&http, &gw, &backend).await;
     assert_eq!(servers["total"], 2, "{servers}");
 }
 
@@ -473,26 +459,17 @@ async fn an_agent_from_before_settles_gets_an_actions_commands_one_task_each() {
     let _sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
     let found = discovered(&http, &gw, &id, 2).await;
     let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
-    let (_, servers) = call(
-        &http,
-        &gw,
-        "GET",
-        &format!("/v1/haproxy/backends/{backend}/servers"),
-        None,
-    )
-    .await;
+    let servers = servers_page(&http, &gw, &backend).await;
     let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
 
     let before = asked.lock().unwrap().len();
-    let (status, action) = act(
+    let done = act_done(
         &http,
         &gw,
         &s1,
         json!({"action": "maint", "idempotency_key": "old-agent-maint"}),
     )
     .await;
-    assert_eq!(status, 202, "{action}");
-    let done = settled(&http, &gw, action["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "success", "{done}");
     assert_eq!(admin_bits_in(&ha, "be_app", "s1"), 1);
     // The settle was refused once; then the read, the set, the read-back and the stats row

@@ -95,6 +95,20 @@ pub async fn history_until(
     .await
 }
 
+/// `GET /v1/haproxy/backends/{backend}/servers`: the first page.
+pub async fn servers_page(http: &reqwest::Client, gw: &Service, backend: &str) -> Value {
+    let (status, page) = call(
+        http,
+        gw,
+        "GET",
+        &format!("/v1/haproxy/backends/{backend}/servers"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    page
+}
+
 /// The backends page of `instance` once it lists `n` backends.
 pub async fn discovered(http: &reqwest::Client, gw: &Service, instance: &str, n: usize) -> Value {
     eventually("backends discovered", Duration::from_secs(15), || async {
@@ -377,14 +391,7 @@ async fn the_owner_stopping_hands_the_instance_over_and_a_forced_sync_runs_at_on
         page["items"][0]["id"].as_str().map(str::to_owned)
     })
     .await;
-    let (_, page) = call(
-        &http,
-        &gw,
-        "GET",
-        &format!("/v1/haproxy/backends/{backend}/servers"),
-        None,
-    )
-    .await;
+    let page = servers_page(&http, &gw, &backend).await;
     let s1 = page["items"][0]["id"].as_str().unwrap().to_owned();
     let second = haproxy_sync_with(&db, &redis, &slow).await;
     first.stop().await.unwrap();
