@@ -74,3 +74,41 @@ pub fn per_run(
         })
         .collect()
 }
+
+/// The machine's CPU time so far, in ticks: (stolen by the hypervisor, all).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Machine {
+    steal: u64,
+    total: u64,
+}
+
+impl Machine {
+    /// The `cpu` line of `/proc/stat` (zeros where it does not read).
+    pub fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        Self {
+            steal: fields.get(7).copied().unwrap_or(0),
+            total: fields.iter().take(8).sum(),
+        }
+    }
+
+    /// The share of the machine's CPU time the hypervisor took since `self`, in percent: the
+    /// noise a run's figures carry (this machine's latencies double from ~5 %).
+    pub fn steal_since(self) -> f64 {
+        let now = Self::now();
+        let total = now.total.saturating_sub(self.total).max(1) as f64;
+        let steal = now.steal.saturating_sub(self.steal) as f64;
+        (steal * 1000.0 / total).round() / 10.0
+    }
+}

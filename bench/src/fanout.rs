@@ -223,9 +223,11 @@ pub async fn checks(args: FanOutArgs) {
     let mut gets = 0usize;
     let mut phases: Vec<[f64; 3]> = Vec::with_capacity(args.runs);
     let mut cpu_before = cpu::reading(SERVICES);
+    let mut machine = cpu::Machine::now();
     for run in 0..args.warmup + args.runs {
         if run == args.warmup {
             cpu_before = cpu::reading(SERVICES);
+            machine = cpu::Machine::now();
         }
         *marks.lock().unwrap() = Marks::default();
         let started = Instant::now();
@@ -290,6 +292,7 @@ pub async fn checks(args: FanOutArgs) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu_ms = cpu::per_run(&cpu_before, &cpu::reading(SERVICES), args.runs);
+    let steal = machine.steal_since();
     stop.cancel();
     for p in pollers {
         let _ = p.await;
@@ -348,7 +351,7 @@ pub async fn checks(args: FanOutArgs) {
                "last_claim_p50_ms": median_of(0), "last_report_p50_ms": median_of(1),
                "projector_batches": batches, "projector_batch_mean_ms": round(batch_mean_ms),
                "slots_per_agent_min": spread.0, "slots_per_agent_max": spread.1,
-               "cpu_ms_per_check": cpu_ms}),
+               "cpu_ms_per_check": cpu_ms, "cpu_steal_pct": steal}),
     );
 }
 

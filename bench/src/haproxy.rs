@@ -336,6 +336,7 @@ pub async fn action_latency(args: HaproxyArgs) {
         .map(|r| r.get(0))
         .collect();
     let mut ours = Vec::new();
+    let machine = crate::cpu::Machine::now();
     // Five warm-up actions first (the first cycle's last publishes may still be going out).
     for i in 0..args.runs + WARMUP {
         let server = &servers[i % servers.len()];
@@ -374,6 +375,7 @@ pub async fn action_latency(args: HaproxyArgs) {
             ours.push(t.elapsed().as_secs_f64() * 1000.0);
         }
     }
+    let steal = machine.steal_since();
     // Raw: the same change and read-back straight over the socket.
     let addr = s.proxies[0].stats;
     let mut raws = Vec::new();
@@ -414,7 +416,8 @@ pub async fn action_latency(args: HaproxyArgs) {
                "raw_p50_ms": quantile(raws.clone(), 0.5), "raw_p99_ms": quantile(raws, 0.99),
                "to_running_p50_ms": quantile(column(0), 0.5), "to_running_p99_ms": quantile(column(0), 0.99),
                "running_to_success_p50_ms": quantile(column(1), 0.5),
-               "running_to_success_p99_ms": quantile(column(1), 0.99)})
+               "running_to_success_p99_ms": quantile(column(1), 0.99),
+               "cpu_steal_pct": steal})
     );
     drop(pg);
     s.shutdown.cancel();
