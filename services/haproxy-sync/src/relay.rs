@@ -17,7 +17,7 @@ use checkplane_runtime::leases::{CloseReason, Leases};
 use checkplane_runtime::stores::Stores;
 use checkplane_wire::haproxy::{RelayedCommand, RelayedSettle, Settle, RELAY_KIND};
 
-use crate::runtime_api::{ApiError, Reply, Transport};
+use crate::runtime_api::{settle_by_commands, ApiError, Reply, Transport};
 
 /// Commands relayed by `agent` to `instance`.
 pub struct Relay {
@@ -87,15 +87,7 @@ impl Relay {
         };
         match self.trip(&spec).await {
             Err(ApiError::Refused(why)) if why.contains("ERR_BAD_SPEC") => {
-                checkplane_wire::haproxy::settle(settle, |line| async move {
-                    if Instant::now() >= not_after {
-                        return Err(ApiError::Unreachable(
-                            "the lease margin ran out before the command was sent".to_owned(),
-                        ));
-                    }
-                    self.relay(&line).await
-                })
-                .await
+                settle_by_commands(self, settle, not_after).await
             }
             other => other,
         }

@@ -57,18 +57,25 @@ pub trait Transport: Send + Sync {
         settle: &'a Settle,
         not_after: Instant,
     ) -> Reply<'a, Vec<Option<String>>> {
-        Box::pin(checkplane_wire::haproxy::settle(
-            settle,
-            move |line| async move {
-                if Instant::now() >= not_after {
-                    return Err(ApiError::Unreachable(
-                        "the lease margin ran out before the command was sent".to_owned(),
-                    ));
-                }
-                self.send(&line).await
-            },
-        ))
+        Box::pin(settle_by_commands(self, settle, not_after))
     }
+}
+
+/// `settle` as one [`Transport::send`] per command, none at or after `not_after`.
+pub async fn settle_by_commands<T: Transport + ?Sized>(
+    transport: &T,
+    settle: &Settle,
+    not_after: Instant,
+) -> Result<Vec<Option<String>>, ApiError> {
+    checkplane_wire::haproxy::settle(settle, |line| async move {
+        if Instant::now() >= not_after {
+            return Err(ApiError::Unreachable(
+                "the lease margin ran out before the command was sent".to_owned(),
+            ));
+        }
+        transport.send(&line).await
+    })
+    .await
 }
 
 /// The direct transport: a socket of the instance's own.
