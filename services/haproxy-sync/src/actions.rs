@@ -135,6 +135,8 @@ struct Recorder<'a> {
     keys: &'a Keys,
     action: &'a Pending,
     fence: i64,
+    /// When this executor took the action up.
+    started: Instant,
 }
 
 /// Record an update of `action` (version after `*version`), with the server state it read
@@ -152,6 +154,7 @@ async fn update(
         keys,
         action,
         fence,
+        started,
     } = *record;
     *version += 1;
     let event = Event {
@@ -187,6 +190,17 @@ async fn update(
     outbox::append_all(&tx, &events, &stream).await?;
     tx.commit().await?;
     drop(client);
+    if let Some(EventBody::HaproxyActionUpdated(u)) = events.last().map(|e| &e.body) {
+        if u.status == "success" || u.status == "failed" {
+            let labels = [
+                ("action", action.action.clone()),
+                ("status", u.status.clone()),
+            ];
+            metrics::counter!("checkplane_haproxy_actions_total", &labels).increment(1);
+            metrics::histogram!("checkplane_haproxy_action_seconds", &labels)
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
     let stores = stores.clone();
     tokio::spawn(async move {
         outbox::publish_all(
@@ -354,6 +368,7 @@ pub async fn execute(
         keys: &keys,
         action: &action,
         fence: fence.token,
+        started: Instant::now(),
     };
     let Some(target) = Target::parse(&action.action) else {
         return Ok(());
@@ -438,6 +453,7 @@ pub async fn execute(
                 if let Some(b) = snapshot {
                     store_breaker(&stores, &action.instance_id, &b).await;
                 }
+                metrics::counter!("checkplane_haproxy_action_attempt_failures_total").increment(1);
                 tracing::warn!(action_id = %action.action_id, attempt = attempts, error = %last_error, "HAProxy action attempt failed");
             }
             Err(Attempt::Api(final_error)) => {

@@ -130,6 +130,13 @@ pub async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value
     .await
 }
 
+/// haproxy-sync's `/metrics` text.
+async fn sync_metrics(s: &Stack) -> String {
+    let response = reqwest::get(s.sync.url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
 /// Request an action (202) and wait for its end: the ended action.
 pub async fn act_done(http: &reqwest::Client, gw: &Service, server: &str, body: Value) -> Value {
     let (status, requested) = act(http, gw, server, body).await;
@@ -205,6 +212,17 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         assert_eq!(admin_bits(&s.ha, "s1"), bits, "{action}");
     }
     assert_eq!(sets.load(Ordering::SeqCst), 3, "one set server per action");
+    // Counted by action and outcome, with their durations, on haproxy-sync's /metrics.
+    let metrics = sync_metrics(&s).await;
+    for action in ["drain", "maint", "ready"] {
+        let line =
+            format!("checkplane_haproxy_actions_total{{action=\"{action}\",status=\"success\"}} 1");
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+        let count = format!(
+            "checkplane_haproxy_action_seconds_count{{action=\"{action}\",status=\"success\"}} 1"
+        );
+        assert!(metrics.lines().any(|l| l == count), "{count}:\n{metrics}");
+    }
     // History names the actions that changed it; the desired state is the last asked.
     let history = history(&s.http, &s.gw, &s1).await;
     let by: Vec<&str> = history
@@ -370,6 +388,16 @@ async fn a_frozen_haproxy_is_retried_opens_the_breaker_fails_fast_and_a_trial_cl
     )
     .await;
     assert_eq!(view["breaker"], "open", "{view}");
+    let metrics = sync_metrics(&s).await;
+    assert!(
+        metrics.contains("checkplane_haproxy_action_attempt_failures_total 3\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("checkplane_haproxy_actions_total{action=\"drain\",status=\"failed\"} 1\n"),
+        "{metrics}"
+    );
     // Open: the next action fails at once, without touching HAProxy.
     let done = act_done(
         &s.http,
