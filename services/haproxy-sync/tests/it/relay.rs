@@ -366,6 +366,52 @@ impl Drop for TempDir {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_set_the_nodes_socket_refuses_fails_the_action_at_once_with_haproxys_words() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    let (gw, _sched) = control_plane(&db, &redis).await;
+    let state = tempdir();
+    // The agent's socket is HAProxy's operator-level one: it may read, not set.
+    let socket = ha.operator_socket.display().to_string();
+    let (_agent, node) = relaying_agent(&gw, &state.0, &socket).await;
+    let http = reqwest::Client::new();
+    let (status, marked) = mark(&http, &gw, &node, true).await;
+    assert_eq!(status, 200, "{marked}");
+    let register = json!({"name": "lb-operator", "transport": "agent", "node": node});
+    let (status, instance) =
+        call(&http, &gw, "POST", "/v1/haproxy/instances", Some(register)).await;
+    assert_eq!(status, 201, "{instance}");
+    let id = instance["id"].as_str().unwrap().to_owned();
+    let _sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
+    let found = discovered(&http, &gw, &id, 2).await;
+    let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
+    let servers = servers_page(&http, &gw, &backend).await;
+    let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
+
+    let done = act_done(
+        &http,
+        &gw,
+        &s1,
+        json!({"action": "maint", "idempotency_key": "operator-maint"}),
+    )
+    .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(
+        done["attempts"], 1,
+        "HAProxy's own answer is not retried: {done}"
+    );
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{done}"
+    );
+    assert_eq!(admin_bits_in(&ha, "be_app", "s1"), 0, "nothing was set");
+}
+
 /// An agent from before settles, simulated over the agents' API: it heartbeats, claims its
 /// `haproxy` tasks, relays a single command with the real agent's code and refuses a settle as
 /// that agent did (`ERR_BAD_SPEC`, not a relayed command). What it was asked, in order: the
