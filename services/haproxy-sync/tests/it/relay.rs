@@ -377,18 +377,7 @@ async fn a_set_the_nodes_socket_refuses_fails_the_action_at_once_with_haproxys_w
     let socket = ha.operator_socket.display().to_string();
     let (_agent, node) = relaying_agent(&gw, &state.0, &socket).await;
     let http = reqwest::Client::new();
-    let (status, marked) = mark(&http, &gw, &node, true).await;
-    assert_eq!(status, 200, "{marked}");
-    let register = json!({"name": "lb-operator", "transport": "agent", "node": node});
-    let (status, instance) =
-        call(&http, &gw, "POST", "/v1/haproxy/instances", Some(register)).await;
-    assert_eq!(status, 201, "{instance}");
-    let id = instance["id"].as_str().unwrap().to_owned();
-    let _sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
-    let found = discovered(&http, &gw, &id, 2).await;
-    let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
-    let servers = servers_page(&http, &gw, &backend).await;
-    let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
+    let (_sync, s1) = instance_through(&http, &gw, (&db, &redis), &node, "lb-operator").await;
 
     let done = act_done(
         &http,
@@ -410,6 +399,27 @@ async fn a_set_the_nodes_socket_refuses_fails_the_action_at_once_with_haproxys_w
         "{done}"
     );
     assert_eq!(admin_bits_in(&ha, "be_app", "s1"), 0, "nothing was set");
+}
+
+/// `node` marked as an HAProxy node, an instance `name` reached through it, and a haproxy-sync
+/// that has discovered its servers: that haproxy-sync, and the id of be_app's s1.
+async fn instance_through(
+    http: &reqwest::Client,
+    gw: &Service,
+    (db, redis): (&TestDb, &TestRedis),
+    node: &str,
+    name: &str,
+) -> (Service, String) {
+    let (status, marked) = mark(http, gw, node, true).await;
+    assert_eq!((status, &marked["relays"]), (200, &json!(true)), "{marked}");
+    let register = json!({"name": name, "transport": "agent", "node": node});
+    let (status, instance) = call(http, gw, "POST", "/v1/haproxy/instances", Some(register)).await;
+    assert_eq!(status, 201, "{instance}");
+    let sync = haproxy_sync_with(db, redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
+    let found = discovered(http, gw, instance["id"].as_str().unwrap(), 2).await;
+    let servers = servers_page(http, gw, found["items"][0]["id"].as_str().unwrap()).await;
+    assert_eq!(servers["items"][0]["name"], "s1");
+    (sync, servers["items"][0]["id"].as_str().unwrap().to_owned())
 }
 
 /// An agent from before settles, simulated over the agents' API: it heartbeats, claims its
@@ -495,18 +505,7 @@ async fn an_agent_from_before_settles_gets_an_actions_commands_one_task_each() {
         },
     )
     .await;
-    let (status, marked) = mark(&http, &gw, &node, true).await;
-    assert_eq!((status, &marked["relays"]), (200, &json!(true)), "{marked}");
-    let register = json!({"name": "lb-old", "transport": "agent", "node": node});
-    let (status, instance) =
-        call(&http, &gw, "POST", "/v1/haproxy/instances", Some(register)).await;
-    assert_eq!(status, 201, "{instance}");
-    let id = instance["id"].as_str().unwrap().to_owned();
-    let _sync = haproxy_sync_with(&db, &redis, &[("HAPROXY_SYNC_TIMEOUT", "2s")]).await;
-    let found = discovered(&http, &gw, &id, 2).await;
-    let backend = found["items"][0]["id"].as_str().unwrap().to_owned();
-    let servers = servers_page(&http, &gw, &backend).await;
-    let s1 = servers["items"][0]["id"].as_str().unwrap().to_owned();
+    let (_sync, s1) = instance_through(&http, &gw, (&db, &redis), &node, "lb-old").await;
 
     let before = asked.lock().unwrap().len();
     let done = act_done(
