@@ -76,7 +76,7 @@ return -1
 
 impl Fence {
     /// Whether the claim is still ours with at least `margin` left.
-    async fn held(&self) -> bool {
+    pub(crate) async fn held(&self) -> bool {
         let mut conn = self.conn.clone();
         static SCRIPT: std::sync::LazyLock<redis::Script> =
             std::sync::LazyLock::new(|| redis::Script::new(HELD));

@@ -288,22 +288,30 @@ impl Sync {
                 instance.id.clone(),
                 Instant::now() + jittered(self.settings.interval),
             );
-            due_now.push((instance.clone(), self.client(instance)));
+            due_now.push((
+                instance.clone(),
+                self.client(instance),
+                self.fence(&instance.id),
+            ));
         }
         // The due instances polled side by side (each on its own connections), a few at once.
         let (stores, keys) = (&self.stores, &self.keys);
-        let mut polls =
-            futures::stream::iter(due_now.into_iter().map(|(instance, api)| async move {
-                let polled = poll(stores, keys, &instance.id, &api).await;
+        let mut polls = futures::stream::iter(due_now.into_iter().map(
+            |(instance, api, fence)| async move {
+                let polled = poll(stores, keys, &instance.id, &api, &fence).await;
                 (instance, polled)
-            }))
-            .buffer_unordered(POLLS_AT_ONCE);
+            },
+        ))
+        .buffer_unordered(POLLS_AT_ONCE);
         while let Some((instance, polled)) = polls.next().await {
             match polled {
                 Ok(polled) => tracing::debug!(instance = %instance.id, ?polled, "polled HAProxy"),
                 Err(SyncError::Api(error)) => {
                     metrics::counter!("checkplane_haproxy_poll_failures_total").increment(1);
                     tracing::warn!(instance = %instance.id, transport = %instance.transport, %error, "HAProxy poll failed");
+                }
+                Err(SyncError::Fenced(id)) => {
+                    tracing::warn!(instance = %id, "no longer the instance's owner; left the rest of its poll to the next one");
                 }
                 Err(other) => return Err(other),
             }
@@ -313,6 +321,19 @@ impl Sync {
 }
 
 impl Sync {
+    /// The claim this replica holds `instance` under, for commands that change HAProxy.
+    fn fence(&self, instance: &str) -> crate::actions::Fence {
+        let token = self.tokens.get(instance).copied().unwrap_or(0);
+        crate::actions::Fence {
+            conn: self.stores.redis_shared.clone(),
+            key: self.keys.haproxy_owner(instance),
+            holder: format!("{}/{token}", self.me),
+            token,
+            // A command's whole timeout, or half a lease when the lease is shorter.
+            margin: self.settings.read_timeout.min(self.settings.lease / 2),
+        }
+    }
+
     /// Write the tokens of instances just taken where action updates check them: from then
     /// on, updates made under an older owner's token are refused.
     async fn record_fences(&self, taken: &[(String, i64)]) -> Result<(), SyncError> {
@@ -381,15 +402,7 @@ impl Sync {
                 breaker.clone(),
             );
             let (settings, executing) = (self.settings.actions.clone(), self.executing.clone());
-            let token = self.tokens.get(&instance.id).copied().unwrap_or(0);
-            let fence = crate::actions::Fence {
-                conn: self.stores.redis_shared.clone(),
-                key: self.keys.haproxy_owner(&instance.id),
-                holder: format!("{}/{token}", self.me),
-                token,
-                // A command's whole timeout, or half a lease when the lease is shorter.
-                margin: self.settings.read_timeout.min(self.settings.lease / 2),
-            };
+            let fence = self.fence(&instance.id);
             tokio::spawn(async move {
                 let id = action.action_id.clone();
                 let Ok(_lane) = lanes.acquire_owned().await else {
@@ -414,6 +427,7 @@ pub async fn poll(
     keys: &Keys,
     instance: &str,
     api: &Client,
+    fence: &crate::actions::Fence,
 ) -> Result<Polled, SyncError> {
     let info = api.show_info().await?;
     if info.stopping() {
@@ -586,7 +600,7 @@ pub async fn poll(
             ?pid,
             "HAProxy restarted or reloaded; re-applying desired states"
         );
-        polled.reapplied = reapply(stores, keys, instance, api, &seen).await?;
+        polled.reapplied = reapply(stores, keys, instance, api, &seen, fence).await?;
     }
     Ok(polled)
 }
@@ -599,6 +613,7 @@ async fn reapply(
     instance: &str,
     api: &Client,
     seen: &BTreeMap<(String, String), ObservedServer>,
+    fence: &crate::actions::Fence,
 ) -> Result<usize, SyncError> {
     let client = stores.pg.get().await?;
     let wanted = client
@@ -623,8 +638,19 @@ async fn reapply(
         if now.admin_state == desired {
             continue;
         }
-        api.set_state(&backend, &server, target).await?;
-        let after = api.server(&backend, &server).await?;
+        // As an action's exchange: only while the instance is surely ours, set unless already
+        // there (another owner may have been quicker), read back; one trip through an agent.
+        let checked = Instant::now();
+        if !fence.held().await {
+            return Err(SyncError::Fenced(instance.to_owned()));
+        }
+        let settled = api
+            .settle(&backend, &server, target, false, checked + fence.margin)
+            .await?;
+        if settled.already {
+            continue;
+        }
+        let after = settled.after;
         let observed = ObservedServer {
             admin_state: after.admin_state.name().to_owned(),
             admin_bits: after.admin_state.0,
