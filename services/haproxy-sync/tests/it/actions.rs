@@ -137,6 +137,17 @@ async fn sync_metrics(s: &Stack) -> String {
     response.text().await.unwrap()
 }
 
+/// `done` failed on its first attempt (HAProxy's own answer is not retried), saying `words`.
+pub fn failed_at_once(done: &Value, words: &str) {
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(
+        done["attempts"], 1,
+        "HAProxy's own errors are not retried: {done}"
+    );
+    let error = done["error"].as_str().unwrap_or_default();
+    assert!(error.contains(words), "{done}");
+}
+
 /// Request an action (202) and wait for its end: the ended action.
 pub async fn act_done(http: &reqwest::Client, gw: &Service, server: &str, body: Value) -> Value {
     let (status, requested) = act(http, gw, server, body).await;
@@ -336,15 +347,7 @@ async fn an_operator_level_socket_fails_with_a_clear_permission_error() {
         json!({"action": "maint", "idempotency_key": "op-1"}),
     )
     .await;
-    assert_eq!(done["status"], "failed");
-    assert_eq!(done["attempts"], 1, "HAProxy's own errors are not retried");
-    assert!(
-        done["error"]
-            .as_str()
-            .unwrap()
-            .contains("Permission denied"),
-        "{done}"
-    );
+    failed_at_once(&done, "Permission denied");
     assert_eq!(admin_bits(&s.ha, "s1"), 0);
     s.stop().await;
 }
