@@ -6,7 +6,17 @@
 use checkplane_wire::checks::{task_id, TaskSpec};
 use checkplane_wire::events::{CheckCreated, CheckSlotRetried, CheckSlotsReleased, EventBody};
 
-use crate::leases::Leases;
+use crate::leases::{Leases, NewTask};
+
+fn serialised(spec: &TaskSpec) -> redis::RedisResult<String> {
+    serde_json::to_string(spec).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "serialising a task spec",
+            e.to_string(),
+        ))
+    })
+}
 
 /// Add one attempt's task to `agent`'s stream, once.
 async fn enqueue(
@@ -15,13 +25,7 @@ async fn enqueue(
     agent: &str,
     spec: &TaskSpec,
 ) -> redis::RedisResult<()> {
-    let body = serde_json::to_string(spec).map_err(|e| {
-        redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "serialising a task spec",
-            e.to_string(),
-        ))
-    })?;
+    let body = serialised(spec)?;
     leases
         .enqueue_task(
             &mut conn.clone(),
@@ -34,22 +38,29 @@ async fn enqueue(
         .map(|_| ())
 }
 
-/// First attempts of `slots` (slot, agent); concurrent calls on a multiplexed connection
-/// pipeline.
+/// First attempts of `slots` (slot, agent): one enqueue script per shard, pipelined.
 async fn enqueue_first<'a>(
     conn: &(impl redis::aio::ConnectionLike + Clone + Send),
     leases: &Leases,
     spec: impl Fn(u32) -> TaskSpec,
     slots: impl Iterator<Item = (u32, &'a str)>,
 ) -> redis::RedisResult<()> {
-    let adds = slots.map(|(slot, agent)| {
+    let mut tasks = Vec::new();
+    for (slot, agent) in slots {
         let spec = spec(slot);
-        async move { enqueue(conn, leases, agent, &spec).await }
-    });
-    for added in futures::future::join_all(adds).await {
-        added?;
+        let id = task_id(spec.check_id, spec.slot, spec.attempt);
+        tasks.push((agent, spec.kind.clone(), id, serialised(&spec)?));
     }
-    Ok(())
+    let tasks: Vec<NewTask<'_>> = tasks
+        .iter()
+        .map(|(agent, kind, task, spec)| NewTask {
+            agent,
+            kind,
+            task,
+            spec,
+        })
+        .collect();
+    leases.enqueue_tasks(conn, &tasks).await.map(|_| ())
 }
 
 /// Add the first attempt of every slot sent at creation (the first `max_parallel`).

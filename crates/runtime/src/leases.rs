@@ -85,28 +85,36 @@ local function fence(stream, closed, id, agent, epoch)
 end
 "#;
 
-/// KEYS: task stream, task ref. ARGV: spec, wake channel, agent, task id (or empty),
-/// task ref TTL ms. A task id already enqueued (or closed before it was) is not added again:
-/// the answer is its entry id (or `closed`). Otherwise creates the stream's `agents` group
-/// when it is the first task (claim reads a stream without a group as empty), appends the
-/// task, remembers where, and rings the doorbell. Returns the entry id.
+/// KEYS: (task stream, task ref)*, all of one shard. ARGV: wake channel, task ref TTL ms, then
+/// (spec, agent, task id or empty)* in the order of the keys. Per task: a task id already
+/// enqueued (or closed before it was) is not added again, and its answer is its entry id (or
+/// `closed`). Otherwise creates the stream's `agents` group when it is the first task (claim
+/// reads a stream without a group as empty), appends the task, remembers where, and rings
+/// the agent's doorbell. Returns the answers in order.
 const ENQUEUE: &str = r#"
-local task = ARGV[4]
-if task ~= '' then
-  local known = redis.call('GET', KEYS[2])
-  if known then return known end
+local out = {}
+for i = 1, #KEYS / 2 do
+  local stream, ref = KEYS[2 * i - 1], KEYS[2 * i]
+  local spec, agent, task = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
+  local known = task ~= '' and redis.call('GET', ref)
+  if known then
+    out[i] = known
+  else
+    redis.pcall('XGROUP', 'CREATE', stream, 'agents', '0', 'MKSTREAM')
+    if task ~= '' then
+      out[i] = redis.call('XADD', stream, '*', 'task', task, 'spec', spec)
+      redis.call('SET', ref, out[i], 'PX', ARGV[2])
+    else
+      out[i] = redis.call('XADD', stream, '*', 'spec', spec)
+    end
+    redis.call('PUBLISH', ARGV[1], agent)
+  end
 end
-redis.pcall('XGROUP', 'CREATE', KEYS[1], 'agents', '0', 'MKSTREAM')
-local id
-if task ~= '' then
-  id = redis.call('XADD', KEYS[1], '*', 'task', task, 'spec', ARGV[1])
-  redis.call('SET', KEYS[2], id, 'PX', ARGV[5])
-else
-  id = redis.call('XADD', KEYS[1], '*', 'spec', ARGV[1])
-end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return id
+return out
 "#;
+
+/// Tasks one enqueue script adds at most: a script holds Redis while it runs.
+const ENQUEUE_BATCH: usize = 128;
 
 /// KEYS: task ref. ARGV: ttl ms. Marks a task closed before it was enqueued, so a late
 /// fan-out does not add it; returns the entry id when it was enqueued already.
@@ -404,6 +412,24 @@ impl LeaseSettings {
             tombstone_ttl_ms: 24 * 3600 * 1000,
         }
     }
+}
+
+/// A task to add to an agent's stream (see [`Leases::enqueue_tasks`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NewTask<'a> {
+    pub agent: &'a str,
+    pub kind: &'a str,
+    /// `<check>:<slot>:<attempt>`, added once; empty for an anonymous task (tests, benchmarks).
+    pub task: &'a str,
+    /// The task spec, JSON.
+    pub spec: &'a str,
+}
+
+fn empty_answer() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Parse,
+        "the enqueue script answered fewer entries than it was given tasks",
+    ))
 }
 
 /// The lease scripts of one installation.
@@ -727,7 +753,7 @@ impl Leases {
     }
 
     /// Add a task for `agent` and ring its shard's doorbell: its entry id. For tests and
-    /// benchmarks; fan-out uses [`Leases::enqueue_task`].
+    /// benchmarks; fan-out uses [`Leases::enqueue_tasks`].
     pub async fn enqueue(
         &self,
         conn: &mut impl ConnectionLike,
@@ -735,16 +761,14 @@ impl Leases {
         kind: &str,
         spec: &str,
     ) -> redis::RedisResult<String> {
-        self.enqueue
-            .key(self.keys.tasks(agent, kind))
-            .key(self.keys.tasks(agent, kind))
-            .arg(spec)
-            .arg(self.keys.wake(self.keys.shard_of(agent)))
-            .arg(agent)
-            .arg("")
-            .arg(0)
-            .invoke_async(conn)
-            .await
+        let task = NewTask {
+            agent,
+            kind,
+            task: "",
+            spec,
+        };
+        let mut ids: Vec<String> = self.enqueue_script(&[task]).invoke_async(conn).await?;
+        ids.pop().ok_or_else(empty_answer)
     }
 
     /// Add task `task` (`<check>:<slot>:<attempt>`) for `agent` once: a repeat (the outbox
@@ -758,16 +782,71 @@ impl Leases {
         task: &str,
         spec: &str,
     ) -> redis::RedisResult<String> {
-        self.enqueue
-            .key(self.keys.tasks(agent, kind))
-            .key(self.keys.task_ref(agent, task))
-            .arg(spec)
-            .arg(self.keys.wake(self.keys.shard_of(agent)))
-            .arg(agent)
-            .arg(task)
-            .arg(self.settings.tombstone_ttl_ms)
-            .invoke_async(conn)
-            .await
+        let task = NewTask {
+            agent,
+            kind,
+            task,
+            spec,
+        };
+        let mut ids: Vec<String> = self.enqueue_script(&[task]).invoke_async(conn).await?;
+        ids.pop().ok_or_else(empty_answer)
+    }
+
+    /// [`Leases::enqueue_task`] for many tasks: one script per shard (and per
+    /// [`ENQUEUE_BATCH`] tasks), the scripts pipelined on `conn`. The answers (entry id or
+    /// `closed`) come in the order of `tasks`.
+    pub async fn enqueue_tasks(
+        &self,
+        conn: &(impl ConnectionLike + Clone + Send),
+        tasks: &[NewTask<'_>],
+    ) -> redis::RedisResult<Vec<String>> {
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+        for (i, task) in tasks.iter().enumerate() {
+            by_shard
+                .entry(self.keys.shard_of(task.agent))
+                .or_default()
+                .push(i);
+        }
+        let batches: Vec<&[usize]> = by_shard
+            .values()
+            .flat_map(|order| order.chunks(ENQUEUE_BATCH))
+            .collect();
+        let calls = batches.iter().map(|batch| {
+            let mut conn = conn.clone();
+            let picked: Vec<NewTask<'_>> = batch.iter().map(|&i| tasks[i]).collect();
+            let invocation = self.enqueue_script(&picked);
+            async move { invocation.invoke_async::<Vec<String>>(&mut conn).await }
+        });
+        let answers = futures::future::try_join_all(calls).await?;
+        let mut out = vec![String::new(); tasks.len()];
+        for (batch, ids) in batches.iter().zip(answers) {
+            if ids.len() != batch.len() {
+                return Err(empty_answer());
+            }
+            for (&i, id) in batch.iter().zip(ids) {
+                out[i] = id;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The enqueue script for `tasks`, all of one shard.
+    fn enqueue_script(&self, tasks: &[NewTask<'_>]) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.enqueue.prepare_invoke();
+        let shard = tasks.first().map_or(0, |t| self.keys.shard_of(t.agent));
+        inv.arg(self.keys.wake(shard))
+            .arg(self.settings.tombstone_ttl_ms);
+        for t in tasks {
+            inv.key(self.keys.tasks(t.agent, t.kind));
+            if t.task.is_empty() {
+                // No ref is read or written; the stream stands in for it (same hash tag).
+                inv.key(self.keys.tasks(t.agent, t.kind));
+            } else {
+                inv.key(self.keys.task_ref(t.agent, t.task));
+            }
+            inv.arg(t.spec).arg(t.agent).arg(t.task);
+        }
+        inv
     }
 
     /// The key builder.

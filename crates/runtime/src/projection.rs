@@ -49,7 +49,6 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "agents",
     "agent_status_history",
     "tasks",
-    "lease_history",
     "api_keys",
     "audit_log",
     "haproxy_instances",
@@ -278,14 +277,11 @@ struct TaskChange<'a> {
     epoch: Option<i64>,
     deadline: Option<i64>,
     result: Option<&'a serde_json::Value>,
-    /// What `lease_history` keeps of it.
-    detail: serde_json::Value,
 }
 
 /// The task row change of a lease event (granted, reported, closed, expired, dead-lettered).
 fn task_change(event: &Event) -> Option<TaskChange<'_>> {
-    use serde_json::json;
-    let change = |key, status, outcome, epoch, deadline, result, detail| TaskChange {
+    let change = |key, status, outcome, epoch, deadline, result| TaskChange {
         event,
         key,
         status,
@@ -293,7 +289,6 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
         epoch,
         deadline,
         result,
-        detail,
     };
     Some(match &event.body {
         EventBody::LeaseGranted(e) => change(
@@ -303,7 +298,6 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
             Some(e.epoch),
             Some(e.deadline),
             None,
-            json!({"deadline": e.deadline}),
         ),
         EventBody::LeaseReported(e) => change(
             (&e.agent_id, &e.kind, &e.entry),
@@ -312,7 +306,6 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
             Some(e.epoch),
             None,
             Some(&e.result),
-            json!({"outcome": e.outcome}),
         ),
         EventBody::LeaseClosed(e) => change(
             (&e.agent_id, &e.kind, &e.entry),
@@ -321,7 +314,6 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
             None,
             None,
             None,
-            json!({"reason": e.reason}),
         ),
         EventBody::LeaseExpired(e) => change(
             (&e.agent_id, &e.kind, &e.entry),
@@ -330,7 +322,6 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
             Some(e.epoch),
             None,
             None,
-            json!({}),
         ),
         EventBody::TaskDeadLettered(e) => change(
             (&e.agent_id, &e.kind, &e.entry),
@@ -339,15 +330,14 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
             Some(e.deliveries),
             None,
             None,
-            json!({}),
         ),
         _ => return None,
     })
 }
 
-/// Task rows and their history, in two pipelined statements whatever the number of changes. Rows are
-/// merged per task first (a batch may hold a task's grant and its report) with the same
-/// rules as against the stored row: status, outcome and time follow the newest version; what
+/// Task rows, in one statement whatever the number of changes (each lease event itself is in
+/// `events`, which the `lease_history` view reads). Rows are merged per task first (a batch
+/// may hold a task's grant and its report) with the same rules as against the stored row: status, outcome and time follow the newest version; what
 /// only grows (epoch, deadline, deliveries) or is set once (first grant; the result, of the
 /// earliest report when Redis lost one and the task ran twice) merges order-free. Tasks are
 /// written in key order, so replicas lock rows in one order.
@@ -407,55 +397,7 @@ async fn apply_tasks(client: &impl Sql, changes: &[TaskChange<'_>]) -> Result<()
         &agents, &kinds, &entries, &statuses, &outcomes, &epochs, &deadlines, &results, &granted,
         &versions, &ms,
     ];
-    let upsert = client.execute(&upsert_sql, &upsert_params);
-    let ids: Vec<uuid::Uuid> = changes.iter().map(|c| c.event.event_id).collect();
-    let types: Vec<&str> = changes.iter().map(|c| c.event.body.type_name()).collect();
-    let details: Vec<&serde_json::Value> = changes.iter().map(|c| &c.detail).collect();
-    let history_params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
-        &ids, &agents, &kinds, &entries, &types, &epochs, &details, &ms,
-    ];
-    let history = client.execute(
-            "INSERT INTO lease_history (event_id, agent_id, kind, entry, type, epoch, detail, occurred_at)
-             SELECT id, a, k, e, t, ep, d, 'epoch'::timestamptz + ms * interval '1 millisecond'
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                         $7::jsonb[], $8::bigint[]) AS u(id, a, k, e, t, ep, d, ms)
-             ON CONFLICT (event_id) DO NOTHING",
-            &history_params,
-        );
-    // One pipeline: neither needs the other's answer.
-    let (upserted, recorded) = futures::join!(upsert, history);
-    upserted?;
-    recorded?;
-    Ok(())
-}
-
-async fn history(
-    client: &impl Sql,
-    event: &Event,
-    agent: &str,
-    task: Option<(&str, &str)>,
-    epoch: Option<i64>,
-    detail: &serde_json::Value,
-) -> Result<(), ApplyError> {
-    client
-        .execute(
-            &format!(
-                "INSERT INTO lease_history (event_id, agent_id, kind, entry, type, epoch, detail, occurred_at)
-                 VALUES ($2, $3, $4, $5, $6, $7, $8, {AT})
-                 ON CONFLICT (event_id) DO NOTHING"
-            ),
-            &[
-                &event.occurred_at,
-                &event.event_id,
-                &agent,
-                &task.map(|t| t.0),
-                &task.map(|t| t.1),
-                &event.body.type_name(),
-                &epoch,
-                detail,
-            ],
-        )
-        .await?;
+    client.execute(&upsert_sql, &upsert_params).await?;
     Ok(())
 }
 
@@ -492,15 +434,7 @@ async fn apply_extended(
             )
             .await?;
     }
-    history(
-        client,
-        event,
-        &e.agent_id,
-        None,
-        None,
-        &serde_json::json!({"tokens": e.tokens, "deadline": e.deadline}),
-    )
-    .await
+    Ok(())
 }
 
 /// Record and apply; `false` (and nothing applied) when the event was known already.

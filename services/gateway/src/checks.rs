@@ -169,15 +169,13 @@ async fn create(
     )
     .await;
     match fanned {
+        // The tasks are with the agents: the answer need not wait for the event's publication
+        // (the outbox row stays until it is done, and the sweep finishes it after a crash).
         Ok(Ok(())) => {
-            outbox::publish(
-                &app.stores.pg,
-                &app.stores.redis,
-                &stream,
-                &event,
-                PUBLISH_TIMEOUT,
-            )
-            .await
+            let (pg, redis) = (app.stores.pg.clone(), app.stores.redis.clone());
+            tokio::spawn(async move {
+                outbox::publish(&pg, &redis, &stream, &event, PUBLISH_TIMEOUT).await
+            });
         }
         Ok(Err(error)) => {
             tracing::warn!(%check_id, %error, "fan-out left to the outbox sweep");
