@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{CloseReason, Fenced, LeaseSettings, Leases, TaskClosed, TaskRef};
+use checkplane_runtime::leases::{
+    CloseReason, Fenced, LeaseSettings, Leases, NewTask, TaskClosed, TaskRef,
+};
 use checkplane_testkit::servers::RedisCluster;
 use checkplane_testkit::{eventually, TestRedis};
 use checkplane_wire::leases::LeaseToken;
@@ -367,7 +369,7 @@ async fn xlen(conn: &mut impl ConnectionLike, stream: &str) -> i64 {
         .unwrap()
 }
 
-async fn tasks_by_id(conn: &mut impl ConnectionLike, keys: Keys) {
+async fn tasks_by_id(conn: &mut (impl ConnectionLike + Clone + Send), keys: Keys) {
     let leases = Leases::new(keys.clone(), settings(30_000, 5));
     let agent = "agent-t";
     let stream = keys.tasks(agent, "dns");
@@ -472,6 +474,67 @@ async fn tasks_by_id(conn: &mut impl ConnectionLike, keys: Keys) {
         TaskClosed::Already,
         "closing twice"
     );
+
+    // Many at once (a check's fan-out): one script per shard, the answers in the order given,
+    // a task sent before and one closed before it was sent answered as one at a time would.
+    let agents: Vec<String> = (0..12).map(|i| format!("batch-{i}")).collect();
+    let ids: Vec<String> = (0..12).map(|i| format!("c2:{i}:1")).collect();
+    let specs: Vec<String> = (0..12).map(|i| format!(r#"{{"slot":{i}}}"#)).collect();
+    let shards: std::collections::HashSet<u32> = agents.iter().map(|a| keys.shard_of(a)).collect();
+    assert!(shards.len() > 1, "the batch spans shards");
+    let mut tasks: Vec<NewTask<'_>> = (0..12)
+        .map(|i| NewTask {
+            agent: &agents[i],
+            kind: "dns",
+            task: &ids[i],
+            spec: &specs[i],
+        })
+        .collect();
+    let sent_before = NewTask {
+        agent,
+        kind: "dns",
+        task: "c1:0:1",
+        spec: "{}",
+    };
+    tasks.insert(5, sent_before);
+    tasks.push(NewTask {
+        task: "c1:1:1",
+        ..sent_before
+    });
+    let answers = leases.enqueue_tasks(conn, &tasks).await.unwrap();
+    assert_eq!(answers.len(), tasks.len());
+    assert_eq!(answers[5], first, "sent before: its entry");
+    assert_eq!(answers[13], "closed", "closed before it was sent");
+    for task in tasks.iter().filter(|t| t.agent != agent) {
+        let i = tasks.iter().position(|t| t.task == task.task).unwrap();
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(keys.tasks(task.agent, "dns"))
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 1, "{}", task.agent);
+        assert_eq!(
+            entries[0].0, answers[i],
+            "{}'s answer is its entry",
+            task.agent
+        );
+        let field = |name: &str| {
+            entries[0]
+                .1
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(field("task").as_deref(), Some(task.task));
+        assert_eq!(field("spec").as_deref(), Some(task.spec));
+    }
+    let again = leases.enqueue_tasks(conn, &tasks).await.unwrap();
+    assert_eq!(again, answers, "a repeated fan-out adds nothing");
+    for a in &agents {
+        assert_eq!(xlen(conn, &keys.tasks(a, "dns")).await, 1, "{a}");
+    }
 }
 
 #[tokio::test]
