@@ -686,9 +686,19 @@ async fn an_agent_restarted_with_other_kinds_registers_them_as_the_same_agent() 
     )
     .await;
     assert_eq!(all, ["dns", "http", "ping", "tcp", "trace"]);
-    let kept: Value = serde_json::from_slice(&std::fs::read(state.file()).unwrap()).unwrap();
+    // The gateway commits the registration before the agent has its answer and writes its
+    // state file: wait for the file too.
+    let kept = eventually(
+        "the state file has the new kinds",
+        Duration::from_secs(10),
+        || async {
+            let file = std::fs::read(state.file()).ok()?;
+            let kept: Value = serde_json::from_slice(&file).ok()?;
+            (kept["declared"]["trace"] == 4).then_some(kept)
+        },
+    )
+    .await;
     assert_eq!(kept["agent_id"], agent_id.as_str());
-    assert_eq!(kept["declared"]["trace"], 4);
     agent.stop().await.unwrap();
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
