@@ -1,11 +1,14 @@
-//! Doorbells for waiting claims.
+//! Doorbells for waiting claims, and for live readers of checks.
 //!
 //! One dedicated Redis pub/sub connection per gateway subscribes to every shard's `wake`
 //! channel and fans wake-ups out in process: a message names an agent, and every claim of that
 //! agent waiting in this process is woken to run its script again. A waiting claim holds no
 //! Redis connection at all. A waiter enables its `Notified` futures *before* its claim script
-//! runs, so a task enqueued between the script and the wait still wakes it. When the subscription drops and comes back, everyone is
-//! woken, since messages sent meanwhile are lost.
+//! runs, so a task enqueued between the script and the wait still wakes it. The same
+//! connection has a pattern subscription to every check's `live` channel: the projector
+//! publishes a check's id after a commit that moved its slots, and that check's live readers
+//! look again at once. When the subscription drops and comes back, everyone is woken, since
+//! messages sent meanwhile are lost.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -17,22 +20,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
 
-/// The in-process side: agents' waiters.
+/// Bells by name, each shared by whoever waits on it in this process, and everyone's bell.
 #[derive(Clone, Default)]
-pub struct Doorbell {
+struct Bells {
     bells: Arc<Mutex<HashMap<String, Weak<Notify>>>>,
     everyone: Arc<Notify>,
 }
 
-impl Doorbell {
-    /// The bell of `agent`, shared by all its waiters in this process, and everyone's bell.
-    pub fn bell(&self, agent: &str) -> (Arc<Notify>, Arc<Notify>) {
+impl Bells {
+    fn bell(&self, name: &str) -> (Arc<Notify>, Arc<Notify>) {
         let mut bells = self.bells.lock().unwrap_or_else(|p| p.into_inner());
-        let bell = match bells.get(agent).and_then(Weak::upgrade) {
+        let bell = match bells.get(name).and_then(Weak::upgrade) {
             Some(bell) => bell,
             None => {
                 let bell = Arc::new(Notify::new());
-                bells.insert(agent.to_owned(), Arc::downgrade(&bell));
+                bells.insert(name.to_owned(), Arc::downgrade(&bell));
                 bell
             }
         };
@@ -42,28 +44,56 @@ impl Doorbell {
         (bell, self.everyone.clone())
     }
 
-    /// Wake every waiter of `agent`.
-    pub fn ring(&self, agent: &str) {
+    fn ring(&self, name: &str) {
         let bells = self.bells.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(bell) = bells.get(agent).and_then(Weak::upgrade) {
+        if let Some(bell) = bells.get(name).and_then(Weak::upgrade) {
             bell.notify_waiters();
         }
     }
+}
 
-    /// Wake every waiter.
-    pub fn ring_all(&self) {
-        self.everyone.notify_waiters();
+/// The in-process side: agents' waiting claims, and live readers of checks.
+#[derive(Clone, Default)]
+pub struct Doorbell {
+    agents: Bells,
+    checks: Bells,
+}
+
+impl Doorbell {
+    /// The bell of `agent`, shared by all its waiters in this process, and everyone's bell.
+    pub fn bell(&self, agent: &str) -> (Arc<Notify>, Arc<Notify>) {
+        self.agents.bell(agent)
     }
 
-    /// Keep a subscription to every shard's wake channel until `shutdown`, reconnecting with
-    /// a backoff; wakes everyone after each (re)subscription.
+    /// Wake every waiter of `agent`.
+    pub fn ring(&self, agent: &str) {
+        self.agents.ring(agent);
+    }
+
+    /// The bell of `check`'s live readers (rung when a projector committed a change of its
+    /// slots), and the bell rung for all of them when the subscription came back.
+    pub fn check_bell(&self, check: &uuid::Uuid) -> (Arc<Notify>, Arc<Notify>) {
+        self.checks.bell(&check.to_string())
+    }
+
+    /// Wake every waiter, of agents and of checks.
+    pub fn ring_all(&self) {
+        self.agents.everyone.notify_waiters();
+        self.checks.everyone.notify_waiters();
+    }
+
+    /// Keep a subscription to every shard's wake channel and to every check's live channel
+    /// (a pattern) until `shutdown`, reconnecting with a backoff; wakes everyone after each
+    /// (re)subscription.
     pub async fn subscribe(self, client: redis::Client, keys: Keys, shutdown: CancellationToken) {
         let channels: Vec<String> = (0..keys.shards()).map(|n| keys.wake(n)).collect();
+        let live = keys.live_pattern();
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let attempt = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channels).await?;
+                pubsub.psubscribe(&live).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let pubsub = tokio::select! {
@@ -81,8 +111,13 @@ impl Doorbell {
                             message = messages.next() => message,
                         };
                         let Some(message) = message else { break };
-                        if let Ok(agent) = message.get_payload::<String>() {
-                            self.ring(&agent);
+                        let Ok(name) = message.get_payload::<String>() else {
+                            continue;
+                        };
+                        if message.from_pattern() {
+                            self.checks.ring(&name);
+                        } else {
+                            self.agents.ring(&name);
                         }
                     }
                     tracing::warn!("doorbell subscription lost; reconnecting");

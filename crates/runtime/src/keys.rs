@@ -28,6 +28,7 @@
 //! | `<p>:haproxy:owner:<instance>` | string | `<replica>/<token>`: who owns an HAProxy instance, until it expires |
 //! | `<p>:haproxy:fence:<instance>` | string | counter: the fencing token of the next owner |
 //! | `<p>:wake:{s<n>}` | pub/sub | doorbell: an agent id whose tasks stream got work |
+//! | `<p>:live:<check>` | pub/sub | the check id, after a projector commit moved its slots |
 
 /// Key builder for one installation.
 #[derive(Debug, Clone)]
@@ -178,6 +179,17 @@ impl Keys {
     /// Dead letters of shard `n`.
     pub fn dlq(&self, n: u32) -> String {
         format!("{}:dlq:{{s{n}}}", self.prefix)
+    }
+
+    /// Live channel of `check`: its id is published there after a projector commit moved
+    /// its slots, so live readers look now rather than at their next poll.
+    pub fn live(&self, check: &uuid::Uuid) -> String {
+        format!("{}:live:{check}", self.prefix)
+    }
+
+    /// The pattern of every check's live channel.
+    pub fn live_pattern(&self) -> String {
+        format!("{}:live:*", self.prefix)
     }
 
     /// Doorbell channel of shard `n`.

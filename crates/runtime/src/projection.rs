@@ -546,12 +546,15 @@ async fn apply_presence(
 }
 
 /// What a batch apply did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// Events new to `events`, now applied.
     pub applied: u64,
     /// Events already known (or repeated within the batch), skipped.
     pub skipped: u64,
+    /// The checks whose slots the batch moved or whose own events it held, in id order:
+    /// their live readers may look.
+    pub checks: Vec<uuid::Uuid>,
 }
 
 /// Record and apply a batch with a few set-based statements: the projector's fast path. Its
@@ -639,6 +642,15 @@ async fn apply_recorded(
     let mut tasks = Vec::new();
     let mut slots = Vec::new();
     for event in events {
+        // A check's own events (made and applied at the edge, so usually known here) come
+        // through after their commit: a good moment for its live readers to look.
+        if let Some(check) = event
+            .aggregate_id
+            .strip_prefix("check:")
+            .and_then(|id| uuid::Uuid::parse_str(id).ok())
+        {
+            applied.checks.push(check);
+        }
         // `remove`: an id repeated within the batch is applied once.
         if !new.remove(&event.event_id) {
             applied.skipped += 1;
@@ -660,6 +672,9 @@ async fn apply_recorded(
     if !presence.is_empty() {
         apply_presence_batch(client, &presence).await?;
     }
+    applied.checks.extend(slots.iter().map(|s| s.slot.0));
+    applied.checks.sort_unstable();
+    applied.checks.dedup();
     // Independent of each other: one pipeline.
     let (tasks_done, slots_done) = futures::join!(
         apply_tasks(client, &tasks),

@@ -62,6 +62,9 @@ pub struct ProjectorConfig {
     pub idle_consumer_after: Duration,
     /// A group whose oldest pending entry is this old stops holding back trimming.
     pub stall_after: Duration,
+    /// When set, a batch's commit is announced on the live channel of every check whose slots
+    /// it moved (with the acknowledgements), so live readers need not wait for their poll.
+    pub live: Option<crate::keys::Keys>,
 }
 
 impl ProjectorConfig {
@@ -78,6 +81,7 @@ impl ProjectorConfig {
             housekeeping_every: Duration::from_secs(10),
             idle_consumer_after: Duration::from_secs(3600),
             stall_after: Duration::from_secs(6 * 3600),
+            live: None,
         }
     }
 }
@@ -332,6 +336,7 @@ impl Projector {
         });
 
         let mut done: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut moved_checks = Vec::new();
         // Fast path: the whole batch in a few set-based statements.
         let events: Vec<Event> = decoded.iter().map(|(_, e)| e.clone()).collect();
         let fast = {
@@ -349,6 +354,7 @@ impl Projector {
         if let Some(applied) = fast {
             outcome.applied += applied.applied;
             outcome.skipped += applied.skipped;
+            moved_checks = applied.checks;
             for (entry, _) in &decoded {
                 done.entry(entry.stream.clone())
                     .or_default()
@@ -359,11 +365,16 @@ impl Projector {
             self.apply_one_by_one(&decoded, &mut outcome, &mut done, &mut failures)
                 .await?;
         }
-        // Every stream's acknowledgement in one round trip.
+        // Every stream's acknowledgement, and the live announcements, in one round trip.
         if !done.is_empty() {
             let mut acks = redis::pipe();
             for (stream, ids) in &done {
                 acks.xack(stream, &self.config.group, ids).ignore();
+            }
+            if let Some(keys) = &self.config.live {
+                for check in &moved_checks {
+                    acks.publish(keys.live(check), check.to_string()).ignore();
+                }
             }
             let () = acks.query_async(conn).await?;
         }

@@ -2,6 +2,7 @@
 //! out), read it with its results.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -22,6 +23,7 @@ use checkplane_wire::checks::{
 use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, EventBody};
 use checkplane_wire::ErrorCode;
 use serde::Serialize;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::auth::{Operator, Viewer};
@@ -230,18 +232,29 @@ struct CheckView {
     results: Vec<SlotView>,
 }
 
-async fn read(
-    State(app): State<AppState>,
-    _viewer: Viewer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let not_found = || ApiError::not_found("no such check");
-    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    let client = app.stores.pg.get().await?;
-    // Both statements kept prepared on the connection: clients poll this.
-    let row = Sql::query_opt(
-        &client,
+/// The longest `Prefer: wait` a read of a check honours.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `Prefer: wait=<seconds>` (RFC 7240), capped at [`MAX_WAIT`]; other preferences are
+/// ignored, as the RFC says.
+fn preferred_wait(headers: &HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.trim().strip_prefix("wait="))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .map(|n| std::time::Duration::from_secs(n).min(MAX_WAIT))
+        .next()
+}
+
+async fn check_row(
+    client: &deadpool_postgres::Client,
+    id: &Uuid,
+) -> Result<tokio_postgres::Row, ApiError> {
+    Sql::query_opt(
+        client,
         &format!(
             "SELECT kind, target, options, selection, status, slots, slots_done, seq, revision,
                         to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
@@ -249,21 +262,75 @@ async fn read(
                         to_char(finished_at AT TIME ZONE 'UTC', {RFC3339}), max_parallel
                  FROM checks WHERE check_id = $1"
         ),
-        &[&id],
+        &[id],
     )
     .await?
-    .ok_or_else(not_found)?;
-    let etag = format!("\"{}\"", row.get::<_, i64>(8));
-    let unchanged = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    if unchanged {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        if let Ok(value) = HeaderValue::from_str(&etag) {
-            response.headers_mut().insert(header::ETAG, value);
+    .ok_or_else(|| ApiError::not_found("no such check"))
+}
+
+fn not_modified(etag: &str) -> Response {
+    let mut response = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+}
+
+/// `GET /v1/checks/{id}` (role `viewer`). With `If-None-Match` and `Prefer: wait=N`, an
+/// unchanged check is answered when it changes (woken by the projector's announcement on the
+/// check's live channel, or at the live poll) or after N seconds (at most 30) with a 304;
+/// the wait holds no PostgreSQL connection, and waits past `GATEWAY_MAX_LIVE_STREAMS` (live
+/// streams and waiting reads together) are answered at once.
+async fn read(
+    State(app): State<AppState>,
+    _viewer: Viewer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("no such check"))?;
+    let unchanged = |etag: &str| {
+        headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    };
+    let etag_of = |row: &tokio_postgres::Row| format!("\"{}\"", row.get::<_, i64>(8));
+    let mut client = app.stores.pg.get().await?;
+    // Both statements kept prepared on the connection: clients poll this.
+    let mut row = check_row(&client, &id).await?;
+    let mut etag = etag_of(&row);
+    if unchanged(&etag) {
+        let waiting = preferred_wait(&headers)
+            .filter(|w| !w.is_zero())
+            .and_then(|w| Some((w, app.live_streams.clone().try_acquire_owned().ok()?)));
+        let Some((wait, _permit)) = waiting else {
+            return Ok(not_modified(&etag));
+        };
+        drop(client);
+        let deadline = tokio::time::Instant::now() + wait;
+        let (bell, everyone) = app.doorbell.check_bell(&id);
+        loop {
+            // Listen before looking, as a live stream does.
+            let rung = bell.notified();
+            let all = everyone.notified();
+            tokio::pin!(rung, all);
+            rung.as_mut().enable();
+            all.as_mut().enable();
+            client = app.stores.pg.get().await?;
+            row = check_row(&client, &id).await?;
+            etag = etag_of(&row);
+            if !unchanged(&etag) {
+                break;
+            }
+            drop(client);
+            tokio::select! {
+                _ = rung => {}
+                _ = all => {}
+                _ = tokio::time::sleep(app.config.live_poll) => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(not_modified(&etag)),
+                _ = app.shutdown.cancelled() => return Ok(not_modified(&etag)),
+            }
         }
-        return Ok(response);
     }
     let slots = Sql::query(
         &client,
@@ -498,8 +565,6 @@ async fn list(
     Ok(Json(Page::new(items, total, q.limit, q.offset)))
 }
 
-/// How often a live stream looks for new results.
-const LIVE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// The longest a live stream stays open (a check lasts five minutes at most).
 const LIVE_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -511,6 +576,10 @@ struct LiveState {
     pending: std::collections::VecDeque<axum::response::sse::Event>,
     done: bool,
     until: tokio::time::Instant,
+    /// The check's bell (rung when a projector commit moved its slots) and everyone's.
+    bell: (Arc<Notify>, Arc<Notify>),
+    /// This stream's place under `GATEWAY_MAX_LIVE_STREAMS`.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The next results after `state.last`, and the final event once the check has finished and
@@ -593,6 +662,9 @@ async fn live(
             .filter(|n| *n >= 0)
             .ok_or_else(|| ApiError::validation("Last-Event-ID: expected a result's seq"))?,
     };
+    let permit = app.live_streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::rate_limited("too many live streams open on this gateway; retry later", 5)
+    })?;
     {
         let client = app.stores.pg.get().await?;
         client
@@ -601,6 +673,8 @@ async fn live(
             .ok_or_else(not_found)?;
     }
     let shutdown = app.shutdown.clone();
+    let poll = app.config.live_poll;
+    let bell = app.doorbell.check_bell(&id);
     let state = LiveState {
         app,
         id,
@@ -608,6 +682,8 @@ async fn live(
         pending: std::collections::VecDeque::new(),
         done: false,
         until: tokio::time::Instant::now() + LIVE_MAX,
+        bell,
+        _permit: permit,
     };
     let stream = futures::stream::unfold(state, move |mut state| {
         let shutdown = shutdown.clone();
@@ -619,6 +695,14 @@ async fn live(
                 if state.done || tokio::time::Instant::now() >= state.until {
                     return None;
                 }
+                // Listen before looking: an announcement of a commit after the read below
+                // still wakes this stream.
+                let (bell, everyone) = (state.bell.0.clone(), state.bell.1.clone());
+                let rung = bell.notified();
+                let all = everyone.notified();
+                tokio::pin!(rung, all);
+                rung.as_mut().enable();
+                all.as_mut().enable();
                 if let Err(error) = live_step(&mut state).await {
                     tracing::warn!(check_id = %state.id, ?error, "live stream ended on an error");
                     return None;
@@ -626,7 +710,9 @@ async fn live(
                 if state.pending.is_empty() {
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(LIVE_POLL) => {}
+                        _ = rung => {}
+                        _ = all => {}
+                        _ = tokio::time::sleep(poll) => {}
                     }
                 }
             }

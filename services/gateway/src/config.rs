@@ -34,6 +34,11 @@ pub struct Config {
     /// `DEFAULT_MAX_PARALLEL`: slots of one check that run at once when the check does not
     /// say; fixed into the check when it is made, so replicas never disagree.
     pub default_max_parallel: u32,
+    /// `GATEWAY_LIVE_POLL`: how often a live stream looks for new results when no
+    /// announcement came (announcements are lost while the subscription reconnects).
+    pub live_poll: Duration,
+    /// `GATEWAY_MAX_LIVE_STREAMS`: live streams open at once on this gateway; one more is 429.
+    pub max_live_streams: usize,
 }
 
 /// Read the gateway's configuration.
@@ -83,7 +88,17 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     let allow_private_targets = env.bool("GATEWAY_ALLOW_PRIVATE_TARGETS", false)?;
     let default_max_parallel =
         u32::try_from(env.u64_in("DEFAULT_MAX_PARALLEL", 100, 1, 1000)?).unwrap_or(100);
+    let live_poll = env.duration(
+        "GATEWAY_LIVE_POLL",
+        Duration::from_secs(1),
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    )?;
+    let max_live_streams =
+        usize::try_from(env.u64_in("GATEWAY_MAX_LIVE_STREAMS", 1000, 1, 100_000)?).unwrap_or(1000);
     Ok(Config {
+        live_poll,
+        max_live_streams,
         default_max_parallel,
         allow_private_targets,
         auth_cache_ttl,

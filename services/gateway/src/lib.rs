@@ -62,6 +62,7 @@ pub async fn run(
                     .clone()
                     .subscribe(redis_client, keys.clone(), shutdown.clone()),
             );
+            let live_streams = Arc::new(tokio::sync::Semaphore::new(config.max_live_streams));
             let state = state::AppState::new(state::Shared {
                 stores: stores.clone(),
                 presence: Presence::new(keys.clone()),
@@ -73,6 +74,7 @@ pub async fn run(
                 config,
                 shutdown: shutdown.clone(),
                 action_waiters: Arc::new(tokio::sync::Semaphore::new(haproxy::MAX_ACTION_WAITERS)),
+                live_streams,
             });
             agents::router()
                 .merge(leases::router())

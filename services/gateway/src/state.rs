@@ -44,4 +44,6 @@ pub struct Shared {
     /// Bounds the requests waiting for an HAProxy action to end (each holds a Redis
     /// connection of its own while it waits).
     pub action_waiters: Arc<tokio::sync::Semaphore>,
+    /// Bounds the live streams open at once (`GATEWAY_MAX_LIVE_STREAMS`).
+    pub live_streams: Arc<tokio::sync::Semaphore>,
 }

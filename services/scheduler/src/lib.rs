@@ -135,6 +135,7 @@ pub async fn run(
             let mut projector_config =
                 ProjectorConfig::new(keys.projected_streams(), "projector", &config.consumer);
             projector_config.max_attempts = config.max_attempts;
+            projector_config.live = Some(keys.clone());
             let projector = Projector::new(projector_config, stores.pg.clone(), redis_client);
             let (schema, stop) = (stores.clone(), shutdown.clone());
             tracker.spawn(async move {

@@ -728,6 +728,142 @@ async fn live_results_arrive_and_a_reconnect_with_last_event_id_misses_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn live_streams_are_woken_by_the_projectors_announcements_not_their_poll() {
+    // A stream looks by itself only once a minute here: the results can only arrive in time
+    // because the projector announces its commits on the check's live channel.
+    let s = stand_with(&[("GATEWAY_LIVE_POLL", "60s")], &[]).await;
+    let a = s.agent("a", "NL", 64532, &["dns"]).await;
+    let b = s.agent("b", "DE", 64533, &["dns"]).await;
+    s.online(&[&a, &b]).await;
+    let (_, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 2}))
+        .await;
+    let location = location.unwrap();
+    let mut stream = s.live(&location, None).await.unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    // The stream has looked once (nothing yet) before the first result exists.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for agent in [&a, &b] {
+        let leases = s.claim(agent, "dns").await;
+        let token = leases[0]["token"].as_str().unwrap();
+        s.report(agent, token, json!({"answers": []})).await;
+    }
+    let events = sse_events(&mut stream, 3).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(kinds, ["result", "result", "finished"]);
+    assert_eq!(events[2].2["id"], body["id"]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_with_prefer_wait_answers_when_the_check_changes_or_304_when_it_did_not() {
+    let s = stand_with(&[("GATEWAY_LIVE_POLL", "60s")], &[]).await;
+    let a = s.agent("a", "NL", 64535, &["dns"]).await;
+    s.online(&[&a]).await;
+    let (_, _, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 1}))
+        .await;
+    let location = location.unwrap();
+    let read = |etag: String, wait: &str| {
+        s.http
+            .get(s.gw.url(&location))
+            .header("x-api-key", ADMIN)
+            .header("if-none-match", etag)
+            .header("prefer", format!("wait={wait}"))
+            .send()
+    };
+    let first = s
+        .http
+        .get(s.gw.url(&location))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+
+    // Unchanged for the whole wait: a 304 after it, not before.
+    let asked = std::time::Instant::now();
+    let response = read(etag.clone(), "1").await.unwrap();
+    assert_eq!(response.status().as_u16(), 304);
+    assert!(
+        asked.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // Waiting across a change: answered with the changed check once it changed.
+    let mut waiting = Box::pin(read(etag.clone(), "20"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "answered before anything changed"
+    );
+    let leases = s.claim(&a, "dns").await;
+    s.report(
+        &a,
+        leases[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let response = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("answered once the check changed")
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_ne!(response.headers()["etag"].to_str().unwrap(), etag);
+    let check: Value = response.json().await.unwrap();
+    assert_ne!(check["status"], "queued", "{check}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_streams_past_the_limit_are_refused_with_429_until_one_ends() {
+    let s = stand_with(&[("GATEWAY_MAX_LIVE_STREAMS", "1")], &[]).await;
+    let a = s.agent("a", "NL", 64534, &["dns"]).await;
+    s.online(&[&a]).await;
+    let (_, _, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 1}))
+        .await;
+    let location = location.unwrap();
+    let mut first = s.live(&location, None).await.unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    let refused = s.live(&location, None).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "ERR_RATE_LIMITED", "{error}");
+
+    // The check finishes, the first stream ends after `finished`, and its place is free.
+    let leases = s.claim(&a, "dns").await;
+    s.report(
+        &a,
+        leases[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let events = sse_events(&mut first, 2).await;
+    assert_eq!(events[1].0, "finished");
+    let end = tokio::time::timeout(Duration::from_secs(5), first.chunk())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(end.is_none(), "{end:?}");
+    let again = eventually(
+        "a stream is accepted again",
+        Duration::from_secs(10),
+        || async {
+            let response = s.live(&location, None).await.unwrap();
+            (response.status().as_u16() == 200).then_some(response)
+        },
+    )
+    .await;
+    let mut again = again;
+    assert_eq!(sse_events(&mut again, 2).await[1].0, "finished");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_task_left_unclaimed_by_an_agent_that_went_offline_is_retried_elsewhere() {
     let s = stand_with(
         &[("HEARTBEAT_INTERVAL", "300ms")],
