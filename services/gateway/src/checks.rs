@@ -277,7 +277,7 @@ fn not_modified(etag: &str) -> Response {
 }
 
 /// `GET /v1/checks/{id}` (role `viewer`). With `If-None-Match` and `Prefer: wait=N`, an
-/// unchanged check is answered when it changes (woken by the projector's announcement on the
+/// unchanged check (not finished: a finished one no longer changes) is answered when it changes (woken by the projector's announcement on the
 /// check's live channel, or at the live poll) or after N seconds (at most 30) with a 304;
 /// the wait holds no PostgreSQL connection, and waits past `GATEWAY_MAX_LIVE_STREAMS` (live
 /// streams and waiting reads together) are answered at once.
@@ -300,8 +300,10 @@ async fn read(
     let mut row = check_row(&client, &id).await?;
     let mut etag = etag_of(&row);
     if unchanged(&etag) {
+        // A finished check does not change any more: nothing to wait for.
+        let finished = row.get::<_, String>(4) == "finished";
         let waiting = preferred_wait(&headers)
-            .filter(|w| !w.is_zero())
+            .filter(|w| !w.is_zero() && !finished)
             .and_then(|w| Some((w, app.live_streams.clone().try_acquire_owned().ok()?)));
         let Some((wait, _permit)) = waiting else {
             return Ok(not_modified(&etag));

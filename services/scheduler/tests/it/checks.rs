@@ -814,6 +814,22 @@ async fn a_read_with_prefer_wait_answers_when_the_check_changes_or_304_when_it_d
     assert_ne!(response.headers()["etag"].to_str().unwrap(), etag);
     let check: Value = response.json().await.unwrap();
     assert_ne!(check["status"], "queued", "{check}");
+
+    // Once finished it does not change any more: a wait is answered at once.
+    s.finished(&location, "the check finishes").await;
+    let current = s
+        .http
+        .get(s.gw.url(&location))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let etag = current.headers()["etag"].to_str().unwrap().to_owned();
+    let response = tokio::time::timeout(Duration::from_secs(5), read(etag, "20"))
+        .await
+        .expect("a finished check is not waited on")
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 304);
     s.stop().await;
 }
 
