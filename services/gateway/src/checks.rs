@@ -277,10 +277,11 @@ fn not_modified(etag: &str) -> Response {
 }
 
 /// `GET /v1/checks/{id}` (role `viewer`). With `If-None-Match` and `Prefer: wait=N`, an
-/// unchanged check (not finished: a finished one no longer changes) is answered when it changes (woken by the projector's announcement on the
-/// check's live channel, or at the live poll) or after N seconds (at most 30) with a 304;
-/// the wait holds no PostgreSQL connection, and waits past `GATEWAY_MAX_LIVE_STREAMS` (live
-/// streams and waiting reads together) are answered at once.
+/// unchanged check that is not finished (a finished one no longer changes) is answered when
+/// it changes (woken by the projector's announcement on the check's live channel, or at the
+/// live poll) or after N seconds (at most 30) with a 304. The wait holds no PostgreSQL
+/// connection, and waits past `GATEWAY_MAX_LIVE_STREAMS` (live streams and waiting reads
+/// together) are answered at once.
 async fn read(
     State(app): State<AppState>,
     _viewer: Viewer,

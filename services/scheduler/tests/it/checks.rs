@@ -115,6 +115,15 @@ impl Stand {
         )
     }
 
+    /// A DNS check of `example.com` on `limit` agents: its answer and location.
+    async fn dns_check(&self, limit: u32) -> (Value, String) {
+        let (status, body, location) = self
+            .create(json!({"kind": "dns", "target": "example.com", "limit": limit}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        (body, location.expect("a Location"))
+    }
+
     async fn check(&self, path: &str) -> Value {
         let response = self
             .http
@@ -735,10 +744,7 @@ async fn live_streams_are_woken_by_the_projectors_announcements_not_their_poll()
     let a = s.agent("a", "NL", 64532, &["dns"]).await;
     let b = s.agent("b", "DE", 64533, &["dns"]).await;
     s.online(&[&a, &b]).await;
-    let (_, body, location) = s
-        .create(json!({"kind": "dns", "target": "example.com", "limit": 2}))
-        .await;
-    let location = location.unwrap();
+    let (body, location) = s.dns_check(2).await;
     let mut stream = s.live(&location, None).await.unwrap();
     assert_eq!(stream.status().as_u16(), 200);
     // The stream has looked once (nothing yet) before the first result exists.
@@ -760,10 +766,7 @@ async fn a_read_with_prefer_wait_answers_when_the_check_changes_or_304_when_it_d
     let s = stand_with(&[("GATEWAY_LIVE_POLL", "60s")], &[]).await;
     let a = s.agent("a", "NL", 64535, &["dns"]).await;
     s.online(&[&a]).await;
-    let (_, _, location) = s
-        .create(json!({"kind": "dns", "target": "example.com", "limit": 1}))
-        .await;
-    let location = location.unwrap();
+    let (_, location) = s.dns_check(1).await;
     let read = |etag: String, wait: &str| {
         s.http
             .get(s.gw.url(&location))
@@ -838,10 +841,7 @@ async fn live_streams_past_the_limit_are_refused_with_429_until_one_ends() {
     let s = stand_with(&[("GATEWAY_MAX_LIVE_STREAMS", "1")], &[]).await;
     let a = s.agent("a", "NL", 64534, &["dns"]).await;
     s.online(&[&a]).await;
-    let (_, _, location) = s
-        .create(json!({"kind": "dns", "target": "example.com", "limit": 1}))
-        .await;
-    let location = location.unwrap();
+    let (_, location) = s.dns_check(1).await;
     let mut first = s.live(&location, None).await.unwrap();
     assert_eq!(first.status().as_u16(), 200);
     let refused = s.live(&location, None).await.unwrap();
