@@ -198,6 +198,8 @@ pub const ALL: &[Var] = &[
     Var { name: "HAPROXY_HISTORY_RETENTION", services: "scheduler", default: "30d", doc: "how long HAProxy servers' state history is kept (1h-10y), deleted in bounded batches", secret: false },
     Var { name: "METRICS_RETENTION", services: "scheduler", default: "30d", doc: "how long agents' reported metrics are kept (1h-10y), deleted in bounded batches", secret: false },
     Var { name: "GATEWAY_ALLOW_PRIVATE_TARGETS", services: "gateway", default: "false", doc: "accept check targets in loopback, private, link-local and reserved ranges (for checking your own network; the tests and the stand use loopback targets)", secret: false },
+    Var { name: "GATEWAY_LIVE_POLL", services: "gateway", default: "1s", doc: "how often a live stream (or a read with `Prefer: wait`) looks for changes by itself (100ms-60s); the projector's announcements wake it sooner, this covers the ones lost while the subscription reconnects", secret: false },
+    Var { name: "GATEWAY_MAX_LIVE_STREAMS", services: "gateway", default: "1000", doc: "live streams and waiting reads of checks open at once on one gateway (1-100000); one more stream is 429", secret: false },
     Var { name: "GATEWAY_AUTH_CACHE_TTL", services: "gateway", default: "5s", doc: "how long a verified agent token or operator key is trusted without asking PostgreSQL again (0s: always ask); after a rotation or revocation on another replica the old one may pass that long", secret: false },
 ];
 
