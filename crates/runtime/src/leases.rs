@@ -761,19 +761,12 @@ impl Leases {
         kind: &str,
         spec: &str,
     ) -> redis::RedisResult<String> {
-        let task = NewTask {
-            agent,
-            kind,
-            task: "",
-            spec,
-        };
-        let mut ids: Vec<String> = self.enqueue_script(&[task]).invoke_async(conn).await?;
-        ids.pop().ok_or_else(empty_answer)
+        self.enqueue_task(conn, agent, kind, "", spec).await
     }
 
     /// Add task `task` (`<check>:<slot>:<attempt>`) for `agent` once: a repeat (the outbox
     /// sweep after a crash) answers the entry it was added as, and a task closed before it
-    /// was added answers `closed` and is not added.
+    /// was added answers `closed` and is not added. An empty `task` is added every time.
     pub async fn enqueue_task(
         &self,
         conn: &mut impl ConnectionLike,

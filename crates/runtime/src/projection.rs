@@ -337,10 +337,11 @@ fn task_change(event: &Event) -> Option<TaskChange<'_>> {
 
 /// Task rows, in one statement whatever the number of changes (each lease event itself is in
 /// `events`, which the `lease_history` view reads). Rows are merged per task first (a batch
-/// may hold a task's grant and its report) with the same rules as against the stored row: status, outcome and time follow the newest version; what
-/// only grows (epoch, deadline, deliveries) or is set once (first grant; the result, of the
-/// earliest report when Redis lost one and the task ran twice) merges order-free. Tasks are
-/// written in key order, so replicas lock rows in one order.
+/// may hold a task's grant and its report) with the same rules as against the stored row:
+/// status, outcome and time follow the newest version; what only grows (epoch, deadline,
+/// deliveries) or is set once (first grant; the result, of the earliest report when Redis
+/// lost one and the task ran twice) merges order-free. Tasks are written in key order, so
+/// replicas lock rows in one order.
 async fn apply_tasks(client: &impl Sql, changes: &[TaskChange<'_>]) -> Result<(), ApplyError> {
     if changes.is_empty() {
         return Ok(());
