@@ -582,7 +582,29 @@ struct LiveState {
     /// The check's bell (rung when a projector commit moved its slots) and everyone's.
     bell: (Arc<Notify>, Arc<Notify>),
     /// This stream's place under `GATEWAY_MAX_LIVE_STREAMS`.
+    _place: LivePlace,
+}
+
+/// A live stream's place: its permit, and the open-streams gauge while it is held.
+struct LivePlace {
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl LivePlace {
+    fn take(app: &AppState) -> Result<Self, ApiError> {
+        let permit = app.live_streams.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("checkplane_live_streams_refused_total").increment(1);
+            ApiError::rate_limited("too many live streams open on this gateway; retry later", 5)
+        })?;
+        metrics::gauge!("checkplane_live_streams").increment(1.0);
+        Ok(Self { _permit: permit })
+    }
+}
+
+impl Drop for LivePlace {
+    fn drop(&mut self) {
+        metrics::gauge!("checkplane_live_streams").decrement(1.0);
+    }
 }
 
 /// The next results after `state.last`, and the final event once the check has finished and
@@ -665,9 +687,7 @@ async fn live(
             .filter(|n| *n >= 0)
             .ok_or_else(|| ApiError::validation("Last-Event-ID: expected a result's seq"))?,
     };
-    let permit = app.live_streams.clone().try_acquire_owned().map_err(|_| {
-        ApiError::rate_limited("too many live streams open on this gateway; retry later", 5)
-    })?;
+    let place = LivePlace::take(&app)?;
     {
         let client = app.stores.pg.get().await?;
         client
@@ -686,7 +706,7 @@ async fn live(
         done: false,
         until: tokio::time::Instant::now() + LIVE_MAX,
         bell,
-        _permit: permit,
+        _place: place,
     };
     let stream = futures::stream::unfold(state, move |mut state| {
         let shutdown = shutdown.clone();

@@ -115,6 +115,22 @@ impl Stand {
         )
     }
 
+    /// The value of an unlabelled metric on the gateway's `/metrics`.
+    async fn gateway_metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
     /// A DNS check of `example.com` on `limit` agents: its answer and location.
     async fn dns_check(&self, limit: u32) -> (Value, String) {
         let (status, body, location) = self
@@ -849,6 +865,12 @@ async fn live_streams_past_the_limit_are_refused_with_429_until_one_ends() {
     assert_eq!(refused.headers()["retry-after"], "5");
     let error: Value = refused.json().await.unwrap();
     assert_eq!(error["error"]["code"], "ERR_RATE_LIMITED", "{error}");
+    assert_eq!(s.gateway_metric("checkplane_live_streams").await, 1.0);
+    assert_eq!(
+        s.gateway_metric("checkplane_live_streams_refused_total")
+            .await,
+        1.0
+    );
 
     // The check finishes, the first stream ends after `finished`, and its place is free.
     let leases = s.claim(&a, "dns").await;
@@ -865,6 +887,12 @@ async fn live_streams_past_the_limit_are_refused_with_429_until_one_ends() {
         .unwrap()
         .unwrap();
     assert!(end.is_none(), "{end:?}");
+    eventually(
+        "the stream's place is given back",
+        Duration::from_secs(10),
+        || async { (s.gateway_metric("checkplane_live_streams").await == 0.0).then_some(()) },
+    )
+    .await;
     let again = eventually(
         "a stream is accepted again",
         Duration::from_secs(10),
