@@ -9,24 +9,10 @@ use crate::db::Sql;
 use checkplane_wire::checks::LocationRequest;
 use checkplane_wire::events::Location;
 
-/// Candidates read per query: room to spread over networks.
-const CANDIDATES_MAX: i64 = 5000;
-
 /// An online agent that can run the check.
 pub struct Candidate {
     pub agent_id: String,
     pub location: Location,
-}
-
-impl Candidate {
-    /// What "distinct networks" compares: the ASN, else the network name, else the agent.
-    pub fn network_key(&self) -> String {
-        match (&self.location.asn, &self.location.network) {
-            (Some(asn), _) => format!("as{asn}"),
-            (None, Some(network)) => format!("net:{}", network.to_lowercase()),
-            (None, None) => format!("agent:{}", self.agent_id),
-        }
-    }
 }
 
 pub fn candidate(row: &tokio_postgres::Row) -> Candidate {
@@ -43,11 +29,19 @@ pub fn candidate(row: &tokio_postgres::Row) -> Candidate {
     }
 }
 
-/// Online agents with the capability matching `filter`, least recently chosen first.
-pub async fn candidates(
+/// Up to `want` online agents with the capability matching `filter`, none of them `taken`:
+/// first the least recently chosen agent of each network not in `networks` (what "distinct
+/// networks" compares: the ASN, else the network name, else the agent itself), in rotation
+/// order, then the others in rotation order. PostgreSQL ranks every matching agent and
+/// answers only the chosen. The chosen and their networks are added to `taken` and
+/// `networks`, so the next location entry continues from there.
+pub async fn choose(
     tx: &impl Sql,
     kind: &str,
     filter: &LocationRequest,
+    want: usize,
+    taken: &mut HashSet<String>,
+    networks: &mut HashSet<String>,
 ) -> Result<Vec<Candidate>, tokio_postgres::Error> {
     let mut with_value = serde_json::Map::new();
     let mut keys_only: Vec<String> = Vec::new();
@@ -59,19 +53,30 @@ pub async fn candidates(
             None => keys_only.push(tag.clone()),
         }
     }
+    let excluded: Vec<&str> = taken.iter().map(String::as_str).collect();
+    let used: Vec<&str> = networks.iter().map(String::as_str).collect();
     let rows = tx
         .query(
-            "SELECT a.agent_id, a.country, a.city, a.asn, a.network
-             FROM agents a LEFT JOIN agent_selection s USING (agent_id)
-             WHERE a.status = 'online' AND a.capabilities ? $1
-               AND ($2::text IS NULL OR a.country = $2)
-               AND ($3::text IS NULL OR lower(a.city) = lower($3))
-               AND ($4::bigint IS NULL OR a.asn = $4)
-               AND ($5::text IS NULL OR lower(a.network) = lower($5))
-               AND a.labels @> $6::jsonb
-               AND a.labels ?& $7::text[]
-             ORDER BY s.last_selected_at NULLS FIRST, a.agent_id
-             LIMIT $8",
+            "SELECT agent_id, country, city, asn, network, net FROM (
+                SELECT a.agent_id, a.country, a.city, a.asn, a.network, s.last_selected_at, n.net,
+                       row_number() OVER (PARTITION BY n.net
+                                          ORDER BY s.last_selected_at NULLS FIRST, a.agent_id) AS nth
+                FROM agents a LEFT JOIN agent_selection s USING (agent_id)
+                CROSS JOIN LATERAL (SELECT CASE WHEN a.asn IS NOT NULL THEN 'as' || a.asn
+                                                WHEN a.network IS NOT NULL THEN 'net:' || lower(a.network)
+                                                ELSE 'agent:' || a.agent_id END AS net) n
+                WHERE a.status = 'online' AND a.capabilities ? $1
+                  AND ($2::text IS NULL OR a.country = $2)
+                  AND ($3::text IS NULL OR lower(a.city) = lower($3))
+                  AND ($4::bigint IS NULL OR a.asn = $4)
+                  AND ($5::text IS NULL OR lower(a.network) = lower($5))
+                  AND a.labels @> $6::jsonb
+                  AND a.labels ?& $7::text[]
+                  AND a.agent_id <> ALL($8::text[])
+             ) c
+             ORDER BY (nth = 1 AND net <> ALL($9::text[])) DESC,
+                      last_selected_at NULLS FIRST, agent_id
+             LIMIT $10",
             &[
                 &kind,
                 &filter.country,
@@ -80,46 +85,20 @@ pub async fn candidates(
                 &filter.network,
                 &serde_json::Value::Object(with_value),
                 &keys_only,
-                &CANDIDATES_MAX,
+                &excluded,
+                &used,
+                &i64::try_from(want).unwrap_or(i64::MAX),
             ],
         )
         .await?;
-    Ok(rows.iter().map(candidate).collect())
-}
-
-/// Up to `want` of `pool` (in rotation order), not already `taken`: first one per network not
-/// yet used, then the rest.
-pub fn spread(
-    pool: Vec<Candidate>,
-    want: usize,
-    taken: &mut HashSet<String>,
-    networks: &mut HashSet<String>,
-) -> Vec<Candidate> {
-    let mut chosen = Vec::new();
-    let mut later = Vec::new();
-    for c in pool {
-        if chosen.len() >= want {
-            break;
-        }
-        if taken.contains(&c.agent_id) {
-            continue;
-        }
-        if networks.insert(c.network_key()) {
-            taken.insert(c.agent_id.clone());
-            chosen.push(c);
-        } else {
-            later.push(c);
-        }
-    }
-    for c in later {
-        if chosen.len() >= want {
-            break;
-        }
-        if taken.insert(c.agent_id.clone()) {
-            chosen.push(c);
-        }
-    }
-    chosen
+    Ok(rows
+        .iter()
+        .map(|row| {
+            taken.insert(row.get(0));
+            networks.insert(row.get(5));
+            candidate(row)
+        })
+        .collect())
 }
 
 /// Note the chosen agents as chosen now (operational state for rotation).

@@ -14,7 +14,7 @@ use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::leases::CloseReason;
 use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
-use checkplane_runtime::selection::{self, candidate, candidates, spread, Candidate};
+use checkplane_runtime::selection::{self, candidate, choose, Candidate};
 use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::task_id;
 use checkplane_wire::checks::{
@@ -64,17 +64,22 @@ async fn select(
     let mut networks = HashSet::new();
     match selection {
         Selection::Anywhere(limit) => {
-            let pool = candidates(tx, kind, &LocationRequest::default()).await?;
-            Ok(spread(pool, *limit as usize, &mut taken, &mut networks)
-                .into_iter()
-                .map(|c| (c, None))
-                .collect())
+            let anywhere = LocationRequest::default();
+            let chosen = choose(
+                tx,
+                kind,
+                &anywhere,
+                *limit as usize,
+                &mut taken,
+                &mut networks,
+            );
+            Ok(chosen.await?.into_iter().map(|c| (c, None)).collect())
         }
         Selection::Locations(entries) => {
             let mut out = Vec::new();
             for (i, entry) in entries.iter().enumerate() {
-                let pool = candidates(tx, kind, entry).await?;
-                let chosen = spread(pool, entry.limit as usize, &mut taken, &mut networks);
+                let want = entry.limit as usize;
+                let chosen = choose(tx, kind, entry, want, &mut taken, &mut networks).await?;
                 out.extend(chosen.into_iter().map(|c| (c, Some(i as u32))));
             }
             Ok(out)

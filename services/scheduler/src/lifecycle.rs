@@ -24,7 +24,7 @@ use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::keys::Keys;
 use checkplane_runtime::leases::{CloseReason, Leases, TaskClosed};
 use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
-use checkplane_runtime::selection::{candidates, record_selected, spread};
+use checkplane_runtime::selection::{choose, record_selected};
 use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::{task_id, LocationRequest, Selection};
 use checkplane_wire::events::{
@@ -376,8 +376,8 @@ impl Lifecycle {
                 .map(|r| r.get(0))
                 .collect();
             let mut taken: HashSet<String> = used.into_iter().collect();
-            let pool = candidates(&tx, &kind, &filter).await?;
-            let Some(agent) = spread(pool, 1, &mut taken, &mut HashSet::new()).pop() else {
+            let chosen = choose(&tx, &kind, &filter, 1, &mut taken, &mut HashSet::new()).await?;
+            let Some(agent) = chosen.into_iter().next() else {
                 events.push(close("no_agent"));
                 continue;
             };

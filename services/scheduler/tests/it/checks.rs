@@ -492,6 +492,30 @@ async fn selection_spreads_over_networks_and_rotates() {
         assert!(status == 400 || status == 422, "{bad}: {status}");
         assert!(body["error"]["code"].is_string(), "{bad}: {body}");
     }
+
+    // Across location entries, a network one entry took counts for the next: with b chosen
+    // last (so rotation alone would put the AS 64500 agent left over first), NL's one agent
+    // after an AS 64500 entry is b.
+    let (_, _, location) = s
+        .create(json!({"kind": "ping", "target": "192.0.2.1", "locations": [{"asn": 64501}]}))
+        .await;
+    assert_eq!(
+        chosen(&s.check(&location.unwrap()).await),
+        std::slice::from_ref(&b.id)
+    );
+    let (_, _, location) = s
+        .create(json!({"kind": "ping", "target": "192.0.2.1",
+                       "locations": [{"asn": 64500, "limit": 1}, {"country": "NL", "limit": 1}]}))
+        .await;
+    let check = s.check(&location.unwrap()).await;
+    let second: Vec<&str> = check["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["slot"] == 1)
+        .filter_map(|r| r["agent_id"].as_str())
+        .collect();
+    assert_eq!(second, [b.id.as_str()], "{check}");
     s.stop().await;
 }
 
