@@ -305,6 +305,8 @@ async fn read(
     // Both statements kept prepared on the connection: clients poll this.
     let mut row = check_row(&client, &id).await?;
     let mut etag = etag_of(&row);
+    // `Preference-Applied` when the read did wait (RFC 7240 §3).
+    let mut applied: Option<std::time::Duration> = None;
     if unchanged(&etag) {
         // A finished check does not change any more: nothing to wait for.
         let finished = row.get::<_, String>(4) == "finished";
@@ -315,6 +317,8 @@ async fn read(
             return Ok(not_modified(&etag));
         };
         drop(client);
+        applied = Some(wait);
+        let waited = |response: Response| Ok(preference_applied(response, wait));
         let deadline = tokio::time::Instant::now() + wait;
         let (bell, everyone) = app.doorbell.check_bell(&id);
         loop {
@@ -335,8 +339,8 @@ async fn read(
                 _ = rung => {}
                 _ = all => {}
                 _ = tokio::time::sleep(app.config.live_poll) => {}
-                _ = tokio::time::sleep_until(deadline) => return Ok(not_modified(&etag)),
-                _ = app.shutdown.cancelled() => return Ok(not_modified(&etag)),
+                _ = tokio::time::sleep_until(deadline) => return waited(not_modified(&etag)),
+                _ = app.shutdown.cancelled() => return waited(not_modified(&etag)),
             }
         }
     }
@@ -391,7 +395,17 @@ async fn read(
     if let Ok(value) = HeaderValue::from_str(&etag) {
         response.headers_mut().insert(header::ETAG, value);
     }
-    Ok(response)
+    Ok(match applied {
+        Some(wait) => preference_applied(response, wait),
+        None => response,
+    })
+}
+
+fn preference_applied(mut response: Response, wait: std::time::Duration) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&format!("wait={}", wait.as_secs())) {
+        response.headers_mut().insert("preference-applied", value);
+    }
+    response
 }
 
 /// `POST /v1/checks/{id}/cancel`: record the cancellation (audited), then close the open

@@ -833,6 +833,7 @@ async fn a_read_with_prefer_wait_answers_when_the_check_changes_or_304_when_it_d
         "{:?}",
         asked.elapsed()
     );
+    assert_eq!(response.headers()["preference-applied"], "wait=1");
 
     // Waiting across a change: answered with the changed check once it changed.
     let mut waiting = Box::pin(read(etag.clone(), "20"));
@@ -855,6 +856,7 @@ async fn a_read_with_prefer_wait_answers_when_the_check_changes_or_304_when_it_d
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     assert_ne!(response.headers()["etag"].to_str().unwrap(), etag);
+    assert_eq!(response.headers()["preference-applied"], "wait=20");
     let check: Value = response.json().await.unwrap();
     assert_ne!(check["status"], "queued", "{check}");
 
@@ -873,6 +875,7 @@ async fn a_read_with_prefer_wait_answers_when_the_check_changes_or_304_when_it_d
         .expect("a finished check is not waited on")
         .unwrap();
     assert_eq!(response.status().as_u16(), 304);
+    assert!(response.headers().get("preference-applied").is_none());
     s.stop().await;
 }
 
