@@ -777,6 +777,35 @@ async fn live_results_arrive_and_a_reconnect_with_last_event_id_misses_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_publishes_a_new_check_after_its_202_without_the_sweep() {
+    // The sweep leaves rows younger than a minute alone: only the gateway's own publication,
+    // after the answer, can empty the outbox and put the event on the checks stream here.
+    let s = stand_with(&[], &[("OUTBOX_MIN_AGE", "60s")]).await;
+    let a = s.agent("a", "NL", 64536, &["dns"]).await;
+    s.online(&[&a]).await;
+    let (body, _) = s.dns_check(1).await;
+    eventually("the outbox is empty", Duration::from_secs(10), || async {
+        (count(&s.db, "SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    let mut conn = s.redis.connection().await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(format!("{}:events:checks", s.redis.prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap();
+    let published = entries
+        .iter()
+        .flat_map(|(_, fields)| fields)
+        .any(|(k, v)| k == "event" && v.contains("check.created") && v.contains(id));
+    assert!(published, "check.created of {id} not on the checks stream");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn live_streams_are_woken_by_the_projectors_announcements_not_their_poll() {
     // A stream looks by itself only once a minute here: the results can only arrive in time
     // because the projector announces its commits on the check's live channel.
