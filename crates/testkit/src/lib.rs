@@ -448,6 +448,13 @@ pub async fn wait_ready(http: &reqwest::Client, url: &str, within: Duration) {
     }
 }
 
+/// A service's `/metrics` text (`metrics_url`: the full URL), which must answer 200.
+pub async fn metrics_text(metrics_url: &str) -> String {
+    let response = reqwest::get(metrics_url).await.expect("GET /metrics");
+    assert_eq!(response.status().as_u16(), 200, "{metrics_url}");
+    response.text().await.expect("the metrics text")
+}
+
 /// POST `body` to `url` as an agent (`X-Agent-Id` + `X-Agent-Token`): status and JSON body.
 pub async fn agent_post(
     http: &reqwest::Client,

@@ -240,14 +240,7 @@ async fn tcp_checks_run_on_a_real_agent_and_a_restart_keeps_its_identity() {
     );
 
     // What it did is on its metrics.
-    let metrics = http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = checkplane_testkit::metrics_text(&agent.url("/metrics")).await;
     let checks = |outcome: &str| {
         metrics
             .lines()
@@ -623,14 +616,7 @@ async fn checks_timing_out_together_shrink_the_window_and_operators_see_it_colla
     .await;
     assert!(windows.iter().all(|w| w["max"] == 32), "{windows:?}");
     // The gauges are on the agent's metrics too.
-    let metrics = http
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = checkplane_testkit::metrics_text(&agent.url("/metrics")).await;
     for gauge in [
         "checkplane_agent_concurrency_window",
         "checkplane_agent_concurrency_backpressure",

@@ -132,9 +132,7 @@ pub async fn act(http: &reqwest::Client, gw: &Service, server: &str, body: Value
 
 /// haproxy-sync's `/metrics` text.
 async fn sync_metrics(s: &Stack) -> String {
-    let response = reqwest::get(s.sync.url("/metrics")).await.unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
+    checkplane_testkit::metrics_text(&s.sync.url("/metrics")).await
 }
 
 /// `done` failed on its first attempt (HAProxy's own answer is not retried), saying `words`.

@@ -117,15 +117,7 @@ impl Stand {
 
     /// The value of an unlabelled metric on the gateway's `/metrics`.
     async fn gateway_metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = checkplane_testkit::metrics_text(&self.gw.url("/metrics")).await;
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {name} in {text}"))
