@@ -3,7 +3,7 @@
 //! One dedicated Redis pub/sub connection per gateway subscribes to every shard's `wake`
 //! channel and fans wake-ups out in process: a message names an agent, and every claim of that
 //! agent waiting in this process is woken to run its script again. A waiting claim holds no
-//! Redis connection at all. A waiter enables its `Notified` futures *before* its claim script
+//! Redis connection at all. A waiter listens ([`Bell::listen`]) *before* its claim script
 //! runs, so a task enqueued between the script and the wait still wakes it. The same
 //! connection has a pattern subscription to every check's `live` channel: the projector
 //! publishes a check's id after a commit that moved its slots, and that check's live readers
@@ -20,6 +20,31 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
 
+/// A waiter's bell and everyone's bell (rung when the subscription came back).
+#[derive(Clone)]
+pub struct Bell {
+    own: Arc<Notify>,
+    everyone: Arc<Notify>,
+}
+
+impl Bell {
+    /// Listen from now on: the future completes at the next ring of either bell after this
+    /// call, even one before it is first polled. So a waiter listens *before* it looks
+    /// (runs its claim script, reads the check), and work arriving in between still wakes it.
+    pub fn listen(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        let mut own = Box::pin(self.own.notified());
+        let mut all = Box::pin(self.everyone.notified());
+        own.as_mut().enable();
+        all.as_mut().enable();
+        async move {
+            tokio::select! {
+                _ = own => {}
+                _ = all => {}
+            }
+        }
+    }
+}
+
 /// Bells by name, each shared by whoever waits on it in this process, and everyone's bell.
 #[derive(Clone, Default)]
 struct Bells {
@@ -28,7 +53,7 @@ struct Bells {
 }
 
 impl Bells {
-    fn bell(&self, name: &str) -> (Arc<Notify>, Arc<Notify>) {
+    fn bell(&self, name: &str) -> Bell {
         let mut bells = self.bells.lock().unwrap_or_else(|p| p.into_inner());
         let bell = match bells.get(name).and_then(Weak::upgrade) {
             Some(bell) => bell,
@@ -41,7 +66,10 @@ impl Bells {
         if bells.len() > 1024 && bells.len().is_power_of_two() {
             bells.retain(|_, w| w.strong_count() > 0);
         }
-        (bell, self.everyone.clone())
+        Bell {
+            own: bell,
+            everyone: self.everyone.clone(),
+        }
     }
 
     fn ring(&self, name: &str) {
@@ -61,7 +89,7 @@ pub struct Doorbell {
 
 impl Doorbell {
     /// The bell of `agent`, shared by all its waiters in this process, and everyone's bell.
-    pub fn bell(&self, agent: &str) -> (Arc<Notify>, Arc<Notify>) {
+    pub fn bell(&self, agent: &str) -> Bell {
         self.agents.bell(agent)
     }
 
@@ -72,7 +100,7 @@ impl Doorbell {
 
     /// The bell of `check`'s live readers (rung when a projector committed a change of its
     /// slots), and the bell rung for all of them when the subscription came back.
-    pub fn check_bell(&self, check: &uuid::Uuid) -> (Arc<Notify>, Arc<Notify>) {
+    pub fn check_bell(&self, check: &uuid::Uuid) -> Bell {
         self.checks.bell(&check.to_string())
     }
 

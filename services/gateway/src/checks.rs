@@ -2,7 +2,6 @@
 //! out), read it with its results.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -11,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::db::Sql;
+use checkplane_runtime::doorbell::Bell;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_runtime::leases::CloseReason;
 use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
@@ -23,7 +23,6 @@ use checkplane_wire::checks::{
 use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, EventBody};
 use checkplane_wire::ErrorCode;
 use serde::Serialize;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::auth::{Operator, Viewer};
@@ -320,14 +319,10 @@ async fn read(
         applied = Some(wait);
         let waited = |response: Response| Ok(preference_applied(response, wait));
         let deadline = tokio::time::Instant::now() + wait;
-        let (bell, everyone) = app.doorbell.check_bell(&id);
+        let bell = app.doorbell.check_bell(&id);
         loop {
             // Listen before looking, as a live stream does.
-            let rung = bell.notified();
-            let all = everyone.notified();
-            tokio::pin!(rung, all);
-            rung.as_mut().enable();
-            all.as_mut().enable();
+            let rung = bell.listen();
             client = app.stores.pg.get().await?;
             row = check_row(&client, &id).await?;
             etag = etag_of(&row);
@@ -337,7 +332,6 @@ async fn read(
             drop(client);
             tokio::select! {
                 _ = rung => {}
-                _ = all => {}
                 _ = tokio::time::sleep(app.config.live_poll) => {}
                 _ = tokio::time::sleep_until(deadline) => return waited(not_modified(&etag)),
                 _ = app.shutdown.cancelled() => return waited(not_modified(&etag)),
@@ -599,7 +593,7 @@ struct LiveState {
     done: bool,
     until: tokio::time::Instant,
     /// The check's bell (rung when a projector commit moved its slots) and everyone's.
-    bell: (Arc<Notify>, Arc<Notify>),
+    bell: Bell,
     /// This stream's place under `GATEWAY_MAX_LIVE_STREAMS`.
     _place: LivePlace,
 }
@@ -739,12 +733,8 @@ async fn live(
                 }
                 // Listen before looking: an announcement of a commit after the read below
                 // still wakes this stream.
-                let (bell, everyone) = (state.bell.0.clone(), state.bell.1.clone());
-                let rung = bell.notified();
-                let all = everyone.notified();
-                tokio::pin!(rung, all);
-                rung.as_mut().enable();
-                all.as_mut().enable();
+                let bell = state.bell.clone();
+                let rung = bell.listen();
                 if let Err(error) = live_step(&mut state).await {
                     tracing::warn!(check_id = %state.id, ?error, "live stream ended on an error");
                     return None;
@@ -753,7 +743,6 @@ async fn live(
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,
                         _ = rung => {}
-                        _ = all => {}
                         _ = tokio::time::sleep(poll) => {}
                     }
                 }

@@ -97,14 +97,10 @@ async fn claim(
     }
     let wait = Duration::from_millis(request.wait_ms).min(app.config.claim_block);
     let deadline = tokio::time::Instant::now() + wait;
-    let (bell, everyone) = app.doorbell.bell(&agent_id);
+    let bell = app.doorbell.bell(&agent_id);
     loop {
-        // Register for the doorbell before looking, so that work arriving in between wakes us.
-        let mine = bell.notified();
-        let all = everyone.notified();
-        tokio::pin!(mine, all);
-        mine.as_mut().enable();
-        all.as_mut().enable();
+        // Listen before looking, so that work arriving in between wakes us.
+        let rung = bell.listen();
 
         let now = now_ms();
         let (leases, agent_id, request_id, capacities) =
@@ -128,8 +124,7 @@ async fn claim(
         // restarted agent gets them within about one term rather than at its next claim.
         let recheck = tokio::time::Instant::now() + app.config.lease_ttl;
         tokio::select! {
-            _ = mine => {}
-            _ = all => {}
+            _ = rung => {}
             _ = app.shutdown.cancelled() => return Ok(Json(ClaimResponse { leases: Vec::new() })),
             _ = tokio::time::sleep_until(deadline.min(recheck)) => {}
         }
