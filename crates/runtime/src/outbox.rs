@@ -61,18 +61,29 @@ pub async fn append_all(tx: &impl Sql, events: &[Event], stream: &str) -> Result
     Ok(())
 }
 
+/// The stream entry field that says an event was applied in PostgreSQL before it was
+/// published: every outbox row is committed in the transaction that applied its event, so
+/// an event published from the outbox (by its command or by the sweep) is in `events`
+/// already, and a projector acknowledges it without a transaction of its own.
+pub const APPLIED_FIELD: &str = "applied";
+
+fn xadd_cmd(stream: &str, event_json: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("*")
+        .arg("event")
+        .arg(event_json)
+        .arg(APPLIED_FIELD)
+        .arg("1");
+    cmd
+}
+
 async fn xadd(
     conn: &mut impl redis::aio::ConnectionLike,
     stream: &str,
     event_json: &str,
 ) -> redis::RedisResult<String> {
-    redis::cmd("XADD")
-        .arg(stream)
-        .arg("*")
-        .arg("event")
-        .arg(event_json)
-        .query_async(conn)
-        .await
+    xadd_cmd(stream, event_json).query_async(conn).await
 }
 
 /// After commit: publish and drop the outbox row, within `timeout`. A failure is logged and
@@ -121,12 +132,7 @@ pub async fn publish_all(
         let mut pipe = redis::pipe();
         for event in events {
             let json = serde_json::to_string(event).map_err(|e| e.to_string())?;
-            pipe.cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("event")
-                .arg(json)
-                .ignore();
+            pipe.add_command(xadd_cmd(stream, &json)).ignore();
         }
         let mut conn = redis.get().await.map_err(|e| e.to_string())?;
         let _: () = pipe

@@ -12,6 +12,11 @@
 //! 3. commit, then `XACK`. A crash before the ack leaves the entries pending: they are read
 //!    again, found in `events`, and skipped. Every event is applied exactly once.
 //!
+//! Entries published from the outbox carry `applied` ([`crate::outbox::APPLIED_FIELD`]): their
+//! event was applied in the very transaction that wrote the outbox row, so they are known
+//! without asking PostgreSQL and only acknowledged (a check's own events still wake its live
+//! readers). A batch of nothing else costs no transaction.
+//!
 //! An entry that fails to decode or apply because of its own content (bad JSON, a data or
 //! constraint error) is retried; after `max_attempts` failures it is
 //! parked in `projection_failures`, acknowledged and counted
@@ -105,6 +110,9 @@ struct Entry {
     stream: String,
     id: String,
     raw: Option<String>,
+    /// Published from the outbox, so applied in PostgreSQL already
+    /// ([`crate::outbox::APPLIED_FIELD`]).
+    applied: bool,
 }
 
 impl Entry {
@@ -117,6 +125,7 @@ impl Entry {
             stream: stream.to_owned(),
             id: s.id.clone(),
             raw,
+            applied: s.map.contains_key(crate::outbox::APPLIED_FIELD),
         }
     }
 }
@@ -337,9 +346,28 @@ impl Projector {
 
         let mut done: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut moved_checks = Vec::new();
+        // Events published from the outbox were applied in the transaction that wrote their
+        // outbox row: acknowledged without one of ours. A check's own (made at the edge) is
+        // still announced to its live readers: its commit is a moment for them to look.
+        let (edge, decoded): (Vec<_>, Vec<_>) =
+            decoded.into_iter().partition(|(entry, _)| entry.applied);
+        for (entry, event) in &edge {
+            outcome.skipped += 1;
+            moved_checks.extend(
+                event
+                    .aggregate_id
+                    .strip_prefix("check:")
+                    .and_then(|id| uuid::Uuid::parse_str(id).ok()),
+            );
+            done.entry(entry.stream.clone())
+                .or_default()
+                .push(entry.id.clone());
+        }
         // Fast path: the whole batch in a few set-based statements.
         let events: Vec<Event> = decoded.iter().map(|(_, e)| e.clone()).collect();
-        let fast = {
+        let fast = if events.is_empty() {
+            Some(projection::Applied::default())
+        } else {
             let mut client = self.pg.get().await?;
             let tx = client.transaction().await?;
             match projection::record_and_apply_batch(&tx, &events).await {
@@ -354,7 +382,9 @@ impl Projector {
         if let Some(applied) = fast {
             outcome.applied += applied.applied;
             outcome.skipped += applied.skipped;
-            moved_checks = applied.checks;
+            moved_checks.extend(applied.checks);
+            moved_checks.sort_unstable();
+            moved_checks.dedup();
             for (entry, _) in &decoded {
                 done.entry(entry.stream.clone())
                     .or_default()

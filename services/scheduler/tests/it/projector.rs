@@ -124,6 +124,58 @@ async fn a_poison_event_is_parked_and_the_stream_keeps_flowing() {
     task.await.unwrap();
 }
 
+/// An event published from the outbox was applied in the transaction that wrote its outbox
+/// row: the projector acknowledges it without applying it again. Shown with an event that
+/// was published but never applied (which the outbox itself never does): it stays out of
+/// PostgreSQL, while the plain entry beside it is applied.
+#[tokio::test]
+async fn an_event_published_from_the_outbox_is_acknowledged_without_a_transaction() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let stream = Keys::new(redis.prefix.clone(), 1).presence_events(0);
+    let pool = deadpool_redis::Config::from_url(redis.url.as_str())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let pg = checkplane_runtime::db::pool(&db.config, 2).unwrap();
+    let edge = registered("published-edge", 1, 1_000);
+    checkplane_runtime::outbox::publish(&pg, &pool, &stream, &edge, Duration::from_secs(5)).await;
+    let mut conn = redis.connection().await;
+    xadd(&mut conn, &stream, &registered("published-plain", 1, 1_000)).await;
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(
+        projector(&db, &redis.url, vec![stream.clone()], "p1", |_| {}).run(shutdown.clone()),
+    );
+    eventually(
+        "both entries acknowledged",
+        Duration::from_secs(10),
+        || async {
+            // The plain entry first: once applied, the projector's group exists.
+            (crate::count(
+                &db,
+                "SELECT count(*) FROM agents WHERE agent_id = 'published-plain'",
+            )
+            .await
+                == 1
+                && pending(&redis, &stream).await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    let edge_rows = crate::count(
+        &db,
+        &format!(
+            "SELECT (SELECT count(*) FROM events WHERE event_id = '{}')
+                  + (SELECT count(*) FROM agents WHERE agent_id = 'published-edge')",
+            edge.event_id
+        ),
+    )
+    .await;
+    assert_eq!(edge_rows, 0, "the outbox's event was applied again");
+}
+
 /// A log of registrations and presence transitions of a few agents, in version order.
 fn ordered_log(agents: usize, registrations: i64, transitions: i64) -> Vec<Event> {
     let mut log = Vec::new();
