@@ -109,11 +109,18 @@ pub async fn trim_results(
     let history_ms = i64::try_from(ages.history.as_millis()).unwrap_or(i64::MAX);
     let statements = [
         (
-            "DELETE FROM checks WHERE check_id IN (
-                SELECT check_id FROM checks
-                WHERE status = 'finished'
-                  AND finished_at < now() - $1::bigint * interval '1 millisecond'
-                ORDER BY finished_at LIMIT $2)",
+            // A check and its slots in one statement (no foreign key to cascade): the
+            // count is the checks'.
+            "WITH gone AS (
+                DELETE FROM checks WHERE check_id IN (
+                    SELECT check_id FROM checks
+                    WHERE status = 'finished'
+                      AND finished_at < now() - $1::bigint * interval '1 millisecond'
+                    ORDER BY finished_at LIMIT $2)
+                RETURNING check_id),
+             slots AS (
+                DELETE FROM check_slots WHERE check_id IN (SELECT check_id FROM gone))
+             SELECT check_id FROM gone",
             results_ms,
             &mut done.checks,
         ),
