@@ -72,6 +72,39 @@ fn summary(side: &str, args: &FanOutArgs, mut millis: Vec<f64>, extra: Value) {
     println!("{out}");
 }
 
+/// Commit latency of PostgreSQL itself while the runs go on: one single-row `INSERT` (its own
+/// transaction, so one WAL flush) every 20 ms on a connection of its own, until `stop`. Every
+/// run waits for synchronous commits (the check's, the projector's), so a disk whose flushes
+/// stall shows here first. Answers the latencies in ms, sorted.
+async fn commit_probe(db_url: String, stop: CancellationToken) -> Vec<f64> {
+    let (pg, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    pg.batch_execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (n bigint)")
+        .await
+        .unwrap();
+    let insert = pg
+        .prepare("INSERT INTO bench_commit_probe VALUES ($1)")
+        .await
+        .unwrap();
+    let mut latencies = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Bounded: at most ten minutes of probes.
+    for n in 0..30_000i64 {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let started = Instant::now();
+        pg.execute(&insert, &[&n]).await.unwrap();
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    latencies
+}
+
 /// The services' thread names, by which their CPU is told apart.
 const SERVICES: &[&str] = &["gateway", "scheduler"];
 
@@ -247,11 +280,18 @@ pub async fn checks(args: FanOutArgs) {
     let mut totals = Vec::with_capacity(args.runs);
     let mut accepted = Vec::with_capacity(args.runs);
     let mut gets = 0usize;
-    let mut phases: Vec<[f64; 3]> = Vec::with_capacity(args.runs);
+    let mut phases: Vec<[f64; 4]> = Vec::with_capacity(args.runs);
+    let probe_stop = CancellationToken::new();
+    let mut probe = None;
+    let polling = Instant::now();
     let mut cpu_before = cpu::reading(SERVICES);
     let mut machine = cpu::Machine::now();
     for run in 0..args.warmup + args.runs {
         if run == args.warmup {
+            probe = Some(tokio::spawn(commit_probe(
+                db_url.clone(),
+                probe_stop.clone(),
+            )));
             cpu_before = cpu::reading(SERVICES);
             machine = cpu::Machine::now();
         }
@@ -314,11 +354,17 @@ pub async fn checks(args: FanOutArgs) {
                 last(&marks.claimed),
                 last(&marks.reported),
                 total.as_secs_f64() * 1000.0,
+                started.duration_since(polling).as_secs_f64(),
             ]);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu_ms = cpu::per_run(&cpu_before, &cpu::reading(SERVICES), args.runs);
+    probe_stop.cancel();
+    let commits = match probe {
+        Some(probe) => probe.await.unwrap(),
+        None => Vec::new(),
+    };
     let steal = machine.steal_since();
     stop.cancel();
     for p in pollers {
@@ -368,6 +414,17 @@ pub async fn checks(args: FanOutArgs) {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         round(percentile(&v, 0.5))
     };
+    // The slowest runs, with when their last claim and last report came: where a tail is.
+    let mut slowest: Vec<(usize, [f64; 4])> = phases.iter().copied().enumerate().collect();
+    slowest.sort_by(|a, b| b.1[2].partial_cmp(&a.1[2]).unwrap());
+    let slowest: Vec<Value> = slowest
+        .iter()
+        .take(3)
+        .map(|(run, [claim, report, total, at])| {
+            json!({"run": run, "at_s": round(*at), "last_claim_ms": round(*claim),
+                   "last_report_ms": round(*report), "total_ms": round(*total)})
+        })
+        .collect();
     summary(
         "checkplane",
         &args,
@@ -378,7 +435,11 @@ pub async fn checks(args: FanOutArgs) {
                "last_claim_p50_ms": median_of(0), "last_report_p50_ms": median_of(1),
                "projector_batches": batches, "projector_batch_mean_ms": round(batch_mean_ms),
                "slots_per_agent_min": spread.0, "slots_per_agent_max": spread.1,
-               "cpu_ms_per_check": cpu_ms, "cpu_steal_pct": steal}),
+               "cpu_ms_per_check": cpu_ms, "cpu_steal_pct": steal, "slowest": slowest,
+               "commit_p50_ms": round(percentile(&commits, 0.5)),
+               "commit_p99_ms": round(percentile(&commits, 0.99)),
+               "commit_max_ms": round(commits.last().copied().unwrap_or(0.0)),
+               "commits_over_50ms": commits.iter().filter(|&&ms| ms > 50.0).count()}),
     );
 }
 
