@@ -95,7 +95,7 @@ async fn claim(
             "capacities: at most {MAX_CLAIM} tasks in one claim"
         )));
     }
-    let wait = Duration::from_millis(request.wait_ms).min(app.config.claim_block);
+    let wait = spread(Duration::from_millis(request.wait_ms).min(app.config.claim_block));
     let deadline = tokio::time::Instant::now() + wait;
     let bell = app.doorbell.bell(&agent_id);
     loop {
@@ -129,6 +129,16 @@ async fn claim(
             _ = tokio::time::sleep_until(deadline.min(recheck)) => {}
         }
     }
+}
+
+/// A waiting claim gives up somewhere in the last tenth of its wait rather than at its very
+/// end: agents that began together (a fleet booted at once, all reconnecting after a gateway
+/// restart) would otherwise time out together on every round, and all their re-claims would
+/// land in the same instant, a burst of empty claims ahead of real work.
+fn spread(wait: Duration) -> Duration {
+    let tenth = u64::try_from((wait / 10).as_micros()).unwrap_or(u64::MAX);
+    let random = uuid::Uuid::new_v4().as_u64_pair().1;
+    wait.saturating_sub(Duration::from_micros(random % tenth.saturating_add(1)))
 }
 
 /// Parse every token; a malformed one fails the request, another agent's token forbids it.
@@ -251,4 +261,25 @@ async fn report(
         });
     }
     Ok(Json(TokenOutcomes { results }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+    use std::time::Duration;
+
+    #[test]
+    fn a_claim_gives_up_in_the_last_tenth_of_its_wait_and_not_always_at_the_same_moment() {
+        let wait = Duration::from_secs(20);
+        let spread_waits: std::collections::BTreeSet<Duration> =
+            (0..200).map(|_| spread(wait)).collect();
+        assert!(spread_waits
+            .iter()
+            .all(|w| *w <= wait && *w >= wait * 9 / 10));
+        // 200 draws from two million microseconds: a repeat-only answer means no spread.
+        assert!(spread_waits.len() > 100, "{spread_waits:?}");
+        let span = *spread_waits.last().unwrap() - *spread_waits.first().unwrap();
+        assert!(span > Duration::from_millis(1_000), "{span:?}");
+        assert_eq!(spread(Duration::ZERO), Duration::ZERO);
+    }
 }
