@@ -633,6 +633,14 @@ pub async fn record_and_apply_independent(
     Ok(())
 }
 
+/// The check an event is about, when its aggregate is one (`check:<id>`).
+pub fn check_of(event: &Event) -> Option<uuid::Uuid> {
+    event
+        .aggregate_id
+        .strip_prefix("check:")
+        .and_then(|id| uuid::Uuid::parse_str(id).ok())
+}
+
 async fn apply_recorded(
     client: &impl Sql,
     events: &[Event],
@@ -645,11 +653,7 @@ async fn apply_recorded(
     for event in events {
         // A check's own events (made and applied at the edge, so usually known here) come
         // through after their commit: a good moment for its live readers to look.
-        if let Some(check) = event
-            .aggregate_id
-            .strip_prefix("check:")
-            .and_then(|id| uuid::Uuid::parse_str(id).ok())
-        {
+        if let Some(check) = check_of(event) {
             applied.checks.push(check);
         }
         // `remove`: an id repeated within the batch is applied once.

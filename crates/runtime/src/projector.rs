@@ -353,12 +353,7 @@ impl Projector {
             decoded.into_iter().partition(|(entry, _)| entry.applied);
         for (entry, event) in &edge {
             outcome.skipped += 1;
-            moved_checks.extend(
-                event
-                    .aggregate_id
-                    .strip_prefix("check:")
-                    .and_then(|id| uuid::Uuid::parse_str(id).ok()),
-            );
+            moved_checks.extend(projection::check_of(event));
             done.entry(entry.stream.clone())
                 .or_default()
                 .push(entry.id.clone());
