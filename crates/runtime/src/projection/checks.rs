@@ -169,13 +169,18 @@ pub(super) async fn apply_slots(
 
     type Params<'p> = Vec<&'p (dyn tokio_postgres::types::ToSql + Sync)>;
     let lock_params: Params<'_> = vec![&checks];
-    let grant_params: Params<'_> = vec![&leased.0, &leased.1, &leased.2, &leased.3];
+    // Each statement also says which checks it is about (`check_id = ANY(checks)`), so the
+    // planner reads those checks' slots by index whatever it believes of the table's size:
+    // left to the join alone, a table it thinks small (fresh, never analyzed) is read whole
+    // for every batch.
+    let grant_params: Params<'_> = vec![&leased.0, &leased.1, &leased.2, &leased.3, &checks];
     let interrupt_params: Params<'_> = vec![
         &interrupted.0,
         &interrupted.1,
         &interrupted.2,
         &interrupted.3,
         &interrupted_outcomes,
+        &checks,
     ];
     let end_params: Params<'_> = vec![
         &ended.0,
@@ -184,6 +189,7 @@ pub(super) async fn apply_slots(
         &ended.3,
         &ended_outcomes,
         &ended_results,
+        &checks,
     ];
     let lock = client.execute(
         "SELECT 1 FROM checks WHERE check_id = ANY($1) ORDER BY check_id FOR UPDATE",
@@ -196,7 +202,8 @@ pub(super) async fn apply_slots(
          FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms
                FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[]) AS i(c, sl, at, ms)
                ORDER BY c, sl, at, ms) u
-         WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at",
+         WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
+           AND s.check_id = ANY($5)",
         &grant_params,
     );
     let interrupt = client.execute(
@@ -207,7 +214,7 @@ pub(super) async fn apply_slots(
                     WITH ORDINALITY AS i(c, sl, at, ms, oc, ord)
                ORDER BY c, sl, at, ord) u
          WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
-           AND s.status IN ('pending', 'waiting', 'leased')",
+           AND s.status IN ('pending', 'waiting', 'leased') AND s.check_id = ANY($6)",
         &interrupt_params,
     );
     // Each ending slot gets its check's next seq, in the order given.
@@ -222,9 +229,10 @@ pub(super) async fn apply_slots(
                                  $6::jsonb[]) WITH ORDINALITY AS i(c, sl, at, ms, oc, res, ord)
                      JOIN check_slots o ON o.check_id = i.c AND o.slot = i.sl
                                        AND o.attempt = i.at AND o.status <> 'done'
+                                       AND o.check_id = ANY($7)
                      ORDER BY i.c, i.sl, i.ord) d
                JOIN checks k ON k.check_id = d.c) u
-         WHERE s.check_id = u.c AND s.slot = u.sl",
+         WHERE s.check_id = u.c AND s.slot = u.sl AND s.check_id = ANY($7)",
         &end_params,
     );
     // The counters follow from the slots, so they need no answer from the statements
