@@ -170,7 +170,8 @@ pub(super) async fn apply_slots(
     type Params<'p> = Vec<&'p (dyn tokio_postgres::types::ToSql + Sync)>;
     let lock_params: Params<'_> = vec![&checks];
     // Each statement also says which checks it is about (`check_id = ANY(checks)`), so the
-    // planner reads those checks' slots by index whatever it believes of the table's size:
+    // planner reads those checks and their slots by index whatever it believes of the
+    // tables' sizes:
     // left to the join alone, a table it thinks small (fresh, never analyzed) is read whole
     // for every batch.
     let grant_params: Params<'_> = vec![&leased.0, &leased.1, &leased.2, &leased.3, &checks];
@@ -231,7 +232,7 @@ pub(super) async fn apply_slots(
                                        AND o.attempt = i.at AND o.status <> 'done'
                                        AND o.check_id = ANY($7)
                      ORDER BY i.c, i.sl, i.ord) d
-               JOIN checks k ON k.check_id = d.c) u
+               JOIN checks k ON k.check_id = d.c AND k.check_id = ANY($7)) u
          WHERE s.check_id = u.c AND s.slot = u.sl AND s.check_id = ANY($7)",
         &end_params,
     );
@@ -251,7 +252,7 @@ pub(super) async fn apply_slots(
                       count(*) FILTER (WHERE status NOT IN ('pending', 'waiting')) AS started,
                       max(done_at) FILTER (WHERE status = 'done') AS last_end
                FROM check_slots WHERE check_id = ANY($1) GROUP BY check_id) t
-         WHERE c.check_id = t.check_id",
+         WHERE c.check_id = t.check_id AND c.check_id = ANY($1)",
         &lock_params,
     );
     let (locked, granted, interrupted, ended, counted) =
