@@ -53,9 +53,10 @@ fn refused(error: CheckError) -> ApiError {
     }
 }
 
-/// The agents for each slot, with the `locations` entry each is for.
+/// The agents for each slot, with the `locations` entry each is for. On the pooled
+/// transaction (`Sql`), so the selection is parsed once per connection, not per check.
 async fn select(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl Sql,
     kind: &str,
     selection: &Selection,
 ) -> Result<Vec<(Candidate, Option<u32>)>, ApiError> {
