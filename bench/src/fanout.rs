@@ -384,13 +384,12 @@ pub async fn checks(args: FanOutArgs) {
         None => Vec::new(),
     };
     // The runs no stalled commit overlapped: what the services did, apart from the disk.
-    let clear: Vec<f64> = spans
+    let mut clear: Vec<f64> = spans
         .iter()
         .filter(|&&run| !during_stall(run, &probes))
         .map(|&(_, ms)| ms)
         .collect();
     let stalled_runs = spans.len() - clear.len();
-    let mut clear = clear;
     clear.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let mut commits: Vec<f64> = probes.iter().map(|&(_, ms)| ms).collect();
     commits.sort_by(|a, b| a.partial_cmp(b).unwrap());

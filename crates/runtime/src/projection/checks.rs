@@ -171,9 +171,8 @@ pub(super) async fn apply_slots(
     let lock_params: Params<'_> = vec![&checks];
     // Each statement also says which checks it is about (`check_id = ANY(checks)`), so the
     // planner reads those checks and their slots by index whatever it believes of the
-    // tables' sizes:
-    // left to the join alone, a table it thinks small (fresh, never analyzed) is read whole
-    // for every batch.
+    // tables' sizes: left to the join alone, a table it thinks small (fresh, never analyzed)
+    // is read whole for every batch.
     let grant_params: Params<'_> = vec![&leased.0, &leased.1, &leased.2, &leased.3, &checks];
     let interrupt_params: Params<'_> = vec![
         &interrupted.0,
