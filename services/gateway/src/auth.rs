@@ -2,6 +2,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::ApiError;
 use checkplane_wire::agents::{limits, AgentId};
 use checkplane_wire::operators::{self, Role};
@@ -76,12 +77,13 @@ impl FromRequestParts<AppState> for AgentIdentity {
             return Ok(Self { agent_id });
         }
         let client = state.stores.pg.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT token_hash FROM agents WHERE agent_id = $1 AND token_hash IS NOT NULL",
-                &[&agent_id.as_str()],
-            )
-            .await?;
+        // Through the statement cache: every agent comes here again once its entry expires.
+        let row = Sql::query_opt(
+            &client,
+            "SELECT token_hash FROM agents WHERE agent_id = $1 AND token_hash IS NOT NULL",
+            &[&agent_id.as_str()],
+        )
+        .await?;
         let stored: String = row.map(|r| r.get(0)).ok_or_else(denied)?;
         if !same(stored.as_bytes(), presented.as_bytes()) {
             return Err(denied());
