@@ -59,7 +59,7 @@ struct Marks {
 pub const ADMIN: &str = "bench-admin-key-0123456789";
 pub const ENROLL: &str = "bench-enrollment-token-0123";
 
-fn summary(side: &str, args: &FanOutArgs, mut millis: Vec<f64>, extra: Value) {
+pub(crate) fn summary(side: &str, args: &FanOutArgs, mut millis: Vec<f64>, extra: Value) {
     millis.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let round = |v: f64| (v * 100.0).round() / 100.0;
     let mut out = json!({"bench": "fan_out", "side": side, "agents": args.agents,
@@ -120,7 +120,7 @@ fn during_stall(run: (Instant, f64), probes: &[(Instant, f64)]) -> bool {
 const SERVICES: &[&str] = &["gateway", "scheduler"];
 
 /// A runtime of two workers whose threads carry `name`, and a loopback listener for it.
-fn service_runtime(name: &str) -> (tokio::runtime::Runtime, std::net::TcpListener) {
+pub(crate) fn service_runtime(name: &str) -> (tokio::runtime::Runtime, std::net::TcpListener) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(name)
@@ -474,7 +474,29 @@ pub async fn checks(args: FanOutArgs) {
     );
 }
 
-pub async fn raw(args: FanOutArgs) {
+/// The agents' task streams (`{prefix}:tasks:<n>`), each with its `agents` group.
+pub(crate) async fn task_streams(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    agents: usize,
+) -> Vec<String> {
+    let streams: Vec<String> = (0..agents).map(|a| format!("{prefix}:tasks:{a}")).collect();
+    for stream in &streams {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg("agents")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    streams
+}
+
+/// A scratch database with the baselines' results table, and a connection to it.
+pub(crate) async fn raw_database(args: &FanOutArgs) -> (String, tokio_postgres::Client) {
     let (name, _) = scratch(&args.pg_url).await;
     let db_url = format!("{}/{name}", args.pg_url.rsplit_once('/').unwrap().0);
     let (pg, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
@@ -486,28 +508,135 @@ pub async fn raw(args: FanOutArgs) {
     )
     .await
     .unwrap();
+    (name, pg)
+}
+
+/// The baselines' collector: read the results stream after `last` and write what each read
+/// brings in one `INSERT`, until `fan` results of `run` are stored; then a `SELECT` sees them.
+pub(crate) async fn store_results(
+    reader: &mut redis::aio::MultiplexedConnection,
+    pg: &tokio_postgres::Client,
+    results: &str,
+    last: &mut String,
+    run: usize,
+    fan: usize,
+) {
+    let mut stored = 0usize;
+    while stored < fan {
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(200)
+            .arg("STREAMS")
+            .arg(results)
+            .arg(&*last)
+            .query_async(reader)
+            .await
+            .unwrap();
+        let entries: Vec<redis::streams::StreamId> = reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .collect();
+        let Some(tail) = entries.last() else { continue };
+        *last = tail.id.clone();
+        let field = |e: &redis::streams::StreamId, f: &str| e.get::<String>(f).unwrap();
+        let runs: Vec<i32> = entries
+            .iter()
+            .map(|e| field(e, "run").parse().unwrap())
+            .collect();
+        let who: Vec<i32> = entries
+            .iter()
+            .map(|e| field(e, "agent").parse().unwrap())
+            .collect();
+        let bodies: Vec<String> = entries.iter().map(|e| field(e, "result")).collect();
+        pg.execute(
+            "INSERT INTO raw_results SELECT r, a, b::jsonb
+             FROM unnest($1::int[], $2::int[], $3::text[]) AS u(r, a, b)",
+            &[&runs, &who, &bodies],
+        )
+        .await
+        .unwrap();
+        stored += entries.len();
+    }
+    let seen: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM raw_results WHERE run = $1",
+            &[&(run as i32)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen as usize, fan);
+}
+
+/// The pipeline that acknowledges an agent's task and adds its result.
+pub(crate) fn ack_and_result(
+    stream: &str,
+    entry: &str,
+    results: &str,
+    run: &str,
+    agent: usize,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XACK")
+        .arg(stream)
+        .arg("agents")
+        .arg(entry)
+        .ignore()
+        .cmd("XADD")
+        .arg(results)
+        .arg("*")
+        .arg("run")
+        .arg(run)
+        .arg("agent")
+        .arg(agent)
+        .arg("result")
+        .arg(r#"{"answers": []}"#)
+        .ignore();
+    pipe
+}
+
+/// What the baselines send as a task.
+pub(crate) fn raw_spec() -> String {
+    json!({"check_id": uuid::Uuid::nil(), "slot": 0, "attempt": 1, "kind": "dns",
+           "target": "example.com", "options": {"type": "A"}, "deadline_ms": 0})
+    .to_string()
+}
+
+/// The agents a baseline's run goes to.
+pub(crate) fn run_agents(args: &FanOutArgs, run: usize) -> impl Iterator<Item = usize> + '_ {
+    (0..args.fan).map(move |i| (run * args.fan + i) % args.agents)
+}
+
+pub(crate) async fn drop_streams(
+    conn: &mut redis::aio::MultiplexedConnection,
+    mut keys: Vec<String>,
+    results: String,
+) {
+    keys.push(results);
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
+pub async fn raw(args: FanOutArgs) {
+    let (name, pg) = raw_database(&args).await;
     let prefix = format!("forb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let results = format!("{prefix}:results");
-    let stream = |a: usize| format!("{prefix}:tasks:{a}");
-    for a in 0..args.agents {
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(stream(a))
-            .arg("agents")
-            .arg("$")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    let streams = task_streams(&mut conn, &prefix, args.agents).await;
     // Every agent blocked on its own stream, on its own connection.
     let stop = CancellationToken::new();
     let mut agents = Vec::new();
-    for a in 0..args.agents {
-        let (client, stop, key, results) =
-            (redis.clone(), stop.clone(), stream(a), results.clone());
+    for (a, key) in streams.iter().cloned().enumerate() {
+        let (client, stop, results) = (redis.clone(), stop.clone(), results.clone());
         agents.push(tokio::spawn(async move {
             let mut c = client.get_multiplexed_async_connection().await.unwrap();
             while !stop.is_cancelled() {
@@ -527,22 +656,7 @@ pub async fn raw(args: FanOutArgs) {
                     .unwrap();
                 for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
                     let run: String = entry.get("run").unwrap();
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("XACK")
-                        .arg(&key)
-                        .arg("agents")
-                        .arg(&entry.id)
-                        .ignore()
-                        .cmd("XADD")
-                        .arg(&results)
-                        .arg("*")
-                        .arg("run")
-                        .arg(run)
-                        .arg("agent")
-                        .arg(a)
-                        .arg("result")
-                        .arg(r#"{"answers": []}"#)
-                        .ignore();
+                    let pipe = ack_and_result(&key, &entry.id, &results, &run, a);
                     let _: () = pipe.query_async(&mut c).await.unwrap();
                 }
             }
@@ -552,16 +666,13 @@ pub async fn raw(args: FanOutArgs) {
     let mut reader = redis.get_multiplexed_async_connection().await.unwrap();
     let mut last = "0-0".to_owned();
     let mut totals = Vec::with_capacity(args.runs);
-    let spec = json!({"check_id": uuid::Uuid::nil(), "slot": 0, "attempt": 1, "kind": "dns",
-                      "target": "example.com", "options": {"type": "A"}, "deadline_ms": 0})
-    .to_string();
+    let spec = raw_spec();
     for run in 0..args.warmup + args.runs {
         let started = Instant::now();
         let mut pipe = redis::pipe();
-        for i in 0..args.fan {
-            let a = (run * args.fan + i) % args.agents;
+        for a in run_agents(&args, run) {
             pipe.cmd("XADD")
-                .arg(stream(a))
+                .arg(&streams[a])
                 .arg("*")
                 .arg("run")
                 .arg(run)
@@ -570,56 +681,7 @@ pub async fn raw(args: FanOutArgs) {
                 .ignore();
         }
         let _: () = pipe.query_async(&mut conn).await.unwrap();
-        let mut stored = 0usize;
-        while stored < args.fan {
-            let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(1000)
-                .arg("BLOCK")
-                .arg(200)
-                .arg("STREAMS")
-                .arg(&results)
-                .arg(&last)
-                .query_async(&mut reader)
-                .await
-                .unwrap();
-            let entries: Vec<redis::streams::StreamId> = reply
-                .into_iter()
-                .flat_map(|r| r.keys)
-                .flat_map(|k| k.ids)
-                .collect();
-            let Some(tail) = entries.last() else { continue };
-            last = tail.id.clone();
-            let runs: Vec<i32> = entries
-                .iter()
-                .map(|e| e.get::<String>("run").unwrap().parse().unwrap())
-                .collect();
-            let who: Vec<i32> = entries
-                .iter()
-                .map(|e| e.get::<String>("agent").unwrap().parse().unwrap())
-                .collect();
-            let bodies: Vec<String> = entries
-                .iter()
-                .map(|e| e.get::<String>("result").unwrap())
-                .collect();
-            pg.execute(
-                "INSERT INTO raw_results SELECT r, a, b::jsonb
-                 FROM unnest($1::int[], $2::int[], $3::text[]) AS u(r, a, b)",
-                &[&runs, &who, &bodies],
-            )
-            .await
-            .unwrap();
-            stored += entries.len();
-        }
-        let seen: i64 = pg
-            .query_one(
-                "SELECT count(*) FROM raw_results WHERE run = $1",
-                &[&(run as i32)],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(seen as usize, args.fan);
+        store_results(&mut reader, &pg, &results, &mut last, run, args.fan).await;
         if run >= args.warmup {
             totals.push(started.elapsed().as_secs_f64() * 1000.0);
         }
@@ -629,15 +691,7 @@ pub async fn raw(args: FanOutArgs) {
     for a in agents {
         let _ = a.await;
     }
-    let mut keys: Vec<String> = (0..args.agents).map(stream).collect();
-    keys.push(results);
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("DEL")
-            .arg(chunk)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    drop_streams(&mut conn, streams, results).await;
     drop(pg);
     drop_scratch(&args.pg_url, &name).await;
     summary("raw", &args, totals, json!({}));

@@ -2,7 +2,8 @@
 //! both sides of a comparison in one go, prints their command lines and appends the figures to
 //! `bench/RESULTS.md`.
 //!
-//! `fan-out`: see `fanout.rs`. `dns-proxy` and `agent-rss`: see `dns.rs`.
+//! `fan-out`: see `fanout.rs`; its reference server, `floor.rs`. `dns-proxy` and `agent-rss`:
+//! see `dns.rs`.
 //!
 //! `projection`: events applied into PostgreSQL by the projector (from Redis streams, with the
 //! same connection count) beside a raw batch INSERT of the same rows.
@@ -11,6 +12,7 @@
 mod cpu;
 mod dns;
 mod fanout;
+mod floor;
 mod haproxy;
 
 /// The allocator the service binaries use, so their figures are the services'.
@@ -48,6 +50,8 @@ enum Command {
     FanOut(fanout::FanOutArgs),
     /// The same data path in raw Redis streams and one PostgreSQL insert per read.
     FanOutRaw(fanout::FanOutArgs),
+    /// The raw data path with HTTP between the agents and Redis: a bare reference server.
+    FanOutHttp(fanout::FanOutArgs),
     /// dnsperf against the agent's caching DNS proxy and against unbound, same threads.
     DnsProxy(dns::DnsArgs),
     /// The agent process's resident memory, idle and with 1,000 checks in flight.
@@ -656,6 +660,7 @@ fn main() {
         Command::LeaseCycle(args) => runtime.block_on(lease_cycle(args)),
         Command::FanOut(args) => runtime.block_on(fanout::checks(args)),
         Command::FanOutRaw(args) => runtime.block_on(fanout::raw(args)),
+        Command::FanOutHttp(args) => runtime.block_on(floor::http(args)),
         Command::DnsProxy(args) => dns::proxy(args),
         Command::AgentRss(args) => runtime.block_on(dns::rss(args)),
         Command::HaproxySync(args) => runtime.block_on(haproxy::sync_cycle(args)),
