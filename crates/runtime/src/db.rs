@@ -170,13 +170,22 @@ pub trait Sql: Sync {
         &self,
         sql: &str,
     ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
+    /// Have `sql` prepared on a cached connection (nothing elsewhere). Statements sent as one
+    /// pipeline run in the order their executions are sent, and a statement that still has to
+    /// be prepared sends its execution a round trip later than one already prepared: a
+    /// pipeline whose order matters, and whose statements are not always all sent together,
+    /// prepares them all first.
+    fn prepare(
+        &self,
+        sql: &str,
+    ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
 }
 
 /// `Sql` for `$ty` through the `GenericClient` trait `$client`, the statement each call runs
 /// being `$statement` (of `$this` and `$sql`): the text itself, or the connection's prepared
 /// statement for it.
 macro_rules! sql_impl {
-    ($ty:ty, $client:path, |$this:ident, $sql:ident| $statement:expr) => {
+    ($ty:ty, $client:path, |$this:ident, $sql:ident| $statement:expr, $prepare:expr) => {
         impl Sql for $ty {
             async fn execute(
                 &self,
@@ -217,27 +226,42 @@ macro_rules! sql_impl {
             async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
                 <Self as $client>::batch_execute(self, sql).await
             }
+            async fn prepare(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+                let ($this, $sql) = (self, sql);
+                $prepare
+            }
         }
     };
 }
 
+// Uncached: every statement is prepared as it is sent, so a pipeline keeps its order.
 sql_impl!(
     tokio_postgres::Client,
     tokio_postgres::GenericClient,
-    |_this, sql| sql
+    |_this, sql| sql,
+    {
+        let _ = sql;
+        Ok(())
+    }
 );
 sql_impl!(
     tokio_postgres::Transaction<'_>,
     tokio_postgres::GenericClient,
-    |_this, sql| sql
+    |_this, sql| sql,
+    {
+        let _ = sql;
+        Ok(())
+    }
 );
 sql_impl!(
     deadpool_postgres::Client,
     deadpool_postgres::GenericClient,
-    |this, sql| &this.prepare_cached(sql).await?
+    |this, sql| &this.prepare_cached(sql).await?,
+    this.prepare_cached(sql).await.map(|_| ())
 );
 sql_impl!(
     deadpool_postgres::Transaction<'_>,
     deadpool_postgres::GenericClient,
-    |this, sql| &this.prepare_cached(sql).await?
+    |this, sql| &this.prepare_cached(sql).await?,
+    this.prepare_cached(sql).await.map(|_| ())
 );

@@ -119,9 +119,59 @@ pub(crate) struct SlotUpdate<'a> {
     pub change: SlotChange<'a>,
 }
 
-/// Move slots along: five statements whatever the number of changes and checks, sent as one
-/// pipeline (no statement's parameters depend on another's answer, and PostgreSQL runs them in
-/// the order sent), so a batch waits for one round trip rather than five.
+const LOCK: &str = "SELECT 1 FROM checks WHERE check_id = ANY($1) ORDER BY check_id FOR UPDATE";
+const GRANT: &str = "UPDATE check_slots s
+     SET status = CASE WHEN s.status IN ('pending', 'waiting') THEN 'leased'
+                       ELSE s.status END,
+         started_at = LEAST(s.started_at,
+                            'epoch'::timestamptz + u.ms * interval '1 millisecond')
+     FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms
+           FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[]) AS i(c, sl, at, ms)
+           ORDER BY c, sl, at, ms) u
+     WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
+       AND s.check_id = ANY($5)";
+const INTERRUPT: &str = "UPDATE check_slots s SET status = 'retrying', outcome = u.oc,
+            done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond'
+     FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms, oc
+           FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[], $5::text[])
+                WITH ORDINALITY AS i(c, sl, at, ms, oc, ord)
+           ORDER BY c, sl, at, ord) u
+     WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
+       AND s.status IN ('pending', 'waiting', 'leased') AND s.check_id = ANY($6)";
+/// Each ending slot gets its check's next seq, in the order given.
+const END: &str = "UPDATE check_slots s SET status = 'done', outcome = u.oc, result = u.res,
+            done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond',
+            seq = u.base + u.rank
+     FROM (SELECT d.*, k.seq AS base,
+                  row_number() OVER (PARTITION BY d.c ORDER BY d.ord) AS rank
+           FROM (SELECT DISTINCT ON (i.c, i.sl) i.*
+                 FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[], $5::text[],
+                             $6::jsonb[]) WITH ORDINALITY AS i(c, sl, at, ms, oc, res, ord)
+                 JOIN check_slots o ON o.check_id = i.c AND o.slot = i.sl
+                                   AND o.attempt = i.at AND o.status <> 'done'
+                                   AND o.check_id = ANY($7)
+                 ORDER BY i.c, i.sl, i.ord) d
+           JOIN checks k ON k.check_id = d.c AND k.check_id = ANY($7)) u
+     WHERE s.check_id = u.c AND s.slot = u.sl AND s.check_id = ANY($7)";
+const COUNT: &str = "UPDATE checks c SET seq = GREATEST(c.seq, t.seq), slots_done = t.done,
+            revision = c.revision + 1,
+            status = CASE WHEN t.done >= c.slots THEN 'finished'
+                          WHEN t.started > 0 THEN 'in_progress'
+                          ELSE c.status END,
+            finished_at = CASE WHEN t.done >= c.slots THEN t.last_end
+                               ELSE c.finished_at END
+     FROM (SELECT check_id, COALESCE(max(seq), 0) AS seq,
+                  count(*) FILTER (WHERE status = 'done') AS done,
+                  count(*) FILTER (WHERE status NOT IN ('pending', 'waiting')) AS started,
+                  max(done_at) FILTER (WHERE status = 'done') AS last_end
+           FROM check_slots WHERE check_id = ANY($1) GROUP BY check_id) t
+     WHERE c.check_id = t.check_id AND c.check_id = ANY($1)";
+
+/// Move slots along: at most five statements whatever the number of changes and checks, sent
+/// as one pipeline (no statement's parameters depend on another's answer, and PostgreSQL runs
+/// them in the order sent), so a batch waits for one round trip rather than five. A kind of
+/// change the batch has none of (most batches interrupt nothing) costs no statement: each
+/// planned afresh for its arrays, they were a third of a batch's planning time.
 ///
 /// The changed checks' rows are locked first, in check id order, and held to commit: so
 /// replicas never deadlock on them, and the `seq` numbers one transaction hands out (its
@@ -191,75 +241,42 @@ pub(super) async fn apply_slots(
         &ended_results,
         &checks,
     ];
-    let lock = client.execute(
-        "SELECT 1 FROM checks WHERE check_id = ANY($1) ORDER BY check_id FOR UPDATE",
-        &lock_params,
+    // Executions run in the order sent only when every statement is prepared already (see
+    // `Sql::prepare`): one skipped so far would be sent a round trip late, after the counters.
+    futures::future::try_join_all(
+        [LOCK, GRANT, INTERRUPT, END, COUNT].map(|sql| client.prepare(sql)),
+    )
+    .await?;
+    let lock = client.execute(LOCK, &lock_params);
+    let grant = unless_none(leased.0.len(), client.execute(GRANT, &grant_params));
+    let interrupt = unless_none(
+        interrupted.0.len(),
+        client.execute(INTERRUPT, &interrupt_params),
     );
-    let grant = client.execute(
-        "UPDATE check_slots s
-         SET status = CASE WHEN s.status IN ('pending', 'waiting') THEN 'leased' ELSE s.status END,
-             started_at = LEAST(s.started_at, 'epoch'::timestamptz + u.ms * interval '1 millisecond')
-         FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms
-               FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[]) AS i(c, sl, at, ms)
-               ORDER BY c, sl, at, ms) u
-         WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
-           AND s.check_id = ANY($5)",
-        &grant_params,
-    );
-    let interrupt = client.execute(
-        "UPDATE check_slots s SET status = 'retrying', outcome = u.oc,
-                done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond'
-         FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms, oc
-               FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[], $5::text[])
-                    WITH ORDINALITY AS i(c, sl, at, ms, oc, ord)
-               ORDER BY c, sl, at, ord) u
-         WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
-           AND s.status IN ('pending', 'waiting', 'leased') AND s.check_id = ANY($6)",
-        &interrupt_params,
-    );
-    // Each ending slot gets its check's next seq, in the order given.
-    let end = client.execute(
-        "UPDATE check_slots s SET status = 'done', outcome = u.oc, result = u.res,
-                done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond',
-                seq = u.base + u.rank
-         FROM (SELECT d.*, k.seq AS base,
-                      row_number() OVER (PARTITION BY d.c ORDER BY d.ord) AS rank
-               FROM (SELECT DISTINCT ON (i.c, i.sl) i.*
-                     FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[], $5::text[],
-                                 $6::jsonb[]) WITH ORDINALITY AS i(c, sl, at, ms, oc, res, ord)
-                     JOIN check_slots o ON o.check_id = i.c AND o.slot = i.sl
-                                       AND o.attempt = i.at AND o.status <> 'done'
-                                       AND o.check_id = ANY($7)
-                     ORDER BY i.c, i.sl, i.ord) d
-               JOIN checks k ON k.check_id = d.c AND k.check_id = ANY($7)) u
-         WHERE s.check_id = u.c AND s.slot = u.sl AND s.check_id = ANY($7)",
-        &end_params,
-    );
+    let end = unless_none(ended.0.len(), client.execute(END, &end_params));
     // The counters follow from the slots, so they need no answer from the statements
     // before; `finished_at` is the latest slot end, whatever order the ends came in. The
     // revision (the ETag) moves for every check the batch touched.
-    let count = client.execute(
-        "UPDATE checks c SET seq = GREATEST(c.seq, t.seq), slots_done = t.done,
-                revision = c.revision + 1,
-                status = CASE WHEN t.done >= c.slots THEN 'finished'
-                              WHEN t.started > 0 THEN 'in_progress'
-                              ELSE c.status END,
-                finished_at = CASE WHEN t.done >= c.slots THEN t.last_end
-                                   ELSE c.finished_at END
-         FROM (SELECT check_id, COALESCE(max(seq), 0) AS seq,
-                      count(*) FILTER (WHERE status = 'done') AS done,
-                      count(*) FILTER (WHERE status NOT IN ('pending', 'waiting')) AS started,
-                      max(done_at) FILTER (WHERE status = 'done') AS last_end
-               FROM check_slots WHERE check_id = ANY($1) GROUP BY check_id) t
-         WHERE c.check_id = t.check_id AND c.check_id = ANY($1)",
-        &lock_params,
-    );
+    let count = client.execute(COUNT, &lock_params);
     let (locked, granted, interrupted, ended, counted) =
         futures::join!(lock, grant, interrupt, end, count);
     for done in [locked, granted, interrupted, ended, counted] {
         done?;
     }
     Ok(())
+}
+
+/// `statement`, unless it would change no rows (`rows` is the length of its input arrays): an
+/// unpolled statement future sends nothing.
+async fn unless_none(
+    rows: usize,
+    statement: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>>,
+) -> Result<u64, tokio_postgres::Error> {
+    if rows == 0 {
+        Ok(0)
+    } else {
+        statement.await
+    }
 }
 
 pub(super) async fn apply_retried(
