@@ -474,41 +474,73 @@ pub async fn checks(args: FanOutArgs) {
     );
 }
 
-/// The agents' task streams (`{prefix}:tasks:<n>`), each with its `agents` group.
-pub(crate) async fn task_streams(
-    conn: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-    agents: usize,
-) -> Vec<String> {
-    let streams: Vec<String> = (0..agents).map(|a| format!("{prefix}:tasks:{a}")).collect();
-    for stream in &streams {
-        let _: () = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(stream)
-            .arg("agents")
-            .arg("$")
-            .arg("MKSTREAM")
-            .query_async(conn)
-            .await
-            .unwrap();
-    }
-    streams
+/// What both baselines stand on: a scratch database with a results table, and in Redis the
+/// agents' task streams (`<prefix>:tasks:<n>`, each with its `agents` group) and a results
+/// stream, all under a prefix of their own.
+pub(crate) struct Baseline {
+    name: String,
+    pub pg: tokio_postgres::Client,
+    pub redis: redis::Client,
+    pub conn: redis::aio::MultiplexedConnection,
+    pub results: String,
+    pub streams: Vec<String>,
 }
 
-/// A scratch database with the baselines' results table, and a connection to it.
-pub(crate) async fn raw_database(args: &FanOutArgs) -> (String, tokio_postgres::Client) {
-    let (name, _) = scratch(&args.pg_url).await;
-    let db_url = format!("{}/{name}", args.pg_url.rsplit_once('/').unwrap().0);
-    let (pg, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+impl Baseline {
+    pub async fn new(args: &FanOutArgs, tag: &str) -> Self {
+        let (name, _) = scratch(&args.pg_url).await;
+        let db_url = format!("{}/{name}", args.pg_url.rsplit_once('/').unwrap().0);
+        let (pg, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        pg.batch_execute(
+            "CREATE TABLE raw_results (run int, agent int, result jsonb,
+                                       PRIMARY KEY (run, agent))",
+        )
         .await
         .unwrap();
-    tokio::spawn(connection);
-    pg.batch_execute(
-        "CREATE TABLE raw_results (run int, agent int, result jsonb, PRIMARY KEY (run, agent))",
-    )
-    .await
-    .unwrap();
-    (name, pg)
+        let prefix = format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
+        let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+        let streams: Vec<String> = (0..args.agents)
+            .map(|a| format!("{prefix}:tasks:{a}"))
+            .collect();
+        for stream in &streams {
+            let _: () = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg("agents")
+                .arg("$")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        Self {
+            name,
+            pg,
+            redis,
+            conn,
+            results: format!("{prefix}:results"),
+            streams,
+        }
+    }
+
+    /// Delete the streams and drop the database.
+    pub async fn finish(mut self, args: &FanOutArgs) {
+        let mut keys = std::mem::take(&mut self.streams);
+        keys.push(self.results.clone());
+        for chunk in keys.chunks(500) {
+            let _: i64 = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut self.conn)
+                .await
+                .unwrap();
+        }
+        drop(self.pg);
+        drop_scratch(&args.pg_url, &self.name).await;
+    }
 }
 
 /// The baselines' collector: read the results stream after `last` and write what each read
@@ -598,6 +630,17 @@ pub(crate) fn ack_and_result(
     pipe
 }
 
+/// An agent's read of up to four new tasks of its stream, blocking `block_ms` if given.
+pub(crate) fn take_tasks(stream: &str, block_ms: Option<u64>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg("agents").arg("a").arg("COUNT").arg(4);
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms);
+    }
+    cmd.arg("STREAMS").arg(stream).arg(">");
+    cmd
+}
+
 /// What the baselines send as a task.
 pub(crate) fn raw_spec() -> String {
     json!({"check_id": uuid::Uuid::nil(), "slot": 0, "attempt": 1, "kind": "dns",
@@ -610,28 +653,13 @@ pub(crate) fn run_agents(args: &FanOutArgs, run: usize) -> impl Iterator<Item = 
     (0..args.fan).map(move |i| (run * args.fan + i) % args.agents)
 }
 
-pub(crate) async fn drop_streams(
-    conn: &mut redis::aio::MultiplexedConnection,
-    mut keys: Vec<String>,
-    results: String,
-) {
-    keys.push(results);
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("DEL")
-            .arg(chunk)
-            .query_async(conn)
-            .await
-            .unwrap();
-    }
-}
-
 pub async fn raw(args: FanOutArgs) {
-    let (name, pg) = raw_database(&args).await;
-    let prefix = format!("forb{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let results = format!("{prefix}:results");
-    let streams = task_streams(&mut conn, &prefix, args.agents).await;
+    let mut base = Baseline::new(&args, "forb").await;
+    let (redis, results, streams) = (
+        base.redis.clone(),
+        base.results.clone(),
+        base.streams.clone(),
+    );
     // Every agent blocked on its own stream, on its own connection.
     let stop = CancellationToken::new();
     let mut agents = Vec::new();
@@ -640,17 +668,7 @@ pub async fn raw(args: FanOutArgs) {
         agents.push(tokio::spawn(async move {
             let mut c = client.get_multiplexed_async_connection().await.unwrap();
             while !stop.is_cancelled() {
-                let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg("agents")
-                    .arg("a")
-                    .arg("COUNT")
-                    .arg(4)
-                    .arg("BLOCK")
-                    .arg(200)
-                    .arg("STREAMS")
-                    .arg(&key)
-                    .arg(">")
+                let reply: Option<redis::streams::StreamReadReply> = take_tasks(&key, Some(200))
                     .query_async(&mut c)
                     .await
                     .unwrap();
@@ -680,8 +698,8 @@ pub async fn raw(args: FanOutArgs) {
                 .arg(&spec)
                 .ignore();
         }
-        let _: () = pipe.query_async(&mut conn).await.unwrap();
-        store_results(&mut reader, &pg, &results, &mut last, run, args.fan).await;
+        let _: () = pipe.query_async(&mut base.conn).await.unwrap();
+        store_results(&mut reader, &base.pg, &results, &mut last, run, args.fan).await;
         if run >= args.warmup {
             totals.push(started.elapsed().as_secs_f64() * 1000.0);
         }
@@ -691,8 +709,6 @@ pub async fn raw(args: FanOutArgs) {
     for a in agents {
         let _ = a.await;
     }
-    drop_streams(&mut conn, streams, results).await;
-    drop(pg);
-    drop_scratch(&args.pg_url, &name).await;
+    base.finish(&args).await;
     summary("raw", &args, totals, json!({}));
 }

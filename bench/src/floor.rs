@@ -23,11 +23,11 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::cpu;
 use crate::fanout::{
-    ack_and_result, drop_streams, raw_database, raw_spec, run_agents, service_runtime,
-    store_results, summary, task_streams, FanOutArgs,
+    ack_and_result, raw_spec, run_agents, service_runtime, store_results, summary, take_tasks,
+    Baseline, FanOutArgs,
 };
-use crate::{cpu, drop_scratch};
 
 /// How long a claim waits for work before it answers empty.
 const CLAIM_WAIT: Duration = Duration::from_secs(20);
@@ -87,15 +87,7 @@ async fn claim(
     let stream = floor.streams.get(agent).ok_or(StatusCode::NOT_FOUND)?;
     let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
     loop {
-        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("agents")
-            .arg("a")
-            .arg("COUNT")
-            .arg(4)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">")
+        let reply: Option<redis::streams::StreamReadReply> = take_tasks(stream, None)
             .query_async(&mut floor.redis.clone())
             .await
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
@@ -137,16 +129,12 @@ async fn report(
 }
 
 pub async fn http(args: FanOutArgs) {
-    let (name, pg) = raw_database(&args).await;
-    let prefix = format!("fohf{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
-    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let results = format!("{prefix}:results");
-    let streams = task_streams(&mut conn, &prefix, args.agents).await;
+    let setup = Baseline::new(&args, "fohf").await;
+    let redis = setup.redis.clone();
     let floor = Arc::new(Floor {
         redis: redis.get_multiplexed_async_connection().await.unwrap(),
-        streams: streams.clone(),
-        results: results.clone(),
+        streams: setup.streams.clone(),
+        results: setup.results.clone(),
         wake: (0..args.agents).map(|_| Notify::new()).collect(),
         spec: raw_spec(),
     });
@@ -223,7 +211,15 @@ pub async fn http(args: FanOutArgs) {
             .await
             .unwrap();
         assert_eq!(response.status().as_u16(), 202);
-        store_results(&mut reader, &pg, &results, &mut last, run, args.fan).await;
+        store_results(
+            &mut reader,
+            &setup.pg,
+            &setup.results,
+            &mut last,
+            run,
+            args.fan,
+        )
+        .await;
         if run >= args.warmup {
             totals.push(started.elapsed().as_secs_f64() * 1000.0);
             let claims = claimed.lock().unwrap();
@@ -242,9 +238,7 @@ pub async fn http(args: FanOutArgs) {
         let _ = p.await;
     }
     rt.shutdown_background();
-    drop_streams(&mut conn, streams, results).await;
-    drop(pg);
-    drop_scratch(&args.pg_url, &name).await;
+    setup.finish(&args).await;
     last_claims.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let round = |v: f64| (v * 100.0).round() / 100.0;
     summary(
