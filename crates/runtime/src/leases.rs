@@ -68,6 +68,7 @@ end
 -- 'ok', or the error code.
 -- XPENDING of one entry; empty when the stream or its group does not exist (yet).
 local function pending(stream, id)
+  if redis.call('EXISTS', stream) == 0 then return {} end
   local p = redis.pcall('XPENDING', stream, 'agents', id, id, 1)
   if p.err then return {} end
   return p
@@ -88,9 +89,11 @@ end
 /// KEYS: (task stream, task ref)*, all of one shard. ARGV: wake channel, task ref TTL ms, then
 /// (spec, agent, task id or empty)* in the order of the keys. Per task: a task id already
 /// enqueued (or closed before it was) is not added again, and its answer is its entry id (or
-/// `closed`). Otherwise creates the stream's `agents` group when it is the first task (claim
-/// reads a stream without a group as empty), appends the task, remembers where, and rings
-/// the agent's doorbell. Returns the answers in order.
+/// `closed`). Otherwise creates the stream with its `agents` group when it is the first task
+/// (only this script makes task streams, always with the group; claim reads a stream that
+/// does not exist yet as empty), appends the task, remembers where, and rings the agent's
+/// doorbell. Returns the answers in order. (No script lets a command fail as a way of asking:
+/// Redis counts every such error in `INFO errorstats`, where operators look for real ones.)
 const ENQUEUE: &str = r#"
 local out = {}
 for i = 1, #KEYS / 2 do
@@ -100,7 +103,9 @@ for i = 1, #KEYS / 2 do
   if known then
     out[i] = known
   else
-    redis.pcall('XGROUP', 'CREATE', stream, 'agents', '0', 'MKSTREAM')
+    if redis.call('EXISTS', stream) == 0 then
+      redis.call('XGROUP', 'CREATE', stream, 'agents', '0', 'MKSTREAM')
+    end
     if task ~= '' then
       out[i] = redis.call('XADD', stream, '*', 'task', task, 'spec', spec)
       redis.call('SET', ref, out[i], 'PX', ARGV[2])
@@ -137,8 +142,10 @@ for k = 1, nk do
   local kind, want = ARGV[5 + 2 * k], tonumber(ARGV[6 + 2 * k])
   local stream = KEYS[5 + k]
   local entries, reclaimed = {}, 0
-  -- No group yet means nothing was ever enqueued for this agent and kind (enqueue creates it).
-  local auto = want > 0 and redis.pcall('XAUTOCLAIM', stream, 'agents', agent, ttl, '0-0', 'COUNT', want)
+  -- No stream yet means nothing was ever enqueued for this agent and kind (enqueue makes
+  -- it with its group).
+  local auto = want > 0 and redis.call('EXISTS', stream) == 1
+    and redis.pcall('XAUTOCLAIM', stream, 'agents', agent, ttl, '0-0', 'COUNT', want)
   if auto and not auto.err then
     for _, e in ipairs(auto[2]) do entries[#entries + 1] = e end
     reclaimed = #entries

@@ -216,6 +216,51 @@ async fn claim_extend_report_close_and_fences() {
     lease_cycle(&mut conn, Keys::new(redis.prefix.clone(), 4)).await;
 }
 
+/// Redis's error counts by kind (`INFO errorstats`).
+async fn error_counts(conn: &mut impl ConnectionLike) -> std::collections::BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("errorstat_")?.split_once(":count="))
+        .map(|(kind, n)| (kind.to_owned(), n.trim().parse().unwrap_or(0)))
+        .collect()
+}
+
+/// The scripts ask with EXISTS rather than by letting a command fail: Redis counts every
+/// failed command of a script in `INFO errorstats`, and an operator watching it would see one
+/// error per task enqueued to an existing stream (`BUSYGROUP`) and per claim of an agent never
+/// given work (`NOGROUP`). On a Redis of its own, so the counts are this test's.
+#[tokio::test]
+async fn the_scripts_leave_no_errors_in_redis_errorstats() {
+    let server = checkplane_testkit::servers::RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Whatever connecting cost (the client's own handshake), before any script ran.
+    let before = error_counts(&mut conn).await;
+    let keys = Keys::new("cp", 4);
+    let leases = Leases::new(keys.clone(), settings(30_000, 5));
+    for _ in 0..2 {
+        let granted = leases
+            .claim(&mut conn, "idle", &rid(), &[("dns", 2)], now())
+            .await
+            .unwrap();
+        assert!(granted.is_empty(), "an agent never given work gets none");
+    }
+    lease_cycle(&mut conn, keys.clone()).await;
+    tasks_by_id(&mut conn, keys).await;
+    let after = error_counts(&mut conn).await;
+    // NOSCRIPT: each script's first EVALSHA, which the client answers by loading it.
+    let new: Vec<(&String, u64)> = after
+        .iter()
+        .map(|(kind, n)| (kind, n - before.get(kind).copied().unwrap_or(0)))
+        .filter(|(kind, n)| *n > 0 && kind.as_str() != "NOSCRIPT")
+        .collect();
+    assert!(new.is_empty(), "errors the scripts caused: {new:?}");
+}
+
 #[tokio::test]
 async fn the_same_scripts_run_on_a_cluster() {
     let cluster = RedisCluster::start();
