@@ -292,21 +292,24 @@ async fn request_one(
     // One request per key at a time: the second waits here, then finds the first. The three
     // statements go as one pipeline: PostgreSQL runs them in order, so both reads see what was
     // committed before the lock was granted.
+    // (All three prepared first: a statement still to be prepared on this connection would
+    // send its execution a round trip late, and the reads would run before the lock.)
+    let lock_sql = "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))";
     let existing_sql =
         format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE idempotency_key = $1");
+    let server_sql = "SELECT s.instance_id, s.backend, s.name, i.transport, i.node
+                      FROM haproxy_servers s JOIN haproxy_instances i USING (instance_id)
+                      WHERE s.server_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL";
+    futures::try_join!(
+        tx.prepare(lock_sql),
+        tx.prepare(&existing_sql),
+        tx.prepare(server_sql)
+    )?;
     let (by_key, by_server): (&Params<'_>, &Params<'_>) = (&[&key], &[&id]);
     let (locked, existing, server) = futures::join!(
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))",
-            by_key,
-        ),
+        tx.execute(lock_sql, by_key),
         tx.query_opt(&existing_sql, by_key),
-        tx.query_opt(
-            "SELECT s.instance_id, s.backend, s.name, i.transport, i.node FROM haproxy_servers s
-             JOIN haproxy_instances i USING (instance_id)
-             WHERE s.server_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL",
-            by_server,
-        )
+        tx.query_opt(server_sql, by_server)
     );
     locked?;
     if let Some(row) = existing? {
