@@ -68,7 +68,6 @@ end
 -- 'ok', or the error code.
 -- XPENDING of one entry; empty when the stream or its group does not exist (yet).
 local function pending(stream, id)
-  if redis.call('EXISTS', stream) == 0 then return {} end
   local p = redis.pcall('XPENDING', stream, 'agents', id, id, 1)
   if p.err then return {} end
   return p
@@ -92,8 +91,10 @@ end
 /// `closed`). Otherwise creates the stream with its `agents` group when it is the first task
 /// (only this script makes task streams, always with the group; claim reads a stream that
 /// does not exist yet as empty), appends the task, remembers where, and rings the agent's
-/// doorbell. Returns the answers in order. (No script lets a command fail as a way of asking:
-/// Redis counts every such error in `INFO errorstats`, where operators look for real ones.)
+/// doorbell. Returns the answers in order. (Neither this nor claim lets a command fail as a
+/// way of asking: Redis counts every such error in `INFO errorstats`, where operators look for
+/// real ones. The fence's XPENDING still fails for a token naming a stream that never
+/// existed, a client's mistake, and is not worth a command on every report.)
 const ENQUEUE: &str = r#"
 local out = {}
 for i = 1, #KEYS / 2 do
