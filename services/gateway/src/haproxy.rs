@@ -291,9 +291,9 @@ async fn request_one(
     let tx = client.transaction().await?;
     // One request per key at a time: the second waits here, then finds the first. The three
     // statements go as one pipeline: PostgreSQL runs them in order, so both reads see what was
-    // committed before the lock was granted.
-    // (All three prepared first: a statement still to be prepared on this connection would
-    // send its execution a round trip late, and the reads would run before the lock.)
+    // committed before the lock was granted. All three are prepared first: one still to be
+    // prepared on this connection would send its execution a round trip late, and the reads
+    // could run before the lock.
     let lock_sql = "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))";
     let existing_sql =
         format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE idempotency_key = $1");
