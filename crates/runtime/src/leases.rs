@@ -358,8 +358,11 @@ pub struct TaskRef<'a> {
 pub enum TaskClosed {
     /// It was open and is closed now: its `lease.closed` is on the lease stream.
     Closed,
-    /// It was closed or ended before (or its close was already marked).
+    /// It was closed before it was sent (its close was marked already): no event was made.
     Already,
+    /// Its entry was ended before (reported, closed, expired or dead-lettered): the event that
+    /// ended it is on the shard's lease stream, perhaps not projected yet.
+    Ended,
     /// It had not been sent: a mark now keeps a late fan-out from adding it, and no event
     /// was made.
     Unsent,
@@ -696,7 +699,7 @@ impl Leases {
                 Ok(if closed {
                     TaskClosed::Closed
                 } else {
-                    TaskClosed::Already
+                    TaskClosed::Ended
                 })
             }
         }

@@ -567,6 +567,60 @@ impl Projector {
     }
 }
 
+/// Whether `group` has projected every entry of `stream` up to `mark` (an entry id): each was
+/// delivered to the group and acknowledged, none is still pending in a consumer's PEL (a dead
+/// replica's batch waiting for `XAUTOCLAIM` included). The group's last-delivered id alone does
+/// not say it: an entry read by a replica that died before its commit is delivered, not
+/// projected. A stream that is gone has nothing left to project; a group that does not exist
+/// yet has projected nothing.
+pub async fn projected_through(
+    conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
+    stream: &str,
+    group: &str,
+    mark: &str,
+) -> redis::RedisResult<bool> {
+    let mark = parse_id(mark).unwrap_or((i64::MAX, i64::MAX));
+    if mark == (0, 0) {
+        return Ok(true);
+    }
+    let groups: StreamInfoGroupsReply = match conn.xinfo_groups(stream).await {
+        Ok(groups) => groups,
+        Err(e) if e.to_string().contains("no such key") => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let Some(info) = groups.groups.iter().find(|g| g.name == group) else {
+        return Ok(false);
+    };
+    if parse_id(&info.last_delivered_id).is_none_or(|delivered| delivered < mark) {
+        return Ok(false);
+    }
+    if info.pending == 0 {
+        return Ok(true);
+    }
+    let pending: StreamPendingReply = conn.xpending(stream, group).await?;
+    Ok(match pending {
+        StreamPendingReply::Data(data) => {
+            parse_id(&data.start_id).is_some_and(|oldest| oldest > mark)
+        }
+        _ => true,
+    })
+}
+
+/// The id of the newest entry of `stream`, `0-0` when it has none: every entry appended before
+/// this call is at or below it (or was trimmed, which only happens once every group
+/// acknowledged it).
+pub async fn stream_tip(
+    conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
+    stream: &str,
+) -> redis::RedisResult<String> {
+    let newest: redis::streams::StreamRangeReply =
+        conn.xrevrange_count(stream, "+", "-", 1).await?;
+    Ok(newest
+        .ids
+        .first()
+        .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone()))
+}
+
 /// `<ms>-<seq>` as numbers.
 fn parse_id(id: &str) -> Option<(i64, i64)> {
     let (ms, seq) = id.split_once('-')?;

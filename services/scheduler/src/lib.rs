@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 /// The binary's name.
 pub const NAME: &str = "scheduler";
+/// The consumer group that projects every event stream into PostgreSQL.
+pub const PROJECTOR_GROUP: &str = "projector";
 
 /// The scheduler's configuration.
 #[derive(Debug, Clone)]
@@ -133,7 +135,7 @@ pub async fn run(
         shutdown,
         move |stores, tracker, shutdown| {
             let mut projector_config =
-                ProjectorConfig::new(keys.projected_streams(), "projector", &config.consumer);
+                ProjectorConfig::new(keys.projected_streams(), PROJECTOR_GROUP, &config.consumer);
             projector_config.max_attempts = config.max_attempts;
             projector_config.live = Some(keys.clone());
             let projector = Projector::new(projector_config, stores.pg.clone(), redis_client);
@@ -243,6 +245,7 @@ pub async fn run(
                 keys: keys.clone(),
                 max_retries: config.max_retries,
                 retry_backoff: config.retry_backoff,
+                awaiting: Default::default(),
             };
             let schema = stores.clone();
             every(
@@ -255,7 +258,12 @@ pub async fn run(
                     async move {
                         schema.schema_current().await;
                         let pass = lifecycle.pass().await?;
-                        if pass != lifecycle::Pass::default() {
+                        // Slots waiting for the projector are on the gauge, not in the log.
+                        let quiet = lifecycle::Pass {
+                            awaiting: pass.awaiting,
+                            ..Default::default()
+                        };
+                        if pass != quiet {
                             tracing::info!(?pass, "check lifecycle");
                         }
                         Ok::<_, lifecycle::LifecycleError>(())

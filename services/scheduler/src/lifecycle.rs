@@ -3,8 +3,15 @@
 //! - **deadline and cancel**: every open slot of a check past its deadline (or cancelled) is
 //!   closed with the close script, so a later report is fenced; what the close script ends is
 //!   projected from its `lease.closed`. Whatever is still open `CLOSE_GRACE` later (a task
-//!   never sent, a report whose event is still on its way and was lost) is ended in PostgreSQL
-//!   by `check.slots_closed` as `timeout` / `cancelled`;
+//!   never sent, a close whose event is still on its way) is ended in PostgreSQL by
+//!   `check.slots_closed` as `timeout` / `cancelled`. A slot whose entry had ended before the
+//!   close (reported, expired, dead-lettered, closed by an earlier pass) is not: the event that
+//!   ended it is on its shard's lease stream, and the slot waits until the projector group has
+//!   projected that stream up to where it stood when the close found the entry gone (see
+//!   [`projected_through`]: a dead replica's pending batch counts as not projected). Only a
+//!   slot still open then, whose event Redis lost, is ended here, and that is logged and
+//!   counted (`checkplane_lifecycle_reports_missing_total`). So a report acknowledged to an
+//!   agent is never overwritten by a `timeout`, however far the projector lags;
 //! - **retries**: a slot whose attempt was interrupted (`lease_expired`, `offline`) waits
 //!   `RETRY_BACKOFF` (its end time is in the row, so the wait survives a restart), then gets a
 //!   new attempt on another matching agent (`check.slot_retried`, fanned out like a new check)
@@ -17,13 +24,15 @@
 //!   `check.slots_released` lets the next ones run (in the check row's lock, so two replicas
 //!   never release the same slots) and they are sent like a new check's.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::keys::Keys;
 use checkplane_runtime::leases::{CloseReason, Leases, TaskClosed};
 use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
+use checkplane_runtime::projector::{projected_through, stream_tip};
 use checkplane_runtime::selection::{choose, record_selected};
 use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::{task_id, LocationRequest, Selection};
@@ -63,6 +72,8 @@ pub struct Pass {
     pub offline: u32,
     /// Waiting slots let run.
     pub released: u32,
+    /// Slots past their deadline whose ending event the projector has yet to pass.
+    pub awaiting: u32,
 }
 
 #[derive(Clone)]
@@ -74,6 +85,10 @@ pub struct Lifecycle {
     pub keys: Keys,
     pub max_retries: u32,
     pub retry_backoff: Duration,
+    /// Slots whose entry had ended before their close (task id → the shard's lease stream tip
+    /// when the close found it so): they wait until the projector has passed that point.
+    /// Kept across passes, so a lagging projector is caught up with rather than chased.
+    pub awaiting: Arc<Mutex<HashMap<String, String>>>,
 }
 
 fn system_event(check: Uuid, body: EventBody) -> Event {
@@ -109,6 +124,8 @@ impl Lifecycle {
 
     async fn deadlines(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
         let grace_ms = CLOSE_GRACE.as_millis() as i64;
+        let mut seen = HashSet::new();
+        let mut tips = HashMap::new();
         // The due checks with their open slots, in one query.
         let rows = {
             let client = self.pg.get().await?;
@@ -144,6 +161,9 @@ impl Lifecycle {
                 (CloseReason::Timeout, "timeout")
             };
             let mut still_open = Vec::new();
+            // Slots whose entry ended before the close, and which the projector has passed:
+            // still open in PostgreSQL only if their event was lost.
+            let mut settled = Vec::new();
             for slot in slots {
                 let (n, attempt, agent, status): (i32, i32, Option<String>, String) =
                     (slot.get(4), slot.get(5), slot.get(6), slot.get(7));
@@ -161,13 +181,33 @@ impl Lifecycle {
                             now_ms(),
                         )
                         .await?;
-                    if closed == TaskClosed::Closed {
-                        pass.closed += 1;
+                    match closed {
+                        TaskClosed::Closed => pass.closed += 1,
+                        TaskClosed::Ended => {
+                            seen.insert(task.clone());
+                            let shard = self.keys.shard_of(agent);
+                            if self.ended_event_projected(&task, shard, &mut tips).await? {
+                                settled.push((n, attempt));
+                            } else {
+                                pass.awaiting += 1;
+                            }
+                            continue;
+                        }
+                        TaskClosed::Already | TaskClosed::Unsent => {}
                     }
                 }
                 still_open.push((n, attempt));
             }
-            if overdue {
+            if overdue && !settled.is_empty() {
+                let lost = self.still_running(check, &settled).await?;
+                if !lost.is_empty() {
+                    metrics::counter!("checkplane_lifecycle_reports_missing_total")
+                        .increment(lost.len() as u64);
+                    tracing::warn!(%check, slots = ?lost, outcome, "slots whose entry had ended in Redis are still open after the projector passed their event: the event was lost; ending them");
+                }
+                still_open.extend(settled);
+            }
+            if overdue && !still_open.is_empty() {
                 pass.ended += still_open.len() as u32;
                 let event = system_event(
                     check,
@@ -180,7 +220,77 @@ impl Lifecycle {
                 self.record(&event).await?;
             }
         }
+        let mut awaiting = self
+            .awaiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A slot not seen in this pass has ended (or its check has): forget its mark.
+        awaiting.retain(|task, _| seen.contains(task));
+        metrics::gauge!("checkplane_lifecycle_slots_awaiting_projection").set(pass.awaiting as f64);
         Ok(())
+    }
+
+    /// Whether the event that ended `task`'s entry (which a close just found gone) has been
+    /// projected: the projector group has passed the point its shard's lease stream had
+    /// reached at the first such close (remembered in `awaiting`; `tips` caches this pass's
+    /// reading of each shard's stream, taken after the close).
+    async fn ended_event_projected(
+        &self,
+        task: &str,
+        shard: u32,
+        tips: &mut HashMap<u32, String>,
+    ) -> Result<bool, LifecycleError> {
+        let stream = self.keys.lease_events(shard);
+        let mut conn = self.redis.clone();
+        let known = self
+            .awaiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(task)
+            .cloned();
+        let mark = match known {
+            Some(mark) => mark,
+            None => {
+                let tip = match tips.get(&shard) {
+                    Some(tip) => tip.clone(),
+                    None => {
+                        let tip = stream_tip(&mut conn, &stream).await?;
+                        tips.insert(shard, tip.clone());
+                        tip
+                    }
+                };
+                self.awaiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(task.to_owned(), tip.clone());
+                tip
+            }
+        };
+        Ok(projected_through(&mut conn, &stream, crate::PROJECTOR_GROUP, &mark).await?)
+    }
+
+    /// Which of `slots` (slot, attempt) of `check` are still under way in PostgreSQL.
+    async fn still_running(
+        &self,
+        check: Uuid,
+        slots: &[(u32, u32)],
+    ) -> Result<Vec<(u32, u32)>, LifecycleError> {
+        let (numbers, attempts): (Vec<i32>, Vec<i32>) =
+            slots.iter().map(|&(n, a)| (n as i32, a as i32)).unzip();
+        let client = self.pg.get().await?;
+        let rows = client
+            .query(
+                "SELECT s.slot, s.attempt FROM check_slots s
+                 JOIN unnest($2::int[], $3::int[]) AS u(slot, attempt)
+                   ON s.slot = u.slot AND s.attempt = u.attempt
+                 WHERE s.check_id = $1 AND s.status IN ('pending', 'waiting', 'leased')",
+                &[&check, &numbers, &attempts],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i32>(1) as u32))
+            .collect())
     }
 
     /// Slots sent to an agent that went offline before it claimed them: closed in Redis (the
@@ -223,7 +333,7 @@ impl Lifecycle {
             match closed {
                 TaskClosed::Closed => pass.offline += 1,
                 // Its `lease.closed` (or report) is on its way to the projector.
-                TaskClosed::Already => {}
+                TaskClosed::Already | TaskClosed::Ended => {}
                 TaskClosed::Unsent => {
                     pass.offline += 1;
                     let event = system_event(

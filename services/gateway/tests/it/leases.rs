@@ -516,8 +516,8 @@ async fn tasks_by_id(conn: &mut (impl ConnectionLike + Clone + Send), keys: Keys
             .close_task(conn, agent, "dns", "c1:2:1", CloseReason::Cancelled, now())
             .await
             .unwrap(),
-        TaskClosed::Already,
-        "closing twice"
+        TaskClosed::Ended,
+        "closing twice: its `lease.closed` is on the stream"
     );
 
     // Many at once (a check's fan-out): one script per shard, the answers in the order given,

@@ -15,7 +15,7 @@ type Service = Running<checkplane_runtime::RunError>;
 
 struct Stand {
     gw: Service,
-    sched: Service,
+    sched: Option<Service>,
     db: TestDb,
     redis: TestRedis,
     http: reqwest::Client,
@@ -34,7 +34,7 @@ async fn stand_with(gateway: &[(&str, &str)], scheduler: &[(&str, &str)]) -> Sta
     ];
     env.extend_from_slice(gateway);
     let gw = start_gateway(&db, &redis, &env).await;
-    let sched = start_scheduler(&db, &redis, scheduler).await;
+    let sched = Some(start_scheduler(&db, &redis, scheduler).await);
     Stand {
         gw,
         sched,
@@ -245,8 +245,62 @@ impl Stand {
     }
 
     async fn stop(self) {
-        self.sched.stop().await.unwrap();
+        if let Some(sched) = self.sched {
+            sched.stop().await.unwrap();
+        }
         self.gw.stop().await.unwrap();
+    }
+
+    async fn stop_scheduler(&mut self) {
+        self.sched.take().unwrap().stop().await.unwrap();
+    }
+
+    async fn start_scheduler(&mut self, env: &[(&str, &str)]) {
+        assert!(self.sched.is_none());
+        self.sched = Some(start_scheduler(&self.db, &self.redis, env).await);
+    }
+
+    /// The value of an unlabelled metric on the scheduler's `/metrics` (0 when absent).
+    async fn scheduler_metric(&self, name: &str) -> f64 {
+        let url = self.sched.as_ref().unwrap().url("/metrics");
+        let text = checkplane_testkit::metrics_text(&url).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The entries of every shard's lease stream, read into the projector group as
+    /// `consumer` and left pending: what a scheduler that read its batch and was SIGKILLed
+    /// before its commit leaves behind. Their ids per stream.
+    async fn read_leases_as_dead_consumer(&self, consumer: &str) -> Vec<(String, Vec<String>)> {
+        let keys = checkplane_runtime::keys::Keys::new(self.redis.prefix.clone(), 4);
+        let mut conn = self.redis.connection().await;
+        let mut read = Vec::new();
+        for n in 0..keys.shards() {
+            let stream = keys.lease_events(n);
+            let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("projector")
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(10_000)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(">")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let ids: Vec<String> = reply
+                .map(|r| {
+                    r.keys
+                        .iter()
+                        .flat_map(|k| k.ids.iter().map(|e| e.id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            read.push((stream, ids));
+        }
+        read
     }
 }
 
@@ -657,6 +711,203 @@ async fn deadlines_and_cancels_end_every_slot_and_fence_late_reports() {
     )
     .await;
     assert_eq!(cancelled, 1, "the cancel is audited once");
+    s.stop().await;
+}
+
+/// Create `n` one-second DNS checks on `agent` (its only agent), claim them all and report
+/// each with a result that names it: (location, result) per check, every report acknowledged.
+async fn reported_checks(s: &Stand, agent: &Agent, n: usize) -> Vec<(String, Value)> {
+    let mut locations = Vec::new();
+    for i in 0..n {
+        let (status, body, location) = s
+            .create(
+                json!({"kind": "dns", "target": format!("n{i}.example.com"), "limit": 1,
+                           "timeout_ms": 1000}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        locations.push(location.unwrap());
+    }
+    let mut tokens = Vec::new();
+    while tokens.len() < n {
+        let leases = s.claim(agent, "dns").await;
+        assert!(!leases.is_empty(), "{} of {n} tasks claimed", tokens.len());
+        for lease in leases {
+            let target = lease["spec"]["target"].as_str().unwrap().to_owned();
+            tokens.push((target, lease["token"].as_str().unwrap().to_owned()));
+        }
+    }
+    let mut checks = Vec::new();
+    for (target, token) in tokens {
+        let i: usize = target
+            .strip_prefix('n')
+            .and_then(|t| t.split('.').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let result = json!({"answers": [], "marker": format!("report-{i}")});
+        s.report(agent, &token, result.clone()).await;
+        checks.push((locations[i].clone(), result));
+    }
+    checks
+}
+
+/// Wait until every check's deadline lies `CLOSE_GRACE` and a second behind.
+async fn deadlines_overdue(s: &Stand) {
+    eventually(
+        "every deadline overdue",
+        Duration::from_secs(20),
+        || async {
+            let waiting = count(
+                &s.db,
+                "SELECT count(*) FROM checks WHERE deadline > now() - interval '4 seconds'",
+            )
+            .await;
+            (waiting == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Issue 20, part 1: a scheduler read a batch of reports and was killed before its commit,
+/// across the checks' deadlines; its replacement (another consumer name, so the batch waits
+/// for `XAUTOCLAIM`) runs the deadline pass long before the projector gets the batch. Every
+/// acknowledged report still becomes its slot's result: before the fix, the pass ended all of
+/// them `timeout` with no result as soon as it ran (the control check below finishing is the
+/// proof that it ran).
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_acknowledged_across_a_killed_scheduler_are_not_overwritten_by_the_deadline() {
+    let mut s = stand_with(&[], &[("CONSUMER_NAME", "sched-1")]).await;
+    let a = s.agent("a", "NL", 64520, &["dns"]).await;
+    s.online(&[&a]).await;
+    s.stop_scheduler().await;
+
+    let checks = reported_checks(&s, &a, 24).await;
+    // One more check, never claimed: the deadline pass reaches it after the 24 (it is due
+    // last), and ends it, so its end shows that the pass ran over the others.
+    let (_, _, control) = s
+        .create(
+            json!({"kind": "dns", "target": "control.example.com", "limit": 1,
+                       "timeout_ms": 1000}),
+        )
+        .await;
+    let control = control.unwrap();
+    let pending = s.read_leases_as_dead_consumer("sched-1").await;
+    let read: usize = pending.iter().map(|(_, ids)| ids.len()).sum();
+    assert!(
+        read >= 48,
+        "24 grants and 24 reports pending with sched-1, got {read}"
+    );
+    deadlines_overdue(&s).await;
+
+    s.start_scheduler(&[("CONSUMER_NAME", "sched-2")]).await;
+    let done = s
+        .finished(&control, "the deadline pass ends the control check")
+        .await;
+    assert_eq!(done["results"][0]["outcome"], "timeout", "{done}");
+    for (location, _) in &checks {
+        let check = s.check(location).await;
+        assert_ne!(
+            check["results"][0]["outcome"], "timeout",
+            "a reported slot ended by the deadline pass: {check}"
+        );
+        assert_ne!(check["status"], "finished", "{check}");
+    }
+    eventually(
+        "the waiting slots on the gauge",
+        Duration::from_secs(10),
+        || async {
+            let awaiting = s
+                .scheduler_metric("checkplane_lifecycle_slots_awaiting_projection")
+                .await;
+            (awaiting == 24.0).then_some(())
+        },
+    )
+    .await;
+
+    // The dead consumer's batch becomes old enough for the new replica's XAUTOCLAIM.
+    let mut conn = s.redis.connection().await;
+    for (stream, ids) in &pending {
+        if ids.is_empty() {
+            continue;
+        }
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg("projector")
+            .arg("sched-1")
+            .arg(0)
+            .arg(ids)
+            .arg("IDLE")
+            .arg(3_600_000)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for (location, result) in &checks {
+        let check = eventually("the reported result", Duration::from_secs(40), || async {
+            let check = s.check(location).await;
+            (check["status"] == "finished").then_some(check)
+        })
+        .await;
+        assert_eq!(check["results"][0]["outcome"], "finished", "{check}");
+        assert_eq!(&check["results"][0]["result"]["result"], result, "{check}");
+    }
+    assert_eq!(
+        s.scheduler_metric("checkplane_lifecycle_reports_missing_total")
+            .await,
+        0.0
+    );
+    s.stop().await;
+}
+
+/// Issue 20, part 1, the bound: a slot whose entry ended in Redis but whose event Redis then
+/// lost (here deleted from the lease stream before any projector read it) still ends, once,
+/// as `timeout`, when the projector has passed where the event stood; and it is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_whose_report_event_redis_lost_still_ends_once_and_is_counted() {
+    let mut s = stand().await;
+    let a = s.agent("a", "NL", 64520, &["dns"]).await;
+    s.online(&[&a]).await;
+    s.stop_scheduler().await;
+    let checks = reported_checks(&s, &a, 1).await;
+    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let stream = keys.lease_events(keys.shard_of(&a.id));
+    let mut conn = s.redis.connection().await;
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reported: Vec<String> = entries
+        .ids
+        .iter()
+        .filter(|e| {
+            let event: String = e.get("event").unwrap();
+            event.contains("\"lease.reported\"")
+        })
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(reported.len(), 1);
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&reported)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    deadlines_overdue(&s).await;
+
+    s.start_scheduler(&[]).await;
+    let done = s.finished(&checks[0].0, "the slot ends all the same").await;
+    assert_eq!(done["results"][0]["outcome"], "timeout", "{done}");
+    assert_eq!(done["results"].as_array().unwrap().len(), 1, "{done}");
+    assert_eq!(
+        s.scheduler_metric("checkplane_lifecycle_reports_missing_total")
+            .await,
+        1.0
+    );
     s.stop().await;
 }
 
