@@ -139,6 +139,7 @@ pub const ALL: &[Var] = &[
     Var { name: "HAPROXY_ACTION_PARALLELISM", services: "haproxy-sync", default: "4", doc: "actions (1-64) running at once on one HAProxy instance (a batch included); the rest wait their turn", secret: false },
     Var { name: "HAPROXY_ACTION_RETRY_BASE", services: "haproxy-sync", default: "1s", doc: "first retry delay (10ms-1m) of an action that could not reach HAProxy; then 2x and 4x", secret: false },
     Var { name: "HAPROXY_BREAKER_COOLDOWN", services: "haproxy-sync", default: "1m", doc: "how long (100ms-1h) an instance's open circuit breaker fails actions fast before one trial", secret: false },
+    Var { name: "HAPROXY_RELOAD_PROBE_INTERVAL", services: "haproxy-sync", default: "2s", doc: "how often (500ms-1h) each owned HAProxy instance is asked for its Pid and uptime between polls: a restart or reload is polled at once and the desired states re-applied", secret: false },
     Var { name: "HAPROXY_SYNC_INTERVAL", services: "haproxy-sync", default: "1m", doc: "how often (1s-1h, jittered ±10 %) each HAProxy instance is polled; a new instance at once", secret: false },
     Var { name: "HAPROXY_SYNC_LEASE", services: "haproxy-sync", default: "15s", doc: "how long (2s-10m) a replica's claim on an instance lasts unrenewed: a dead replica's instances move within it", secret: false },
     Var { name: "HAPROXY_SYNC_TIMEOUT", services: "haproxy-sync", default: "5s", doc: "how long (100ms-1m) one Runtime API command may take (connecting: at most 2 s of it)", secret: false },

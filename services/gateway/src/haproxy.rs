@@ -866,6 +866,8 @@ struct ServerView {
     removed_at: Option<String>,
     /// The applications it belongs to (by IP:port or by name).
     applications: serde_json::Value,
+    /// Observed off its desired state for longer than one poll.
+    drift: bool,
 }
 
 async fn servers(
@@ -898,7 +900,11 @@ async fn servers(
                         to_char(removed_at AT TIME ZONE 'UTC', {RFC3339}), count(*) OVER (),
                         (SELECT json_agg(json_build_object('id', l.application_id, 'name', l.application,
                                                            'matched_by', l.matched_by) ORDER BY l.application)
-                         FROM haproxy_server_applications l WHERE l.server_id = s.server_id)
+                         FROM haproxy_server_applications l WHERE l.server_id = s.server_id),
+                        s.desired_state IS NOT NULL AND s.removed_at IS NULL
+                          AND s.admin_state IS DISTINCT FROM s.desired_state
+                          AND EXISTS (SELECT 1 FROM haproxy_drift d
+                                      WHERE d.server_id = s.server_id AND d.last_poll > d.since_poll)
                  FROM haproxy_servers s WHERE backend_id = $1 AND ($4 OR removed_at IS NULL)
                  ORDER BY name LIMIT $2 OFFSET $3"
             ),
@@ -928,6 +934,7 @@ async fn servers(
             applications: r
                 .get::<_, Option<serde_json::Value>>(19)
                 .unwrap_or_else(|| serde_json::json!([])),
+            drift: r.get(20),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))
@@ -942,6 +949,12 @@ struct HistoryView {
     new_status: Option<String>,
     changed_by: String,
     poll: i64,
+    /// For a failed action (`changed_by` is its id): the state it asked for, and HAProxy's
+    /// refusal; the state did not change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 async fn history(
@@ -965,7 +978,7 @@ async fn history(
         .query(
             &format!(
                 "SELECT to_char(occurred_at AT TIME ZONE 'UTC', {RFC3339}), previous_state, new_state,
-                        previous_status, new_status, changed_by, poll, count(*) OVER ()
+                        previous_status, new_status, changed_by, poll, count(*) OVER (), action, error
                  FROM haproxy_server_status_history WHERE server_id = $1
                  ORDER BY occurred_at, poll LIMIT $2 OFFSET $3"
             ),
@@ -983,6 +996,8 @@ async fn history(
             new_status: r.get(4),
             changed_by: r.get(5),
             poll: r.get(6),
+            failed_action: r.get(8),
+            error: r.get(9),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))

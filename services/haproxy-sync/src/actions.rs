@@ -27,7 +27,6 @@ use checkplane_wire::events::{
 use serde_json::{json, Value};
 
 use crate::breaker::Breaker;
-use crate::replies::op_state_name;
 use crate::runtime_api::{ApiError, Client, Target};
 use crate::sync::SyncError;
 
@@ -329,25 +328,8 @@ async fn attempt(
             .show_stat_server(&action.backend, after.server_id)
             .await?;
     }
-    let status = stat.map(|r| {
-        (
-            r.status().map(str::to_owned),
-            r.get("check_status").map(str::to_owned),
-            r.scur(),
-        )
-    });
-    let (status, check_status, stat_scur) = status.unwrap_or((None, None, None));
-    let observed = ObservedServer {
-        address: after.address.clone(),
-        port: after.port,
-        weight: after.weight,
-        op_state: op_state_name(after.op_state).to_owned(),
-        admin_state: after.admin_state.name().to_owned(),
-        admin_bits: after.admin_state.0,
-        status,
-        check_status,
-        scur: scur.or(stat_scur),
-    };
+    let mut observed = crate::sync::observed(&after, stat.as_ref());
+    observed.scur = scur.or(observed.scur);
     Ok((detail, observed))
 }
 

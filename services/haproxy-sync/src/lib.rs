@@ -61,10 +61,17 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     )?;
     let parallelism =
         usize::try_from(env.u64_in("HAPROXY_ACTION_PARALLELISM", 4, 1, 64)?).unwrap_or(4);
+    let reload_probe = env.duration(
+        "HAPROXY_RELOAD_PROBE_INTERVAL",
+        Duration::from_secs(2),
+        Duration::from_millis(500),
+        Duration::from_secs(3600),
+    )?;
     Ok(Config {
         service,
         sync: sync::Settings {
             interval,
+            reload_probe,
             lease,
             connect_timeout: read_timeout.min(Duration::from_secs(2)),
             read_timeout,

@@ -9,6 +9,13 @@
 //! Ownership: a Redis lease per instance (`SET NX PX`, renewed by its holder); a replica that
 //! dies leaves its instances to the others within one lease period. An unreachable instance
 //! makes no events: nothing is soft-deleted while HAProxy cannot be asked.
+//!
+//! Restarts and reloads: every `HAPROXY_RELOAD_PROBE_INTERVAL` between polls, each owned
+//! instance answers `show info`; a new `Pid` or a smaller `Uptime_sec` than its last poll saw
+//! makes it due at once, and that poll re-applies the operator's desired states HAProxy lost.
+//! Drift: a poll that finds a server off its desired state notes it in `haproxy_drift`
+//! (operational); a later poll that finds it still off makes it drifting (the server views'
+//! `drift`, and `checkplane_haproxy_servers_drifting` per instance).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -23,13 +30,15 @@ use checkplane_wire::events::{
 use checkplane_wire::haproxy::{poll_event_id, server_id};
 use futures::StreamExt;
 
-use crate::replies::op_state_name;
+use crate::replies::{op_state_name, ServerState, StatRow};
 use crate::runtime_api::{ApiError, Client, Direct, Endpoint, Transport};
 
 /// How sync runs.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub interval: Duration,
+    /// How often each owned instance is asked whether it restarted (`show info`).
+    pub reload_probe: Duration,
     /// How long an owner's claim on an instance lasts without renewal.
     pub lease: Duration,
     pub connect_timeout: Duration,
@@ -109,6 +118,8 @@ pub struct Sync {
     clients: HashMap<String, (String, std::sync::Arc<Client>)>,
     /// When each owned instance is due.
     due: HashMap<String, Instant>,
+    /// When each owned instance's restart probe is due.
+    probe_due: HashMap<String, Instant>,
     claim: redis::Script,
     breakers: HashMap<String, std::sync::Arc<std::sync::Mutex<crate::breaker::Breaker>>>,
     /// Bounds the actions running at once on each instance.
@@ -139,6 +150,7 @@ impl Sync {
             me: format!("sync-{}", uuid::Uuid::new_v4().simple()),
             clients: HashMap::new(),
             due: HashMap::new(),
+            probe_due: HashMap::new(),
             claim: redis::Script::new(CLAIM),
             breakers: HashMap::new(),
             lanes: HashMap::new(),
@@ -211,6 +223,7 @@ impl Sync {
         let live: std::collections::HashSet<&str> =
             instances.iter().map(|i| i.id.as_str()).collect();
         self.due.retain(|id, _| live.contains(id.as_str()));
+        self.probe_due.retain(|id, _| live.contains(id.as_str()));
         self.clients.retain(|id, _| live.contains(id.as_str()));
         // The leases of every instance renewed or taken at once (pipelined on the shared
         // connection), then one query for the open actions of all the instances held.
@@ -269,6 +282,7 @@ impl Sync {
             }))
         );
         let mut open = open?;
+        self.probe_restarts(&owned).await?;
         let mut due_now = Vec::new();
         for (instance, forced) in owned.into_iter().zip(forced) {
             if let Some(actions) = open.remove(&instance.id) {
@@ -321,6 +335,75 @@ impl Sync {
 }
 
 impl Sync {
+    /// Ask each owned instance whose probe is due (and that is not due for a poll anyway)
+    /// for its `Pid` and `Uptime_sec`: one that restarted or reloaded since its last poll is
+    /// made due at once, so its desired states are back within seconds, not at the next poll.
+    /// An instance that does not answer is left to its poll.
+    async fn probe_restarts(&mut self, owned: &[&Instance]) -> Result<(), SyncError> {
+        let now = Instant::now();
+        let mut probed = Vec::new();
+        for instance in owned {
+            let poll_due = self.due.get(&instance.id).is_none_or(|due| *due <= now);
+            let probe_due = self
+                .probe_due
+                .get(&instance.id)
+                .is_none_or(|due| *due <= now);
+            if poll_due || !probe_due {
+                continue;
+            }
+            self.probe_due
+                .insert(instance.id.clone(), now + self.settings.reload_probe);
+            probed.push(((*instance).clone(), self.client(instance)));
+        }
+        if probed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = probed.iter().map(|(i, _)| i.id.as_str()).collect();
+        let last: HashMap<String, (Option<i64>, Option<i64>)> = self
+            .stores
+            .pg
+            .get()
+            .await?
+            .query(
+                "SELECT instance_id, pid, uptime_sec FROM haproxy_poll_seq
+                 WHERE instance_id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        let answers = futures::stream::iter(probed.into_iter().map(|(instance, api)| async move {
+            let info = api.show_info().await;
+            (instance, info)
+        }))
+        .buffer_unordered(POLLS_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+        for (instance, info) in answers {
+            let info = match info {
+                Ok(info) if !info.stopping() => info,
+                Ok(_) => continue,
+                Err(error) => {
+                    tracing::debug!(instance = %instance.id, %error, "restart probe unanswered");
+                    continue;
+                }
+            };
+            let Some(&(pid, uptime)) = last.get(&instance.id) else {
+                continue;
+            };
+            let now_seen = (
+                info.pid().map(i64::from),
+                info.uptime_sec().and_then(|u| i64::try_from(u).ok()),
+            );
+            if restarted((pid, uptime), now_seen) {
+                tracing::info!(instance = %instance.id, "restart probe: HAProxy restarted or reloaded; polling now");
+                self.due.insert(instance.id.clone(), Instant::now());
+            }
+        }
+        Ok(())
+    }
+
     /// The claim this replica holds `instance` under, for commands that change HAProxy.
     fn fence(&self, instance: &str) -> crate::actions::Fence {
         let token = self.tokens.get(instance).copied().unwrap_or(0);
@@ -421,6 +504,30 @@ impl Sync {
     }
 }
 
+/// A new process, or one younger than the last poll saw: HAProxy restarted or reloaded.
+/// `(pid, uptime_sec)` as the last poll saw them and as seen now.
+fn restarted(before: (Option<i64>, Option<i64>), now: (Option<i64>, Option<i64>)) -> bool {
+    let ((old_pid, old_uptime), (pid, uptime)) = (before, now);
+    (old_pid.is_some() && old_pid != pid)
+        || matches!((old_uptime, uptime), (Some(o), Some(n)) if n < o)
+}
+
+/// What HAProxy says of one server: its `show servers state` line and, when read, its
+/// `show stat` row (status, check and sessions).
+pub(crate) fn observed(state: &ServerState, stat: Option<&StatRow>) -> ObservedServer {
+    ObservedServer {
+        address: state.address.clone(),
+        port: state.port,
+        weight: state.weight,
+        op_state: op_state_name(state.op_state).to_owned(),
+        admin_state: state.admin_state.name().to_owned(),
+        admin_bits: state.admin_state.0,
+        status: stat.and_then(|r| r.status()).map(str::to_owned),
+        check_status: stat.and_then(|r| r.get("check_status")).map(str::to_owned),
+        scur: stat.and_then(|r| r.scur()),
+    }
+}
+
 /// Poll one instance and record what changed.
 pub async fn poll(
     stores: &Stores,
@@ -441,21 +548,8 @@ pub async fn poll(
     let seen: BTreeMap<(String, String), ObservedServer> = states
         .iter()
         .map(|s| {
-            let row = stat.get(&(s.backend.as_str(), s.server.as_str()));
-            (
-                (s.backend.clone(), s.server.clone()),
-                ObservedServer {
-                    address: s.address.clone(),
-                    port: s.port,
-                    weight: s.weight,
-                    op_state: op_state_name(s.op_state).to_owned(),
-                    admin_state: s.admin_state.name().to_owned(),
-                    admin_bits: s.admin_state.0,
-                    status: row.and_then(|r| r.status()).map(str::to_owned),
-                    check_status: row.and_then(|r| r.get("check_status")).map(str::to_owned),
-                    scur: row.and_then(|r| r.scur()),
-                },
-            )
+            let row = stat.get(&(s.backend.as_str(), s.server.as_str())).copied();
+            ((s.backend.clone(), s.server.clone()), observed(s, row))
         })
         .collect();
 
@@ -469,12 +563,9 @@ pub async fn poll(
             &[&instance],
         )
         .await?;
-    // A new process, or one younger than the last poll saw: HAProxy restarted or reloaded.
-    let restarted = before.as_ref().is_some_and(|r| {
-        let (old_pid, old_uptime): (Option<i64>, Option<i64>) = (r.get(0), r.get(1));
-        (old_pid.is_some() && old_pid != pid)
-            || matches!((old_uptime, uptime), (Some(o), Some(n)) if n < o)
-    });
+    let restarted = before
+        .as_ref()
+        .is_some_and(|r| restarted((r.get(0), r.get(1)), (pid, uptime)));
     let poll: i64 = tx
         .query_one(
             "INSERT INTO haproxy_poll_seq (instance_id, seq, pid, uptime_sec) VALUES ($1, 1, $2, $3)
@@ -486,14 +577,19 @@ pub async fn poll(
         .await?
         .get(0);
     // What the projection holds now, to compare with.
-    let known: HashMap<(String, String), (Option<ObservedServer>, bool)> = tx
+    let rows = tx
         .query(
             "SELECT backend, name, address, port, weight, op_state, admin_state, admin_bits,
-                    status, check_status, removed_at IS NOT NULL
+                    status, check_status, removed_at IS NOT NULL, desired_state
              FROM haproxy_servers WHERE instance_id = $1",
             &[&instance],
         )
-        .await?
+        .await?;
+    let desired: HashMap<(String, String), String> = rows
+        .iter()
+        .filter_map(|r| Some(((r.get(0), r.get(1)), r.get::<_, Option<String>>(11)?)))
+        .collect();
+    let known: HashMap<(String, String), (Option<ObservedServer>, bool)> = rows
         .iter()
         .map(|r| {
             let observed = r.get::<_, Option<String>>(2).map(|address| ObservedServer {
@@ -583,7 +679,15 @@ pub async fn poll(
     let stream = keys.events("haproxy");
     // Each event touches its own server's rows: recorded together, applied pipelined.
     outbox::append_all(&tx, &events, &stream).await?;
+    let off: Vec<String> = seen
+        .iter()
+        .filter(|(at, now)| desired.get(*at).is_some_and(|d| *d != now.admin_state))
+        .map(|((backend, server), _)| server_id(instance, backend, server))
+        .collect();
+    let drifting = note_drift(&tx, instance, poll, &off).await?;
     tx.commit().await?;
+    metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.to_owned())
+        .set(drifting as f64);
     drop(client);
     outbox::publish_all(
         &stores.pg,
@@ -603,6 +707,34 @@ pub async fn poll(
         polled.reapplied = reapply(stores, keys, instance, api, &seen, fence).await?;
     }
     Ok(polled)
+}
+
+/// Note which servers of `instance` poll `poll` found off their desired state (`off`, server
+/// ids): those off at an earlier poll too keep the poll they went off at; the others are
+/// forgotten. How many have been off for longer than one poll.
+async fn note_drift(
+    tx: &impl Sql,
+    instance: &str,
+    poll: i64,
+    off: &[String],
+) -> Result<i64, SyncError> {
+    tx.execute(
+        "DELETE FROM haproxy_drift WHERE instance_id = $1 AND server_id <> ALL($2)",
+        &[&instance, &off],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "WITH noted AS (
+                 INSERT INTO haproxy_drift (server_id, instance_id, since_poll, last_poll, since)
+                 SELECT s, $1, $3, $3, now() FROM unnest($2::text[]) AS s
+                 ON CONFLICT (server_id) DO UPDATE SET last_poll = EXCLUDED.last_poll
+                 RETURNING since_poll, last_poll)
+             SELECT count(*) FILTER (WHERE last_poll > since_poll) FROM noted",
+            &[&instance, &off, &poll],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// After a restart or reload: every server whose operator-desired state HAProxy no longer
@@ -644,18 +776,15 @@ async fn reapply(
         if !fence.held().await {
             return Err(SyncError::Fenced(instance.to_owned()));
         }
+        // The stats row too: the history names the status the state restored (`DRAIN`),
+        // not the one the reloaded process had before it (`no check`).
         let settled = api
-            .settle(&backend, &server, target, false, checked + fence.margin)
+            .settle(&backend, &server, target, true, checked + fence.margin)
             .await?;
         if settled.already {
             continue;
         }
-        let after = settled.after;
-        let observed = ObservedServer {
-            admin_state: after.admin_state.name().to_owned(),
-            admin_bits: after.admin_state.0,
-            ..now.clone()
-        };
+        let observed = observed(&settled.after, settled.stat.as_ref());
         let mut client = stores.pg.get().await?;
         let tx = client.transaction().await?;
         let poll: i64 = tx

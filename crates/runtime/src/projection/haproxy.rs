@@ -205,7 +205,7 @@ pub(super) async fn apply_action_requested(
     e: &HaproxyActionRequested,
 ) -> Result<(), ApplyError> {
     let wait = i64::try_from(e.drain_wait_ms).unwrap_or(i64::MAX);
-    let inserted = client
+    client
         .execute(
             &format!(
                 "INSERT INTO haproxy_actions (action_id, idempotency_key, server_id, instance_id, backend,
@@ -227,18 +227,7 @@ pub(super) async fn apply_action_requested(
             ],
         )
         .await?;
-    // The operator's wish, kept apart from what HAProxy says (the newest request wins).
-    if inserted == 1 {
-        client
-            .execute(
-                &format!(
-                    "UPDATE haproxy_servers SET desired_state = $3, desired_by = $4, desired_at = {AT}
-                     WHERE server_id = $2 AND (desired_at IS NULL OR desired_at <= {AT})"
-                ),
-                &[&event.occurred_at, &e.server_id, &e.action, &event.actor],
-            )
-            .await?;
-    }
+    // The desired state waits for the action to succeed (see `apply_action_updated`).
     Ok(())
 }
 
@@ -248,7 +237,7 @@ pub(super) async fn apply_action_updated(
     e: &HaproxyActionUpdated,
 ) -> Result<(), ApplyError> {
     let attempts = i32::try_from(e.attempts).unwrap_or(i32::MAX);
-    client
+    let updated = client
         .execute(
             &format!(
                 "UPDATE haproxy_actions SET status = $3, version = $4, attempts = $5, detail = $6,
@@ -266,6 +255,50 @@ pub(super) async fn apply_action_updated(
             ],
         )
         .await?;
+    if updated == 0 {
+        return Ok(());
+    }
+    match e.status.as_str() {
+        // The operator's wish, kept apart from what HAProxy says: only what HAProxy took
+        // becomes it (a refused `maint` must not be re-applied after a reload), the last
+        // success winning, named after whoever asked.
+        "success" => {
+            client
+                .execute(
+                    &format!(
+                        "UPDATE haproxy_servers s SET desired_state = a.action,
+                             desired_by = a.requested_by, desired_at = {AT}
+                         FROM haproxy_actions a
+                         WHERE a.action_id = $2 AND s.server_id = a.server_id
+                           AND (s.desired_at IS NULL OR s.desired_at <= {AT})"
+                    ),
+                    &[&event.occurred_at, &e.action_id],
+                )
+                .await?;
+        }
+        // The failure stays in the server's history beside its state changes: what was asked
+        // and why HAProxy did not take it (the state, unchanged, as last observed).
+        "failed" => {
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO haproxy_server_status_history (event_id, server_id, occurred_at,
+                             previous_state, new_state, previous_status, new_status, changed_by,
+                             poll, action, error)
+                         SELECT $2, a.server_id, {AT}, s.admin_state, COALESCE(s.admin_state, ''),
+                                s.status, s.status, a.action_id, COALESCE(s.observed_poll, 0),
+                                a.action, $4
+                         FROM haproxy_actions a
+                         LEFT JOIN haproxy_servers s ON s.server_id = a.server_id
+                         WHERE a.action_id = $3
+                         ON CONFLICT (event_id) DO NOTHING"
+                    ),
+                    &[&event.occurred_at, &event.event_id, &e.action_id, &e.error],
+                )
+                .await?;
+        }
+        _ => {}
+    }
     Ok(())
 }
 

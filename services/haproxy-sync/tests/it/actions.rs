@@ -347,6 +347,153 @@ async fn an_operator_level_socket_fails_with_a_clear_permission_error() {
     .await;
     failed_at_once(&done, "Permission denied");
     assert_eq!(admin_bits(&s.ha, "s1"), 0);
+    // Issue 20: the refused maint is not the desired state (a reload would re-apply it),
+    // and the refusal is in the server's history.
+    let view = server_view(&s, &s1).await;
+    assert_eq!(view["desired"]["state"], Value::Null, "{view}");
+    assert_eq!(view["drift"], false, "{view}");
+    let history = history(&s.http, &s.gw, &s1).await;
+    let failure = history
+        .iter()
+        .find(|h| h["failed_action"] == "maint")
+        .unwrap_or_else(|| panic!("the failure in the history: {history:?}"));
+    assert_eq!(failure["changed_by"], done["id"], "{failure}");
+    assert!(
+        failure["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Permission denied")),
+        "{failure}"
+    );
+    assert_eq!(failure["new_state"], "ready", "unchanged: {failure}");
+    s.stop().await;
+}
+
+/// The server `server` as `GET /v1/haproxy/backends/{its backend}/servers` shows it.
+async fn server_view(s: &Stack, server: &str) -> Value {
+    let backend: String =
+        s.db.client()
+            .await
+            .query_one(
+                "SELECT backend_id FROM haproxy_servers WHERE server_id = $1",
+                &[&server],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    let page = servers_page(&s.http, &s.gw, &backend).await;
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == server)
+        .cloned()
+        .unwrap()
+}
+
+/// Issue 20: a failed action leaves the desired state to the last action that succeeded,
+/// and a reload is noticed by the restart probe within seconds (the poll interval here is an
+/// hour), which puts that state back and names the status it restored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_action_keeps_the_last_success_as_desired_and_a_reload_restores_it_in_seconds() {
+    let s = Stack::start(&[
+        ("HAPROXY_SYNC_INTERVAL", "1h"),
+        ("HAPROXY_SYNC_TIMEOUT", "300ms"),
+        ("HAPROXY_ACTION_RETRY_BASE", "50ms"),
+    ])
+    .await;
+    let (_, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
+    let done = act_done(
+        &s.http,
+        &s.gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "d-ok"}),
+    )
+    .await;
+    assert_eq!(done["status"], "success", "{done}");
+    s.ha.freeze();
+    let failed = act_done(
+        &s.http,
+        &s.gw,
+        &s1,
+        json!({"action": "ready", "idempotency_key": "r-fails"}),
+    )
+    .await;
+    s.ha.thaw();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let view = server_view(&s, &s1).await;
+    assert_eq!(view["desired"]["state"], "drain", "{view}");
+    assert_eq!(view["desired"]["by"], "key:bootstrap", "{view}");
+    let history = history(&s.http, &s.gw, &s1).await;
+    assert!(
+        history
+            .iter()
+            .any(|h| h["failed_action"] == "ready" && h["changed_by"] == failed["id"]),
+        "{history:?}"
+    );
+
+    s.ha.reload(&backends());
+    let history = history_until(&s.http, &s.gw, &s1, "the drain is re-applied", |h| {
+        h["changed_by"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("reapply:"))
+    })
+    .await;
+    assert_eq!(admin_bits(&s.ha, "s1"), 8, "drained again: {history:?}");
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last["new_state"].as_str(), last["new_status"].as_str()),
+        (Some("drain"), Some("DRAIN")),
+        "{history:?}"
+    );
+    s.stop().await;
+}
+
+/// Issue 20: a server set behind checkplane's back stays off its desired state: one poll
+/// notes it, the next flags it drifting (view and gauge); an action that brings the desired
+/// state to what HAProxy has clears it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_off_its_desired_state_for_two_polls_is_drifting() {
+    let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
+    let (instance, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
+    let done = act_done(
+        &s.http,
+        &s.gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "d-1"}),
+    )
+    .await;
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(server_view(&s, &s1).await["drift"], false);
+    s.ha.command("set server be_app/s1 state ready");
+    let gauge = format!("checkplane_haproxy_servers_drifting{{instance=\"{instance}\"}}");
+    let view = eventually("s1 drifting", Duration::from_secs(15), || async {
+        let view = server_view(&s, &s1).await;
+        (view["drift"] == true).then_some(view)
+    })
+    .await;
+    assert_eq!(view["observed"]["admin_state"], "ready", "{view}");
+    assert_eq!(view["desired"]["state"], "drain", "{view}");
+    assert!(
+        sync_metrics(&s).await.contains(&format!("{gauge} 1\n")),
+        "{}",
+        sync_metrics(&s).await
+    );
+    let done = act_done(
+        &s.http,
+        &s.gw,
+        &s1,
+        json!({"action": "ready", "idempotency_key": "r-1"}),
+    )
+    .await;
+    assert_eq!(done["status"], "success", "{done}");
+    assert_eq!(server_view(&s, &s1).await["drift"], false);
+    eventually("the gauge back to 0", Duration::from_secs(15), || async {
+        sync_metrics(&s)
+            .await
+            .contains(&format!("{gauge} 0\n"))
+            .then_some(())
+    })
+    .await;
     s.stop().await;
 }
 
