@@ -11,6 +11,7 @@
 
 mod checks;
 mod haproxy;
+pub mod snapshots;
 
 use crate::db::Sql;
 use checkplane_wire::events::{
@@ -26,6 +27,8 @@ pub enum ApplyError {
     Db(#[from] tokio_postgres::Error),
     #[error("serialising the payload")]
     Json(#[from] serde_json::Error),
+    #[error("a snapshot of {0:?}, which is no long-lived projection table")]
+    Snapshot(String),
 }
 
 impl ApplyError {
@@ -34,7 +37,7 @@ impl ApplyError {
     /// towards parking the event.
     pub fn is_poison(&self) -> bool {
         match self {
-            Self::Json(_) => true,
+            Self::Json(_) | Self::Snapshot(_) => true,
             Self::Db(e) => e
                 .code()
                 .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
@@ -156,6 +159,7 @@ pub async fn apply(client: &impl Sql, event: &Event) -> Result<(), ApplyError> {
         EventBody::HaproxyNodeMarked(e) => haproxy::apply_node_marked(client, event, e).await,
         EventBody::ApplicationCreated(e) => haproxy::apply_application(client, event, e).await,
         EventBody::ApplicationGroupCreated(e) => haproxy::apply_group(client, event, e).await,
+        EventBody::ProjectionSnapshot(e) => snapshots::apply(client, e).await,
     }?;
     if let Some(change) = slot_change(event) {
         checks::apply_slots(client, &[change]).await?;
@@ -812,8 +816,16 @@ pub async fn rebuild(client: &mut tokio_postgres::Client) -> Result<RebuildRepor
 /// Every projection table as sorted JSON rows, all columns: two states are equal when their
 /// dumps are.
 pub async fn canonical_dump(client: &impl Sql) -> Result<Vec<(String, Vec<String>)>, ApplyError> {
+    canonical_dump_of(client, PROJECTION_TABLES).await
+}
+
+/// [`canonical_dump`] of some of the projection tables.
+pub async fn canonical_dump_of(
+    client: &impl Sql,
+    tables: &[&str],
+) -> Result<Vec<(String, Vec<String>)>, ApplyError> {
     let mut dump = Vec::new();
-    for table in PROJECTION_TABLES {
+    for table in tables {
         let cursors: String = DELIVERY_CURSORS
             .iter()
             .filter(|(t, _)| t == table)

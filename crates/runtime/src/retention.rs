@@ -1,8 +1,12 @@
 //! Keeping `events` partitioned by day and within its retention: partitions are made a week
 //! ahead, and whole days older than the retention are dropped; what the default partition
-//! holds beyond the retention is deleted in bounded batches.
+//! holds beyond the retention is deleted. Long-lived rows outlive their events: every one is
+//! snapshotted into `events` in the transaction that removes events (see
+//! [`crate::projection::snapshots`]), so `rebuild` still reproduces them.
 
 use std::time::Duration;
+
+use crate::projection::snapshots;
 
 /// What one maintenance round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -10,14 +14,18 @@ pub struct Maintenance {
     pub created: u32,
     pub dropped: u32,
     pub deleted: u64,
+    /// Long-lived rows snapshotted before events were removed.
+    pub snapshots: u64,
 }
 
-/// Rows deleted per statement from the default partition.
-const BATCH: i64 = 10_000;
+/// Serialises partition changes (the lock `cp_ensure_event_partition` takes).
+const PARTITIONS_LOCK: i64 = 7_105_033_523_614_889;
 
-/// Make upcoming partitions, drop expired ones, trim the default partition.
+/// Make upcoming partitions; then, when events are past the retention, snapshot the
+/// long-lived rows, drop the expired partitions and delete the default partition's expired
+/// rows, all in one transaction (replicas take turns on an advisory lock).
 pub async fn maintain_events(
-    client: &tokio_postgres::Client,
+    client: &mut tokio_postgres::Client,
     retention: Duration,
 ) -> Result<Maintenance, tokio_postgres::Error> {
     let mut done = Maintenance::default();
@@ -33,9 +41,14 @@ pub async fn maintain_events(
     done.created = u32::try_from(created).unwrap_or(0);
 
     let days = i32::try_from(retention.as_secs() / 86_400).unwrap_or(i32::MAX);
-    let expired = client
+    let millis = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITIONS_LOCK])
+        .await?;
+    // Read under the lock: a replica that went first has dropped them already.
+    let expired = tx
         .query(
-            "SELECT c.relname FROM pg_inherits i
+            "SELECT c.relname, c.oid FROM pg_inherits i
              JOIN pg_class c ON c.oid = i.inhrelid
              JOIN pg_class p ON p.oid = i.inhparent
              WHERE p.relname = 'events' AND c.relname ~ '^events_p[0-9]{8}$'
@@ -43,31 +56,41 @@ pub async fn maintain_events(
             &[&days],
         )
         .await?;
-    for row in expired {
-        let name: String = row.get(0);
-        client
-            .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+    let (names, oids): (Vec<String>, Vec<u32>) = expired
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
+        .unzip();
+    let cutoff: std::time::SystemTime = tx
+        .query_one(
+            "SELECT now() - $1::bigint * interval '1 millisecond'",
+            &[&millis],
+        )
+        .await?
+        .get(0);
+    let old_defaults = tx
+        .query_opt(
+            "SELECT 1 FROM events_default WHERE occurred_at < $1 LIMIT 1",
+            &[&cutoff],
+        )
+        .await?;
+    if names.is_empty() && old_defaults.is_none() {
+        return Ok(done);
+    }
+    done.snapshots = snapshots::write(&tx, &oids, cutoff).await?;
+    done.deleted = tx
+        .execute(
+            "DELETE FROM events_default WHERE occurred_at < $1",
+            &[&cutoff],
+        )
+        .await?;
+    // Last, so that the lock a drop takes on `events` is held only for the commit.
+    for name in &names {
+        tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
             .await?;
-        tracing::info!(partition = %name, "dropped expired events partition");
         done.dropped += 1;
     }
-
-    let millis = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-    loop {
-        let n = client
-            .execute(
-                "DELETE FROM events_default WHERE ctid IN (
-                    SELECT ctid FROM events_default
-                    WHERE occurred_at < now() - $1::bigint * interval '1 millisecond'
-                    LIMIT $2)",
-                &[&millis, &BATCH],
-            )
-            .await?;
-        done.deleted += n;
-        if n < BATCH as u64 {
-            break;
-        }
-    }
+    tx.commit().await?;
+    tracing::info!(partitions = ?names, deleted = done.deleted, snapshots = done.snapshots, "expired events removed; long-lived rows snapshotted");
     Ok(done)
 }
 

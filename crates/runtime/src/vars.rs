@@ -187,7 +187,7 @@ pub const ALL: &[Var] = &[
     Var { name: "CONSUMER_NAME", services: "scheduler", default: "host name", doc: "this replica's stable name in Redis consumer groups", secret: false },
     Var { name: "OFFLINE_GRACE", services: "scheduler", default: "30s", doc: "how long past its heartbeat deadline an agent is marked offline", secret: false },
     Var { name: "OUTBOX_MIN_AGE", services: "scheduler", default: "5s", doc: "outbox rows younger than this are left to the gateway that wrote them", secret: false },
-    Var { name: "EVENTS_RETENTION", services: "scheduler", default: "30d", doc: "how long `events` are kept (whole days; also the window `rebuild` covers)", secret: false },
+    Var { name: "EVENTS_RETENTION", services: "scheduler", default: "30d", doc: "how long `events` are kept (whole days): the window of time-bounded rows (checks, histories, audit) `rebuild` covers; long-lived rows (agents, keys, HAProxy instances and servers, applications) are snapshotted before their events go and always rebuilt", secret: false },
     Var { name: "PROJECTOR_MAX_ATTEMPTS", services: "scheduler", default: "5", doc: "failures before an event is parked in `projection_failures` (1-100)", secret: false },
     Var { name: "LEASE_TTL", services: "gateway", default: "30s", doc: "how long a lease lasts without an extension; an agent's own lease idle this long is handed back to it with a new epoch", secret: false },
     Var { name: "MAX_DELIVERIES", services: "gateway", default: "5", doc: "deliveries of one task before it goes to the dead-letter stream (1-100)", secret: false },

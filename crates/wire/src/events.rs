@@ -117,6 +117,10 @@ pub enum EventBody {
     /// An operator created a group of applications.
     #[serde(rename = "application_group.created")]
     ApplicationGroupCreated(ApplicationGroupCreated),
+    /// Retention kept a long-lived projection row whose events it dropped: the row as it
+    /// stood, which only `rebuild` applies (live, the row is this already).
+    #[serde(rename = "projection.snapshot")]
+    ProjectionSnapshot(ProjectionSnapshot),
 }
 
 impl EventBody {
@@ -149,6 +153,7 @@ impl EventBody {
             Self::HaproxyNodeMarked(_) => "haproxy.node_marked",
             Self::ApplicationCreated(_) => "application.created",
             Self::ApplicationGroupCreated(_) => "application_group.created",
+            Self::ProjectionSnapshot(_) => "projection.snapshot",
         }
     }
 
@@ -558,6 +563,16 @@ pub struct ApplicationGroupCreated {
     pub group_id: String,
     pub name: String,
     pub applications: Vec<String>,
+}
+
+/// Payload of `projection.snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionSnapshot {
+    /// The long-lived projection table.
+    pub table: String,
+    /// The row, as `to_jsonb` gives it (counters hold what the dropped events counted).
+    pub row: serde_json::Value,
 }
 
 /// Payload of `haproxy.action_updated`.

@@ -293,11 +293,11 @@ pub async fn run(
                         let failed = |e: tokio_postgres::Error| {
                             RunError::Startup(checkplane_runtime::error_chain(&e))
                         };
-                        let client = pg
+                        let mut client = pg
                             .get()
                             .await
                             .map_err(|e| RunError::Startup(e.to_string()))?;
-                        let done = maintain_events(&client, events).await.map_err(failed)?;
+                        let done = maintain_events(&mut client, events).await.map_err(failed)?;
                         tracing::debug!(?done, "events maintenance");
                         let trimmed = trim_results(&client, ages, TRIM_BATCH)
                             .await

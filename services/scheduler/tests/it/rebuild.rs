@@ -233,3 +233,288 @@ async fn rebuild_reproduces_every_projection_table() {
     db.client().await.batch_execute("DELETE FROM agent_status_history WHERE ctid IN (SELECT ctid FROM agent_status_history LIMIT 1)").await.unwrap();
     assert_ne!(before, canonical_dump(&db.client().await).await.unwrap());
 }
+
+/// An event of `body` on `aggregate` at `version`, `at_ms`.
+fn event(
+    aggregate: &str,
+    version: i64,
+    at_ms: i64,
+    body: checkplane_wire::events::EventBody,
+) -> checkplane_wire::events::Event {
+    checkplane_wire::events::Event {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_id: aggregate.to_owned(),
+        version,
+        occurred_at: at_ms,
+        actor: "key:bootstrap".to_owned(),
+        schema: checkplane_wire::events::SCHEMA,
+        body,
+    }
+}
+
+/// An installation's long-lived state made by events at `at` (ms), with `tag` in its names.
+/// `old`: the first generation (everything is new); otherwise changes of it.
+fn installation(at: i64, old: bool) -> Vec<checkplane_wire::events::Event> {
+    use checkplane_testkit::events::registered;
+    use checkplane_wire::events::*;
+    let instance = "hpi-00000000000000000000000000000001";
+    let s1 = checkplane_wire::haproxy::server_id(instance, "be", "s1");
+    let observed = |poll: i64, server: &str, state: &str, at: i64| {
+        event(
+            &format!("haproxy-server:{server}"),
+            poll,
+            at,
+            EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+                instance_id: instance.into(),
+                poll,
+                backend: "be".into(),
+                server: server.into(),
+                observed: ObservedServer {
+                    address: "127.0.0.1".into(),
+                    port: Some(18101),
+                    weight: 1,
+                    op_state: "running".into(),
+                    admin_state: state.into(),
+                    admin_bits: if state == "drain" { 8 } else { 0 },
+                    status: Some(if state == "drain" { "DRAIN" } else { "UP" }.into()),
+                    check_status: None,
+                    scur: Some(0),
+                },
+                cause: "sync".into(),
+            })),
+        )
+    };
+    let action = |id: &str, state: &str, at: i64| {
+        vec![
+            event(
+                &format!("haproxy-action:{id}"),
+                1,
+                at,
+                EventBody::HaproxyActionRequested(Box::new(HaproxyActionRequested {
+                    action_id: id.into(),
+                    idempotency_key: id.into(),
+                    server_id: s1.clone(),
+                    instance_id: instance.into(),
+                    backend: "be".into(),
+                    server: "s1".into(),
+                    action: state.into(),
+                    drain_wait_ms: 0,
+                })),
+            ),
+            event(
+                &format!("haproxy-action:{id}"),
+                2,
+                at + 1,
+                EventBody::HaproxyActionUpdated(HaproxyActionUpdated {
+                    action_id: id.into(),
+                    status: "success".into(),
+                    attempts: 1,
+                    detail: serde_json::json!({}),
+                    error: None,
+                }),
+            ),
+        ]
+    };
+    let key = |id: &str, at: i64| {
+        event(
+            &format!("key:{id}"),
+            1,
+            at,
+            EventBody::KeyCreated(KeyCreated {
+                key_id: id.into(),
+                name: format!("key-{id}"),
+                role: "operator".into(),
+                key_hash: format!("{:064}", 7),
+            }),
+        )
+    };
+    let revoke = |id: &str, at: i64| {
+        event(
+            &format!("key:{id}"),
+            1,
+            at,
+            EventBody::KeyRevoked(KeyRevoked { key_id: id.into() }),
+        )
+    };
+    if !old {
+        // Later changes: a rotation, a transition, a revocation, a newer poll, an action.
+        let mut later = vec![
+            registered("agt-2", 2, at),
+            checkplane_testkit::events::presence("agt-1", at + 2, true, at + 2),
+            revoke("k1", at + 3),
+            observed(5, "s1", "ready", at + 4),
+        ];
+        later.extend(action("act-2", "ready", at + 5));
+        return later;
+    }
+    let mut all = vec![
+        registered("agt-1", 1, at),
+        registered("agt-2", 1, at),
+        checkplane_testkit::events::presence("agt-1", at + 1, true, at + 1),
+        checkplane_testkit::events::presence("agt-1", at + 2, false, at + 2),
+        checkplane_testkit::events::presence("agt-2", at + 1, true, at + 1),
+        key("k1", at),
+        key("k2", at),
+        revoke("k2", at + 1),
+    ];
+    for (id, name) in [
+        (instance, "lb-1"),
+        ("hpi-00000000000000000000000000000002", "lb-2"),
+    ] {
+        all.push(event(
+            &format!("haproxy:{id}"),
+            1,
+            at,
+            EventBody::HaproxyInstanceRegistered(HaproxyInstanceRegistered {
+                instance_id: id.into(),
+                name: name.into(),
+                transport: "direct".into(),
+                address: "127.0.0.1:9999".into(),
+                node: None,
+            }),
+        ));
+    }
+    all.push(event(
+        "haproxy:hpi-00000000000000000000000000000002",
+        2,
+        at + 1,
+        EventBody::HaproxyInstanceRemoved(HaproxyInstanceRemoved {
+            instance_id: "hpi-00000000000000000000000000000002".into(),
+        }),
+    ));
+    all.push(observed(1, "s1", "ready", at + 1));
+    all.push(observed(1, "s2", "ready", at + 1));
+    all.push(observed(2, "s1", "drain", at + 2));
+    for poll in [3, 4] {
+        all.push(event(
+            "haproxy-server:s2",
+            poll,
+            at + poll,
+            EventBody::HaproxyServerMissing(HaproxyServerMissing {
+                instance_id: instance.into(),
+                poll,
+                backend: "be".into(),
+                server: "s2".into(),
+            }),
+        ));
+    }
+    all.extend(action("act-1", "drain", at + 5));
+    all.push(event(
+        "haproxy-node:agt-1",
+        1,
+        at,
+        EventBody::HaproxyNodeMarked(HaproxyNodeMarked {
+            server_id: "agt-1".into(),
+            hostname: "agt-1.test".into(),
+            enabled: true,
+        }),
+    ));
+    all.push(event(
+        "application:app-1",
+        1,
+        at,
+        EventBody::ApplicationCreated(ApplicationCreated {
+            application_id: "app-1".into(),
+            name: "shop".into(),
+            port: Some(18101),
+            addresses: vec!["127.0.0.1".into()],
+        }),
+    ));
+    all.push(event(
+        "application-group:grp-1",
+        1,
+        at,
+        EventBody::ApplicationGroupCreated(ApplicationGroupCreated {
+            group_id: "grp-1".into(),
+            name: "front".into(),
+            applications: vec!["app-1".into()],
+        }),
+    ));
+    all
+}
+
+/// Issue 20, part 3: an installation whose long-lived rows were made 40 days ago (and changed
+/// 5 days ago) keeps every one of them through the events retention and a rebuild; twice,
+/// the second time with the first snapshots themselves past the retention.
+#[tokio::test]
+async fn long_lived_rows_outlive_the_events_retention_through_rebuild() {
+    use checkplane_runtime::projection::snapshots::long_lived_tables;
+    use checkplane_runtime::projection::{canonical_dump_of, rebuild, record_and_apply};
+    use checkplane_runtime::retention::maintain_events;
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let retention = Duration::from_secs(30 * 86_400);
+    let day: i64 = 86_400_000;
+    let now = checkplane_runtime::clock::now_ms();
+    // The days the first generation lands in, as a long-running installation has them.
+    client
+        .batch_execute(
+            "SELECT cp_ensure_event_partition((current_date - d)::date)
+             FROM generate_series(39, 41) AS d",
+        )
+        .await
+        .unwrap();
+    for e in installation(now - 40 * day, true)
+        .into_iter()
+        .chain(installation(now - 5 * day, false))
+    {
+        assert!(record_and_apply(&client, &e).await.unwrap(), "{e:?}");
+    }
+    let tables: Vec<&str> = long_lived_tables().collect();
+    let before = canonical_dump_of(&client, &tables).await.unwrap();
+    assert!(
+        before.iter().all(|(_, rows)| !rows.is_empty()),
+        "{before:?}"
+    );
+    let desired = count(
+        &db,
+        "SELECT count(*) FROM haproxy_servers WHERE desired_state = 'ready'",
+    )
+    .await;
+    assert_eq!(desired, 1, "the later action's state is desired");
+    let rows: usize = before.iter().map(|(_, rows)| rows.len()).sum();
+
+    for generation in 1..=2 {
+        let done = maintain_events(&mut client, retention).await.unwrap();
+        assert!(done.dropped >= 1, "generation {generation}: {done:?}");
+        assert_eq!(
+            done.snapshots, rows as u64,
+            "one per long-lived row: {done:?}"
+        );
+        let recorded = count(
+            &db,
+            "SELECT count(*) FROM events WHERE type = 'projection.snapshot'",
+        )
+        .await;
+        assert_eq!(recorded, rows as i64, "the earlier snapshots are replaced");
+        let old = count(
+            &db,
+            "SELECT count(*) FROM events WHERE occurred_at < now() - interval '30 days'",
+        )
+        .await;
+        assert_eq!(old, 0, "nothing past the retention is left");
+        assert_eq!(
+            canonical_dump_of(&client, &tables).await.unwrap(),
+            before,
+            "snapshots are only recorded"
+        );
+        let report = rebuild(&mut client).await.unwrap();
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert_eq!(
+            canonical_dump_of(&client, &tables).await.unwrap(),
+            before,
+            "generation {generation}: every long-lived row as it was"
+        );
+        // Nothing more to drop: a second run changes nothing.
+        let again = maintain_events(&mut client, retention).await.unwrap();
+        assert_eq!((again.dropped, again.deleted, again.snapshots), (0, 0, 0));
+        // Forty days on: the snapshots and the later changes are past the retention too.
+        client
+            .batch_execute(
+                "SELECT cp_ensure_event_partition((current_date - 40)::date);
+                 UPDATE events SET occurred_at = occurred_at - interval '40 days'",
+            )
+            .await
+            .unwrap();
+    }
+}

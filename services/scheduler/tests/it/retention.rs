@@ -11,7 +11,7 @@ use crate::count;
 #[tokio::test]
 async fn partitions_are_made_ahead_and_expired_days_dropped() {
     let db = TestDb::new().await;
-    let client = db.client().await;
+    let mut client = db.client().await;
     let day_ms: i64 = 86_400_000;
     let now = checkplane_runtime::clock::now_ms();
     // An event from 40 days ago lands in the default partition; one from 10 days ago too.
@@ -30,7 +30,7 @@ async fn partitions_are_made_ahead_and_expired_days_dropped() {
         .await
         .unwrap();
 
-    let done = maintain_events(&client, Duration::from_secs(30 * 86_400))
+    let done = maintain_events(&mut client, Duration::from_secs(30 * 86_400))
         .await
         .unwrap();
     assert_eq!(done.dropped, 1, "{done:?}");
@@ -46,7 +46,7 @@ async fn partitions_are_made_ahead_and_expired_days_dropped() {
     .await;
     assert_eq!(ahead, 1, "a partition a week ahead exists");
     // Running it again changes nothing.
-    let again = maintain_events(&client, Duration::from_secs(30 * 86_400))
+    let again = maintain_events(&mut client, Duration::from_secs(30 * 86_400))
         .await
         .unwrap();
     assert_eq!((again.created, again.dropped, again.deleted), (0, 0, 0));
