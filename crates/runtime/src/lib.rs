@@ -4,7 +4,9 @@
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod dead_letters;
 pub mod doorbell;
+pub mod failures;
 pub mod fanout;
 pub mod haproxy_socket;
 pub mod health;

@@ -160,6 +160,10 @@ pub async fn apply(client: &impl Sql, event: &Event) -> Result<(), ApplyError> {
         EventBody::ApplicationCreated(e) => haproxy::apply_application(client, event, e).await,
         EventBody::ApplicationGroupCreated(e) => haproxy::apply_group(client, event, e).await,
         EventBody::ProjectionSnapshot(e) => snapshots::apply(client, e).await,
+        // Only in the audit log (below); what they did is in their other events.
+        EventBody::DeadLetterRequeued(_)
+        | EventBody::DeadLetterDropped(_)
+        | EventBody::ProjectionFailureDropped(_) => Ok(()),
     }?;
     if let Some(change) = slot_change(event) {
         checks::apply_slots(client, &[change]).await?;
@@ -188,7 +192,14 @@ fn slot_change(event: &Event) -> Option<SlotUpdate<'_>> {
                 outcome: "lease_expired",
             },
         ),
-        EventBody::TaskDeadLettered(e) => (e.task.as_deref()?, ended("dead_lettered", None)),
+        // The slot waits for an admin (requeue or drop, `GET /v1/dead-letters`) until its
+        // check's deadline, which ends it `dead_lettered`; it is never retried by itself.
+        EventBody::TaskDeadLettered(e) => (
+            e.task.as_deref()?,
+            SlotChange::Interrupted {
+                outcome: "dead_lettered",
+            },
+        ),
         _ => return None,
     };
     Some(SlotUpdate {

@@ -121,6 +121,15 @@ pub enum EventBody {
     /// stood, which only `rebuild` applies (live, the row is this already).
     #[serde(rename = "projection.snapshot")]
     ProjectionSnapshot(ProjectionSnapshot),
+    /// An admin put a dead-lettered task back to work (a check's slot: its next attempt).
+    #[serde(rename = "dead_letter.requeued")]
+    DeadLetterRequeued(DeadLetterHandled),
+    /// An admin dropped a dead-lettered task (a check's waiting slot ends `dead_lettered`).
+    #[serde(rename = "dead_letter.dropped")]
+    DeadLetterDropped(DeadLetterHandled),
+    /// An admin dropped an event parked in `projection_failures`: it will never be applied.
+    #[serde(rename = "projection_failure.dropped")]
+    ProjectionFailureDropped(ProjectionFailureDropped),
 }
 
 impl EventBody {
@@ -154,6 +163,9 @@ impl EventBody {
             Self::ApplicationCreated(_) => "application.created",
             Self::ApplicationGroupCreated(_) => "application_group.created",
             Self::ProjectionSnapshot(_) => "projection.snapshot",
+            Self::DeadLetterRequeued(_) => "dead_letter.requeued",
+            Self::DeadLetterDropped(_) => "dead_letter.dropped",
+            Self::ProjectionFailureDropped(_) => "projection_failure.dropped",
         }
     }
 
@@ -171,6 +183,9 @@ impl EventBody {
                 | Self::HaproxyNodeMarked(_)
                 | Self::ApplicationCreated(_)
                 | Self::ApplicationGroupCreated(_)
+                | Self::DeadLetterRequeued(_)
+                | Self::DeadLetterDropped(_)
+                | Self::ProjectionFailureDropped(_)
         )
     }
 }
@@ -573,6 +588,34 @@ pub struct ProjectionSnapshot {
     pub table: String,
     /// The row, as `to_jsonb` gives it (counters hold what the dropped events counted).
     pub row: serde_json::Value,
+}
+
+/// Payload of `dead_letter.requeued` and `dead_letter.dropped`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterHandled {
+    /// `s<shard>-<entry id>` in the dead-letter streams.
+    pub dead_letter_id: String,
+    pub agent_id: String,
+    pub kind: String,
+    /// The task's id (`<check>:<slot>:<attempt>` for a check's).
+    #[serde(default)]
+    pub task: Option<String>,
+    /// For a check's task requeued: the attempt it runs as now.
+    #[serde(default)]
+    pub attempt: Option<u32>,
+}
+
+/// Payload of `projection_failure.dropped`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionFailureDropped {
+    pub failure_id: i64,
+    pub stream: String,
+    pub entry_id: String,
+    #[serde(default)]
+    pub event_id: Option<Uuid>,
+    pub error: String,
 }
 
 /// Payload of `haproxy.action_updated`.

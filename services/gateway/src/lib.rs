@@ -12,6 +12,7 @@ pub mod haproxy;
 pub mod leases;
 pub mod operators;
 pub mod paging;
+pub mod parked;
 pub mod state;
 
 use std::sync::Arc;
@@ -82,6 +83,7 @@ pub async fn run(
                 .merge(checks::router())
                 .merge(haproxy::router())
                 .merge(applications::router())
+                .merge(parked::router())
                 .with_state(state)
         },
     )

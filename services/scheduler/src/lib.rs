@@ -271,6 +271,38 @@ pub async fn run(
                 },
             );
 
+            let (pg, redis, schema) = (stores.pg.clone(), stores.redis.clone(), stores.clone());
+            let parked = checkplane_runtime::dead_letters::Parked::new(keys.clone());
+            every(
+                tracker,
+                shutdown,
+                "parked_gauges",
+                Duration::from_secs(5),
+                move || {
+                    let (pg, redis, schema, parked) =
+                        (pg.clone(), redis.clone(), schema.clone(), parked.clone());
+                    async move {
+                        schema.schema_current().await;
+                        let client = pg
+                            .get()
+                            .await
+                            .map_err(|e| RunError::Startup(e.to_string()))?;
+                        let failures = checkplane_runtime::failures::count(&**client)
+                            .await
+                            .map_err(|e| RunError::Startup(checkplane_runtime::error_chain(&e)))?;
+                        drop(client);
+                        let mut conn = redis
+                            .get()
+                            .await
+                            .map_err(|e| RunError::Startup(e.to_string()))?;
+                        let letters = parked.count(&mut *conn).await.map_err(RunError::Redis)?;
+                        metrics::gauge!("checkplane_projection_failures").set(failures as f64);
+                        metrics::gauge!("checkplane_dead_letters").set(letters as f64);
+                        Ok::<_, RunError>(())
+                    }
+                },
+            );
+
             let (pg, schema) = (stores.pg.clone(), stores.clone());
             let events = config.events_retention;
             let ages = checkplane_runtime::retention::Ages {
@@ -315,6 +347,40 @@ pub async fn run(
     .await
 }
 
+/// `scheduler replay-failures [--id N]`: replay the parked events (or one), print what
+/// happened; exit 0 when none failed again, 1 otherwise.
+async fn replay_failures(config: Config, only: Option<i64>) -> std::process::ExitCode {
+    let database = &config.service.store.database;
+    let outcome = async {
+        checkplane_runtime::db::migrate(database).await?;
+        let mut client = checkplane_runtime::db::connect(database).await?;
+        let left_before = checkplane_runtime::failures::count(&client).await?;
+        let done = checkplane_runtime::failures::replay(&mut client, only)
+            .await
+            .map_err(|e| RunError::Startup(checkplane_runtime::error_chain(&e)))?;
+        let left = checkplane_runtime::failures::count(&client).await?;
+        Ok::<_, Box<dyn std::error::Error>>((left_before, done, left))
+    }
+    .await;
+    match outcome {
+        Ok((before, done, left)) => {
+            println!(
+                "parked before: {before}; applied: {}, already applied: {}, failed again: {}; parked now: {left}",
+                done.applied, done.known, done.failed
+            );
+            if done.failed == 0 {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("scheduler replay-failures: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The scheduler as a launchable [`checkplane_runtime::Service`].
 pub struct Service;
 
@@ -333,6 +399,28 @@ impl checkplane_runtime::Service for Service {
 
     fn store(config: &Config) -> Option<&StoreSettings> {
         Some(&config.service.store)
+    }
+
+    fn commands() -> Vec<clap::Command> {
+        vec![clap::Command::new("replay-failures")
+            .about("Apply the events parked in projection_failures again (after a fix)")
+            .arg(
+                clap::Arg::new("id")
+                    .long("id")
+                    .value_parser(clap::value_parser!(i64).range(1..))
+                    .help("only this parked event (its id in GET /v1/projection-failures)"),
+            )]
+    }
+
+    async fn command(
+        config: Config,
+        name: String,
+        args: clap::ArgMatches,
+    ) -> std::process::ExitCode {
+        match name.as_str() {
+            "replay-failures" => replay_failures(config, args.get_one::<i64>("id").copied()).await,
+            _ => std::process::ExitCode::from(2),
+        }
     }
 
     async fn run(

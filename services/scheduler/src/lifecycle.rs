@@ -17,6 +17,9 @@
 //!   new attempt on another matching agent (`check.slot_retried`, fanned out like a new check)
 //!   until `MAX_RETRIES`; with no retry left it ends with the interruption, with no agent
 //!   `no_agent`;
+//! - **dead letters**: a slot whose task went to the dead-letter stream waits for an admin
+//!   (`POST /v1/dead-letters/{id}/requeue` gives it its next attempt on the same agent, a
+//!   drop ends it); it is never retried by itself, and its deadline ends it `dead_lettered`;
 //! - **offline agents**: a slot sent to an agent that went offline before claiming it is
 //!   closed in Redis with reason `offline` (a task never sent is marked so it never will be)
 //!   and waits for its retry like the others;
@@ -140,7 +143,8 @@ impl Lifecycle {
                           AND (deadline <= now() OR cancelled_at IS NOT NULL)
                         ORDER BY deadline LIMIT $2)
                      SELECT d.check_id, d.kind, d.cancelled, d.overdue,
-                            s.slot, s.attempt, s.agent_id, s.status
+                            s.slot, s.attempt, s.agent_id, s.status,
+                            s.status = 'retrying' AND s.outcome = 'dead_lettered'
                      FROM due d JOIN check_slots s USING (check_id)
                      WHERE s.status <> 'done'
                      ORDER BY d.check_id, s.slot",
@@ -161,6 +165,9 @@ impl Lifecycle {
                 (CloseReason::Timeout, "timeout")
             };
             let mut still_open = Vec::new();
+            // Slots whose task went to the dead-letter stream and that no admin requeued or
+            // dropped: they end as such.
+            let mut dead_lettered = Vec::new();
             // Slots whose entry ended before the close, and which the projector has passed:
             // still open in PostgreSQL only if their event was lost.
             let mut settled = Vec::new();
@@ -168,6 +175,10 @@ impl Lifecycle {
                 let (n, attempt, agent, status): (i32, i32, Option<String>, String) =
                     (slot.get(4), slot.get(5), slot.get(6), slot.get(7));
                 let (n, attempt) = (n as u32, attempt as u32);
+                if slot.get::<_, bool>(8) && !cancelled {
+                    dead_lettered.push((n, attempt));
+                    continue;
+                }
                 if let (Some(agent), true) = (&agent, status != "retrying") {
                     let task = task_id(check, n, attempt);
                     let closed = self
@@ -207,14 +218,20 @@ impl Lifecycle {
                 }
                 still_open.extend(settled);
             }
-            if overdue && !still_open.is_empty() {
-                pass.ended += still_open.len() as u32;
+            if !overdue {
+                continue;
+            }
+            for (outcome, slots) in [(outcome, still_open), ("dead_lettered", dead_lettered)] {
+                if slots.is_empty() {
+                    continue;
+                }
+                pass.ended += slots.len() as u32;
                 let event = system_event(
                     check,
                     EventBody::CheckSlotsClosed(CheckSlotsClosed {
                         check_id: check,
                         outcome: outcome.to_owned(),
-                        slots: still_open,
+                        slots,
                     }),
                 );
                 self.record(&event).await?;
@@ -438,7 +455,7 @@ impl Lifecycle {
                         c.kind, c.target, c.options, c.selection,
                         (extract(epoch FROM c.deadline) * 1000)::bigint
                  FROM check_slots s JOIN checks c USING (check_id)
-                 WHERE s.status = 'retrying'
+                 WHERE s.status = 'retrying' AND s.outcome IS DISTINCT FROM 'dead_lettered'
                    AND s.done_at <= now() - $1::bigint * interval '1 millisecond'
                    AND c.status <> 'finished' AND c.cancelled_at IS NULL AND c.deadline > now()
                  ORDER BY s.done_at LIMIT $2

@@ -51,6 +51,43 @@ impl Gw {
 fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role, u16)> {
     vec![
         ("GET", "/v1/agents".into(), None, Role::Viewer, 200),
+        ("GET", "/v1/dead-letters".into(), None, Role::Admin, 200),
+        (
+            "POST",
+            "/v1/dead-letters/requeue".into(),
+            None,
+            Role::Admin,
+            200,
+        ),
+        ("DELETE", "/v1/dead-letters".into(), None, Role::Admin, 200),
+        (
+            "POST",
+            "/v1/dead-letters/s0-1-0/requeue".into(),
+            None,
+            Role::Admin,
+            404,
+        ),
+        (
+            "DELETE",
+            "/v1/dead-letters/s0-1-0".into(),
+            None,
+            Role::Admin,
+            404,
+        ),
+        (
+            "GET",
+            "/v1/projection-failures".into(),
+            None,
+            Role::Admin,
+            200,
+        ),
+        (
+            "DELETE",
+            "/v1/projection-failures/1".into(),
+            None,
+            Role::Admin,
+            404,
+        ),
         (
             "GET",
             "/v1/haproxy/instances".into(),

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use checkplane_testkit::process::run_to_end;
 use checkplane_testkit::{agent_post, eventually, Running, TestDb, TestRedis};
 use serde_json::{json, Value};
 
@@ -1430,5 +1431,348 @@ async fn live_results_from_two_projector_replicas_arrive_in_seq_order_without_ga
         (Some("finished"), Some(AGENTS as i64))
     );
     second.stop().await.unwrap();
+    s.stop().await;
+}
+
+impl Stand {
+    /// `method` on `path` as the admin: status and JSON body.
+    async fn admin(&self, method: &str, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .request(method.parse().unwrap(), self.gw.url(path))
+            .header("x-api-key", ADMIN)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The dead letters, once there are `n`.
+    async fn dead_letters(&self, n: usize) -> Vec<Value> {
+        eventually("the dead letters", Duration::from_secs(20), || async {
+            let (status, page) = self.admin("GET", "/v1/dead-letters?limit=50").await;
+            assert_eq!(status, 200, "{page}");
+            let items = page["items"].as_array().cloned().unwrap_or_default();
+            (items.len() == n && page["total"] == n).then_some(items)
+        })
+        .await
+    }
+}
+
+/// Issue 20, part 4: tasks past `MAX_DELIVERIES` wait in the dead letters, their slots open
+/// until an admin acts: a requeue gives the slot its next attempt on the same agent, a drop
+/// ends it `dead_lettered`, the deadline ends the ones nobody handled (and a requeue of those
+/// is refused); all and one at a time, an anonymous task too; audited; on the gauge.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_requeued_and_dropped_by_admins() {
+    let s = stand_with(&[("LEASE_TTL", "1s"), ("MAX_DELIVERIES", "1")], &[]).await;
+    let a = s.agent("a", "NL", 64520, &["dns"]).await;
+    s.online(&[&a]).await;
+    let mut checks = Vec::new();
+    for (target, timeout) in [
+        ("a.example", 60_000),
+        ("b.example", 60_000),
+        ("c.example", 60_000),
+        ("d.example", 5_000),
+    ] {
+        let (status, body, location) = s
+            .create(json!({"kind": "dns", "target": target, "limit": 1, "timeout_ms": timeout}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        checks.push((target, location.unwrap()));
+    }
+    // A task without a check (as tests and benchmarks make them).
+    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let leases = checkplane_runtime::leases::Leases::new(
+        keys.clone(),
+        checkplane_runtime::leases::LeaseSettings::new(1_000, 1),
+    );
+    leases
+        .enqueue(
+            &mut s.redis.connection().await,
+            &a.id,
+            "dns",
+            r#"{"anonymous":true}"#,
+        )
+        .await
+        .unwrap();
+    // Claimed and never reported: each comes back after the lease TTL at delivery 2, one
+    // more than allowed.
+    eventually(
+        "five tasks dead-lettered",
+        Duration::from_secs(20),
+        || async {
+            let _ = s.claim(&a, "dns").await;
+            let (_, page) = s.admin("GET", "/v1/dead-letters").await;
+            (page["total"] == 5).then_some(())
+        },
+    )
+    .await;
+    let letters = s.dead_letters(5).await;
+    let letter_of = |target: &str| -> Value {
+        let check = checks.iter().find(|(t, _)| *t == target).unwrap();
+        let id = check.1.rsplit('/').next().unwrap().to_owned();
+        letters
+            .iter()
+            .find(|l| l["task"].as_str().is_some_and(|t| t.starts_with(&id)))
+            .cloned()
+            .unwrap_or_else(|| panic!("{target} in {letters:?}"))
+    };
+    let anonymous = letters
+        .iter()
+        .find(|l| l["task"].is_null())
+        .unwrap()
+        .clone();
+    assert_eq!(letter_of("a.example")["reason"], "max_deliveries");
+    assert_eq!(letter_of("a.example")["deliveries"], 2);
+    eventually("the gauge", Duration::from_secs(15), || async {
+        (s.scheduler_metric("checkplane_dead_letters").await == 5.0).then_some(())
+    })
+    .await;
+    // The slots wait: the checks are not finished.
+    let a_check = s.check(&checks[0].1).await;
+    assert_eq!(a_check["status"], "in_progress", "{a_check}");
+    assert_eq!(
+        a_check["results"][0]["outcome"], "dead_lettered",
+        "{a_check}"
+    );
+
+    // Requeue one: the slot's second attempt, on the same agent; it runs and reports.
+    let id = letter_of("a.example")["id"].as_str().unwrap().to_owned();
+    let (status, requeued) = s
+        .admin("POST", &format!("/v1/dead-letters/{id}/requeue"))
+        .await;
+    assert_eq!(
+        (status, requeued["attempt"].as_u64()),
+        (200, Some(2)),
+        "{requeued}"
+    );
+    let (status, again) = s
+        .admin("POST", &format!("/v1/dead-letters/{id}/requeue"))
+        .await;
+    assert_eq!(status, 404, "gone once requeued: {again}");
+    // The anonymous one goes back on its stream.
+    let (status, _) = s
+        .admin(
+            "POST",
+            &format!(
+                "/v1/dead-letters/{}/requeue",
+                anonymous["id"].as_str().unwrap()
+            ),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut claimed = Vec::new();
+    while claimed.len() < 2 {
+        claimed.extend(
+            s.claim_eventually(&a, "dns", "the requeued tasks", 10)
+                .await,
+        );
+    }
+    let retried = claimed
+        .iter()
+        .find(|l| l["spec"]["target"] == "a.example")
+        .expect("the check's task");
+    assert_eq!(retried["spec"]["attempt"], 2, "{retried}");
+    assert!(
+        claimed.iter().any(|l| l["spec"]["anonymous"] == true),
+        "{claimed:?}"
+    );
+    s.report(
+        &a,
+        retried["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let done = s.finished(&checks[0].1, "the requeued slot finishes").await;
+    assert_eq!(done["results"][0]["outcome"], "finished", "{done}");
+    assert_eq!(done["results"][0]["attempt"], 2, "{done}");
+
+    // Drop one: its slot ends at once.
+    let id = letter_of("b.example")["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.admin("DELETE", &format!("/v1/dead-letters/{id}")).await.0,
+        204
+    );
+    assert_eq!(
+        s.admin("DELETE", &format!("/v1/dead-letters/{id}")).await.0,
+        404
+    );
+    let done = s.finished(&checks[1].1, "the dropped slot ends").await;
+    assert_eq!(done["results"][0]["outcome"], "dead_lettered", "{done}");
+    // Nobody acted on d before its deadline: it ended `dead_lettered`, and cannot run again.
+    let done = s.finished(&checks[3].1, "the deadline ends d").await;
+    assert_eq!(done["results"][0]["outcome"], "dead_lettered", "{done}");
+    // Requeue all: c runs again, d is refused (its check ended) and stays.
+    let (status, all) = s.admin("POST", "/v1/dead-letters/requeue").await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["requeued"].as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(
+        all["refused"][0]["id"],
+        letter_of("d.example")["id"],
+        "{all}"
+    );
+    assert_eq!(all["refused"][0]["code"], "ERR_CONFLICT", "{all}");
+    // Drop all: d goes.
+    let (status, dropped) = s.admin("DELETE", "/v1/dead-letters").await;
+    assert_eq!(
+        (status, dropped["dropped"].as_u64()),
+        (200, Some(1)),
+        "{dropped}"
+    );
+    s.dead_letters(0).await;
+    for (path, code) in [
+        ("/v1/dead-letters/nonsense/requeue", 404),
+        ("/v1/dead-letters/s9999-1-0/requeue", 404),
+        ("/v1/dead-letters/s0-1-0", 404),
+    ] {
+        let method = if path.ends_with("requeue") {
+            "POST"
+        } else {
+            "DELETE"
+        };
+        assert_eq!(s.admin(method, path).await.0, code, "{path}");
+    }
+    let audited = count(
+        &s.db,
+        "SELECT count(*) FROM audit_log WHERE action IN ('dead_letter.requeued', 'dead_letter.dropped')",
+    )
+    .await;
+    assert_eq!(
+        audited, 5,
+        "a, the anonymous one and c requeued; b and d dropped"
+    );
+    eventually("the gauge back to 0", Duration::from_secs(15), || async {
+        (s.scheduler_metric("checkplane_dead_letters").await == 0.0).then_some(())
+    })
+    .await;
+    s.stop().await;
+}
+
+/// Issue 20, part 4: an event that cannot be applied is parked, listed with its error and on
+/// the gauge; after a fix, `scheduler replay-failures` applies it; one that still cannot be is
+/// left (exit 1) and an admin drops it (audited).
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_events_are_listed_replayed_after_a_fix_and_dropped() {
+    use checkplane_testkit::events::{registered, xadd};
+    let s = stand_with(&[], &[("PROJECTOR_MAX_ATTEMPTS", "1")]).await;
+    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let mut conn = s.redis.connection().await;
+    // Two agents claiming one host name: the second's registration breaks the unique index.
+    let first = registered("agt-first", 1, checkplane_runtime::clock::now_ms());
+    let mut second = registered("agt-second", 1, checkplane_runtime::clock::now_ms());
+    if let checkplane_wire::events::EventBody::AgentRegistered(r) = &mut second.body {
+        r.hostname = "agt-first.test".into();
+    }
+    xadd(&mut conn, &keys.events("agents"), &first).await;
+    xadd(&mut conn, &keys.events("agents"), &second).await;
+    let parked = eventually("parked", Duration::from_secs(15), || async {
+        let (_, page) = s.admin("GET", "/v1/projection-failures").await;
+        (page["total"] == 1).then_some(page)
+    })
+    .await;
+    let item = &parked["items"][0];
+    assert_eq!(item["event_type"], "agent.registered", "{item}");
+    assert_eq!(item["event_id"], second.event_id.to_string(), "{item}");
+    assert!(
+        item["error"].as_str().unwrap().contains("duplicate"),
+        "{item}"
+    );
+    eventually("the gauge", Duration::from_secs(15), || async {
+        (s.scheduler_metric("checkplane_projection_failures").await == 1.0).then_some(())
+    })
+    .await;
+
+    // The fix (here: the first agent's host renamed), then the replay.
+    s.db.client()
+        .await
+        .execute(
+            "UPDATE agents SET hostname = 'renamed.test' WHERE agent_id = 'agt-first'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let env = vec![("DATABASE_URL".to_owned(), s.db.url.clone())];
+    let out = tokio::task::block_in_place(|| {
+        run_to_end(
+            crate::bin(),
+            &["replay-failures"],
+            &env,
+            Duration::from_secs(60),
+        )
+    });
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{printed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("applied: 1"), "{printed}");
+    let hostname: String =
+        s.db.client()
+            .await
+            .query_one(
+                "SELECT hostname FROM agents WHERE agent_id = 'agt-second'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(hostname, "agt-first.test");
+
+    // An entry that is no event at all: replayed, it fails again; an admin drops it.
+    let _: String = redis::cmd("XADD")
+        .arg(keys.events("agents"))
+        .arg("*")
+        .arg("event")
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let parked = eventually("parked again", Duration::from_secs(15), || async {
+        let (_, page) = s.admin("GET", "/v1/projection-failures").await;
+        (page["total"] == 1).then_some(page)
+    })
+    .await;
+    let id = parked["items"][0]["id"].as_i64().unwrap();
+    let out = tokio::task::block_in_place(|| {
+        run_to_end(
+            crate::bin(),
+            &["replay-failures", "--id", &id.to_string()],
+            &env,
+            Duration::from_secs(60),
+        )
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (_, page) = s.admin("GET", "/v1/projection-failures").await;
+    assert_eq!(page["items"][0]["attempts"], 2, "{page}");
+    assert_eq!(
+        s.admin("DELETE", &format!("/v1/projection-failures/{id}"))
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        s.admin("DELETE", &format!("/v1/projection-failures/{id}"))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(s.admin("DELETE", "/v1/projection-failures/x").await.0, 404);
+    let (_, page) = s.admin("GET", "/v1/projection-failures").await;
+    assert_eq!(page["total"], 0, "{page}");
+    let audited = count(
+        &s.db,
+        "SELECT count(*) FROM audit_log WHERE action = 'projection_failure.dropped'",
+    )
+    .await;
+    assert_eq!(audited, 1);
     s.stop().await;
 }

@@ -1,0 +1,139 @@
+//! Events the projector parked in `projection_failures` (they failed to apply
+//! `PROJECTOR_MAX_ATTEMPTS` times, so their stream went on without them): listed for admins,
+//! and replayed after a fix through the same `record` + `apply` as everything else.
+//!
+//! A replay takes the rows it replays with `FOR UPDATE SKIP LOCKED` (two replays never run one
+//! event twice), applies each under a savepoint, deletes the row of each that applied (or that
+//! `events` already holds: applied meanwhile), and leaves the others with their new error and
+//! one more attempt. Nothing is applied twice: `events` is the judge, as for the projector.
+
+use crate::projection::{record_and_apply, ApplyError};
+
+/// One parked event.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParkedEvent {
+    pub id: i64,
+    pub stream: String,
+    pub entry_id: String,
+    pub consumer_group: String,
+    pub event_id: Option<uuid::Uuid>,
+    /// The event's type, when its JSON says.
+    pub event_type: Option<String>,
+    pub attempts: i32,
+    pub error: String,
+    pub parked_at: String,
+    /// The stream entry's `event` field, as it was (at most 16 kB of it).
+    pub entry: String,
+}
+
+/// The most of an entry [`list`] shows.
+const ENTRY_SHOWN: i32 = 16 * 1024;
+
+/// A page of the parked events, oldest first, and how many there are.
+pub async fn list(
+    client: &impl crate::db::Sql,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<ParkedEvent>, i64), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT id, stream, entry_id, consumer_group, event_id, entry, attempts, error,
+                    to_char(parked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                    left(entry, $3), count(*) OVER ()
+             FROM projection_failures ORDER BY parked_at, id LIMIT $1 OFFSET $2",
+            &[&limit, &offset, &ENTRY_SHOWN],
+        )
+        .await?;
+    let total = rows.first().map_or(0, |r| r.get(10));
+    Ok((
+        rows.iter()
+            .map(|r| ParkedEvent {
+                id: r.get(0),
+                stream: r.get(1),
+                entry_id: r.get(2),
+                consumer_group: r.get(3),
+                event_id: r.get(4),
+                event_type: serde_json::from_str::<serde_json::Value>(r.get(5))
+                    .ok()
+                    .and_then(|v| Some(v.get("type")?.as_str()?.to_owned())),
+                attempts: r.get(6),
+                error: r.get(7),
+                parked_at: r.get(8),
+                entry: r.get(9),
+            })
+            .collect(),
+        total,
+    ))
+}
+
+/// How many events are parked.
+pub async fn count(client: &impl crate::db::Sql) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT count(*) FROM projection_failures", &[])
+        .await?
+        .get(0))
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    /// Applied now (their rows deleted).
+    pub applied: u64,
+    /// Already in `events` (applied meanwhile): their rows deleted.
+    pub known: u64,
+    /// Failed again: kept, with the new error.
+    pub failed: u64,
+}
+
+/// Replay the parked events (`only` one of them, by id), oldest first, in one transaction.
+pub async fn replay(
+    client: &mut tokio_postgres::Client,
+    only: Option<i64>,
+) -> Result<Replayed, ApplyError> {
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT id, entry FROM projection_failures WHERE $1::bigint IS NULL OR id = $1
+             ORDER BY parked_at, id FOR UPDATE SKIP LOCKED",
+            &[&only],
+        )
+        .await?;
+    let mut done = Replayed::default();
+    for row in &rows {
+        let (id, entry): (i64, String) = (row.get(0), row.get(1));
+        tx.batch_execute("SAVEPOINT replay").await?;
+        let outcome = match serde_json::from_str(&entry) {
+            Ok(event) => record_and_apply(&tx, &event).await,
+            Err(error) => Err(ApplyError::Json(error)),
+        };
+        match outcome {
+            Ok(applied) => {
+                tx.batch_execute("RELEASE SAVEPOINT replay").await?;
+                tx.execute("DELETE FROM projection_failures WHERE id = $1", &[&id])
+                    .await?;
+                if applied {
+                    done.applied += 1;
+                } else {
+                    done.known += 1;
+                }
+            }
+            Err(error) if error.is_poison() => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT replay").await?;
+                let message = crate::error_chain(&error);
+                tracing::warn!(id, error = %message, "parked event failed again");
+                tx.execute(
+                    "UPDATE projection_failures SET attempts = attempts + 1, error = $2,
+                         parked_at = now()
+                     WHERE id = $1",
+                    &[&id, &message],
+                )
+                .await?;
+                done.failed += 1;
+            }
+            // The database, not the event: the whole replay fails and changes nothing.
+            Err(error) => return Err(error),
+        }
+    }
+    tx.commit().await?;
+    Ok(done)
+}

@@ -1,0 +1,4 @@
+-- Parked events get a number of their own, so that admins can name one over the API
+-- (`GET /v1/projection-failures`, `DELETE /v1/projection-failures/{id}`).
+ALTER TABLE projection_failures ADD COLUMN id bigserial;
+CREATE UNIQUE INDEX projection_failures_id ON projection_failures (id);
