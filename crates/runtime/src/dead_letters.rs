@@ -45,13 +45,13 @@ pub fn parse_id(keys: &Keys, id: &str) -> Option<(u32, String)> {
     let (shard, entry) = rest.split_once('-')?;
     let shard: u32 = shard.parse().ok()?;
     let (ms, seq) = entry.split_once('-')?;
+    // Stream ids are two u64s: anything else Redis would refuse (an error, not an absence).
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let valid = shard < keys.shards()
-        && !ms.is_empty()
-        && ms.len() <= 20
-        && ms.bytes().all(|b| b.is_ascii_digit())
-        && !seq.is_empty()
-        && seq.len() <= 20
-        && seq.bytes().all(|b| b.is_ascii_digit());
+        && digits(ms)
+        && digits(seq)
+        && ms.parse::<u64>().is_ok()
+        && seq.parse::<u64>().is_ok();
     valid.then(|| (shard, entry.to_owned()))
 }
 
@@ -210,5 +210,32 @@ impl Parked {
             .invoke_async(conn)
             .await?;
         Ok(moved == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_a_known_shard_and_a_stream_id_of_two_u64s() {
+        let keys = Keys::new("cp", 4);
+        assert_eq!(
+            parse_id(&keys, "s3-1700000000000-7"),
+            Some((3, "1700000000000-7".into()))
+        );
+        for bad in [
+            "s4-1-0",
+            "s0-99999999999999999999-0",
+            "s0-1-99999999999999999999",
+            "s0-+1-0",
+            "s0-1",
+            "0-1-0",
+            "s-1-0",
+            "s0--0",
+            "",
+        ] {
+            assert_eq!(parse_id(&keys, bad), None, "{bad}");
+        }
     }
 }

@@ -1626,6 +1626,8 @@ async fn dead_letters_are_listed_requeued_and_dropped_by_admins() {
         ("/v1/dead-letters/nonsense/requeue", 404),
         ("/v1/dead-letters/s9999-1-0/requeue", 404),
         ("/v1/dead-letters/s0-1-0", 404),
+        // Past what a stream id holds: still the client's mistake, not a Redis error.
+        ("/v1/dead-letters/s0-99999999999999999999-0", 404),
     ] {
         let method = if path.ends_with("requeue") {
             "POST"
