@@ -272,13 +272,20 @@ return out
 /// KEYS: leases, lease events, versions, task stream, tombstone.
 /// ARGV: agent, kind, entry, now, event id, reason, tombstone value, tombstone_ttl_ms,
 /// task id (or empty).
-/// Returns 1 when the task was open and is now closed, 0 when it was closed already.
+/// Returns 1 when the task was open and is now closed; when it had ended already (reported,
+/// closed, expired, dead-lettered), the id of the newest entry of the lease events stream
+/// (`0-0` for none): the event that ended it is at or below it.
 const CLOSE: &str = r#"
 local agent, kind, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-if redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+local function ended()
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if #newest == 0 then return '0-0' end
+  return newest[1][1]
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then return ended() end
 local p = pending(KEYS[4], id)
 local exists = #redis.call('XRANGE', KEYS[4], id, id) > 0
-if #p == 0 and not exists then return 0 end
+if #p == 0 and not exists then return ended() end
 if #p > 0 then
   redis.call('ZREM', KEYS[1], agent .. '.' .. kind .. '.' .. id .. '.' .. p[1][4])
   redis.call('XACK', KEYS[4], 'agents', id)
@@ -354,15 +361,16 @@ pub struct TaskRef<'a> {
 }
 
 /// What closing a task by its id did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskClosed {
     /// It was open and is closed now: its `lease.closed` is on the lease stream.
     Closed,
     /// It was closed before it was sent (its close was marked already): no event was made.
     Already,
     /// Its entry was ended before (reported, closed, expired or dead-lettered): the event that
-    /// ended it is on the shard's lease stream, perhaps not projected yet.
-    Ended,
+    /// ended it is on the shard's lease stream at or below `tip` (read in the same script),
+    /// perhaps not projected yet.
+    Ended { tip: String },
     /// It had not been sent: a mark now keeps a late fan-out from adding it, and no event
     /// was made.
     Unsent,
@@ -646,8 +654,23 @@ impl Leases {
         reason: CloseReason,
         now_ms: i64,
     ) -> redis::RedisResult<bool> {
+        Ok(self
+            .close_entry(conn, task, reason, now_ms)
+            .await?
+            .is_none())
+    }
+
+    /// [`Leases::close`]: `None` when it was open and is closed now, else the lease stream's
+    /// newest entry id when the close found it ended already.
+    async fn close_entry(
+        &self,
+        conn: &mut impl ConnectionLike,
+        task: &TaskRef<'_>,
+        reason: CloseReason,
+        now_ms: i64,
+    ) -> redis::RedisResult<Option<String>> {
         let n = self.keys.shard_of(task.agent);
-        let closed: i64 = self
+        let closed: redis::Value = self
             .close
             .key(self.keys.leases(n))
             .key(self.keys.lease_events(n))
@@ -665,7 +688,10 @@ impl Leases {
             .arg(task.task)
             .invoke_async(conn)
             .await?;
-        Ok(closed == 1)
+        Ok(match closed {
+            redis::Value::Int(1) => None,
+            other => Some(redis::from_redis_value(other)?),
+        })
     }
 
     /// Close a task by its id: the entry it was enqueued as, or, when it was not enqueued
@@ -695,11 +721,9 @@ impl Leases {
                     entry,
                     task,
                 };
-                let closed = self.close(conn, &task, reason, now_ms).await?;
-                Ok(if closed {
-                    TaskClosed::Closed
-                } else {
-                    TaskClosed::Ended
+                Ok(match self.close_entry(conn, &task, reason, now_ms).await? {
+                    None => TaskClosed::Closed,
+                    Some(tip) => TaskClosed::Ended { tip },
                 })
             }
         }

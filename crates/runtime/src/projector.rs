@@ -567,58 +567,71 @@ impl Projector {
     }
 }
 
-/// Whether `group` has projected every entry of `stream` up to `mark` (an entry id): each was
-/// delivered to the group and acknowledged, none is still pending in a consumer's PEL (a dead
-/// replica's batch waiting for `XAUTOCLAIM` included). The group's last-delivered id alone does
-/// not say it: an entry read by a replica that died before its commit is delivered, not
-/// projected. A stream that is gone has nothing left to project; a group that does not exist
-/// yet has projected nothing.
-pub async fn projected_through(
+/// How far a consumer group has projected a stream: every entry at or below a mark it
+/// [`covers`](Projected::covers) was delivered to the group and acknowledged, none is still
+/// pending in a consumer's PEL (a dead replica's batch waiting for `XAUTOCLAIM` included). The
+/// group's last-delivered id alone does not say it: an entry read by a replica that died
+/// before its commit is delivered, not projected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projected {
+    /// The stream is gone: nothing is left to project.
+    All,
+    /// The group does not exist (yet): nothing is projected.
+    Nothing,
+    /// Delivered through `delivered`; `oldest_pending` is the oldest entry still pending.
+    Through {
+        delivered: (i64, i64),
+        oldest_pending: Option<(i64, i64)>,
+    },
+}
+
+impl Projected {
+    /// Whether every entry at or below `mark` (an entry id) is projected.
+    pub fn covers(&self, mark: &str) -> bool {
+        let Some(mark) = parse_id(mark) else {
+            return false;
+        };
+        match *self {
+            _ if mark == (0, 0) => true,
+            Self::All => true,
+            Self::Nothing => false,
+            Self::Through {
+                delivered,
+                oldest_pending,
+            } => delivered >= mark && oldest_pending.is_none_or(|oldest| oldest > mark),
+        }
+    }
+}
+
+/// How far `group` has projected `stream`, read now (two commands).
+pub async fn projected(
     conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
     stream: &str,
     group: &str,
-    mark: &str,
-) -> redis::RedisResult<bool> {
-    let mark = parse_id(mark).unwrap_or((i64::MAX, i64::MAX));
-    if mark == (0, 0) {
-        return Ok(true);
-    }
+) -> redis::RedisResult<Projected> {
     let groups: StreamInfoGroupsReply = match conn.xinfo_groups(stream).await {
         Ok(groups) => groups,
-        Err(e) if e.to_string().contains("no such key") => return Ok(true),
+        Err(e) if e.to_string().contains("no such key") => return Ok(Projected::All),
         Err(e) => return Err(e),
     };
     let Some(info) = groups.groups.iter().find(|g| g.name == group) else {
-        return Ok(false);
+        return Ok(Projected::Nothing);
     };
-    if parse_id(&info.last_delivered_id).is_none_or(|delivered| delivered < mark) {
-        return Ok(false);
-    }
-    if info.pending == 0 {
-        return Ok(true);
-    }
-    let pending: StreamPendingReply = conn.xpending(stream, group).await?;
-    Ok(match pending {
-        StreamPendingReply::Data(data) => {
-            parse_id(&data.start_id).is_some_and(|oldest| oldest > mark)
+    let Some(delivered) = parse_id(&info.last_delivered_id) else {
+        return Ok(Projected::Nothing);
+    };
+    let oldest_pending = if info.pending == 0 {
+        None
+    } else {
+        match conn.xpending(stream, group).await? {
+            StreamPendingReply::Data(data) => parse_id(&data.start_id),
+            _ => None,
         }
-        _ => true,
+    };
+    Ok(Projected::Through {
+        delivered,
+        oldest_pending,
     })
-}
-
-/// The id of the newest entry of `stream`, `0-0` when it has none: every entry appended before
-/// this call is at or below it (or was trimmed, which only happens once every group
-/// acknowledged it).
-pub async fn stream_tip(
-    conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
-    stream: &str,
-) -> redis::RedisResult<String> {
-    let newest: redis::streams::StreamRangeReply =
-        conn.xrevrange_count(stream, "+", "-", 1).await?;
-    Ok(newest
-        .ids
-        .first()
-        .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone()))
 }
 
 /// `<ms>-<seq>` as numbers.

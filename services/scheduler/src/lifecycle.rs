@@ -7,11 +7,13 @@
 //!   `check.slots_closed` as `timeout` / `cancelled`. A slot whose entry had ended before the
 //!   close (reported, expired, dead-lettered, closed by an earlier pass) is not: the event that
 //!   ended it is on its shard's lease stream, and the slot waits until the projector group has
-//!   projected that stream up to where it stood when the close found the entry gone (see
-//!   [`projected_through`]: a dead replica's pending batch counts as not projected). Only a
-//!   slot still open then, whose event Redis lost, is ended here, and that is logged and
-//!   counted (`checkplane_lifecycle_reports_missing_total`). So a report acknowledged to an
-//!   agent is never overwritten by a `timeout`, however far the projector lags;
+//!   projected that stream up to where it stood when the close found the entry gone (the close
+//!   script answers that point; see [`Projected`]: a dead replica's pending batch counts as not
+//!   projected). Its check stays out of the passes meanwhile, so due checks behind it are not
+//!   held up. Only a slot still open then, whose event Redis lost, is ended here, and that is
+//!   logged and counted (`checkplane_lifecycle_reports_missing_total`). So a report
+//!   acknowledged to an agent is never overwritten by a `timeout`, however far the projector
+//!   lags;
 //! - **retries**: a slot whose attempt was interrupted (`lease_expired`, `offline`) waits
 //!   `RETRY_BACKOFF` (its end time is in the row, so the wait survives a restart), then gets a
 //!   new attempt on another matching agent (`check.slot_retried`, fanned out like a new check)
@@ -23,7 +25,8 @@
 //! - **offline agents**: a slot sent to an agent that went offline before claiming it is
 //!   closed in Redis with reason `offline` (a task never sent is marked so it never will be)
 //!   and waits for its retry like the others;
-//! - **parallelism**: slots past a check's `max_parallel` start `waiting`; as earlier ones end,
+//! - **parallelism**: slots past a check's `max_parallel` start `waiting`; as earlier ones end
+//!   (or wait in the dead letters, which do not count as running),
 //!   `check.slots_released` lets the next ones run (in the check row's lock, so two replicas
 //!   never release the same slots) and they are sent like a new check's.
 
@@ -35,7 +38,7 @@ use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::keys::Keys;
 use checkplane_runtime::leases::{CloseReason, Leases, TaskClosed};
 use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
-use checkplane_runtime::projector::{projected_through, stream_tip};
+use checkplane_runtime::projector::{projected, Projected};
 use checkplane_runtime::selection::{choose, record_selected};
 use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::{task_id, LocationRequest, Selection};
@@ -88,10 +91,49 @@ pub struct Lifecycle {
     pub keys: Keys,
     pub max_retries: u32,
     pub retry_backoff: Duration,
-    /// Slots whose entry had ended before their close (task id → the shard's lease stream tip
-    /// when the close found it so): they wait until the projector has passed that point.
-    /// Kept across passes, so a lagging projector is caught up with rather than chased.
-    pub awaiting: Arc<Mutex<HashMap<String, String>>>,
+    /// Slots whose entry had ended before their close, by task id: they wait until the
+    /// projector has passed the point their shard's lease stream was at when the close found
+    /// them so. Kept across passes, so a lagging projector is caught up with rather than
+    /// chased.
+    pub awaiting: Arc<Mutex<HashMap<String, Awaiting>>>,
+}
+
+/// A slot waiting for the projector to pass its ending event.
+#[derive(Debug, Clone)]
+pub struct Awaiting {
+    check: Uuid,
+    shard: u32,
+    /// The lease stream's newest entry id when the close found the entry ended (the close
+    /// script reads it atomically): the ending event is at or below it.
+    mark: String,
+}
+
+/// How far the projector group has projected each shard's lease stream, read once per pass
+/// and shard (a mark newer than the reading is simply not covered yet).
+#[derive(Default)]
+struct Watermarks(HashMap<u32, Projected>);
+
+impl Watermarks {
+    async fn covers(
+        &mut self,
+        lifecycle: &Lifecycle,
+        waiting: &Awaiting,
+    ) -> Result<bool, LifecycleError> {
+        let projected = match self.0.get(&waiting.shard) {
+            Some(p) => *p,
+            None => {
+                let p = projected(
+                    &mut lifecycle.redis.clone(),
+                    &lifecycle.keys.lease_events(waiting.shard),
+                    crate::PROJECTOR_GROUP,
+                )
+                .await?;
+                self.0.insert(waiting.shard, p);
+                p
+            }
+        };
+        Ok(projected.covers(&waiting.mark))
+    }
 }
 
 fn system_event(check: Uuid, body: EventBody) -> Event {
@@ -127,8 +169,22 @@ impl Lifecycle {
 
     async fn deadlines(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
         let grace_ms = CLOSE_GRACE.as_millis() as i64;
-        let mut seen = HashSet::new();
-        let mut tips = HashMap::new();
+        let mut watermarks = Watermarks::default();
+        // Checks with a slot whose ending event the projector has not passed yet stay out of
+        // this pass: the due checks behind them are not held up, and nothing is asked of
+        // Redis for them until their marks are passed.
+        let known: Vec<(String, Awaiting)> = self
+            .awaiting()
+            .iter()
+            .map(|(t, a)| (t.clone(), a.clone()))
+            .collect();
+        let mut blocked = HashSet::new();
+        for (_, waiting) in &known {
+            if !watermarks.covers(self, waiting).await? {
+                blocked.insert(waiting.check);
+            }
+        }
+        let blocked_list: Vec<Uuid> = blocked.iter().copied().collect();
         // The due checks with their open slots, in one query.
         let rows = {
             let client = self.pg.get().await?;
@@ -141,6 +197,7 @@ impl Lifecycle {
                         FROM checks
                         WHERE status <> 'finished'
                           AND (deadline <= now() OR cancelled_at IS NOT NULL)
+                          AND check_id <> ALL($3)
                         ORDER BY deadline LIMIT $2)
                      SELECT d.check_id, d.kind, d.cancelled, d.overdue,
                             s.slot, s.attempt, s.agent_id, s.status,
@@ -148,10 +205,11 @@ impl Lifecycle {
                      FROM due d JOIN check_slots s USING (check_id)
                      WHERE s.status <> 'done'
                      ORDER BY d.check_id, s.slot",
-                    &[&grace_ms, &BATCH],
+                    &[&grace_ms, &BATCH, &blocked_list],
                 )
                 .await?
         };
+        let mut seen = HashSet::new();
         for slots in rows.chunk_by(|a, b| a.get::<_, Uuid>(0) == b.get::<_, Uuid>(0)) {
             let (check, kind, cancelled, overdue): (Uuid, String, bool, bool) = (
                 slots[0].get(0),
@@ -181,45 +239,69 @@ impl Lifecycle {
                 }
                 if let (Some(agent), true) = (&agent, status != "retrying") {
                     let task = task_id(check, n, attempt);
-                    let closed = self
-                        .leases
-                        .close_task(
-                            &mut self.redis.clone(),
-                            agent,
-                            &kind,
-                            &task,
-                            reason,
-                            now_ms(),
-                        )
-                        .await?;
-                    match closed {
-                        TaskClosed::Closed => pass.closed += 1,
-                        TaskClosed::Ended => {
-                            seen.insert(task.clone());
-                            let shard = self.keys.shard_of(agent);
-                            if self.ended_event_projected(&task, shard, &mut tips).await? {
-                                settled.push((n, attempt));
-                            } else {
-                                pass.awaiting += 1;
+                    let known = self.awaiting().get(&task).cloned();
+                    let waiting = match known {
+                        // Ended in Redis before; its mark is passed (else the check would
+                        // be blocked).
+                        Some(waiting) => waiting,
+                        None => {
+                            let closed = self
+                                .leases
+                                .close_task(
+                                    &mut self.redis.clone(),
+                                    agent,
+                                    &kind,
+                                    &task,
+                                    reason,
+                                    now_ms(),
+                                )
+                                .await?;
+                            match closed {
+                                TaskClosed::Closed => {
+                                    pass.closed += 1;
+                                    still_open.push((n, attempt));
+                                    continue;
+                                }
+                                TaskClosed::Already | TaskClosed::Unsent => {
+                                    still_open.push((n, attempt));
+                                    continue;
+                                }
+                                TaskClosed::Ended { tip } => {
+                                    let waiting = Awaiting {
+                                        check,
+                                        shard: self.keys.shard_of(agent),
+                                        mark: tip,
+                                    };
+                                    self.awaiting().insert(task.clone(), waiting.clone());
+                                    waiting
+                                }
                             }
-                            continue;
                         }
-                        TaskClosed::Already | TaskClosed::Unsent => {}
+                    };
+                    seen.insert(task);
+                    if watermarks.covers(self, &waiting).await? {
+                        settled.push((n, attempt));
+                    } else {
+                        pass.awaiting += 1;
                     }
+                    continue;
                 }
                 still_open.push((n, attempt));
             }
-            if overdue && !settled.is_empty() {
+            if !overdue {
+                continue;
+            }
+            if !settled.is_empty() {
+                // Projected through its event, yet still under way: Redis lost the event.
+                // (One that became `retrying` meanwhile is left to the next pass, which ends it
+                // by what it is now.)
                 let lost = self.still_running(check, &settled).await?;
                 if !lost.is_empty() {
                     metrics::counter!("checkplane_lifecycle_reports_missing_total")
                         .increment(lost.len() as u64);
                     tracing::warn!(%check, slots = ?lost, outcome, "slots whose entry had ended in Redis are still open after the projector passed their event: the event was lost; ending them");
                 }
-                still_open.extend(settled);
-            }
-            if !overdue {
-                continue;
+                still_open.extend(lost);
             }
             for (outcome, slots) in [(outcome, still_open), ("dead_lettered", dead_lettered)] {
                 if slots.is_empty() {
@@ -237,53 +319,22 @@ impl Lifecycle {
                 self.record(&event).await?;
             }
         }
-        let mut awaiting = self
-            .awaiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A slot not seen in this pass has ended (or its check has): forget its mark.
-        awaiting.retain(|task, _| seen.contains(task));
+        let mut awaiting = self.awaiting();
+        // A slot neither seen in this pass nor of a blocked check has ended (or its check has):
+        // forget its mark.
+        awaiting.retain(|task, a| seen.contains(task) || blocked.contains(&a.check));
+        pass.awaiting += known
+            .iter()
+            .filter(|(task, a)| blocked.contains(&a.check) && !seen.contains(task))
+            .count() as u32;
         metrics::gauge!("checkplane_lifecycle_slots_awaiting_projection").set(pass.awaiting as f64);
         Ok(())
     }
 
-    /// Whether the event that ended `task`'s entry (which a close just found gone) has been
-    /// projected: the projector group has passed the point its shard's lease stream had
-    /// reached at the first such close (remembered in `awaiting`; `tips` caches this pass's
-    /// reading of each shard's stream, taken after the close).
-    async fn ended_event_projected(
-        &self,
-        task: &str,
-        shard: u32,
-        tips: &mut HashMap<u32, String>,
-    ) -> Result<bool, LifecycleError> {
-        let stream = self.keys.lease_events(shard);
-        let mut conn = self.redis.clone();
-        let known = self
-            .awaiting
+    fn awaiting(&self) -> std::sync::MutexGuard<'_, HashMap<String, Awaiting>> {
+        self.awaiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(task)
-            .cloned();
-        let mark = match known {
-            Some(mark) => mark,
-            None => {
-                let tip = match tips.get(&shard) {
-                    Some(tip) => tip.clone(),
-                    None => {
-                        let tip = stream_tip(&mut conn, &stream).await?;
-                        tips.insert(shard, tip.clone());
-                        tip
-                    }
-                };
-                self.awaiting
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(task.to_owned(), tip.clone());
-                tip
-            }
-        };
-        Ok(projected_through(&mut conn, &stream, crate::PROJECTOR_GROUP, &mark).await?)
     }
 
     /// Which of `slots` (slot, attempt) of `check` are still under way in PostgreSQL.
@@ -350,7 +401,7 @@ impl Lifecycle {
             match closed {
                 TaskClosed::Closed => pass.offline += 1,
                 // Its `lease.closed` (or report) is on its way to the projector.
-                TaskClosed::Already | TaskClosed::Ended => {}
+                TaskClosed::Already | TaskClosed::Ended { .. } => {}
                 TaskClosed::Unsent => {
                     pass.offline += 1;
                     let event = system_event(
@@ -379,7 +430,8 @@ impl Lifecycle {
                         (extract(epoch FROM c.deadline) * 1000)::bigint,
                         c.max_parallel - (SELECT count(*) FROM check_slots o
                                           WHERE o.check_id = c.check_id
-                                            AND o.status IN ('pending', 'leased', 'retrying'))
+                                            AND o.status IN ('pending', 'leased', 'retrying')
+                                            AND o.outcome IS DISTINCT FROM 'dead_lettered')
                  FROM checks c
                  WHERE c.check_id IN (SELECT DISTINCT check_id FROM check_slots
                                       WHERE status = 'waiting')

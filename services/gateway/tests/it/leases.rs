@@ -406,6 +406,20 @@ async fn last_event(conn: &mut impl ConnectionLike, keys: &Keys, agent: &str) ->
     serde_json::from_str(&events[0].1[0].1).unwrap()
 }
 
+/// The id of the newest entry of `agent`'s shard's lease events.
+async fn last_entry_id(conn: &mut impl ConnectionLike, keys: &Keys, agent: &str) -> String {
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(keys.lease_events(keys.shard_of(agent)))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .unwrap();
+    events[0].0.clone()
+}
+
 async fn xlen(conn: &mut impl ConnectionLike, stream: &str) -> i64 {
     redis::cmd("XLEN")
         .arg(stream)
@@ -511,13 +525,14 @@ async fn tasks_by_id(conn: &mut (impl ConnectionLike + Clone + Send), keys: Keys
             .unwrap(),
         Fenced::Refused("ERR_LEASE_CLOSED".into())
     );
+    let newest = last_entry_id(conn, &keys, agent).await;
     assert_eq!(
         leases
             .close_task(conn, agent, "dns", "c1:2:1", CloseReason::Cancelled, now())
             .await
             .unwrap(),
-        TaskClosed::Ended,
-        "closing twice: its `lease.closed` is on the stream"
+        TaskClosed::Ended { tip: newest },
+        "closing twice: its `lease.closed` is on the stream, at the tip the close answers"
     );
 
     // Many at once (a check's fan-out): one script per shard, the answers in the order given,

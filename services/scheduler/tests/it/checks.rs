@@ -1778,3 +1778,69 @@ async fn parked_events_are_listed_replayed_after_a_fix_and_dropped() {
     assert_eq!(audited, 1);
     s.stop().await;
 }
+
+/// A slot waiting in the dead letters does not hold a place of its check's `max_parallel`:
+/// the next slot is released and runs meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_lettered_slot_does_not_hold_back_the_next_under_max_parallel() {
+    let s = stand_with(&[("LEASE_TTL", "1s"), ("MAX_DELIVERIES", "1")], &[]).await;
+    let nl = s.agent("nl", "NL", 64520, &["dns"]).await;
+    let de = s.agent("de", "DE", 64521, &["dns"]).await;
+    s.online(&[&nl, &de]).await;
+    let (status, body, location) = s
+        .create(
+            json!({"kind": "dns", "target": "example.com", "limit": 2, "max_parallel": 1,
+                       "timeout_ms": 60000}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let location = location.unwrap();
+    // Whichever agent has the first slot claims it and never reports: dead-lettered at the
+    // second delivery.
+    let check = s.check(&location).await;
+    let first = check["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["status"] != "waiting")
+        .unwrap()["agent_id"]
+        .clone();
+    let (holder, other) = if first == nl.id.as_str() {
+        (&nl, &de)
+    } else {
+        (&de, &nl)
+    };
+    s.claim_eventually(holder, "dns", "the first slot's task", 10)
+        .await;
+    s.dead_letters(0).await;
+    eventually("dead-lettered", Duration::from_secs(15), || async {
+        let _ = s.claim(holder, "dns").await;
+        let (_, page) = s.admin("GET", "/v1/dead-letters").await;
+        (page["total"] == 1).then_some(())
+    })
+    .await;
+    // The second slot is released to the other agent.
+    let leases = s
+        .claim_eventually(other, "dns", "the released second slot", 15)
+        .await;
+    s.report(
+        other,
+        leases[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let check = s
+        .until(&location, "the second slot finished", |c| {
+            c["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["outcome"] == "finished")
+        })
+        .await;
+    assert_ne!(
+        check["status"], "finished",
+        "the first slot still waits: {check}"
+    );
+    s.stop().await;
+}
