@@ -115,7 +115,7 @@ struct Requeued {
 /// Requeue one dead letter: its check slot's next attempt, or an anonymous task back on its
 /// stream. Errors: 404 gone, 409 when it cannot run again.
 async fn requeue(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<Requeued, ApiError> {
-    if letter.kind == "haproxy" {
+    if letter.kind == checkplane_wire::haproxy::RELAY_KIND {
         return Err(conflict(
             "a relayed HAProxy command is not run again (its action failed or was retried by haproxy-sync); drop it",
         ));
@@ -158,7 +158,7 @@ async fn requeue(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<Req
                     s.agent_id, s.country, s.city, s.asn, s.network
              FROM checks c JOIN check_slots s USING (check_id)
              WHERE c.check_id = $1 AND s.slot = $2 AND s.attempt = $3
-             FOR UPDATE OF c",
+             FOR UPDATE OF c, s",
             &[&check, &(slot as i32), &(attempt as i32)],
         )
         .await?
@@ -223,9 +223,14 @@ async fn requeue(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<Req
     if matches!(added, Ok(Ok(()))) {
         publish(app, &checks_stream, &[retried]).await;
     }
-    parked
+    // Done whatever happens now: a letter left behind is refused next time (its slot has
+    // moved on) and can be dropped.
+    if let Err(error) = parked
         .remove(&mut app.stores.redis_shared.clone(), letter)
-        .await?;
+        .await
+    {
+        tracing::warn!(id = %letter.id, %error, "requeued, but the dead letter was not removed");
+    }
     publish(app, &admin_stream, &[audit]).await;
     Ok(Requeued {
         id: letter.id.clone(),
@@ -244,8 +249,7 @@ async fn publish(app: &AppState, stream: &str, events: &[Event]) {
     .await;
 }
 
-/// Drop one dead letter; a check slot still waiting for it ends `dead_lettered`. 404 when it
-/// is gone.
+/// Drop one dead letter; a check slot still waiting for it ends `dead_lettered`.
 async fn discard(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<(), ApiError> {
     let parked = Parked::new(app.keys.clone());
     let admin_stream = app.keys.events("admin");
@@ -259,7 +263,7 @@ async fn discard(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<(),
                 "SELECT 1 FROM checks c JOIN check_slots s USING (check_id)
                  WHERE c.check_id = $1 AND s.slot = $2 AND s.attempt = $3
                    AND s.status = 'retrying' AND s.outcome = 'dead_lettered'
-                 FOR UPDATE OF c",
+                 FOR UPDATE OF c, s",
                 &[&check, &(slot as i32), &(attempt as i32)],
             )
             .await?;
@@ -289,14 +293,13 @@ async fn discard(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<(),
         .await
         .map_err(|e| ApiError::internal(&e))?;
     events.push((admin_stream, audit));
-    if !parked
-        .remove(&mut app.stores.redis_shared.clone(), letter)
-        .await?
-    {
-        return Err(ApiError::not_found("no such dead letter"));
-    }
+    // Committed before Redis is asked, so no check row is locked across it. A drop racing
+    // another finds the letter gone: done all the same.
     tx.commit().await?;
     drop(client);
+    parked
+        .remove(&mut app.stores.redis_shared.clone(), letter)
+        .await?;
     for (stream, event) in events {
         publish(app, &stream, &[event]).await;
     }
@@ -329,6 +332,31 @@ struct Refused {
     message: String,
 }
 
+/// `limit` of the bulk calls: how many dead letters one call handles (1-500).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkQuery {
+    #[serde(default = "bulk_default")]
+    limit: usize,
+}
+
+fn bulk_default() -> usize {
+    ALL_AT_ONCE
+}
+
+fn check_bulk(q: &BulkQuery) -> Result<(), ApiError> {
+    if !(1..=ALL_AT_ONCE).contains(&q.limit) {
+        return Err(ApiError::validation(format!(
+            "limit: must be 1-{ALL_AT_ONCE}"
+        )));
+    }
+    Ok(())
+}
+
+/// Most dead letters one "requeue all" looks at: refused ones are passed over, so that
+/// requeueable ones behind them are reached.
+const SCAN_AT_ONCE: usize = 2_000;
+
 #[derive(Debug, Serialize)]
 struct RequeuedAll {
     requeued: Vec<Requeued>,
@@ -341,18 +369,27 @@ struct RequeuedAll {
 async fn requeue_all(
     State(app): State<AppState>,
     admin: Admin,
+    ApiQuery(q): ApiQuery<BulkQuery>,
 ) -> Result<Json<RequeuedAll>, ApiError> {
+    check_bulk(&q)?;
     let actor = admin.caller.actor();
     let parked = Parked::new(app.keys.clone());
     let (letters, total) = parked
-        .list(&mut app.stores.redis_shared.clone(), ALL_AT_ONCE, 0)
+        .list(&mut app.stores.redis_shared.clone(), SCAN_AT_ONCE, 0)
         .await?;
     let mut out = RequeuedAll {
         requeued: Vec::new(),
         refused: Vec::new(),
-        has_more: total > letters.len() as u64,
+        has_more: false,
     };
-    for letter in &letters {
+    // Newest first; the refused stay where they are, so each call passes over them again (up
+    // to the scan bound) to reach the requeueable ones.
+    for (seen, letter) in letters.iter().enumerate() {
+        if out.requeued.len() == q.limit {
+            out.has_more = true;
+            break;
+        }
+        out.has_more = total > (seen + 1) as u64;
         match requeue(&app, &actor, letter).await {
             Ok(done) => out.requeued.push(done),
             Err(error) if error.status.is_client_error() => out.refused.push(Refused {
@@ -372,20 +409,21 @@ struct DroppedAll {
     has_more: bool,
 }
 
-async fn drop_all(State(app): State<AppState>, admin: Admin) -> Result<Json<DroppedAll>, ApiError> {
+async fn drop_all(
+    State(app): State<AppState>,
+    admin: Admin,
+    ApiQuery(q): ApiQuery<BulkQuery>,
+) -> Result<Json<DroppedAll>, ApiError> {
+    check_bulk(&q)?;
     let actor = admin.caller.actor();
     let parked = Parked::new(app.keys.clone());
     let (letters, total) = parked
-        .list(&mut app.stores.redis_shared.clone(), ALL_AT_ONCE, 0)
+        .list(&mut app.stores.redis_shared.clone(), q.limit, 0)
         .await?;
     let mut dropped = 0;
     for letter in &letters {
-        match discard(&app, &actor, letter).await {
-            Ok(()) => dropped += 1,
-            // Dropped by someone else meanwhile.
-            Err(error) if error.status == StatusCode::NOT_FOUND => {}
-            Err(error) => return Err(error),
-        }
+        discard(&app, &actor, letter).await?;
+        dropped += 1;
     }
     Ok(Json(DroppedAll {
         dropped,

@@ -1539,18 +1539,29 @@ async fn dead_letters_are_listed_requeued_and_dropped_by_admins() {
     );
 
     // Requeue one: the slot's second attempt, on the same agent; it runs and reports.
+    // Three admins at once: one requeue, the others find it gone or its slot moved on.
     let id = letter_of("a.example")["id"].as_str().unwrap().to_owned();
-    let (status, requeued) = s
-        .admin("POST", &format!("/v1/dead-letters/{id}/requeue"))
-        .await;
-    assert_eq!(
-        (status, requeued["attempt"].as_u64()),
-        (200, Some(2)),
-        "{requeued}"
+    let path = format!("/v1/dead-letters/{id}/requeue");
+    let (one, two, three) = tokio::join!(
+        s.admin("POST", &path),
+        s.admin("POST", &path),
+        s.admin("POST", &path)
     );
-    let (status, again) = s
-        .admin("POST", &format!("/v1/dead-letters/{id}/requeue"))
-        .await;
+    let mut answers = vec![one, two, three];
+    answers.sort_by_key(|(status, _)| *status);
+    let (status, requeued) = &answers[0];
+    assert_eq!(
+        (*status, requeued["attempt"].as_u64()),
+        (200, Some(2)),
+        "{answers:?}"
+    );
+    assert!(
+        answers[1..]
+            .iter()
+            .all(|(status, _)| [404, 409].contains(status)),
+        "{answers:?}"
+    );
+    let (status, again) = s.admin("POST", &path).await;
     assert_eq!(status, 404, "gone once requeued: {again}");
     // The anonymous one goes back on its stream.
     let (status, _) = s
@@ -1615,7 +1626,13 @@ async fn dead_letters_are_listed_requeued_and_dropped_by_admins() {
     );
     assert_eq!(all["refused"][0]["code"], "ERR_CONFLICT", "{all}");
     // Drop all: d goes.
-    let (status, dropped) = s.admin("DELETE", "/v1/dead-letters").await;
+    assert_eq!(
+        s.admin("DELETE", "/v1/dead-letters?limit=0").await.0,
+        422,
+        "bounded"
+    );
+    assert_eq!(s.admin("DELETE", "/v1/dead-letters?all=1").await.0, 422);
+    let (status, dropped) = s.admin("DELETE", "/v1/dead-letters?limit=10").await;
     assert_eq!(
         (status, dropped["dropped"].as_u64()),
         (200, Some(1)),
