@@ -2,7 +2,8 @@
 //! `PROJECTOR_MAX_ATTEMPTS` times, so their stream went on without them): listed for admins,
 //! and replayed after a fix through the same `record` + `apply` as everything else.
 //!
-//! A replay takes the rows it replays with `FOR UPDATE SKIP LOCKED` (two replays never run one
+//! A replay takes the rows it replays (in id order, a hundred per transaction) with
+//! `FOR UPDATE SKIP LOCKED` (two replays never run one
 //! event twice), applies each under a savepoint, deletes the row of each that applied (or that
 //! `events` already holds: applied meanwhile), and leaves the others with their new error and
 //! one more attempt. Nothing is applied twice: `events` is the judge, as for the projector.
@@ -35,16 +36,20 @@ pub async fn list(
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<ParkedEvent>, i64), tokio_postgres::Error> {
+    // The type read off the entry's text, whatever its size and even when it is no JSON; the
+    // entry itself only up to ENTRY_SHOWN.
     let rows = client
         .query(
-            "SELECT id, stream, entry_id, consumer_group, event_id, entry, attempts, error,
+            "SELECT id, stream, entry_id, consumer_group, event_id,
+                    substring(left(entry, 4096) from '\"type\"\\s*:\\s*\"([^\"]{1,100})\"'),
+                    attempts, error,
                     to_char(parked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                    left(entry, $3), count(*) OVER ()
+                    left(entry, $3)
              FROM projection_failures ORDER BY parked_at, id LIMIT $1 OFFSET $2",
             &[&limit, &offset, &ENTRY_SHOWN],
         )
         .await?;
-    let total = rows.first().map_or(0, |r| r.get(10));
+    let total = count(client).await?;
     Ok((
         rows.iter()
             .map(|r| ParkedEvent {
@@ -53,9 +58,7 @@ pub async fn list(
                 entry_id: r.get(2),
                 consumer_group: r.get(3),
                 event_id: r.get(4),
-                event_type: serde_json::from_str::<serde_json::Value>(r.get(5))
-                    .ok()
-                    .and_then(|v| Some(v.get("type")?.as_str()?.to_owned())),
+                event_type: r.get(5),
                 attempts: r.get(6),
                 error: r.get(7),
                 parked_at: r.get(8),
@@ -85,19 +88,46 @@ pub struct Replayed {
     pub failed: u64,
 }
 
-/// Replay the parked events (`only` one of them, by id), oldest first, in one transaction.
+/// Events replayed per transaction: a replay holds the rows it touches only that long.
+const REPLAY_BATCH: i64 = 100;
+
+/// Replay the parked events (`only` one of them, by id), oldest first, [`REPLAY_BATCH`] per
+/// transaction; each event is tried once.
 pub async fn replay(
     client: &mut tokio_postgres::Client,
     only: Option<i64>,
 ) -> Result<Replayed, ApplyError> {
+    let mut done = Replayed::default();
+    let mut after = 0i64;
+    loop {
+        let (batch, last) = replay_batch(client, only, after).await?;
+        done.applied += batch.applied;
+        done.known += batch.known;
+        done.failed += batch.failed;
+        match last {
+            Some(last) => after = last,
+            None => return Ok(done),
+        }
+    }
+}
+
+/// One batch of [`replay`]: the parked events with ids above `after`; what it did, and the
+/// last id it took (`None`: nothing was left).
+async fn replay_batch(
+    client: &mut tokio_postgres::Client,
+    only: Option<i64>,
+    after: i64,
+) -> Result<(Replayed, Option<i64>), ApplyError> {
     let tx = client.transaction().await?;
     let rows = tx
         .query(
-            "SELECT id, entry FROM projection_failures WHERE $1::bigint IS NULL OR id = $1
-             ORDER BY parked_at, id FOR UPDATE SKIP LOCKED",
-            &[&only],
+            "SELECT id, entry FROM projection_failures
+             WHERE ($1::bigint IS NULL OR id = $1) AND id > $2
+             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+            &[&only, &after, &REPLAY_BATCH],
         )
         .await?;
+    let last = rows.last().map(|r| r.get::<_, i64>(0));
     let mut done = Replayed::default();
     for row in &rows {
         let (id, entry): (i64, String) = (row.get(0), row.get(1));
@@ -135,5 +165,5 @@ pub async fn replay(
         }
     }
     tx.commit().await?;
-    Ok(done)
+    Ok((done, last))
 }

@@ -170,7 +170,8 @@ for k = 1, nk do
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'agent', agent, 'kind', kind,
         'entry', id, 'reason', 'max_deliveries', 'deliveries', deliveries, unpack(fields))
       emit(KEYS[2], KEYS[5], eid(), task, 'task.dead_lettered', now, 'system:gateway',
-        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries, task = task_of(fields)}, true)
+        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries, task = task_of(fields),
+         waits = true}, true)
     else
       local token = agent .. '.' .. kind .. '.' .. id .. '.' .. deliveries
       redis.call('ZADD', KEYS[1], now + ttl, token)

@@ -194,12 +194,13 @@ fn slot_change(event: &Event) -> Option<SlotUpdate<'_>> {
         ),
         // The slot waits for an admin (requeue or drop, `GET /v1/dead-letters`) until its
         // check's deadline, which ends it `dead_lettered`; it is never retried by itself.
-        EventBody::TaskDeadLettered(e) => (
+        EventBody::TaskDeadLettered(e) if e.waits => (
             e.task.as_deref()?,
             SlotChange::Interrupted {
                 outcome: "dead_lettered",
             },
         ),
+        EventBody::TaskDeadLettered(e) => (e.task.as_deref()?, ended("dead_lettered", None)),
         _ => return None,
     };
     Some(SlotUpdate {
@@ -854,4 +855,57 @@ pub async fn canonical_dump_of(
         ));
     }
     Ok(dump)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use checkplane_wire::events::TaskDeadLettered;
+
+    fn dead_lettered(waits: bool) -> Event {
+        let check = uuid::Uuid::now_v7();
+        crate::outbox::new_event(
+            "task:a:dns:1-0".into(),
+            1,
+            "system:gateway".into(),
+            EventBody::TaskDeadLettered(TaskDeadLettered {
+                agent_id: "a".into(),
+                kind: "dns".into(),
+                entry: "1-0".into(),
+                deliveries: 6,
+                task: Some(format!("{check}:0:1")),
+                waits,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_dead_letter_leaves_its_slot_waiting_but_one_made_before_that_ended_it() {
+        let now = dead_lettered(true);
+        let change = slot_change(&now).map(|u| u.change);
+        assert!(
+            matches!(
+                change,
+                Some(SlotChange::Interrupted {
+                    outcome: "dead_lettered"
+                })
+            ),
+            "waits for an admin"
+        );
+        // As recorded before (no `waits`): replayed, it ends the slot as it did then.
+        let mut before = serde_json::to_value(dead_lettered(false)).unwrap();
+        before["payload"].as_object_mut().unwrap().remove("waits");
+        let before: Event = serde_json::from_value(before).unwrap();
+        let change = slot_change(&before).map(|u| u.change);
+        assert!(
+            matches!(
+                change,
+                Some(SlotChange::Ended {
+                    outcome: "dead_lettered",
+                    ..
+                })
+            ),
+            "ended"
+        );
+    }
 }

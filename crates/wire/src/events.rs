@@ -316,6 +316,11 @@ pub struct TaskDeadLettered {
     /// The task's id (`<check>:<slot>:<attempt>`), for tasks of a check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
+    /// The check's slot waits for an admin (made so since dead letters can be requeued);
+    /// absent in events made before, whose slots ended `dead_lettered` at once, as a rebuild
+    /// still ends them.
+    #[serde(default)]
+    pub waits: bool,
 }
 
 #[cfg(test)]

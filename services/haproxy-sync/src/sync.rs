@@ -87,6 +87,10 @@ pub struct Polled {
 
 /// Instances polled at once in a round.
 const POLLS_AT_ONCE: usize = 16;
+/// The longest a restart probe may take.
+const PROBE_BUDGET: Duration = Duration::from_secs(1);
+/// Instances reached through a node's agent are probed this many times less often.
+const RELAYED_PROBE_FACTOR: u32 = 5;
 
 /// KEYS: owner, fence counter. ARGV: replica, lease ms, now ms. Renew our lease, or take it
 /// when free with the next fencing token (above the last one and at least the time, so tokens
@@ -351,8 +355,13 @@ impl Sync {
             if poll_due || !probe_due {
                 continue;
             }
-            self.probe_due
-                .insert(instance.id.clone(), now + self.settings.reload_probe);
+            // Through a node's agent each probe is a leased task (two lease events): less often.
+            let every = if instance.transport == "agent" {
+                self.settings.reload_probe * RELAYED_PROBE_FACTOR
+            } else {
+                self.settings.reload_probe
+            };
+            self.probe_due.insert(instance.id.clone(), now + every);
             probed.push(((*instance).clone(), self.client(instance)));
         }
         if probed.is_empty() {
@@ -373,8 +382,14 @@ impl Sync {
             .iter()
             .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect();
+        // A probe never holds a round up for long: the round also renews leases and starts
+        // actions. One that does not answer in time is left to the instance's poll.
+        let budget = PROBE_BUDGET.min(self.settings.read_timeout);
         let answers = futures::stream::iter(probed.into_iter().map(|(instance, api)| async move {
-            let info = api.show_info().await;
+            let info = match tokio::time::timeout(budget, api.show_info()).await {
+                Ok(info) => info,
+                Err(_) => Err(ApiError::Unreachable("restart probe timed out".to_owned())),
+            };
             (instance, info)
         }))
         .buffer_unordered(POLLS_AT_ONCE)
@@ -684,7 +699,9 @@ pub async fn poll(
         .filter(|(at, now)| desired.get(*at).is_some_and(|d| *d != now.admin_state))
         .map(|((backend, server), _)| server_id(instance, backend, server))
         .collect();
-    let drifting = note_drift(&tx, instance, poll, &off).await?;
+    // After a restart, the re-apply below forgets the servers it puts back.
+    note_drift(&tx, instance, poll, &off).await?;
+    let drifting = drifting(&tx, instance).await?;
     tx.commit().await?;
     metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.to_owned())
         .set(drifting as f64);
@@ -711,30 +728,42 @@ pub async fn poll(
 
 /// Note which servers of `instance` poll `poll` found off their desired state (`off`, server
 /// ids): those off at an earlier poll too keep the poll they went off at; the others are
-/// forgotten. How many have been off for longer than one poll.
+/// forgotten.
 async fn note_drift(
     tx: &impl Sql,
     instance: &str,
     poll: i64,
     off: &[String],
-) -> Result<i64, SyncError> {
+) -> Result<(), SyncError> {
     tx.execute(
         "DELETE FROM haproxy_drift WHERE instance_id = $1 AND server_id <> ALL($2)",
         &[&instance, &off],
     )
     .await?;
-    let row = tx
+    tx.execute(
+        "INSERT INTO haproxy_drift (server_id, instance_id, since_poll, last_poll, since)
+         SELECT s, $1, $3, $3, now() FROM unnest($2::text[]) AS s
+         ON CONFLICT (server_id) DO UPDATE SET last_poll = EXCLUDED.last_poll",
+        &[&instance, &off, &poll],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How many servers of `instance` drift: off their desired state at more than one poll, and
+/// still off now (an action or a re-apply since may have put them back). What the server
+/// views' `drift` says, counted.
+async fn drifting(tx: &impl Sql, instance: &str) -> Result<i64, SyncError> {
+    Ok(tx
         .query_one(
-            "WITH noted AS (
-                 INSERT INTO haproxy_drift (server_id, instance_id, since_poll, last_poll, since)
-                 SELECT s, $1, $3, $3, now() FROM unnest($2::text[]) AS s
-                 ON CONFLICT (server_id) DO UPDATE SET last_poll = EXCLUDED.last_poll
-                 RETURNING since_poll, last_poll)
-             SELECT count(*) FILTER (WHERE last_poll > since_poll) FROM noted",
-            &[&instance, &off, &poll],
+            "SELECT count(*) FROM haproxy_drift d JOIN haproxy_servers s USING (server_id)
+             WHERE d.instance_id = $1 AND d.last_poll > d.since_poll
+               AND s.desired_state IS NOT NULL AND s.removed_at IS NULL
+               AND s.admin_state IS DISTINCT FROM s.desired_state",
+            &[&instance],
         )
-        .await?;
-    Ok(row.get(0))
+        .await?
+        .get(0))
 }
 
 /// After a restart or reload: every server whose operator-desired state HAProxy no longer
@@ -812,8 +841,17 @@ async fn reapply(
         };
         let stream = keys.events("haproxy");
         outbox::append(&tx, &event, &stream).await?;
+        // Back where it is wanted: nothing to count towards drift.
+        tx.execute(
+            "DELETE FROM haproxy_drift WHERE server_id = $1",
+            &[&server_id(instance, &backend, &server)],
+        )
+        .await?;
+        let drifting = drifting(&tx, instance).await?;
         tx.commit().await?;
         drop(client);
+        metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.to_owned())
+            .set(drifting as f64);
         outbox::publish(
             &stores.pg,
             &stores.redis,

@@ -238,10 +238,29 @@ pub(super) async fn apply(client: &impl Sql, e: &ProjectionSnapshot) -> Result<(
         format!("DO UPDATE SET {merge}")
     };
     let table = spec.table;
+    // Only the columns the snapshot has: a column a later migration added (with its default)
+    // takes that default rather than a NULL, so older snapshots still apply.
+    let Some(row) = e.row.as_object() else {
+        return Err(ApplyError::Snapshot(format!("{table} (row is no object)")));
+    };
+    let identifier = |c: &String| {
+        c.starts_with(|ch: char| ch.is_ascii_lowercase() || ch == '_')
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    if row.is_empty() || !row.keys().all(identifier) {
+        return Err(ApplyError::Snapshot(format!("{table} (bad columns)")));
+    }
+    let columns = row
+        .keys()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     client
         .execute(
             &format!(
-                "INSERT INTO {table} SELECT * FROM jsonb_populate_record(NULL::{table}, $1)
+                "INSERT INTO {table} ({columns})
+                 SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1)
                  ON CONFLICT ({}) {on_conflict}",
                 spec.key
             ),
@@ -264,6 +283,8 @@ pub(crate) async fn write(
     doomed: &[u32],
     cutoff: std::time::SystemTime,
 ) -> Result<u64, tokio_postgres::Error> {
+    // By the partial index `events_snapshots`, as the count below by `events_presence`: no
+    // scan of the whole table.
     tx.execute("DELETE FROM events WHERE type = 'projection.snapshot'", &[])
         .await?;
     let mut written = 0;

@@ -450,11 +450,23 @@ async fn a_failed_action_keeps_the_last_success_as_desired_and_a_reload_restores
 
 /// Issue 20: a server set behind checkplane's back stays off its desired state: one poll
 /// notes it, the next flags it drifting (view and gauge); an action that brings the desired
-/// state to what HAProxy has clears it.
+/// state to what HAProxy has clears it. A reload's own differences, put back by the re-apply,
+/// count for nothing. Polls are forced (the interval is an hour), so "one poll" is exact.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_off_its_desired_state_for_two_polls_is_drifting() {
-    let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1s")]).await;
+    let s = Stack::start(&[("HAPROXY_SYNC_INTERVAL", "1h")]).await;
     let (instance, s1) = instance_with_servers(&s.http, &s.gw, &s.ha.stats.to_string()).await;
+    let sync = || async {
+        let (status, body) = call(
+            &s.http,
+            &s.gw,
+            "POST",
+            &format!("/v1/haproxy/instances/{instance}/sync"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    };
     let done = act_done(
         &s.http,
         &s.gw,
@@ -464,14 +476,29 @@ async fn a_server_off_its_desired_state_for_two_polls_is_drifting() {
     .await;
     assert_eq!(done["status"], "success", "{done}");
     assert_eq!(server_view(&s, &s1).await["drift"], false);
-    s.ha.command("set server be_app/s1 state ready");
     let gauge = format!("checkplane_haproxy_servers_drifting{{instance=\"{instance}\"}}");
+
+    // Set by hand on the socket: the first poll sees it, and that is not drift yet.
+    s.ha.command("set server be_app/s1 state ready");
+    let polls_before = last_poll(&s, &s1).await;
+    sync().await;
+    let view = eventually("one poll saw it", Duration::from_secs(15), || async {
+        let view = server_view(&s, &s1).await;
+        (view["observed"]["admin_state"] == "ready").then_some(view)
+    })
+    .await;
+    assert_eq!(view["drift"], false, "after one poll: {view}");
+    assert_eq!(
+        last_poll(&s, &s1).await,
+        polls_before + 1,
+        "exactly one poll"
+    );
+    sync().await;
     let view = eventually("s1 drifting", Duration::from_secs(15), || async {
         let view = server_view(&s, &s1).await;
         (view["drift"] == true).then_some(view)
     })
     .await;
-    assert_eq!(view["observed"]["admin_state"], "ready", "{view}");
     assert_eq!(view["desired"]["state"], "drain", "{view}");
     assert!(
         sync_metrics(&s).await.contains(&format!("{gauge} 1\n")),
@@ -487,6 +514,7 @@ async fn a_server_off_its_desired_state_for_two_polls_is_drifting() {
     .await;
     assert_eq!(done["status"], "success", "{done}");
     assert_eq!(server_view(&s, &s1).await["drift"], false);
+    sync().await;
     eventually("the gauge back to 0", Duration::from_secs(15), || async {
         sync_metrics(&s)
             .await
@@ -494,7 +522,56 @@ async fn a_server_off_its_desired_state_for_two_polls_is_drifting() {
             .then_some(())
     })
     .await;
+
+    // A reload loses the drain (its poll sees s1 off), the re-apply puts it back; then s1 is
+    // set by hand once more: one poll later it is still not drift.
+    let done = act_done(
+        &s.http,
+        &s.gw,
+        &s1,
+        json!({"action": "drain", "idempotency_key": "d-2"}),
+    )
+    .await;
+    assert_eq!(done["status"], "success", "{done}");
+    s.ha.reload(&backends());
+    history_until(&s.http, &s.gw, &s1, "the drain re-applied", |h| {
+        h["changed_by"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("reapply:"))
+    })
+    .await;
+    assert_eq!(admin_bits(&s.ha, "s1"), 8);
+    s.ha.command("set server be_app/s1 state ready");
+    sync().await;
+    let view = eventually("one poll saw it", Duration::from_secs(15), || async {
+        let view = server_view(&s, &s1).await;
+        (view["observed"]["admin_state"] == "ready").then_some(view)
+    })
+    .await;
+    assert_eq!(
+        view["drift"], false,
+        "the reload's difference does not count: {view}"
+    );
+    assert!(
+        sync_metrics(&s).await.contains(&format!("{gauge} 0\n")),
+        "{}",
+        sync_metrics(&s).await
+    );
     s.stop().await;
+}
+
+/// How many polls (and re-applies) `server`'s instance has had: its poll counter.
+async fn last_poll(s: &Stack, server: &str) -> i64 {
+    s.db.client()
+        .await
+        .query_one(
+            "SELECT q.seq FROM haproxy_poll_seq q JOIN haproxy_servers v USING (instance_id)
+             WHERE v.server_id = $1",
+            &[&server],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
