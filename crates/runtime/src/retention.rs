@@ -77,6 +77,9 @@ pub async fn maintain_events(
         return Ok(done);
     }
     done.snapshots = snapshots::write(&tx, &oids, cutoff).await?;
+    // One statement, not batches: it must commit with the snapshots that count what it
+    // removes. The default partition only holds events of days without a partition of their
+    // own (partitions are made a day back and a week ahead), so it is small.
     done.deleted = tx
         .execute(
             "DELETE FROM events_default WHERE occurred_at < $1",
