@@ -18,7 +18,7 @@ pub struct ParkedEvent {
     pub entry_id: String,
     pub consumer_group: String,
     pub event_id: Option<uuid::Uuid>,
-    /// The event's type, when its JSON says.
+    /// The event's type, as the projector decoded it (none when it could not).
     pub event_type: Option<String>,
     pub attempts: i32,
     pub error: String,
@@ -36,20 +36,20 @@ pub async fn list(
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<ParkedEvent>, i64), tokio_postgres::Error> {
-    // The type read off the entry's text, whatever its size and even when it is no JSON; the
-    // entry itself only up to ENTRY_SHOWN.
     let rows = client
         .query(
-            "SELECT id, stream, entry_id, consumer_group, event_id,
-                    substring(left(entry, 4096) from '\"type\"\\s*:\\s*\"([^\"]{1,100})\"'),
-                    attempts, error,
+            "SELECT id, stream, entry_id, consumer_group, event_id, event_type, attempts, error,
                     to_char(parked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                    left(entry, $3)
+                    left(entry, $3), count(*) OVER ()
              FROM projection_failures ORDER BY parked_at, id LIMIT $1 OFFSET $2",
             &[&limit, &offset, &ENTRY_SHOWN],
         )
         .await?;
-    let total = count(client).await?;
+    // Counted with the page, so the two agree; a page past the end counts apart.
+    let total = match rows.first() {
+        Some(row) => row.get(10),
+        None => count(client).await?,
+    };
     Ok((
         rows.iter()
             .map(|r| ParkedEvent {
@@ -99,8 +99,13 @@ pub async fn replay(
 ) -> Result<Replayed, ApplyError> {
     let mut done = Replayed::default();
     let mut after = 0i64;
+    // What is parked now: events parked while the replay runs wait for the next one.
+    let until: i64 = client
+        .query_one("SELECT COALESCE(max(id), 0) FROM projection_failures", &[])
+        .await?
+        .get(0);
     loop {
-        let (batch, last) = replay_batch(client, only, after).await?;
+        let (batch, last) = replay_batch(client, only, after, until).await?;
         done.applied += batch.applied;
         done.known += batch.known;
         done.failed += batch.failed;
@@ -117,14 +122,15 @@ async fn replay_batch(
     client: &mut tokio_postgres::Client,
     only: Option<i64>,
     after: i64,
+    until: i64,
 ) -> Result<(Replayed, Option<i64>), ApplyError> {
     let tx = client.transaction().await?;
     let rows = tx
         .query(
             "SELECT id, entry FROM projection_failures
-             WHERE ($1::bigint IS NULL OR id = $1) AND id > $2
+             WHERE ($1::bigint IS NULL OR id = $1) AND id > $2 AND id <= $4
              ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-            &[&only, &after, &REPLAY_BATCH],
+            &[&only, &after, &REPLAY_BATCH, &until],
         )
         .await?;
     let last = rows.last().map(|r| r.get::<_, i64>(0));
@@ -160,7 +166,7 @@ async fn replay_batch(
                 .await?;
                 done.failed += 1;
             }
-            // The database, not the event: the whole replay fails and changes nothing.
+            // The database, not the event: this batch changes nothing (earlier ones stay).
             Err(error) => return Err(error),
         }
     }

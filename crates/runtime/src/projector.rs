@@ -130,6 +130,9 @@ impl Entry {
     }
 }
 
+/// An entry that failed: the entry, its event's id and type when it decoded, and the error.
+type Failure = (Entry, Option<(uuid::Uuid, &'static str)>, String);
+
 /// What a batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -332,7 +335,7 @@ impl Projector {
         }
         let started = Instant::now();
         let mut decoded: Vec<(Entry, Event)> = Vec::with_capacity(entries.len());
-        let mut failures: Vec<(Entry, Option<uuid::Uuid>, String)> = Vec::new();
+        let mut failures: Vec<Failure> = Vec::new();
         for entry in entries {
             match entry.raw.as_deref().map(serde_json::from_str::<Event>) {
                 Some(Ok(event)) => decoded.push((entry, event)),
@@ -411,7 +414,7 @@ impl Projector {
                 .increment(ids.len() as u64);
         }
 
-        for (entry, event_id, error) in failures {
+        for (entry, event, error) in failures {
             let key = (entry.stream.clone(), entry.id.clone());
             let attempts = self.attempts.entry(key.clone()).or_insert(0);
             *attempts += 1;
@@ -421,7 +424,7 @@ impl Projector {
                 tracing::warn!(stream = %entry.stream, entry = %entry.id, attempts, %error, "event failed to apply; will retry");
                 continue;
             }
-            self.park(&entry, event_id, attempts, &error).await?;
+            self.park(&entry, event, attempts, &error).await?;
             let _: i64 = conn
                 .xack(&entry.stream, &self.config.group, &[&entry.id])
                 .await?;
@@ -441,7 +444,7 @@ impl Projector {
         decoded: &[(Entry, Event)],
         outcome: &mut BatchOutcome,
         done: &mut BTreeMap<String, Vec<String>>,
-        failures: &mut Vec<(Entry, Option<uuid::Uuid>, String)>,
+        failures: &mut Vec<Failure>,
     ) -> Result<(), ProjectorError> {
         let mut client = self.pg.get().await?;
         let tx = client.transaction().await?;
@@ -468,7 +471,7 @@ impl Projector {
                     }
                     failures.push((
                         entry.clone(),
-                        Some(event.event_id),
+                        Some((event.event_id, event.body.type_name())),
                         crate::error_chain(&error),
                     ));
                 }
@@ -481,22 +484,24 @@ impl Projector {
     async fn park(
         &self,
         entry: &Entry,
-        event_id: Option<uuid::Uuid>,
+        event: Option<(uuid::Uuid, &'static str)>,
         attempts: u32,
         error: &str,
     ) -> Result<(), ProjectorError> {
         let client = self.pg.get().await?;
         client
             .execute(
-                "INSERT INTO projection_failures (stream, entry_id, consumer_group, event_id, attempts, error, entry)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO projection_failures (stream, entry_id, consumer_group, event_id,
+                     event_type, attempts, error, entry)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (stream, consumer_group, entry_id)
                  DO UPDATE SET attempts = EXCLUDED.attempts, error = EXCLUDED.error, parked_at = now()",
                 &[
                     &entry.stream,
                     &entry.id,
                     &self.config.group,
-                    &event_id,
+                    &event.map(|(id, _)| id),
+                    &event.map(|(_, t)| t),
                     &i32::try_from(attempts).unwrap_or(i32::MAX),
                     &error,
                     &entry.raw.clone().unwrap_or_default(),
@@ -578,10 +583,13 @@ pub enum Projected {
     All,
     /// The group does not exist (yet): nothing is projected.
     Nothing,
-    /// Delivered through `delivered`; `oldest_pending` is the oldest entry still pending.
+    /// Delivered through `delivered`; `oldest_pending` is the oldest entry still pending;
+    /// `newest` the stream's last id (a mark above it names entries Redis lost: what exists
+    /// of them is all there is to wait for).
     Through {
         delivered: (i64, i64),
         oldest_pending: Option<(i64, i64)>,
+        newest: (i64, i64),
     },
 }
 
@@ -598,17 +606,28 @@ impl Projected {
             Self::Through {
                 delivered,
                 oldest_pending,
-            } => delivered >= mark && oldest_pending.is_none_or(|oldest| oldest > mark),
+                newest,
+            } => {
+                let mark = mark.min(newest);
+                delivered >= mark && oldest_pending.is_none_or(|oldest| oldest > mark)
+            }
         }
     }
 }
 
-/// How far `group` has projected `stream`, read now (two commands).
+/// How far `group` has projected `stream`, read now (three commands; the newest id first, so
+/// that nothing the group reads meanwhile is newer than it).
 pub async fn projected(
     conn: &mut (impl redis::aio::ConnectionLike + Send + Sync),
     stream: &str,
     group: &str,
 ) -> redis::RedisResult<Projected> {
+    let info: redis::streams::StreamInfoStreamReply = match conn.xinfo_stream(stream).await {
+        Ok(info) => info,
+        Err(e) if e.to_string().contains("no such key") => return Ok(Projected::All),
+        Err(e) => return Err(e),
+    };
+    let newest = parse_id(&info.last_generated_id).unwrap_or((i64::MAX, i64::MAX));
     let groups: StreamInfoGroupsReply = match conn.xinfo_groups(stream).await {
         Ok(groups) => groups,
         Err(e) if e.to_string().contains("no such key") => return Ok(Projected::All),
@@ -631,6 +650,7 @@ pub async fn projected(
     Ok(Projected::Through {
         delivered,
         oldest_pending,
+        newest,
     })
 }
 
@@ -638,4 +658,31 @@ pub async fn projected(
 fn parse_id(id: &str) -> Option<(i64, i64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Projected;
+
+    #[test]
+    fn a_mark_is_covered_once_delivered_and_nothing_at_or_below_it_is_pending() {
+        let through = |delivered, oldest_pending, newest| Projected::Through {
+            delivered,
+            oldest_pending,
+            newest,
+        };
+        let done = through((100, 0), None, (100, 0));
+        assert!(done.covers("100-0") && done.covers("99-5") && done.covers("0-0"));
+        assert!(!done.covers("not an id"));
+        // Delivered, but a dead replica's batch holds entry 50: not projected through 60.
+        let held = through((100, 0), Some((50, 0)), (100, 0));
+        assert!(held.covers("49-9") && !held.covers("50-0") && !held.covers("60-0"));
+        // Not delivered that far yet.
+        assert!(!through((40, 0), None, (100, 0)).covers("60-0"));
+        // Redis lost the tail (its newest id is below the mark): what exists is all there
+        // is to wait for.
+        assert!(through((80, 0), None, (80, 0)).covers("90-0"));
+        assert!(!through((70, 0), None, (80, 0)).covers("90-0"));
+        assert!(Projected::All.covers("90-0") && !Projected::Nothing.covers("90-0"));
+    }
 }

@@ -382,10 +382,21 @@ impl Sync {
             .iter()
             .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect();
-        // A probe never holds a round up for long: the round also renews leases and starts
-        // actions. One that does not answer in time is left to the instance's poll.
-        let budget = PROBE_BUDGET.min(self.settings.read_timeout);
+        // A direct probe never holds a round up for long (the round also renews leases and
+        // starts actions): one that does not answer in time is left to the instance's poll.
+        // A relayed one is not cut short: its relay closes the task it enqueued when the
+        // command's own timeout passes, and a cut would leave that task and its waiting
+        // connection behind.
+        let (direct, relayed) = (
+            PROBE_BUDGET.min(self.settings.read_timeout),
+            self.settings.read_timeout + Duration::from_secs(5),
+        );
         let answers = futures::stream::iter(probed.into_iter().map(|(instance, api)| async move {
+            let budget = if instance.transport == "agent" {
+                relayed
+            } else {
+                direct
+            };
             let info = match tokio::time::timeout(budget, api.show_info()).await {
                 Ok(info) => info,
                 Err(_) => Err(ApiError::Unreachable("restart probe timed out".to_owned())),

@@ -295,7 +295,12 @@ impl Lifecycle {
                 // Projected through its event, yet still under way: Redis lost the event.
                 // (One that became `retrying` meanwhile is left to the next pass, which ends it
                 // by what it is now.)
-                let lost = self.still_running(check, &settled).await?;
+                let mut lost = self.still_running(check, &settled).await?;
+                // An ending event the projector parked (it failed to apply) is not lost: the
+                // slot waits for an admin's replay or drop (the parked gauge says so).
+                let parked = self.parked(check, &lost).await?;
+                pass.awaiting += parked.len() as u32;
+                lost.retain(|slot| !parked.contains(slot));
                 if !lost.is_empty() {
                     metrics::counter!("checkplane_lifecycle_reports_missing_total")
                         .increment(lost.len() as u64);
@@ -335,6 +340,38 @@ impl Lifecycle {
         self.awaiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Which of `slots` (slot, attempt) of `check` have an event parked in
+    /// `projection_failures` (found by the task id it carries).
+    async fn parked(
+        &self,
+        check: Uuid,
+        slots: &[(u32, u32)],
+    ) -> Result<HashSet<(u32, u32)>, LifecycleError> {
+        if slots.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let tasks: Vec<String> = slots
+            .iter()
+            .map(|&(n, a)| format!("%\"task\":\"{}\"%", task_id(check, n, a)))
+            .collect();
+        let client = self.pg.get().await?;
+        let found = client
+            .query(
+                "SELECT i - 1 FROM unnest($1::text[]) WITH ORDINALITY AS u(pattern, i)
+                 WHERE EXISTS (SELECT 1 FROM projection_failures f WHERE f.entry LIKE u.pattern)",
+                &[&tasks],
+            )
+            .await?;
+        Ok(found
+            .iter()
+            .filter_map(|r| {
+                slots
+                    .get(usize::try_from(r.get::<_, i64>(0)).ok()?)
+                    .copied()
+            })
+            .collect())
     }
 
     /// Which of `slots` (slot, attempt) of `check` are still under way in PostgreSQL.

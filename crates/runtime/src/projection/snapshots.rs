@@ -251,8 +251,20 @@ pub(super) async fn apply(client: &impl Sql, e: &ProjectionSnapshot) -> Result<(
     if row.is_empty() || !row.keys().all(identifier) {
         return Err(ApplyError::Snapshot(format!("{table} (bad columns)")));
     }
+    // And only those the table still has: a column a later migration dropped is left out.
+    let existing: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_attribute
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+            &[&table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let columns = row
         .keys()
+        .filter(|c| existing.contains(c))
         .map(|c| format!("\"{c}\""))
         .collect::<Vec<_>>()
         .join(", ");

@@ -1861,3 +1861,114 @@ async fn a_dead_lettered_slot_does_not_hold_back_the_next_under_max_parallel() {
     );
     s.stop().await;
 }
+
+/// A report whose event the projector parked (here: made undecodable in the stream) is not
+/// taken for lost: its slot waits past the deadline for an admin; once the parked event is
+/// dropped, the slot ends `timeout`, counted as missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_whose_report_event_is_parked_waits_for_an_admin() {
+    let mut s = stand_with(&[], &[("PROJECTOR_MAX_ATTEMPTS", "1")]).await;
+    let a = s.agent("a", "NL", 64520, &["dns"]).await;
+    s.online(&[&a]).await;
+    s.stop_scheduler().await;
+    let checks = reported_checks(&s, &a, 1).await;
+    let (_, _, control) = s
+        .create(
+            json!({"kind": "dns", "target": "control.example.com", "limit": 1,
+                       "timeout_ms": 1000}),
+        )
+        .await;
+    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let stream = keys.lease_events(keys.shard_of(&a.id));
+    let mut conn = s.redis.connection().await;
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (id, event): (String, String) = entries
+        .ids
+        .iter()
+        .find_map(|e| {
+            let event: String = e.get("event").unwrap();
+            event
+                .contains("\"lease.reported\"")
+                .then(|| (e.id.clone(), event))
+        })
+        .unwrap();
+    // The same event, but an outcome no release reads: undecodable, so parked.
+    let broken = event.replace("\"outcome\":\"finished\"", "\"outcome\":5");
+    assert_ne!(broken, event);
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("event")
+        .arg(&broken)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    deadlines_overdue(&s).await;
+
+    s.start_scheduler(&[("PROJECTOR_MAX_ATTEMPTS", "1")]).await;
+    s.finished(&control.unwrap(), "the deadline pass ran").await;
+    let parked = eventually("parked", Duration::from_secs(15), || async {
+        let (_, page) = s.admin("GET", "/v1/projection-failures").await;
+        (page["total"] == 1).then_some(page)
+    })
+    .await;
+    // Parked means acknowledged: the projector has passed it. A check due after that ends
+    // only once a pass has run since, which saw the parked one too: it still waits.
+    let conn = s.redis.connection().await;
+    eventually("acknowledged", Duration::from_secs(10), || async {
+        let pending: redis::streams::StreamPendingReply =
+            redis::AsyncCommands::xpending(&mut conn.clone(), &stream, "projector")
+                .await
+                .unwrap();
+        (pending.count() == 0).then_some(())
+    })
+    .await;
+    s.heartbeat(&a).await;
+    let (_, _, later) = s
+        .create(
+            json!({"kind": "dns", "target": "later.example.com", "limit": 1,
+                       "timeout_ms": 1000}),
+        )
+        .await;
+    s.finished(&later.unwrap(), "a pass after the parking")
+        .await;
+    assert_eq!(
+        s.scheduler_metric("checkplane_lifecycle_slots_awaiting_projection")
+            .await,
+        1.0
+    );
+    let check = s.check(&checks[0].0).await;
+    assert_ne!(check["status"], "finished", "{check}");
+    assert_eq!(
+        s.scheduler_metric("checkplane_lifecycle_reports_missing_total")
+            .await,
+        0.0
+    );
+    let id = parked["items"][0]["id"].as_i64().unwrap();
+    assert_eq!(
+        s.admin("DELETE", &format!("/v1/projection-failures/{id}"))
+            .await
+            .0,
+        204
+    );
+    let done = s.finished(&checks[0].0, "ended once dropped").await;
+    assert_eq!(done["results"][0]["outcome"], "timeout", "{done}");
+    assert_eq!(
+        s.scheduler_metric("checkplane_lifecycle_reports_missing_total")
+            .await,
+        1.0
+    );
+    s.stop().await;
+}

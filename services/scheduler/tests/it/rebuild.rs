@@ -498,6 +498,16 @@ async fn long_lived_rows_outlive_the_events_retention_through_rebuild() {
             before,
             "snapshots are only recorded"
         );
+        if generation == 1 {
+            // As after a migration that dropped a column: snapshots made before still apply.
+            client
+                .batch_execute(
+                    "UPDATE events SET payload = jsonb_set(payload, '{row,dropped_column}', '1')
+                     WHERE type = 'projection.snapshot'",
+                )
+                .await
+                .unwrap();
+        }
         let report = rebuild(&mut client).await.unwrap();
         assert_eq!(report.failed, 0, "{report:?}");
         assert_eq!(
