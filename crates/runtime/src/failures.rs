@@ -45,9 +45,10 @@ pub async fn list(
             &[&limit, &offset, &ENTRY_SHOWN],
         )
         .await?;
-    // Counted with the page, so the two agree; a page past the end counts apart.
+    // Counted with the page, so the two agree; only a page past the end counts apart.
     let total = match rows.first() {
         Some(row) => row.get(10),
+        None if offset == 0 => 0,
         None => count(client).await?,
     };
     Ok((

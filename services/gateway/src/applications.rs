@@ -16,7 +16,8 @@ use checkplane_wire::ErrorCode;
 use serde::Serialize;
 
 use crate::auth::{Admin, Viewer};
-use crate::haproxy::{append, publish, ListQuery};
+use crate::haproxy::{append, publish};
+use crate::paging::PageQuery;
 use crate::paging::{check_window, Page, RFC3339};
 use crate::state::AppState;
 
@@ -141,7 +142,7 @@ async fn create_application(
 async fn list_applications(
     State(app): State<AppState>,
     _viewer: Viewer,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<ApplicationView>>, ApiError> {
     check_window(q.limit, q.offset)?;
     let client = app.stores.pg.get().await?;
@@ -179,7 +180,7 @@ async fn application_servers(
     State(app): State<AppState>,
     _viewer: Viewer,
     Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<LinkedServer>>, ApiError> {
     check_window(q.limit, q.offset)?;
     if !valid_id("app-", &id) {
@@ -319,7 +320,7 @@ async fn create_group(
 async fn list_groups(
     State(app): State<AppState>,
     _viewer: Viewer,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<GroupView>>, ApiError> {
     check_window(q.limit, q.offset)?;
     let client = app.stores.pg.get().await?;

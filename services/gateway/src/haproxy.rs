@@ -17,7 +17,7 @@ use checkplane_wire::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Admin, Viewer};
-use crate::paging::{check_window, Page, RFC3339};
+use crate::paging::{check_window, Page, PageQuery, RFC3339};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -693,19 +693,10 @@ async fn register(
     Ok((StatusCode::CREATED, Json(instance(&row))))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ListQuery {
-    #[serde(default = "crate::paging::default_limit")]
-    pub limit: i64,
-    #[serde(default)]
-    pub offset: i64,
-}
-
 async fn list(
     State(app): State<AppState>,
     _viewer: Viewer,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<InstanceView>>, ApiError> {
     check_window(q.limit, q.offset)?;
     let client = app.stores.pg.get().await?;
@@ -815,7 +806,7 @@ async fn backends(
     State(app): State<AppState>,
     _viewer: Viewer,
     Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<BackendView>>, ApiError> {
     check_window(q.limit, q.offset)?;
     let client = app.stores.pg.get().await?;
@@ -961,7 +952,7 @@ async fn history(
     State(app): State<AppState>,
     _viewer: Viewer,
     Path(id): Path<String>,
-    ApiQuery(q): ApiQuery<ListQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<HistoryView>>, ApiError> {
     check_window(q.limit, q.offset)?;
     if !valid_id("hps-", &id) {

@@ -33,6 +33,16 @@ pub fn check_millis(field: &str, value: Option<i64>) -> Result<(), ApiError> {
     }
 }
 
+/// `?limit=&offset=` of a list with no filters of its own.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    #[serde(default = "default_limit")]
+    pub limit: i64,
+    #[serde(default)]
+    pub offset: i64,
+}
+
 /// One page of a list.
 #[derive(Debug, Serialize)]
 pub struct Page<T> {

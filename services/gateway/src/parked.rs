@@ -29,7 +29,7 @@ use checkplane_wire::events::{
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Admin;
-use crate::paging::{check_window, Page};
+use crate::paging::{check_window, Page, PageQuery};
 use crate::state::AppState;
 
 /// Most dead letters one "all" request handles; `has_more` says when more are left.
@@ -43,15 +43,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/dead-letters/{id}/requeue", post(requeue_one))
         .route("/v1/projection-failures", get(list_failures))
         .route("/v1/projection-failures/{id}", delete(drop_failure))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PageQuery {
-    #[serde(default = "crate::paging::default_limit")]
-    limit: i64,
-    #[serde(default)]
-    offset: i64,
 }
 
 fn conflict(message: impl Into<String>) -> ApiError {

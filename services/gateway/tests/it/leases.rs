@@ -393,7 +393,12 @@ async fn entries_over_the_delivery_limit_go_to_the_dlq() {
     assert_eq!(pending(&mut conn, &keys.tasks("agent-d", "trace")).await, 0);
 }
 
-async fn last_event(conn: &mut impl ConnectionLike, keys: &Keys, agent: &str) -> serde_json::Value {
+/// The newest entry of `agent`'s shard's lease events: its id and event.
+async fn newest(
+    conn: &mut impl ConnectionLike,
+    keys: &Keys,
+    agent: &str,
+) -> (String, serde_json::Value) {
     let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
         .arg(keys.lease_events(keys.shard_of(agent)))
         .arg("+")
@@ -403,21 +408,17 @@ async fn last_event(conn: &mut impl ConnectionLike, keys: &Keys, agent: &str) ->
         .query_async(conn)
         .await
         .unwrap();
-    serde_json::from_str(&events[0].1[0].1).unwrap()
+    let (id, fields) = events.into_iter().next().unwrap();
+    (id, serde_json::from_str(&fields[0].1).unwrap())
+}
+
+async fn last_event(conn: &mut impl ConnectionLike, keys: &Keys, agent: &str) -> serde_json::Value {
+    newest(conn, keys, agent).await.1
 }
 
 /// The id of the newest entry of `agent`'s shard's lease events.
 async fn last_entry_id(conn: &mut impl ConnectionLike, keys: &Keys, agent: &str) -> String {
-    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(keys.lease_events(keys.shard_of(agent)))
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await
-        .unwrap();
-    events[0].0.clone()
+    newest(conn, keys, agent).await.0
 }
 
 async fn xlen(conn: &mut impl ConnectionLike, stream: &str) -> i64 {

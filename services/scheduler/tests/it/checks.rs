@@ -862,6 +862,39 @@ async fn reports_acknowledged_across_a_killed_scheduler_are_not_overwritten_by_t
     s.stop().await;
 }
 
+/// Take the one `lease.reported` of `agent`'s shard out of its lease stream (as Redis losing
+/// it would): the stream, and the event's JSON.
+async fn take_report_event(s: &Stand, agent: &Agent) -> (String, String) {
+    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let stream = keys.lease_events(keys.shard_of(&agent.id));
+    let mut conn = s.redis.connection().await;
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reported: Vec<(String, String)> = entries
+        .ids
+        .iter()
+        .filter_map(|e| {
+            let event: String = e.get("event").unwrap();
+            event
+                .contains("\"lease.reported\"")
+                .then(|| (e.id.clone(), event))
+        })
+        .collect();
+    assert_eq!(reported.len(), 1);
+    let _: i64 = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&reported[0].0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (stream, reported[0].1.clone())
+}
+
 /// Issue 20, part 1, the bound: a slot whose entry ended in Redis but whose event Redis then
 /// lost (here deleted from the lease stream before any projector read it) still ends, once,
 /// as `timeout`, when the projector has passed where the event stood; and it is counted.
@@ -872,32 +905,7 @@ async fn a_slot_whose_report_event_redis_lost_still_ends_once_and_is_counted() {
     s.online(&[&a]).await;
     s.stop_scheduler().await;
     let checks = reported_checks(&s, &a, 1).await;
-    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
-    let stream = keys.lease_events(keys.shard_of(&a.id));
-    let mut conn = s.redis.connection().await;
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let reported: Vec<String> = entries
-        .ids
-        .iter()
-        .filter(|e| {
-            let event: String = e.get("event").unwrap();
-            event.contains("\"lease.reported\"")
-        })
-        .map(|e| e.id.clone())
-        .collect();
-    assert_eq!(reported.len(), 1);
-    let _: i64 = redis::cmd("XDEL")
-        .arg(&stream)
-        .arg(&reported)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    take_report_event(&s, &a).await;
     deadlines_overdue(&s).await;
 
     s.start_scheduler(&[]).await;
@@ -1878,35 +1886,11 @@ async fn a_slot_whose_report_event_is_parked_waits_for_an_admin() {
                        "timeout_ms": 1000}),
         )
         .await;
-    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
-    let stream = keys.lease_events(keys.shard_of(&a.id));
-    let mut conn = s.redis.connection().await;
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let (id, event): (String, String) = entries
-        .ids
-        .iter()
-        .find_map(|e| {
-            let event: String = e.get("event").unwrap();
-            event
-                .contains("\"lease.reported\"")
-                .then(|| (e.id.clone(), event))
-        })
-        .unwrap();
+    let (stream, event) = take_report_event(&s, &a).await;
     // The same event, but an outcome no release reads: undecodable, so parked.
     let broken = event.replace("\"outcome\":\"finished\"", "\"outcome\":5");
     assert_ne!(broken, event);
-    let _: i64 = redis::cmd("XDEL")
-        .arg(&stream)
-        .arg(&id)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let mut conn = s.redis.connection().await;
     let _: String = redis::cmd("XADD")
         .arg(&stream)
         .arg("*")
