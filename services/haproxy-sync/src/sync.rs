@@ -262,7 +262,11 @@ impl Sync {
             } else {
                 // Another replica's; poll at once should it come to us.
                 self.due.remove(&instance.id);
-                self.tokens.remove(&instance.id);
+                if self.tokens.remove(&instance.id).is_some() {
+                    // Its new owner counts its drift now; this replica's figure would go stale.
+                    metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.id.clone())
+                        .set(0.0);
+                }
             }
         }
         if !taken.is_empty() {
