@@ -177,6 +177,36 @@ impl Parked {
         Ok(found.ids.first().map(|e| decode(shard, e)))
     }
 
+    /// Take the right to act on `letter` (requeue or drop) for up to 30 s: `false` when
+    /// another request holds it. Whoever holds it finds the letter there or gone for good.
+    pub async fn claim(
+        &self,
+        conn: &mut impl ConnectionLike,
+        letter: &DeadLetter,
+    ) -> redis::RedisResult<bool> {
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(self.keys.dlq_claim(letter.shard, &letter.entry))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(conn)
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Give back what [`Parked::claim`] took.
+    pub async fn release(
+        &self,
+        conn: &mut impl ConnectionLike,
+        letter: &DeadLetter,
+    ) -> redis::RedisResult<()> {
+        redis::cmd("DEL")
+            .arg(self.keys.dlq_claim(letter.shard, &letter.entry))
+            .query_async(conn)
+            .await
+    }
+
     /// Remove a dead letter; `false` when it was gone already.
     pub async fn remove(
         &self,

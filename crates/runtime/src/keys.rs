@@ -25,6 +25,7 @@
 //! | `<p>:reported:{s<n>}:<token>` | string | the reply to a report, for retries |
 //! | `<p>:relay:{s<n>}:<agent>:<kind>:<entry>` | list | a relayed task's result, for its waiting asker |
 //! | `<p>:dlq:{s<n>}` | stream | tasks over the delivery limit, with the reason |
+//! | `<p>:dlqclaim:{s<n>}:<entry>` | string | an admin request acting on that dead letter, until it is done (30 s at most) |
 //! | `<p>:haproxy:owner:<instance>` | string | `<replica>/<token>`: who owns an HAProxy instance, until it expires |
 //! | `<p>:haproxy:fence:<instance>` | string | counter: the fencing token of the next owner |
 //! | `<p>:wake:{s<n>}` | pub/sub | doorbell: an agent id whose tasks stream got work |
@@ -179,6 +180,12 @@ impl Keys {
     /// Dead letters of shard `n`.
     pub fn dlq(&self, n: u32) -> String {
         format!("{}:dlq:{{s{n}}}", self.prefix)
+    }
+
+    /// Held (briefly) by the admin request acting on one dead letter, so that two never act
+    /// on the same one at once.
+    pub fn dlq_claim(&self, n: u32, entry: &str) -> String {
+        format!("{}:dlqclaim:{{s{n}}}:{entry}", self.prefix)
     }
 
     /// Live channel of `check`: its id is published there after a projector commit moved

@@ -106,6 +106,42 @@ struct Requeued {
 /// Requeue one dead letter: its check slot's next attempt, or an anonymous task back on its
 /// stream. Errors: 404 gone, 409 when it cannot run again.
 async fn requeue(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<Requeued, ApiError> {
+    let parked = hold(app, letter).await?;
+    let done = requeue_held(app, actor, letter).await;
+    release(app, &parked, letter).await;
+    done
+}
+
+/// Take the right to act on `letter` (two requests never act on one letter at once: the
+/// second is 409, or 404 once the first has removed it).
+async fn hold(app: &AppState, letter: &DeadLetter) -> Result<Parked, ApiError> {
+    let parked = Parked::new(app.keys.clone());
+    let mut conn = app.stores.redis_shared.clone();
+    if !parked.claim(&mut conn, letter).await? {
+        return Err(conflict("another request is handling this dead letter"));
+    }
+    if parked.get(&mut conn, &letter.id).await?.is_none() {
+        release(app, &parked, letter).await;
+        return Err(ApiError::not_found("no such dead letter"));
+    }
+    Ok(parked)
+}
+
+async fn release(app: &AppState, parked: &Parked, letter: &DeadLetter) {
+    if let Err(error) = parked
+        .release(&mut app.stores.redis_shared.clone(), letter)
+        .await
+    {
+        // It expires by itself.
+        tracing::warn!(id = %letter.id, %error, "releasing a dead letter's claim");
+    }
+}
+
+async fn requeue_held(
+    app: &AppState,
+    actor: &str,
+    letter: &DeadLetter,
+) -> Result<Requeued, ApiError> {
     if letter.kind == checkplane_wire::haproxy::RELAY_KIND {
         return Err(conflict(
             "a relayed HAProxy command is not run again (its action failed or was retried by haproxy-sync); drop it",
@@ -242,6 +278,13 @@ async fn publish(app: &AppState, stream: &str, events: &[Event]) {
 
 /// Drop one dead letter; a check slot still waiting for it ends `dead_lettered`.
 async fn discard(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<(), ApiError> {
+    let parked = hold(app, letter).await?;
+    let done = discard_held(app, actor, letter).await;
+    release(app, &parked, letter).await;
+    done
+}
+
+async fn discard_held(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<(), ApiError> {
     let parked = Parked::new(app.keys.clone());
     let admin_stream = app.keys.events("admin");
     let checks_stream = app.keys.events("checks");
@@ -284,8 +327,8 @@ async fn discard(app: &AppState, actor: &str, letter: &DeadLetter) -> Result<(),
         .await
         .map_err(|e| ApiError::internal(&e))?;
     events.push((admin_stream, audit));
-    // Committed before Redis is asked, so no check row is locked across it. A drop racing
-    // another finds the letter gone: done all the same.
+    // Committed before Redis is asked, so no check row is locked across it (the claim keeps
+    // other requests off this letter meanwhile).
     tx.commit().await?;
     drop(client);
     parked
@@ -413,8 +456,12 @@ async fn drop_all(
         .await?;
     let mut dropped = 0;
     for letter in &letters {
-        discard(&app, &actor, letter).await?;
-        dropped += 1;
+        match discard(&app, &actor, letter).await {
+            Ok(()) => dropped += 1,
+            // Handled by another request meanwhile.
+            Err(error) if error.status.is_client_error() => {}
+            Err(error) => return Err(error),
+        }
     }
     Ok(Json(DroppedAll {
         dropped,

@@ -226,6 +226,22 @@ impl Sync {
         let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(15_000);
         let live: std::collections::HashSet<&str> =
             instances.iter().map(|i| i.id.as_str()).collect();
+        // Instances removed since: their gauges say nothing more (an alert on them would go on
+        // firing for an instance that is gone).
+        let gone: Vec<String> = self
+            .tokens
+            .keys()
+            .chain(self.breakers.keys())
+            .filter(|id| !live.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => id.clone())
+                .set(0.0);
+            metrics::gauge!("checkplane_haproxy_breaker_open", "instance" => id.clone()).set(0.0);
+            self.tokens.remove(&id);
+            self.breakers.remove(&id);
+        }
         self.due.retain(|id, _| live.contains(id.as_str()));
         self.probe_due.retain(|id, _| live.contains(id.as_str()));
         self.clients.retain(|id, _| live.contains(id.as_str()));
