@@ -173,17 +173,7 @@ async fn rebuild_reproduces_every_projection_table() {
                     poll,
                     backend: "be".into(),
                     server: server.into(),
-                    observed: ObservedServer {
-                        address: "127.0.0.1".into(),
-                        port: Some(18101),
-                        weight: 1,
-                        op_state: "running".into(),
-                        admin_state: state.into(),
-                        admin_bits: if state == "drain" { 8 } else { 0 },
-                        status: None,
-                        check_status: None,
-                        scur: Some(0),
-                    },
+                    observed: server_state(state, None),
                     cause: "sync".into(),
                 })),
             })
@@ -234,6 +224,21 @@ async fn rebuild_reproduces_every_projection_table() {
     assert_ne!(before, canonical_dump(&db.client().await).await.unwrap());
 }
 
+/// What a poll sees of a server on 127.0.0.1:18101 in admin state `state`.
+fn server_state(state: &str, status: Option<&str>) -> checkplane_wire::events::ObservedServer {
+    checkplane_wire::events::ObservedServer {
+        address: "127.0.0.1".into(),
+        port: Some(18101),
+        weight: 1,
+        op_state: "running".into(),
+        admin_state: state.into(),
+        admin_bits: if state == "drain" { 8 } else { 0 },
+        status: status.map(str::to_owned),
+        check_status: None,
+        scur: Some(0),
+    }
+}
+
 /// An event of `body` on `aggregate` at `version`, `at_ms`.
 fn event(
     aggregate: &str,
@@ -269,17 +274,7 @@ fn installation(at: i64, old: bool) -> Vec<checkplane_wire::events::Event> {
                 poll,
                 backend: "be".into(),
                 server: server.into(),
-                observed: ObservedServer {
-                    address: "127.0.0.1".into(),
-                    port: Some(18101),
-                    weight: 1,
-                    op_state: "running".into(),
-                    admin_state: state.into(),
-                    admin_bits: if state == "drain" { 8 } else { 0 },
-                    status: Some(if state == "drain" { "DRAIN" } else { "UP" }.into()),
-                    check_status: None,
-                    scur: Some(0),
-                },
+                observed: server_state(state, Some(if state == "drain" { "DRAIN" } else { "UP" })),
                 cause: "sync".into(),
             })),
         )
