@@ -164,18 +164,22 @@ for k = 1, nk do
       deliveries = tonumber(redis.call('XPENDING', stream, 'agents', id, id, 1)[1][4])
     end
     local task = agent .. ':' .. kind .. ':' .. id
+    -- This script may run well after `now` was taken (its call waited out a Redis restart),
+    -- possibly after the entry was added: its events are never dated before the entry (the
+    -- entry id's time), so a replay in time order never meets them before their task's check.
+    local at = math.max(now, tonumber(string.match(id, '^(%d+)')))
     if deliveries > maxd then
       redis.call('XACK', stream, 'agents', id)
       redis.call('XDEL', stream, id)
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'agent', agent, 'kind', kind,
         'entry', id, 'reason', 'max_deliveries', 'deliveries', deliveries, unpack(fields))
-      emit(KEYS[2], KEYS[5], eid(), task, 'task.dead_lettered', now, 'system:gateway',
+      emit(KEYS[2], KEYS[5], eid(), task, 'task.dead_lettered', at, 'system:gateway',
         {agent_id = agent, kind = kind, entry = id, deliveries = deliveries, task = task_of(fields),
          waits = true}, true)
     else
       local token = agent .. '.' .. kind .. '.' .. id .. '.' .. deliveries
       redis.call('ZADD', KEYS[1], now + ttl, token)
-      emit(KEYS[2], KEYS[5], eid(), task, 'lease.granted', now, 'agent:' .. agent,
+      emit(KEYS[2], KEYS[5], eid(), task, 'lease.granted', at, 'agent:' .. agent,
         {agent_id = agent, kind = kind, entry = id, epoch = deliveries, deadline = now + ttl,
          task = task_of(fields)})
       out[#out + 1] = cjson.encode({token = token, kind = kind, fields = fields, deadline = now + ttl})

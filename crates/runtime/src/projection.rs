@@ -784,7 +784,12 @@ pub async fn rebuild(client: &mut tokio_postgres::Client) -> Result<RebuildRepor
         .bind(
             "SELECT event_id, aggregate_id, version, actor, schema, type, payload,
                     (extract(epoch FROM occurred_at) * 1000)::bigint AS occurred_ms
-             FROM events ORDER BY occurred_at, event_id",
+             FROM events
+             ORDER BY occurred_at,
+                      -- within a millisecond, what the edge recorded (a check, its retries)
+                      -- before the lease events of the tasks it made
+                      (type LIKE 'lease.%' OR type = 'task.dead_lettered'),
+                      event_id",
             &[],
         )
         .await?;

@@ -1966,3 +1966,95 @@ async fn a_slot_whose_report_event_is_parked_waits_for_an_admin() {
     );
     s.stop().await;
 }
+
+/// A claim's script can run well after the `now` it was given: its Redis call waits out a
+/// Redis restart (found by the chaos run: the claim began while Redis was down, the check was
+/// made and its task enqueued meanwhile, and the grant carried a time from before the check).
+/// The grant's event must not predate the task it grants, or a rebuild, which replays in
+/// time order, applies it before `check.created` and loses the slot's `started_at`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() {
+    let s = stand().await;
+    let a = s.agent("late", "NL", 64530, &["dns"]).await;
+    s.online(&[&a]).await;
+    let claim_began = checkplane_runtime::clock::now_ms();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, _, location) = s
+        .create(json!({"kind": "dns", "target": "late.example.com", "limit": 1}))
+        .await;
+    assert_eq!(status, 202);
+    let location = location.unwrap();
+    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let leases = checkplane_runtime::leases::Leases::new(
+        keys,
+        checkplane_runtime::leases::LeaseSettings::new(30_000, 5),
+    );
+    let mut conn = s.redis.connection().await;
+    let granted = leases
+        .claim(&mut conn, &a.id, "late-1", &[("dns", 1)], claim_began)
+        .await
+        .unwrap();
+    assert_eq!(granted.len(), 1);
+    let (status, answer) = agent_post(
+        &s.http,
+        &s.gw.url("/v1/agents/report"),
+        &a.id,
+        &a.token,
+        &json!({"completed": [{"token": granted[0].token, "result": {"answers": []}}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let check = s
+        .finished(&location, "the late grant's check finishes")
+        .await;
+    assert_eq!(check["results"][0]["outcome"], "finished", "{check}");
+    let db = s.db.client().await;
+    let started: Option<i64> = db
+        .query_one(
+            "SELECT (extract(epoch FROM started_at) * 1000)::bigint FROM check_slots",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(started.is_some(), "the live slot has its start");
+    drop(db);
+    let url = s.db.url.clone();
+    let before = checkplane_runtime::projection::canonical_dump(&s.db.client().await)
+        .await
+        .unwrap();
+    let Stand {
+        gw,
+        sched,
+        db: _db,
+        redis: _redis,
+        ..
+    } = s;
+    sched.unwrap().stop().await.unwrap();
+    gw.stop().await.unwrap();
+    let env = vec![("DATABASE_URL".to_owned(), url)];
+    let out = tokio::task::block_in_place(|| {
+        run_to_end(crate::bin(), &["rebuild"], &env, Duration::from_secs(60))
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = {
+        let config: tokio_postgres::Config = env[0].1.parse().unwrap();
+        let client = checkplane_runtime::db::connect(&config).await.unwrap();
+        checkplane_runtime::projection::canonical_dump(&client)
+            .await
+            .unwrap()
+    };
+    let slots = |d: &[(String, Vec<String>)]| {
+        d.iter()
+            .find(|(t, _)| t == "check_slots")
+            .map(|(_, rows)| rows.clone())
+            .unwrap()
+    };
+    assert_eq!(slots(&before), slots(&after), "check_slots after a rebuild");
+    assert_eq!(before, after);
+}
