@@ -9,6 +9,7 @@
 //! same connection count) beside a raw batch INSERT of the same rows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod chaos;
 mod cpu;
 mod dns;
 mod fanout;
@@ -60,6 +61,9 @@ enum Command {
     HaproxySync(haproxy::HaproxyArgs),
     /// drain / ready from the request to the confirmed state.
     HaproxyAction(haproxy::HaproxyArgs),
+    /// The whole system under SIGKILLs, pauses, dependency restarts and HAProxy reloads,
+    /// then checked for anything lost (exit 1 on a violation).
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -649,6 +653,9 @@ async fn lease_cycle(args: LeaseArgs) {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Chaos(args) = cli.command {
+        std::process::exit(chaos::main(args));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -665,5 +672,6 @@ fn main() {
         Command::AgentRss(args) => runtime.block_on(dns::rss(args)),
         Command::HaproxySync(args) => runtime.block_on(haproxy::sync_cycle(args)),
         Command::HaproxyAction(args) => runtime.block_on(haproxy::action_latency(args)),
+        Command::Chaos(_) => unreachable!("handled above"),
     }
 }

@@ -27,16 +27,20 @@ struct Places {
     stats: SocketAddr,
     admin_socket: PathBuf,
     operator_socket: PathBuf,
+    /// The server-state file a reload loads, when one was saved ([`Haproxy::save_state`]).
+    state_file: PathBuf,
 }
 
 fn config(h: &Places, backends: &[(&str, Vec<Server>)]) -> String {
     let mut c = format!(
         "global\n    stats socket ipv4@{} level admin\n    stats socket {} mode 600 level admin\n    \
-         stats socket {} mode 600 level operator\n    stats timeout 30s\n\n\
-         defaults\n    mode http\n    timeout connect 2s\n    timeout client 10s\n    timeout server 10s\n\n",
+         stats socket {} mode 600 level operator\n    stats timeout 30s\n    server-state-file {}\n\n\
+         defaults\n    mode http\n    timeout connect 2s\n    timeout client 10s\n    timeout server 10s\n    \
+         load-server-state-from-file global\n\n",
         h.stats,
         h.admin_socket.display(),
-        h.operator_socket.display()
+        h.operator_socket.display(),
+        h.state_file.display()
     );
     for (backend, servers) in backends {
         c.push_str(&format!("backend {backend}\n    balance roundrobin\n"));
@@ -58,6 +62,7 @@ impl Haproxy {
             stats: SocketAddr::from(([127, 0, 0, 1], crate::process::free_port())),
             admin_socket: dir.join("admin.sock"),
             operator_socket: dir.join("operator.sock"),
+            state_file: dir.join("server-state"),
         };
         let master_socket = dir.join("master.sock");
         let cfg = dir.join("haproxy.cfg");
@@ -100,7 +105,20 @@ impl Haproxy {
             stats: self.stats,
             admin_socket: self.admin_socket.clone(),
             operator_socket: self.operator_socket.clone(),
+            state_file: self.dir.join("server-state"),
         }
+    }
+
+    /// Save the servers' runtime state to the state file the next reload loads (as an
+    /// operator's reload script does before `systemctl reload`).
+    pub fn save_state(&self) {
+        let state = self.command("show servers state");
+        std::fs::write(self.dir.join("server-state"), state).expect("server-state file");
+    }
+
+    /// Remove the state file: the next reload starts every server from the configuration.
+    pub fn forget_state(&self) {
+        let _ = std::fs::remove_file(self.dir.join("server-state"));
     }
 
     /// One Runtime API command over TCP: the reply.
