@@ -100,6 +100,8 @@ pub fn main(args: ChaosArgs) -> i32 {
         .build()
         .unwrap();
     let first = runtime.block_on(run_once(&args));
+    // On stdout (what bench/run records) and at once on stderr, before any re-run.
+    eprintln!("{}", first.summary);
     println!("{}", first.summary);
     if first.verdict.passed() {
         return 0;

@@ -9,7 +9,9 @@
 //! on their own claim loop, and each reply is reported on its own right away (a few tries;
 //! the asker gives up at the command's deadline and asks again).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use checkplane_runtime::haproxy_socket::{self, Endpoint, Limits};
@@ -87,6 +89,25 @@ fn finished(replies: &[Option<String>]) -> Outcome {
     }
 }
 
+/// One lock per server being settled: two settles of one server never interleave, so the
+/// second reads what the first set. Two can be in this agent at once when an action's attempt
+/// gave up waiting for its reply (its connection to Redis broke) and its retry was enqueued
+/// while the first task was still in the agent's stream: found by the chaos run, where both
+/// read `ready` and both sent `set server … state drain` for one action key.
+fn server_lock(backend: &str, server: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Forget the servers nobody is settling (only the map holds their lock).
+    locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+    locks
+        .entry(format!("{backend}/{server}"))
+        .or_default()
+        .clone()
+}
+
 /// Run the task `spec` against `endpoint`: a [`RelayedSettle`] (an action's read, set when
 /// needed, read-back and stats row, decided here), or the commands of a [`RelayedCommand`],
 /// one connection each and in order, before its deadline. The reply is the first command's
@@ -103,6 +124,8 @@ pub async fn execute(endpoint: &Endpoint, spec: &Value) -> Outcome {
             deadline_ms: task.deadline_ms,
             room: AtomicUsize::new(MAX_REPLY),
         };
+        let lock = server_lock(&task.settle.backend, &task.settle.server);
+        let _settling = lock.lock().await;
         return match settle(&task.settle, |line| sender.send(line)).await {
             Ok(replies) => finished(&replies),
             Err(failed) => failed,

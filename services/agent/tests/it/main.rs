@@ -6,6 +6,7 @@ mod dns;
 mod dns_proxy;
 mod http;
 mod ping;
+mod relay;
 mod trace;
 
 use std::path::Path;
