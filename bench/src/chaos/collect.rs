@@ -215,6 +215,16 @@ pub async fn from_postgres(
         .query_one("SELECT count(*) FROM outbox", &[])
         .await?
         .get(0);
+    for r in pg
+        .query(
+            "SELECT i.name || '/' || s.backend || '/' || s.name, s.desired_state
+             FROM haproxy_servers s JOIN haproxy_instances i USING (instance_id)",
+            &[],
+        )
+        .await?
+    {
+        records.desired.insert(r.get(0), r.get(1));
+    }
     Ok(())
 }
 

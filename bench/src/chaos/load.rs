@@ -97,6 +97,17 @@ pub async fn sim_agent(
                 }
             }
             let Some(leases) = leases else { continue };
+            // Entries this agent got back at a newer epoch: what a ghost of an earlier life
+            // waits for.
+            for lease in &leases {
+                if let Some((entry, epoch)) =
+                    lease["token"].as_str().and_then(|t| t.rsplit_once('.'))
+                {
+                    if epoch != "1" {
+                        ledger.reclaimed.lock().unwrap().insert(entry.to_owned());
+                    }
+                }
+            }
             // Each lease's work runs on a task of its own, so a kill of this life leaves
             // it to a ghost (see `report`).
             let jobs: Vec<_> = leases
@@ -129,9 +140,9 @@ pub async fn sim_agent(
 
 /// Work a lease `work_ms`, then report it. If this life of the agent was killed meanwhile,
 /// its work is not lost but late: a ghost of the old life (a process that was cut off, not
-/// dead) reports it two lease TTLs later, when the agent's next life has taken the lease
-/// back at a newer epoch, so the fence has to refuse it (`ERR_LEASE_LOST`); whatever the
-/// answer, an `acknowledged` is noted like any other.
+/// dead) reports it once the agent's next life has taken the lease back at a newer epoch, so
+/// the fence has to refuse it (`ERR_LEASE_LOST`); whatever the answer, an `acknowledged` is
+/// noted like any other.
 async fn report(
     http: reqwest::Client,
     base: String,
@@ -143,7 +154,19 @@ async fn report(
 ) {
     tokio::time::sleep(Duration::from_millis(work_ms)).await;
     if life.is_cancelled() {
-        tokio::time::sleep(super::LEASE_TTL * 2).await;
+        // The ghost reports once the next life got the entry back at a newer epoch (or the
+        // lease ended otherwise and will not come back: after 20 s at most).
+        let entry = lease["token"]
+            .as_str()
+            .and_then(|t| t.rsplit_once('.'))
+            .map(|(entry, _)| entry.to_owned())
+            .unwrap_or_default();
+        for _ in 0..200 {
+            if ledger.reclaimed.lock().unwrap().contains(&entry) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         ledger
             .ghost_reports
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -203,7 +226,13 @@ pub struct Targets {
 /// against a private unbound, http, tcp, ping, trace), and dns / tcp for the simulated
 /// agents (ASN 65001) with deadlines of a few seconds, so deadlines land in the faults.
 fn check_body(n: u64, t: &Targets, rng: &mut Rng) -> Value {
-    let timeout = rng.range(3_000, 8_000);
+    // Short deadlines land in the faults; longer ones leave a killed agent's next life time
+    // to take its leases back before the deadline (what the fence is tested on).
+    let timeout = if rng.range(0, 2) == 0 {
+        rng.range(3_000, 8_000)
+    } else {
+        rng.range(10_000, 16_000)
+    };
     match n % 7 {
         0 => json!({"kind": "dns", "target": "example.test",
                     "options": {"type": "A", "resolver": t.dns_resolver},

@@ -79,6 +79,8 @@ pub struct Ledger {
     pub max_lag: AtomicI64,
     /// Reports sent by a killed simulated agent's ghost.
     pub ghost_reports: AtomicI64,
+    /// `<agent>.<kind>.<entry>` the simulated agents got back at an epoch above 1.
+    pub reclaimed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Ledger {
@@ -178,10 +180,11 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         let pg = PostgresServer::start();
         let a = Haproxy::start(&backends());
         let b = Haproxy::start(&backends());
+        let c = Haproxy::start(&backends());
         (
             redis,
             pg,
-            vec![a, b],
+            vec![a, b, c],
             checkplane_testkit::dns::Unbound::start(),
         )
     })
@@ -202,7 +205,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     let deps = Deps {
         redis: Arc::new(Mutex::new(redis)),
         pg: Arc::new(pg),
-        haproxy: ["lb-a", "lb-b"]
+        haproxy: ["lb-a", "lb-b", "lb-c"]
             .iter()
             .map(|s| (*s).to_owned())
             .zip(haproxy.into_iter().map(Arc::new))
@@ -400,7 +403,8 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     }
     let sims = Arc::new(Mutex::new(sims));
 
-    // HAProxy: lb-a polled directly (through its recording proxy), lb-b through its node's agent.
+    // HAProxy: lb-a polled directly (through its recording proxy), lb-b through its node's
+    // agent (whose socket is the recording proxy), lb-c directly on an operator-level socket.
     let relay = agent_id(&http, &base, "lb-node-b").await;
     let marked = http
         .put(format!("{base}/v1/servers/{relay}/haproxy"))
@@ -417,6 +421,9 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     for body in [
         json!({"name": "lb-a", "address": proxy_addrs[0].to_string()}),
         json!({"name": "lb-b", "transport": "agent", "node": relay}),
+        // An operator-level socket: every action on lb-c is refused by HAProxy (`Permission
+        // denied`), so none of them may ever become a server's desired state.
+        json!({"name": "lb-c", "address": deps.haproxy[2].1.operator_socket.display().to_string()}),
     ] {
         let r = http
             .post(format!("{base}/v1/haproxy/instances"))
@@ -436,7 +443,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         .unwrap();
     tokio::spawn(connection);
     let servers = until(
-        "8 HAProxy servers synced",
+        "12 HAProxy servers synced",
         Duration::from_secs(60),
         || async {
             let rows = pg_client
@@ -447,7 +454,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
                 )
                 .await
                 .ok()?;
-            (rows.len() == 8).then(|| {
+            (rows.len() == 12).then(|| {
                 rows.iter()
                     .map(|r| {
                         (

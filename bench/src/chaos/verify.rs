@@ -147,6 +147,8 @@ pub struct Records {
     pub reloads: Vec<Reload>,
     /// Each server's admin state as HAProxy reports it at the end.
     pub final_states: BTreeMap<String, String>,
+    /// Each server's desired state as PostgreSQL holds it at the end (`None`: never set).
+    pub desired: BTreeMap<String, Option<String>>,
     /// Parked events (`projection_failures`): id, type, error.
     pub parked: Vec<String>,
     pub outbox: i64,
@@ -414,6 +416,18 @@ fn actions(r: &Records, v: &mut Verdict) {
             ));
         }
     }
+    // Only what HAProxy took becomes a server's desired state: a refused or failed action
+    // never does.
+    for (server, desired) in &r.desired {
+        let want = expected.get(server.as_str()).copied();
+        if desired.as_deref() != want {
+            v.bad(format!(
+                "server {server}'s desired state is {}, its last successful action asked {}",
+                desired.as_deref().unwrap_or("unset"),
+                want.unwrap_or("nothing")
+            ));
+        }
+    }
     v.count("set server commands", r.sets.len() as i64);
 }
 
@@ -562,6 +576,11 @@ mod tests {
                 at_ms: 5_000,
             }],
             final_states: [("lb-a/be/s0".to_owned(), "drain".to_owned())].into(),
+            desired: [
+                ("lb-a/be/s0".to_owned(), Some("drain".to_owned())),
+                ("lb-c/be/s0".to_owned(), None),
+            ]
+            .into(),
             sse: vec![SseLog {
                 check: "c1".into(),
                 resumed: 1,
@@ -682,6 +701,25 @@ mod tests {
         assert!(verify(&r).passed());
         r.final_states.insert("lb-a/be/s0".into(), "maint".into());
         fails_with(&r, "its last successful action asked drain");
+    }
+
+    #[test]
+    fn a_failed_action_that_became_desired_fails() {
+        let mut r = clean();
+        r.actions.push(ActionRecord {
+            key: "k3".into(),
+            server: "lb-c/be/s0".into(),
+            action: "maint".into(),
+            requested_ms: 3_000,
+            ended_ms: 3_100,
+            status: "failed".into(),
+        });
+        assert!(verify(&r).passed());
+        r.desired.insert("lb-c/be/s0".into(), Some("maint".into()));
+        fails_with(
+            &r,
+            "server lb-c/be/s0's desired state is maint, its last successful action asked nothing",
+        );
     }
 
     #[test]
