@@ -42,6 +42,8 @@ pub const ENROLL: &str = "chaos-enrollment-token-0123";
 /// The lease TTL the gateways run with; a pause lasts longer.
 pub const LEASE_TTL: Duration = Duration::from_secs(4);
 const PAUSE: Duration = Duration::from_secs(7);
+/// Longer than the projector's reclaim idle (30 s).
+const RECLAIM_PAUSE: Duration = Duration::from_secs(35);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
@@ -554,7 +556,18 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         .cloned()
         .collect();
     let instances: Vec<String> = deps.haproxy.iter().map(|(l, _)| l.clone()).collect();
-    let plan = schedule::plan(args.seed, length, &names, &pausable, &instances, PAUSE);
+    let schedulers: Vec<String> = names
+        .iter()
+        .filter(|n| n.starts_with("scheduler-"))
+        .cloned()
+        .collect();
+    let cast = schedule::Cast {
+        processes: &names,
+        pausable: &pausable,
+        schedulers: &schedulers,
+        instances: &instances,
+    };
+    let plan = schedule::plan(args.seed, length, &cast, PAUSE, RECLAIM_PAUSE);
     let chaos_started = Instant::now();
     let mut restarts = Vec::new();
     for (at, fault) in &plan {
@@ -809,7 +822,7 @@ fn inject(
                 }
             })
         }
-        Fault::Pause { target, paused } => {
+        Fault::Pause { target, paused, .. } => {
             if let Some(s) = services
                 .lock()
                 .unwrap()

@@ -38,8 +38,14 @@ impl Rng {
 pub enum Fault {
     /// SIGKILL a process (a service or a simulated agent), start it again after `down`.
     Kill { target: String, down: Duration },
-    /// SIGSTOP a process for `paused`, then SIGCONT.
-    Pause { target: String, paused: Duration },
+    /// SIGSTOP a process for `paused`, then SIGCONT. `past_reclaim`: a scheduler paused past
+    /// the projector's reclaim idle (30 s), so the other replica takes its pending batch and
+    /// the paused one applies the same batch when it resumes.
+    Pause {
+        target: String,
+        paused: Duration,
+        past_reclaim: bool,
+    },
     /// SIGKILL Redis, start it again after `down`.
     RedisKill { down: Duration },
     /// Redis shut down cleanly (`SHUTDOWN`), started again after `down`.
@@ -55,7 +61,13 @@ impl Fault {
     pub fn class(&self) -> &'static str {
         match self {
             Self::Kill { .. } => "kill",
-            Self::Pause { .. } => "pause",
+            Self::Pause {
+                past_reclaim: false,
+                ..
+            } => "pause",
+            Self::Pause {
+                past_reclaim: true, ..
+            } => "pause-past-reclaim",
             Self::RedisKill { .. } => "redis-kill",
             Self::RedisRestart { .. } => "redis-restart",
             Self::PgRestart { .. } => "pg-restart",
@@ -73,6 +85,7 @@ impl Fault {
 pub const CLASSES: &[&str] = &[
     "kill",
     "pause",
+    "pause-past-reclaim",
     "redis-kill",
     "redis-restart",
     "pg-restart",
@@ -80,20 +93,33 @@ pub const CLASSES: &[&str] = &[
     "reload-without-state",
 ];
 
+/// What the faults can hit.
+pub struct Cast<'a> {
+    /// Everything that can be killed.
+    pub processes: &'a [String],
+    /// Services that can be paused.
+    pub pausable: &'a [String],
+    /// Schedulers (paused past the projector's reclaim).
+    pub schedulers: &'a [String],
+    /// HAProxy instances.
+    pub instances: &'a [String],
+}
+
 /// The schedule of a run of `length`: `(offset from the start, fault)`, in time order.
 ///
 /// - a process SIGKILLed every 3-6 s, down 0.3-2 s;
-/// - one pause per 2.5 minutes (at least one) of `pause` (longer than the lease TTL);
+/// - one pause per 2.5 minutes (at least one) of `pause` (longer than the lease TTL), and
+///   as often a scheduler paused for `reclaim_pause` (longer than the projector's reclaim
+///   idle);
 /// - Redis SIGKILLed once a minute (at least once), shut down cleanly once per 2 minutes
 ///   (at least once); PostgreSQL restarted once per 2 minutes (at least once);
 /// - an HAProxy reload every 20 s, alternating with and without the state file.
 pub fn plan(
     seed: u64,
     length: Duration,
-    processes: &[String],
-    pausable: &[String],
-    instances: &[String],
+    cast: &Cast<'_>,
     pause: Duration,
+    reclaim_pause: Duration,
 ) -> Vec<(Duration, Fault)> {
     let mut rng = Rng::new(seed);
     let total = length.as_millis() as u64;
@@ -106,7 +132,7 @@ pub fn plan(
         if at >= end {
             break;
         }
-        let target = rng.pick(processes).clone();
+        let target = rng.pick(cast.processes).clone();
         let down = Duration::from_millis(rng.range(300, 2_000));
         plan.push((Duration::from_millis(at), Fault::Kill { target, down }));
     }
@@ -118,12 +144,30 @@ pub fn plan(
     };
     let minutes = (total / 60_000).max(1);
     for at in spread(&mut rng, (total / 150_000).max(1)) {
-        let target = rng.pick(pausable).clone();
+        let target = rng.pick(cast.pausable).clone();
         plan.push((
             Duration::from_millis(at),
             Fault::Pause {
                 target,
                 paused: pause,
+                past_reclaim: false,
+            },
+        ));
+    }
+    // It must end before the faults do, so that the verdict sees what it did.
+    let long_end = end
+        .saturating_sub(reclaim_pause.as_millis() as u64)
+        .max(start + 1);
+    for i in 0..(total / 150_000).max(1) {
+        let slice = (long_end - start) / (total / 150_000).max(1);
+        let at = start + i * slice + rng.range(0, slice.max(1));
+        let target = rng.pick(cast.schedulers).clone();
+        plan.push((
+            Duration::from_millis(at),
+            Fault::Pause {
+                target,
+                paused: reclaim_pause,
+                past_reclaim: true,
             },
         ));
     }
@@ -141,7 +185,7 @@ pub fn plan(
     }
     let reloads = (total / 20_000).max(2);
     for (i, at) in spread(&mut rng, reloads).into_iter().enumerate() {
-        let instance = rng.pick(instances).clone();
+        let instance = rng.pick(cast.instances).clone();
         plan.push((
             Duration::from_millis(at),
             Fault::Reload {
@@ -169,10 +213,14 @@ mod tests {
             plan(
                 seed,
                 Duration::from_secs(60),
-                &procs,
-                &procs[..2],
-                &names(&["lb-a", "lb-b"]),
+                &Cast {
+                    processes: &procs,
+                    pausable: &procs[..2],
+                    schedulers: &procs[1..2],
+                    instances: &names(&["lb-a", "lb-b"]),
+                },
                 Duration::from_secs(6),
+                Duration::from_secs(35),
             )
         };
         assert_eq!(make(7), make(7));
@@ -186,5 +234,10 @@ mod tests {
         }
         assert!(one.windows(2).all(|w| w[0].0 <= w[1].0));
         assert!(one.iter().all(|(at, _)| *at < Duration::from_secs(60)));
+        // The long pause ends inside the run.
+        assert!(one.iter().all(|(at, f)| match f {
+            Fault::Pause { paused, .. } => *at + *paused < Duration::from_secs(60),
+            _ => true,
+        }));
     }
 }
