@@ -42,8 +42,10 @@ pub const ENROLL: &str = "chaos-enrollment-token-0123";
 /// The lease TTL the gateways run with; a pause lasts longer.
 pub const LEASE_TTL: Duration = Duration::from_secs(4);
 const PAUSE: Duration = Duration::from_secs(7);
-/// Longer than the projector's reclaim idle (30 s).
-const RECLAIM_PAUSE: Duration = Duration::from_secs(35);
+/// Longer than the projector's reclaim idle (30 s) plus the interval at which the other
+/// replica looks for idle entries (15 s): it has taken the paused one's batch before it
+/// resumes.
+const RECLAIM_PAUSE: Duration = Duration::from_secs(50);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
