@@ -120,7 +120,7 @@ pub async fn from_postgres(
 ) -> Result<(), tokio_postgres::Error> {
     for r in pg
         .query(
-            "SELECT check_id::text, status, slots::bigint, seq FROM checks",
+            "SELECT check_id::text, status, slots::bigint, seq, (extract(epoch FROM deadline) * 1000)::bigint FROM checks",
             &[],
         )
         .await?
@@ -130,6 +130,7 @@ pub async fn from_postgres(
             status: r.get(1),
             slots: r.get(2),
             seq: r.get(3),
+            deadline_ms: r.get(4),
         });
     }
     for r in pg

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::schedule::Rng;
-use super::verify::{Ack, ActionRecord, SseLog};
+use super::verify::{Ack, ActionRecord, LetterAction, SseLog};
 use super::{Ledger, ADMIN, ENROLL};
 use checkplane_runtime::clock::now_ms;
 
@@ -152,6 +152,11 @@ async fn report(
     ledger: Arc<Ledger>,
     life: CancellationToken,
 ) {
+    if lease["spec"]["target"] == POISON {
+        // An agent that never finishes this task: each delivery comes back after the lease
+        // TTL, until the gateway dead-letters it.
+        return;
+    }
     tokio::time::sleep(Duration::from_millis(work_ms)).await;
     if life.is_cancelled() {
         // The ghost reports once the next life got the entry back at a newer epoch (or the
@@ -214,6 +219,9 @@ async fn report(
     }
 }
 
+/// The target the simulated agents never finish a task for (dead letters are made of it).
+pub const POISON: &str = "poison.example.test";
+
 /// What the checks are aimed at on loopback.
 #[derive(Debug, Clone)]
 pub struct Targets {
@@ -271,7 +279,12 @@ pub async fn make_checks(
         if stop.is_cancelled() {
             return;
         }
-        let body = check_body(n, &targets, &mut rng);
+        let body = if n % 20 == 10 {
+            json!({"kind": "dns", "target": POISON, "locations": [{"asn": 65001, "limit": 1}],
+                   "timeout_ms": 25_000})
+        } else {
+            check_body(n, &targets, &mut rng)
+        };
         let answer = http
             .post(format!("{base}/v1/checks"))
             .header("x-api-key", ADMIN)
@@ -566,6 +579,88 @@ pub async fn sample_lag(
                     .max_lag
                     .fetch_max(lag, std::sync::atomic::Ordering::Relaxed);
             }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// An admin looking at the dead letters every second until `stop`: each letter of a check's
+/// task is requeued or dropped, in turn. A 409 is asked again for up to 5 s (the
+/// dead-lettering may not be projected yet); the final answer is noted.
+pub async fn handle_dead_letters(
+    http: reqwest::Client,
+    base: String,
+    ledger: Arc<Ledger>,
+    stop: CancellationToken,
+) {
+    let mut seen = std::collections::HashSet::new();
+    let mut turn = 0u64;
+    while !stop.is_cancelled() {
+        let page = http
+            .get(format!("{base}/v1/dead-letters?limit=100"))
+            .header("x-api-key", ADMIN)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        let items = match page {
+            Ok(r) => r
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["items"].as_array().cloned())
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        for letter in items {
+            let (Some(id), Some(task)) = (letter["id"].as_str(), letter["task"].as_str()) else {
+                continue;
+            };
+            if task.split(':').count() != 3 || !seen.insert(id.to_owned()) {
+                continue;
+            }
+            turn += 1;
+            let action = if turn % 2 == 1 { "requeue" } else { "drop" };
+            let at_ms = now_ms();
+            let mut answer = (0u16, String::new());
+            for _ in 0..10 {
+                let request = if action == "requeue" {
+                    http.post(format!("{base}/v1/dead-letters/{id}/requeue"))
+                } else {
+                    http.delete(format!("{base}/v1/dead-letters/{id}"))
+                };
+                let Ok(r) = request
+                    .header("x-api-key", ADMIN)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                else {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                };
+                let status = r.status().as_u16();
+                let code = r
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                answer = (status, code);
+                if status != 409 && status < 500 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            ledger.letters.lock().unwrap().push(LetterAction {
+                id: id.to_owned(),
+                task: task.to_owned(),
+                action: action.to_owned(),
+                at_ms,
+                status: answer.0,
+                code: answer.1,
+            });
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -83,6 +83,8 @@ pub struct Ledger {
     pub max_lag: AtomicI64,
     /// Reports sent by a killed simulated agent's ghost.
     pub ghost_reports: AtomicI64,
+    /// What the admin did with dead letters.
+    pub letters: Mutex<Vec<verify::LetterAction>>,
     /// `<agent>.<kind>.<entry>` the simulated agents got back at an epoch above 1.
     pub reclaimed: Mutex<std::collections::HashSet<String>>,
 }
@@ -277,6 +279,8 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
             ("LEASE_TTL", format!("{}s", LEASE_TTL.as_secs())),
             ("HEARTBEAT_INTERVAL", "2s".to_owned()),
             ("CLAIM_BLOCK_MS", "2000".to_owned()),
+            // A task is dead-lettered on its third delivery.
+            ("MAX_DELIVERIES", "2".to_owned()),
             ("GATEWAY_LIVE_POLL", "500ms".to_owned()),
         ]));
         services.push(Service::new(
@@ -537,6 +541,12 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
             ))
         })
         .collect();
+    let admin = tokio::spawn(load::handle_dead_letters(
+        http.clone(),
+        base.clone(),
+        ledger.clone(),
+        stop_followers.clone(),
+    ));
     tokio::spawn(load::sample_lag(
         redis_url.clone(),
         "cp".to_owned(),
@@ -663,6 +673,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     for f in followers {
         let _ = f.await;
     }
+    let _ = admin.await;
     for (_, stop) in sims.lock().unwrap().iter() {
         stop.cancel();
     }
@@ -675,6 +686,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         sets: ledger.sets.lock().unwrap().clone(),
         reloads: ledger.reloads.lock().unwrap().clone(),
         sse: ledger.sse.lock().unwrap().clone(),
+        letters: ledger.letters.lock().unwrap().clone(),
         faults: ledger.faults.lock().unwrap().clone(),
         asked: schedule::CLASSES.iter().map(|c| (*c).to_owned()).collect(),
         max_projector_lag: ledger.max_lag.load(Ordering::Relaxed),

@@ -21,6 +21,21 @@ pub struct CheckRow {
     pub status: String,
     pub slots: i64,
     pub seq: i64,
+    pub deadline_ms: i64,
+}
+
+/// What an admin did with a dead letter of a check's task, and the final answer.
+#[derive(Debug, Clone)]
+pub struct LetterAction {
+    pub id: String,
+    /// `<check>:<slot>:<attempt>`.
+    pub task: String,
+    /// `requeue` or `drop`.
+    pub action: String,
+    pub at_ms: i64,
+    /// HTTP status and error code (a 409 asked again for up to 5 s first).
+    pub status: u16,
+    pub code: String,
 }
 
 /// A check's slot as PostgreSQL holds it at the end.
@@ -156,6 +171,7 @@ pub struct Records {
     /// Dead letters: id, task, reason, deliveries.
     pub dead_letters: Vec<String>,
     pub sse: Vec<SseLog>,
+    pub letters: Vec<LetterAction>,
     pub rebuilds: Vec<TableDiff>,
     pub faults: Vec<Fault>,
     /// Fault classes the run was asked to inject.
@@ -195,6 +211,7 @@ pub fn verify(r: &Records) -> Verdict {
     actions(r, &mut v);
     leftovers(r, &mut v);
     live_streams(r, &mut v);
+    dead_letters(r, &mut v);
     for diff in &r.rebuilds {
         v.bad(format!(
             "`{} rebuild` differs in {}: {} rows only live (first: {}), {} only rebuilt (first: {})",
@@ -446,7 +463,7 @@ fn leftovers(r: &Records, v: &mut Verdict) {
             ));
         }
     }
-    v.count("dead letters", r.dead_letters.len() as i64);
+    v.count("dead letters left at the end", r.dead_letters.len() as i64);
     v.count("largest projector lag", r.max_projector_lag);
 }
 
@@ -477,6 +494,67 @@ fn live_streams(r: &Records, v: &mut Verdict) {
                     seen_slots.len()
                 ));
             }
+        }
+    }
+}
+
+/// A dead-lettered slot waits for an admin until its check's deadline: a requeue gives it
+/// its next attempt, a drop ends it `dead_lettered`; neither is refused while the check has
+/// time left.
+fn dead_letters(r: &Records, v: &mut Verdict) {
+    let checks: HashMap<&str, &CheckRow> = r.checks.iter().map(|c| (c.id.as_str(), c)).collect();
+    let slots: HashMap<(&str, i32), &SlotRow> = r
+        .slots
+        .iter()
+        .map(|s| ((s.check.as_str(), s.slot), s))
+        .collect();
+    for l in &r.letters {
+        let mut parts = l.task.split(':');
+        let (Some(check), Some(slot), Some(attempt)) = (
+            parts.next(),
+            parts.next().and_then(|s| s.parse::<i32>().ok()),
+            parts.next().and_then(|s| s.parse::<i32>().ok()),
+        ) else {
+            continue;
+        };
+        let left = checks.get(check).map_or(0, |c| c.deadline_ms - l.at_ms);
+        let ok = matches!(l.status, 200 | 204);
+        let done = match (l.action.as_str(), ok) {
+            ("requeue", true) => "dead letters requeued",
+            ("drop", true) => "dead letters dropped",
+            ("requeue", false) => "dead letters whose requeue was refused",
+            _ => "dead letters whose drop was refused",
+        };
+        v.count(done, 1);
+        if !ok {
+            if left > 3_000 {
+                v.bad(format!(
+                    "dead letter {} of check {check} slot {slot} could not be {}: {} {} with {left} ms before the check's deadline",
+                    l.id,
+                    if l.action == "drop" { "dropped" } else { "requeued" },
+                    l.status,
+                    l.code
+                ));
+            }
+            continue;
+        }
+        let Some(s) = slots.get(&(check, slot)) else {
+            continue;
+        };
+        if l.action == "requeue" && s.attempt <= attempt {
+            v.bad(format!(
+                "dead letter {} was requeued but slot {check}/{slot} is still at attempt {}",
+                l.id, s.attempt
+            ));
+        }
+        if l.action == "drop"
+            && s.attempt == attempt
+            && s.outcome.as_deref() != Some("dead_lettered")
+        {
+            v.bad(format!(
+                "dead letter {} was dropped but slot {check}/{slot} ended {:?}",
+                l.id, s.outcome
+            ));
         }
     }
 }
@@ -535,6 +613,7 @@ mod tests {
                 status: "finished".into(),
                 slots: 2,
                 seq: 2,
+                deadline_ms: 20_000,
             }],
             slots: vec![slot(0, "a"), slot(1, "b")],
             acks: vec![
@@ -720,6 +799,35 @@ mod tests {
             &r,
             "server lb-c/be/s0's desired state is maint, its last successful action asked nothing",
         );
+    }
+
+    #[test]
+    fn a_dead_letter_refused_while_its_check_had_time_fails() {
+        let mut r = clean();
+        r.slots[0].attempt = 2;
+        r.letters.push(LetterAction {
+            id: "s1-5-0".into(),
+            task: "c1:0:1".into(),
+            action: "requeue".into(),
+            at_ms: 4_000,
+            status: 200,
+            code: String::new(),
+        });
+        assert!(verify(&r).passed(), "{:?}", verify(&r).violations);
+        // Refused with 16 s left: the slot did not wait for the admin.
+        r.letters[0].status = 409;
+        r.letters[0].code = "ERR_CONFLICT".into();
+        fails_with(
+            &r,
+            "dead letter s1-5-0 of check c1 slot 0 could not be requeued: 409 ERR_CONFLICT",
+        );
+        // Refused at the deadline: the check had ended, as it may.
+        r.letters[0].at_ms = 19_000;
+        assert!(verify(&r).passed());
+        // Requeued, yet the slot never got its next attempt.
+        r.letters[0].status = 200;
+        r.slots[0].attempt = 1;
+        fails_with(&r, "was requeued but slot c1/0 is still at attempt 1");
     }
 
     #[test]
