@@ -519,6 +519,11 @@ fn dead_letters(r: &Records, v: &mut Verdict) {
         };
         let left = checks.get(check).map_or(0, |c| c.deadline_ms - l.at_ms);
         let ok = matches!(l.status, 200 | 204);
+        if !ok && !matches!(l.status, 404 | 409) {
+            // Never answered (a dependency down through every try): not a refusal.
+            v.count("dead letters whose handling went unanswered", 1);
+            continue;
+        }
         let done = match (l.action.as_str(), ok) {
             ("requeue", true) => "dead letters requeued",
             ("drop", true) => "dead letters dropped",
