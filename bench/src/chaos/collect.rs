@@ -136,7 +136,9 @@ pub async fn from_postgres(
     for r in pg
         .query(
             // What a slot keeps of a report is its `result` (beside the observations).
-            "SELECT check_id::text, slot, attempt, status, outcome, result->'result', seq FROM check_slots",
+            "SELECT check_id::text, slot, attempt, status, outcome, result->'result', seq,
+                    (extract(epoch FROM done_at) * 1000)::bigint
+             FROM check_slots",
             &[],
         )
         .await?
@@ -149,6 +151,7 @@ pub async fn from_postgres(
             outcome: r.get(4),
             result: r.get(5),
             seq: r.get(6),
+            done_ms: r.get(7),
         });
     }
     for r in pg
@@ -185,14 +188,13 @@ pub async fn from_postgres(
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
     for action in &mut records.actions {
-        if action.status == "refused" {
-            continue;
-        }
         match ended.get(&action.key) {
+            // (One the driver took for refused may have been made: its answer was lost.)
             Some((status, at)) => {
                 action.status = status.clone();
                 action.ended_ms = *at;
             }
+            None if action.status == "refused" => {}
             None => action.status = "missing".into(),
         }
     }

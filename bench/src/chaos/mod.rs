@@ -634,14 +634,17 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     if finished.is_none() {
         quiet.push("checks still open after 120 s".to_owned());
     }
-    let mut redis_conn = redis::Client::open(redis_url.as_str())
+    let redis_conn = redis::Client::open(redis_url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    // The leftovers are what this wait saw last: an empty moment is quiescence (the services
+    // keep working afterwards, so a later look may catch an entry in flight).
+    let last_seen: Arc<Mutex<(i64, Vec<verify::Pending>)>> = Arc::default();
     let drained = wait_for(Duration::from_secs(60), || {
         let mut conn = redis_conn.clone();
-        let pg = &pg_client;
+        let (pg, last_seen) = (&pg_client, last_seen.clone());
         async move {
             let outbox: i64 = pg
                 .query_one("SELECT count(*) FROM outbox", &[])
@@ -649,7 +652,9 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
                 .ok()?
                 .get(0);
             let pending = collect::pending(&mut conn, "cp").await.ok()?;
-            (outbox == 0 && pending.is_empty()).then_some(())
+            let empty = outbox == 0 && pending.is_empty();
+            *last_seen.lock().unwrap() = (outbox, pending);
+            empty.then_some(())
         }
     })
     .await;
@@ -660,6 +665,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     let converged = wait_for(Duration::from_secs(30), || async {
         let states = final_states(&deps).await;
         let expected = expected_states(&pg_client, &ledger).await?;
+        (states.len() == 12).then_some(())?;
         states
             .iter()
             .all(|(server, state)| expected.get(server).map_or("ready", String::as_str) == state)
@@ -695,9 +701,11 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     collect::from_postgres(&pg_client, &mut records)
         .await
         .unwrap();
-    records.pending = collect::pending(&mut redis_conn, "cp")
-        .await
-        .unwrap_or_default();
+    {
+        let (outbox, pending) = last_seen.lock().unwrap().clone();
+        records.outbox = outbox;
+        records.pending = pending;
+    }
     records.final_states = final_states(&deps).await;
     if let Some(page) = admin_get(&http, &base, "/v1/dead-letters?limit=500").await {
         for d in page["items"].as_array().into_iter().flatten() {
@@ -812,13 +820,19 @@ fn inject(
             })
         }
         Fault::Kill { target, down } => {
-            if let Some(s) = services
+            // A paused process is left to its pause (which would otherwise be cut short), and
+            // a fault is counted only when it happened.
+            let killed = services
                 .lock()
                 .unwrap()
                 .iter_mut()
                 .find(|s| s.name == target)
-            {
-                s.kill();
+                .filter(|s| !s.paused)
+                .map(Service::kill)
+                .is_some();
+            if !killed {
+                eprintln!("chaos: kill {target} skipped (paused)");
+                return tokio::spawn(async {});
             }
             ledger.fault(class, &target, format!("down {} ms", down.as_millis()));
             let services = services.clone();
@@ -837,15 +851,18 @@ fn inject(
             })
         }
         Fault::Pause { target, paused, .. } => {
-            if let Some(s) = services
+            // Only a running process that is not paused already is paused (and counted).
+            let stopped = services
                 .lock()
                 .unwrap()
                 .iter_mut()
                 .find(|s| s.name == target)
-            {
-                if s.running() {
-                    s.pause(true);
-                }
+                .filter(|s| !s.paused)
+                .and_then(|s| s.running().then(|| s.pause(true)))
+                .is_some();
+            if !stopped {
+                eprintln!("chaos: pause {target} skipped (down or paused already)");
+                return tokio::spawn(async {});
             }
             ledger.fault(
                 class,
@@ -927,11 +944,13 @@ fn inject(
                     ha.forget_state();
                 }
                 ledger.fault(class, &instance, "through the master CLI".to_owned());
+                ha.reload(&backends());
+                // When the new worker answers: a `set` before it and the re-apply after it
+                // fall on either side.
                 ledger.reloads.lock().unwrap().push(Reload {
                     instance: instance.clone(),
                     at_ms: now_ms(),
                 });
-                ha.reload(&backends());
             })
         }
     }
@@ -1103,6 +1122,9 @@ fn summarize(
         for l in &verdict.lost_to_redis {
             out.push_str(&format!("    {l}\n"));
         }
+    }
+    for note in &verdict.notes {
+        out.push_str(&format!("  note: {note}\n"));
     }
     if !records.dead_letters.is_empty() {
         out.push_str("  dead letters:\n");
