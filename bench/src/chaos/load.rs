@@ -199,12 +199,7 @@ async fn report(
                 .as_str()
                 .or(answer["results"][0]["error"].as_str())
                 .unwrap_or("?");
-            *ledger
-                .report_answers
-                .lock()
-                .unwrap()
-                .entry(said.to_owned())
-                .or_default() += 1;
+            tally(&ledger.report_answers, said.to_owned());
             if said == "acknowledged" {
                 ledger.acks.lock().unwrap().push(Ack {
                     token: token.to_owned(),
@@ -217,6 +212,23 @@ async fn report(
         }
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
+}
+
+/// An answer's status and its envelope's error code (empty when it has none).
+async fn error_of(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let code = response
+        .json::<Value>()
+        .await
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (status, code)
+}
+
+/// Count one more `what`.
+fn tally(counts: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>, what: String) {
+    *counts.lock().unwrap().entry(what).or_default() += 1;
 }
 
 /// The target the simulated agents never finish a task for (dead letters are made of it).
@@ -301,28 +313,10 @@ pub async fn make_checks(
                 }
             }
             Ok(r) => {
-                let status = r.status().as_u16();
-                let code = r
-                    .json::<Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                *ledger
-                    .refused_checks
-                    .lock()
-                    .unwrap()
-                    .entry(format!("{status} {code}"))
-                    .or_default() += 1;
+                let (status, code) = error_of(r).await;
+                tally(&ledger.refused_checks, format!("{status} {code}"));
             }
-            Err(_) => {
-                *ledger
-                    .refused_checks
-                    .lock()
-                    .unwrap()
-                    .entry("unreachable".into())
-                    .or_default() += 1;
-            }
+            Err(_) => tally(&ledger.refused_checks, "unreachable".into()),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -379,19 +373,8 @@ pub async fn act_on_server(
                 }
                 Ok(r) if r.status().is_client_error() => {
                     refused = true;
-                    let status = r.status().as_u16();
-                    let code = r
-                        .json::<Value>()
-                        .await
-                        .ok()
-                        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    *ledger
-                        .refused_actions
-                        .lock()
-                        .unwrap()
-                        .entry(format!("{status} {code}"))
-                        .or_default() += 1;
+                    let (status, code) = error_of(r).await;
+                    tally(&ledger.refused_actions, format!("{status} {code}"));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(300)).await,
             }
@@ -640,14 +623,8 @@ pub async fn handle_dead_letters(
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 };
-                let status = r.status().as_u16();
-                let code = r
-                    .json::<Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                answer = (status, code);
+                answer = error_of(r).await;
+                let status = answer.0;
                 if status != 409 && status < 500 {
                     break;
                 }

@@ -151,6 +151,15 @@ fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// An agent's check pools: dns, http, tcp, ping, trace.
+fn pools(sizes: [u32; 5]) -> Vec<(String, String)> {
+    ["DNS", "HTTP", "TCP", "PING", "TRACE"]
+        .iter()
+        .zip(sizes)
+        .map(|(kind, n)| (format!("AGENT_POOL_{kind}_SIZE"), n.to_string()))
+        .collect()
+}
+
 fn port() -> u16 {
     checkplane_testkit::process::free_port()
 }
@@ -346,14 +355,8 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     };
     let p = port();
     let mut e = agent_env("probe-1", p);
-    e.extend(env(&[
-        ("AGENT_ALLOW_PRIVATE_TARGETS", "true".to_owned()),
-        ("AGENT_POOL_DNS_SIZE", "4".to_owned()),
-        ("AGENT_POOL_HTTP_SIZE", "2".to_owned()),
-        ("AGENT_POOL_TCP_SIZE", "4".to_owned()),
-        ("AGENT_POOL_PING_SIZE", "2".to_owned()),
-        ("AGENT_POOL_TRACE_SIZE", "1".to_owned()),
-    ]));
+    e.extend(pools([4, 2, 4, 2, 1]));
+    e.push(("AGENT_ALLOW_PRIVATE_TARGETS".into(), "true".into()));
     services.push(Service::new(
         "agent-probe",
         &bin("agent"),
@@ -363,14 +366,8 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     ));
     let p = port();
     let mut e = agent_env("lb-node-b", p);
-    e.extend(env(&[
-        ("AGENT_HAPROXY_SOCKET", proxy_addrs[1].to_string()),
-        ("AGENT_POOL_DNS_SIZE", "0".to_owned()),
-        ("AGENT_POOL_HTTP_SIZE", "0".to_owned()),
-        ("AGENT_POOL_TCP_SIZE", "0".to_owned()),
-        ("AGENT_POOL_PING_SIZE", "0".to_owned()),
-        ("AGENT_POOL_TRACE_SIZE", "0".to_owned()),
-    ]));
+    e.extend(pools([0; 5]));
+    e.push(("AGENT_HAPROXY_SOCKET".into(), proxy_addrs[1].to_string()));
     services.push(Service::new(
         "agent-relay",
         &bin("agent"),

@@ -136,12 +136,14 @@ pub fn plan(
         let down = Duration::from_millis(rng.range(300, 2_000));
         plan.push((Duration::from_millis(at), Fault::Kill { target, down }));
     }
-    let spread = |rng: &mut Rng, n: u64| -> Vec<u64> {
-        let slice = (end - start) / n.max(1);
+    // `n` moments between the start and `until`, one in each of `n` equal slices.
+    let spread_until = |rng: &mut Rng, n: u64, until: u64| -> Vec<u64> {
+        let slice = (until - start) / n.max(1);
         (0..n)
             .map(|i| start + i * slice + rng.range(0, slice.max(1)))
             .collect()
     };
+    let spread = |rng: &mut Rng, n: u64| spread_until(rng, n, end);
     let minutes = (total / 60_000).max(1);
     for at in spread(&mut rng, (total / 150_000).max(1)) {
         let target = rng.pick(cast.pausable).clone();
@@ -158,9 +160,7 @@ pub fn plan(
     let long_end = end
         .saturating_sub(reclaim_pause.as_millis() as u64)
         .max(start + 1);
-    for i in 0..(total / 150_000).max(1) {
-        let slice = (long_end - start) / (total / 150_000).max(1);
-        let at = start + i * slice + rng.range(0, slice.max(1));
+    for at in spread_until(&mut rng, (total / 150_000).max(1), long_end) {
         let target = rng.pick(cast.schedulers).clone();
         plan.push((
             Duration::from_millis(at),

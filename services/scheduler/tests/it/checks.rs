@@ -2032,18 +2032,9 @@ async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() 
     } = s;
     sched.unwrap().stop().await.unwrap();
     gw.stop().await.unwrap();
-    let env = vec![("DATABASE_URL".to_owned(), url)];
-    let out = tokio::task::block_in_place(|| {
-        run_to_end(crate::bin(), &["rebuild"], &env, Duration::from_secs(60))
-    });
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::rebuild_binary(&url);
     let after = {
-        let config: tokio_postgres::Config = env[0].1.parse().unwrap();
+        let config: tokio_postgres::Config = url.parse().unwrap();
         let client = checkplane_runtime::db::connect(&config).await.unwrap();
         checkplane_runtime::projection::canonical_dump(&client)
             .await

@@ -130,3 +130,22 @@ pub async fn heartbeat(gw: &Running<checkplane_runtime::RunError>, id: &str, tok
 pub async fn count(db: &TestDb, sql: &str) -> i64 {
     db.client().await.query_one(sql, &[]).await.unwrap().get(0)
 }
+
+/// Run `scheduler rebuild` on the database at `url` and expect exit 0.
+pub fn rebuild_binary(url: &str) {
+    let env = vec![("DATABASE_URL".to_owned(), url.to_owned())];
+    let out = tokio::task::block_in_place(|| {
+        checkplane_testkit::process::run_to_end(
+            bin(),
+            &["rebuild"],
+            &env,
+            std::time::Duration::from_secs(60),
+        )
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -6,7 +6,6 @@ use checkplane_runtime::keys::Keys;
 use checkplane_runtime::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
 use checkplane_runtime::projection::canonical_dump;
 use checkplane_testkit::events::{presence, xadd};
-use checkplane_testkit::process::run_to_end;
 use checkplane_testkit::{eventually, TestDb, TestRedis};
 use checkplane_wire::leases::LeaseToken;
 
@@ -206,16 +205,7 @@ async fn rebuild_reproduces_every_projection_table() {
         before.iter().all(|(_, rows)| !rows.is_empty()),
         "{before:?}"
     );
-    let env = vec![("DATABASE_URL".to_owned(), db.url.clone())];
-    let out = tokio::task::block_in_place(|| {
-        run_to_end(crate::bin(), &["rebuild"], &env, Duration::from_secs(60))
-    });
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::rebuild_binary(&db.url);
     let after = canonical_dump(&db.client().await).await.unwrap();
     assert_eq!(before, after);
 
