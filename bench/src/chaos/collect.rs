@@ -1,5 +1,6 @@
-//! What the stores hold at the end of a run, read into the verifier's records; and the
-//! rebuild of a copy of the database by each binary that can rebuild, compared with it.
+//! What the stores hold at the end of a run, read into the verifier's records; the rebuild
+//! of a copy of the database by each binary that can rebuild, compared with it; and what the
+//! services' logs say was delivered again.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -231,6 +232,21 @@ pub async fn from_postgres(
     Ok(())
 }
 
+/// How many entries a service's projector was delivered again and found applied already,
+/// from its log (text format: `redelivered=N` on the projector's line).
+pub fn redelivered(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("delivered again"))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("redelivered=")?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// Rebuild a copy of `live_db` with `<bin> rebuild` and compare each projection table with
 /// the live one.
 pub async fn rebuild_and_compare(
@@ -314,4 +330,20 @@ pub async fn rebuild_and_compare(
         .batch_execute(&format!("DROP DATABASE IF EXISTS {scratch} WITH (FORCE)"))
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redeliveries_are_summed_from_the_projector_lines() {
+        let log = "2026-12-04T18:00:00Z  INFO checkplane_runtime::projector: events delivered \
+                   again were applied already; acknowledged without applying redelivered=3\n\
+                   2026-12-04T18:00:01Z  INFO checkplane_runtime::projector: took over entries\n\
+                   x INFO checkplane_runtime::projector: events delivered again were applied \
+                   already; acknowledged without applying redelivered=12\n";
+        assert_eq!(redelivered(log), 15);
+        assert_eq!(redelivered("nothing here\n"), 0);
+    }
 }

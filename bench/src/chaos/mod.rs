@@ -206,6 +206,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     .await
     .unwrap();
     let redis_url = redis.url();
+    let redis_addr: std::net::SocketAddr = ([127, 0, 0, 1], redis.port).into();
     let admin_url = pg.url();
     let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
         .await
@@ -259,6 +260,25 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         ));
     }
 
+    // Each scheduler's way to Redis, which can lose an `XACK`.
+    let mut cuts = BTreeMap::new();
+    let mut scheduler_redis = Vec::new();
+    for i in 1..=2 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        scheduler_redis.push(format!("redis://{}", listener.local_addr().unwrap()));
+        let name = format!("scheduler-{i}");
+        let cut = Arc::new(procs::AckCut::default());
+        cuts.insert(name.clone(), cut.clone());
+        tokio::spawn(procs::ack_cutting_proxy(
+            listener,
+            name,
+            redis_addr,
+            cut,
+            ledger.clone(),
+            stop_all.clone(),
+        ));
+    }
+
     // The services.
     let gw_ports = [port(), port()];
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -306,6 +326,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         e.extend(env(&[
             ("HTTP_ADDR", format!("127.0.0.1:{p}")),
             ("CONSUMER_NAME", format!("sched-{i}")),
+            ("REDIS_URL", scheduler_redis[i - 1].clone()),
             ("OFFLINE_GRACE", "3s".to_owned()),
             ("OUTBOX_MIN_AGE", "1s".to_owned()),
             ("RETRY_BACKOFF", "1s".to_owned()),
@@ -582,7 +603,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     for (at, fault) in &plan {
         tokio::time::sleep_until((chaos_started + *at).into()).await;
         restarts.push(inject(
-            fault, &services, &sims, &deps, &http, &base, &ledger, &stop_all,
+            fault, &services, &sims, &deps, &cuts, &http, &base, &ledger, &stop_all,
         ));
     }
     tokio::time::sleep_until((chaos_started + length).into()).await;
@@ -727,6 +748,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         for service in s.iter() {
             let text = std::fs::read_to_string(service.log_path()).unwrap_or_default();
             let panics = text.lines().filter(|l| l.contains("panicked")).count();
+            records.redelivered += collect::redelivered(&text);
             if panics > 0 {
                 log_tails.push_str(&format!("{}: {panics} panics\n", service.name));
             }
@@ -779,6 +801,7 @@ fn inject(
     services: &Arc<Mutex<Vec<Service>>>,
     sims: &Arc<Mutex<Vec<(load::SimAgent, CancellationToken)>>>,
     deps: &Deps,
+    cuts: &BTreeMap<String, Arc<procs::AckCut>>,
     http: &reqwest::Client,
     base: &str,
     ledger: &Arc<Ledger>,
@@ -923,6 +946,13 @@ fn inject(
                 std::thread::sleep(down);
                 pg.resume();
             })
+        }
+        Fault::AckCut { target } => {
+            // Noted by the proxy when its cut happens.
+            if let Some(cut) = cuts.get(&target) {
+                cut.arm();
+            }
+            tokio::spawn(async {})
         }
         Fault::Reload {
             instance,

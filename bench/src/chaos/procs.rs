@@ -1,11 +1,14 @@
 //! The run's service processes (real binaries, started, SIGKILLed, SIGSTOPped and started
-//! again) and the two small TCP pieces in front of them: the front door every client goes
-//! through (it connects to whichever gateway answers) and the recording proxies in front of
-//! each HAProxy Runtime API, which note every `set server … state …` that passes.
+//! again) and the small TCP pieces in front of them: the front door every client goes
+//! through (it connects to whichever gateway answers), the recording proxies in front of
+//! each HAProxy Runtime API, which note every `set server … state …` that passes, and each
+//! scheduler's way to Redis, which can lose an `XACK` with its connection.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -239,6 +242,237 @@ pub async fn recording_proxy(
     }
 }
 
+/// The switch of one [`ack_cutting_proxy`].
+#[derive(Debug, Default)]
+pub struct AckCut {
+    armed: AtomicBool,
+}
+
+impl AckCut {
+    /// The next `XACK` of an entry the projector had to apply is lost, with its connection.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A scheduler's way to Redis. Commands and replies pass unchanged; the proxy reads both (RESP)
+/// and remembers, per connection, the stream entries delivered without the outbox's `applied`
+/// field (those the projector applies itself). Armed, it does not pass on the next `XACK` of
+/// such an entry and cuts that connection, both ways: the projector has committed a batch and
+/// loses its acknowledgement, the moment between commit and `XACK` that a SIGKILL a few times
+/// a minute practically never hits. The entries stay pending and are delivered again: the
+/// projector must find them applied already. Noted as an `ack-cut` fault of `target` when it
+/// happens.
+pub async fn ack_cutting_proxy(
+    listener: TcpListener,
+    target: String,
+    upstream: std::net::SocketAddr,
+    cut: Arc<AckCut>,
+    ledger: Arc<Ledger>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((client, _)) = accepted else {
+            continue;
+        };
+        let (target, cut, ledger, stop) =
+            (target.clone(), cut.clone(), ledger.clone(), stop.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(server)) =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(upstream)).await
+            else {
+                return;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            // Entries delivered on this connection that the projector applies itself.
+            let unapplied = Mutex::new(HashSet::<Vec<u8>>::new());
+            let up = pass_resp(client_read, server_write, |command| {
+                let Resp::Array(Some(args)) = command else {
+                    return false;
+                };
+                let is_xack = matches!(args.first(), Some(Resp::Bulk(Some(c))) if c.eq_ignore_ascii_case(b"XACK"));
+                if !is_xack {
+                    return false;
+                }
+                let ids: Vec<&[u8]> = args
+                    .iter()
+                    .skip(3)
+                    .filter_map(|a| match a {
+                        Resp::Bulk(Some(id)) => Some(id.as_slice()),
+                        _ => None,
+                    })
+                    .collect();
+                let mut unapplied = unapplied.lock().unwrap();
+                let own = ids.iter().filter(|id| unapplied.contains(**id)).count();
+                for id in &ids {
+                    unapplied.remove(*id);
+                }
+                if own == 0 || !cut.armed.swap(false, Ordering::SeqCst) {
+                    return false;
+                }
+                ledger.fault(
+                    "ack-cut",
+                    &target,
+                    format!(
+                        "XACK of {} entries ({own} applied by the projector) lost with its connection",
+                        ids.len()
+                    ),
+                );
+                true
+            });
+            let down = pass_resp(server_read, client_write, |reply| {
+                let mut found = Vec::new();
+                unapplied_entries(reply, &mut found);
+                unapplied.lock().unwrap().extend(found);
+                false
+            });
+            // Whichever way ends first (a cut, a peer gone), both halves are dropped: the
+            // connection is closed.
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = up => {}
+                _ = down => {}
+            }
+        });
+    }
+}
+
+/// Pass RESP values from `from` to `to` whole, showing each to `cut` first; returns when either
+/// side is gone or `cut` answers true (that value and what follows are not passed on). What
+/// is not RESP is passed on as it comes, unseen.
+async fn pass_resp(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: impl FnMut(&Resp) -> bool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut unsent: Vec<u8> = Vec::new();
+    let mut raw = false;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        unsent.extend_from_slice(&buf[..n]);
+        let mut whole = 0;
+        let mut cutting = false;
+        while !raw && whole < unsent.len() {
+            match resp(&unsent[whole..]) {
+                Ok(Some((len, value))) => {
+                    if cut(&value) {
+                        cutting = true;
+                        break;
+                    }
+                    whole += len;
+                }
+                Ok(None) => break,
+                Err(()) => raw = true,
+            }
+        }
+        if raw {
+            whole = unsent.len();
+        }
+        if to.write_all(&unsent[..whole]).await.is_err() || cutting {
+            return;
+        }
+        unsent.drain(..whole);
+    }
+}
+
+/// A RESP2 value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    /// `+`, `-` or `:`: the line.
+    Line(Vec<u8>),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+/// The first RESP2 value in `buf` and its length in bytes; `Ok(None)` while it is incomplete;
+/// `Err` when `buf` is not RESP2.
+pub fn resp(buf: &[u8]) -> Result<Option<(usize, Resp)>, ()> {
+    fn at(buf: &[u8], from: usize) -> Result<Option<(usize, Resp)>, ()> {
+        let Some(&tag) = buf.get(from) else {
+            return Ok(None);
+        };
+        let Some(end) = buf[from..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let line = &buf[from + 1..from + end];
+        let next = from + end + 2;
+        let number = || -> Result<i64, ()> {
+            std::str::from_utf8(line)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or(())
+        };
+        match tag {
+            b'+' | b'-' | b':' => Ok(Some((next, Resp::Line(line.to_vec())))),
+            b'$' => {
+                let Ok(len) = usize::try_from(number()?) else {
+                    return Ok(Some((next, Resp::Bulk(None))));
+                };
+                if buf.len() < next + len + 2 {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    next + len + 2,
+                    Resp::Bulk(Some(buf[next..next + len].to_vec())),
+                )))
+            }
+            b'*' => {
+                let Ok(count) = usize::try_from(number()?) else {
+                    return Ok(Some((next, Resp::Array(None))));
+                };
+                let mut items = Vec::with_capacity(count.min(1024));
+                let mut pos = next;
+                for _ in 0..count {
+                    let Some((end, item)) = at(buf, pos)? else {
+                        return Ok(None);
+                    };
+                    items.push(item);
+                    pos = end;
+                }
+                Ok(Some((pos, Resp::Array(Some(items)))))
+            }
+            _ => Err(()),
+        }
+    }
+    at(buf, 0)
+}
+
+/// The ids of the stream entries in a reply (`[id, [field, value, …]]` anywhere in it, as
+/// `XREADGROUP` and `XAUTOCLAIM` answer) that carry an `event` and no `applied` field.
+pub fn unapplied_entries(reply: &Resp, found: &mut Vec<Vec<u8>>) {
+    let Resp::Array(Some(items)) = reply else {
+        return;
+    };
+    if let [Resp::Bulk(Some(id)), Resp::Array(Some(fields))] = items.as_slice() {
+        let names: Vec<&[u8]> = fields
+            .iter()
+            .step_by(2)
+            .filter_map(|f| match f {
+                Resp::Bulk(Some(name)) => Some(name.as_slice()),
+                _ => None,
+            })
+            .collect();
+        if names.contains(&b"event".as_slice()) {
+            if !names.contains(&b"applied".as_slice()) {
+                found.push(id.clone());
+            }
+            return;
+        }
+    }
+    for item in items {
+        unapplied_entries(item, found);
+    }
+}
+
 /// `set server be/s0 state drain` → `(be/s0, drain)`.
 pub fn parse_set_server(line: &str) -> Option<(String, String)> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -264,6 +498,55 @@ fn note_command(line: &[u8], instance: &str, ledger: &Ledger) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resp_values_are_split_whole_and_incomplete_ones_wait() {
+        let xack = b"*5\r\n$4\r\nxack\r\n$2\r\ncp\r\n$9\r\nprojector\r\n$3\r\n1-0\r\n$3\r\n2-0\r\n";
+        let ping = b"*1\r\n$4\r\nPING\r\n";
+        let mut both = ping.to_vec();
+        both.extend_from_slice(xack);
+        let (len, value) = resp(&both).unwrap().unwrap();
+        assert_eq!(len, ping.len());
+        assert_eq!(
+            value,
+            Resp::Array(Some(vec![Resp::Bulk(Some(b"PING".to_vec()))]))
+        );
+        let (len, _) = resp(&both[ping.len()..]).unwrap().unwrap();
+        assert_eq!(len, xack.len());
+        for end in 0..xack.len() {
+            assert_eq!(resp(&xack[..end]), Ok(None), "{end}");
+        }
+        assert_eq!(resp(b"$-1\r\n"), Ok(Some((5, Resp::Bulk(None)))));
+        assert_eq!(resp(b":12\r\n"), Ok(Some((5, Resp::Line(b"12".to_vec())))));
+        assert_eq!(resp(b"PING\r\n"), Err(()));
+    }
+
+    #[test]
+    fn entries_the_projector_applies_are_told_from_the_outbox_s() {
+        // XREADGROUP: [[stream, [[id, [field, value, …]], …]]]
+        let bulk = |s: &str| Resp::Bulk(Some(s.as_bytes().to_vec()));
+        let entry = |id: &str, fields: &[&str]| {
+            Resp::Array(Some(vec![
+                bulk(id),
+                Resp::Array(Some(fields.iter().map(|f| bulk(f)).collect())),
+            ]))
+        };
+        let reply = Resp::Array(Some(vec![Resp::Array(Some(vec![
+            bulk("cp:events:leases"),
+            Resp::Array(Some(vec![
+                entry("1-0", &["event", "{}"]),
+                entry("2-0", &["event", "{}", "applied", "1"]),
+                entry("3-0", &["applied", "1", "event", "{}"]),
+                entry("4-0", &["event", "{}"]),
+            ])),
+        ]))]));
+        let mut found = Vec::new();
+        unapplied_entries(&reply, &mut found);
+        assert_eq!(found, vec![b"1-0".to_vec(), b"4-0".to_vec()]);
+        let mut found = Vec::new();
+        unapplied_entries(&bulk("OK"), &mut found);
+        assert!(found.is_empty());
+    }
 
     #[test]
     fn set_server_commands_are_recognised_and_nothing_else() {

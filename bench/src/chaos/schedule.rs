@@ -54,6 +54,9 @@ pub enum Fault {
     PgRestart { down: Duration },
     /// Reload an HAProxy through its master CLI, saving its state file first or not.
     Reload { instance: String, keep_state: bool },
+    /// Lose a scheduler's next `XACK` with its Redis connection (between the projector's
+    /// commit and its acknowledgement): the batch is delivered again.
+    AckCut { target: String },
 }
 
 impl Fault {
@@ -77,6 +80,7 @@ impl Fault {
             Self::Reload {
                 keep_state: false, ..
             } => "reload-without-state",
+            Self::AckCut { .. } => "ack-cut",
         }
     }
 }
@@ -91,6 +95,7 @@ pub const CLASSES: &[&str] = &[
     "pg-restart",
     "reload-with-state",
     "reload-without-state",
+    "ack-cut",
 ];
 
 /// What the faults can hit.
@@ -113,7 +118,8 @@ pub struct Cast<'a> {
 ///   idle);
 /// - Redis SIGKILLed once a minute (at least once), shut down cleanly once per 2 minutes
 ///   (at least once); PostgreSQL restarted once per 2 minutes (at least once);
-/// - an HAProxy reload every 20 s, alternating with and without the state file.
+/// - an HAProxy reload every 20 s, alternating with and without the state file;
+/// - a scheduler's acknowledgement lost every 5 s (at least twice).
 pub fn plan(
     seed: u64,
     length: Duration,
@@ -193,6 +199,10 @@ pub fn plan(
                 keep_state: i % 2 == 0,
             },
         ));
+    }
+    for at in spread(&mut rng, (total / 5_000).max(2)) {
+        let target = rng.pick(cast.schedulers).clone();
+        plan.push((Duration::from_millis(at), Fault::AckCut { target }));
     }
     plan.sort_by_key(|(at, _)| *at);
     plan

@@ -179,6 +179,9 @@ pub struct Records {
     /// Fault classes the run was asked to inject.
     pub asked: Vec<String>,
     pub max_projector_lag: i64,
+    /// Entries the schedulers' projectors were delivered again and found applied already
+    /// (their logs' `redelivered`).
+    pub redelivered: u64,
 }
 
 /// What the records show.
@@ -625,6 +628,16 @@ fn faults(r: &Records, v: &mut Verdict) {
             ));
         }
     }
+    // A lost acknowledgement is there to have a batch delivered again: if none ever was, the
+    // projector's dedupe went untested.
+    v.count("redelivered events found applied", r.redelivered as i64);
+    let cuts = r.faults.iter().filter(|f| f.class == "ack-cut").count();
+    if cuts > 0 && r.redelivered == 0 {
+        v.bad(format!(
+            "{cuts} acknowledgements were lost, yet no projector was delivered an entry it had \
+             applied: the dedupe went untested"
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -726,6 +739,7 @@ mod tests {
                 })
                 .collect(),
             asked: vec!["kill".into(), "redis-kill".into(), "reload".into()],
+            redelivered: 1,
             ..Records::default()
         }
     }
@@ -958,6 +972,20 @@ mod tests {
         let mut r = clean();
         r.sse[0].seen.pop();
         fails_with(&r, "ended after 1 of 2 results");
+    }
+
+    #[test]
+    fn a_lost_acknowledgement_that_redelivered_nothing_fails() {
+        let mut r = clean();
+        r.faults.push(Fault {
+            class: "ack-cut".into(),
+            target: "scheduler-1".into(),
+            at_ms: 9_500,
+            detail: String::new(),
+        });
+        assert!(verify(&r).passed());
+        r.redelivered = 0;
+        fails_with(&r, "1 acknowledgements were lost, yet no projector");
     }
 
     #[test]

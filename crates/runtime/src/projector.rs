@@ -354,6 +354,7 @@ impl Projector {
         // still announced to its live readers: its commit is a moment for them to look.
         let (edge, decoded): (Vec<_>, Vec<_>) =
             decoded.into_iter().partition(|(entry, _)| entry.applied);
+        let edge_count = edge.len() as u64;
         for (entry, event) in &edge {
             outcome.skipped += 1;
             moved_checks.extend(projection::check_of(event));
@@ -433,6 +434,16 @@ impl Projector {
             metrics::counter!("checkplane_projector_parked_total", "stream" => entry.stream.clone())
                 .increment(1);
             tracing::error!(stream = %entry.stream, entry = %entry.id, attempts, %error, "event parked in projection_failures");
+        }
+        // Entries delivered again (an acknowledgement lost with its connection, a crash
+        // between commit and `XACK`, a batch taken over) whose events were applied already.
+        let known = outcome.skipped.saturating_sub(edge_count);
+        if known > 0 {
+            metrics::counter!("checkplane_projector_redelivered_total").increment(known);
+            tracing::info!(
+                redelivered = known,
+                "events delivered again were applied already; acknowledged without applying"
+            );
         }
         metrics::histogram!("checkplane_projector_batch_seconds")
             .record(started.elapsed().as_secs_f64());
