@@ -247,20 +247,36 @@ pub fn redelivered(log: &str) -> u64 {
         .sum()
 }
 
-/// Rebuild a copy of `live_db` with `<bin> rebuild` and compare each projection table with
-/// the live one.
+/// How a copy is rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuild {
+    /// From the events as they are: every projection table must come back.
+    AsIs,
+    /// After every event passed the events retention: the copy's events are moved 60 days
+    /// back and the retention (30 days) is run on it, which snapshots the long-lived rows and
+    /// deletes the events; the long-lived tables must come back from the snapshots alone.
+    EveryEventExpired,
+}
+
+/// Rebuild a copy of `live_db` with `<bin> rebuild` and compare each projection table (the
+/// long-lived ones after [`Rebuild::EveryEventExpired`]) with the live one.
 pub async fn rebuild_and_compare(
     admin_url: &str,
     live_db: &str,
     by: &str,
     bin: &Path,
+    how: Rebuild,
     diffs: &mut Vec<TableDiff>,
 ) -> Result<(), String> {
     let (admin, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let scratch = format!("{live_db}_rebuilt_{}", by.replace('-', "_"));
+    let scratch = format!(
+        "{live_db}_rebuilt_{}{}",
+        by.replace('-', "_"),
+        if how == Rebuild::AsIs { "" } else { "_expired" }
+    );
     for statement in [
         format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{live_db}' AND pid <> pg_backend_pid()"),
         format!("DROP DATABASE IF EXISTS {scratch}"),
@@ -287,6 +303,38 @@ pub async fn rebuild_and_compare(
     }
     let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
     let scratch_url = format!("{base}/{scratch}");
+    let pg_error = |e: tokio_postgres::Error| checkplane_runtime::error_chain(&e);
+    if how == Rebuild::EveryEventExpired {
+        let (mut client, connection) = tokio_postgres::connect(&scratch_url, tokio_postgres::NoTls)
+            .await
+            .map_err(pg_error)?;
+        tokio::spawn(connection);
+        // Into the default partition (none is made that far back), where the retention
+        // deletes what is older than it.
+        client
+            .batch_execute("UPDATE events SET occurred_at = occurred_at - interval '60 days'")
+            .await
+            .map_err(pg_error)?;
+        let done = checkplane_runtime::retention::maintain_events(
+            &mut client,
+            Duration::from_secs(30 * 86_400),
+        )
+        .await
+        .map_err(pg_error)?;
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM events WHERE type <> 'projection.snapshot'",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if done.deleted == 0 || left != 0 {
+            return Err(format!(
+                "the retention on the copy left {left} events ({done:?})"
+            ));
+        }
+    }
     let out = tokio::process::Command::new(bin)
         .arg("rebuild")
         .env_clear()
@@ -308,7 +356,13 @@ pub async fn rebuild_and_compare(
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
-        checkplane_runtime::projection::canonical_dump(&client)
+        let tables: Vec<&str> = match how {
+            Rebuild::AsIs => checkplane_runtime::projection::PROJECTION_TABLES.to_vec(),
+            Rebuild::EveryEventExpired => {
+                checkplane_runtime::projection::snapshots::long_lived_tables().collect()
+            }
+        };
+        checkplane_runtime::projection::canonical_dump_of(&client, &tables)
             .await
             .map_err(|e| checkplane_runtime::error_chain(&e))
     };
@@ -319,7 +373,12 @@ pub async fn rebuild_and_compare(
         let r: BTreeSet<String> = rebuilt_rows.into_iter().collect();
         if l != r {
             diffs.push(TableDiff {
-                by: by.to_owned(),
+                by: match how {
+                    Rebuild::AsIs => format!("`{by} rebuild`"),
+                    Rebuild::EveryEventExpired => {
+                        format!("`{by} rebuild` after every event expired")
+                    }
+                },
                 table,
                 only_live: l.difference(&r).cloned().collect(),
                 only_rebuilt: r.difference(&l).cloned().collect(),

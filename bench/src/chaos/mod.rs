@@ -754,17 +754,22 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
             }
         }
     }
-    for (by, name) in [("scheduler", "scheduler"), ("haproxy-sync", "haproxy-sync")] {
+    for (by, how) in [
+        ("scheduler", collect::Rebuild::AsIs),
+        ("haproxy-sync", collect::Rebuild::AsIs),
+        ("scheduler", collect::Rebuild::EveryEventExpired),
+    ] {
         if let Err(e) = collect::rebuild_and_compare(
             &admin_url,
             "checkplane",
             by,
-            &bin(name),
+            &bin(by),
+            how,
             &mut records.rebuilds,
         )
         .await
         {
-            quiet.push(format!("rebuild by {by} failed: {e}"));
+            quiet.push(format!("rebuild by {by} ({how:?}) failed: {e}"));
         }
     }
     stop_all.cancel();

@@ -124,7 +124,8 @@ pub struct SseLog {
 /// A projection table whose rebuild differs from the live one.
 #[derive(Debug, Clone)]
 pub struct TableDiff {
-    /// Which binary rebuilt it (`scheduler`, `haproxy-sync`).
+    /// Which rebuild made it: "`scheduler rebuild`", "`haproxy-sync rebuild`", or one after
+    /// every event expired.
     pub by: String,
     pub table: String,
     pub only_live: Vec<String>,
@@ -222,7 +223,7 @@ pub fn verify(r: &Records) -> Verdict {
     slots_waiting_for_admins(r, &mut v);
     for diff in &r.rebuilds {
         v.bad(format!(
-            "`{} rebuild` differs in {}: {} rows only live (first: {}), {} only rebuilt (first: {})",
+            "{} differs in {}: {} rows only live (first: {}), {} only rebuilt (first: {})",
             diff.by,
             diff.table,
             diff.only_live.len(),
@@ -926,7 +927,7 @@ mod tests {
     fn a_diverging_rebuild_fails() {
         let mut r = clean();
         r.rebuilds.push(TableDiff {
-            by: "haproxy-sync".into(),
+            by: "`haproxy-sync rebuild`".into(),
             table: "haproxy_servers".into(),
             only_live: vec![r#"{"server_id": "x"}"#.into()],
             only_rebuilt: vec![],
