@@ -236,7 +236,7 @@ pub async fn sync_cycle(args: HaproxyArgs) {
         &s.shutdown,
     )
     .unwrap();
-    let keys = checkplane_runtime::keys::Keys::new(
+    let keys = checkplane_core::keys::Keys::new(
         config.service.store.stream_prefix.clone(),
         config.service.store.stream_shards,
     );

@@ -22,8 +22,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::{Duration, Instant};
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::projector::{Projector, ProjectorConfig};
+use checkplane_core::keys::Keys;
+use checkplane_core::projector::{Projector, ProjectorConfig};
 use checkplane_testkit::events::presence;
 use checkplane_wire::events::{Event, EventBody};
 use clap::{Parser, Subcommand};
@@ -510,9 +510,9 @@ async fn lease_cycle(args: LeaseArgs) {
         agents.extend(regs);
     }
     let keys = Keys::new(prefix.clone(), 4);
-    let leases = checkplane_runtime::leases::Leases::new(
+    let leases = checkplane_core::leases::Leases::new(
         keys.clone(),
-        checkplane_runtime::leases::LeaseSettings::new(30_000, 5),
+        checkplane_core::leases::LeaseSettings::new(30_000, 5),
     );
     let redis = redis::Client::open(args.redis_url.as_str()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();

@@ -315,7 +315,7 @@ pub async fn rebuild_and_compare(
             .batch_execute("UPDATE events SET occurred_at = occurred_at - interval '60 days'")
             .await
             .map_err(pg_error)?;
-        let done = checkplane_runtime::retention::maintain_events(
+        let done = checkplane_core::retention::maintain_events(
             &mut client,
             Duration::from_secs(30 * 86_400),
         )
@@ -357,12 +357,12 @@ pub async fn rebuild_and_compare(
             .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
         let tables: Vec<&str> = match how {
-            Rebuild::AsIs => checkplane_runtime::projection::PROJECTION_TABLES.to_vec(),
+            Rebuild::AsIs => checkplane_core::projection::PROJECTION_TABLES.to_vec(),
             Rebuild::EveryEventExpired => {
-                checkplane_runtime::projection::snapshots::long_lived_tables().collect()
+                checkplane_core::projection::snapshots::long_lived_tables().collect()
             }
         };
-        checkplane_runtime::projection::canonical_dump_of(&client, &tables)
+        checkplane_core::projection::canonical_dump_of(&client, &tables)
             .await
             .map_err(|e| checkplane_runtime::error_chain(&e))
     };
@@ -397,10 +397,10 @@ mod tests {
 
     #[test]
     fn redeliveries_are_summed_from_the_projector_lines() {
-        let log = "2026-12-04T18:00:00Z  INFO checkplane_runtime::projector: events delivered \
+        let log = "2026-12-04T18:00:00Z  INFO checkplane_core::projector: events delivered \
                    again were applied already; acknowledged without applying redelivered=3\n\
-                   2026-12-04T18:00:01Z  INFO checkplane_runtime::projector: took over entries\n\
-                   x INFO checkplane_runtime::projector: events delivered again were applied \
+                   2026-12-04T18:00:01Z  INFO checkplane_core::projector: took over entries\n\
+                   x INFO checkplane_core::projector: events delivered again were applied \
                    already; acknowledged without applying redelivered=12\n";
         assert_eq!(redelivered(log), 15);
         assert_eq!(redelivered("nothing here\n"), 0);

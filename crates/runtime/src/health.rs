@@ -33,12 +33,14 @@ pub trait Probe: Send + Sync + 'static {
     fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>>;
 }
 
+#[cfg(feature = "stores")]
 /// Probes PostgreSQL with `SELECT 1` on its own connection, reconnecting after any failure.
 pub struct PostgresProbe {
     config: tokio_postgres::Config,
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
+#[cfg(feature = "stores")]
 impl PostgresProbe {
     pub fn new(config: tokio_postgres::Config) -> Self {
         Self {
@@ -48,6 +50,7 @@ impl PostgresProbe {
     }
 }
 
+#[cfg(feature = "stores")]
 impl Probe for PostgresProbe {
     fn name(&self) -> &'static str {
         "postgres"
@@ -83,12 +86,14 @@ impl Probe for PostgresProbe {
     }
 }
 
+#[cfg(feature = "stores")]
 /// Probes Redis with `PING` on its own connection, reconnecting after any failure.
 pub struct RedisProbe {
     client: redis::Client,
     connection: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
+#[cfg(feature = "stores")]
 impl RedisProbe {
     pub fn new(target: &crate::settings::RedisTarget) -> Result<Self, redis::RedisError> {
         Ok(Self {
@@ -98,6 +103,7 @@ impl RedisProbe {
     }
 }
 
+#[cfg(feature = "stores")]
 impl Probe for RedisProbe {
     fn name(&self) -> &'static str {
         "redis"
@@ -137,6 +143,7 @@ impl Probe for RedisProbe {
     }
 }
 
+#[cfg(feature = "stores")]
 fn describe_redis(error: &redis::RedisError) -> String {
     if error.is_timeout() {
         "timed out".to_owned()
@@ -190,6 +197,7 @@ impl Probe for Gate {
     }
 }
 
+#[cfg(feature = "stores")]
 /// An error's chain in one line, cut short: probes report a cause, never a connection string.
 fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     crate::error_chain(error).chars().take(200).collect()

@@ -111,18 +111,21 @@ impl ApiError {
     }
 }
 
+#[cfg(feature = "stores")]
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         Self::unavailable(&error)
     }
 }
 
+#[cfg(feature = "stores")]
 impl From<deadpool_redis::PoolError> for ApiError {
     fn from(error: deadpool_redis::PoolError) -> Self {
         Self::unavailable(&error)
     }
 }
 
+#[cfg(feature = "stores")]
 impl From<tokio_postgres::Error> for ApiError {
     fn from(error: tokio_postgres::Error) -> Self {
         if error.is_closed() || error.as_db_error().is_none() {
@@ -133,6 +136,7 @@ impl From<tokio_postgres::Error> for ApiError {
     }
 }
 
+#[cfg(feature = "stores")]
 impl From<redis::RedisError> for ApiError {
     fn from(error: redis::RedisError) -> Self {
         if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {

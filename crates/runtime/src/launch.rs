@@ -10,8 +10,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Env};
-use crate::settings::{BaseSettings, StoreSettings};
+use crate::settings::BaseSettings;
+#[cfg(feature = "stores")]
+use crate::settings::StoreSettings;
 use crate::RunError;
+
+/// What `rebuild` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Events replayed.
+    pub events: u64,
+    /// Events that failed to apply (logged, and the rebuild went on).
+    pub failed: u64,
+}
 
 /// A checkplane binary.
 pub trait Service: 'static {
@@ -25,9 +36,21 @@ pub trait Service: 'static {
     /// The shared settings inside the configuration.
     fn base(config: &Self::Config) -> &BaseSettings;
     /// The store settings, for services with a database (enables `migrate`).
-    fn store(config: &Self::Config) -> Option<&StoreSettings>;
+    #[cfg(feature = "stores")]
+    fn store(config: &Self::Config) -> Option<&StoreSettings> {
+        let _ = config;
+        None
+    }
     /// Whether the binary offers `rebuild` (replay `events` into the projection tables).
     const REBUILD: bool = false;
+    /// The `rebuild` of a binary with [`Service::REBUILD`], on a migrated database.
+    #[cfg(feature = "stores")]
+    fn rebuild(
+        client: tokio_postgres::Client,
+    ) -> impl Future<Output = Result<Rebuilt, String>> + Send {
+        let _ = client;
+        async { Err(format!("{} has no rebuild", Self::NAME)) }
+    }
     /// Whether the binary has a database to migrate.
     const MIGRATES: bool = true;
     /// Commands of the binary's own, beside serve / migrate / rebuild (the gateway's `keys`).
@@ -140,6 +163,19 @@ pub fn main<S: Service>() -> ExitCode {
     code
 }
 
+#[cfg(not(feature = "stores"))]
+async fn migrate_once<S: Service>(_config: &S::Config) -> ExitCode {
+    eprintln!("{}: has no database to migrate", S::NAME);
+    ExitCode::from(2)
+}
+
+#[cfg(not(feature = "stores"))]
+async fn rebuild<S: Service>(_config: &S::Config) -> ExitCode {
+    eprintln!("{}: has no rebuild command", S::NAME);
+    ExitCode::from(2)
+}
+
+#[cfg(feature = "stores")]
 async fn migrate_once<S: Service>(config: &S::Config) -> ExitCode {
     let Some(store) = S::store(config) else {
         eprintln!("{}: has no database to migrate", S::NAME);
@@ -157,6 +193,7 @@ async fn migrate_once<S: Service>(config: &S::Config) -> ExitCode {
     }
 }
 
+#[cfg(feature = "stores")]
 async fn rebuild<S: Service>(config: &S::Config) -> ExitCode {
     let (true, Some(store)) = (S::REBUILD, S::store(config)) else {
         eprintln!("{}: has no rebuild command", S::NAME);
@@ -164,10 +201,8 @@ async fn rebuild<S: Service>(config: &S::Config) -> ExitCode {
     };
     let outcome = async {
         crate::db::migrate(&store.database).await?;
-        let mut client = crate::db::connect(&store.database).await?;
-        crate::projection::rebuild(&mut client)
-            .await
-            .map_err(|e| RunError::Startup(crate::error_chain(&e)))
+        let client = crate::db::connect(&store.database).await?;
+        S::rebuild(client).await.map_err(RunError::Startup)
     }
     .await;
     match outcome {

@@ -1,33 +1,27 @@
 //! Runtime pieces shared by every checkplane service: configuration, telemetry, pools, health
-//! probes, HTTP plumbing, migrations and the launcher behind each `main.rs`.
+//! probes, HTTP plumbing, migrations and the launcher behind each `main.rs`. No domain here:
+//! leases, projections and the rest are `checkplane-core`.
 
 pub mod clock;
 pub mod config;
+#[cfg(feature = "stores")]
 pub mod db;
-pub mod dead_letters;
-pub mod doorbell;
-pub mod failures;
-pub mod fanout;
 pub mod haproxy_socket;
 pub mod health;
 pub mod http;
-pub mod keys;
 pub mod launch;
-pub mod leases;
-pub mod outbox;
-pub mod presence;
-pub mod projection;
-pub mod projector;
-pub mod retention;
-pub mod selection;
 pub mod settings;
+#[cfg(feature = "stores")]
 pub mod stores;
 pub mod telemetry;
 pub mod vars;
 
 pub use config::{ConfigError, Env, Secret};
 pub use launch::Service;
-pub use settings::{BaseSettings, StoreSettings};
+pub use settings::BaseSettings;
+#[cfg(feature = "stores")]
+pub use settings::StoreSettings;
+#[cfg(feature = "stores")]
 pub use stores::Stores;
 
 /// Why a service stopped with an error.
@@ -35,8 +29,10 @@ pub use stores::Stores;
 pub enum RunError {
     #[error("serving HTTP")]
     Serve(#[source] std::io::Error),
+    #[cfg(feature = "stores")]
     #[error(transparent)]
     Db(#[from] db::DbError),
+    #[cfg(feature = "stores")]
     #[error("Redis")]
     Redis(#[source] redis::RedisError),
     #[error("start-up: {0}")]

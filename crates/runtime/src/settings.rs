@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[cfg(feature = "stores")]
 use redis::IntoConnectionInfo;
 
 use crate::config::{ConfigError, Env, Secret};
@@ -92,6 +93,7 @@ impl BaseSettings {
     }
 }
 
+#[cfg(feature = "stores")]
 /// Settings of the services that keep their state in PostgreSQL and Redis.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
@@ -111,10 +113,12 @@ pub struct StoreSettings {
     pub migrate_on_start: bool,
 }
 
+#[cfg(feature = "stores")]
 /// Where Redis is; `Debug` hides the password.
 #[derive(Clone)]
 pub struct RedisTarget(redis::ConnectionInfo);
 
+#[cfg(feature = "stores")]
 impl RedisTarget {
     /// The connection info to hand to the redis crate.
     pub fn connection_info(&self) -> redis::ConnectionInfo {
@@ -122,12 +126,14 @@ impl RedisTarget {
     }
 }
 
+#[cfg(feature = "stores")]
 impl std::fmt::Debug for RedisTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RedisTarget({})", self.0.addr())
     }
 }
 
+#[cfg(feature = "stores")]
 impl StoreSettings {
     /// Read the store settings.
     pub fn from_env(env: &mut Env) -> Result<Self, ConfigError> {
@@ -221,15 +227,18 @@ impl StoreSettings {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "stores")]
     fn store(pairs: &[(&str, &str)]) -> Result<StoreSettings, ConfigError> {
         StoreSettings::from_env(&mut Env::from_pairs(pairs.iter().copied()))
     }
 
+    #[cfg(feature = "stores")]
     #[test]
     fn database_url_is_required() {
         assert_eq!(store(&[]).unwrap_err().var, "DATABASE_URL");
     }
 
+    #[cfg(feature = "stores")]
     #[test]
     fn bad_database_url_is_named_without_its_value() {
         let err = store(&[("DATABASE_URL", "postgres://u:hunter2@h:notaport/db")]).unwrap_err();
@@ -237,6 +246,7 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"));
     }
 
+    #[cfg(feature = "stores")]
     #[test]
     fn redis_addr_and_password() {
         let s = store(&[
@@ -250,6 +260,7 @@ mod tests {
         assert!(!format!("{s:?}").contains("pw\""));
     }
 
+    #[cfg(feature = "stores")]
     #[test]
     fn redis_url_and_addr_together_are_refused() {
         let err = store(&[
@@ -261,6 +272,7 @@ mod tests {
         assert_eq!(err.var, "REDIS_ADDR");
     }
 
+    #[cfg(feature = "stores")]
     #[test]
     fn bad_redis_addr_and_prefix() {
         let base = ("DATABASE_URL", "postgres://u@127.0.0.1:5/db");

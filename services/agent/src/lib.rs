@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use checkplane_runtime::health::{Health, Probe};
-use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
+use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -354,10 +354,6 @@ impl checkplane_runtime::Service for Service {
 
     fn base(config: &Config) -> &BaseSettings {
         &config.base
-    }
-
-    fn store(_config: &Config) -> Option<&StoreSettings> {
-        None
     }
 
     async fn run(

@@ -7,9 +7,9 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
-use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_wire::agents::{
     HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
 };

@@ -8,14 +8,14 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use checkplane_core::doorbell::Bell;
+use checkplane_core::leases::CloseReason;
+use checkplane_core::outbox::PUBLISH_TIMEOUT;
+use checkplane_core::selection::{self, candidate, choose, Candidate};
+use checkplane_core::{fanout, outbox};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::db::Sql;
-use checkplane_runtime::doorbell::Bell;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
-use checkplane_runtime::leases::CloseReason;
-use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
-use checkplane_runtime::selection::{self, candidate, choose, Candidate};
-use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::task_id;
 use checkplane_wire::checks::{
     CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, Selection,

@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use checkplane_runtime::keys::Keys;
+use checkplane_core::keys::Keys;
 use checkplane_wire::operators::{valid_key_id, CreateKeyRequest};
 use clap::{Arg, ArgMatches, Command};
 

@@ -1,5 +1,5 @@
 //! The agent lease API: claim (with a long poll), extend, report. The protocol itself lives in
-//! the Lua scripts of `checkplane_runtime::leases`; this module validates, authorises and
+//! the Lua scripts of `checkplane_core::leases`; this module validates, authorises and
 //! waits.
 
 use std::time::Duration;
@@ -7,9 +7,9 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use axum::{Json, Router};
+use checkplane_core::leases::{Fenced, Granted};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson};
-use checkplane_runtime::leases::{Fenced, Granted};
 use checkplane_wire::agents::KINDS;
 use checkplane_wire::leases::api::{
     ClaimRequest, ClaimResponse, ExtendRequest, Lease, ReportRequest, TokenOutcome, TokenOutcomes,

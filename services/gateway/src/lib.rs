@@ -17,10 +17,10 @@ pub mod state;
 
 use std::sync::Arc;
 
-use checkplane_runtime::doorbell::Doorbell;
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{LeaseSettings, Leases};
-use checkplane_runtime::presence::Presence;
+use checkplane_core::doorbell::Doorbell;
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{LeaseSettings, Leases};
+use checkplane_core::presence::Presence;
 use checkplane_runtime::stores::serve_with_stores;
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;

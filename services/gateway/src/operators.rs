@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use base64::Engine;
+use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
-use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_wire::events::{Event, EventBody, KeyCreated, KeyRevoked};
 use checkplane_wire::operators::{
     valid_key_id, AuditEntry, CreateKeyRequest, CreatedKey, KeyView, Role,
@@ -42,7 +42,7 @@ pub enum KeyError {
     #[error("database")]
     Db(#[from] tokio_postgres::Error),
     #[error("applying the event")]
-    Apply(#[from] checkplane_runtime::projection::ApplyError),
+    Apply(#[from] checkplane_core::projection::ApplyError),
     #[error("no such key")]
     NotFound,
 }

@@ -15,11 +15,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use checkplane_core::dead_letters::{DeadLetter, Parked};
+use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
+use checkplane_core::{failures, fanout};
 use checkplane_runtime::clock::now_ms;
-use checkplane_runtime::dead_letters::{DeadLetter, Parked};
 use checkplane_runtime::http::{ApiError, ApiQuery};
-use checkplane_runtime::outbox::{self, PUBLISH_TIMEOUT};
-use checkplane_runtime::{failures, fanout};
 use checkplane_wire::checks::parse_task_id;
 use checkplane_wire::error::ErrorCode;
 use checkplane_wire::events::{

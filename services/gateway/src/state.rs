@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use checkplane_runtime::doorbell::Doorbell;
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::Leases;
-use checkplane_runtime::presence::Presence;
+use checkplane_core::doorbell::Doorbell;
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::Leases;
+use checkplane_core::presence::Presence;
 use checkplane_runtime::Stores;
 
 use crate::config::Config;

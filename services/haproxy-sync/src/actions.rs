@@ -17,9 +17,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use checkplane_core::keys::Keys;
+use checkplane_core::outbox;
 use checkplane_runtime::db::Sql;
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::outbox;
 use checkplane_runtime::stores::Stores;
 use checkplane_wire::events::{
     Event, EventBody, HaproxyActionUpdated, HaproxyServerObserved, ObservedServer, SCHEMA,

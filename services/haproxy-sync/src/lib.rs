@@ -9,7 +9,7 @@ pub mod sync;
 
 use std::time::Duration;
 
-use checkplane_runtime::keys::Keys;
+use checkplane_core::keys::Keys;
 use checkplane_runtime::stores::{serve_with_stores, StoreServiceConfig};
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;
@@ -252,6 +252,13 @@ impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
     const REBUILD: bool = true;
     type Config = Config;
+
+    fn rebuild(
+        client: tokio_postgres::Client,
+    ) -> impl std::future::Future<Output = Result<checkplane_runtime::launch::Rebuilt, String>> + Send
+    {
+        checkplane_core::projection::rebuild_command(client)
+    }
 
     fn load(env: &mut Env) -> Result<Config, ConfigError> {
         load(env)

@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
+use checkplane_core::leases::{CloseReason, Leases};
 use checkplane_runtime::clock::now_ms;
-use checkplane_runtime::leases::{CloseReason, Leases};
 use checkplane_runtime::stores::Stores;
 use checkplane_wire::haproxy::{RelayedCommand, RelayedSettle, Settle, RELAY_KIND};
 

@@ -20,9 +20,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use checkplane_core::keys::Keys;
+use checkplane_core::outbox;
 use checkplane_runtime::db::Sql;
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::outbox;
 use checkplane_runtime::stores::Stores;
 use checkplane_wire::events::{
     Event, EventBody, HaproxyServerMissing, HaproxyServerObserved, ObservedServer, SCHEMA,
@@ -66,7 +66,7 @@ pub enum SyncError {
     #[error("Redis")]
     Redis(#[from] redis::RedisError),
     #[error("applying events")]
-    Apply(#[from] checkplane_runtime::projection::ApplyError),
+    Apply(#[from] checkplane_core::projection::ApplyError),
     #[error("HAProxy")]
     Api(#[from] ApiError),
     /// Another replica took the instance (a newer fencing token): this one stops.
@@ -130,7 +130,7 @@ pub struct Sync {
     lanes: HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>,
     executing: crate::actions::Executing,
     /// Enqueues and closes the commands relayed through nodes' agents.
-    leases: checkplane_runtime::leases::Leases,
+    leases: checkplane_core::leases::Leases,
     /// The fencing token each owned instance is held with.
     tokens: HashMap<String, i64>,
     /// The instances the last round held.
@@ -161,9 +161,9 @@ impl Sync {
             executing: crate::actions::Executing::default(),
             tokens: HashMap::new(),
             owned: HashMap::new(),
-            leases: checkplane_runtime::leases::Leases::new(
+            leases: checkplane_core::leases::Leases::new(
                 keys.clone(),
-                checkplane_runtime::leases::LeaseSettings::new(0, 0),
+                checkplane_core::leases::LeaseSettings::new(0, 0),
             ),
         }
     }

@@ -7,11 +7,11 @@ pub mod lifecycle;
 
 use std::time::Duration;
 
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{LeaseSettings, Leases};
+use checkplane_core::presence::Presence;
+use checkplane_core::projector::{Projector, ProjectorConfig};
 use checkplane_runtime::clock::now_ms;
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{LeaseSettings, Leases};
-use checkplane_runtime::presence::Presence;
-use checkplane_runtime::projector::{Projector, ProjectorConfig};
 use checkplane_runtime::stores::{every, serve_with_stores, StoreServiceConfig};
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;
@@ -161,11 +161,11 @@ pub async fn run(
                         (pg.clone(), redis.clone(), schema.clone(), fanout.clone());
                     async move {
                         schema.schema_current().await;
-                        while checkplane_runtime::outbox::sweep(&pg, &redis, &fanout, min_age, 500)
+                        while checkplane_core::outbox::sweep(&pg, &redis, &fanout, min_age, 500)
                             .await?
                             == 500
                         {}
-                        Ok::<_, checkplane_runtime::outbox::SweepError>(())
+                        Ok::<_, checkplane_core::outbox::SweepError>(())
                     }
                 },
             );
@@ -272,7 +272,7 @@ pub async fn run(
             );
 
             let (pg, redis, schema) = (stores.pg.clone(), stores.redis.clone(), stores.clone());
-            let parked = checkplane_runtime::dead_letters::Parked::new(keys.clone());
+            let parked = checkplane_core::dead_letters::Parked::new(keys.clone());
             every(
                 tracker,
                 shutdown,
@@ -287,7 +287,7 @@ pub async fn run(
                             .get()
                             .await
                             .map_err(|e| RunError::Startup(e.to_string()))?;
-                        let failures = checkplane_runtime::failures::count(&**client)
+                        let failures = checkplane_core::failures::count(&**client)
                             .await
                             .map_err(|e| RunError::Startup(checkplane_runtime::error_chain(&e)))?;
                         drop(client);
@@ -305,7 +305,7 @@ pub async fn run(
 
             let (pg, schema) = (stores.pg.clone(), stores.clone());
             let events = config.events_retention;
-            let ages = checkplane_runtime::retention::Ages {
+            let ages = checkplane_core::retention::Ages {
                 results: config.results_retention,
                 metrics: config.metrics_retention,
                 history: config.history_retention,
@@ -318,7 +318,7 @@ pub async fn run(
                 move || {
                     let (pg, schema) = (pg.clone(), schema.clone());
                     async move {
-                        use checkplane_runtime::retention::{
+                        use checkplane_core::retention::{
                             maintain_events, trim_results, TRIM_BATCH,
                         };
                         schema.schema_current().await;
@@ -354,11 +354,11 @@ async fn replay_failures(config: Config, only: Option<i64>) -> std::process::Exi
     let outcome = async {
         checkplane_runtime::db::migrate(database).await?;
         let mut client = checkplane_runtime::db::connect(database).await?;
-        let left_before = checkplane_runtime::failures::count(&client).await?;
-        let done = checkplane_runtime::failures::replay(&mut client, only)
+        let left_before = checkplane_core::failures::count(&client).await?;
+        let done = checkplane_core::failures::replay(&mut client, only)
             .await
             .map_err(|e| RunError::Startup(checkplane_runtime::error_chain(&e)))?;
-        let left = checkplane_runtime::failures::count(&client).await?;
+        let left = checkplane_core::failures::count(&client).await?;
         Ok::<_, Box<dyn std::error::Error>>((left_before, done, left))
     }
     .await;
@@ -388,6 +388,13 @@ impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
     const REBUILD: bool = true;
     type Config = Config;
+
+    fn rebuild(
+        client: tokio_postgres::Client,
+    ) -> impl std::future::Future<Output = Result<checkplane_runtime::launch::Rebuilt, String>> + Send
+    {
+        checkplane_core::projection::rebuild_command(client)
+    }
 
     fn load(env: &mut Env) -> Result<Config, ConfigError> {
         load(env)

@@ -34,13 +34,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{CloseReason, Leases, TaskClosed};
+use checkplane_core::outbox::PUBLISH_TIMEOUT;
+use checkplane_core::projector::{projected, Projected};
+use checkplane_core::selection::{choose, record_selected};
+use checkplane_core::{fanout, outbox};
 use checkplane_runtime::clock::now_ms;
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{CloseReason, Leases, TaskClosed};
-use checkplane_runtime::outbox::PUBLISH_TIMEOUT;
-use checkplane_runtime::projector::{projected, Projected};
-use checkplane_runtime::selection::{choose, record_selected};
-use checkplane_runtime::{fanout, outbox};
 use checkplane_wire::checks::{task_id, LocationRequest, Selection};
 use checkplane_wire::events::{
     CheckSlotRetried, CheckSlotsClosed, CheckSlotsReleased, Event, EventBody,
@@ -62,7 +62,7 @@ pub enum LifecycleError {
     #[error("Redis")]
     Redis(#[from] redis::RedisError),
     #[error("applying an event")]
-    Apply(#[from] checkplane_runtime::projection::ApplyError),
+    Apply(#[from] checkplane_core::projection::ApplyError),
 }
 
 /// What one pass did.

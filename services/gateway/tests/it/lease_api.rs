@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{LeaseSettings, Leases};
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{LeaseSettings, Leases};
 use checkplane_testkit::servers::RedisServer;
 use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 use serde_json::{json, Value};

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{
     CloseReason, Fenced, LeaseSettings, Leases, NewTask, TaskClosed, TaskRef,
 };
 use checkplane_testkit::servers::RedisCluster;

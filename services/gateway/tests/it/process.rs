@@ -185,8 +185,8 @@ async fn lose_the_answer(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claim_whose_answer_was_lost_is_recovered_by_its_request_id_or_after_the_ttl() {
-    use checkplane_runtime::keys::Keys;
-    use checkplane_runtime::leases::{LeaseSettings, Leases};
+    use checkplane_core::keys::Keys;
+    use checkplane_core::leases::{LeaseSettings, Leases};
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let port = free_port();

@@ -757,7 +757,7 @@ async fn a_batch_drains_each_server_once_and_lists_what_it_could_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_past_its_lease_is_fenced_and_the_next_owner_finishes_the_action() {
-    use checkplane_runtime::keys::Keys;
+    use checkplane_core::keys::Keys;
     use haproxy_sync::actions::{execute, open_actions, Fence, Settings};
     use haproxy_sync::runtime_api::{Client, Direct, Endpoint};
 

@@ -8,8 +8,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{LeaseSettings, Leases};
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{LeaseSettings, Leases};
 use checkplane_runtime::Env;
 use checkplane_testkit::haproxy::Haproxy;
 use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};

@@ -274,7 +274,7 @@ impl Stand {
     /// `consumer` and left pending: what a scheduler that read its batch and was SIGKILLed
     /// before its commit leaves behind. Their ids per stream.
     async fn read_leases_as_dead_consumer(&self, consumer: &str) -> Vec<(String, Vec<String>)> {
-        let keys = checkplane_runtime::keys::Keys::new(self.redis.prefix.clone(), 4);
+        let keys = checkplane_core::keys::Keys::new(self.redis.prefix.clone(), 4);
         let mut conn = self.redis.connection().await;
         let mut read = Vec::new();
         for n in 0..keys.shards() {
@@ -865,7 +865,7 @@ async fn reports_acknowledged_across_a_killed_scheduler_are_not_overwritten_by_t
 /// Take the one `lease.reported` of `agent`'s shard out of its lease stream (as Redis losing
 /// it would): the stream, and the event's JSON.
 async fn take_report_event(s: &Stand, agent: &Agent) -> (String, String) {
-    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let keys = checkplane_core::keys::Keys::new(s.redis.prefix.clone(), 4);
     let stream = keys.lease_events(keys.shard_of(&agent.id));
     let mut conn = s.redis.connection().await;
     let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
@@ -1491,10 +1491,10 @@ async fn dead_letters_are_listed_requeued_and_dropped_by_admins() {
         checks.push((target, location.unwrap()));
     }
     // A task without a check (as tests and benchmarks make them).
-    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
-    let leases = checkplane_runtime::leases::Leases::new(
+    let keys = checkplane_core::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let leases = checkplane_core::leases::Leases::new(
         keys.clone(),
-        checkplane_runtime::leases::LeaseSettings::new(1_000, 1),
+        checkplane_core::leases::LeaseSettings::new(1_000, 1),
     );
     leases
         .enqueue(
@@ -1694,7 +1694,7 @@ async fn dead_letters_are_listed_requeued_and_dropped_by_admins() {
 async fn parked_events_are_listed_replayed_after_a_fix_and_dropped() {
     use checkplane_testkit::events::{registered, xadd};
     let s = stand_with(&[], &[("PROJECTOR_MAX_ATTEMPTS", "1")]).await;
-    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let keys = checkplane_core::keys::Keys::new(s.redis.prefix.clone(), 4);
     let mut conn = s.redis.connection().await;
     // Two agents claiming one host name: the second's registration breaks the unique index.
     let first = registered("agt-first", 1, checkplane_runtime::clock::now_ms());
@@ -1984,10 +1984,10 @@ async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() 
         .await;
     assert_eq!(status, 202);
     let location = location.unwrap();
-    let keys = checkplane_runtime::keys::Keys::new(s.redis.prefix.clone(), 4);
-    let leases = checkplane_runtime::leases::Leases::new(
+    let keys = checkplane_core::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let leases = checkplane_core::leases::Leases::new(
         keys,
-        checkplane_runtime::leases::LeaseSettings::new(30_000, 5),
+        checkplane_core::leases::LeaseSettings::new(30_000, 5),
     );
     let mut conn = s.redis.connection().await;
     let granted = leases
@@ -2020,7 +2020,7 @@ async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() 
     assert!(started.is_some(), "the live slot has its start");
     drop(db);
     let url = s.db.url.clone();
-    let before = checkplane_runtime::projection::canonical_dump(&s.db.client().await)
+    let before = checkplane_core::projection::canonical_dump(&s.db.client().await)
         .await
         .unwrap();
     let Stand {
@@ -2036,7 +2036,7 @@ async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() 
     let after = {
         let config: tokio_postgres::Config = url.parse().unwrap();
         let client = checkplane_runtime::db::connect(&config).await.unwrap();
-        checkplane_runtime::projection::canonical_dump(&client)
+        checkplane_core::projection::canonical_dump(&client)
             .await
             .unwrap()
     };

@@ -1,8 +1,8 @@
 //! The presence scripts on a 3-node Redis Cluster: every key a script touches is passed in
 //! KEYS and shares the shard's hash tag, so Redis routes each call to one node.
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::presence::Presence;
+use checkplane_core::keys::Keys;
+use checkplane_core::presence::Presence;
 use checkplane_testkit::servers::RedisCluster;
 
 #[tokio::test]

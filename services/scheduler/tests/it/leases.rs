@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
 use checkplane_testkit::{eventually, TestDb, TestRedis};
 use serde_json::json;
 
@@ -171,7 +171,7 @@ async fn task_rows_do_not_depend_on_event_order() {
         let db = TestDb::new().await;
         let client = db.client().await;
         for e in order {
-            assert!(checkplane_runtime::projection::record_and_apply(&client, e)
+            assert!(checkplane_core::projection::record_and_apply(&client, e)
                 .await
                 .unwrap());
         }
@@ -191,7 +191,7 @@ async fn task_rows_do_not_depend_on_event_order() {
             ("reported".into(), Some("finished".into()), true)
         );
         dumps.push(
-            checkplane_runtime::projection::canonical_dump(&client)
+            checkplane_core::projection::canonical_dump(&client)
                 .await
                 .unwrap(),
         );
@@ -263,7 +263,7 @@ async fn leases_of_a_silent_agent_expire_and_its_late_report_is_fenced() {
 async fn an_agent_that_still_heartbeats_keeps_its_expired_lease() {
     let redis = TestRedis::new();
     let keys = Keys::new(redis.prefix.clone(), 4);
-    let presence = checkplane_runtime::presence::Presence::new(keys.clone());
+    let presence = checkplane_core::presence::Presence::new(keys.clone());
     let leases = Leases::new(keys.clone(), LeaseSettings::new(100, 5));
     let mut conn = redis.connection().await;
     let now = checkplane_runtime::clock::now_ms();
@@ -301,7 +301,7 @@ async fn an_agent_that_still_heartbeats_keeps_its_expired_lease() {
         .unwrap();
     assert_eq!(
         report,
-        checkplane_runtime::leases::Fenced::Refused("ERR_LEASE_LOST".into())
+        checkplane_core::leases::Fenced::Refused("ERR_LEASE_LOST".into())
     );
 }
 

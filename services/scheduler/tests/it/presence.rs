@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::presence::Presence;
+use checkplane_core::keys::Keys;
+use checkplane_core::presence::Presence;
 use checkplane_testkit::{eventually, TestDb, TestRedis};
 
 use crate::{count, heartbeat, register, start_gateway, start_scheduler};

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::projection::{canonical_dump, record_and_apply};
-use checkplane_runtime::projector::{Projector, ProjectorConfig};
+use checkplane_core::keys::Keys;
+use checkplane_core::projection::{canonical_dump, record_and_apply};
+use checkplane_core::projector::{Projector, ProjectorConfig};
 use checkplane_testkit::events::{presence, registered, xadd};
 use checkplane_testkit::process::{free_port, ServiceProcess};
 use checkplane_testkit::servers::{PostgresServer, RedisServer};
@@ -138,7 +138,7 @@ async fn an_event_published_from_the_outbox_is_acknowledged_without_a_transactio
         .unwrap();
     let pg = checkplane_runtime::db::pool(&db.config, 2).unwrap();
     let edge = registered("published-edge", 1, 1_000);
-    checkplane_runtime::outbox::publish(&pg, &pool, &stream, &edge, Duration::from_secs(5)).await;
+    checkplane_core::outbox::publish(&pg, &pool, &stream, &edge, Duration::from_secs(5)).await;
     let mut conn = redis.connection().await;
     xadd(&mut conn, &stream, &registered("published-plain", 1, 1_000)).await;
 
@@ -181,7 +181,7 @@ async fn an_event_published_from_the_outbox_is_acknowledged_without_a_transactio
 /// database) the planner believed small, one batch used to read every slot of every check.
 #[tokio::test]
 async fn a_batch_reads_only_its_own_checks_slots() {
-    use checkplane_runtime::projection::record_and_apply_batch;
+    use checkplane_core::projection::record_and_apply_batch;
     let db = TestDb::new().await;
     let pg = db.client().await;
     assert!(record_and_apply(&pg, &check_created(10)).await.unwrap());
@@ -314,7 +314,7 @@ fn check_created(agents: usize) -> Event {
             constraint: None,
         })
         .collect();
-    checkplane_runtime::outbox::new_event(
+    checkplane_core::outbox::new_event(
         format!("check:{CHECK}"),
         1,
         "key:test".into(),

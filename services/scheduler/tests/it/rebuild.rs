@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use checkplane_runtime::keys::Keys;
-use checkplane_runtime::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
-use checkplane_runtime::projection::canonical_dump;
+use checkplane_core::keys::Keys;
+use checkplane_core::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
+use checkplane_core::projection::canonical_dump;
 use checkplane_testkit::events::{presence, xadd};
 use checkplane_testkit::{eventually, TestDb, TestRedis};
 use checkplane_wire::leases::LeaseToken;
@@ -177,7 +177,7 @@ async fn rebuild_reproduces_every_projection_table() {
                 })),
             })
             .collect();
-        checkplane_runtime::projection::record_and_apply_independent(&pg, &events)
+        checkplane_core::projection::record_and_apply_independent(&pg, &events)
             .await
             .unwrap();
     }
@@ -423,9 +423,9 @@ fn installation(at: i64, old: bool) -> Vec<checkplane_wire::events::Event> {
 /// the second time with the first snapshots themselves past the retention.
 #[tokio::test]
 async fn long_lived_rows_outlive_the_events_retention_through_rebuild() {
-    use checkplane_runtime::projection::snapshots::long_lived_tables;
-    use checkplane_runtime::projection::{canonical_dump_of, rebuild, record_and_apply};
-    use checkplane_runtime::retention::maintain_events;
+    use checkplane_core::projection::snapshots::long_lived_tables;
+    use checkplane_core::projection::{canonical_dump_of, rebuild, record_and_apply};
+    use checkplane_core::retention::maintain_events;
     let db = TestDb::new().await;
     let mut client = db.client().await;
     let retention = Duration::from_secs(30 * 86_400);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use checkplane_runtime::retention::maintain_events;
+use checkplane_core::retention::maintain_events;
 use checkplane_testkit::events::presence;
 use checkplane_testkit::TestDb;
 
@@ -17,7 +17,7 @@ async fn partitions_are_made_ahead_and_expired_days_dropped() {
     // An event from 40 days ago lands in the default partition; one from 10 days ago too.
     for (age_days, version) in [(40, 1), (10, 2), (0, 3)] {
         let event = presence("old", version, true, now - age_days * day_ms);
-        checkplane_runtime::projection::record(&client, &event)
+        checkplane_core::projection::record(&client, &event)
             .await
             .unwrap();
     }
@@ -54,7 +54,7 @@ async fn partitions_are_made_ahead_and_expired_days_dropped() {
 
 #[tokio::test]
 async fn old_results_and_metrics_are_deleted_in_batches() {
-    use checkplane_runtime::retention::{trim_results, Ages};
+    use checkplane_core::retention::{trim_results, Ages};
     let db = TestDb::new().await;
     let client = db.client().await;
     // Five checks finished 40 days ago, one 10 days ago, one still running from 40 days ago

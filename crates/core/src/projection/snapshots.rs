@@ -22,7 +22,7 @@
 use checkplane_wire::events::ProjectionSnapshot;
 
 use super::ApplyError;
-use crate::db::Sql;
+use checkplane_runtime::db::Sql;
 
 /// A long-lived projection table: how its snapshot is made and merged back.
 struct LongLived {

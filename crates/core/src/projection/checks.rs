@@ -6,7 +6,7 @@
 //! transaction: results become visible in `seq` order even when projector replicas commit
 //! concurrently, which is what lets a live reader resume after the last `seq` it saw.
 
-use crate::db::Sql;
+use checkplane_runtime::db::Sql;
 use checkplane_wire::events::{
     CheckCancelled, CheckCreated, CheckSlotRetried, CheckSlotsReleased, Event,
 };

@@ -243,7 +243,7 @@ impl Projector {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "projector step failed");
+                    tracing::warn!(error = %checkplane_runtime::error_chain(&error), retry_in = ?backoff, "projector step failed");
                     metrics::counter!("checkplane_projector_errors_total").increment(1);
                     if matches!(error, ProjectorError::Redis(_)) {
                         conn = None;
@@ -483,7 +483,7 @@ impl Projector {
                     failures.push((
                         entry.clone(),
                         Some((event.event_id, event.body.type_name())),
-                        crate::error_chain(&error),
+                        checkplane_runtime::error_chain(&error),
                     ));
                 }
             }
@@ -527,7 +527,7 @@ impl Projector {
         &self,
         conn: &mut redis::aio::MultiplexedConnection,
     ) -> redis::RedisResult<()> {
-        let now_ms = crate::clock::now_ms();
+        let now_ms = checkplane_runtime::clock::now_ms();
         let stall_ms = i64::try_from(self.config.stall_after.as_millis()).unwrap_or(i64::MAX);
         for stream in &self.config.streams {
             let groups: StreamInfoGroupsReply = conn.xinfo_groups(stream).await?;

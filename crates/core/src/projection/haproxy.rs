@@ -4,7 +4,7 @@
 //! only when the state a poll saw differs from the state the row holds, so the same change
 //! seen by two polls (a takeover, a replayed event) is one history row.
 
-use crate::db::Sql;
+use checkplane_runtime::db::Sql;
 use checkplane_wire::events::{
     ApplicationCreated, ApplicationGroupCreated, Event, HaproxyActionRequested,
     HaproxyActionUpdated, HaproxyInstanceRegistered, HaproxyInstanceRemoved, HaproxyNodeMarked,

@@ -32,7 +32,7 @@ const ENTRY_SHOWN: i32 = 16 * 1024;
 
 /// A page of the parked events, oldest first, and how many there are.
 pub async fn list(
-    client: &impl crate::db::Sql,
+    client: &impl checkplane_runtime::db::Sql,
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<ParkedEvent>, i64), tokio_postgres::Error> {
@@ -71,7 +71,9 @@ pub async fn list(
 }
 
 /// How many events are parked.
-pub async fn count(client: &impl crate::db::Sql) -> Result<i64, tokio_postgres::Error> {
+pub async fn count(
+    client: &impl checkplane_runtime::db::Sql,
+) -> Result<i64, tokio_postgres::Error> {
     Ok(client
         .query_one("SELECT count(*) FROM projection_failures", &[])
         .await?
@@ -156,7 +158,7 @@ async fn replay_batch(
             }
             Err(error) if error.is_poison() => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT replay").await?;
-                let message = crate::error_chain(&error);
+                let message = checkplane_runtime::error_chain(&error);
                 tracing::warn!(id, error = %message, "parked event failed again");
                 tx.execute(
                     "UPDATE projection_failures SET attempts = attempts + 1, error = $2,

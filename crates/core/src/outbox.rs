@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::db::Sql;
+use checkplane_runtime::db::Sql;
 use checkplane_wire::events::{Event, EventBody, SCHEMA};
 
 use crate::projection::{self, ApplyError};
@@ -22,7 +22,7 @@ pub fn new_event(aggregate_id: String, version: i64, actor: String, body: EventB
         event_id: uuid::Uuid::now_v7(),
         aggregate_id,
         version,
-        occurred_at: crate::clock::now_ms(),
+        occurred_at: checkplane_runtime::clock::now_ms(),
         actor,
         schema: SCHEMA,
         body,

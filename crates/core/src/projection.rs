@@ -13,7 +13,7 @@ mod checks;
 mod haproxy;
 pub mod snapshots;
 
-use crate::db::Sql;
+use checkplane_runtime::db::Sql;
 use checkplane_wire::events::{
     AgentPresence, AgentRegistered, Event, EventBody, KeyCreated, KeyRevoked,
 };
@@ -767,10 +767,14 @@ fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, serde_json::Error>
 }
 
 /// What a rebuild did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RebuildReport {
-    pub events: u64,
-    pub failed: u64,
+pub use checkplane_runtime::launch::Rebuilt as RebuildReport;
+
+/// [`rebuild`] as the binaries' `rebuild` command runs it
+/// ([`checkplane_runtime::Service::rebuild`]).
+pub async fn rebuild_command(mut client: tokio_postgres::Client) -> Result<RebuildReport, String> {
+    rebuild(&mut client)
+        .await
+        .map_err(|e| checkplane_runtime::error_chain(&e))
 }
 
 /// Truncate the projection tables and replay `events` into them, in one transaction: readers
@@ -817,7 +821,7 @@ pub async fn rebuild(client: &mut tokio_postgres::Client) -> Result<RebuildRepor
                 Ok(()) => tx.batch_execute("RELEASE SAVEPOINT replay").await?,
                 Err(error) => {
                     report.failed += 1;
-                    tracing::warn!(event_id = %event.event_id, error = %crate::error_chain(&error), "rebuild: event failed to apply");
+                    tracing::warn!(event_id = %event.event_id, error = %checkplane_runtime::error_chain(&error), "rebuild: event failed to apply");
                     tx.batch_execute("ROLLBACK TO SAVEPOINT replay").await?;
                 }
             }

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use crate::db::Sql;
+use checkplane_runtime::db::Sql;
 use checkplane_wire::checks::LocationRequest;
 use checkplane_wire::events::Location;
 
