@@ -87,15 +87,7 @@ fn decode(shard: u32, entry: &StreamId) -> DeadLetter {
 /// KEYS: dlq, the agent's task stream. ARGV: dlq entry, spec, agent, wake channel. Moves an
 /// anonymous task back to its agent's stream (a new entry, its deliveries counted afresh),
 /// once: 0 when the dead letter is gone already.
-const REQUEUE: &str = r"
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[2], 'agents', '0', 'MKSTREAM')
-end
-redis.call('XADD', KEYS[2], '*', 'spec', ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[3])
-return 1
-";
+const REQUEUE: &str = include_str!("../scripts/dead_letter_requeue.lua");
 
 /// The dead letters of one installation.
 #[derive(Clone)]

@@ -30,60 +30,7 @@ use uuid::Uuid;
 use crate::keys::Keys;
 use checkplane_wire::leases::LeaseToken;
 
-const COMMON: &str = r#"
--- A task's event version: above the last one and at least the time, so that versions stay
--- above what PostgreSQL has seen even if Redis lost its last writes.
-local function next_version(versions, task, now)
-  local v = math.max(tonumber(redis.call('HGET', versions, task) or '0') + 1, now)
-  redis.call('HSET', versions, task, v)
-  return v
-end
--- The last version of a task whose entry is gone (reported, closed, expired, dead-lettered):
--- its field is dropped so that the hash holds only live tasks. Nothing more is emitted for
--- the task (its entry is deleted and tombstoned or acknowledged).
-local function final_version(versions, task, now)
-  local v = math.max(tonumber(redis.call('HGET', versions, task) or '0') + 1, now)
-  redis.call('HDEL', versions, task)
-  return v
-end
-local function emit(stream, versions, id, task, type_, now, actor, payload, final)
-  local v
-  if final then v = final_version(versions, task, now) else v = next_version(versions, task, now) end
-  redis.call('XADD', stream, '*', 'event', cjson.encode({event_id = id, aggregate_id = 'task:' .. task,
-    version = v, occurred_at = now, actor = actor, schema = 1, type = type_, payload = payload}))
-end
--- The `task` field of an entry's fields (a flat array), or nil.
-local function task_of(fields)
-  for i = 1, #fields, 2 do
-    if fields[i] == 'task' then return fields[i + 1] end
-  end
-  return nil
-end
-local function task_of_entry(stream, id)
-  local e = redis.call('XRANGE', stream, id, id)
-  if #e == 0 then return nil end
-  return task_of(e[1][2])
-end
--- Where the lease of `id` in `stream` stands for `agent` at `epoch`:
--- 'ok', or the error code.
--- XPENDING of one entry; empty when the stream or its group does not exist (yet).
-local function pending(stream, id)
-  local p = redis.pcall('XPENDING', stream, 'agents', id, id, 1)
-  if p.err then return {} end
-  return p
-end
-local function fence(stream, closed, id, agent, epoch)
-  local p = pending(stream, id)
-  if #p == 0 then
-    local t = redis.call('GET', closed)
-    if t == 'lost' then return 'ERR_LEASE_LOST' end
-    if t then return 'ERR_LEASE_CLOSED' end
-    return 'ERR_LEASE_UNKNOWN'
-  end
-  if p[1][2] ~= agent or tonumber(p[1][4]) ~= tonumber(epoch) then return 'ERR_LEASE_LOST' end
-  return 'ok'
-end
-"#;
+const COMMON: &str = include_str!("../scripts/lease_common.lua");
 
 /// KEYS: (task stream, task ref)*, all of one shard. ARGV: wake channel, task ref TTL ms, then
 /// (spec, agent, task id or empty)* in the order of the keys. Per task: a task id already
@@ -95,133 +42,23 @@ end
 /// way of asking: Redis counts every such error in `INFO errorstats`, where operators look for
 /// real ones. The fence's XPENDING still fails for a token naming a stream that never
 /// existed, a client's mistake, and is not worth a command on every report.)
-const ENQUEUE: &str = r#"
-local out = {}
-for i = 1, #KEYS / 2 do
-  local stream, ref = KEYS[2 * i - 1], KEYS[2 * i]
-  local spec, agent, task = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
-  local known = task ~= '' and redis.call('GET', ref)
-  if known then
-    out[i] = known
-  else
-    if redis.call('EXISTS', stream) == 0 then
-      redis.call('XGROUP', 'CREATE', stream, 'agents', '0', 'MKSTREAM')
-    end
-    if task ~= '' then
-      out[i] = redis.call('XADD', stream, '*', 'task', task, 'spec', spec)
-      redis.call('SET', ref, out[i], 'PX', ARGV[2])
-    else
-      out[i] = redis.call('XADD', stream, '*', 'spec', spec)
-    end
-    redis.call('PUBLISH', ARGV[1], agent)
-  end
-end
-return out
-"#;
+const ENQUEUE: &str = include_str!("../scripts/lease_enqueue.lua");
 
 /// Tasks one enqueue script adds at most: a script holds Redis while it runs.
 const ENQUEUE_BATCH: usize = 128;
 
 /// KEYS: task ref. ARGV: ttl ms. Marks a task closed before it was enqueued, so a late
 /// fan-out does not add it; returns the entry id when it was enqueued already.
-const CLOSE_UNSENT: &str = r#"
-if redis.call('SET', KEYS[1], 'closed', 'NX', 'PX', ARGV[1]) then return false end
-return redis.call('GET', KEYS[1])
-"#;
+const CLOSE_UNSENT: &str = include_str!("../scripts/lease_close_unsent.lua");
 
 /// KEYS: leases, lease events, claim reply, dlq, versions, then one task stream per kind.
 /// ARGV: agent, now, ttl_ms, max_deliveries, reply_ttl_ms, n_kinds, (kind, count)*, event ids.
-const CLAIM: &str = r#"
-local cached = redis.call('GET', KEYS[3])
-if cached then return cached end
-local agent, now, ttl, maxd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local nk = tonumber(ARGV[6])
-local next_id = 7 + 2 * nk
-local function eid() local id = ARGV[next_id]; next_id = next_id + 1; return id end
-local out = {}
-for k = 1, nk do
-  local kind, want = ARGV[5 + 2 * k], tonumber(ARGV[6 + 2 * k])
-  local stream = KEYS[5 + k]
-  local entries, reclaimed = {}, 0
-  -- No stream yet means nothing was ever enqueued for this agent and kind (enqueue makes
-  -- it with its group).
-  local auto = want > 0 and redis.call('EXISTS', stream) == 1
-    and redis.pcall('XAUTOCLAIM', stream, 'agents', agent, ttl, '0-0', 'COUNT', want)
-  if auto and not auto.err then
-    for _, e in ipairs(auto[2]) do entries[#entries + 1] = e end
-    reclaimed = #entries
-    local rest = want - #entries
-    if rest > 0 then
-      local read = redis.call('XREADGROUP', 'GROUP', 'agents', agent, 'COUNT', rest, 'STREAMS', stream, '>')
-      if read then for _, e in ipairs(read[1][2]) do entries[#entries + 1] = e end end
-    end
-  end
-  for n, e in ipairs(entries) do
-    local id, fields = e[1], e[2]
-    -- A new entry ('>') is on its first delivery; a reclaimed one has its count in the PEL.
-    local deliveries = 1
-    if n <= reclaimed then
-      deliveries = tonumber(redis.call('XPENDING', stream, 'agents', id, id, 1)[1][4])
-    end
-    local task = agent .. ':' .. kind .. ':' .. id
-    -- This script may run well after `now` was taken (its call waited out a Redis restart),
-    -- possibly after the entry was added: its events are never dated before the entry (the
-    -- entry id's time), so a replay in time order never meets them before their task's check.
-    local at = math.max(now, tonumber(string.match(id, '^(%d+)')))
-    if deliveries > maxd then
-      redis.call('XACK', stream, 'agents', id)
-      redis.call('XDEL', stream, id)
-      redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'agent', agent, 'kind', kind,
-        'entry', id, 'reason', 'max_deliveries', 'deliveries', deliveries, unpack(fields))
-      emit(KEYS[2], KEYS[5], eid(), task, 'task.dead_lettered', at, 'system:gateway',
-        {agent_id = agent, kind = kind, entry = id, deliveries = deliveries, task = task_of(fields),
-         waits = true}, true)
-    else
-      local token = agent .. '.' .. kind .. '.' .. id .. '.' .. deliveries
-      redis.call('ZADD', KEYS[1], now + ttl, token)
-      emit(KEYS[2], KEYS[5], eid(), task, 'lease.granted', at, 'agent:' .. agent,
-        {agent_id = agent, kind = kind, entry = id, epoch = deliveries, deadline = now + ttl,
-         task = task_of(fields)})
-      out[#out + 1] = cjson.encode({token = token, kind = kind, fields = fields, deadline = now + ttl})
-    end
-  end
-end
-local reply = '[' .. table.concat(out, ',') .. ']'
--- Only a reply with leases is remembered: an empty one lost costs nothing, and a waiting
--- claim re-runs with the same request_id.
-if #out > 0 then redis.call('SET', KEYS[3], reply, 'PX', ARGV[5]) end
-return reply
-"#;
+const CLAIM: &str = include_str!("../scripts/lease_claim.lua");
 
 /// KEYS: leases, lease events, versions, then (task stream, tombstone) per token.
 /// ARGV: agent, now, ttl_ms, event id, then (token, entry, epoch) per token.
 /// Returns per token the new deadline or an error code.
-const EXTEND: &str = r#"
-local agent, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local out, extended = {}, {}
-local n = (#ARGV - 4) / 3
-for i = 1, n do
-  local token, id, epoch = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
-  local stream, closed = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-  local f = fence(stream, closed, id, agent, epoch)
-  if f == 'ok' then
-    redis.call('XCLAIM', stream, 'agents', agent, 0, id, 'JUSTID')
-    redis.call('ZADD', KEYS[1], now + ttl, token)
-    out[i] = tostring(now + ttl)
-    extended[#extended + 1] = token
-  else
-    out[i] = f
-  end
-end
-if #extended > 0 then
-  local v = next_version(KEYS[3], 'extend:' .. agent, now)
-  redis.call('XADD', KEYS[2], '*', 'event', cjson.encode({event_id = ARGV[4],
-    aggregate_id = 'extend:' .. agent, version = v, occurred_at = now, actor = 'agent:' .. agent,
-    schema = 1, type = 'lease.extended', payload = {agent_id = agent, tokens = extended,
-    deadline = now + ttl}}))
-end
-return out
-"#;
+const EXTEND: &str = include_str!("../scripts/lease_extend.lua");
 
 /// KEYS: leases, lease events, versions, then (task stream, tombstone, reported reply, relay
 /// list) per report. ARGV: agent, now, reply_ttl_ms, then (token, entry, epoch, kind, event id,
@@ -229,50 +66,7 @@ return out
 /// code. The result of a relayed kind (`haproxy`) goes to its relay list, where its asker
 /// waits, and only its size into the event: a Runtime API reply is the asker's business, not
 /// history.
-const REPORT: &str = r#"
-local agent, now = ARGV[1], tonumber(ARGV[2])
-local out = {}
-local n = (#ARGV - 3) / 7
-for r = 1, n do
-  local a = 3 + 7 * (r - 1)
-  local token, id, epoch, kind, eid, outcome, result =
-    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
-  local stream, closed, reported, relay = KEYS[4 * r], KEYS[1 + 4 * r], KEYS[2 + 4 * r], KEYS[3 + 4 * r]
-  local cached = redis.call('GET', reported)
-  if cached then
-    out[r] = cached
-  else
-    local f = fence(stream, closed, id, agent, epoch)
-    if f ~= 'ok' then
-      out[r] = f
-    else
-      local task_id = task_of_entry(stream, id)
-      redis.call('XACK', stream, 'agents', id)
-      redis.call('XDEL', stream, id)
-      redis.call('ZREM', KEYS[1], token)
-      -- The result is spliced in as sent (already valid JSON): a decode and re-encode in Lua
-      -- would turn empty arrays into objects.
-      local task = agent .. ':' .. kind .. ':' .. id
-      if kind == 'haproxy' then
-        redis.call('RPUSH', relay, outcome .. ' ' .. result)
-        redis.call('PEXPIRE', relay, 60000)
-        result = '{"relayed_bytes":' .. #result .. '}'
-      end
-      local v = final_version(KEYS[3], task, now)
-      local ev = cjson.encode({event_id = eid, aggregate_id = 'task:' .. task, version = v,
-        occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
-        payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
-        outcome = outcome, result = '@@RESULT@@', task = task_id}})
-      local i, j = string.find(ev, '"@@RESULT@@"', 1, true)
-      ev = string.sub(ev, 1, i - 1) .. result .. string.sub(ev, j + 1)
-      redis.call('XADD', KEYS[2], '*', 'event', ev)
-      redis.call('SET', reported, 'acknowledged', 'PX', ARGV[3])
-      out[r] = 'acknowledged'
-    end
-  end
-end
-return out
-"#;
+const REPORT: &str = include_str!("../scripts/lease_report.lua");
 
 /// KEYS: leases, lease events, versions, task stream, tombstone.
 /// ARGV: agent, kind, entry, now, event id, reason, tombstone value, tombstone_ttl_ms,
@@ -280,50 +74,13 @@ return out
 /// Returns 1 when the task was open and is now closed; when it had ended already (reported,
 /// closed, expired, dead-lettered), the id of the newest entry of the lease events stream
 /// (`0-0` for none): the event that ended it is at or below it.
-const CLOSE: &str = r#"
-local agent, kind, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local function ended()
-  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if #newest == 0 then return '0-0' end
-  return newest[1][1]
-end
-if redis.call('EXISTS', KEYS[5]) == 1 then return ended() end
-local p = pending(KEYS[4], id)
-local exists = #redis.call('XRANGE', KEYS[4], id, id) > 0
-if #p == 0 and not exists then return ended() end
-if #p > 0 then
-  redis.call('ZREM', KEYS[1], agent .. '.' .. kind .. '.' .. id .. '.' .. p[1][4])
-  redis.call('XACK', KEYS[4], 'agents', id)
-end
-redis.call('XDEL', KEYS[4], id)
-redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[8])
-emit(KEYS[2], KEYS[3], ARGV[5], agent .. ':' .. kind .. ':' .. id, 'lease.closed', now,
-  'system:scheduler', {agent_id = agent, kind = kind, entry = id, reason = ARGV[6],
-   task = (ARGV[9] ~= '' and ARGV[9]) or nil}, true)
-return 1
-"#;
+const CLOSE: &str = include_str!("../scripts/lease_close.lua");
 
 /// KEYS: leases, lease events, versions, task stream, tombstone, heartbeats.
 /// ARGV: token, agent, kind, entry, epoch, now, event id, tombstone_ttl_ms.
 /// Returns `expired`, `stale` (no longer that delivery: just forgotten), `alive` (the agent
 /// still heartbeats: its late report stays welcome) or `not_due`.
-const RECOVER: &str = r#"
-local token, agent, kind, id, epoch, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local score = redis.call('ZSCORE', KEYS[1], token)
-if not score or tonumber(score) > now then return 'not_due' end
-local hb = redis.call('ZSCORE', KEYS[6], agent)
-if hb and tonumber(hb) >= now then return 'alive' end
-redis.call('ZREM', KEYS[1], token)
-if fence(KEYS[4], KEYS[5], id, agent, epoch) ~= 'ok' then return 'stale' end
-local task_id = task_of_entry(KEYS[4], id)
-redis.call('XACK', KEYS[4], 'agents', id)
-redis.call('XDEL', KEYS[4], id)
-redis.call('SET', KEYS[5], 'lost', 'PX', ARGV[8])
-emit(KEYS[2], KEYS[3], ARGV[7], agent .. ':' .. kind .. ':' .. id, 'lease.expired', now,
-  'system:scheduler', {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
-   task = task_id}, true)
-return 'expired'
-"#;
+const RECOVER: &str = include_str!("../scripts/lease_recover.lua");
 
 /// What one recovery pass over a shard did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

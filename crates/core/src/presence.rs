@@ -21,61 +21,15 @@ use uuid::Uuid;
 
 use crate::keys::Keys;
 
-const STATE: &str = r#"
-local function state(hash, agent)
-  local s = redis.call('HGET', hash, agent)
-  if not s then return 'registered', 0 end
-  local sep = string.find(s, ':', 1, true)
-  return string.sub(s, 1, sep - 1), tonumber(string.sub(s, sep + 1))
-end
-local function event(id, agent, version, now, status, reason, actor)
-  return cjson.encode({event_id = id, aggregate_id = 'presence:' .. agent, version = version,
-    occurred_at = now, actor = actor, schema = 1, type = 'agent.' .. status,
-    payload = {agent_id = agent, reason = reason}})
-end
-"#;
+const STATE: &str = include_str!("../scripts/presence_state.lua");
 
 /// KEYS: heartbeats, presence, presence stream. ARGV: agent, now_ms, deadline_ms, event_id.
 /// Returns {came_online (0/1), version}.
-const HEARTBEAT: &str = r#"
-local agent, now = ARGV[1], tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], ARGV[3], agent)
-local status, version = state(KEYS[2], agent)
-if status == 'online' then return {0, version} end
-version = math.max(version + 1, now)
-redis.call('HSET', KEYS[2], agent, 'online:' .. version)
-redis.call('XADD', KEYS[3], '*', 'event',
-  event(ARGV[4], agent, version, now, 'online', 'heartbeat', 'agent:' .. agent))
-return {1, version}
-"#;
+const HEARTBEAT: &str = include_str!("../scripts/presence_heartbeat.lua");
 
 /// KEYS: heartbeats, presence, presence stream, sweeper. ARGV: now_ms, grace_ms, max,
 /// event ids (max of them). Returns {marked offline, due, resuming (0/1)}.
-const SWEEP: &str = r#"
-local now, grace, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local last = tonumber(redis.call('HGET', KEYS[4], 'last_run') or '0')
-local resumed = tonumber(redis.call('HGET', KEYS[4], 'resumed_at') or '0')
-if now - last > grace then
-  resumed = now
-  redis.call('HSET', KEYS[4], 'resumed_at', now)
-end
-redis.call('HSET', KEYS[4], 'last_run', now)
-if now - resumed < grace then return {0, 0, 1} end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - grace, 'LIMIT', 0, max)
-local marked = 0
-for _, agent in ipairs(due) do
-  redis.call('ZREM', KEYS[1], agent)
-  local status, version = state(KEYS[2], agent)
-  if status == 'online' then
-    marked = marked + 1
-    version = math.max(version + 1, now)
-    redis.call('HSET', KEYS[2], agent, 'offline:' .. version)
-    redis.call('XADD', KEYS[3], '*', 'event',
-      event(ARGV[3 + marked], agent, version, now, 'offline', 'missed_heartbeat', 'system:scheduler'))
-  end
-end
-return {marked, #due, 0}
-"#;
+const SWEEP: &str = include_str!("../scripts/presence_sweep.lua");
 
 /// What a heartbeat did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

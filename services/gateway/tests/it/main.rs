@@ -4,6 +4,5 @@
 mod agents;
 mod health;
 mod lease_api;
-mod leases;
 mod operators;
 mod process;

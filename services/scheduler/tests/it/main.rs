@@ -2,7 +2,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod checks;
-mod cluster;
 mod leases;
 mod outbox;
 mod presence;
