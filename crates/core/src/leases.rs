@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::keys::Keys;
 use checkplane_wire::leases::LeaseToken;
+use checkplane_wire::ErrorCode;
 
 const COMMON: &str = include_str!("../scripts/lease_common.lua");
 
@@ -108,8 +109,43 @@ pub struct Granted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fenced<T> {
     Ok(T),
-    /// `ERR_LEASE_LOST`, `ERR_LEASE_CLOSED` or `ERR_LEASE_UNKNOWN`.
-    Refused(String),
+    Refused(LeaseRefusal),
+}
+
+/// Why the fence refused a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseRefusal {
+    /// Another consumer holds the entry, or it was delivered again since.
+    Lost,
+    /// The task was closed (deadline, cancel).
+    Closed,
+    /// No such task.
+    Unknown,
+}
+
+impl LeaseRefusal {
+    /// Its code on the wire.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::Lost => ErrorCode::LeaseLost,
+            Self::Closed => ErrorCode::LeaseClosed,
+            Self::Unknown => ErrorCode::LeaseUnknown,
+        }
+    }
+
+    /// A script's refusal, by its wire code.
+    fn from_script(reply: &str) -> redis::RedisResult<Self> {
+        match reply.parse::<ErrorCode>() {
+            Ok(ErrorCode::LeaseLost) => Ok(Self::Lost),
+            Ok(ErrorCode::LeaseClosed) => Ok(Self::Closed),
+            Ok(ErrorCode::LeaseUnknown) => Ok(Self::Unknown),
+            _ => Err(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "a lease script answered neither a result nor a refusal",
+                reply.to_owned(),
+            ))),
+        }
+    }
 }
 
 /// One task entry.
@@ -335,13 +371,13 @@ impl Leases {
             inv.arg(t.to_string()).arg(&t.entry).arg(t.epoch);
         }
         let replies: Vec<String> = inv.invoke_async(conn).await?;
-        Ok(replies
+        replies
             .into_iter()
             .map(|r| match r.parse::<i64>() {
-                Ok(deadline) => Fenced::Ok(deadline),
-                Err(_) => Fenced::Refused(r),
+                Ok(deadline) => Ok(Fenced::Ok(deadline)),
+                Err(_) => LeaseRefusal::from_script(&r).map(Fenced::Refused),
             })
-            .collect())
+            .collect()
     }
 
     /// Report the outcome of a lease (`result` is JSON); `acknowledged`, again for a repeat.
@@ -358,7 +394,7 @@ impl Leases {
             .await?;
         Ok(replies
             .pop()
-            .unwrap_or(Fenced::Refused("ERR_LEASE_UNKNOWN".to_owned())))
+            .unwrap_or(Fenced::Refused(LeaseRefusal::Unknown)))
     }
 
     /// Report several leases of one agent in one script call; per report `acknowledged` (also
@@ -395,16 +431,16 @@ impl Leases {
                 .arg(result.to_string());
         }
         let replies: Vec<String> = inv.invoke_async(conn).await?;
-        Ok(replies
+        replies
             .into_iter()
             .map(|r| {
                 if r == "acknowledged" {
-                    Fenced::Ok(())
+                    Ok(Fenced::Ok(()))
                 } else {
-                    Fenced::Refused(r)
+                    LeaseRefusal::from_script(&r).map(Fenced::Refused)
                 }
             })
-            .collect())
+            .collect()
     }
 
     /// Close a task and fence later reports (`lease_expired` answers `ERR_LEASE_LOST`, the

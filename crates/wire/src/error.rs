@@ -3,69 +3,71 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Machine-readable error codes; clients branch on these, never on messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ErrorCode {
-    #[serde(rename = "ERR_BAD_REQUEST")]
-    BadRequest,
-    #[serde(rename = "ERR_VALIDATION")]
-    Validation,
-    #[serde(rename = "ERR_UNAUTHORIZED")]
-    Unauthorized,
-    #[serde(rename = "ERR_FORBIDDEN")]
-    Forbidden,
-    #[serde(rename = "ERR_NOT_FOUND")]
-    NotFound,
-    #[serde(rename = "ERR_METHOD_NOT_ALLOWED")]
-    MethodNotAllowed,
-    #[serde(rename = "ERR_PAYLOAD_TOO_LARGE")]
-    PayloadTooLarge,
-    #[serde(rename = "ERR_UNSUPPORTED_MEDIA_TYPE")]
-    UnsupportedMediaType,
-    #[serde(rename = "ERR_RATE_LIMITED")]
-    RateLimited,
-    #[serde(rename = "ERR_NOT_READY")]
-    NotReady,
-    #[serde(rename = "ERR_UNAVAILABLE")]
-    Unavailable,
-    #[serde(rename = "ERR_INTERNAL")]
-    Internal,
-    /// A check target in a private, loopback, link-local, multicast or reserved range.
-    #[serde(rename = "ERR_TARGET_FORBIDDEN")]
-    TargetForbidden,
-    /// No online agent matches a check's selection.
-    #[serde(rename = "ERR_NO_AGENTS")]
-    NoAgents,
-    /// The request conflicts with what exists (a name in use).
-    #[serde(rename = "ERR_CONFLICT")]
-    Conflict,
-    /// An HAProxy instance cannot be commanded now (its node's agent is offline, or its
-    /// circuit breaker is open).
-    #[serde(rename = "ERR_INSTANCE_UNAVAILABLE")]
-    InstanceUnavailable,
+/// The enum, its wire names, [`ErrorCode::as_str`] and [`ErrorCode::ALL`] from one list, so
+/// that no code can be missing from any of them.
+macro_rules! error_codes {
+    ($( $(#[doc = $doc:literal])* $variant:ident => $code:literal, )*) => {
+        /// Machine-readable error codes; clients branch on these, never on messages.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum ErrorCode {
+            $( $(#[doc = $doc])* #[serde(rename = $code)] $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in the order declared.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The code as it appears on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( Self::$variant => $code, )*
+                }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// The code as it appears on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::BadRequest => "ERR_BAD_REQUEST",
-            Self::Validation => "ERR_VALIDATION",
-            Self::Unauthorized => "ERR_UNAUTHORIZED",
-            Self::Forbidden => "ERR_FORBIDDEN",
-            Self::NotFound => "ERR_NOT_FOUND",
-            Self::MethodNotAllowed => "ERR_METHOD_NOT_ALLOWED",
-            Self::PayloadTooLarge => "ERR_PAYLOAD_TOO_LARGE",
-            Self::UnsupportedMediaType => "ERR_UNSUPPORTED_MEDIA_TYPE",
-            Self::RateLimited => "ERR_RATE_LIMITED",
-            Self::NotReady => "ERR_NOT_READY",
-            Self::Unavailable => "ERR_UNAVAILABLE",
-            Self::Internal => "ERR_INTERNAL",
-            Self::TargetForbidden => "ERR_TARGET_FORBIDDEN",
-            Self::NoAgents => "ERR_NO_AGENTS",
-            Self::Conflict => "ERR_CONFLICT",
-            Self::InstanceUnavailable => "ERR_INSTANCE_UNAVAILABLE",
-        }
+error_codes! {
+    BadRequest => "ERR_BAD_REQUEST",
+    Validation => "ERR_VALIDATION",
+    Unauthorized => "ERR_UNAUTHORIZED",
+    Forbidden => "ERR_FORBIDDEN",
+    NotFound => "ERR_NOT_FOUND",
+    MethodNotAllowed => "ERR_METHOD_NOT_ALLOWED",
+    PayloadTooLarge => "ERR_PAYLOAD_TOO_LARGE",
+    UnsupportedMediaType => "ERR_UNSUPPORTED_MEDIA_TYPE",
+    RateLimited => "ERR_RATE_LIMITED",
+    NotReady => "ERR_NOT_READY",
+    Unavailable => "ERR_UNAVAILABLE",
+    Internal => "ERR_INTERNAL",
+    /// A check target in a private, loopback, link-local, multicast or reserved range.
+    TargetForbidden => "ERR_TARGET_FORBIDDEN",
+    /// No online agent matches a check's selection.
+    NoAgents => "ERR_NO_AGENTS",
+    /// The request conflicts with what exists (a name in use).
+    Conflict => "ERR_CONFLICT",
+    /// An HAProxy instance cannot be commanded now (its node's agent is offline, or its
+    /// circuit breaker is open).
+    InstanceUnavailable => "ERR_INSTANCE_UNAVAILABLE",
+    /// A lease token's entry is held by another consumer or was delivered again since (per
+    /// token in an extend or report answer).
+    LeaseLost => "ERR_LEASE_LOST",
+    /// A lease token's task was closed (its deadline passed, or it was cancelled).
+    LeaseClosed => "ERR_LEASE_CLOSED",
+    /// A lease token names no task there is.
+    LeaseUnknown => "ERR_LEASE_UNKNOWN",
+}
+
+impl std::str::FromStr for ErrorCode {
+    type Err = ();
+
+    /// A wire name back to its code.
+    fn from_str(code: &str) -> Result<Self, ()> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|c| c.as_str() == code)
+            .ok_or(())
     }
 }
 
@@ -108,23 +110,17 @@ mod tests {
     }
 
     #[test]
-    fn as_str_matches_serde_name() {
-        for code in [
-            ErrorCode::BadRequest,
-            ErrorCode::Validation,
-            ErrorCode::Unauthorized,
-            ErrorCode::Forbidden,
-            ErrorCode::NotFound,
-            ErrorCode::MethodNotAllowed,
-            ErrorCode::PayloadTooLarge,
-            ErrorCode::UnsupportedMediaType,
-            ErrorCode::RateLimited,
-            ErrorCode::NotReady,
-            ErrorCode::Unavailable,
-            ErrorCode::Internal,
-        ] {
+    fn every_code_serialises_as_its_wire_name_and_parses_back() {
+        assert!(ErrorCode::ALL.len() >= 19);
+        let mut seen = std::collections::HashSet::new();
+        for &code in ErrorCode::ALL {
             let json = serde_json::to_value(code).unwrap();
             assert_eq!(json, serde_json::Value::String(code.as_str().to_owned()));
+            assert_eq!(serde_json::from_value::<ErrorCode>(json).unwrap(), code);
+            assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
+            assert!(code.as_str().starts_with("ERR_"), "{code:?}");
+            assert!(seen.insert(code.as_str()), "{} twice", code.as_str());
         }
+        assert_eq!("ERR_NOPE".parse::<ErrorCode>(), Err(()));
     }
 }

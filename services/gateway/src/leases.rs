@@ -123,11 +123,29 @@ async fn claim(
         // gateway) become idle enough to be handed back: look again every LEASE_TTL, so a
         // restarted agent gets them within about one term rather than at its next claim.
         let recheck = tokio::time::Instant::now() + app.config.lease_ttl;
+        let _waiting = Waiting::start();
         tokio::select! {
             _ = rung => {}
             _ = app.shutdown.cancelled() => return Ok(Json(ClaimResponse { leases: Vec::new() })),
             _ = tokio::time::sleep_until(deadline.min(recheck)) => {}
         }
+    }
+}
+
+/// A claim in its wait, counted by `checkplane_claims_waiting` while it lives (however the
+/// wait ends: woken, timed out, or the client gone and the request dropped).
+struct Waiting;
+
+impl Waiting {
+    fn start() -> Self {
+        metrics::gauge!("checkplane_claims_waiting").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::gauge!("checkplane_claims_waiting").decrement(1.0);
     }
 }
 
@@ -187,11 +205,11 @@ async fn extend(
                     status: None,
                     error: None,
                 },
-                Fenced::Refused(code) => TokenOutcome {
+                Fenced::Refused(refusal) => TokenOutcome {
                     token,
                     new_deadline_ms: None,
                     status: None,
-                    error: Some(code),
+                    error: Some(refusal.code().as_str().to_owned()),
                 },
             })
             .collect(),
@@ -252,11 +270,11 @@ async fn report(
                 status: Some("acknowledged".to_owned()),
                 error: None,
             },
-            Fenced::Refused(code) => TokenOutcome {
+            Fenced::Refused(refusal) => TokenOutcome {
                 token: text,
                 new_deadline_ms: None,
                 status: None,
-                error: Some(code),
+                error: Some(refusal.code().as_str().to_owned()),
             },
         });
     }

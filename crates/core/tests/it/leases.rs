@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use checkplane_core::keys::Keys;
 use checkplane_core::leases::{
-    CloseReason, Fenced, LeaseSettings, Leases, NewTask, TaskClosed, TaskRef,
+    CloseReason, Fenced, LeaseRefusal, LeaseSettings, Leases, NewTask, TaskClosed, TaskRef,
 };
 use checkplane_testkit::servers::RedisCluster;
 use checkplane_testkit::{eventually, TestRedis};
@@ -84,7 +84,7 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
             .report(conn, &forged, "finished", &result, now())
             .await
             .unwrap(),
-        Fenced::Refused("ERR_LEASE_LOST".into())
+        Fenced::Refused(LeaseRefusal::Lost)
     );
     assert_eq!(
         leases
@@ -108,7 +108,7 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
             .report(conn, &unknown, "finished", &result, now())
             .await
             .unwrap(),
-        Fenced::Refused("ERR_LEASE_UNKNOWN".into())
+        Fenced::Refused(LeaseRefusal::Unknown)
     );
 
     // Closing an open lease fences its report; closing twice is a no-op.
@@ -132,14 +132,14 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
             .report(conn, &other, "finished", &result, now())
             .await
             .unwrap(),
-        Fenced::Refused("ERR_LEASE_CLOSED".into())
+        Fenced::Refused(LeaseRefusal::Closed)
     );
     assert_eq!(
         leases
             .extend(conn, "agent-a", &[other], now())
             .await
             .unwrap(),
-        [Fenced::Refused("ERR_LEASE_CLOSED".into())]
+        [Fenced::Refused(LeaseRefusal::Closed)]
     );
 
     let n = keys.shard_of("agent-a");
@@ -153,7 +153,7 @@ async fn lease_cycle(conn: &mut impl ConnectionLike, keys: Keys) {
             .report(conn, &third, "finished", &result, now())
             .await
             .unwrap(),
-        Fenced::Refused("ERR_LEASE_LOST".into())
+        Fenced::Refused(LeaseRefusal::Lost)
     );
     let live: i64 = redis::cmd("ZCARD")
         .arg(keys.leases(n))
@@ -306,14 +306,14 @@ async fn lost_leases_come_back_with_a_new_epoch_and_the_old_one_is_fenced() {
             .report(&mut conn, &old, "finished", &result, now())
             .await
             .unwrap(),
-        Fenced::Refused("ERR_LEASE_LOST".into())
+        Fenced::Refused(LeaseRefusal::Lost)
     );
     assert_eq!(
         leases
             .extend(&mut conn, "agent-b", &[old], now())
             .await
             .unwrap(),
-        [Fenced::Refused("ERR_LEASE_LOST".into())]
+        [Fenced::Refused(LeaseRefusal::Lost)]
     );
     assert_eq!(
         leases
@@ -524,7 +524,7 @@ async fn tasks_by_id(conn: &mut (impl ConnectionLike + Clone + Send), keys: Keys
             .report(conn, &token, "finished", &result, now())
             .await
             .unwrap(),
-        Fenced::Refused("ERR_LEASE_CLOSED".into())
+        Fenced::Refused(LeaseRefusal::Closed)
     );
     let newest = last_entry_id(conn, &keys, agent).await;
     assert_eq!(

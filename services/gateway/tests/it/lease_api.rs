@@ -148,7 +148,17 @@ async fn a_waiting_claim_is_woken_by_new_work() {
             )
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the claim start waiting
+    // The claim is in its wait (it found nothing) before the work arrives: so only the
+    // doorbell can answer it before its 15 s are over.
+    let metrics = gw.running.url("/metrics");
+    eventually("the claim waiting", Duration::from_secs(10), || async {
+        checkplane_testkit::metrics_text(&metrics)
+            .await
+            .lines()
+            .any(|l| l == "checkplane_claims_waiting 1")
+            .then_some(())
+    })
+    .await;
     let mut conn = gw.redis.connection().await;
     let enqueued = Instant::now();
     leases
@@ -158,11 +168,20 @@ async fn a_waiting_claim_is_woken_by_new_work() {
     let (status, body, answered) = waiting.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(body["leases"].as_array().unwrap().len(), 1, "{body}");
-    // Woken by the doorbell, not by the end of its 15 s wait.
-    assert!(answered.duration_since(started) < Duration::from_secs(10));
-    eprintln!(
-        "woken {:?} after the enqueue",
-        answered.duration_since(enqueued)
+    // Woken by the doorbell: not by the end of its 15 s wait, nor by its look again after a
+    // lease TTL (30 s here).
+    let woken = answered.duration_since(enqueued);
+    assert!(
+        woken < Duration::from_secs(5),
+        "answered {woken:?} after the enqueue, {:?} after the claim",
+        answered.duration_since(started)
+    );
+    let metrics_after = checkplane_testkit::metrics_text(&metrics).await;
+    assert!(
+        metrics_after
+            .lines()
+            .any(|l| l == "checkplane_claims_waiting 0"),
+        "the wait is over"
     );
 
     // With nothing to do, a claim answers empty when its wait is over.

@@ -301,7 +301,7 @@ async fn an_agent_that_still_heartbeats_keeps_its_expired_lease() {
         .unwrap();
     assert_eq!(
         report,
-        checkplane_core::leases::Fenced::Refused("ERR_LEASE_LOST".into())
+        checkplane_core::leases::Fenced::Refused(checkplane_core::leases::LeaseRefusal::Lost)
     );
 }
 

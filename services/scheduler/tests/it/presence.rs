@@ -163,4 +163,42 @@ async fn presence_versions_only_grow() {
         again.came_online && again.version > first.version,
         "{again:?}"
     );
+
+    // Gateways' clocks differ: a heartbeat stamped at or before the agent's last version (the
+    // offline mark of a sweeper whose clock runs ahead) still gets a greater one.
+    let shard = presence.keys().shard_of("v");
+    for at in [20_000, 20_900, 21_800] {
+        // The first sweep notes that sweeping resumed; one a grace later marks.
+        presence
+            .sweep(&mut conn, shard, at, 1_000, 10)
+            .await
+            .unwrap();
+    }
+    let offline: String = redis::cmd("HGET")
+        .arg(presence.keys().presence(shard))
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        offline, "offline:21800",
+        "marked offline at the sweeper's time"
+    );
+    // Below the last version, then exactly at it.
+    for (clock, want) in [(15_000, 21_801), (21_801, 21_802)] {
+        let back = presence
+            .heartbeat(&mut conn, "v", clock, 100)
+            .await
+            .unwrap();
+        assert!(back.came_online, "{back:?}");
+        assert_eq!(back.version, want, "clock {clock}");
+        // Offline again for the next round, at the same version as a sweeper would.
+        let _: () = redis::cmd("HSET")
+            .arg(presence.keys().presence(shard))
+            .arg("v")
+            .arg(format!("offline:{}", back.version))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
 }
