@@ -1076,7 +1076,7 @@ async fn final_states(deps: &Deps) -> BTreeMap<String, String> {
         let reply = tokio::task::spawn_blocking(move || ha.command("show servers state be"))
             .await
             .unwrap_or_default();
-        if let Ok(servers) = checkplane_wire::haproxy_replies::parse_servers_state(&reply) {
+        if let Ok(servers) = checkplane_haproxy::replies::parse_servers_state(&reply) {
             for s in servers {
                 out.insert(
                     format!("{label}/{}/{}", s.backend, s.server),

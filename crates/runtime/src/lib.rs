@@ -6,7 +6,6 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "stores")]
 pub mod db;
-pub mod haproxy_socket;
 pub mod health;
 pub mod http;
 pub mod launch;

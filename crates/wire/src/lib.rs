@@ -6,7 +6,6 @@ pub mod checks;
 pub mod error;
 pub mod events;
 pub mod haproxy;
-pub mod haproxy_replies;
 pub mod health;
 pub mod leases;
 pub mod operators;

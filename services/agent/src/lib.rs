@@ -61,7 +61,7 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// `AGENT_HAPROXY_SOCKET`: this host's HAProxy Runtime API (a unix socket path or
     /// `host:port`), to which the agent relays commands (tasks of kind `haproxy`).
-    pub haproxy_socket: Option<checkplane_runtime::haproxy_socket::Endpoint>,
+    pub haproxy_socket: Option<checkplane_haproxy::socket::Endpoint>,
 }
 
 fn dns_proxy_settings(env: &mut Env) -> Result<Option<dns_proxy::Settings>, ConfigError> {
@@ -197,9 +197,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
             }
             let size = env.u64_in("AGENT_POOL_HAPROXY_SIZE", 2, 1, 16)?;
             sizes.insert("haproxy", u32::try_from(size).unwrap_or(2));
-            Some(checkplane_runtime::haproxy_socket::Endpoint::parse(
-                &address,
-            ))
+            Some(checkplane_haproxy::socket::Endpoint::parse(&address))
         }
         None => {
             if env.opt_string("AGENT_POOL_HAPROXY_SIZE").is_some() {

@@ -1,7 +1,7 @@
 //! The relay to this host's HAProxy: with `AGENT_HAPROXY_SOCKET` set, the agent takes tasks
 //! of kind `haproxy` (Runtime API commands from the haproxy-sync owning the instance) and
 //! sends each to that one socket, reporting the raw reply. Only the commands checkplane sends
-//! are relayed ([`checkplane_wire::haproxy::relayable`]); the socket is the agent's own
+//! are relayed ([`checkplane_haproxy::relay::relayable`]); the socket is the agent's own
 //! setting, never the task's, so no task reaches any other HAProxy.
 //!
 //! Relayed commands are request and answer, not measurements: they run outside the
@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use checkplane_runtime::haproxy_socket::{self, Endpoint, Limits};
-use checkplane_wire::haproxy::{
+use checkplane_haproxy::relay::{
     relayable, settle, RelayedCommand, RelayedSettle, MAX_RELAYED_THEN,
 };
+use checkplane_haproxy::socket::{self as haproxy_socket, Endpoint, Limits};
 use serde_json::{json, Value};
 
 use crate::check::Outcome;

@@ -42,7 +42,7 @@ pub struct Pools {
 const RUNS: [&str; 6] = ["dns", "http", "tcp", "ping", "trace", RELAY_KIND];
 
 /// Relayed Runtime API commands (see [`relay`]).
-const RELAY_KIND: &str = checkplane_wire::haproxy::RELAY_KIND;
+const RELAY_KIND: &str = checkplane_haproxy::relay::RELAY_KIND;
 
 impl Pools {
     /// The kinds declared (run by this build and of a size above 0), with their sizes.
@@ -72,7 +72,7 @@ pub struct Settings {
     /// How long running checks may go on after shutdown begins.
     pub drain: Duration,
     /// This host's HAProxy Runtime API, when the agent relays commands to it.
-    pub haproxy_socket: Option<checkplane_runtime::haproxy_socket::Endpoint>,
+    pub haproxy_socket: Option<checkplane_haproxy::socket::Endpoint>,
 }
 
 /// A call to the control plane that did not work.
@@ -341,7 +341,7 @@ struct Shared {
 
 /// The relayed commands' own workers and wake-up.
 struct RelayLane {
-    endpoint: checkplane_runtime::haproxy_socket::Endpoint,
+    endpoint: checkplane_haproxy::socket::Endpoint,
     pool: Arc<Semaphore>,
     freed: Notify,
 }

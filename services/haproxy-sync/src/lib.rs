@@ -3,7 +3,7 @@
 pub mod actions;
 pub mod breaker;
 pub mod relay;
-pub use checkplane_wire::haproxy_replies as replies;
+pub use checkplane_haproxy::replies;
 pub mod runtime_api;
 pub mod sync;
 

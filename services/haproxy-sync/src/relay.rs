@@ -13,9 +13,9 @@
 use std::time::{Duration, Instant};
 
 use checkplane_core::leases::{CloseReason, Leases};
+use checkplane_haproxy::relay::{RelayedCommand, RelayedSettle, Settle, RELAY_KIND};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::stores::Stores;
-use checkplane_wire::haproxy::{RelayedCommand, RelayedSettle, Settle, RELAY_KIND};
 
 use crate::runtime_api::{settle_by_commands, ApiError, Reply, Transport};
 

@@ -8,10 +8,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use checkplane_wire::haproxy::Settle;
+use checkplane_haproxy::relay::Settle;
 
-pub use checkplane_runtime::haproxy_socket::Endpoint;
-use checkplane_runtime::haproxy_socket::{self, Limits};
+pub use checkplane_haproxy::socket::Endpoint;
+use checkplane_haproxy::socket::{self as haproxy_socket, Limits};
 
 use crate::replies::{self, Info, Malformed, ServerState, StatRow};
 
@@ -49,7 +49,7 @@ pub type Reply<'a, T> = Pin<Box<dyn Future<Output = Result<T, ApiError>> + Send 
 pub trait Transport: Send + Sync {
     fn send<'a>(&'a self, command: &'a str) -> Reply<'a, String>;
 
-    /// Run `settle` ([`checkplane_wire::haproxy::settle`]) with no command sent at or after
+    /// Run `settle` ([`checkplane_haproxy::relay::settle`]) with no command sent at or after
     /// `not_after` (the lease margin: a set must reach HAProxy while the instance is ours):
     /// the raw replies. A transport with a cost per trip (the agent's) runs it in one.
     fn settle<'a>(
@@ -67,7 +67,7 @@ pub async fn settle_by_commands<T: Transport + ?Sized>(
     settle: &Settle,
     not_after: Instant,
 ) -> Result<Vec<Option<String>>, ApiError> {
-    checkplane_wire::haproxy::settle(settle, |line| async move {
+    checkplane_haproxy::relay::settle(settle, |line| async move {
         if Instant::now() >= not_after {
             return Err(ApiError::Unreachable(
                 "the lease margin ran out before the command was sent".to_owned(),
@@ -173,7 +173,7 @@ impl Client {
             .transport
             .send(&format!(
                 "{}{command}",
-                checkplane_wire::haproxy::SEVERITY_PREFIX
+                checkplane_haproxy::relay::SEVERITY_PREFIX
             ))
             .await?;
         interpret(&raw)

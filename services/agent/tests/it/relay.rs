@@ -1,6 +1,6 @@
 //! The relay's settle against a real HAProxy.
 
-use checkplane_runtime::haproxy_socket::Endpoint;
+use checkplane_haproxy::socket::Endpoint;
 use checkplane_testkit::haproxy::Haproxy;
 use serde_json::json;
 

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use checkplane_core::keys::Keys;
 use checkplane_core::leases::{LeaseSettings, Leases};
+use checkplane_haproxy::relay::{RelayedCommand, RELAY_KIND, SEVERITY_PREFIX};
 use checkplane_runtime::Env;
 use checkplane_testkit::haproxy::Haproxy;
 use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
-use checkplane_wire::haproxy::{RelayedCommand, RELAY_KIND, SEVERITY_PREFIX};
 use serde_json::{json, Value};
 
 use crate::actions::{act, act_done, admin_bits_in, failed_at_once, settled};
@@ -427,7 +427,7 @@ fn older_agent(
     let log = asked.clone();
     let task = tokio::spawn(async move {
         let http = reqwest::Client::new();
-        let endpoint = checkplane_runtime::haproxy_socket::Endpoint::Unix(socket);
+        let endpoint = checkplane_haproxy::socket::Endpoint::Unix(socket);
         let (beat, claim, report) = (
             format!("{base}/v1/agents/heartbeat"),
             format!("{base}/v1/agents/claim"),

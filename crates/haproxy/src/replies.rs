@@ -25,7 +25,7 @@ fn malformed(command: &'static str, why: impl Into<String>) -> Malformed {
 
 /// A raw reply as HAProxy meant it: its text (ending in one newline), or its error
 /// (`[3]: No such server.`) as the message. Every command is sent after the severity prefix
-/// ([`crate::haproxy::SEVERITY_PREFIX`]), whose own (empty) reply comes first; a blank line
+/// ([`crate::relay::SEVERITY_PREFIX`]), whose own (empty) reply comes first; a blank line
 /// ends the reply.
 pub fn reply_body(raw: &str) -> Result<String, String> {
     let body = raw.strip_prefix('\n').unwrap_or(raw);
