@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::events::Location;
-
-/// Check kinds an agent can run.
-pub const KINDS: [&str; 6] = ["dns", "http", "tcp", "ping", "trace", "haproxy"];
+use crate::kinds::Kind;
 
 /// Limits on what an agent may declare.
 pub mod limits {
@@ -243,10 +241,10 @@ impl RegisterRequest {
             return Err(Invalid::new("capabilities", "declare at least one kind"));
         }
         for (kind, capacity) in &self.capabilities {
-            if !KINDS.contains(&kind.as_str()) {
+            if kind.parse::<Kind>().is_err() {
                 return Err(Invalid::new(
                     format!("capabilities.{}", kind.chars().take(32).collect::<String>()),
-                    format!("unknown kind; expected one of {}", KINDS.join(", ")),
+                    format!("unknown kind; expected one of {}", Kind::names(&Kind::ALL)),
                 ));
             }
             if *capacity == 0 || *capacity > limits::CAPACITY {

@@ -8,10 +8,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::kinds::Kind;
 use crate::targets::{self, Forbidden};
 
-/// Kinds a check may have (`haproxy` tasks are not checks).
-pub const CHECK_KINDS: [&str; 5] = ["dns", "http", "tcp", "ping", "trace"];
 /// Most location entries in one check.
 pub const MAX_LOCATIONS: usize = 16;
 /// Most agents one check may run on.
@@ -510,16 +509,19 @@ fn bounded_text(field: &str, value: &str, max: usize) -> Result<String, CheckErr
 impl CreateCheckRequest {
     /// The check to run and where, or what is wrong (the field named).
     pub fn validate(&self, allow_private: bool) -> Result<(CheckSpec, Selection), CheckError> {
-        let spec = match self.kind.as_str() {
-            "dns" => dns(&self.target, &self.options, allow_private),
-            "http" => http(&self.target, &self.options, allow_private),
-            "tcp" => tcp(&self.target, &self.options, allow_private),
-            "ping" => ping(&self.target, &self.options, allow_private),
-            "trace" => trace(&self.target, &self.options, allow_private),
-            _ => Err(invalid(format!(
+        let unknown = || {
+            invalid(format!(
                 "kind: expected one of {}",
-                CHECK_KINDS.join(", ")
-            ))),
+                Kind::names(&Kind::CHECKS)
+            ))
+        };
+        let spec = match self.kind.parse::<Kind>().map_err(|()| unknown())? {
+            Kind::Dns => dns(&self.target, &self.options, allow_private),
+            Kind::Http => http(&self.target, &self.options, allow_private),
+            Kind::Tcp => tcp(&self.target, &self.options, allow_private),
+            Kind::Ping => ping(&self.target, &self.options, allow_private),
+            Kind::Trace => trace(&self.target, &self.options, allow_private),
+            Kind::Haproxy => Err(unknown()),
         }?;
         let mut spec = spec;
         spec.timeout_ms = match self.timeout_ms {

@@ -42,7 +42,7 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// The task kind that carries Runtime API commands to the agent on an HAProxy host.
-pub const RELAY_KIND: &str = "haproxy";
+pub const RELAY_KIND: &str = crate::kinds::Kind::Haproxy.as_str();
 
 /// `POST /v1/haproxy/instances`.
 #[derive(Debug, Clone, Deserialize, Serialize)]

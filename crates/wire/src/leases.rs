@@ -1,7 +1,8 @@
 //! Lease tokens: `<agent>.<kind>.<entry-id>.<epoch>`, where the epoch is Redis's delivery count
 //! of the entry, so no agent clock matters.
 
-use crate::agents::{limits, AgentId, Invalid, KINDS};
+use crate::agents::{limits, AgentId, Invalid};
+use crate::kinds::Kind;
 
 /// A parsed lease token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -35,7 +36,7 @@ impl LeaseToken {
             return Err(bad());
         };
         let agent = AgentId::parse(agent).map_err(|_| bad())?;
-        let kind = KINDS.iter().find(|k| **k == kind).ok_or_else(bad)?;
+        let kind = kind.parse::<Kind>().map_err(|()| bad())?.as_str();
         let (ms, seq) = entry.split_once('-').ok_or_else(bad)?;
         if ms.is_empty()
             || seq.is_empty()

@@ -7,6 +7,7 @@ pub mod error;
 pub mod events;
 pub mod haproxy;
 pub mod health;
+pub mod kinds;
 pub mod leases;
 pub mod operators;
 pub mod targets;

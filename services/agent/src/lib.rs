@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use checkplane_runtime::health::{Health, Probe};
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError};
+use checkplane_wire::kinds::Kind;
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,14 +29,17 @@ use tokio_util::sync::CancellationToken;
 /// The binary's name.
 pub const NAME: &str = "agent";
 
-/// Each kind's pool size unless `AGENT_POOL_<KIND>_SIZE` says otherwise.
-const POOL_DEFAULTS: [(&str, u64); 5] = [
-    ("dns", 32),
-    ("http", 16),
-    ("tcp", 16),
-    ("ping", 8),
-    ("trace", 4),
-];
+/// Each check kind's pool size unless `AGENT_POOL_<KIND>_SIZE` says otherwise.
+fn pool_default(kind: Kind) -> u64 {
+    match kind {
+        Kind::Dns => 32,
+        Kind::Http | Kind::Tcp => 16,
+        Kind::Ping => 8,
+        Kind::Trace => 4,
+        // Only with AGENT_HAPROXY_SOCKET.
+        Kind::Haproxy => 2,
+    }
+}
 
 /// The agent's configuration.
 #[derive(Debug, Clone)]
@@ -177,10 +181,10 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         return Err(ConfigError::new("AGENT_HOSTNAME", "1 to 253 characters"));
     }
     let mut sizes = std::collections::BTreeMap::new();
-    for (kind, default) in POOL_DEFAULTS {
-        let name = format!("AGENT_POOL_{}_SIZE", kind.to_ascii_uppercase());
-        let size = env.u64_in(&name, default, 0, 1024)?;
-        sizes.insert(kind, u32::try_from(size).unwrap_or(0));
+    for kind in Kind::CHECKS {
+        let name = format!("AGENT_POOL_{}_SIZE", kind.as_str().to_ascii_uppercase());
+        let size = env.u64_in(&name, pool_default(kind), 0, 1024)?;
+        sizes.insert(kind.as_str(), u32::try_from(size).unwrap_or(0));
     }
     let haproxy_socket = env.opt_string("AGENT_HAPROXY_SOCKET");
     let haproxy_socket = match haproxy_socket {
@@ -195,8 +199,13 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
                     "an absolute unix socket path or host:port",
                 ));
             }
-            let size = env.u64_in("AGENT_POOL_HAPROXY_SIZE", 2, 1, 16)?;
-            sizes.insert("haproxy", u32::try_from(size).unwrap_or(2));
+            let size = env.u64_in(
+                "AGENT_POOL_HAPROXY_SIZE",
+                pool_default(Kind::Haproxy),
+                1,
+                16,
+            )?;
+            sizes.insert(Kind::Haproxy.as_str(), u32::try_from(size).unwrap_or(2));
             Some(checkplane_haproxy::socket::Endpoint::parse(&address))
         }
         None => {

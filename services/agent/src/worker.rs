@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use checkplane_wire::checks::{task_id, TaskSpec};
+use checkplane_wire::kinds::Kind;
 use checkplane_wire::leases::api::{
     Cancelled, ClaimResponse, Completed, Lease, ReportRequest, TokenOutcomes,
 };
@@ -38,9 +39,6 @@ pub struct Pools {
     pub max_inflight: u32,
 }
 
-/// The kinds this build runs.
-const RUNS: [&str; 6] = ["dns", "http", "tcp", "ping", "trace", RELAY_KIND];
-
 /// Relayed Runtime API commands (see [`relay`]).
 const RELAY_KIND: &str = checkplane_haproxy::relay::RELAY_KIND;
 
@@ -49,7 +47,8 @@ impl Pools {
     pub fn declared(&self) -> BTreeMap<&'static str, u32> {
         self.sizes
             .iter()
-            .filter(|(kind, size)| **size > 0 && RUNS.contains(kind))
+            // This build runs every kind there is.
+            .filter(|(kind, size)| **size > 0 && kind.parse::<Kind>().is_ok())
             .map(|(kind, size)| (*kind, *size))
             .collect()
     }
@@ -846,8 +845,15 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check:
     let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
     let margin = (left / 5).min(REPORT_MARGIN);
     let timeout = left.saturating_sub(margin).min(MAX_CHECK);
+    let Ok(kind) = kind.parse::<Kind>() else {
+        return check::Outcome::failed(
+            "ERR_UNSUPPORTED",
+            format!("this agent does not run {kind} checks"),
+            json!({}),
+        );
+    };
     match kind {
-        "tcp" => {
+        Kind::Tcp => {
             let Some(port) = spec
                 .options
                 .get("port")
@@ -864,16 +870,16 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check:
             )
             .await
         }
-        "dns" => {
+        Kind::Dns => {
             let question = dns::Question::from_spec(&spec.target, &spec.options);
             dns::check(&question, timeout, shared.settings.allow_private_targets).await
         }
-        "http" => {
+        Kind::Http => {
             let request = http::Request::from_spec(&spec.target, &spec.options);
             let allow = shared.settings.allow_private_targets;
             http::check(&request, timeout, allow, shared.roots.clone()).await
         }
-        "ping" => {
+        Kind::Ping => {
             let packets = spec
                 .options
                 .get("packets")
@@ -884,7 +890,7 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check:
             let kinds = [icmp::Kind::Raw, icmp::Kind::Datagram];
             ping::check(&spec.target, packets, timeout, allow, &kinds).await
         }
-        "trace" => {
+        Kind::Trace => {
             let probe = trace::Probe::from_options(&spec.options);
             let target = spec.target.clone();
             let allow = shared.settings.allow_private_targets;
@@ -895,9 +901,10 @@ async fn execute(shared: &Shared, kind: &str, spec: Option<&TaskSpec>) -> check:
                 check::Outcome::failed("ERR_INTERNAL", format!("trace: {e}"), json!({}))
             })
         }
-        other => check::Outcome::failed(
-            "ERR_UNSUPPORTED",
-            format!("this agent does not run {other} checks"),
+        // Relayed commands never come here (see `relay`).
+        Kind::Haproxy => check::Outcome::failed(
+            "ERR_BAD_SPEC",
+            "a relayed command is not a check",
             json!({}),
         ),
     }

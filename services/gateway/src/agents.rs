@@ -380,7 +380,7 @@ async fn list(
         bind("asn = {}", Box::new(i64::from(asn)));
     }
     if let Some(kind) = q.capability {
-        if !checkplane_wire::agents::KINDS.contains(&kind.as_str()) {
+        if kind.parse::<checkplane_wire::kinds::Kind>().is_err() {
             return Err(ApiError::validation("capability: unknown kind"));
         }
         bind("capabilities ? {}", Box::new(kind));

@@ -536,7 +536,10 @@ async fn list(
         }
     }
     if let Some(kind) = &q.kind {
-        if !checkplane_wire::checks::CHECK_KINDS.contains(&kind.as_str()) {
+        if !kind
+            .parse::<checkplane_wire::kinds::Kind>()
+            .is_ok_and(checkplane_wire::kinds::Kind::is_check)
+        {
             return Err(ApiError::validation("kind: unknown kind"));
         }
     }

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use checkplane_core::leases::{Fenced, Granted};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson};
-use checkplane_wire::agents::KINDS;
+use checkplane_wire::kinds::Kind;
 use checkplane_wire::leases::api::{
     ClaimRequest, ClaimResponse, ExtendRequest, Lease, ReportRequest, TokenOutcome, TokenOutcomes,
     MAX_CLAIM, MAX_TOKENS,
@@ -76,7 +76,7 @@ async fn claim(
     let mut capacities: Vec<(&'static str, u32)> = Vec::new();
     let mut total: u32 = 0;
     for (kind, count) in &request.capacities {
-        let Some(kind) = KINDS.iter().find(|k| *k == kind) else {
+        let Ok(kind) = kind.parse::<Kind>().map(Kind::as_str) else {
             return Err(ApiError::validation(format!(
                 "capacities.{}: unknown kind",
                 kind.chars().take(32).collect::<String>()
