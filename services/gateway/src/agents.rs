@@ -7,7 +7,6 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::agents::{
@@ -19,6 +18,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::auth::{hash_secret, AgentIdentity, Enrollment, Viewer};
+use crate::edge::Written;
 use crate::paging::{check_window, Page, RFC3339};
 use crate::state::AppState;
 
@@ -254,20 +254,12 @@ async fn register(
         })),
     };
     let stream = app.keys.events("agents");
-    outbox::append(&tx, &event, &stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     tx.commit().await?;
     drop(client);
     app.auth_cache.forget(&agent_id);
-    outbox::publish(
-        &app.stores.pg,
-        &app.stores.redis,
-        &stream,
-        &event,
-        PUBLISH_TIMEOUT,
-    )
-    .await;
+    written.publish_now(&app).await;
 
     tracing::info!(%agent_id, rotated, "agent registered");
     let status = if rotated {

@@ -16,7 +16,7 @@ use checkplane_wire::ErrorCode;
 use serde::Serialize;
 
 use crate::auth::{Admin, Viewer};
-use crate::haproxy::{append, publish};
+use crate::edge::Written;
 use crate::paging::PageQuery;
 use crate::paging::{check_window, Page, RFC3339};
 use crate::state::AppState;
@@ -123,7 +123,8 @@ async fn create_application(
     {
         return Err(name_taken("application", row.get(0)));
     }
-    append(&tx, &event, &stream).await?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     let row = tx
         .query_one(
             &format!(
@@ -134,7 +135,7 @@ async fn create_application(
         .await?;
     tx.commit().await?;
     drop(client);
-    publish(&app, &stream, &event).await;
+    written.publish(&app);
     tracing::info!(application_id = %id, %name, "application created");
     Ok((StatusCode::CREATED, Json(application(&row))))
 }
@@ -306,13 +307,14 @@ async fn create_group(
             applications,
         }),
     );
-    append(&tx, &event, &stream).await?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     let row = tx
         .query_one(&group_query("WHERE g.group_id = $1"), &[&id])
         .await?;
     tx.commit().await?;
     drop(client);
-    publish(&app, &stream, &event).await;
+    written.publish(&app);
     tracing::info!(group_id = %id, %name, "application group created");
     Ok((StatusCode::CREATED, Json(group(&row))))
 }

@@ -26,6 +26,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::auth::{Operator, Viewer};
+use crate::edge::Written;
 use crate::paging::{check_millis, check_window, Page, RFC3339};
 use crate::state::AppState;
 
@@ -163,9 +164,8 @@ async fn create(
         operator.caller.actor(),
         EventBody::CheckCreated(Box::new(created.clone())),
     );
-    outbox::append(&tx, &event, &stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     tx.commit().await?;
     drop(client);
     tracing::info!(%check_id, kind = %spec.kind, agents = agents_count, "check created");
@@ -178,12 +178,7 @@ async fn create(
     match fanned {
         // The tasks are with the agents: the answer need not wait for the event's publication
         // (the outbox row stays until it is done, and the sweep finishes it after a crash).
-        Ok(Ok(())) => {
-            let (pg, redis) = (app.stores.pg.clone(), app.stores.redis.clone());
-            tokio::spawn(async move {
-                outbox::publish(&pg, &redis, &stream, &event, PUBLISH_TIMEOUT).await
-            });
-        }
+        Ok(Ok(())) => written.publish(&app),
         Ok(Err(error)) => {
             tracing::warn!(%check_id, %error, "fan-out left to the outbox sweep");
         }
@@ -440,10 +435,9 @@ async fn cancel(
             EventBody::CheckCancelled(CheckCancelled { check_id: id }),
         )
     });
+    let mut written = Written::new();
     if let Some(event) = &event {
-        outbox::append(&tx, event, &stream)
-            .await
-            .map_err(|e| ApiError::internal(&e))?;
+        written.append(&tx, &stream, event).await?;
     }
     let open = tx
         .query(
@@ -456,15 +450,8 @@ async fn cancel(
     drop(client);
     if let Some(event) = &event {
         tracing::info!(check_id = %id, actor = %event.actor, "check cancelled");
-        outbox::publish(
-            &app.stores.pg,
-            &app.stores.redis,
-            &stream,
-            event,
-            PUBLISH_TIMEOUT,
-        )
-        .await;
     }
+    written.publish_now(&app).await;
     let closes = open.iter().map(|slot| {
         let (n, attempt, agent): (i32, i32, String) = (slot.get(0), slot.get(1), slot.get(2));
         let (leases, kind) = (&app.leases, &kind);

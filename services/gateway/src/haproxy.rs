@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
+use checkplane_core::outbox;
 use checkplane_runtime::db::{Params, Sql};
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::events::{EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved};
@@ -17,6 +17,7 @@ use checkplane_wire::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Admin, Viewer};
+use crate::edge::Written;
 use crate::paging::{check_window, Page, PageQuery, RFC3339};
 use crate::state::AppState;
 
@@ -150,11 +151,12 @@ async fn mark_node(
             enabled: request.enabled,
         }),
     );
-    append(&tx, &event, &stream).await?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     let view = node_view(&*tx, &id).await?;
     tx.commit().await?;
     drop(client);
-    publish(&app, &stream, &event).await;
+    written.publish(&app);
     tracing::info!(server_id = %id, enabled = request.enabled, "HAProxy node marked");
     Ok(Json(view))
 }
@@ -344,7 +346,8 @@ async fn request_one(
             },
         )),
     );
-    append(&tx, &event, &stream).await?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     let row = tx
         .query_one(
             &format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE action_id = $1"),
@@ -353,7 +356,7 @@ async fn request_one(
         .await?;
     tx.commit().await?;
     drop(client);
-    publish(app, &stream, &event).await;
+    written.publish(app);
     tracing::info!(%action_id, server_id = %id, action, "HAProxy action requested");
     Ok(action_view(&row))
 }
@@ -558,27 +561,6 @@ async fn action(
     }
 }
 
-/// Record, apply and keep for publishing `event` inside the command's transaction.
-pub(crate) async fn append(
-    tx: &deadpool_postgres::Transaction<'_>,
-    event: &checkplane_wire::events::Event,
-    stream: &str,
-) -> Result<(), ApiError> {
-    outbox::append(tx, event, stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))
-}
-
-/// After commit: publish `event` in the background (the outbox sweep does it should this
-/// fail); the answer does not wait for the stream.
-pub(crate) async fn publish(app: &AppState, stream: &str, event: &checkplane_wire::events::Event) {
-    let (pg, redis) = (app.stores.pg.clone(), app.stores.redis.clone());
-    let (stream, event) = (stream.to_owned(), event.clone());
-    tokio::spawn(async move {
-        outbox::publish(&pg, &redis, &stream, &event, PUBLISH_TIMEOUT).await;
-    });
-}
-
 /// An instance as operators read it.
 #[derive(Debug, Serialize)]
 struct InstanceView {
@@ -679,7 +661,8 @@ async fn register(
             )));
         }
     }
-    append(&tx, &event, &stream).await?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     let row = tx
         .query_one(
             &format!("SELECT {INSTANCE_COLUMNS} FROM haproxy_instances WHERE instance_id = $1"),
@@ -688,7 +671,7 @@ async fn register(
         .await?;
     tx.commit().await?;
     drop(client);
-    publish(&app, &stream, &event).await;
+    written.publish(&app);
     tracing::info!(%instance_id, %name, "HAProxy instance registered");
     Ok((StatusCode::CREATED, Json(instance(&row))))
 }
@@ -760,10 +743,11 @@ async fn remove(
             instance_id: id.clone(),
         }),
     );
-    append(&tx, &event, &stream).await?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     tx.commit().await?;
     drop(client);
-    publish(&app, &stream, &event).await;
+    written.publish(&app);
     tracing::info!(instance_id = %id, "HAProxy instance removed");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod checks;
 pub mod cli;
 pub mod config;
+mod edge;
 pub mod geoip;
 pub mod haproxy;
 pub mod leases;
@@ -76,6 +77,7 @@ pub async fn run(
                 shutdown: shutdown.clone(),
                 action_waiters: Arc::new(tokio::sync::Semaphore::new(haproxy::MAX_ACTION_WAITERS)),
                 live_streams,
+                tracker: tracker.clone(),
             });
             agents::router()
                 .merge(leases::router())

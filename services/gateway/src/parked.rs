@@ -29,6 +29,7 @@ use checkplane_wire::events::{
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Admin;
+use crate::edge::Written;
 use crate::paging::{check_window, Page, PageQuery};
 use crate::state::AppState;
 
@@ -158,9 +159,8 @@ async fn requeue_held(
             actor,
             EventBody::DeadLetterRequeued(handled(letter, None)),
         );
-        outbox::append(&tx, &audit, &admin_stream)
-            .await
-            .map_err(|e| ApiError::internal(&e))?;
+        let mut written = Written::new();
+        written.append(&tx, &admin_stream, &audit).await?;
         if !parked
             .requeue_anonymous(&mut app.stores.redis_shared.clone(), letter)
             .await?
@@ -169,7 +169,7 @@ async fn requeue_held(
         }
         tx.commit().await?;
         drop(client);
-        publish(app, &admin_stream, &[audit]).await;
+        written.publish_now(app).await;
         return Ok(Requeued {
             id: letter.id.clone(),
             attempt: None,
@@ -232,12 +232,11 @@ async fn requeue_held(
         EventBody::DeadLetterRequeued(handled(letter, Some(attempt + 1))),
     );
     let checks_stream = app.keys.events("checks");
-    outbox::append(&tx, &retried, &checks_stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
-    outbox::append(&tx, &audit, &admin_stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let (mut retried_written, mut audited) = (Written::new(), Written::new());
+    retried_written
+        .append(&tx, &checks_stream, &retried)
+        .await?;
+    audited.append(&tx, &admin_stream, &audit).await?;
     tx.commit().await?;
     drop(client);
     // The new attempt's task, then the dead letter out of the way. Should this gateway fail
@@ -248,7 +247,7 @@ async fn requeue_held(
     )
     .await;
     if matches!(added, Ok(Ok(()))) {
-        publish(app, &checks_stream, &[retried]).await;
+        retried_written.publish_now(app).await;
     }
     // Done whatever happens now: a letter left behind is refused next time (its slot has
     // moved on) and can be dropped.
@@ -258,22 +257,11 @@ async fn requeue_held(
     {
         tracing::warn!(id = %letter.id, %error, "requeued, but the dead letter was not removed");
     }
-    publish(app, &admin_stream, &[audit]).await;
+    audited.publish_now(app).await;
     Ok(Requeued {
         id: letter.id.clone(),
         attempt: Some(attempt + 1),
     })
-}
-
-async fn publish(app: &AppState, stream: &str, events: &[Event]) {
-    outbox::publish_all(
-        &app.stores.pg,
-        &app.stores.redis,
-        stream,
-        events,
-        PUBLISH_TIMEOUT,
-    )
-    .await;
 }
 
 /// Drop one dead letter; a check slot still waiting for it ends `dead_lettered`.
@@ -290,7 +278,7 @@ async fn discard_held(app: &AppState, actor: &str, letter: &DeadLetter) -> Resul
     let checks_stream = app.keys.events("checks");
     let mut client = app.stores.pg.get().await?;
     let tx = client.transaction().await?;
-    let mut events = Vec::new();
+    let mut written = Written::new();
     if let Some((check, slot, attempt)) = letter.task.as_deref().and_then(parse_task_id) {
         let waiting = tx
             .query_opt(
@@ -312,10 +300,7 @@ async fn discard_held(app: &AppState, actor: &str, letter: &DeadLetter) -> Resul
                     slots: vec![(slot, attempt)],
                 }),
             );
-            outbox::append(&tx, &closed, &checks_stream)
-                .await
-                .map_err(|e| ApiError::internal(&e))?;
-            events.push((checks_stream.clone(), closed));
+            written.append(&tx, &checks_stream, &closed).await?;
         }
     }
     let audit = admin_event(
@@ -323,10 +308,7 @@ async fn discard_held(app: &AppState, actor: &str, letter: &DeadLetter) -> Resul
         actor,
         EventBody::DeadLetterDropped(handled(letter, None)),
     );
-    outbox::append(&tx, &audit, &admin_stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
-    events.push((admin_stream, audit));
+    written.append(&tx, &admin_stream, &audit).await?;
     // Committed before Redis is asked, so no check row is locked across it (the claim keeps
     // other requests off this letter meanwhile).
     tx.commit().await?;
@@ -334,9 +316,7 @@ async fn discard_held(app: &AppState, actor: &str, letter: &DeadLetter) -> Resul
     parked
         .remove(&mut app.stores.redis_shared.clone(), letter)
         .await?;
-    for (stream, event) in events {
-        publish(app, &stream, &[event]).await;
-    }
+    written.publish_now(app).await;
     Ok(())
 }
 
@@ -511,11 +491,10 @@ async fn drop_failure(
             error: row.get(3),
         }),
     );
-    outbox::append(&tx, &event, &stream)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let mut written = Written::new();
+    written.append(&tx, &stream, &event).await?;
     tx.commit().await?;
     drop(client);
-    publish(&app, &stream, &[event]).await;
+    written.publish_now(&app).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -46,4 +46,7 @@ pub struct Shared {
     pub action_waiters: Arc<tokio::sync::Semaphore>,
     /// Bounds the live streams open at once (`GATEWAY_MAX_LIVE_STREAMS`).
     pub live_streams: Arc<tokio::sync::Semaphore>,
+    /// The service's tasks: what a request leaves running (a publication) is waited for at
+    /// shutdown.
+    pub tracker: tokio_util::task::TaskTracker,
 }
