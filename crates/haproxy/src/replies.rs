@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use checkplane_wire::events::ObservedServer;
+
 /// A reply that does not have the expected shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unexpected reply to {command}: {why}")]
@@ -272,6 +274,22 @@ pub fn parse_stat(reply: &str) -> Result<Vec<StatRow>, Malformed> {
         ));
     }
     Ok(rows)
+}
+
+/// What HAProxy says of one server: its `show servers state` line and, when read, its
+/// `show stat` row (status, check and sessions).
+pub fn observed(state: &ServerState, stat: Option<&StatRow>) -> ObservedServer {
+    ObservedServer {
+        address: state.address.clone(),
+        port: state.port,
+        weight: state.weight,
+        op_state: op_state_name(state.op_state).to_owned(),
+        admin_state: state.admin_state.name().to_owned(),
+        admin_bits: state.admin_state.0,
+        status: stat.and_then(|r| r.status()).map(str::to_owned),
+        check_status: stat.and_then(|r| r.get("check_status")).map(str::to_owned),
+        scur: stat.and_then(|r| r.scur()),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 mod edge;
 pub mod geoip;
 pub mod haproxy;
@@ -71,8 +72,8 @@ pub async fn run(
                 leases: Leases::new(keys.clone(), lease_settings),
                 doorbell,
                 keys,
-                auth_cache: Arc::new(auth::AuthCache::new(config.auth_cache_ttl)),
-                key_cache: Arc::new(auth::KeyCache::new(config.auth_cache_ttl)),
+                auth_cache: Arc::new(credentials::AuthCache::new(config.auth_cache_ttl)),
+                key_cache: Arc::new(credentials::KeyCache::new(config.auth_cache_ttl)),
                 config,
                 shutdown: shutdown.clone(),
                 action_waiters: Arc::new(tokio::sync::Semaphore::new(haproxy::MAX_ACTION_WAITERS)),

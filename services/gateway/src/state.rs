@@ -37,8 +37,8 @@ pub struct Shared {
     pub leases: Leases,
     pub doorbell: Doorbell,
     pub config: Arc<Config>,
-    pub auth_cache: Arc<crate::auth::AuthCache>,
-    pub key_cache: Arc<crate::auth::KeyCache>,
+    pub auth_cache: Arc<crate::credentials::AuthCache>,
+    pub key_cache: Arc<crate::credentials::KeyCache>,
     /// Fires at shutdown: waiting claims answer at once.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Bounds the requests waiting for an HAProxy action to end (each holds a Redis

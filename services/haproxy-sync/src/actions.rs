@@ -27,8 +27,8 @@ use checkplane_wire::events::{
 use serde_json::{json, Value};
 
 use crate::breaker::Breaker;
+use crate::error::SyncError;
 use crate::runtime_api::{ApiError, Client, Target};
-use crate::sync::SyncError;
 
 /// How actions run.
 #[derive(Debug, Clone)]
@@ -328,7 +328,7 @@ async fn attempt(
             .show_stat_server(&action.backend, after.server_id)
             .await?;
     }
-    let mut observed = crate::sync::observed(&after, stat.as_ref());
+    let mut observed = checkplane_haproxy::replies::observed(&after, stat.as_ref());
     observed.scur = scur.or(observed.scur);
     Ok((detail, observed))
 }

@@ -2,6 +2,7 @@
 
 pub mod actions;
 pub mod breaker;
+pub mod error;
 pub mod relay;
 pub use checkplane_haproxy::replies;
 pub mod runtime_api;

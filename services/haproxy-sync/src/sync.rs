@@ -30,7 +30,6 @@ use checkplane_wire::events::{
 use checkplane_wire::haproxy::{poll_event_id, server_id};
 use futures::StreamExt;
 
-use crate::replies::{op_state_name, ServerState, StatRow};
 use crate::runtime_api::{ApiError, Client, Direct, Endpoint, Transport};
 
 /// How sync runs.
@@ -56,23 +55,7 @@ struct Instance {
     node: Option<String>,
 }
 
-/// Why a round failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error("PostgreSQL")]
-    Pg(#[from] tokio_postgres::Error),
-    #[error("PostgreSQL pool")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    #[error("Redis")]
-    Redis(#[from] redis::RedisError),
-    #[error("applying events")]
-    Apply(#[from] checkplane_core::projection::ApplyError),
-    #[error("HAProxy")]
-    Api(#[from] ApiError),
-    /// Another replica took the instance (a newer fencing token): this one stops.
-    #[error("fenced: instance {0} has a newer owner")]
-    Fenced(String),
-}
+pub use crate::error::SyncError;
 
 /// What one poll found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -558,22 +541,6 @@ fn restarted(before: (Option<i64>, Option<i64>), now: (Option<i64>, Option<i64>)
         || matches!((old_uptime, uptime), (Some(o), Some(n)) if n < o)
 }
 
-/// What HAProxy says of one server: its `show servers state` line and, when read, its
-/// `show stat` row (status, check and sessions).
-pub(crate) fn observed(state: &ServerState, stat: Option<&StatRow>) -> ObservedServer {
-    ObservedServer {
-        address: state.address.clone(),
-        port: state.port,
-        weight: state.weight,
-        op_state: op_state_name(state.op_state).to_owned(),
-        admin_state: state.admin_state.name().to_owned(),
-        admin_bits: state.admin_state.0,
-        status: stat.and_then(|r| r.status()).map(str::to_owned),
-        check_status: stat.and_then(|r| r.get("check_status")).map(str::to_owned),
-        scur: stat.and_then(|r| r.scur()),
-    }
-}
-
 /// Poll one instance and record what changed.
 pub async fn poll(
     stores: &Stores,
@@ -595,7 +562,10 @@ pub async fn poll(
         .iter()
         .map(|s| {
             let row = stat.get(&(s.backend.as_str(), s.server.as_str())).copied();
-            ((s.backend.clone(), s.server.clone()), observed(s, row))
+            (
+                (s.backend.clone(), s.server.clone()),
+                checkplane_haproxy::replies::observed(s, row),
+            )
         })
         .collect();
 
@@ -844,7 +814,7 @@ async fn reapply(
         if settled.already {
             continue;
         }
-        let observed = observed(&settled.after, settled.stat.as_ref());
+        let observed = checkplane_haproxy::replies::observed(&settled.after, settled.stat.as_ref());
         let mut client = stores.pg.get().await?;
         let tx = client.transaction().await?;
         let poll: i64 = tx
