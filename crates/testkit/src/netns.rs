@@ -8,10 +8,19 @@ pub struct Netns {
     pub name: String,
 }
 
-/// Why namespaces cannot be made here (printed by a test that skips).
+/// Why namespaces cannot be made here, if they cannot.
 pub fn unavailable() -> Option<String> {
     let probe = Netns::try_new("probe").err()?;
     Some(probe)
+}
+
+/// Fail the test, saying why, when namespaces cannot be made here: a test that needs them
+/// never passes without having run (the suite runs as root, with iproute2, under
+/// `./stand test`).
+pub fn require() {
+    if let Some(why) = unavailable() {
+        panic!("this test needs network namespaces (root and iproute2), which this machine refuses: {why}");
+    }
 }
 
 impl Netns {

@@ -57,10 +57,7 @@ fn trace_from(ns: &Netns, target: &'static str, probe: Probe) -> Value {
 
 #[test]
 fn every_router_of_the_chain_is_a_hop_for_icmp_udp_and_tcp() {
-    if let Some(why) = netns::unavailable() {
-        eprintln!("skipped: no network namespaces here ({why})");
-        return;
-    }
+    netns::require();
     let chain = chain();
     for (probe, name) in [
         (Probe::Icmp, "icmp"),
@@ -96,10 +93,7 @@ fn every_router_of_the_chain_is_a_hop_for_icmp_udp_and_tcp() {
 
 #[test]
 fn loopback_is_one_hop_and_unreachable_targets_end_at_the_bound() {
-    if let Some(why) = netns::unavailable() {
-        eprintln!("skipped: no network namespaces here ({why})");
-        return;
-    }
+    netns::require();
     let ns = Netns::new("lo");
     let r = trace_from(&ns, "127.0.0.1", Probe::Icmp);
     assert_eq!(r["reached"], true, "{r}");
