@@ -2,7 +2,7 @@
 //! agent: the severity prefix every command carries, the relayed task specs, the one exchange
 //! of an action ([`settle`]) and the allow-list a relaying agent checks ([`relayable`]).
 
-use checkplane_wire::haproxy::valid_name;
+use checkplane_wire::haproxy::{valid_name, ServerState};
 use serde::{Deserialize, Serialize};
 
 /// What every command starts with, so that HAProxy's errors read `[3]: message`.
@@ -50,7 +50,7 @@ impl Settle {
         if !valid_name(&self.backend) || !valid_name(&self.server) {
             return Err("backend, server: not valid proxy or server names".into());
         }
-        if !["ready", "drain", "maint"].contains(&self.state.as_str()) {
+        if self.state.parse::<ServerState>().is_err() {
             return Err("state: expected ready, drain or maint".into());
         }
         Ok(())
@@ -172,7 +172,7 @@ pub fn relayable(line: &str) -> bool {
                 && id.bytes().all(|b| b.is_ascii_digit())
         }
         ["set", "server", target, "state", state] => {
-            ["ready", "drain", "maint"].contains(state)
+            state.parse::<ServerState>().is_ok()
                 && target
                     .split_once('/')
                     .is_some_and(|(b, s)| valid_name(b) && valid_name(s))

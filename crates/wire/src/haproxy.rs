@@ -44,6 +44,72 @@ pub fn valid_name(name: &str) -> bool {
 /// The task kind that carries Runtime API commands to the agent on an HAProxy host.
 pub const RELAY_KIND: &str = crate::kinds::Kind::Haproxy.as_str();
 
+/// A server state an action asks for (`set server <b>/<s> state <it>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerState {
+    Ready,
+    Drain,
+    Maint,
+}
+
+impl ServerState {
+    pub const ALL: [ServerState; 3] = [ServerState::Ready, ServerState::Drain, ServerState::Maint];
+
+    /// Its name in the API and in HAProxy's command.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Drain => "drain",
+            Self::Maint => "maint",
+        }
+    }
+}
+
+impl std::str::FromStr for ServerState {
+    type Err = ();
+
+    fn from_str(name: &str) -> Result<Self, ()> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name).ok_or(())
+    }
+}
+
+/// How haproxy-sync reaches an instance's Runtime API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Its socket, from haproxy-sync's host.
+    Direct,
+    /// Through the agent on the HAProxy node, as leased tasks.
+    Agent,
+}
+
+impl Transport {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Agent => "agent",
+        }
+    }
+
+    /// A stored or asked-for name; anything but `agent` is [`Transport::Direct`]'s business
+    /// to refuse where it is read ([`RegisterInstance::validate`]).
+    pub fn is_agent(name: &str) -> bool {
+        name == Self::Agent.as_str()
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = ();
+
+    fn from_str(name: &str) -> Result<Self, ()> {
+        [Self::Direct, Self::Agent]
+            .into_iter()
+            .find(|t| t.as_str() == name)
+            .ok_or(())
+    }
+}
+
 /// `POST /v1/haproxy/instances`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -68,28 +134,31 @@ impl RegisterInstance {
         if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
             return Err("name: 1-128 characters, no control characters".into());
         }
-        let transport = self.transport.as_deref().unwrap_or("direct");
-        if !["direct", "agent"].contains(&transport) {
+        let transport = self
+            .transport
+            .as_deref()
+            .unwrap_or(Transport::Direct.as_str());
+        let Ok(kind) = transport.parse::<Transport>() else {
             return Err("transport: expected direct or agent".into());
-        }
+        };
         let address = self.address.trim();
         let path_like = address.starts_with('/') && address.len() <= 100 && !address.contains('\0');
         let host_port = address.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && host.len() <= 255 && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
-        match transport {
-            "agent" if !(address.is_empty() || path_like) => {
+        match kind {
+            Transport::Agent if !(address.is_empty() || path_like) => {
                 return Err(
                     "address: empty, or the unix socket path on the node (absolute, at most 100 characters)"
                         .into(),
                 )
             }
-            "direct" if !(path_like || host_port) => {
+            Transport::Direct if !(path_like || host_port) => {
                 return Err("address: host:port or an absolute unix socket path".into())
             }
             _ => {}
         }
-        if transport == "agent" && self.node.is_none() {
+        if kind == Transport::Agent && self.node.is_none() {
             return Err(
                 "node: required with transport agent (the agent on the HAProxy host)".into(),
             );
@@ -232,7 +301,7 @@ pub const MAX_DRAIN_WAIT_MS: u64 = 300_000;
 
 impl ActionRequest {
     pub fn validate(&self) -> Result<(), String> {
-        if !["drain", "maint", "ready"].contains(&self.action.as_str()) {
+        if self.action.parse::<ServerState>().is_err() {
             return Err("action: expected drain, maint or ready".into());
         }
         let key = &self.idempotency_key;
@@ -257,6 +326,22 @@ impl ActionRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_states_and_transports_have_one_name_each() {
+        for state in ServerState::ALL {
+            assert_eq!(state.as_str().parse::<ServerState>(), Ok(state));
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::Value::String(state.as_str().to_owned())
+            );
+        }
+        assert_eq!("stopped".parse::<ServerState>(), Err(()));
+        for transport in [Transport::Direct, Transport::Agent] {
+            assert_eq!(transport.as_str().parse::<Transport>(), Ok(transport));
+        }
+        assert!(Transport::is_agent("agent") && !Transport::is_agent("direct"));
+    }
 
     #[test]
     fn ids_are_stable_and_distinct() {

@@ -12,7 +12,7 @@ use checkplane_core::outbox;
 use checkplane_runtime::db::{Params, Sql};
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::events::{EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved};
-use checkplane_wire::haproxy::RegisterInstance;
+use checkplane_wire::haproxy::{RegisterInstance, Transport};
 use checkplane_wire::ErrorCode;
 use serde::{Deserialize, Serialize};
 
@@ -181,7 +181,7 @@ async fn reachable(
     transport: &str,
     node: Option<&str>,
 ) -> Result<(), ApiError> {
-    let (true, Some(node)) = (transport == "agent", node) else {
+    let (true, Some(node)) = (Transport::is_agent(transport), node) else {
         return Ok(());
     };
     let unavailable = |why: String| {
@@ -611,7 +611,7 @@ async fn register(
     let (name, transport, address, node) = request.validate().map_err(ApiError::validation)?;
     let instance_id = format!("hpi-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
     // The node an instance with transport `agent` is reached through.
-    let through_agent = node.clone().filter(|_| transport == "agent");
+    let through_agent = node.clone().filter(|_| Transport::is_agent(&transport));
     let stream = app.keys.events("haproxy");
     let event = outbox::new_event(
         format!("haproxy:{instance_id}"),

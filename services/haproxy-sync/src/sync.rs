@@ -27,7 +27,7 @@ use checkplane_runtime::stores::Stores;
 use checkplane_wire::events::{
     Event, EventBody, HaproxyServerMissing, HaproxyServerObserved, ObservedServer, SCHEMA,
 };
-use checkplane_wire::haproxy::{poll_event_id, server_id};
+use checkplane_wire::haproxy::{poll_event_id, server_id, Transport as Reached};
 use futures::StreamExt;
 
 use crate::runtime_api::{ApiError, Client, Direct, Endpoint, Transport};
@@ -164,8 +164,9 @@ impl Sync {
             .get(&instance.id)
             .is_none_or(|(known, _)| *known != route);
         if fresh {
-            let transport: Box<dyn Transport> = match (&*instance.transport, &instance.node) {
-                ("agent", Some(node)) => Box::new(crate::relay::Relay {
+            let reached = instance.transport.parse::<Reached>();
+            let transport: Box<dyn Transport> = match (reached, &instance.node) {
+                (Ok(Reached::Agent), Some(node)) => Box::new(crate::relay::Relay {
                     stores: self.stores.clone(),
                     leases: self.leases.clone(),
                     instance: instance.id.clone(),
@@ -359,7 +360,7 @@ impl Sync {
                 continue;
             }
             // Through a node's agent each probe is a leased task (two lease events): less often.
-            let every = if instance.transport == "agent" {
+            let every = if Reached::is_agent(&instance.transport) {
                 self.settings.reload_probe * RELAYED_PROBE_FACTOR
             } else {
                 self.settings.reload_probe
@@ -395,7 +396,7 @@ impl Sync {
             self.settings.read_timeout + Duration::from_secs(5),
         );
         let answers = futures::stream::iter(probed.into_iter().map(|(instance, api)| async move {
-            let budget = if instance.transport == "agent" {
+            let budget = if Reached::is_agent(&instance.transport) {
                 relayed
             } else {
                 direct
