@@ -6,6 +6,7 @@
 //! right after the commit), the outbox sweep publishes: an event is never lost with the process.
 
 use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
+use checkplane_core::projection::ApplyError;
 use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::ApiError;
 use checkplane_runtime::Stores;
@@ -16,7 +17,7 @@ use crate::state::AppState;
 /// A command's events, appended in its transaction and published after its commit.
 #[derive(Debug, Default)]
 #[must_use = "what is appended is published after the commit"]
-pub(crate) struct Written {
+pub struct Written {
     /// `(stream, event)`, in the order appended.
     events: Vec<(String, Event)>,
 }
@@ -33,9 +34,20 @@ impl Written {
         stream: &str,
         event: &Event,
     ) -> Result<(), ApiError> {
-        outbox::append(tx, event, stream)
+        self.record(tx, stream, event)
             .await
-            .map_err(|e| ApiError::internal(&e))?;
+            .map_err(|e| ApiError::internal(&e))
+    }
+
+    /// [`Written::append`] for code outside a request (the `keys` command shares it): the
+    /// projection's own error.
+    pub(crate) async fn record(
+        &mut self,
+        tx: &impl Sql,
+        stream: &str,
+        event: &Event,
+    ) -> Result<(), ApplyError> {
+        outbox::append(tx, event, stream).await?;
         self.events.push((stream.to_owned(), event.clone()));
         Ok(())
     }

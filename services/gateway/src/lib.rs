@@ -8,7 +8,7 @@ pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod credentials;
-mod edge;
+pub mod edge;
 pub mod geoip;
 pub mod haproxy;
 pub mod leases;

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use base64::Engine;
-use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
+use checkplane_core::outbox;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::events::{Event, EventBody, KeyCreated, KeyRevoked};
 use checkplane_wire::operators::{
@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tokio_postgres::types::ToSql;
 
 use crate::auth::{hash_secret, Admin};
+use crate::edge::Written;
 use crate::paging::{check_millis, check_window, Page, RFC3339};
 use crate::state::AppState;
 
@@ -75,7 +76,7 @@ pub async fn create_key(
     name: &str,
     role: Role,
     actor: &str,
-) -> Result<(CreatedKey, Event), KeyError> {
+) -> Result<(CreatedKey, Written), KeyError> {
     let tx = client.transaction().await?;
     let key_id = loop {
         let id: String = random_bytes::<6>()?
@@ -101,7 +102,8 @@ pub async fn create_key(
             key_hash: hash_secret(&key),
         }),
     );
-    outbox::append(&tx, &event, stream).await?;
+    let mut written = Written::new();
+    written.record(&tx, stream, &event).await?;
     tx.commit().await?;
     tracing::info!(%key_id, name, %role, actor, "API key created");
     Ok((
@@ -111,7 +113,7 @@ pub async fn create_key(
             role,
             key,
         },
-        event,
+        written,
     ))
 }
 
@@ -121,7 +123,7 @@ pub async fn revoke_key(
     stream: &str,
     key_id: &str,
     actor: &str,
-) -> Result<Option<Event>, KeyError> {
+) -> Result<Option<Written>, KeyError> {
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
@@ -140,10 +142,11 @@ pub async fn revoke_key(
             key_id: key_id.to_owned(),
         }),
     );
-    outbox::append(&tx, &event, stream).await?;
+    let mut written = Written::new();
+    written.record(&tx, stream, &event).await?;
     tx.commit().await?;
     tracing::info!(%key_id, actor, "API key revoked");
-    Ok(Some(event))
+    Ok(Some(written))
 }
 
 /// Every key, newest first (never the keys themselves).
@@ -181,17 +184,10 @@ async fn create(
     let (name, role) = request.validate().map_err(ApiError::validation)?;
     let stream = app.keys.events("admin");
     let mut client = app.stores.pg.get().await?;
-    let (created, event) =
+    let (created, written) =
         create_key(&mut client, &stream, &name, role, &admin.caller.actor()).await?;
     drop(client);
-    outbox::publish(
-        &app.stores.pg,
-        &app.stores.redis,
-        &stream,
-        &event,
-        PUBLISH_TIMEOUT,
-    )
-    .await;
+    written.publish_now(&app).await;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -214,18 +210,11 @@ async fn revoke(
     }
     let stream = app.keys.events("admin");
     let mut client = app.stores.pg.get().await?;
-    let event = revoke_key(&mut client, &stream, &key_id, &admin.caller.actor()).await?;
+    let written = revoke_key(&mut client, &stream, &key_id, &admin.caller.actor()).await?;
     drop(client);
     app.key_cache.forget(&key_id);
-    if let Some(event) = event {
-        outbox::publish(
-            &app.stores.pg,
-            &app.stores.redis,
-            &stream,
-            &event,
-            PUBLISH_TIMEOUT,
-        )
-        .await;
+    if let Some(written) = written {
+        written.publish_now(&app).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
