@@ -38,13 +38,10 @@ impl LeaseToken {
         let agent = AgentId::parse(agent).map_err(|_| bad())?;
         let kind = kind.parse::<Kind>().map_err(|()| bad())?.as_str();
         let (ms, seq) = entry.split_once('-').ok_or_else(bad)?;
-        if ms.is_empty()
-            || seq.is_empty()
-            || ms.len() > 20
-            || seq.len() > 20
-            || !ms.bytes().all(|b| b.is_ascii_digit())
-            || !seq.bytes().all(|b| b.is_ascii_digit())
-        {
+        // As Redis writes stream ids: decimal u64s without leading zeros, so that no two
+        // texts name one entry (Redis reads `01-0` as `1-0`).
+        let canonical = |n: &str| n.parse::<u64>().is_ok_and(|v| v.to_string() == n);
+        if !canonical(ms) || !canonical(seq) {
             return Err(bad());
         }
         let epoch: u64 = epoch.parse().map_err(|_| bad())?;
@@ -106,10 +103,79 @@ mod tests {
             "a b.dns.1-0.1",
             "a.dns.1-0.-1",
             "a.dns.1-0.99999999999999999999999",
+            "a.dns.01-0.1",
+            "a.dns.1-00.1",
+            "a.dns.+1-0.1",
+            "a.dns.18446744073709551616-0.1",
         ] {
             assert!(LeaseToken::parse(bad).is_err(), "{bad:?}");
         }
         assert!(LeaseToken::parse(&format!("a.dns.1-0.{}", "1".repeat(300))).is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn token() -> impl Strategy<Value = String> {
+            (
+                "agt-[a-z0-9]{1,32}",
+                proptest::sample::select(Kind::ALL.to_vec()),
+                0u64..u64::MAX,
+                0u64..1_000,
+                1u64..u64::MAX,
+            )
+                .prop_map(|(agent, kind, ms, seq, epoch)| {
+                    format!("{agent}.{kind}.{ms}-{seq}.{epoch}")
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// A token as the gateway makes it parses to the same text.
+            #[test]
+            fn a_well_formed_token_round_trips(text in token()) {
+                let parsed = LeaseToken::parse(&text).unwrap();
+                prop_assert_eq!(parsed.to_string(), text);
+            }
+
+            /// Whatever a client sends: an answer, never a panic; and what parses is exactly
+            /// what it prints, its entry id as Redis writes it (no two texts name one lease).
+            #[test]
+            fn any_text_is_refused_or_canonical(text in ".{0,200}") {
+                if let Ok(parsed) = LeaseToken::parse(&text) {
+                    prop_assert_eq!(parsed.to_string(), text);
+                    let (ms, seq) = parsed.entry.split_once('-').unwrap();
+                    prop_assert_eq!(ms.parse::<u64>().unwrap().to_string(), ms);
+                    prop_assert_eq!(seq.parse::<u64>().unwrap().to_string(), seq);
+                }
+            }
+
+            /// A good token with a byte changed, cut or added: refused, or canonical.
+            #[test]
+            fn a_damaged_token_is_refused_or_canonical(
+                text in token(),
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+                how in 0u8..3,
+            ) {
+                let mut bytes = text.into_bytes();
+                let i = at.index(bytes.len());
+                match how {
+                    0 => bytes[i] = byte,
+                    1 => bytes.truncate(i),
+                    _ => bytes.insert(i, byte),
+                }
+                let damaged = String::from_utf8_lossy(&bytes).into_owned();
+                if let Ok(parsed) = LeaseToken::parse(&damaged) {
+                    prop_assert_eq!(&parsed.to_string(), &damaged);
+                    let (ms, seq) = parsed.entry.split_once('-').unwrap();
+                    prop_assert_eq!(ms.parse::<u64>().unwrap().to_string(), ms);
+                    prop_assert_eq!(seq.parse::<u64>().unwrap().to_string(), seq);
+                }
+            }
+        }
     }
 }
 
