@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::agents::Invalid;
+
 /// Namespace of the derived ids (a fixed random UUID).
 const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5f0c_2b7e_9a41_4d3c_8e6f_1a2b_3c4d_5e6f);
 
@@ -127,53 +129,71 @@ pub struct RegisterInstance {
     pub node: Option<String>,
 }
 
+/// A [`RegisterInstance`] that passed [`RegisterInstance::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInstance {
+    /// Trimmed, 1-128 characters.
+    pub name: String,
+    pub transport: Transport,
+    /// `host:port` or a socket path (direct); empty or the socket path on the node (agent).
+    pub address: String,
+    /// The agent on the HAProxy host (required with [`Transport::Agent`]).
+    pub node: Option<String>,
+}
+
 impl RegisterInstance {
     /// Check every field; the error names it.
-    pub fn validate(&self) -> Result<(String, String, String, Option<String>), String> {
+    pub fn parse(&self) -> Result<NewInstance, Invalid> {
         let name = self.name.trim();
         if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-            return Err("name: 1-128 characters, no control characters".into());
+            return Err(Invalid::new(
+                "name",
+                "1-128 characters, no control characters",
+            ));
         }
         let transport = self
             .transport
             .as_deref()
-            .unwrap_or(Transport::Direct.as_str());
-        let Ok(kind) = transport.parse::<Transport>() else {
-            return Err("transport: expected direct or agent".into());
-        };
+            .unwrap_or(Transport::Direct.as_str())
+            .parse::<Transport>()
+            .map_err(|()| Invalid::new("transport", "expected direct or agent"))?;
         let address = self.address.trim();
         let path_like = address.starts_with('/') && address.len() <= 100 && !address.contains('\0');
         let host_port = address.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && host.len() <= 255 && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
-        match kind {
+        match transport {
             Transport::Agent if !(address.is_empty() || path_like) => {
-                return Err(
-                    "address: empty, or the unix socket path on the node (absolute, at most 100 characters)"
-                        .into(),
-                )
+                return Err(Invalid::new(
+                    "address",
+                    "empty, or the unix socket path on the node (absolute, at most 100 characters)",
+                ))
             }
             Transport::Direct if !(path_like || host_port) => {
-                return Err("address: host:port or an absolute unix socket path".into())
+                return Err(Invalid::new(
+                    "address",
+                    "host:port or an absolute unix socket path",
+                ))
             }
             _ => {}
         }
-        if kind == Transport::Agent && self.node.is_none() {
-            return Err(
-                "node: required with transport agent (the agent on the HAProxy host)".into(),
-            );
+        if transport == Transport::Agent && self.node.is_none() {
+            return Err(Invalid::new(
+                "node",
+                "required with transport agent (the agent on the HAProxy host)",
+            ));
         }
         if let Some(node) = &self.node {
             if node.is_empty() || node.len() > 64 {
-                return Err("node: 1-64 characters".into());
+                return Err(Invalid::new("node", "1-64 characters"));
             }
         }
-        Ok((
-            name.to_owned(),
-            transport.to_owned(),
-            address.to_owned(),
-            self.node.clone(),
-        ))
+        Ok(NewInstance {
+            name: name.to_owned(),
+            transport,
+            address: address.to_owned(),
+            node: self.node.clone(),
+        })
     }
 }
 
@@ -425,24 +445,32 @@ mod tests {
             address: address.into(),
             node: None,
         };
-        assert!(ok("127.0.0.1:9999").validate().is_ok());
-        assert!(ok("/run/haproxy/admin.sock").validate().is_ok());
-        assert!(ok("[::1]:9999").validate().is_ok());
+        assert_eq!(
+            ok("127.0.0.1:9999").parse().unwrap(),
+            NewInstance {
+                name: "lb1".into(),
+                transport: Transport::Direct,
+                address: "127.0.0.1:9999".into(),
+                node: None,
+            }
+        );
+        assert!(ok("/run/haproxy/admin.sock").parse().is_ok());
+        assert!(ok("[::1]:9999").parse().is_ok());
         for bad in ["", "nohost", "host:0", "host:99999", "relative/path.sock"] {
-            assert!(
-                ok(bad).validate().unwrap_err().starts_with("address"),
-                "{bad}"
-            );
+            assert!(ok(bad).parse().unwrap_err().field == "address", "{bad}");
         }
         let agent = RegisterInstance {
             transport: Some("agent".into()),
             ..ok("/run/h.sock")
         };
-        assert!(agent.validate().unwrap_err().starts_with("node"));
+        assert_eq!(agent.parse().unwrap_err().field, "node");
         let odd = RegisterInstance {
             transport: Some("ssh".into()),
             ..ok("/x")
         };
-        assert!(odd.validate().unwrap_err().starts_with("transport"));
+        assert_eq!(
+            odd.parse().unwrap_err().to_string(),
+            "transport: expected direct or agent"
+        );
     }
 }

@@ -12,7 +12,7 @@ use checkplane_core::outbox;
 use checkplane_runtime::db::{Params, Sql};
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::events::{EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved};
-use checkplane_wire::haproxy::{RegisterInstance, Transport};
+use checkplane_wire::haproxy::{NewInstance, RegisterInstance, Transport};
 use checkplane_wire::ErrorCode;
 use serde::{Deserialize, Serialize};
 
@@ -608,10 +608,17 @@ async fn register(
     admin: Admin,
     ApiJson(request): ApiJson<RegisterInstance>,
 ) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
-    let (name, transport, address, node) = request.validate().map_err(ApiError::validation)?;
+    let NewInstance {
+        name,
+        transport,
+        address,
+        node,
+    } = request
+        .parse()
+        .map_err(|e| ApiError::validation(e.to_string()))?;
     let instance_id = format!("hpi-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
     // The node an instance with transport `agent` is reached through.
-    let through_agent = node.clone().filter(|_| Transport::is_agent(&transport));
+    let through_agent = node.clone().filter(|_| transport == Transport::Agent);
     let stream = app.keys.events("haproxy");
     let event = outbox::new_event(
         format!("haproxy:{instance_id}"),
@@ -620,7 +627,7 @@ async fn register(
         EventBody::HaproxyInstanceRegistered(HaproxyInstanceRegistered {
             instance_id: instance_id.clone(),
             name: name.clone(),
-            transport,
+            transport: transport.as_str().to_owned(),
             address,
             node,
         }),
