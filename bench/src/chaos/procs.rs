@@ -188,21 +188,9 @@ pub async fn recording_proxy(
     ledger: Arc<Ledger>,
     stop: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((client, _)) = accepted else {
-            continue;
-        };
-        let (instance, ledger, stop) = (instance.clone(), ledger.clone(), stop.clone());
-        tokio::spawn(async move {
-            let Ok(Ok(server)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(upstream)).await
-            else {
-                return;
-            };
+    proxy(listener, upstream, stop, move |client, server| {
+        let (instance, ledger) = (instance.clone(), ledger.clone());
+        async move {
             let (mut client_read, mut client_write) = client.into_split();
             let (mut server_read, mut server_write) = server.into_split();
             let up = async {
@@ -234,9 +222,40 @@ pub async fn recording_proxy(
                 let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
                 let _ = client_write.shutdown().await;
             };
+            tokio::join!(up, down);
+        }
+    })
+    .await;
+}
+
+/// Accept clients on `listener` until `stop`; join each to a new connection to `upstream`
+/// (given up after 2 s) and let `relay` carry the two until it ends or `stop` fires.
+async fn proxy<F, Fut>(
+    listener: TcpListener,
+    upstream: std::net::SocketAddr,
+    stop: CancellationToken,
+    relay: F,
+) where
+    F: Fn(TcpStream, TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((client, _)) = accepted else {
+            continue;
+        };
+        let (stop, relay) = (stop.clone(), relay.clone());
+        tokio::spawn(async move {
+            let connect = TcpStream::connect(upstream);
+            let Ok(Ok(server)) = tokio::time::timeout(Duration::from_secs(2), connect).await else {
+                return;
+            };
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = async { tokio::join!(up, down) } => {}
+                _ = relay(client, server) => {}
             }
         });
     }
@@ -271,22 +290,9 @@ pub async fn ack_cutting_proxy(
     ledger: Arc<Ledger>,
     stop: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((client, _)) = accepted else {
-            continue;
-        };
-        let (target, cut, ledger, stop) =
-            (target.clone(), cut.clone(), ledger.clone(), stop.clone());
-        tokio::spawn(async move {
-            let Ok(Ok(server)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(upstream)).await
-            else {
-                return;
-            };
+    proxy(listener, upstream, stop, move |client, server| {
+        let (target, cut, ledger) = (target.clone(), cut.clone(), ledger.clone());
+        async move {
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
             // Entries delivered on this connection that the projector applies itself.
@@ -334,12 +340,12 @@ pub async fn ack_cutting_proxy(
             // Whichever way ends first (a cut, a peer gone), both halves are dropped: the
             // connection is closed.
             tokio::select! {
-                _ = stop.cancelled() => {}
                 _ = up => {}
                 _ = down => {}
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Pass RESP values from `from` to `to` whole, showing each to `cut` first; returns when either

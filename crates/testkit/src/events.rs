@@ -71,3 +71,28 @@ pub async fn xadd(conn: &mut impl redis::aio::ConnectionLike, stream: &str, even
         .await
         .expect("XADD");
 }
+
+/// Every entry of `stream`, oldest first: its id and its `event` field (as [`xadd`] and the
+/// services write them).
+pub async fn read(
+    conn: &mut impl redis::aio::ConnectionLike,
+    stream: &str,
+) -> Vec<(String, String)> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("XRANGE");
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            (
+                e.id.clone(),
+                e.get("event").expect("an entry with an event field"),
+            )
+        })
+        .collect()
+}

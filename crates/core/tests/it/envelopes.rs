@@ -7,26 +7,10 @@
 use checkplane_core::keys::Keys;
 use checkplane_core::leases::{CloseReason, LeaseSettings, Leases, TaskRef};
 use checkplane_core::presence::Presence;
-use checkplane_testkit::TestRedis;
+use checkplane_testkit::{events, TestRedis};
 use checkplane_wire::events::{Event, SCHEMA};
 use checkplane_wire::leases::LeaseToken;
 use serde_json::Value;
-
-/// The `event` field of every entry of `stream`, oldest first.
-async fn events_in(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Vec<String> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query_async(conn)
-        .await
-        .unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|e| e.get::<String>("event").expect("an entry with an event"))
-        .collect()
-}
 
 /// `null`s dropped from objects: Lua has no null in a table (cjson leaves the key out), serde
 /// writes `None` as `null`; both mean absent.
@@ -135,10 +119,10 @@ async fn every_event_a_script_builds_is_a_wire_event_field_for_field() {
         presence.sweep(&mut conn, 0, at, 1_000, 10).await.unwrap();
     }
 
-    let mut raw = events_in(&mut conn, &keys.lease_events(0)).await;
-    raw.extend(events_in(&mut conn, &keys.presence_events(0)).await);
+    let mut raw = events::read(&mut conn, &keys.lease_events(0)).await;
+    raw.extend(events::read(&mut conn, &keys.presence_events(0)).await);
     let mut types = std::collections::BTreeSet::new();
-    for text in &raw {
+    for (_, text) in &raw {
         let written: Value = serde_json::from_str(text).unwrap();
         let event: Event =
             serde_json::from_str(text).unwrap_or_else(|e| panic!("not a wire Event ({e}): {text}"));

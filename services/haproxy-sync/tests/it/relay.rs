@@ -528,18 +528,10 @@ async fn an_agent_from_before_settles_gets_an_actions_commands_one_task_each() {
 /// without waiting for the projector).
 async fn relayed_reports(redis: &TestRedis, keys: &Keys, agent: &str) -> usize {
     let mut conn = redis.connection().await;
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(keys.lease_events(keys.shard_of(agent)))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
+    checkplane_testkit::events::read(&mut conn, &keys.lease_events(keys.shard_of(agent)))
         .await
-        .unwrap();
-    entries
-        .ids
-        .iter()
-        .filter_map(|e| e.get::<String>("event"))
-        .filter_map(|raw| serde_json::from_str::<Value>(&raw).ok())
+        .into_iter()
+        .filter_map(|(_, raw)| serde_json::from_str::<Value>(&raw).ok())
         .filter(|e| {
             e["type"] == "lease.reported"
                 && e["payload"]["kind"] == RELAY_KIND

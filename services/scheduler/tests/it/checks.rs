@@ -868,22 +868,10 @@ async fn take_report_event(s: &Stand, agent: &Agent) -> (String, String) {
     let keys = checkplane_core::keys::Keys::new(s.redis.prefix.clone(), 4);
     let stream = keys.lease_events(keys.shard_of(&agent.id));
     let mut conn = s.redis.connection().await;
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
+    let reported: Vec<(String, String)> = checkplane_testkit::events::read(&mut conn, &stream)
         .await
-        .unwrap();
-    let reported: Vec<(String, String)> = entries
-        .ids
-        .iter()
-        .filter_map(|e| {
-            let event: String = e.get("event").unwrap();
-            event
-                .contains("\"lease.reported\"")
-                .then(|| (e.id.clone(), event))
-        })
+        .into_iter()
+        .filter(|(_, event)| event.contains("\"lease.reported\""))
         .collect();
     assert_eq!(reported.len(), 1);
     let _: i64 = redis::cmd("XDEL")
