@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::dns_wire::{self, Query, Refusal, RCODE_SERVFAIL};
 
@@ -96,10 +97,7 @@ struct Proxy {
 }
 
 /// Bind the proxy's sockets (so a port in use fails the start), then serve until `stop`.
-pub async fn start(
-    settings: Settings,
-    stop: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn start(settings: Settings, stop: CancellationToken) -> std::io::Result<TaskTracker> {
     let udp = Arc::new(UdpSocket::bind(settings.listen).await?);
     let tcp = TcpListener::bind(udp.local_addr()?).await?;
     tracing::info!(listen = %udp.local_addr()?, upstream = %settings.upstream, "starting DNS proxy");
@@ -113,14 +111,20 @@ pub async fn start(
         permits: Semaphore::new(settings.max_inflight),
         settings,
     });
-    Ok(tokio::spawn(async move {
-        let udp_loop = udp_loop(proxy.clone(), udp, stop.clone());
-        let tcp_loop = tcp_loop(proxy, tcp, stop);
-        tokio::join!(udp_loop, tcp_loop);
-    }))
+    // The two listeners and every query and connection they start: waited for at shutdown.
+    let tasks = TaskTracker::new();
+    tasks.spawn(udp_loop(proxy.clone(), udp, tasks.clone(), stop.clone()));
+    tasks.spawn(tcp_loop(proxy, tcp, tasks.clone(), stop));
+    tasks.close();
+    Ok(tasks)
 }
 
-async fn udp_loop(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, stop: CancellationToken) {
+async fn udp_loop(
+    proxy: Arc<Proxy>,
+    socket: Arc<UdpSocket>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) {
     let mut buf = vec![0u8; 65_535];
     loop {
         let (n, peer) = tokio::select! {
@@ -148,7 +152,7 @@ async fn udp_loop(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, stop: CancellationT
         }
         let packet = packet.to_vec();
         let (proxy, socket) = (proxy.clone(), socket.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let limit = query.udp_limit();
             let answer = proxy.resolve(&query, &packet, limit).await;
             let _ = socket.send_to(&answer, peer).await;
@@ -156,7 +160,12 @@ async fn udp_loop(proxy: Arc<Proxy>, socket: Arc<UdpSocket>, stop: CancellationT
     }
 }
 
-async fn tcp_loop(proxy: Arc<Proxy>, listener: TcpListener, stop: CancellationToken) {
+async fn tcp_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) {
     let connections = Arc::new(Semaphore::new(MAX_TCP));
     loop {
         let (stream, _) = tokio::select! {
@@ -172,7 +181,7 @@ async fn tcp_loop(proxy: Arc<Proxy>, listener: TcpListener, stop: CancellationTo
         };
         let proxy = proxy.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _ = tcp_connection(&proxy, stream, &stop).await;
             drop(permit);
         });

@@ -284,6 +284,9 @@ where
         .map_err(|e| failed("ERR_BAD_SPEC", format!("the request: {e}")))?;
 
     let sent = Instant::now();
+    // The connection's driver: it lives as long as this check (and is aborted with it, so a
+    // stalled server cannot keep it).
+    let _driver;
     let response = if h2 {
         let (mut sender, conn) = before(
             deadline,
@@ -292,7 +295,7 @@ where
         )
         .await?
         .map_err(|e| failed("ERR_HTTP", format!("HTTP/2 handshake: {e}")))?;
-        tokio::spawn(conn);
+        _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         before(
             deadline,
             "the wait for the first byte",
@@ -307,7 +310,7 @@ where
         )
         .await?
         .map_err(|e| failed("ERR_HTTP", format!("HTTP/1.1 handshake: {e}")))?;
-        tokio::spawn(conn);
+        _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         before(
             deadline,
             "the wait for the first byte",

@@ -327,7 +327,9 @@ pub async fn run(
         ),
         None => None,
     };
-    let work = tokio::spawn(worker::run(client, settings, shutdown.clone()));
+    let work = tokio_util::task::TaskTracker::new();
+    work.spawn(worker::run(client, settings, shutdown.clone()));
+    work.close();
     let health = Arc::new(Health::new(
         NAME,
         vec![probe],
@@ -340,9 +342,9 @@ pub async fn run(
         .map_err(RunError::Serve);
     // Running checks finish and their reports go out (the launcher bounds this with
     // SHUTDOWN_TIMEOUT).
-    let _ = work.await;
+    work.wait().await;
     if let Some(proxy) = proxy {
-        let _ = proxy.await;
+        proxy.wait().await;
     }
     served
 }

@@ -1,0 +1,262 @@
+//! Talking to the control plane: the authenticated call, its backoff, and the agent's
+//! identity (given, restored from the state file, or registered, and registered again when
+//! the token is refused).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{Settings, Shared};
+use crate::identity::{self, Identity, Source};
+
+/// A call to the control plane that did not work.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CallError {
+    #[error("unreachable: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("answered {status}: {body}")]
+    Refused { status: u16, body: String },
+}
+
+pub(super) struct Control {
+    pub(super) http: reqwest::Client,
+    pub(super) base: reqwest::Url,
+    /// Replaced when the agent registers again (its token was refused).
+    pub(super) identity: std::sync::RwLock<Identity>,
+}
+
+impl Control {
+    pub(super) async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> Result<T, CallError> {
+        let url = self.base.join(path).map_err(|e| CallError::Refused {
+            status: 0,
+            body: e.to_string(),
+        })?;
+        let (id, token) = {
+            let identity = self.identity.read().unwrap_or_else(|p| p.into_inner());
+            (identity.agent_id.clone(), identity.token.clone())
+        };
+        let response = self
+            .http
+            .post(url)
+            .header("x-agent-id", id)
+            .header("x-agent-token", token)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .inspect_err(|_| {
+                metrics::counter!("checkplane_agent_control_plane_errors_total", "call" => path.to_owned())
+                    .increment(1);
+            })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            metrics::counter!("checkplane_agent_control_plane_errors_total", "call" => path.to_owned())
+                .increment(1);
+            let body = response.text().await.unwrap_or_default();
+            return Err(CallError::Refused {
+                status,
+                body: body.chars().take(300).collect(),
+            });
+        }
+        Ok(response.json().await?)
+    }
+}
+
+/// Exponential backoff with jitter: 500 ms doubling to 30 s, ±25 %.
+pub(super) struct Backoff(Duration);
+
+impl Backoff {
+    pub(super) fn new() -> Self {
+        Self(Duration::from_millis(500))
+    }
+    pub(super) fn reset(&mut self) {
+        self.0 = Duration::from_millis(500);
+    }
+    pub(super) fn next(&mut self) -> Duration {
+        let base = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(30));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let spread = (nanos % 500) as f64 / 1000.0 + 0.75; // 0.75 ..= 1.25
+        base.mul_f64(spread)
+    }
+}
+
+pub(super) async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Find or make the identity; retried with backoff until it works or `stop`.
+pub(super) async fn identity(
+    http: &reqwest::Client,
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> Option<Identity> {
+    let (enrollment, state_file) = match &settings.source {
+        Source::Given { agent_id, token } => {
+            return Some(Identity {
+                agent_id: agent_id.clone(),
+                token: token.expose().to_owned(),
+                heartbeat_interval_ms: 10_000,
+                declared: None,
+            })
+        }
+        Source::Enrolled {
+            enrollment,
+            state_file,
+        } => (enrollment, state_file),
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match identity::load(state_file) {
+            Ok(Some(identity))
+                if enrollment.is_some() && identity.declared != Some(declared(settings)) =>
+            {
+                // Registered with other kinds or pool sizes (an upgrade, a changed
+                // configuration): register again, so the control plane knows what it runs.
+                tracing::info!(agent_id = %identity.agent_id, "declared kinds changed since registration; registering again");
+            }
+            Ok(Some(identity)) => {
+                if identity
+                    .declared
+                    .as_ref()
+                    .is_some_and(|d| *d != declared(settings))
+                {
+                    tracing::warn!(agent_id = %identity.agent_id, "declared kinds changed since registration, and there is no AGENT_ENROLLMENT_TOKEN to register again with");
+                }
+                tracing::info!(agent_id = %identity.agent_id, state_file = %state_file.display(), "restored control plane session");
+                return Some(identity);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                // Never overwrite a file we cannot read: an operator should look at it.
+                tracing::error!(error = %checkplane_runtime::error_chain(&error), "agent state file unusable");
+                if !sleep_or_stop(backoff.next(), stop).await {
+                    return None;
+                }
+                continue;
+            }
+        }
+        let Some(enrollment) = enrollment else {
+            tracing::error!(state_file = %state_file.display(), "no identity: the state file is gone and no AGENT_ENROLLMENT_TOKEN is set");
+            if !sleep_or_stop(backoff.next(), stop).await {
+                return None;
+            }
+            continue;
+        };
+        match register(http, settings, enrollment, state_file).await {
+            Ok(identity) => {
+                tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
+                return Some(identity);
+            }
+            Err(error) => tracing::warn!(%error, "registration failed"),
+        }
+        if !sleep_or_stop(backoff.next(), stop).await {
+            return None;
+        }
+    }
+}
+
+/// The kinds and pool sizes this agent declares.
+pub(super) fn declared(settings: &Settings) -> BTreeMap<String, u32> {
+    settings
+        .pools
+        .declared()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
+/// Register with the enrollment token and keep the answer in the state file (before it is
+/// used: without the file a restart would register anew).
+pub(super) async fn register(
+    http: &reqwest::Client,
+    settings: &Settings,
+    enrollment: &checkplane_runtime::Secret,
+    state_file: &std::path::Path,
+) -> Result<Identity, String> {
+    let body = json!({"hostname": settings.hostname,
+                      "capabilities": settings.pools.declared(),
+                      "agent_version": env!("CARGO_PKG_VERSION")});
+    let url = settings
+        .control_plane
+        .join("v1/agents/register")
+        .map_err(|e| e.to_string())?;
+    let response = http
+        .post(url)
+        .header("x-enrollment-token", enrollment.expose())
+        .timeout(Duration::from_secs(10))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("unreachable: {e}"))?;
+    let status = response.status().as_u16();
+    if !(200..300).contains(&status) {
+        return Err(format!("answered {status}"));
+    }
+    let r = response
+        .json::<checkplane_wire::agents::RegisterResponse>()
+        .await
+        .map_err(|e| e.to_string())?;
+    let identity = Identity {
+        agent_id: r.agent_id,
+        token: r.token,
+        heartbeat_interval_ms: r.heartbeat_interval_ms,
+        declared: Some(declared(settings)),
+    };
+    identity::store(state_file, &identity).map_err(|e| {
+        format!(
+            "cannot keep the identity: {}",
+            checkplane_runtime::error_chain(&e)
+        )
+    })?;
+    Ok(identity)
+}
+
+/// The control plane no longer takes this agent's token (another registration of its host
+/// name rotated it, or an operator removed it): register again when an enrollment token is
+/// configured, else say so. Two agents sharing a host name take each other's token this way,
+/// and each such turn is logged.
+pub(super) async fn reregister(shared: &Shared) {
+    let Source::Enrolled {
+        enrollment: Some(enrollment),
+        state_file,
+    } = &shared.settings.source
+    else {
+        tracing::error!("heartbeat failed: the control plane refuses this agent's token, and there is no AGENT_ENROLLMENT_TOKEN to register again");
+        return;
+    };
+    tracing::warn!(
+        "heartbeat failed: the control plane refuses this agent's token; registering again"
+    );
+    match register(
+        &shared.control.http,
+        &shared.settings,
+        enrollment,
+        state_file,
+    )
+    .await
+    {
+        Ok(identity) => {
+            tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
+            *shared
+                .control
+                .identity
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = identity;
+        }
+        Err(error) => tracing::warn!(%error, "registration failed"),
+    }
+}
