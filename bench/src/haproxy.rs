@@ -240,7 +240,12 @@ pub async fn sync_cycle(args: HaproxyArgs) {
         config.service.store.stream_prefix.clone(),
         config.service.store.stream_shards,
     );
-    let mut sync = haproxy_sync::sync::Sync::new(stores.clone(), keys.clone(), config.sync.clone());
+    let mut sync = haproxy_sync::sync::Sync::new(
+        stores.clone(),
+        keys.clone(),
+        config.sync.clone(),
+        tracker.clone(),
+    );
     // The first cycle: every server new.
     let started = Instant::now();
     sync.round().await.unwrap();

@@ -17,7 +17,7 @@ local function emit(stream, versions, id, task, type_, now, actor, payload, fina
   local v
   if final then v = final_version(versions, task, now) else v = next_version(versions, task, now) end
   redis.call('XADD', stream, '*', 'event', cjson.encode({event_id = id, aggregate_id = 'task:' .. task,
-    version = v, occurred_at = now, actor = actor, schema = 1, type = type_, payload = payload}))
+    version = v, occurred_at = now, actor = actor, schema = 2, type = type_, payload = payload}))
 end
 -- The `task` field of an entry's fields (a flat array), or nil.
 local function task_of(fields)

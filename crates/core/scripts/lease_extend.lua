@@ -18,7 +18,7 @@ if #extended > 0 then
   local v = next_version(KEYS[3], 'extend:' .. agent, now)
   redis.call('XADD', KEYS[2], '*', 'event', cjson.encode({event_id = ARGV[4],
     aggregate_id = 'extend:' .. agent, version = v, occurred_at = now, actor = 'agent:' .. agent,
-    schema = 1, type = 'lease.extended', payload = {agent_id = agent, tokens = extended,
+    schema = 2, type = 'lease.extended', payload = {agent_id = agent, tokens = extended,
     deadline = now + ttl}}))
 end
 return out

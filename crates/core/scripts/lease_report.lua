@@ -28,7 +28,7 @@ for r = 1, n do
       end
       local v = final_version(KEYS[3], task, now)
       local ev = cjson.encode({event_id = eid, aggregate_id = 'task:' .. task, version = v,
-        occurred_at = now, actor = 'agent:' .. agent, schema = 1, type = 'lease.reported',
+        occurred_at = now, actor = 'agent:' .. agent, schema = 2, type = 'lease.reported',
         payload = {agent_id = agent, kind = kind, entry = id, epoch = tonumber(epoch),
         outcome = outcome, result = '@@RESULT@@', task = task_id}})
       local i, j = string.find(ev, '"@@RESULT@@"', 1, true)

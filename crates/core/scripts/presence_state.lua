@@ -6,6 +6,6 @@ local function state(hash, agent)
 end
 local function event(id, agent, version, now, status, reason, actor)
   return cjson.encode({event_id = id, aggregate_id = 'presence:' .. agent, version = version,
-    occurred_at = now, actor = actor, schema = 1, type = 'agent.' .. status,
+    occurred_at = now, actor = actor, schema = 2, type = 'agent.' .. status,
     payload = {agent_id = agent, reason = reason}})
 end

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use checkplane_runtime::db::Sql;
-use checkplane_wire::events::{Event, EventBody, SCHEMA};
+use checkplane_runtime::Stores;
+use checkplane_wire::events::Event;
+use tokio_util::task::TaskTracker;
 
 use crate::projection::{self, ApplyError};
 
@@ -16,21 +18,97 @@ use crate::projection::{self, ApplyError};
 /// the outbox sweep.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A new event made now, with a fresh UUID v7 id.
-pub fn new_event(aggregate_id: String, version: i64, actor: String, body: EventBody) -> Event {
-    Event {
-        event_id: uuid::Uuid::now_v7(),
-        aggregate_id,
-        version,
-        occurred_at: checkplane_runtime::clock::now_ms(),
-        actor,
-        schema: SCHEMA,
-        body,
+/// A command's events: appended in its transaction (recorded, applied, with their outbox
+/// rows), published after its commit. The one way every service writes events:
+///
+/// ```text
+/// let mut written = Written::new();
+/// written.append(&tx, &stream, &event).await?;   // as many as the command makes
+/// tx.commit().await?;
+/// written.publish(&stores, &tracker);            // or .publish_now(&stores).await
+/// ```
+///
+/// Whatever publishing misses (a Redis outage, a crash right after the commit), the outbox
+/// [`sweep`] publishes: an event is never lost with the process.
+#[derive(Debug, Default)]
+#[must_use = "what is appended is published after the commit"]
+pub struct Written {
+    /// `(stream, event)`, in the order appended.
+    events: Vec<(String, Event)>,
+}
+
+impl Written {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record and apply `event` in `tx`, with its outbox row for `stream`.
+    pub async fn append(
+        &mut self,
+        tx: &impl Sql,
+        stream: &str,
+        event: &Event,
+    ) -> Result<(), ApplyError> {
+        append(tx, event, stream).await?;
+        self.events.push((stream.to_owned(), event.clone()));
+        Ok(())
+    }
+
+    /// [`Written::append`] of events that each touch rows of their own (one poll's servers):
+    /// one `events` insert, the applies pipelined, one `outbox` insert.
+    pub async fn append_independent(
+        &mut self,
+        tx: &impl Sql,
+        stream: &str,
+        events: Vec<Event>,
+    ) -> Result<(), ApplyError> {
+        append_all(tx, &events, stream).await?;
+        self.events
+            .extend(events.into_iter().map(|e| (stream.to_owned(), e)));
+        Ok(())
+    }
+
+    /// The events appended, in order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter().map(|(_, e)| e)
+    }
+
+    /// Leave the events `keep` refuses to the outbox sweep (their effects in Redis did not
+    /// happen yet: the sweep makes them before it publishes).
+    pub fn retain(&mut self, mut keep: impl FnMut(&Event) -> bool) {
+        self.events.retain(|(_, e)| keep(e));
+    }
+
+    /// After the commit: publish in the background, on the service's `tracker` (shutdown
+    /// waits for it).
+    pub fn publish(self, stores: &Stores, tracker: &TaskTracker) {
+        if self.events.is_empty() {
+            return;
+        }
+        let stores = stores.clone();
+        tracker.spawn(async move { self.publish_now(&stores).await });
+    }
+
+    /// After the commit: publish, and return when done (each stream's run of events bounded
+    /// by [`PUBLISH_TIMEOUT`]).
+    pub async fn publish_now(self, stores: &Stores) {
+        let (pg, redis) = (&stores.pg, &stores.redis);
+        let mut run: Vec<Event> = Vec::new();
+        let mut stream = String::new();
+        for (to, event) in self.events {
+            if to != stream && !run.is_empty() {
+                publish_all(pg, redis, &stream, &run, PUBLISH_TIMEOUT).await;
+                run.clear();
+            }
+            stream = to;
+            run.push(event);
+        }
+        publish_all(pg, redis, &stream, &run, PUBLISH_TIMEOUT).await;
     }
 }
 
 /// Inside the command's transaction: record, apply, and remember to publish.
-pub async fn append(tx: &impl Sql, event: &Event, stream: &str) -> Result<(), ApplyError> {
+async fn append(tx: &impl Sql, event: &Event, stream: &str) -> Result<(), ApplyError> {
     projection::record_and_apply(tx, event).await?;
     tx.execute(
         "INSERT INTO outbox (event_id, stream, event) VALUES ($1, $2, $3)",
@@ -42,7 +120,7 @@ pub async fn append(tx: &impl Sql, event: &Event, stream: &str) -> Result<(), Ap
 
 /// [`append`] for many events that touch rows of their own each (one poll's servers): one
 /// `events` insert, the applies pipelined, one `outbox` insert.
-pub async fn append_all(tx: &impl Sql, events: &[Event], stream: &str) -> Result<(), ApplyError> {
+async fn append_all(tx: &impl Sql, events: &[Event], stream: &str) -> Result<(), ApplyError> {
     if events.is_empty() {
         return Ok(());
     }
@@ -201,7 +279,7 @@ pub async fn sweep(
         let event: String = row.get(2);
         // A check's tasks first (each added once, whatever its gateway managed), then the
         // event that announces it.
-        if let Ok(parsed) = serde_json::from_str::<Event>(&event) {
+        if let Ok(parsed) = Event::decode_str(&event) {
             crate::fanout::effects(&*conn, leases, &parsed.body).await?;
         }
         xadd(&mut conn, &stream, &event).await?;

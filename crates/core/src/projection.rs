@@ -15,7 +15,7 @@ pub mod snapshots;
 
 use checkplane_runtime::db::Sql;
 use checkplane_wire::events::{
-    AgentPresence, AgentRegistered, Event, EventBody, KeyCreated, KeyRevoked,
+    AgentPresence, AgentRegistered, DecodeError, Event, EventBody, KeyCreated, KeyRevoked,
 };
 use checkplane_wire::leases::LeaseToken;
 use checks::{SlotChange, SlotUpdate};
@@ -752,7 +752,7 @@ async fn apply_presence_batch(
 }
 
 /// Read an event back from its `events` row.
-fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, serde_json::Error> {
+fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, DecodeError> {
     let envelope = serde_json::json!({
         "event_id": row.get::<_, uuid::Uuid>("event_id"),
         "aggregate_id": row.get::<_, String>("aggregate_id"),
@@ -763,7 +763,7 @@ fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, serde_json::Error>
         "type": row.get::<_, String>("type"),
         "payload": row.get::<_, serde_json::Value>("payload"),
     });
-    serde_json::from_value(envelope)
+    Event::decode(envelope)
 }
 
 /// What a rebuild did.
@@ -873,10 +873,10 @@ mod tests {
 
     fn dead_lettered(waits: bool) -> Event {
         let check = uuid::Uuid::now_v7();
-        crate::outbox::new_event(
-            "task:a:dns:1-0".into(),
+        Event::new(
+            "task:a:dns:1-0",
             1,
-            "system:gateway".into(),
+            "system:gateway",
             EventBody::TaskDeadLettered(TaskDeadLettered {
                 agent_id: "a".into(),
                 kind: "dns".into(),
@@ -901,10 +901,11 @@ mod tests {
             ),
             "waits for an admin"
         );
-        // As recorded before (no `waits`): replayed, it ends the slot as it did then.
+        // As recorded before (schema 1, no `waits`): replayed, it ends the slot as it did then.
         let mut before = serde_json::to_value(dead_lettered(false)).unwrap();
         before["payload"].as_object_mut().unwrap().remove("waits");
-        let before: Event = serde_json::from_value(before).unwrap();
+        before["schema"] = 1.into();
+        let before = Event::decode(before).unwrap();
         let change = slot_change(&before).map(|u| u.change);
         assert!(
             matches!(

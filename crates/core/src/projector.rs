@@ -337,9 +337,9 @@ impl Projector {
         let mut decoded: Vec<(Entry, Event)> = Vec::with_capacity(entries.len());
         let mut failures: Vec<Failure> = Vec::new();
         for entry in entries {
-            match entry.raw.as_deref().map(serde_json::from_str::<Event>) {
+            match entry.raw.as_deref().map(Event::decode_str) {
                 Some(Ok(event)) => decoded.push((entry, event)),
-                Some(Err(e)) => failures.push((entry, None, format!("undecodable event: {e}"))),
+                Some(Err(e)) => failures.push((entry, None, e.to_string())),
                 None => failures.push((entry, None, "entry has no `event` field".to_owned())),
             }
         }

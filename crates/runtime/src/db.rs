@@ -54,6 +54,7 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbErro
 /// the client is dropped.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
     let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    // detached: the connection's driver, which ends when the client is dropped.
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "dedicated PostgreSQL connection closed");

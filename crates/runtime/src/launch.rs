@@ -240,6 +240,7 @@ async fn serve<S: Service>(config: S::Config, base: &BaseSettings) -> ExitCode {
         "starting"
     );
     let shutdown = CancellationToken::new();
+    // detached: waits for SIGTERM or SIGINT for as long as the process lives.
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
     let run = S::run(config, listener, shutdown.clone());

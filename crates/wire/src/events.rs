@@ -17,8 +17,128 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The version of the envelope and payload shapes.
-pub const SCHEMA: u32 = 1;
+/// The version of the envelope and payload shapes this release writes. Events of an older
+/// schema are read through [`upcast`]; a newer one is refused ([`DecodeError::Newer`]).
+///
+/// - 1: the first.
+/// - 2: every actor is `<kind>:<name>` (haproxy-sync wrote a bare `haproxy-sync`), and
+///   `task.dead_lettered` always says whether its slot `waits` (absent meant `false`).
+pub const SCHEMA: u32 = 2;
+
+/// The oldest schema this release still reads.
+pub const OLDEST_SCHEMA: u32 = 1;
+
+/// Why stored or streamed JSON is not an event this release can use.
+#[derive(Debug)]
+pub enum DecodeError {
+    /// Not JSON, not an envelope, or a payload that does not fit its type.
+    Json(serde_json::Error),
+    /// No `schema`, or one older than [`OLDEST_SCHEMA`].
+    Schema(String),
+    /// Written by a newer release: this one cannot know what it means.
+    Newer(u64),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Json(e) => write!(f, "undecodable event: {e}"),
+            Self::Schema(why) => write!(f, "undecodable event: {why}"),
+            Self::Newer(n) => write!(
+                f,
+                "event of schema {n}, written by a newer release (this one reads {OLDEST_SCHEMA} to {SCHEMA})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl From<serde_json::Error> for DecodeError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Json(e)
+    }
+}
+
+/// Bring an envelope of any schema this release reads up to [`SCHEMA`], one step at a time;
+/// the one place that knows what older releases wrote.
+pub fn upcast(mut event: serde_json::Value) -> Result<serde_json::Value, DecodeError> {
+    let Some(mut schema) = event.get("schema").and_then(serde_json::Value::as_u64) else {
+        return Err(DecodeError::Schema("no schema".to_owned()));
+    };
+    if schema > u64::from(SCHEMA) {
+        return Err(DecodeError::Newer(schema));
+    }
+    if schema < u64::from(OLDEST_SCHEMA) {
+        return Err(DecodeError::Schema(format!(
+            "schema {schema} is older than this release reads ({OLDEST_SCHEMA})"
+        )));
+    }
+    while schema < u64::from(SCHEMA) {
+        match schema {
+            1 => one_to_two(&mut event),
+            _ => unreachable!("every schema below SCHEMA has a step"),
+        }
+        schema += 1;
+        event["schema"] = schema.into();
+    }
+    Ok(event)
+}
+
+/// Schema 1 → 2: actors are `<kind>:<name>`; a dead letter says whether its slot waits.
+fn one_to_two(event: &mut serde_json::Value) {
+    if let Some(actor) = event.get("actor").and_then(serde_json::Value::as_str) {
+        if !actor.contains(':') {
+            event["actor"] = format!("system:{actor}").into();
+        }
+    }
+    if event.get("type").and_then(serde_json::Value::as_str) == Some("task.dead_lettered") {
+        if let Some(payload) = event.get_mut("payload").and_then(|p| p.as_object_mut()) {
+            payload.entry("waits").or_insert(false.into());
+        }
+    }
+}
+
+impl Event {
+    /// A new event made now, with a fresh UUID v7 id: the one way Rust code makes an event
+    /// (the Lua scripts build the same envelope; core's envelope test pins the two together).
+    pub fn new(
+        aggregate_id: impl Into<String>,
+        version: i64,
+        actor: impl Into<String>,
+        body: EventBody,
+    ) -> Self {
+        let occurred_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Self {
+            event_id: Uuid::now_v7(),
+            aggregate_id: aggregate_id.into(),
+            version,
+            occurred_at,
+            actor: actor.into(),
+            schema: SCHEMA,
+            body,
+        }
+    }
+
+    /// The same event under an id of the caller's (one made from what it is about, so that
+    /// making it again makes the same event).
+    pub fn with_id(self, event_id: Uuid) -> Self {
+        Self { event_id, ..self }
+    }
+
+    /// An event as stored or streamed, of any schema this release reads.
+    pub fn decode(value: serde_json::Value) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_value(upcast(value)?)?)
+    }
+
+    /// [`Event::decode`] of JSON text.
+    pub fn decode_str(text: &str) -> Result<Self, DecodeError> {
+        Self::decode(serde_json::from_str(text)?)
+    }
+}
 
 /// One event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,9 +437,8 @@ pub struct TaskDeadLettered {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
     /// The check's slot waits for an admin (made so since dead letters can be requeued);
-    /// absent in events made before, whose slots ended `dead_lettered` at once, as a rebuild
-    /// still ends them.
-    #[serde(default)]
+    /// absent in schema 1 events made before, whose slots ended `dead_lettered` at once (as
+    /// a rebuild still ends them): [`upcast`] makes it `false`.
     pub waits: bool,
 }
 
@@ -346,6 +465,50 @@ mod tests {
         assert_eq!(json["payload"]["agent_id"], "a1");
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, event);
+    }
+
+    /// Stored as release 1 wrote them (a haproxy-sync observation, a dead letter of before
+    /// requeues): read as today's events.
+    #[test]
+    fn schema_1_events_are_upcast_and_newer_ones_refused() {
+        let observed = serde_json::json!({
+            "event_id": Uuid::nil(), "aggregate_id": "haproxy-server:s", "version": 4,
+            "occurred_at": 1_760_000_000_000_i64, "actor": "haproxy-sync", "schema": 1,
+            "type": "haproxy.server_missing",
+            "payload": {"instance_id": "i", "poll": 4, "backend": "b", "server": "s"},
+        });
+        let event = Event::decode(observed.clone()).unwrap();
+        assert_eq!(event.actor, "system:haproxy-sync");
+        assert_eq!(event.schema, SCHEMA);
+        // An actor already `<kind>:<name>` stays as it is.
+        let mut keyed = observed.clone();
+        keyed["actor"] = "key:ops".into();
+        assert_eq!(Event::decode(keyed).unwrap().actor, "key:ops");
+
+        let letter = serde_json::json!({
+            "event_id": Uuid::nil(), "aggregate_id": "task:t", "version": 1,
+            "occurred_at": 0, "actor": "system:gateway", "schema": 1,
+            "type": "task.dead_lettered",
+            "payload": {"agent_id": "a", "kind": "dns", "entry": "1-0", "deliveries": 6,
+                        "task": "t"},
+        });
+        let EventBody::TaskDeadLettered(dead) = Event::decode(letter.clone()).unwrap().body else {
+            panic!("not a dead letter");
+        };
+        assert!(!dead.waits);
+        // Schema 2 says it: one without `waits` is refused, not guessed.
+        let mut unsaid = letter.clone();
+        unsaid["schema"] = 2.into();
+        assert!(matches!(Event::decode(unsaid), Err(DecodeError::Json(_))));
+
+        let mut newer = letter;
+        newer["schema"] = (SCHEMA + 1).into();
+        let refused = Event::decode(newer).unwrap_err();
+        assert!(matches!(refused, DecodeError::Newer(n) if n == u64::from(SCHEMA) + 1));
+        assert!(refused.to_string().contains("newer release"), "{refused}");
+        let mut none = observed;
+        none.as_object_mut().unwrap().remove("schema");
+        assert!(matches!(Event::decode(none), Err(DecodeError::Schema(_))));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::agents::{
     HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
 };
-use checkplane_wire::events::{AgentRegistered, Event, EventBody, SCHEMA};
+use checkplane_wire::events::{AgentRegistered, Event, EventBody};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -234,14 +234,11 @@ async fn register(
         Some(row) => (row.get::<_, String>(0), row.get::<_, i64>(1) + 1, true),
         None => (format!("agt-{}", Uuid::now_v7().simple()), 1, false),
     };
-    let event = Event {
-        event_id: Uuid::now_v7(),
-        aggregate_id: format!("agent:{agent_id}"),
+    let event = Event::new(
+        format!("agent:{agent_id}"),
         version,
-        occurred_at: now_ms(),
-        actor: format!("agent:{agent_id}"),
-        schema: SCHEMA,
-        body: EventBody::AgentRegistered(Box::new(AgentRegistered {
+        format!("agent:{agent_id}"),
+        EventBody::AgentRegistered(Box::new(AgentRegistered {
             agent_id: agent_id.clone(),
             hostname: registration.hostname,
             token_hash: hash_secret(&token),
@@ -252,7 +249,7 @@ async fn register(
             address: Some(peer.ip().to_string()),
             agent_version: registration.agent_version,
         })),
-    };
+    );
     let stream = app.keys.events("agents");
     let mut written = Written::new();
     written.append(&tx, &stream, &event).await?;

@@ -8,9 +8,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use checkplane_core::outbox;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
-use checkplane_wire::events::{ApplicationCreated, ApplicationGroupCreated, EventBody};
+use checkplane_wire::events::{ApplicationCreated, ApplicationGroupCreated, Event, EventBody};
 use checkplane_wire::haproxy::{CreateApplication, CreateGroup};
 use checkplane_wire::ErrorCode;
 use serde::Serialize;
@@ -96,7 +95,7 @@ async fn create_application(
     let (name, port, addresses) = request.validate().map_err(ApiError::validation)?;
     let id = new_id("app-");
     let stream = app.keys.events("haproxy");
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("application:{id}"),
         1,
         admin.caller.actor(),
@@ -297,7 +296,7 @@ async fn create_group(
             "applications[{i}]: no application {missing}"
         )));
     }
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("application-group:{id}"),
         1,
         admin.caller.actor(),

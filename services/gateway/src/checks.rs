@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use checkplane_core::doorbell::Bell;
+use checkplane_core::fanout;
 use checkplane_core::leases::CloseReason;
 use checkplane_core::outbox::PUBLISH_TIMEOUT;
 use checkplane_core::selection::{self, candidate, choose, Candidate};
-use checkplane_core::{fanout, outbox};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
@@ -20,7 +20,7 @@ use checkplane_wire::checks::task_id;
 use checkplane_wire::checks::{
     CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, Selection,
 };
-use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, EventBody};
+use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, Event, EventBody};
 use checkplane_wire::ErrorCode;
 use serde::Serialize;
 use uuid::Uuid;
@@ -158,7 +158,7 @@ async fn create(
         max_parallel: Some(spec.max_parallel.unwrap_or(app.config.default_max_parallel)),
     };
     let agents_count = created.slots.len() as u32;
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("check:{check_id}"),
         1,
         operator.caller.actor(),
@@ -428,7 +428,7 @@ async fn cancel(
             .into_response());
     }
     let event = (!cancelled).then(|| {
-        outbox::new_event(
+        Event::new(
             format!("check:{id}"),
             now_ms(),
             operator.caller.actor(),

@@ -8,10 +8,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use checkplane_core::outbox;
 use checkplane_runtime::db::{Params, Sql};
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
-use checkplane_wire::events::{EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved};
+use checkplane_wire::events::{
+    Event, EventBody, HaproxyInstanceRegistered, HaproxyInstanceRemoved,
+};
 use checkplane_wire::haproxy::{NewInstance, RegisterInstance, Transport};
 use checkplane_wire::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -141,7 +142,7 @@ async fn mark_node(
         .await?
         .map(|r| r.get(0));
     let version = checkplane_runtime::clock::now_ms().max(last.unwrap_or(0) + 1);
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("haproxy-node:{id}"),
         version,
         admin.caller.actor(),
@@ -329,7 +330,7 @@ async fn request_one(
     let server = server?.ok_or_else(|| ApiError::not_found("no such server"))?;
     reachable(app, &*tx, server.get(3), server.get(4)).await?;
     let action_id = format!("hpa-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("haproxy-action:{action_id}"),
         1,
         actor.to_owned(),
@@ -620,7 +621,7 @@ async fn register(
     // The node an instance with transport `agent` is reached through.
     let through_agent = node.clone().filter(|_| transport == Transport::Agent);
     let stream = app.keys.events("haproxy");
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("haproxy:{instance_id}"),
         1,
         admin.caller.actor(),
@@ -742,7 +743,7 @@ async fn remove(
     let mut client = app.stores.pg.get().await?;
     let tx = client.transaction().await?;
     live_instance(&*tx, &id).await?;
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("haproxy:{id}"),
         2,
         admin.caller.actor(),

@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use base64::Engine;
-use checkplane_core::outbox;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::events::{Event, EventBody, KeyCreated, KeyRevoked};
 use checkplane_wire::operators::{
@@ -65,7 +64,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], KeyError> {
 }
 
 fn admin_event(aggregate_id: String, actor: &str, body: EventBody) -> Event {
-    outbox::new_event(aggregate_id, 1, actor.to_owned(), body)
+    Event::new(aggregate_id, 1, actor.to_owned(), body)
 }
 
 /// Make a key: `key.created` recorded, applied and put in the outbox in one transaction. The

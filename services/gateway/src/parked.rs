@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use checkplane_core::dead_letters::{DeadLetter, Parked};
-use checkplane_core::outbox::{self, PUBLISH_TIMEOUT};
+use checkplane_core::outbox::PUBLISH_TIMEOUT;
 use checkplane_core::{failures, fanout};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiQuery};
@@ -88,7 +88,7 @@ fn handled(letter: &DeadLetter, attempt: Option<u32>) -> DeadLetterHandled {
 }
 
 fn admin_event(letter: &DeadLetter, actor: &str, body: EventBody) -> Event {
-    outbox::new_event(
+    Event::new(
         format!("dead-letter:{}", letter.id),
         1,
         actor.to_owned(),
@@ -220,7 +220,7 @@ async fn requeue_held(
             network: row.get(10),
         },
     };
-    let retried = outbox::new_event(
+    let retried = Event::new(
         format!("check:{check}"),
         now_ms(),
         actor.to_owned(),
@@ -290,7 +290,7 @@ async fn discard_held(app: &AppState, actor: &str, letter: &DeadLetter) -> Resul
             )
             .await?;
         if waiting.is_some() {
-            let closed = outbox::new_event(
+            let closed = Event::new(
                 format!("check:{check}"),
                 now_ms(),
                 actor.to_owned(),
@@ -479,7 +479,7 @@ async fn drop_failure(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("no such parked event"))?;
-    let event = outbox::new_event(
+    let event = Event::new(
         format!("projection-failure:{id}"),
         1,
         admin.caller.actor(),

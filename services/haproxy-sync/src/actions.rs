@@ -18,17 +18,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use checkplane_core::keys::Keys;
-use checkplane_core::outbox;
+use checkplane_core::outbox::Written;
 use checkplane_runtime::db::Sql;
 use checkplane_runtime::stores::Stores;
 use checkplane_wire::events::{
-    Event, EventBody, HaproxyActionUpdated, HaproxyServerObserved, ObservedServer, SCHEMA,
+    Event, EventBody, HaproxyActionUpdated, HaproxyServerObserved, ObservedServer,
 };
+use checkplane_wire::haproxy::ServerState as Wanted;
 use serde_json::{json, Value};
+use tokio_util::task::TaskTracker;
 
 use crate::breaker::Breaker;
 use crate::error::SyncError;
-use crate::runtime_api::{ApiError, Client, Target};
+
+use crate::runtime_api::{ApiError, Client};
+use crate::ACTOR;
 
 /// How actions run.
 #[derive(Debug, Clone)]
@@ -126,12 +130,20 @@ pub async fn open_actions(
     Ok(open)
 }
 
-/// What every update of one action is recorded with: the stores, the action, and the
+/// Where actions' updates go: the stores, the stream keys, and the service's task tracker
+/// their publications run on (shutdown waits for them).
+#[derive(Clone)]
+pub struct Outlet {
+    pub stores: Stores,
+    pub keys: Keys,
+    pub tracker: TaskTracker,
+}
+
+/// What every update of one action is recorded with: the outlet, the action, and the
 /// fencing token it is executed under.
 #[derive(Clone, Copy)]
 struct Recorder<'a> {
-    stores: &'a Stores,
-    keys: &'a Keys,
+    outlet: &'a Outlet,
     action: &'a Pending,
     fence: i64,
     /// When this executor took the action up.
@@ -149,24 +161,20 @@ async fn update(
     body: HaproxyActionUpdated,
 ) -> Result<(), SyncError> {
     let Recorder {
-        stores,
-        keys,
+        outlet,
         action,
         fence,
         started,
     } = *record;
     *version += 1;
-    let event = Event {
-        event_id: uuid::Uuid::now_v7(),
-        aggregate_id: format!("haproxy-action:{}", action.action_id),
-        version: *version,
-        occurred_at: checkplane_runtime::clock::now_ms(),
-        actor: "haproxy-sync".to_owned(),
-        schema: SCHEMA,
-        body: EventBody::HaproxyActionUpdated(body),
-    };
-    let stream = keys.events("haproxy");
-    let mut client = stores.pg.get().await?;
+    let event = Event::new(
+        format!("haproxy-action:{}", action.action_id),
+        *version,
+        ACTOR,
+        EventBody::HaproxyActionUpdated(body),
+    );
+    let stream = outlet.keys.events("haproxy");
+    let mut client = outlet.stores.pg.get().await?;
     let tx = client.transaction().await?;
     // A newer owner's token (written when it took the instance) refuses this update; the
     // share lock orders it against that write.
@@ -186,10 +194,11 @@ async fn update(
     }
     events.push(event);
     // The observation and the update touch rows of their own: recorded together.
-    outbox::append_all(&tx, &events, &stream).await?;
+    let mut written = Written::new();
+    written.append_independent(&tx, &stream, events).await?;
     tx.commit().await?;
     drop(client);
-    if let Some(EventBody::HaproxyActionUpdated(u)) = events.last().map(|e| &e.body) {
+    if let Some(EventBody::HaproxyActionUpdated(u)) = written.events().last().map(|e| &e.body) {
         if u.status == "success" || u.status == "failed" {
             let labels = [
                 ("action", action.action.clone()),
@@ -200,17 +209,7 @@ async fn update(
                 .record(started.elapsed().as_secs_f64());
         }
     }
-    let stores = stores.clone();
-    tokio::spawn(async move {
-        outbox::publish_all(
-            &stores.pg,
-            &stores.redis,
-            &stream,
-            &events,
-            outbox::PUBLISH_TIMEOUT,
-        )
-        .await;
-    });
+    written.publish(&outlet.stores, &outlet.tracker);
     Ok(())
 }
 
@@ -273,7 +272,7 @@ impl From<crate::replies::Malformed> for Attempt {
 async fn attempt(
     api: &Client,
     action: &Pending,
-    target: Target,
+    target: Wanted,
     fence: &Fence,
 ) -> Result<(Value, ObservedServer), Attempt> {
     // Only while the instance is surely ours: a replica paused past its lease must not change
@@ -283,7 +282,7 @@ async fn attempt(
     if !fence.held().await {
         return Err(Attempt::Fenced);
     }
-    let drain_wait = target == Target::Drain && action.drain_wait_ms > 0;
+    let drain_wait = target == Wanted::Drain && action.drain_wait_ms > 0;
     // Read, set unless already there, read back and (unless a drain waits for its sessions
     // first) the stats row in one turn: through the node's agent, one trip.
     let settled = api
@@ -296,11 +295,11 @@ async fn attempt(
         )
         .await?;
     let (already, after) = (settled.already, settled.after);
-    if after.admin_state.name() != target.name() {
+    if after.admin_state.name() != target.as_str() {
         return Err(Attempt::Api(ApiError::Refused(format!(
             "read back {} after set {}",
             after.admin_state.name(),
-            target.name()
+            target.as_str()
         ))));
     }
     let mut detail = json!({"already": already, "admin_bits": after.admin_state.0});
@@ -336,8 +335,7 @@ async fn attempt(
 /// Run one action to its end.
 #[allow(clippy::too_many_arguments)]
 pub async fn execute(
-    stores: Stores,
-    keys: Keys,
+    outlet: Outlet,
     api: Arc<Client>,
     breaker: Arc<Mutex<Breaker>>,
     settings: Settings,
@@ -346,13 +344,12 @@ pub async fn execute(
 ) -> Result<(), SyncError> {
     let mut version = action.version;
     let record = Recorder {
-        stores: &stores,
-        keys: &keys,
+        outlet: &outlet,
         action: &action,
         fence: fence.token,
         started: Instant::now(),
     };
-    let Some(target) = Target::parse(&action.action) else {
+    let Ok(target) = action.action.parse::<Wanted>() else {
         return Ok(());
     };
     let fail = |attempts: u32, error: String| HaproxyActionUpdated {
@@ -407,7 +404,7 @@ pub async fn execute(
                 }
                 let snapshot = breaker.lock().map(|b| b.clone()).ok();
                 if let Some(b) = snapshot {
-                    store_breaker(&stores, &action.instance_id, &b).await;
+                    store_breaker(&outlet.stores, &action.instance_id, &b).await;
                 }
                 let done = HaproxyActionUpdated {
                     action_id: action.action_id.clone(),
@@ -433,7 +430,7 @@ pub async fn execute(
                     })
                     .ok();
                 if let Some(b) = snapshot {
-                    store_breaker(&stores, &action.instance_id, &b).await;
+                    store_breaker(&outlet.stores, &action.instance_id, &b).await;
                 }
                 metrics::counter!("checkplane_haproxy_action_attempt_failures_total").increment(1);
                 tracing::warn!(action_id = %action.action_id, attempt = attempts, error = %last_error, "HAProxy action attempt failed");
@@ -466,19 +463,11 @@ async fn observation(
         )
         .await?
         .get(0);
-    Ok(Event {
-        event_id: checkplane_wire::haproxy::poll_event_id(
-            &action.instance_id,
-            poll,
-            &action.backend,
-            &action.server,
-        ),
-        aggregate_id: format!("haproxy-server:{}", action.server_id),
-        version: poll,
-        occurred_at: checkplane_runtime::clock::now_ms(),
-        actor: "haproxy-sync".to_owned(),
-        schema: SCHEMA,
-        body: EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+    Ok(Event::new(
+        format!("haproxy-server:{}", action.server_id),
+        poll,
+        ACTOR,
+        EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
             instance_id: action.instance_id.clone(),
             poll,
             backend: action.backend.clone(),
@@ -486,7 +475,13 @@ async fn observation(
             observed,
             cause: action.action_id.clone(),
         })),
-    })
+    )
+    .with_id(checkplane_wire::haproxy::poll_event_id(
+        &action.instance_id,
+        poll,
+        &action.backend,
+        &action.server,
+    )))
 }
 
 /// Which actions this replica is executing (so a round does not start one twice).

@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 /// The binary's name.
 pub const NAME: &str = "haproxy-sync";
 
+/// Who haproxy-sync's events say caused them.
+pub const ACTOR: &str = "system:haproxy-sync";
+
 /// The haproxy-sync's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -97,8 +100,8 @@ pub async fn run(
         config.service.store.stream_shards,
     );
     serve_with_stores(config.service, listener, shutdown, move |stores, tracker, shutdown| {
-        let (stores, shutdown) = (stores.clone(), shutdown.clone());
-        tracker.spawn(async move {
+        let (stores, shutdown, tracker) = (stores.clone(), shutdown.clone(), tracker.clone());
+        tracker.clone().spawn(async move {
             stores.schema_current().await;
             let lease = settings.lease;
             // New events on the haproxy stream (an action requested, a forced sync) start a
@@ -107,14 +110,14 @@ pub async fn run(
             // The instances of actions requested, handed over as they are seen: their open
             // actions are started at once when the instance was held at the last round.
             let (requested_tx, mut requested) = tokio::sync::mpsc::channel(256);
-            tokio::spawn(watch_events(
+            tracker.spawn(watch_events(
                 stores.clone(),
                 keys.events("haproxy"),
                 wake.clone(),
                 requested_tx,
                 shutdown.clone(),
             ));
-            let mut sync = sync::Sync::new(stores, keys, settings);
+            let mut sync = sync::Sync::new(stores, keys, settings, tracker.clone());
             // Rounds well inside the lease, so the owner renews it in time.
             let mut ticker = tokio::time::interval((lease / 4).min(Duration::from_secs(1)));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -222,7 +225,7 @@ fn requested_action(entry: &redis::streams::StreamId) -> Option<String> {
     let Some(redis::Value::BulkString(raw)) = entry.map.get("event") else {
         return None;
     };
-    let event = serde_json::from_slice::<checkplane_wire::events::Event>(raw).ok()?;
+    let event = checkplane_wire::events::Event::decode(serde_json::from_slice(raw).ok()?).ok()?;
     match event.body {
         checkplane_wire::events::EventBody::HaproxyActionRequested(r) => Some(r.instance_id),
         _ => None,

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use checkplane_haproxy::relay::Settle;
+use checkplane_wire::haproxy::ServerState as Wanted;
 
 pub use checkplane_haproxy::socket::Endpoint;
 use checkplane_haproxy::socket::{self as haproxy_socket, Limits};
@@ -107,32 +108,6 @@ pub struct Client {
     turn: tokio::sync::Mutex<()>,
 }
 
-/// A server state an operator can ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    Ready,
-    Drain,
-    Maint,
-}
-
-impl Target {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "ready" => Some(Self::Ready),
-            "drain" => Some(Self::Drain),
-            "maint" => Some(Self::Maint),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Ready => "ready",
-            Self::Drain => "drain",
-            Self::Maint => "maint",
-        }
-    }
-}
-
 /// `server` among a backend's servers, or HAProxy's own words for its absence.
 fn find_server(servers: Vec<ServerState>, server: &str) -> Result<ServerState, ApiError> {
     servers
@@ -217,13 +192,13 @@ impl Client {
         &self,
         backend: &str,
         server: &str,
-        target: Target,
+        target: Wanted,
     ) -> Result<(), ApiError> {
         let command = format!(
             "set server {}/{} state {}",
             safe_name(backend)?,
             safe_name(server)?,
-            target.name()
+            target.as_str()
         );
         let reply = self.command(&command).await?;
         if reply.trim().is_empty() {
@@ -252,14 +227,14 @@ impl Client {
         &self,
         backend: &str,
         server: &str,
-        target: Target,
+        target: Wanted,
         stat: bool,
         not_after: Instant,
     ) -> Result<Settled, ApiError> {
         let settle = Settle {
             backend: safe_name(backend)?.to_owned(),
             server: safe_name(server)?.to_owned(),
-            state: target.name().to_owned(),
+            state: target.as_str().to_owned(),
             stat,
         };
         let raws = {

@@ -21,14 +21,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use checkplane_core::keys::Keys;
-use checkplane_core::outbox;
+use checkplane_core::outbox::Written;
 use checkplane_runtime::db::Sql;
 use checkplane_runtime::stores::Stores;
 use checkplane_wire::events::{
-    Event, EventBody, HaproxyServerMissing, HaproxyServerObserved, ObservedServer, SCHEMA,
+    Event, EventBody, HaproxyServerMissing, HaproxyServerObserved, ObservedServer,
 };
 use checkplane_wire::haproxy::{poll_event_id, server_id, Transport as Reached};
 use futures::StreamExt;
+use tokio_util::task::TaskTracker;
 
 use crate::runtime_api::{ApiError, Client, Direct, Endpoint, Transport};
 
@@ -99,6 +100,8 @@ return tonumber(token)
 pub struct Sync {
     stores: Stores,
     keys: Keys,
+    /// The service's tracker: actions run on it.
+    tracker: TaskTracker,
     settings: Settings,
     /// This replica's name in the leases.
     me: String,
@@ -129,8 +132,10 @@ fn jittered(interval: Duration) -> Duration {
 }
 
 impl Sync {
-    pub fn new(stores: Stores, keys: Keys, settings: Settings) -> Self {
+    /// Actions run, and their updates are published, on `tracker`.
+    pub fn new(stores: Stores, keys: Keys, settings: Settings, tracker: TaskTracker) -> Self {
         Self {
+            tracker,
             stores,
             keys: keys.clone(),
             settings,
@@ -508,22 +513,22 @@ impl Sync {
                 continue;
             }
             let lanes = lanes.clone();
-            let (stores, keys, api, breaker) = (
-                self.stores.clone(),
-                self.keys.clone(),
-                api.clone(),
-                breaker.clone(),
-            );
+            let outlet = crate::actions::Outlet {
+                stores: self.stores.clone(),
+                keys: self.keys.clone(),
+                tracker: self.tracker.clone(),
+            };
+            let (api, breaker) = (api.clone(), breaker.clone());
             let (settings, executing) = (self.settings.actions.clone(), self.executing.clone());
             let fence = self.fence(&instance.id);
-            tokio::spawn(async move {
+            self.tracker.spawn(async move {
                 let id = action.action_id.clone();
                 let Ok(_lane) = lanes.acquire_owned().await else {
                     executing.release(&id);
                     return;
                 };
                 if let Err(error) =
-                    crate::actions::execute(stores, keys, api, breaker, settings, action, fence)
+                    crate::actions::execute(outlet, api, breaker, settings, action, fence)
                         .await
                 {
                     tracing::warn!(action_id = %id, error = %checkplane_runtime::error_chain(&error), "HAProxy action interrupted; retried next round");
@@ -631,15 +636,14 @@ pub async fn poll(
             ((r.get(0), r.get(1)), (observed, r.get(10)))
         })
         .collect();
-    let now = checkplane_runtime::clock::now_ms();
-    let event = |backend: &str, server: &str, body: EventBody| Event {
-        event_id: poll_event_id(instance, poll, backend, server),
-        aggregate_id: format!("haproxy-server:{}", server_id(instance, backend, server)),
-        version: poll,
-        occurred_at: now,
-        actor: "haproxy-sync".to_owned(),
-        schema: SCHEMA,
-        body,
+    let event = |backend: &str, server: &str, body: EventBody| {
+        Event::new(
+            format!("haproxy-server:{}", server_id(instance, backend, server)),
+            poll,
+            crate::ACTOR,
+            body,
+        )
+        .with_id(poll_event_id(instance, poll, backend, server))
     };
     let mut events = Vec::new();
     let mut polled = Polled {
@@ -695,7 +699,8 @@ pub async fn poll(
     }
     let stream = keys.events("haproxy");
     // Each event touches its own server's rows: recorded together, applied pipelined.
-    outbox::append_all(&tx, &events, &stream).await?;
+    let mut written = Written::new();
+    written.append_independent(&tx, &stream, events).await?;
     let off: Vec<String> = seen
         .iter()
         .filter(|(at, now)| desired.get(*at).is_some_and(|d| *d != now.admin_state))
@@ -708,14 +713,7 @@ pub async fn poll(
     metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.to_owned())
         .set(drifting as f64);
     drop(client);
-    outbox::publish_all(
-        &stores.pg,
-        &stores.redis,
-        &stream,
-        &events,
-        outbox::PUBLISH_TIMEOUT,
-    )
-    .await;
+    written.publish_now(stores).await;
     metrics::counter!("checkplane_haproxy_polls_total").increment(1);
     if restarted {
         tracing::warn!(
@@ -791,7 +789,7 @@ async fn reapply(
     for row in &wanted {
         let (backend, server, desired, by): (String, String, String, Option<String>) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        let Some(target) = crate::runtime_api::Target::parse(&desired) else {
+        let Ok(target) = desired.parse::<checkplane_wire::haproxy::ServerState>() else {
             continue;
         };
         // Only servers this poll saw, in another state than desired.
@@ -825,14 +823,11 @@ async fn reapply(
             )
             .await?
             .get(0);
-        let event = Event {
-            event_id: poll_event_id(instance, poll, &backend, &server),
-            aggregate_id: format!("haproxy-server:{}", server_id(instance, &backend, &server)),
-            version: poll,
-            occurred_at: checkplane_runtime::clock::now_ms(),
-            actor: "haproxy-sync".to_owned(),
-            schema: SCHEMA,
-            body: EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
+        let event = Event::new(
+            format!("haproxy-server:{}", server_id(instance, &backend, &server)),
+            poll,
+            crate::ACTOR,
+            EventBody::HaproxyServerObserved(Box::new(HaproxyServerObserved {
                 instance_id: instance.to_owned(),
                 poll,
                 backend: backend.clone(),
@@ -840,9 +835,11 @@ async fn reapply(
                 observed,
                 cause: format!("reapply:{}", by.unwrap_or_default()),
             })),
-        };
+        )
+        .with_id(poll_event_id(instance, poll, &backend, &server));
         let stream = keys.events("haproxy");
-        outbox::append(&tx, &event, &stream).await?;
+        let mut written = Written::new();
+        written.append(&tx, &stream, &event).await?;
         // Back where it is wanted: nothing to count towards drift.
         tx.execute(
             "DELETE FROM haproxy_drift WHERE server_id = $1",
@@ -854,14 +851,7 @@ async fn reapply(
         drop(client);
         metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.to_owned())
             .set(drifting as f64);
-        outbox::publish(
-            &stores.pg,
-            &stores.redis,
-            &stream,
-            &event,
-            outbox::PUBLISH_TIMEOUT,
-        )
-        .await;
+        written.publish_now(stores).await;
         reapplied += 1;
     }
     Ok(reapplied)

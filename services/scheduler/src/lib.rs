@@ -238,9 +238,7 @@ pub async fn run(
             );
 
             let lifecycle = lifecycle::Lifecycle {
-                pg: stores.pg.clone(),
-                redis_pool: stores.redis.clone(),
-                redis: stores.redis_shared.clone(),
+                stores: stores.clone(),
                 leases: Leases::new(keys.clone(), LeaseSettings::new(0, 0)),
                 keys: keys.clone(),
                 max_retries: config.max_retries,

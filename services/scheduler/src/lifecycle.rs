@@ -34,13 +34,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use checkplane_core::fanout;
 use checkplane_core::keys::Keys;
 use checkplane_core::leases::{CloseReason, Leases, TaskClosed};
-use checkplane_core::outbox::PUBLISH_TIMEOUT;
+use checkplane_core::outbox::{Written, PUBLISH_TIMEOUT};
 use checkplane_core::projector::{projected, Projected};
 use checkplane_core::selection::{choose, record_selected};
-use checkplane_core::{fanout, outbox};
 use checkplane_runtime::clock::now_ms;
+use checkplane_runtime::Stores;
 use checkplane_wire::checks::{task_id, LocationRequest, Selection};
 use checkplane_wire::events::{
     CheckSlotRetried, CheckSlotsClosed, CheckSlotsReleased, Event, EventBody,
@@ -84,9 +85,7 @@ pub struct Pass {
 
 #[derive(Clone)]
 pub struct Lifecycle {
-    pub pg: deadpool_postgres::Pool,
-    pub redis_pool: deadpool_redis::Pool,
-    pub redis: redis::aio::ConnectionManager,
+    pub stores: Stores,
     pub leases: Leases,
     pub keys: Keys,
     pub max_retries: u32,
@@ -123,7 +122,7 @@ impl Watermarks {
             Some(p) => *p,
             None => {
                 let p = projected(
-                    &mut lifecycle.redis.clone(),
+                    &mut lifecycle.stores.redis_shared.clone(),
                     &lifecycle.keys.lease_events(waiting.shard),
                     crate::PROJECTOR_GROUP,
                 )
@@ -137,7 +136,7 @@ impl Watermarks {
 }
 
 fn system_event(check: Uuid, body: EventBody) -> Event {
-    outbox::new_event(
+    Event::new(
         format!("check:{check}"),
         now_ms(),
         "system:scheduler".to_owned(),
@@ -158,12 +157,13 @@ impl Lifecycle {
     /// Record `event` (applied, with an outbox row) in its own transaction, then publish it.
     async fn record(&self, event: &Event) -> Result<(), LifecycleError> {
         let stream = self.keys.events("checks");
-        let mut client = self.pg.get().await?;
+        let mut client = self.stores.pg.get().await?;
         let tx = client.transaction().await?;
-        outbox::append(&tx, event, &stream).await?;
+        let mut written = Written::new();
+        written.append(&tx, &stream, event).await?;
         tx.commit().await?;
         drop(client);
-        outbox::publish(&self.pg, &self.redis_pool, &stream, event, PUBLISH_TIMEOUT).await;
+        written.publish_now(&self.stores).await;
         Ok(())
     }
 
@@ -187,7 +187,7 @@ impl Lifecycle {
         let blocked_list: Vec<Uuid> = blocked.iter().copied().collect();
         // The due checks with their open slots, in one query.
         let rows = {
-            let client = self.pg.get().await?;
+            let client = self.stores.pg.get().await?;
             client
                 .query(
                     "WITH due AS (
@@ -248,7 +248,7 @@ impl Lifecycle {
                             let closed = self
                                 .leases
                                 .close_task(
-                                    &mut self.redis.clone(),
+                                    &mut self.stores.redis_shared.clone(),
                                     agent,
                                     &kind,
                                     &task,
@@ -356,7 +356,7 @@ impl Lifecycle {
             .iter()
             .map(|&(n, a)| format!("%\"task\":\"{}\"%", task_id(check, n, a)))
             .collect();
-        let client = self.pg.get().await?;
+        let client = self.stores.pg.get().await?;
         let found = client
             .query(
                 "SELECT i - 1 FROM unnest($1::text[]) WITH ORDINALITY AS u(pattern, i)
@@ -382,7 +382,7 @@ impl Lifecycle {
     ) -> Result<Vec<(u32, u32)>, LifecycleError> {
         let (numbers, attempts): (Vec<i32>, Vec<i32>) =
             slots.iter().map(|&(n, a)| (n as i32, a as i32)).unzip();
-        let client = self.pg.get().await?;
+        let client = self.stores.pg.get().await?;
         let rows = client
             .query(
                 "SELECT s.slot, s.attempt FROM check_slots s
@@ -404,7 +404,7 @@ impl Lifecycle {
     /// left to lease recovery.
     async fn offline(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
         let rows = {
-            let client = self.pg.get().await?;
+            let client = self.stores.pg.get().await?;
             client
                 .query(
                     "SELECT s.check_id, s.slot, s.attempt, s.agent_id, c.kind
@@ -427,7 +427,7 @@ impl Lifecycle {
             let closed = self
                 .leases
                 .close_task(
-                    &mut self.redis.clone(),
+                    &mut self.stores.redis_shared.clone(),
                     &agent,
                     &kind,
                     &task,
@@ -459,7 +459,7 @@ impl Lifecycle {
     /// Waiting slots of checks running fewer than `max_parallel` slots: released in the
     /// check row's lock (two replicas never release the same slots), then sent.
     async fn release(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
-        let mut client = self.pg.get().await?;
+        let mut client = self.stores.pg.get().await?;
         let tx = client.transaction().await?;
         let due = tx
             .query(
@@ -479,7 +479,7 @@ impl Lifecycle {
             )
             .await?;
         let stream = self.keys.events("checks");
-        let mut events = Vec::new();
+        let mut written = Written::new();
         for row in &due {
             let (check, free): (Uuid, i64) =
                 (row.get(0), row.get::<_, Option<i64>>(5).unwrap_or(0));
@@ -508,26 +508,29 @@ impl Lifecycle {
                     slots,
                 }),
             );
-            outbox::append(&tx, &event, &stream).await?;
-            events.push(event);
+            written.append(&tx, &stream, &event).await?;
         }
         tx.commit().await?;
         drop(client);
-        for event in &events {
+        // Each release's tasks first; an event whose tasks were not added is left to the
+        // outbox sweep, which adds them before it publishes.
+        let mut unsent = HashSet::new();
+        for event in written.events() {
             let EventBody::CheckSlotsReleased(released) = &event.body else {
                 continue;
             };
             pass.released += released.slots.len() as u32;
             let added = tokio::time::timeout(
                 PUBLISH_TIMEOUT,
-                fanout::enqueue_released(&self.redis, &self.leases, released),
+                fanout::enqueue_released(&self.stores.redis_shared, &self.leases, released),
             )
             .await;
-            if matches!(added, Ok(Ok(()))) {
-                outbox::publish(&self.pg, &self.redis_pool, &stream, event, PUBLISH_TIMEOUT).await;
+            if !matches!(added, Ok(Ok(()))) {
+                unsent.insert(event.event_id);
             }
-            // Otherwise the outbox sweep adds them.
         }
+        written.retain(|e| !unsent.contains(&e.event_id));
+        written.publish_now(&self.stores).await;
         Ok(())
     }
 
@@ -536,7 +539,7 @@ impl Lifecycle {
     /// two replicas never retry the same slot.
     async fn retries(&self, pass: &mut Pass) -> Result<(), LifecycleError> {
         let backoff_ms = self.retry_backoff.as_millis() as i64;
-        let mut client = self.pg.get().await?;
+        let mut client = self.stores.pg.get().await?;
         let tx = client.transaction().await?;
         let due = tx
             .query(
@@ -613,29 +616,32 @@ impl Lifecycle {
                 }),
             ));
         }
+        let mut written = Written::new();
         for event in &events {
-            outbox::append(&tx, event, &stream).await?;
+            written.append(&tx, &stream, event).await?;
         }
         tx.commit().await?;
         drop(client);
-        for event in &events {
+        // A retry's task first; one not added is left to the outbox sweep (as above).
+        let mut unsent = HashSet::new();
+        for event in written.events() {
             match &event.body {
                 EventBody::CheckSlotRetried(retry) => {
                     pass.retried += 1;
                     let added = tokio::time::timeout(
                         PUBLISH_TIMEOUT,
-                        fanout::enqueue_retry(&self.redis, &self.leases, retry),
+                        fanout::enqueue_retry(&self.stores.redis_shared, &self.leases, retry),
                     )
                     .await;
                     if !matches!(added, Ok(Ok(()))) {
-                        // The outbox sweep adds it.
-                        continue;
+                        unsent.insert(event.event_id);
                     }
                 }
                 _ => pass.ended += 1,
             }
-            outbox::publish(&self.pg, &self.redis_pool, &stream, event, PUBLISH_TIMEOUT).await;
         }
+        written.retain(|e| !unsent.contains(&e.event_id));
+        written.publish_now(&self.stores).await;
         Ok(())
     }
 }

@@ -307,10 +307,11 @@ pub(crate) async fn write(
                 "INSERT INTO events (event_id, occurred_at, type, aggregate_id, version, actor,
                                      schema, payload)
                  SELECT gen_random_uuid(), now(), 'projection.snapshot',
-                        'snapshot:{table}:' || {id}, 1, 'system:retention', 1,
+                        'snapshot:{table}:' || {id}, 1, 'system:retention', {schema},
                         jsonb_build_object('table', '{table}', 'row', {row})
                  FROM {table} t",
-                id = spec.id
+                id = spec.id,
+                schema = checkplane_wire::events::SCHEMA,
             )
         };
         written += if table == "agents" {

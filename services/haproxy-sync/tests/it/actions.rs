@@ -852,7 +852,12 @@ async fn a_replica_past_its_lease_is_fenced_and_the_next_owner_finishes_the_acti
             let breaker = Arc::new(std::sync::Mutex::new(haproxy_sync::breaker::Breaker::new(
                 Duration::from_secs(60),
             )));
-            execute(stores, keys, api, breaker, settings, pending, fence).await
+            let outlet = haproxy_sync::actions::Outlet {
+                stores,
+                keys,
+                tracker: tokio_util::task::TaskTracker::new(),
+            };
+            execute(outlet, api, breaker, settings, pending, fence).await
         }
     };
     // An older token: refused by PostgreSQL before anything is recorded.

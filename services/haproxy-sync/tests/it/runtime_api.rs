@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use checkplane_testkit::haproxy::Haproxy;
-use haproxy_sync::runtime_api::{ApiError, Client, Direct, Endpoint, Target};
+use checkplane_wire::haproxy::ServerState as Target;
+use haproxy_sync::runtime_api::{ApiError, Client, Direct, Endpoint};
 
 fn backends() -> Vec<(&'static str, Vec<(&'static str, u16)>)> {
     vec![
@@ -53,7 +54,7 @@ async fn state_is_read_changed_and_read_back_over_tcp_and_unix() {
             api.set_state("be_app", "s1", target).await.unwrap();
             let s1 = api.server("be_app", "s1").await.unwrap();
             assert_eq!(s1.admin_state.0, admin, "{target:?}");
-            assert_eq!(s1.admin_state.name(), target.name());
+            assert_eq!(s1.admin_state.name(), target.as_str());
             let stat = api.show_stat().await.unwrap();
             let row = stat
                 .iter()

@@ -304,7 +304,7 @@ enum Step {
 
 /// The check whose slots the log's check tasks move: one pair of slots per agent, made (as
 /// the edge does) before any lease event is projected.
-fn check_created(agents: usize) -> Event {
+pub(crate) fn check_created(agents: usize) -> Event {
     use checkplane_wire::events::{CheckCreated, CheckSlot, EventBody, Location};
     let slots = (0..2 * agents)
         .map(|slot| CheckSlot {
@@ -314,10 +314,10 @@ fn check_created(agents: usize) -> Event {
             constraint: None,
         })
         .collect();
-    checkplane_core::outbox::new_event(
+    checkplane_wire::events::Event::new(
         format!("check:{CHECK}"),
         1,
-        "key:test".into(),
+        "key:test",
         EventBody::CheckCreated(Box::new(CheckCreated {
             check_id: CHECK,
             kind: "dns".into(),
@@ -331,7 +331,8 @@ fn check_created(agents: usize) -> Event {
     )
 }
 
-const CHECK: uuid::Uuid = uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+pub(crate) const CHECK: uuid::Uuid =
+    uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
 
 /// The lease events of one task, versions 1, 2, … in order, as the scripts make them.
 fn task_events(agent: &str, entry: &str, steps: &[Step]) -> Vec<Event> {

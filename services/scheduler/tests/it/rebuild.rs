@@ -513,3 +513,77 @@ async fn long_lived_rows_outlive_the_events_retention_through_rebuild() {
             .unwrap();
     }
 }
+
+/// Events as the first release stored them (schema 1: bare `system` actors, a dead letter
+/// without `waits`) replay through the upcaster into the projections today's events make.
+#[tokio::test]
+async fn events_stored_in_schema_1_replay_into_todays_projections() {
+    use checkplane_core::projection::{rebuild, record_and_apply};
+    use checkplane_wire::events::{Event, EventBody, TaskDeadLettered};
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let now = checkplane_runtime::clock::now_ms();
+    let check = crate::projector::CHECK;
+    let dead_letter = Event::new(
+        "task:agent-0:dns:1-0",
+        1,
+        "system:gateway",
+        EventBody::TaskDeadLettered(TaskDeadLettered {
+            agent_id: "agent-0".into(),
+            kind: "dns".into(),
+            entry: "1-0".into(),
+            deliveries: 6,
+            task: Some(format!("{check}:0:1")),
+            // What schema 1 meant by leaving it out: the slot ended at once.
+            waits: false,
+        }),
+    );
+    let events = installation(now, true)
+        .into_iter()
+        .chain([crate::projector::check_created(1), dead_letter]);
+    for e in events {
+        assert!(record_and_apply(&client, &e).await.unwrap(), "{e:?}");
+    }
+    let ended = count(
+        &db,
+        "SELECT count(*) FROM check_slots WHERE status = 'done' AND outcome = 'dead_lettered'",
+    )
+    .await;
+    assert_eq!(
+        ended, 1,
+        "today's dead letter of waits = false ends its slot"
+    );
+    let live = canonical_dump(&client).await.unwrap();
+
+    // Stored as release 1 wrote them.
+    let old = client
+        .execute(
+            "UPDATE events SET schema = 1,
+                 actor = CASE WHEN actor LIKE 'system:%' THEN substr(actor, 8) ELSE actor END,
+                 payload = CASE WHEN type = 'task.dead_lettered' THEN payload - 'waits'
+                                ELSE payload END
+             WHERE type <> 'projection.snapshot'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(old >= 3, "{old}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events WHERE payload ? 'waits'").await,
+        0
+    );
+    let report = rebuild(&mut client).await.unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(canonical_dump(&client).await.unwrap(), live);
+
+    // One written by a newer release is not guessed at: the rebuild says it failed.
+    client
+        .execute(
+            "UPDATE events SET schema = $1 WHERE type = 'task.dead_lettered'",
+            &[&(checkplane_wire::events::SCHEMA as i32 + 1)],
+        )
+        .await
+        .unwrap();
+    let report = rebuild(&mut client).await.unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+}
