@@ -39,31 +39,31 @@ pub async fn list(
     let rows = client
         .query(
             "SELECT id, stream, entry_id, consumer_group, event_id, event_type, attempts, error,
-                    to_char(parked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                    left(entry, $3), count(*) OVER ()
-             FROM projection_failures ORDER BY parked_at, id LIMIT $1 OFFSET $2",
+                    cp_rfc3339(parked_at) AS parked_at,
+                    left(entry, $3) AS entry, count(*) OVER () AS total
+             FROM projection_failures ORDER BY projection_failures.parked_at, id LIMIT $1 OFFSET $2",
             &[&limit, &offset, &ENTRY_SHOWN],
         )
         .await?;
     // Counted with the page, so the two agree; only a page past the end counts apart.
     let total = match rows.first() {
-        Some(row) => row.get(10),
+        Some(row) => row.get("total"),
         None if offset == 0 => 0,
         None => count(client).await?,
     };
     Ok((
         rows.iter()
             .map(|r| ParkedEvent {
-                id: r.get(0),
-                stream: r.get(1),
-                entry_id: r.get(2),
-                consumer_group: r.get(3),
-                event_id: r.get(4),
-                event_type: r.get(5),
-                attempts: r.get(6),
-                error: r.get(7),
-                parked_at: r.get(8),
-                entry: r.get(9),
+                id: r.get("id"),
+                stream: r.get("stream"),
+                entry_id: r.get("entry_id"),
+                consumer_group: r.get("consumer_group"),
+                event_id: r.get("event_id"),
+                event_type: r.get("event_type"),
+                attempts: r.get("attempts"),
+                error: r.get("error"),
+                parked_at: r.get("parked_at"),
+                entry: r.get("entry"),
             })
             .collect(),
         total,
@@ -75,9 +75,9 @@ pub async fn count(
     client: &impl checkplane_runtime::db::Sql,
 ) -> Result<i64, tokio_postgres::Error> {
     Ok(client
-        .query_one("SELECT count(*) FROM projection_failures", &[])
+        .query_one("SELECT count(*) AS n FROM projection_failures", &[])
         .await?
-        .get(0))
+        .get("n"))
 }
 
 /// What a replay did.
@@ -104,9 +104,12 @@ pub async fn replay(
     let mut after = 0i64;
     // What is parked now: events parked while the replay runs wait for the next one.
     let until: i64 = client
-        .query_one("SELECT COALESCE(max(id), 0) FROM projection_failures", &[])
+        .query_one(
+            "SELECT COALESCE(max(id), 0) AS until FROM projection_failures",
+            &[],
+        )
         .await?
-        .get(0);
+        .get("until");
     loop {
         let (batch, last) = replay_batch(client, only, after, until).await?;
         done.applied += batch.applied;
@@ -136,10 +139,10 @@ async fn replay_batch(
             &[&only, &after, &REPLAY_BATCH, &until],
         )
         .await?;
-    let last = rows.last().map(|r| r.get::<_, i64>(0));
+    let last = rows.last().map(|r| r.get::<_, i64>("id"));
     let mut done = Replayed::default();
     for row in &rows {
-        let (id, entry): (i64, String) = (row.get(0), row.get(1));
+        let (id, entry): (i64, String) = (row.get("id"), row.get("entry"));
         tx.batch_execute("SAVEPOINT replay").await?;
         let outcome = match serde_json::from_str(&entry) {
             Ok(event) => record_and_apply(&tx, &event).await,

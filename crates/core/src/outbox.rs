@@ -174,23 +174,20 @@ pub async fn publish(
     timeout: Duration,
 ) {
     let attempt = tokio::time::timeout(timeout, async {
-        let json = serde_json::to_string(event).map_err(|e| e.to_string())?;
-        let mut conn = redis.get().await.map_err(|e| e.to_string())?;
-        xadd(&mut conn, stream, &json)
-            .await
-            .map_err(|e| e.to_string())?;
-        let client = pg.get().await.map_err(|e| e.to_string())?;
+        let json = serde_json::to_string(event)?;
+        let mut conn = redis.get().await?;
+        xadd(&mut conn, stream, &json).await?;
+        let client = pg.get().await?;
         client
             .execute("DELETE FROM outbox WHERE event_id = $1", &[&event.event_id])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
+            .await?;
+        Ok::<_, OutboxError>(())
     })
     .await
-    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    .unwrap_or(Err(OutboxError::TimedOut));
     if let Err(error) = attempt {
         metrics::counter!("checkplane_outbox_publish_deferred_total").increment(1);
-        tracing::warn!(event_id = %event.event_id, %error, "event left to the outbox sweep");
+        tracing::warn!(event_id = %event.event_id, error = %checkplane_runtime::error_chain(&error), "event left to the outbox sweep");
     }
 }
 
@@ -209,34 +206,30 @@ pub async fn publish_all(
     let attempt = tokio::time::timeout(timeout, async {
         let mut pipe = redis::pipe();
         for event in events {
-            let json = serde_json::to_string(event).map_err(|e| e.to_string())?;
+            let json = serde_json::to_string(event)?;
             pipe.add_command(xadd_cmd(stream, &json)).ignore();
         }
-        let mut conn = redis.get().await.map_err(|e| e.to_string())?;
-        let _: () = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut conn = redis.get().await?;
+        let _: () = pipe.query_async(&mut conn).await?;
         let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-        let client = pg.get().await.map_err(|e| e.to_string())?;
+        let client = pg.get().await?;
         client
             .execute("DELETE FROM outbox WHERE event_id = ANY($1)", &[&ids])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
+            .await?;
+        Ok::<_, OutboxError>(())
     })
     .await
-    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    .unwrap_or(Err(OutboxError::TimedOut));
     if let Err(error) = attempt {
         metrics::counter!("checkplane_outbox_publish_deferred_total")
             .increment(events.len() as u64);
-        tracing::warn!(events = events.len(), %error, "events left to the outbox sweep");
+        tracing::warn!(events = events.len(), error = %checkplane_runtime::error_chain(&error), "events left to the outbox sweep");
     }
 }
 
-/// Why a sweep failed.
+/// Why publishing or a sweep failed.
 #[derive(Debug, thiserror::Error)]
-pub enum SweepError {
+pub enum OutboxError {
     #[error("PostgreSQL")]
     Pg(#[from] tokio_postgres::Error),
     #[error("PostgreSQL pool")]
@@ -245,6 +238,10 @@ pub enum SweepError {
     RedisPool(#[from] deadpool_redis::PoolError),
     #[error("Redis")]
     Redis(#[from] redis::RedisError),
+    #[error("encoding the event")]
+    Json(#[from] serde_json::Error),
+    #[error("timed out")]
+    TimedOut,
 }
 
 /// Publish outbox rows older than `min_age` (first the event's Redis effects: a check's tasks) (younger ones are still being published by their
@@ -255,7 +252,7 @@ pub async fn sweep(
     leases: &crate::leases::Leases,
     min_age: Duration,
     limit: i64,
-) -> Result<usize, SweepError> {
+) -> Result<usize, OutboxError> {
     let mut client = pg.get().await?;
     let tx = client.transaction().await?;
     let rows = tx
@@ -275,15 +272,15 @@ pub async fn sweep(
     let mut conn = redis.get().await?;
     let mut ids = Vec::with_capacity(rows.len());
     for row in &rows {
-        let stream: String = row.get(1);
-        let event: String = row.get(2);
+        let stream: String = row.get("stream");
+        let event: String = row.get("event");
         // A check's tasks first (each added once, whatever its gateway managed), then the
         // event that announces it.
         if let Ok(parsed) = Event::decode_str(&event) {
             crate::fanout::effects(&*conn, leases, &parsed.body).await?;
         }
         xadd(&mut conn, &stream, &event).await?;
-        ids.push(row.get::<_, uuid::Uuid>(0));
+        ids.push(row.get::<_, uuid::Uuid>("event_id"));
     }
     tx.execute("DELETE FROM outbox WHERE event_id = ANY($1)", &[&ids])
         .await?;

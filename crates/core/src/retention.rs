@@ -31,13 +31,13 @@ pub async fn maintain_events(
     let mut done = Maintenance::default();
     let created: i64 = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE made) FROM (
+            "SELECT count(*) FILTER (WHERE made) AS n FROM (
                 SELECT cp_ensure_event_partition((current_date + d)::date) AS made
                 FROM generate_series(-1, 7) AS d) t",
             &[],
         )
         .await?
-        .get(0);
+        .get("n");
     done.created = u32::try_from(created).unwrap_or(0);
 
     let days = i32::try_from(retention.as_secs() / 86_400).unwrap_or(i32::MAX);
@@ -58,15 +58,15 @@ pub async fn maintain_events(
         .await?;
     let (names, oids): (Vec<String>, Vec<u32>) = expired
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
+        .map(|r| (r.get::<_, String>("relname"), r.get::<_, u32>("oid")))
         .unzip();
     let cutoff: std::time::SystemTime = tx
         .query_one(
-            "SELECT now() - $1::bigint * interval '1 millisecond'",
+            "SELECT now() - $1::bigint * interval '1 millisecond' AS cutoff",
             &[&millis],
         )
         .await?
-        .get(0);
+        .get("cutoff");
     let old_defaults = tx
         .query_opt(
             "SELECT 1 FROM events_default WHERE occurred_at < $1 LIMIT 1",

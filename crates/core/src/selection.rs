@@ -15,16 +15,17 @@ pub struct Candidate {
     pub location: Location,
 }
 
+/// A row with `agent_id, country, city, asn, network`.
 pub fn candidate(row: &tokio_postgres::Row) -> Candidate {
     Candidate {
-        agent_id: row.get(0),
+        agent_id: row.get("agent_id"),
         location: Location {
-            country: row.get(1),
-            city: row.get(2),
+            country: row.get("country"),
+            city: row.get("city"),
             asn: row
-                .get::<_, Option<i64>>(3)
+                .get::<_, Option<i64>>("asn")
                 .and_then(|a| u32::try_from(a).ok()),
-            network: row.get(4),
+            network: row.get("network"),
         },
     }
 }
@@ -94,8 +95,8 @@ pub async fn choose(
     Ok(rows
         .iter()
         .map(|row| {
-            taken.insert(row.get(0));
-            networks.insert(row.get(5));
+            taken.insert(row.get("agent_id"));
+            networks.insert(row.get("net"));
             candidate(row)
         })
         .collect())

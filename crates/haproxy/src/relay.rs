@@ -2,6 +2,7 @@
 //! agent: the severity prefix every command carries, the relayed task specs, the one exchange
 //! of an action ([`settle`]) and the allow-list a relaying agent checks ([`relayable`]).
 
+use checkplane_wire::error::Invalid;
 use checkplane_wire::haproxy::{valid_name, ServerState};
 use serde::{Deserialize, Serialize};
 
@@ -38,20 +39,19 @@ pub const MAX_RELAYED_THEN: usize = 3;
 pub struct Settle {
     pub backend: String,
     pub server: String,
-    /// `ready`, `drain` or `maint`.
-    pub state: String,
+    pub state: ServerState,
     #[serde(default)]
     pub stat: bool,
 }
 
 impl Settle {
     /// Names as [`valid_name`] allows them and a state HAProxy can be set to.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if !valid_name(&self.backend) || !valid_name(&self.server) {
-            return Err("backend, server: not valid proxy or server names".into());
-        }
-        if self.state.parse::<ServerState>().is_err() {
-            return Err("state: expected ready, drain or maint".into());
+            return Err(Invalid::new(
+                "backend, server",
+                "not valid proxy or server names",
+            ));
         }
         Ok(())
     }
@@ -61,7 +61,9 @@ impl Settle {
     fn set(&self) -> String {
         format!(
             "{SEVERITY_PREFIX}set server {}/{} state {}",
-            self.backend, self.server, self.state
+            self.backend,
+            self.server,
+            self.state.as_str()
         )
     }
     fn stat_row(&self, server_id: u32) -> String {
@@ -106,7 +108,7 @@ where
     let Some(state) = state else {
         return Ok(replies);
     };
-    if state.admin_state.name() == settle.state {
+    if state.admin_state.name() == settle.state.as_str() {
         replies.push(None);
     } else {
         let set = send(settle.set()).await?;
@@ -224,7 +226,7 @@ mod tests {
         let drain = |stat| Settle {
             backend: "be".into(),
             server: "s1".into(),
-            state: "drain".into(),
+            state: ServerState::Drain,
             stat,
         };
         let (sent, replies) = run_settle(&drain(true), 0, "\n\n");
@@ -267,12 +269,10 @@ mod tests {
         let (sent, replies) = run_settle(&other, 0, "\n\n");
         assert_eq!((sent.len(), replies.len()), (1, 1));
         assert!(other.validate().is_ok());
-        assert!(Settle {
-            state: "stopped".into(),
-            ..drain(true)
-        }
-        .validate()
-        .is_err());
+        // A state HAProxy cannot be set to does not make a settle at all.
+        let mut stopped = serde_json::to_value(drain(true)).unwrap();
+        stopped["state"] = "stopped".into();
+        assert!(serde_json::from_value::<Settle>(stopped).is_err());
         assert!(Settle {
             backend: "be x".into(),
             ..drain(true)

@@ -25,17 +25,22 @@ fn malformed(command: &'static str, why: impl Into<String>) -> Malformed {
     }
 }
 
+/// HAProxy's own refusal of a command (`No such server.`, `Permission denied`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// A raw reply as HAProxy meant it: its text (ending in one newline), or its error
 /// (`[3]: No such server.`) as the message. Every command is sent after the severity prefix
 /// ([`crate::relay::SEVERITY_PREFIX`]), whose own (empty) reply comes first; a blank line
 /// ends the reply.
-pub fn reply_body(raw: &str) -> Result<String, String> {
+pub fn reply_body(raw: &str) -> Result<String, Refused> {
     let body = raw.strip_prefix('\n').unwrap_or(raw);
     let body = body.trim_end_matches('\n');
     if let Some(rest) = body.strip_prefix('[') {
         if let Some((level, message)) = rest.split_once("]: ") {
             if level.parse::<u8>().is_ok_and(|l| l <= 3) {
-                return Err(message.trim().to_owned());
+                return Err(Refused(message.trim().to_owned()));
             }
         }
     }

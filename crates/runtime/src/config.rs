@@ -189,7 +189,7 @@ impl Env {
     ) -> Result<Duration, ConfigError> {
         let value = match self.raw(name) {
             None => default,
-            Some(v) => parse_duration(&v).map_err(|reason| ConfigError::new(name, reason))?,
+            Some(v) => parse_duration(&v).map_err(|bad| ConfigError::new(name, bad.to_string()))?,
         };
         if value < min || value > max {
             return Err(ConfigError::new(
@@ -261,15 +261,20 @@ impl Env {
     }
 }
 
+/// Text that is not a duration [`parse_duration`] reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected a duration like 500ms, 30s or 1m, got {0:?}")]
+pub struct BadDuration(pub String);
+
 /// Parse `500ms`, `30s`, `1m`, `2h`, `30d` into a duration. A bare number is refused: its unit would
 /// be a guess.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, BadDuration> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let bad = || format!("expected a duration like 500ms, 30s or 1m, got {text:?}");
+    let bad = || BadDuration(text.to_owned());
     if digits.is_empty() {
         return Err(bad());
     }

@@ -113,18 +113,18 @@ pub async fn schema_is_current(config: &tokio_postgres::Config) -> Result<bool, 
     let client = connect(config).await?;
     let exists: bool = client
         .query_one(
-            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL AS present",
             &[],
         )
         .await?
-        .get(0);
+        .get("present");
     if !exists {
         return Ok(false);
     }
     let applied: i64 = client
-        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .query_one("SELECT count(*) AS n FROM refinery_schema_history", &[])
         .await?
-        .get(0);
+        .get("n");
     Ok(usize::try_from(applied).unwrap_or(0)
         >= embedded::migrations::runner().get_migrations().len())
 }

@@ -25,12 +25,36 @@ use subtle::ConstantTimeEq;
 use crate::http::ApiError;
 use crate::settings::MetricsAccess;
 
+/// Why a dependency is not ready: what `/readyz` says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unready(pub String);
+
+impl std::fmt::Display for Unready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unready {}
+
+impl From<String> for Unready {
+    fn from(reason: String) -> Self {
+        Self(reason)
+    }
+}
+
+impl From<&str> for Unready {
+    fn from(reason: &str) -> Self {
+        Self(reason.to_owned())
+    }
+}
+
 /// A dependency that `/readyz` asks.
 pub trait Probe: Send + Sync + 'static {
     /// The name `/readyz` reports (`postgres`, `redis`, `migrations`, `control_plane`).
     fn name(&self) -> &'static str;
     /// Answer `Ok` if the dependency works, within `timeout`.
-    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>>;
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), Unready>>;
 }
 
 #[cfg(feature = "stores")]
@@ -56,7 +80,7 @@ impl Probe for PostgresProbe {
         "postgres"
     }
 
-    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>> {
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), Unready>> {
         Box::pin(async move {
             let mut slot = self.client.lock().await;
             let attempt = tokio::time::timeout(timeout, async {
@@ -64,7 +88,7 @@ impl Probe for PostgresProbe {
                     *slot = Some(
                         crate::db::connect(&self.config)
                             .await
-                            .map_err(|e| describe(&e))?,
+                            .map_err(|e| Unready(describe(&e)))?,
                     );
                 }
                 match slot.as_ref() {
@@ -72,12 +96,12 @@ impl Probe for PostgresProbe {
                         .simple_query("SELECT 1")
                         .await
                         .map(drop)
-                        .map_err(|e| describe(&e)),
-                    None => Err("not connected".to_owned()),
+                        .map_err(|e| Unready(describe(&e))),
+                    None => Err("not connected".into()),
                 }
             })
             .await
-            .unwrap_or_else(|_| Err("timed out".to_owned()));
+            .unwrap_or_else(|_| Err("timed out".into()));
             if attempt.is_err() {
                 *slot = None;
             }
@@ -109,7 +133,7 @@ impl Probe for RedisProbe {
         "redis"
     }
 
-    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>> {
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), Unready>> {
         Box::pin(async move {
             let mut slot = self.connection.lock().await;
             let attempt = tokio::time::timeout(timeout, async {
@@ -121,7 +145,7 @@ impl Probe for RedisProbe {
                         .client
                         .get_multiplexed_async_connection_with_config(&config)
                         .await
-                        .map_err(|e| describe_redis(&e))?;
+                        .map_err(|e| Unready(describe_redis(&e)))?;
                     *slot = Some(connection);
                 }
                 match slot.as_mut() {
@@ -129,12 +153,12 @@ impl Probe for RedisProbe {
                         .query_async::<String>(connection)
                         .await
                         .map(drop)
-                        .map_err(|e| describe_redis(&e)),
-                    None => Err("not connected".to_owned()),
+                        .map_err(|e| Unready(describe_redis(&e))),
+                    None => Err("not connected".into()),
                 }
             })
             .await
-            .unwrap_or_else(|_| Err("timed out".to_owned()));
+            .unwrap_or_else(|_| Err("timed out".into()));
             if attempt.is_err() {
                 *slot = None;
             }
@@ -155,7 +179,7 @@ fn describe_redis(error: &redis::RedisError) -> String {
 /// A readiness condition set by the service itself (for example, migrations applied).
 pub struct Gate {
     name: &'static str,
-    state: RwLock<Result<(), String>>,
+    state: RwLock<Result<(), Unready>>,
 }
 
 impl Gate {
@@ -163,7 +187,7 @@ impl Gate {
     pub fn closed(name: &'static str, reason: &str) -> Arc<Self> {
         Arc::new(Self {
             name,
-            state: RwLock::new(Err(reason.to_owned())),
+            state: RwLock::new(Err(reason.into())),
         })
     }
 
@@ -177,7 +201,7 @@ impl Gate {
     /// Close the gate with a reason.
     pub fn close(&self, reason: impl Into<String>) {
         if let Ok(mut state) = self.state.write() {
-            *state = Err(reason.into());
+            *state = Err(Unready(reason.into()));
         }
     }
 }
@@ -187,12 +211,12 @@ impl Probe for Gate {
         self.name
     }
 
-    fn check(&self, _timeout: Duration) -> BoxFuture<'_, Result<(), String>> {
+    fn check(&self, _timeout: Duration) -> BoxFuture<'_, Result<(), Unready>> {
         let state = self
             .state
             .read()
             .map(|s| s.clone())
-            .unwrap_or_else(|_| Err("gate poisoned".to_owned()));
+            .unwrap_or_else(|_| Err("gate poisoned".into()));
         Box::pin(async move { state })
     }
 }
@@ -235,7 +259,7 @@ impl Health {
             // The probe bounds itself; this outer bound also covers waiting for its lock.
             let result = tokio::time::timeout(self.timeout * 2, probe.check(self.timeout))
                 .await
-                .unwrap_or_else(|_| Err("timed out".to_owned()));
+                .unwrap_or_else(|_| Err("timed out".into()));
             let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             metrics::gauge!("checkplane_dependency_up", "dependency" => probe.name())
                 .set(if result.is_ok() { 1.0 } else { 0.0 });
@@ -244,7 +268,7 @@ impl Health {
                 CheckOutcome {
                     ok: result.is_ok(),
                     elapsed_ms,
-                    error: result.err(),
+                    error: result.err().map(|unready| unready.0),
                 },
             )
         }))
@@ -362,7 +386,7 @@ mod tests {
         let gate = Gate::closed("migrations", "pending");
         assert_eq!(
             gate.check(Duration::from_secs(1)).await,
-            Err("pending".to_owned())
+            Err("pending".into())
         );
         gate.open();
         assert_eq!(gate.check(Duration::from_secs(1)).await, Ok(()));

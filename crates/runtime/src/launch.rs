@@ -15,6 +15,9 @@ use crate::settings::BaseSettings;
 use crate::settings::StoreSettings;
 use crate::RunError;
 
+/// Why a rebuild stopped (a database error, the service has none).
+pub type RebuildError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What `rebuild` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rebuilt {
@@ -47,9 +50,9 @@ pub trait Service: 'static {
     #[cfg(feature = "stores")]
     fn rebuild(
         client: tokio_postgres::Client,
-    ) -> impl Future<Output = Result<Rebuilt, String>> + Send {
+    ) -> impl Future<Output = Result<Rebuilt, RebuildError>> + Send {
         let _ = client;
-        async { Err(format!("{} has no rebuild", Self::NAME)) }
+        async { Err(format!("{} has no rebuild", Self::NAME).into()) }
     }
     /// Whether the binary has a database to migrate.
     const MIGRATES: bool = true;
@@ -202,7 +205,9 @@ async fn rebuild<S: Service>(config: &S::Config) -> ExitCode {
     let outcome = async {
         crate::db::migrate(&store.database).await?;
         let client = crate::db::connect(&store.database).await?;
-        S::rebuild(client).await.map_err(RunError::Startup)
+        S::rebuild(client)
+            .await
+            .map_err(|e| RunError::Startup(crate::error_chain(&*e)))
     }
     .await;
     match outcome {

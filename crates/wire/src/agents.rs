@@ -21,27 +21,7 @@ pub mod limits {
     pub const TOKEN: usize = 128;
 }
 
-/// A field that failed validation: which, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    pub field: String,
-    pub reason: String,
-}
-
-impl Invalid {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for Invalid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.field, self.reason)
-    }
-}
+pub use crate::error::Invalid;
 
 /// An agent id: 1-64 of `A-Z a-z 0-9 _ -`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -168,6 +148,79 @@ impl MetricsReport {
         Ok(())
     }
 }
+
+/// The agent protocol's version: every agent call says it in [`protocol::HEADER`], so a
+/// gateway knows the shapes an agent speaks and refuses, with a clear error, one it cannot
+/// serve. A call without the header is version 1 (agents from before it).
+pub mod protocol {
+    /// The header an agent says its version in.
+    pub const HEADER: &str = "x-agent-protocol";
+    /// The version this release's agent speaks.
+    pub const CURRENT: u32 = 1;
+    /// The oldest version this release's gateway serves.
+    pub const OLDEST: u32 = 1;
+
+    /// Why a call's version is refused.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Refused {
+        /// Not a version number.
+        Malformed,
+        /// A version this release does not serve.
+        Unsupported(u32),
+    }
+
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Self::Malformed => write!(f, "X-Agent-Protocol: expected a version number"),
+                Self::Unsupported(v) if *v > CURRENT => write!(
+                    f,
+                    "this agent speaks protocol {v}; this gateway speaks {OLDEST} to {CURRENT}: \
+                     upgrade the gateway first"
+                ),
+                Self::Unsupported(v) => write!(
+                    f,
+                    "this agent speaks protocol {v}; this gateway speaks {OLDEST} to {CURRENT}: \
+                     upgrade the agent"
+                ),
+            }
+        }
+    }
+
+    /// The version a call speaks, from its header (absent: 1).
+    pub fn parse(header: Option<&str>) -> Result<u32, Refused> {
+        let version = match header {
+            None => 1,
+            Some(text) => text.trim().parse().map_err(|_| Refused::Malformed)?,
+        };
+        if !(OLDEST..=CURRENT).contains(&version) {
+            return Err(Refused::Unsupported(version));
+        }
+        Ok(version)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn absent_is_one_and_only_served_versions_pass() {
+            assert_eq!(parse(None), Ok(1));
+            assert_eq!(parse(Some("1")), Ok(1));
+            assert_eq!(parse(Some(&CURRENT.to_string())), Ok(CURRENT));
+            assert_eq!(parse(Some("x")), Err(Refused::Malformed));
+            assert_eq!(parse(Some("-1")), Err(Refused::Malformed));
+            let newer = parse(Some(&(CURRENT + 1).to_string())).unwrap_err();
+            assert!(newer.to_string().contains("upgrade the gateway"), "{newer}");
+            assert_eq!(parse(Some("0")), Err(Refused::Unsupported(0)));
+        }
+    }
+}
+
+/// `POST /v1/agents/heartbeat`: nothing to say but that the agent is there.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {}
 
 /// `POST /v1/agents/register`.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -158,6 +158,74 @@ pub struct CheckSpec {
     pub max_parallel: Option<u32>,
 }
 
+/// Each kind's options as a task's spec carries them, every default filled in by
+/// [`CreateCheckRequest::validate`]: the validator builds them, and an agent decodes them
+/// (an option it does not know fails the task rather than being ignored).
+pub mod options {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    /// `dns`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dns {
+        /// The record type (`A`, `AAAA`, ...).
+        #[serde(rename = "type")]
+        pub record: String,
+        /// `udp` or `tcp`.
+        pub protocol: String,
+        /// `ip:port`; none: the agent host's resolver.
+        pub resolver: Option<String>,
+    }
+
+    /// `http`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Http {
+        pub method: String,
+        /// `http1.1` or `h2`.
+        pub protocol: String,
+        /// Lower-case names.
+        pub headers: BTreeMap<String, String>,
+    }
+
+    /// `tcp`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tcp {
+        pub port: u16,
+    }
+
+    /// `ping`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Ping {
+        /// 1-16.
+        pub packets: u16,
+    }
+
+    /// `trace`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Trace {
+        /// `icmp`, `udp` or `tcp`.
+        pub protocol: String,
+        /// For `udp` and `tcp` (their defaults filled in).
+        pub port: Option<u16>,
+    }
+}
+
+/// An integer option checked against its range (1-65535 at most) as the field it is.
+fn narrow(value: u64) -> Result<u16, CheckError> {
+    u16::try_from(value).map_err(|_| invalid("options: out of range"))
+}
+
+/// The options' JSON as a spec carries it.
+fn options_value(options: impl Serialize) -> Result<serde_json::Value, CheckError> {
+    serde_json::to_value(options).map_err(|e| invalid(format!("options: {e}")))
+}
+
 /// A validated selection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -310,7 +378,11 @@ fn dns(
         timeout_ms: 0,
         max_parallel: None,
         target: name,
-        options: serde_json::json!({"type": record, "protocol": protocol, "resolver": resolver}),
+        options: options_value(options::Dns {
+            record: record.to_owned(),
+            protocol: protocol.to_owned(),
+            resolver,
+        })?,
     })
 }
 
@@ -424,7 +496,11 @@ fn http(
         timeout_ms: 0,
         max_parallel: None,
         target: normalised.to_string(),
-        options: serde_json::json!({"method": method, "protocol": protocol, "headers": headers}),
+        options: options_value(options::Http {
+            method: method.to_owned(),
+            protocol: protocol.to_owned(),
+            headers,
+        })?,
     })
 }
 
@@ -442,7 +518,9 @@ fn tcp(
         timeout_ms: 0,
         max_parallel: None,
         target: host("target", target, allow_private)?,
-        options: serde_json::json!({ "port": port }),
+        options: options_value(options::Tcp {
+            port: narrow(port)?,
+        })?,
     })
 }
 
@@ -458,7 +536,9 @@ fn ping(
         timeout_ms: 0,
         max_parallel: None,
         target: host("target", target, allow_private)?,
-        options: serde_json::json!({ "packets": packets }),
+        options: options_value(options::Ping {
+            packets: narrow(packets)?,
+        })?,
     })
 }
 
@@ -483,7 +563,10 @@ fn trace(
         timeout_ms: 0,
         max_parallel: None,
         target: host("target", target, allow_private)?,
-        options: serde_json::json!({"protocol": protocol, "port": port}),
+        options: options_value(options::Trace {
+            protocol: protocol.to_owned(),
+            port: port.map(narrow).transpose()?,
+        })?,
     })
 }
 

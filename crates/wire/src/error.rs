@@ -27,6 +27,30 @@ macro_rules! error_codes {
     };
 }
 
+/// A field that failed validation: which, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
 error_codes! {
     BadRequest => "ERR_BAD_REQUEST",
     Validation => "ERR_VALIDATION",
@@ -56,6 +80,8 @@ error_codes! {
     LeaseClosed => "ERR_LEASE_CLOSED",
     /// A lease token names no task there is.
     LeaseUnknown => "ERR_LEASE_UNKNOWN",
+    /// An agent speaks a protocol version this gateway does not (`X-Agent-Protocol`).
+    UnsupportedProtocol => "ERR_UNSUPPORTED_PROTOCOL",
 }
 
 impl std::str::FromStr for ErrorCode {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::agents::Invalid;
+use crate::error::Invalid;
 
 /// Namespace of the derived ids (a fixed random UUID).
 const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5f0c_2b7e_9a41_4d3c_8e6f_1a2b_3c4d_5e6f);
@@ -229,9 +229,9 @@ pub struct CreateApplication {
 impl CreateApplication {
     /// Check every field (the error names it): the name, the port and the addresses (IPs,
     /// in their canonical form), which come together.
-    pub fn validate(&self) -> Result<(String, Option<u16>, Vec<String>), String> {
+    pub fn parse(&self) -> Result<NewApplication, Invalid> {
         if !valid_application_name(&self.name) {
-            return Err("name: 1-63 of a-z 0-9 - (no _), not starting with -".into());
+            return Err(Invalid::new("name", APPLICATION_NAME_RULE));
         }
         let port = match self.port {
             None => None,
@@ -239,17 +239,20 @@ impl CreateApplication {
                 u16::try_from(p)
                     .ok()
                     .filter(|p| *p > 0)
-                    .ok_or("port: 1-65535")?,
+                    .ok_or_else(|| Invalid::new("port", "1-65535"))?,
             ),
         };
         if self.addresses.len() > MAX_APPLICATION_ADDRESSES {
-            return Err(format!("addresses: at most {MAX_APPLICATION_ADDRESSES}"));
+            return Err(Invalid::new(
+                "addresses",
+                format!("at most {MAX_APPLICATION_ADDRESSES}"),
+            ));
         }
         let mut addresses = Vec::with_capacity(self.addresses.len());
         for (i, a) in self.addresses.iter().enumerate() {
             let ip: std::net::IpAddr = a
                 .parse()
-                .map_err(|_| format!("addresses[{i}]: not an IP address"))?;
+                .map_err(|_| Invalid::new(format!("addresses[{i}]"), "not an IP address"))?;
             let ip = ip.to_canonical().to_string();
             if !addresses.contains(&ip) {
                 addresses.push(ip);
@@ -257,18 +260,44 @@ impl CreateApplication {
         }
         match (port, addresses.is_empty()) {
             (Some(_), true) => {
-                return Err(
-                    "addresses: required with a port (servers are linked by IP:port)".into(),
-                )
+                return Err(Invalid::new(
+                    "addresses",
+                    "required with a port (servers are linked by IP:port)",
+                ))
             }
             (None, false) => {
-                return Err("port: required with addresses (servers are linked by IP:port)".into())
+                return Err(Invalid::new(
+                    "port",
+                    "required with addresses (servers are linked by IP:port)",
+                ))
             }
             _ => {}
         }
-        Ok((self.name.clone(), port, addresses))
+        Ok(NewApplication {
+            name: self.name.clone(),
+            port,
+            addresses,
+        })
     }
 }
+
+/// An application to create, its every field checked (addresses canonical and unique).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewApplication {
+    pub name: String,
+    pub port: Option<u16>,
+    pub addresses: Vec<String>,
+}
+
+/// An application group to create: its name and its applications, each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGroup {
+    pub name: String,
+    pub applications: Vec<String>,
+}
+
+/// What an application's (and a group's) name may be.
+const APPLICATION_NAME_RULE: &str = "1-63 of a-z 0-9 - (no _), not starting with -";
 
 /// `POST /v1/application-groups`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -280,13 +309,14 @@ pub struct CreateGroup {
 }
 
 impl CreateGroup {
-    pub fn validate(&self) -> Result<(String, Vec<String>), String> {
+    pub fn parse(&self) -> Result<NewGroup, Invalid> {
         if !valid_application_name(&self.name) {
-            return Err("name: 1-63 of a-z 0-9 - (no _), not starting with -".into());
+            return Err(Invalid::new("name", APPLICATION_NAME_RULE));
         }
         if self.applications.is_empty() || self.applications.len() > MAX_GROUP_APPLICATIONS {
-            return Err(format!(
-                "applications: 1-{MAX_GROUP_APPLICATIONS} application ids"
+            return Err(Invalid::new(
+                "applications",
+                format!("1-{MAX_GROUP_APPLICATIONS} application ids"),
             ));
         }
         let mut ids: Vec<String> = Vec::with_capacity(self.applications.len());
@@ -295,13 +325,19 @@ impl CreateGroup {
                 && id.starts_with("app-")
                 && id[4..].bytes().all(|b| b.is_ascii_hexdigit()))
             {
-                return Err(format!("applications[{i}]: not an application id"));
+                return Err(Invalid::new(
+                    format!("applications[{i}]"),
+                    "not an application id",
+                ));
             }
             if !ids.contains(id) {
                 ids.push(id.clone());
             }
         }
-        Ok((self.name.clone(), ids))
+        Ok(NewGroup {
+            name: self.name.clone(),
+            applications: ids,
+        })
     }
 }
 
@@ -319,11 +355,20 @@ pub struct ActionRequest {
 /// Longest drain wait.
 pub const MAX_DRAIN_WAIT_MS: u64 = 300_000;
 
+/// An action to request, its every field checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAction {
+    pub state: ServerState,
+    pub idempotency_key: String,
+    pub drain_wait_ms: u64,
+}
+
 impl ActionRequest {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.action.parse::<ServerState>().is_err() {
-            return Err("action: expected drain, maint or ready".into());
-        }
+    pub fn parse(&self) -> Result<NewAction, Invalid> {
+        let state = self
+            .action
+            .parse::<ServerState>()
+            .map_err(|()| Invalid::new("action", "expected drain, maint or ready"))?;
         let key = &self.idempotency_key;
         if key.is_empty()
             || key.len() > 128
@@ -331,15 +376,25 @@ impl ActionRequest {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         {
-            return Err("idempotency_key: 1-128 of A-Z a-z 0-9 - _ . :".into());
+            return Err(Invalid::new(
+                "idempotency_key",
+                "1-128 of A-Z a-z 0-9 - _ . :",
+            ));
         }
         if self.drain_wait_ms > MAX_DRAIN_WAIT_MS {
-            return Err(format!("drain_wait_ms: at most {MAX_DRAIN_WAIT_MS}"));
+            return Err(Invalid::new(
+                "drain_wait_ms",
+                format!("at most {MAX_DRAIN_WAIT_MS}"),
+            ));
         }
-        if self.drain_wait_ms > 0 && self.action != "drain" {
-            return Err("drain_wait_ms: only with action drain".into());
+        if self.drain_wait_ms > 0 && state != ServerState::Drain {
+            return Err(Invalid::new("drain_wait_ms", "only with action drain"));
         }
-        Ok(())
+        Ok(NewAction {
+            state,
+            idempotency_key: key.clone(),
+            drain_wait_ms: self.drain_wait_ms,
+        })
     }
 }
 
@@ -392,8 +447,12 @@ mod tests {
             addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
         };
         assert_eq!(
-            app("shop", None, &[]).validate(),
-            Ok(("shop".into(), None, vec![]))
+            app("shop", None, &[]).parse(),
+            Ok(NewApplication {
+                name: "shop".into(),
+                port: None,
+                addresses: vec![]
+            })
         );
         assert_eq!(
             app(
@@ -401,12 +460,12 @@ mod tests {
                 Some(8080),
                 &["10.0.0.1", "::ffff:10.0.0.2", "10.0.0.1"]
             )
-            .validate(),
-            Ok((
-                "shop-api".into(),
-                Some(8080),
-                vec!["10.0.0.1".into(), "10.0.0.2".into()]
-            ))
+            .parse(),
+            Ok(NewApplication {
+                name: "shop-api".into(),
+                port: Some(8080),
+                addresses: vec!["10.0.0.1".into(), "10.0.0.2".into()]
+            })
         );
         for (bad, field) in [
             (app("Shop", None, &[]), "name"),
@@ -419,22 +478,19 @@ mod tests {
             (app("shop", None, &["10.0.0.1"]), "port"),
             (app("shop", Some(80), &["10.0.0.1", "web1"]), "addresses[1]"),
         ] {
-            let error = bad.validate().unwrap_err();
-            assert!(error.starts_with(field), "{error}");
+            let error = bad.parse().unwrap_err();
+            assert_eq!(error.field, field, "{error}");
         }
         let group = |apps: &[&str]| CreateGroup {
             name: "front".into(),
             applications: apps.iter().map(|a| (*a).to_owned()).collect(),
         };
-        assert!(group(&["app-0123456789abcdef0123"]).validate().is_ok());
-        assert!(group(&[])
-            .validate()
-            .unwrap_err()
-            .starts_with("applications"));
-        assert!(group(&["app-x"])
-            .validate()
-            .unwrap_err()
-            .starts_with("applications[0]"));
+        assert!(group(&["app-0123456789abcdef0123"]).parse().is_ok());
+        assert_eq!(group(&[]).parse().unwrap_err().field, "applications");
+        assert_eq!(
+            group(&["app-x"]).parse().unwrap_err().field,
+            "applications[0]"
+        );
     }
 
     #[test]

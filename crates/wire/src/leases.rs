@@ -254,14 +254,33 @@ pub mod api {
         pub unit: String,
     }
 
+    /// How a task the agent ran ended.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Outcome {
+        /// It ran: its result says what it saw.
+        Finished,
+        /// It could not run (a bad spec, no free worker, a target refused, ...).
+        Failed,
+    }
+
+    impl Outcome {
+        pub const fn as_str(self) -> &'static str {
+            match self {
+                Self::Finished => "finished",
+                Self::Failed => "failed",
+            }
+        }
+    }
+
     /// A finished (or failed) task.
     #[derive(Debug, Clone, Deserialize, Serialize)]
     #[serde(deny_unknown_fields)]
     pub struct Completed {
         pub token: String,
-        /// `finished` (the default) or `failed`.
+        /// [`Outcome::Finished`] when absent.
         #[serde(default)]
-        pub outcome: Option<String>,
+        pub outcome: Option<Outcome>,
         #[serde(default)]
         pub observations: Vec<Observation>,
         #[serde(default)]

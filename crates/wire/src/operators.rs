@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::Invalid;
+
 /// What a key may do. Each role includes the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -84,15 +86,28 @@ pub struct CreateKeyRequest {
     pub role: String,
 }
 
+/// A key to create, its every field checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    pub name: String,
+    pub role: Role,
+}
+
 impl CreateKeyRequest {
     /// The name and role, or what is wrong with them (the field named).
-    pub fn validate(&self) -> Result<(String, Role), String> {
+    pub fn parse(&self) -> Result<NewKey, Invalid> {
         if !valid_name(&self.name) {
-            return Err(format!("name: 1-{NAME_MAX} of A-Z a-z 0-9 . _ -"));
+            return Err(Invalid::new(
+                "name",
+                format!("1-{NAME_MAX} of A-Z a-z 0-9 . _ -"),
+            ));
         }
         let role = Role::parse(&self.role)
-            .ok_or_else(|| "role: expected viewer, operator or admin".to_owned())?;
-        Ok((self.name.clone(), role))
+            .ok_or_else(|| Invalid::new("role", "expected viewer, operator or admin"))?;
+        Ok(NewKey {
+            name: self.name.clone(),
+            role,
+        })
     }
 }
 
@@ -161,16 +176,22 @@ mod tests {
             name: "ci bot".into(),
             role: "operator".into(),
         };
-        assert!(bad_name.validate().unwrap_err().starts_with("name:"));
+        assert!(bad_name.parse().unwrap_err().field == "name");
         let bad_role = CreateKeyRequest {
             name: "ci-bot".into(),
             role: "root".into(),
         };
-        assert!(bad_role.validate().unwrap_err().starts_with("role:"));
+        assert!(bad_role.parse().unwrap_err().field == "role");
         let good = CreateKeyRequest {
             name: "ci-bot".into(),
             role: "viewer".into(),
         };
-        assert_eq!(good.validate().unwrap(), ("ci-bot".into(), Role::Viewer));
+        assert_eq!(
+            good.parse().unwrap(),
+            NewKey {
+                name: "ci-bot".into(),
+                role: Role::Viewer
+            }
+        );
     }
 }

@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// What a check reports: its outcome (`finished` or `failed`) and its typed result.
+pub use checkplane_wire::leases::api::Outcome as Ended;
+
+/// What a check reports: how it ended and its typed result.
 pub struct Outcome {
-    pub outcome: &'static str,
+    pub outcome: Ended,
     pub result: Value,
 }
 
@@ -16,7 +18,7 @@ impl Outcome {
     /// A failed check with an error code and message, and whatever timings it got.
     pub fn failed(code: &str, message: impl Into<String>, timings: Value) -> Self {
         Self {
-            outcome: "failed",
+            outcome: Ended::Failed,
             result: json!({"error": {"code": code, "message": message.into()}, "timings": timings}),
         }
     }

@@ -19,6 +19,8 @@ use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{Name, ResolveErrorKind, TokioResolver};
 use serde_json::{json, Value};
 
+use checkplane_wire::checks::options;
+
 use crate::check::{ms, Outcome};
 
 /// What one dns check asks.
@@ -33,26 +35,34 @@ pub struct Question<'a> {
 
 impl<'a> Question<'a> {
     /// Read a task's target and options (as the gateway validated them).
-    pub fn from_spec(target: &'a str, options: &'a Value) -> Self {
-        let text = |key: &str| options.get(key).and_then(Value::as_str);
+    pub fn from_spec(target: &'a str, options: &'a options::Dns) -> Self {
         Self {
             name: target,
-            record: text("type").unwrap_or("A"),
-            protocol: text("protocol").unwrap_or("udp"),
-            resolver: text("resolver"),
+            record: &options.record,
+            protocol: &options.protocol,
+            resolver: options.resolver.as_deref(),
         }
     }
 }
 
+/// Why the host's resolver cannot be asked.
+#[derive(Debug, thiserror::Error)]
+enum NoResolver {
+    #[error("reading /etc/resolv.conf: {0}")]
+    Unreadable(String),
+    #[error("/etc/resolv.conf names no name server")]
+    Empty,
+}
+
 /// The first name server of `/etc/resolv.conf`.
-fn system_resolver() -> Result<SocketAddr, String> {
+fn system_resolver() -> Result<SocketAddr, NoResolver> {
     let (config, _) = hickory_resolver::system_conf::read_system_conf()
-        .map_err(|e| format!("reading /etc/resolv.conf: {e}"))?;
+        .map_err(|e| NoResolver::Unreadable(e.to_string()))?;
     config
         .name_servers()
         .first()
         .map(|ns| ns.socket_addr)
-        .ok_or_else(|| "/etc/resolv.conf names no name server".to_owned())
+        .ok_or(NoResolver::Empty)
 }
 
 fn parse_resolver(given: &str) -> Option<SocketAddr> {
@@ -124,7 +134,7 @@ pub async fn check(question: &Question<'_>, timeout: Duration, allow_private: bo
         // The host's own resolver is the agent's configuration, not the check's choice.
         None => match system_resolver() {
             Ok(addr) => addr,
-            Err(message) => return Outcome::failed("ERR_DNS", message, json!({})),
+            Err(none) => return Outcome::failed("ERR_DNS", none.to_string(), json!({})),
         },
     };
     let mut name = match Name::from_ascii(question.name) {
@@ -198,7 +208,7 @@ pub async fn check(question: &Question<'_>, timeout: Duration, allow_private: bo
     result["answers"] = Value::Array(answers);
     result["timings"] = timings;
     Outcome {
-        outcome: "finished",
+        outcome: crate::check::Ended::Finished,
         result,
     }
 }

@@ -86,7 +86,32 @@ impl Source {
 }
 
 /// What an upstream exchange gave: the answer, or why not.
-type Fetched = Result<Arc<Entry>, String>;
+type Fetched = Result<Arc<Entry>, Unanswered>;
+
+/// Why a query got no answer from the upstream.
+#[derive(Debug, Clone, thiserror::Error)]
+enum Unanswered {
+    #[error("no answer")]
+    Nothing,
+    #[error("the upstream query was dropped")]
+    Dropped,
+    #[error("too many queries in flight")]
+    Busy,
+    #[error("no answer from {upstream} over {transport} within {ms} ms")]
+    Late {
+        upstream: SocketAddr,
+        transport: &'static str,
+        ms: u128,
+    },
+    #[error("asking {upstream} over {transport}: {error}")]
+    Failed {
+        upstream: SocketAddr,
+        transport: &'static str,
+        error: Arc<std::io::Error>,
+    },
+    #[error("{0} answered something else")]
+    Mismatched(SocketAddr),
+}
 
 struct Proxy {
     settings: Settings,
@@ -267,14 +292,14 @@ impl Proxy {
             Ok(mut waiting) => {
                 // Someone asks already: wait for their answer.
                 match waiting.wait_for(Option::is_some).await {
-                    Ok(answer) => answer.clone().unwrap_or_else(|| Err("no answer".into())),
-                    Err(_) => Err("the upstream query was dropped".into()),
+                    Ok(answer) => answer.clone().unwrap_or(Err(Unanswered::Nothing)),
+                    Err(_) => Err(Unanswered::Dropped),
                 }
             }
             Err(sender) => {
                 let fetched = match self.permits.try_acquire() {
                     Ok(_permit) => self.fetch(query, packet).await,
-                    Err(_) => Err("too many queries in flight".to_owned()),
+                    Err(_) => Err(Unanswered::Busy),
                 };
                 if let Ok(entry) = &fetched {
                     if entry.ttl > 0 && entry.bytes.len() <= MAX_CACHED {
@@ -301,7 +326,7 @@ impl Proxy {
                 }
                 let why = match &failed {
                     Ok(_) => "the upstream answered with an error".to_owned(),
-                    Err(why) => why.clone(),
+                    Err(why) => why.to_string(),
                 };
                 match failed {
                     // The upstream's own error answer, when it gave one.
@@ -366,24 +391,31 @@ impl Proxy {
                 .unwrap_or([0; 2]),
         );
         let forwarded = dns_wire::with_id(packet, id);
+        let late = |transport| Unanswered::Late {
+            upstream,
+            transport,
+            ms: within.as_millis(),
+        };
+        let failed = |transport| {
+            move |error| Unanswered::Failed {
+                upstream,
+                transport,
+                error: Arc::new(error),
+            }
+        };
         let udp = tokio::time::timeout(within, ask_udp(upstream, &forwarded, query, id))
             .await
-            .map_err(|_| format!("no answer from {upstream} within {} ms", within.as_millis()))?
-            .map_err(|e| format!("asking {upstream}: {e}"))?;
+            .map_err(|_| late("UDP"))?
+            .map_err(failed("UDP"))?;
         let bytes = match udp {
             Some(bytes) => bytes,
             None => tokio::time::timeout(within, ask_tcp(upstream, &forwarded))
                 .await
-                .map_err(|_| {
-                    format!(
-                        "no TCP answer from {upstream} within {} ms",
-                        within.as_millis()
-                    )
-                })?
-                .map_err(|e| format!("asking {upstream} over TCP: {e}"))?,
+                .map_err(|_| late("TCP"))?
+                .map_err(failed("TCP"))?,
         };
-        let response = dns_wire::parse_response(&bytes, query, id)
-            .ok_or_else(|| format!("{upstream} answered something else"))?;
+        let response =
+            dns_wire::parse_response(&bytes, query, id).ok_or(Unanswered::Mismatched(upstream))?;
         let ttl = match (response.rcode, response.answers) {
             (0, n) if n > 0 => response.min_ttl.unwrap_or(0),
             (0 | 3, _) => response.negative_ttl.unwrap_or(0),

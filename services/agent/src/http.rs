@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use checkplane_wire::checks::options;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -40,21 +41,16 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     /// Read a task's target and options (as the gateway validated them).
-    pub fn from_spec(target: &'a str, options: &'a Value) -> Self {
-        let text = |key: &str| options.get(key).and_then(Value::as_str);
+    pub fn from_spec(target: &'a str, options: &'a options::Http) -> Self {
         Self {
             url: target,
-            method: text("method").unwrap_or("GET"),
-            protocol: text("protocol").unwrap_or("http1.1"),
+            method: &options.method,
+            protocol: &options.protocol,
             headers: options
-                .get("headers")
-                .and_then(Value::as_object)
-                .map(|h| {
-                    h.iter()
-                        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect(),
         }
     }
 }
@@ -127,7 +123,7 @@ pub async fn check(
         Ok(()) => {
             result["timings"] = timings.value();
             Outcome {
-                outcome: "finished",
+                outcome: crate::check::Ended::Finished,
                 result,
             }
         }

@@ -19,7 +19,7 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkplane_runtime::health::{Health, Probe};
+use checkplane_runtime::health::{Health, Probe, Unready};
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError};
 use checkplane_wire::kinds::Kind;
 use futures::future::BoxFuture;
@@ -263,7 +263,7 @@ impl Probe for ControlPlaneProbe {
         "control_plane"
     }
 
-    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>> {
+    fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), Unready>> {
         Box::pin(async move {
             let response = self
                 .client
@@ -272,16 +272,16 @@ impl Probe for ControlPlaneProbe {
                 .send()
                 .await
                 .map_err(|e| {
-                    if e.is_timeout() {
-                        "timed out".to_owned()
+                    Unready::from(if e.is_timeout() {
+                        "timed out"
                     } else {
-                        "unreachable".to_owned()
-                    }
+                        "unreachable"
+                    })
                 })?;
             if response.status().is_success() {
                 Ok(())
             } else {
-                Err(format!("answered {}", response.status().as_u16()))
+                Err(Unready(format!("answered {}", response.status().as_u16())))
             }
         })
     }

@@ -144,7 +144,7 @@ pub async fn check(
         );
     }
     Outcome {
-        outcome: "finished",
+        outcome: crate::check::Ended::Finished,
         result,
     }
 }

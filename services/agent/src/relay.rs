@@ -84,7 +84,7 @@ fn forbidden(instance_id: &str) -> Outcome {
 
 fn finished(replies: &[Option<String>]) -> Outcome {
     Outcome {
-        outcome: "finished",
+        outcome: crate::check::Ended::Finished,
         result: json!({"reply": replies.first(), "replies": replies}),
     }
 }
@@ -116,7 +116,7 @@ fn server_lock(backend: &str, server: &str) -> Arc<tokio::sync::Mutex<()>> {
 pub async fn execute(endpoint: &Endpoint, spec: &Value) -> Outcome {
     if let Ok(task) = serde_json::from_value::<RelayedSettle>(spec.clone()) {
         if let Err(why) = task.settle.validate() {
-            return Outcome::failed("ERR_BAD_SPEC", why, json!({}));
+            return Outcome::failed("ERR_BAD_SPEC", why.to_string(), json!({}));
         }
         let sender = Sender {
             endpoint,

@@ -39,7 +39,7 @@ pub async fn check(target: &str, port: u16, timeout: Duration, allow_private: bo
                 }
             }
             Outcome {
-                outcome: "finished",
+                outcome: crate::check::Ended::Finished,
                 result: json!({"connected": true, "address": addr.ip().to_string(),
                                "port": port, "timings": timings}),
             }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use checkplane_wire::checks::options;
 use serde_json::{json, Value};
 
 use crate::check::{allowed, ms, resolve, Outcome};
@@ -32,14 +33,10 @@ pub enum Probe {
 
 impl Probe {
     /// From a task's options (as the gateway validated them).
-    pub fn from_options(options: &Value) -> Self {
-        let port = options
-            .get("port")
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok());
-        match options.get("protocol").and_then(Value::as_str) {
-            Some("udp") => Self::Udp(port.unwrap_or(33434)),
-            Some("tcp") => Self::Tcp(port.unwrap_or(80)),
+    pub fn from_options(options: &options::Trace) -> Self {
+        match options.protocol.as_str() {
+            "udp" => Self::Udp(options.port.unwrap_or(33434)),
+            "tcp" => Self::Tcp(options.port.unwrap_or(80)),
             _ => Self::Icmp,
         }
     }
@@ -285,7 +282,7 @@ pub async fn check(target: &str, probe: Probe, timeout: Duration, allow_private:
         result["port"] = json!(port);
     }
     Outcome {
-        outcome: "finished",
+        outcome: crate::check::Ended::Finished,
         result,
     }
 }

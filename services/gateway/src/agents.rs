@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::auth::{hash_secret, AgentIdentity, Enrollment, Viewer};
 use crate::edge::Written;
-use crate::paging::{check_window, Page, RFC3339};
+use crate::paging::{check_window, Page};
 use crate::state::AppState;
 
 /// Largest registration body.
@@ -150,32 +150,31 @@ async fn concurrency(
     if known.is_none() {
         return Err(ApiError::not_found("no such agent"));
     }
-    let sql = format!(
-        "SELECT to_char(recorded_at AT TIME ZONE 'UTC', {RFC3339}), window_size, max_window,
-                inflight, queued, backpressure, reason, count(*) OVER ()
+    let sql = "SELECT cp_rfc3339(recorded_at) AS recorded_at, window_size, max_window,
+                inflight, queued, backpressure, reason, count(*) OVER () AS total
          FROM concurrency_windows
          WHERE agent_id = $1
            AND ($2::bigint IS NULL OR recorded_at >= to_timestamp($2 / 1000.0))
            AND ($3::bigint IS NULL OR recorded_at < to_timestamp($3 / 1000.0))
-         ORDER BY recorded_at LIMIT $4 OFFSET $5"
-    );
+         ORDER BY concurrency_windows.recorded_at LIMIT $4 OFFSET $5"
+        .to_string();
     let rows = client
         .query(
             &sql,
             &[&agent_id.as_str(), &q.from, &q.to, &q.limit, &q.offset],
         )
         .await?;
-    let total = rows.first().map_or(0, |r| r.get(7));
+    let total = rows.first().map_or(0, |r| r.get("total"));
     let items = rows
         .iter()
         .map(|r| WindowView {
-            recorded_at: r.get(0),
-            window: r.get(1),
-            max: r.get(2),
-            inflight: r.get(3),
-            queued: r.get(4),
-            backpressure: r.get(5),
-            reason: r.get(6),
+            recorded_at: r.get("recorded_at"),
+            window: r.get("window_size"),
+            max: r.get("max_window"),
+            inflight: r.get("inflight"),
+            queued: r.get("queued"),
+            backpressure: r.get("backpressure"),
+            reason: r.get("reason"),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))
@@ -231,7 +230,11 @@ async fn register(
         )
         .await?;
     let (agent_id, version, rotated) = match known {
-        Some(row) => (row.get::<_, String>(0), row.get::<_, i64>(1) + 1, true),
+        Some(row) => (
+            row.get::<_, String>("agent_id"),
+            row.get::<_, i64>("identity_version") + 1,
+            true,
+        ),
         None => (format!("agt-{}", Uuid::now_v7().simple()), 1, false),
     };
     let event = Event::new(
@@ -395,10 +398,10 @@ async fn list(
     let sql = format!(
         "SELECT a.agent_id, hostname, status, labels, capabilities, country, city, asn, network,
                 location_source, address, agent_version,
-                to_char(registered_at AT TIME ZONE 'UTC', {RFC3339}),
-                to_char(status_changed_at AT TIME ZONE 'UTC', {RFC3339}),
-                to_char(s.last_seen AT TIME ZONE 'UTC', {RFC3339}),
-                count(*) OVER ()
+                cp_rfc3339(registered_at) AS registered_at,
+                cp_rfc3339(status_changed_at) AS status_changed_at,
+                cp_rfc3339(s.last_seen) AS last_seen,
+                count(*) OVER () AS total
          FROM agents a LEFT JOIN agent_last_seen s USING (agent_id)
          {filter}
          ORDER BY a.agent_id
@@ -411,34 +414,34 @@ async fn list(
         params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
     let rows = client.query(&sql, &refs).await?;
     let total = match rows.first() {
-        Some(row) => row.get::<_, i64>(15),
+        Some(row) => row.get::<_, i64>("total"),
         None => {
             // Past the end: count separately so `total` is still right.
-            let count_sql = format!("SELECT count(*) FROM agents {filter}");
+            let count_sql = format!("SELECT count(*) AS n FROM agents {filter}");
             let n = params.len() - 2;
-            client.query_one(&count_sql, &refs[..n]).await?.get(0)
+            client.query_one(&count_sql, &refs[..n]).await?.get("n")
         }
     };
     let items: Vec<AgentView> = rows
         .iter()
         .map(|r| AgentView {
-            agent_id: r.get(0),
-            hostname: r.get(1),
-            status: r.get(2),
-            labels: r.get(3),
-            capabilities: r.get(4),
+            agent_id: r.get("agent_id"),
+            hostname: r.get("hostname"),
+            status: r.get("status"),
+            labels: r.get("labels"),
+            capabilities: r.get("capabilities"),
             location: serde_json::json!({
-                "country": r.get::<_, Option<String>>(5),
-                "city": r.get::<_, Option<String>>(6),
-                "asn": r.get::<_, Option<i64>>(7),
-                "network": r.get::<_, Option<String>>(8),
+                "country": r.get::<_, Option<String>>("country"),
+                "city": r.get::<_, Option<String>>("city"),
+                "asn": r.get::<_, Option<i64>>("asn"),
+                "network": r.get::<_, Option<String>>("network"),
             }),
-            location_source: r.get(9),
-            address: r.get(10),
-            agent_version: r.get(11),
-            registered_at: r.get(12),
-            status_changed_at: r.get(13),
-            last_seen: r.get(14),
+            location_source: r.get("location_source"),
+            address: r.get("address"),
+            agent_version: r.get("agent_version"),
+            registered_at: r.get("registered_at"),
+            status_changed_at: r.get("status_changed_at"),
+            last_seen: r.get("last_seen"),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))

@@ -10,14 +10,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::events::{ApplicationCreated, ApplicationGroupCreated, Event, EventBody};
-use checkplane_wire::haproxy::{CreateApplication, CreateGroup};
+use checkplane_wire::haproxy::{CreateApplication, CreateGroup, NewApplication, NewGroup};
 use checkplane_wire::ErrorCode;
 use serde::Serialize;
 
 use crate::auth::{Admin, Viewer};
 use crate::edge::Written;
 use crate::paging::PageQuery;
-use crate::paging::{check_window, Page, RFC3339};
+use crate::paging::{check_window, Page};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -62,20 +62,20 @@ struct ApplicationView {
 
 const APPLICATION_COLUMNS: &str = "a.application_id, a.name, a.port, a.addresses,
     (SELECT count(*) FROM haproxy_server_applications l JOIN haproxy_servers s USING (server_id)
-     WHERE l.application_id = a.application_id AND s.removed_at IS NULL),
-    to_char(a.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), a.created_by";
+     WHERE l.application_id = a.application_id AND s.removed_at IS NULL) AS servers,
+    cp_rfc3339(a.created_at) AS created_at, a.created_by";
 
 fn application(r: &tokio_postgres::Row) -> ApplicationView {
-    let port: Option<i32> = r.get(2);
+    let port: Option<i32> = r.get("port");
     ApplicationView {
-        id: r.get(0),
-        name: r.get(1),
+        id: r.get("application_id"),
+        name: r.get("name"),
         port,
-        addresses: r.get(3),
+        addresses: r.get("addresses"),
         linked_by: if port.is_some() { "address" } else { "name" },
-        servers: r.get(4),
-        created_at: r.get(5),
-        created_by: r.get(6),
+        servers: r.get("servers"),
+        created_at: r.get("created_at"),
+        created_by: r.get("created_by"),
     }
 }
 
@@ -92,7 +92,13 @@ async fn create_application(
     admin: Admin,
     ApiJson(request): ApiJson<CreateApplication>,
 ) -> Result<(StatusCode, Json<ApplicationView>), ApiError> {
-    let (name, port, addresses) = request.validate().map_err(ApiError::validation)?;
+    let NewApplication {
+        name,
+        port,
+        addresses,
+    } = request
+        .parse()
+        .map_err(|e| ApiError::validation(e.to_string()))?;
     let id = new_id("app-");
     let stream = app.keys.events("haproxy");
     let event = Event::new(
@@ -120,7 +126,7 @@ async fn create_application(
         )
         .await?
     {
-        return Err(name_taken("application", row.get(0)));
+        return Err(name_taken("application", row.get("application_id")));
     }
     let mut written = Written::new();
     written.append(&tx, &stream, &event).await?;
@@ -149,13 +155,13 @@ async fn list_applications(
     let rows = client
         .query(
             &format!(
-                "SELECT {APPLICATION_COLUMNS}, count(*) OVER () FROM applications a
+                "SELECT {APPLICATION_COLUMNS}, count(*) OVER () AS total FROM applications a
                  ORDER BY a.name LIMIT $1 OFFSET $2"
             ),
             &[&q.limit, &q.offset],
         )
         .await?;
-    let total = rows.first().map_or(0, |r| r.get(7));
+    let total = rows.first().map_or(0, |r| r.get("total"));
     Ok(Json(Page::new(
         rows.iter().map(application).collect(),
         total,
@@ -200,7 +206,7 @@ async fn application_servers(
     let rows = client
         .query(
             "SELECT s.server_id, s.instance_id, s.backend, s.name, s.address, s.port, s.admin_state,
-                    l.matched_by, count(*) OVER ()
+                    l.matched_by, count(*) OVER () AS total
              FROM haproxy_server_applications l JOIN haproxy_servers s USING (server_id)
              JOIN haproxy_instances i ON i.instance_id = s.instance_id
              WHERE l.application_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL
@@ -208,18 +214,18 @@ async fn application_servers(
             &[&id, &q.limit, &q.offset],
         )
         .await?;
-    let total = rows.first().map_or(0, |r| r.get(8));
+    let total = rows.first().map_or(0, |r| r.get("total"));
     let items = rows
         .iter()
         .map(|r| LinkedServer {
-            id: r.get(0),
-            instance_id: r.get(1),
-            backend: r.get(2),
-            name: r.get(3),
-            address: r.get(4),
-            port: r.get(5),
-            admin_state: r.get(6),
-            matched_by: r.get(7),
+            id: r.get("server_id"),
+            instance_id: r.get("instance_id"),
+            backend: r.get("backend"),
+            name: r.get("name"),
+            address: r.get("address"),
+            port: r.get("port"),
+            admin_state: r.get("admin_state"),
+            matched_by: r.get("matched_by"),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))
@@ -238,19 +244,19 @@ fn group_query(filter: &str) -> String {
     format!(
         "SELECT g.group_id, g.name,
                 ARRAY(SELECT m.application_id FROM application_group_members m
-                      WHERE m.group_id = g.group_id ORDER BY m.application_id),
-                to_char(g.created_at AT TIME ZONE 'UTC', {RFC3339}), g.created_by, count(*) OVER ()
+                      WHERE m.group_id = g.group_id ORDER BY m.application_id) AS applications,
+                cp_rfc3339(g.created_at) AS created_at, g.created_by, count(*) OVER () AS total
          FROM application_groups g {filter}"
     )
 }
 
 fn group(r: &tokio_postgres::Row) -> GroupView {
     GroupView {
-        id: r.get(0),
-        name: r.get(1),
-        applications: r.get(2),
-        created_at: r.get(3),
-        created_by: r.get(4),
+        id: r.get("group_id"),
+        name: r.get("name"),
+        applications: r.get("applications"),
+        created_at: r.get("created_at"),
+        created_by: r.get("created_by"),
     }
 }
 
@@ -259,7 +265,9 @@ async fn create_group(
     admin: Admin,
     ApiJson(request): ApiJson<CreateGroup>,
 ) -> Result<(StatusCode, Json<GroupView>), ApiError> {
-    let (name, applications) = request.validate().map_err(ApiError::validation)?;
+    let NewGroup { name, applications } = request
+        .parse()
+        .map_err(|e| ApiError::validation(e.to_string()))?;
     let id = new_id("apg-");
     let stream = app.keys.events("haproxy");
     let mut client = app.stores.pg.get().await?;
@@ -276,7 +284,7 @@ async fn create_group(
         )
         .await?
     {
-        return Err(name_taken("group", row.get(0)));
+        return Err(name_taken("group", row.get("group_id")));
     }
     let known: Vec<String> = tx
         .query(
@@ -285,7 +293,7 @@ async fn create_group(
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get("application_id"))
         .collect();
     if let Some((i, missing)) = applications
         .iter()
@@ -331,7 +339,7 @@ async fn list_groups(
             &[&q.limit, &q.offset],
         )
         .await?;
-    let total = rows.first().map_or(0, |r| r.get(5));
+    let total = rows.first().map_or(0, |r| r.get("total"));
     Ok(Json(Page::new(
         rows.iter().map(group).collect(),
         total,
@@ -373,7 +381,7 @@ pub(crate) async fn group_servers(
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get("server_id"))
         .collect();
     if servers.len() > max {
         return Err(ApiError::validation(format!(

@@ -4,7 +4,8 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::ApiError;
-use checkplane_wire::agents::{limits, AgentId};
+use checkplane_wire::agents::{limits, protocol, AgentId};
+use checkplane_wire::error::ErrorCode;
 use checkplane_wire::operators::{self, Role};
 
 use crate::credentials::same;
@@ -15,6 +16,26 @@ fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
     parts.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Refuse an agent call whose protocol version (`X-Agent-Protocol`) this gateway does not
+/// serve: before its credentials are looked at, with the versions each side speaks.
+fn speaks_our_protocol(parts: &Parts) -> Result<(), ApiError> {
+    let given = parts
+        .headers
+        .get(protocol::HEADER)
+        .map(|v| v.to_str().unwrap_or("?"));
+    match protocol::parse(given) {
+        Ok(_) => Ok(()),
+        Err(refused @ protocol::Refused::Malformed) => {
+            Err(ApiError::validation(refused.to_string()))
+        }
+        Err(refused) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            ErrorCode::UnsupportedProtocol,
+            refused.to_string(),
+        )),
+    }
+}
+
 /// A caller holding the enrollment token (`X-Enrollment-Token`).
 pub struct Enrollment;
 
@@ -22,6 +43,7 @@ impl FromRequestParts<AppState> for Enrollment {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        speaks_our_protocol(parts)?;
         let Some(expected) = &state.config.enrollment_token else {
             return Err(ApiError::forbidden(
                 "registration is disabled: the gateway has no enrollment token",
@@ -45,6 +67,7 @@ impl FromRequestParts<AppState> for AgentIdentity {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        speaks_our_protocol(parts)?;
         let (Some(id), Some(token)) = (header(parts, "x-agent-id"), header(parts, "x-agent-token"))
         else {
             return Err(ApiError::unauthorized(
@@ -68,7 +91,7 @@ impl FromRequestParts<AppState> for AgentIdentity {
             &[&agent_id.as_str()],
         )
         .await?;
-        let stored: String = row.map(|r| r.get(0)).ok_or_else(denied)?;
+        let stored: String = row.map(|r| r.get("token_hash")).ok_or_else(denied)?;
         if !same(stored.as_bytes(), presented.as_bytes()) {
             return Err(denied());
         }
@@ -161,14 +184,14 @@ async fn identify(state: &AppState, key: &str) -> Result<Caller, ApiError> {
         )
         .await?
         .ok_or_else(unknown)?;
-    let stored: String = row.get(2);
+    let stored: String = row.get("key_hash");
     if !same(stored.as_bytes(), presented.as_bytes()) {
         return Err(unknown());
     }
-    let role = Role::parse(row.get::<_, &str>(1)).ok_or_else(unknown)?;
+    let role = Role::parse(row.get::<_, &str>("role")).ok_or_else(unknown)?;
     let caller = Caller {
         key_id: key_id.to_owned(),
-        name: row.get(0),
+        name: row.get("name"),
         role,
     };
     state.key_cache.remember(caller.clone(), presented);

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::auth::{Operator, Viewer};
 use crate::edge::Written;
-use crate::paging::{check_millis, check_window, Page, RFC3339};
+use crate::paging::{check_millis, check_window, Page};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -255,13 +255,11 @@ async fn check_row(
 ) -> Result<tokio_postgres::Row, ApiError> {
     Sql::query_opt(
         client,
-        &format!(
-            "SELECT kind, target, options, selection, status, slots, slots_done, seq, revision,
-                        to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
-                        to_char(deadline AT TIME ZONE 'UTC', {RFC3339}),
-                        to_char(finished_at AT TIME ZONE 'UTC', {RFC3339}), max_parallel
-                 FROM checks WHERE check_id = $1"
-        ),
+        "SELECT kind, target, options, selection, status, slots, slots_done, seq, revision,
+                cp_rfc3339(created_at) AS created_at, created_by,
+                cp_rfc3339(deadline) AS deadline,
+                cp_rfc3339(finished_at) AS finished_at, max_parallel
+         FROM checks WHERE check_id = $1",
         &[id],
     )
     .await?
@@ -295,7 +293,7 @@ async fn read(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
     };
-    let etag_of = |row: &tokio_postgres::Row| format!("\"{}\"", row.get::<_, i64>(8));
+    let etag_of = |row: &tokio_postgres::Row| format!("\"{}\"", row.get::<_, i64>("revision"));
     let mut client = app.stores.pg.get().await?;
     // Both statements kept prepared on the connection: clients poll this.
     let mut row = check_row(&client, &id).await?;
@@ -304,7 +302,7 @@ async fn read(
     let mut applied: Option<std::time::Duration> = None;
     if unchanged(&etag) {
         // A finished check does not change any more: nothing to wait for.
-        let finished = row.get::<_, String>(4) == "finished";
+        let finished = row.get::<_, String>("status") == "finished";
         let waiting = preferred_wait(&headers)
             .filter(|w| !w.is_zero() && !finished)
             .and_then(|w| Some((w, app.live_streams.clone().try_acquire_owned().ok()?)));
@@ -336,48 +334,46 @@ async fn read(
     }
     let slots = Sql::query(
         &client,
-        &format!(
-            "SELECT slot, attempt, agent_id, country, city, asn, network, status, outcome,
-                        result, seq, to_char(started_at AT TIME ZONE 'UTC', {RFC3339}),
-                        to_char(done_at AT TIME ZONE 'UTC', {RFC3339})
-                 FROM check_slots WHERE check_id = $1 ORDER BY slot"
-        ),
+        "SELECT slot, attempt, agent_id, country, city, asn, network, status, outcome,
+                        result, seq, cp_rfc3339(started_at) AS started_at,
+                        cp_rfc3339(done_at) AS done_at
+                 FROM check_slots WHERE check_id = $1 ORDER BY slot",
         &[&id],
     )
     .await?;
     let view = CheckView {
         id,
-        kind: row.get(0),
-        target: row.get(1),
-        options: row.get(2),
-        selection: row.get(3),
-        status: row.get(4),
-        agents_count: row.get(5),
-        done_count: row.get(6),
-        max_parallel: row.get(13),
-        seq: row.get(7),
-        created_at: row.get(9),
-        created_by: row.get(10),
-        deadline: row.get(11),
-        finished_at: row.get(12),
+        kind: row.get("kind"),
+        target: row.get("target"),
+        options: row.get("options"),
+        selection: row.get("selection"),
+        status: row.get("status"),
+        agents_count: row.get("slots"),
+        done_count: row.get("slots_done"),
+        max_parallel: row.get("max_parallel"),
+        seq: row.get("seq"),
+        created_at: row.get("created_at"),
+        created_by: row.get("created_by"),
+        deadline: row.get("deadline"),
+        finished_at: row.get("finished_at"),
         results: slots
             .iter()
             .map(|r| SlotView {
-                slot: r.get(0),
-                attempt: r.get(1),
-                agent_id: r.get(2),
+                slot: r.get("slot"),
+                attempt: r.get("attempt"),
+                agent_id: r.get("agent_id"),
                 location: serde_json::json!({
-                    "country": r.get::<_, Option<String>>(3),
-                    "city": r.get::<_, Option<String>>(4),
-                    "asn": r.get::<_, Option<i64>>(5),
-                    "network": r.get::<_, Option<String>>(6),
+                    "country": r.get::<_, Option<String>>("country"),
+                    "city": r.get::<_, Option<String>>("city"),
+                    "asn": r.get::<_, Option<i64>>("asn"),
+                    "network": r.get::<_, Option<String>>("network"),
                 }),
-                status: r.get(7),
-                outcome: r.get(8),
-                result: r.get(9),
-                seq: r.get(10),
-                started_at: r.get(11),
-                done_at: r.get(12),
+                status: r.get("status"),
+                outcome: r.get("outcome"),
+                result: r.get("result"),
+                seq: r.get("seq"),
+                started_at: r.get("started_at"),
+                done_at: r.get("done_at"),
             })
             .collect(),
     };
@@ -413,13 +409,14 @@ async fn cancel(
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT status, kind, cancelled_at IS NOT NULL FROM checks
+            "SELECT status, kind, cancelled_at IS NOT NULL AS cancelled FROM checks
              WHERE check_id = $1 FOR UPDATE",
             &[&id],
         )
         .await?
         .ok_or_else(not_found)?;
-    let (status, kind, cancelled): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+    let (status, kind, cancelled): (String, String, bool) =
+        (row.get("status"), row.get("kind"), row.get("cancelled"));
     if status == "finished" {
         return Ok((
             StatusCode::OK,
@@ -453,7 +450,8 @@ async fn cancel(
     }
     written.publish_now(&app).await;
     let closes = open.iter().map(|slot| {
-        let (n, attempt, agent): (i32, i32, String) = (slot.get(0), slot.get(1), slot.get(2));
+        let (n, attempt, agent): (i32, i32, String) =
+            (slot.get("slot"), slot.get("attempt"), slot.get("agent_id"));
         let (leases, kind) = (&app.leases, &kind);
         let mut conn = app.stores.redis_shared.clone();
         async move {
@@ -533,40 +531,40 @@ async fn list(
     check_millis("since", q.since)?;
     check_millis("until", q.until)?;
     let filter = "($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR kind = $2)
-        AND ($3::bigint IS NULL OR created_at >= 'epoch'::timestamptz + $3 * interval '1 millisecond')
-        AND ($4::bigint IS NULL OR created_at < 'epoch'::timestamptz + $4 * interval '1 millisecond')";
+        AND ($3::bigint IS NULL OR created_at >= cp_at_ms($3))
+        AND ($4::bigint IS NULL OR created_at < cp_at_ms($4))";
     let client = app.stores.pg.get().await?;
     let rows = client
         .query(
             &format!(
                 "SELECT check_id, kind, target, status, slots, slots_done,
-                        to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
-                        to_char(finished_at AT TIME ZONE 'UTC', {RFC3339})
+                        cp_rfc3339(created_at) AS created_at, created_by,
+                        cp_rfc3339(finished_at) AS finished_at
                  FROM checks WHERE {filter}
-                 ORDER BY created_at DESC, check_id DESC LIMIT $5 OFFSET $6"
+                 ORDER BY checks.created_at DESC, check_id DESC LIMIT $5 OFFSET $6"
             ),
             &[&q.status, &q.kind, &q.since, &q.until, &q.limit, &q.offset],
         )
         .await?;
     let total: i64 = client
         .query_one(
-            &format!("SELECT count(*) FROM checks WHERE {filter}"),
+            &format!("SELECT count(*) AS n FROM checks WHERE {filter}"),
             &[&q.status, &q.kind, &q.since, &q.until],
         )
         .await?
-        .get(0);
+        .get("n");
     let items: Vec<CheckSummary> = rows
         .iter()
         .map(|r| CheckSummary {
-            id: r.get(0),
-            kind: r.get(1),
-            target: r.get(2),
-            status: r.get(3),
-            agents_count: r.get(4),
-            done_count: r.get(5),
-            created_at: r.get(6),
-            created_by: r.get(7),
-            finished_at: r.get(8),
+            id: r.get("check_id"),
+            kind: r.get("kind"),
+            target: r.get("target"),
+            status: r.get("status"),
+            agents_count: r.get("slots"),
+            done_count: r.get("slots_done"),
+            created_at: r.get("created_at"),
+            created_by: r.get("created_by"),
+            finished_at: r.get("finished_at"),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))
@@ -619,37 +617,35 @@ async fn live_step(state: &mut LiveState) -> Result<(), ApiError> {
     // time, and `finished` is only announced when its last result has been read too.
     let check = client
         .query_one(
-            "SELECT status = 'finished', seq FROM checks WHERE check_id = $1",
+            "SELECT status = 'finished' AS finished, seq FROM checks WHERE check_id = $1",
             &[&state.id],
         )
         .await?;
-    let (finished, seq): (bool, i64) = (check.get(0), check.get(1));
+    let (finished, seq): (bool, i64) = (check.get("finished"), check.get("seq"));
     let rows = client
         .query(
-            &format!(
-                "SELECT seq, slot, attempt, agent_id, country, city, asn, network, outcome,
-                        result, to_char(done_at AT TIME ZONE 'UTC', {RFC3339})
-                 FROM check_slots WHERE check_id = $1 AND seq > $2 ORDER BY seq LIMIT 500"
-            ),
+            "SELECT seq, slot, attempt, agent_id, country, city, asn, network, outcome,
+                        result, cp_rfc3339(done_at) AS done_at
+                 FROM check_slots WHERE check_id = $1 AND seq > $2 ORDER BY seq LIMIT 500",
             &[&state.id, &state.last],
         )
         .await?;
     for r in &rows {
-        let seq: i64 = r.get(0);
+        let seq: i64 = r.get("seq");
         let data = serde_json::json!({
             "seq": seq,
-            "slot": r.get::<_, i32>(1),
-            "attempt": r.get::<_, i32>(2),
-            "agent_id": r.get::<_, Option<String>>(3),
+            "slot": r.get::<_, i32>("slot"),
+            "attempt": r.get::<_, i32>("attempt"),
+            "agent_id": r.get::<_, Option<String>>("agent_id"),
             "location": {
-                "country": r.get::<_, Option<String>>(4),
-                "city": r.get::<_, Option<String>>(5),
-                "asn": r.get::<_, Option<i64>>(6),
-                "network": r.get::<_, Option<String>>(7),
+                "country": r.get::<_, Option<String>>("country"),
+                "city": r.get::<_, Option<String>>("city"),
+                "asn": r.get::<_, Option<i64>>("asn"),
+                "network": r.get::<_, Option<String>>("network"),
             },
-            "outcome": r.get::<_, Option<String>>(8),
-            "result": r.get::<_, Option<serde_json::Value>>(9),
-            "done_at": r.get::<_, Option<String>>(10),
+            "outcome": r.get::<_, Option<String>>("outcome"),
+            "result": r.get::<_, Option<serde_json::Value>>("result"),
+            "done_at": r.get::<_, Option<String>>("done_at"),
         });
         state.pending.push_back(
             axum::response::sse::Event::default()

@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use checkplane_core::keys::Keys;
-use checkplane_wire::operators::{valid_key_id, CreateKeyRequest};
+use checkplane_wire::operators::{valid_key_id, CreateKeyRequest, NewKey};
 use clap::{Arg, ArgMatches, Command};
 
 use crate::config::Config;
@@ -81,7 +81,7 @@ pub async fn keys(config: Config, args: ArgMatches) -> ExitCode {
                 name: sub.get_one::<String>("name").cloned().unwrap_or_default(),
                 role: sub.get_one::<String>("role").cloned().unwrap_or_default(),
             };
-            let (name, role) = match request.validate() {
+            let NewKey { name, role } = match request.parse() {
                 Ok(valid) => valid,
                 Err(message) => {
                     eprintln!("gateway keys create: {message}");

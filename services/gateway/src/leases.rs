@@ -12,8 +12,8 @@ use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson};
 use checkplane_wire::kinds::Kind;
 use checkplane_wire::leases::api::{
-    ClaimRequest, ClaimResponse, ExtendRequest, Lease, ReportRequest, TokenOutcome, TokenOutcomes,
-    MAX_CLAIM, MAX_TOKENS,
+    ClaimRequest, ClaimResponse, ExtendRequest, Lease, Outcome, ReportRequest, TokenOutcome,
+    TokenOutcomes, MAX_CLAIM, MAX_TOKENS,
 };
 use checkplane_wire::leases::LeaseToken;
 
@@ -223,15 +223,7 @@ async fn report(
 ) -> Result<Json<TokenOutcomes>, ApiError> {
     let mut items: Vec<(String, &'static str, serde_json::Value)> = Vec::new();
     for c in request.completed {
-        let outcome = match c.outcome.as_deref() {
-            None | Some("finished") => "finished",
-            Some("failed") => "failed",
-            Some(_) => {
-                return Err(ApiError::validation(
-                    "completed[].outcome: expected finished or failed",
-                ))
-            }
-        };
+        let outcome = c.outcome.unwrap_or(Outcome::Finished).as_str();
         let result = serde_json::json!({"observations": c.observations, "result": c.result});
         items.push((c.token, outcome, result));
     }

@@ -9,14 +9,14 @@ use base64::Engine;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::events::{Event, EventBody, KeyCreated, KeyRevoked};
 use checkplane_wire::operators::{
-    valid_key_id, AuditEntry, CreateKeyRequest, CreatedKey, KeyView, Role,
+    valid_key_id, AuditEntry, CreateKeyRequest, CreatedKey, KeyView, NewKey, Role,
 };
 use serde::Deserialize;
 use tokio_postgres::types::ToSql;
 
 use crate::auth::{hash_secret, Admin};
 use crate::edge::Written;
-use crate::paging::{check_millis, check_window, Page, RFC3339};
+use crate::paging::{check_millis, check_window, Page};
 use crate::state::AppState;
 
 /// Most keys listed by `GET /v1/keys` (keys are few; this bounds the answer).
@@ -126,12 +126,12 @@ pub async fn revoke_key(
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT revoked_at IS NOT NULL FROM api_keys WHERE key_id = $1 FOR UPDATE",
+            "SELECT revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_id = $1 FOR UPDATE",
             &[&key_id],
         )
         .await?
         .ok_or(KeyError::NotFound)?;
-    if row.get::<_, bool>(0) {
+    if row.get::<_, bool>("revoked") {
         return Ok(None);
     }
     let event = admin_event(
@@ -152,25 +152,24 @@ pub async fn revoke_key(
 pub async fn list(client: &tokio_postgres::Client) -> Result<Vec<KeyView>, KeyError> {
     let rows = client
         .query(
-            &format!(
-                "SELECT key_id, name, role,
-                        to_char(created_at AT TIME ZONE 'UTC', {RFC3339}), created_by,
-                        to_char(revoked_at AT TIME ZONE 'UTC', {RFC3339}), revoked_by
-                 FROM api_keys ORDER BY created_at DESC, key_id LIMIT $1"
-            ),
+            &"SELECT key_id, name, role,
+                        cp_rfc3339(created_at) AS created_at, created_by,
+                        cp_rfc3339(revoked_at) AS revoked_at, revoked_by
+                 FROM api_keys ORDER BY api_keys.created_at DESC, key_id LIMIT $1"
+                .to_string(),
             &[&LIST_MAX],
         )
         .await?;
     Ok(rows
         .iter()
         .map(|r| KeyView {
-            key_id: r.get(0),
-            name: r.get(1),
-            role: Role::parse(r.get::<_, &str>(2)).unwrap_or(Role::Viewer),
-            created_at: r.get(3),
-            created_by: r.get(4),
-            revoked_at: r.get(5),
-            revoked_by: r.get(6),
+            key_id: r.get("key_id"),
+            name: r.get("name"),
+            role: Role::parse(r.get::<_, &str>("role")).unwrap_or(Role::Viewer),
+            created_at: r.get("created_at"),
+            created_by: r.get("created_by"),
+            revoked_at: r.get("revoked_at"),
+            revoked_by: r.get("revoked_by"),
         })
         .collect())
 }
@@ -180,7 +179,9 @@ async fn create(
     admin: Admin,
     ApiJson(request): ApiJson<CreateKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    let (name, role) = request.validate().map_err(ApiError::validation)?;
+    let NewKey { name, role } = request
+        .parse()
+        .map_err(|e| ApiError::validation(e.to_string()))?;
     let stream = app.keys.events("admin");
     let mut client = app.stores.pg.get().await?;
     let (created, written) =
@@ -263,7 +264,7 @@ async fn audit(
         }
         bind("actor = {}", Box::new(actor));
     }
-    let millis = "'epoch'::timestamptz + {}::bigint * interval '1 millisecond'";
+    let millis = "cp_at_ms({}::bigint)";
     if let Some(since) = q.since {
         bind(&format!("occurred_at >= {millis}"), Box::new(since));
     }
@@ -279,10 +280,10 @@ async fn audit(
     params.push(Box::new(q.limit));
     params.push(Box::new(q.offset));
     let sql = format!(
-        "SELECT event_id::text, to_char(occurred_at AT TIME ZONE 'UTC', {RFC3339}), actor,
+        "SELECT event_id::text, cp_rfc3339(occurred_at) AS occurred_at, actor,
                 action, object, details
          FROM audit_log {filter}
-         ORDER BY occurred_at DESC, event_id DESC
+         ORDER BY audit_log.occurred_at DESC, event_id DESC
          LIMIT ${} OFFSET ${}",
         n_filters + 1,
         n_filters + 2
@@ -293,20 +294,20 @@ async fn audit(
     let rows = client.query(&sql, &refs).await?;
     let total: i64 = client
         .query_one(
-            &format!("SELECT count(*) FROM audit_log {filter}"),
+            &format!("SELECT count(*) AS n FROM audit_log {filter}"),
             &refs[..n_filters],
         )
         .await?
-        .get(0);
+        .get("n");
     let items: Vec<AuditEntry> = rows
         .iter()
         .map(|r| AuditEntry {
-            event_id: r.get(0),
-            occurred_at: r.get(1),
-            actor: r.get(2),
-            action: r.get(3),
-            object: r.get(4),
-            details: r.get(5),
+            event_id: r.get("event_id"),
+            occurred_at: r.get("occurred_at"),
+            actor: r.get("actor"),
+            action: r.get("action"),
+            object: r.get("object"),
+            details: r.get("details"),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))

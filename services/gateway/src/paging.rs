@@ -4,7 +4,6 @@
 use checkplane_runtime::http::ApiError;
 use serde::Serialize;
 
-/// `to_char` format of a UTC timestamp in RFC 3339 with milliseconds.
 pub const RFC3339: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'";
 
 /// `limit` when none is given.

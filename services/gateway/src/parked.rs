@@ -179,9 +179,10 @@ async fn requeue_held(
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT c.kind, c.target, c.options, (extract(epoch FROM c.deadline) * 1000)::bigint,
-                    c.status <> 'finished' AND c.cancelled_at IS NULL AND c.deadline > now(),
-                    s.status = 'retrying' AND s.outcome = 'dead_lettered',
+            "SELECT c.kind, c.target, c.options, cp_ms(c.deadline) AS deadline_ms,
+                    c.status <> 'finished' AND c.cancelled_at IS NULL AND c.deadline > now()
+                        AS check_open,
+                    s.status = 'retrying' AND s.outcome = 'dead_lettered' AS slot_waits,
                     s.agent_id, s.country, s.city, s.asn, s.network
              FROM checks c JOIN check_slots s USING (check_id)
              WHERE c.check_id = $1 AND s.slot = $2 AND s.attempt = $3
@@ -190,34 +191,34 @@ async fn requeue_held(
         )
         .await?
         .ok_or_else(|| conflict("its check slot has moved on or its check is gone: drop it"))?;
-    if !row.get::<_, bool>(4) {
+    if !row.get::<_, bool>("check_open") {
         return Err(conflict(
             "its check has ended (deadline, cancel or results retention): drop it",
         ));
     }
-    if !row.get::<_, bool>(5) {
+    if !row.get::<_, bool>("slot_waits") {
         return Err(conflict(
             "its slot is not waiting for it (requeued already, or its dead-lettering not projected yet: try again in a moment)",
         ));
     }
     let retry = CheckSlotRetried {
         check_id: check,
-        kind: row.get(0),
-        target: row.get(1),
-        options: row.get(2),
-        deadline: row.get(3),
+        kind: row.get("kind"),
+        target: row.get("target"),
+        options: row.get("options"),
+        deadline: row.get("deadline_ms"),
         slot,
         attempt: attempt + 1,
         agent_id: row
-            .get::<_, Option<String>>(6)
+            .get::<_, Option<String>>("agent_id")
             .unwrap_or_else(|| letter.agent_id.clone()),
         location: Location {
-            country: row.get(7),
-            city: row.get(8),
+            country: row.get("country"),
+            city: row.get("city"),
             asn: row
-                .get::<_, Option<i64>>(9)
+                .get::<_, Option<i64>>("asn")
                 .and_then(|a| u32::try_from(a).ok()),
-            network: row.get(10),
+            network: row.get("network"),
         },
     };
     let retried = Event::new(
@@ -485,10 +486,10 @@ async fn drop_failure(
         admin.caller.actor(),
         EventBody::ProjectionFailureDropped(ProjectionFailureDropped {
             failure_id: id,
-            stream: row.get(0),
-            entry_id: row.get(1),
-            event_id: row.get(2),
-            error: row.get(3),
+            stream: row.get("stream"),
+            entry_id: row.get("entry_id"),
+            event_id: row.get("event_id"),
+            error: row.get("error"),
         }),
     );
     let mut written = Written::new();

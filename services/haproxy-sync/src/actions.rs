@@ -113,14 +113,14 @@ pub async fn open_actions(
         .await?;
     for r in rows {
         let pending = Pending {
-            action_id: r.get(0),
-            instance_id: r.get(1),
-            server_id: r.get(2),
-            backend: r.get(3),
-            server: r.get(4),
-            action: r.get(5),
-            drain_wait_ms: r.get(6),
-            version: r.get(7),
+            action_id: r.get("action_id"),
+            instance_id: r.get("instance_id"),
+            server_id: r.get("server_id"),
+            backend: r.get("backend"),
+            server: r.get("server"),
+            action: r.get("action"),
+            drain_wait_ms: r.get("drain_wait_ms"),
+            version: r.get("version"),
         };
         let queue = open.entry(pending.instance_id.clone()).or_default();
         if queue.len() < 100 {
@@ -184,7 +184,7 @@ async fn update(
             &[&action.instance_id],
         )
         .await?
-        .map(|r| r.get(0));
+        .map(|r| r.get("token"));
     if newest.is_some_and(|t| t > fence) {
         return Err(SyncError::Fenced(action.instance_id.clone()));
     }
@@ -216,7 +216,7 @@ async fn update(
 /// Keep the breaker's state where the API reads it.
 pub async fn store_breaker(stores: &Stores, instance: &str, breaker: &Breaker) {
     let write = async {
-        let client = stores.pg.get().await.map_err(|e| e.to_string())?;
+        let client = stores.pg.get().await?;
         let opened_ago_ms = breaker
             .opened_at
             .map(|t| i64::try_from(t.elapsed().as_millis()).unwrap_or(0));
@@ -233,12 +233,11 @@ pub async fn store_breaker(stores: &Stores, instance: &str, breaker: &Breaker) {
                     &opened_ago_ms,
                 ],
             )
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
+            .await?;
+        Ok::<_, SyncError>(())
     };
     if let Err(error) = write.await {
-        tracing::warn!(instance, %error, "cannot record the breaker's state");
+        tracing::warn!(instance, error = %checkplane_runtime::error_chain(&error), "cannot record the breaker's state");
     }
     metrics::gauge!("checkplane_haproxy_breaker_open", "instance" => instance.to_owned()).set(
         if breaker.state.name() == "closed" {
@@ -462,7 +461,7 @@ async fn observation(
             &[&action.instance_id],
         )
         .await?
-        .get(0);
+        .get("seq");
     Ok(Event::new(
         format!("haproxy-server:{}", action.server_id),
         poll,

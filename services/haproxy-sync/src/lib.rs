@@ -163,12 +163,7 @@ async fn watch_events(
     while !shutdown.is_cancelled() {
         let read = async {
             if conn.is_none() {
-                conn = Some(
-                    stores
-                        .blocking_connection(BLOCK)
-                        .await
-                        .map_err(|e| e.to_string())?,
-                );
+                conn = Some(stores.blocking_connection(BLOCK).await?);
             }
             let Some(c) = conn.as_mut() else {
                 return Ok(None);
@@ -181,9 +176,8 @@ async fn watch_events(
                 .arg(&stream)
                 .arg(&last)
                 .query_async(c)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(reply)
+                .await?;
+            Ok::<_, redis::RedisError>(reply)
         };
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -259,8 +253,12 @@ impl checkplane_runtime::Service for Service {
 
     fn rebuild(
         client: tokio_postgres::Client,
-    ) -> impl std::future::Future<Output = Result<checkplane_runtime::launch::Rebuilt, String>> + Send
-    {
+    ) -> impl std::future::Future<
+        Output = Result<
+            checkplane_runtime::launch::Rebuilt,
+            checkplane_runtime::launch::RebuildError,
+        >,
+    > + Send {
         checkplane_core::projection::rebuild_command(client)
     }
 

@@ -119,7 +119,7 @@ fn find_server(servers: Vec<ServerState>, server: &str) -> Result<ServerState, A
 /// A raw reply as HAProxy meant it: its text, or its error (`[3]: No such server.`) as
 /// [`ApiError::Refused`].
 fn interpret(raw: &str) -> Result<String, ApiError> {
-    replies::reply_body(raw).map_err(ApiError::Refused)
+    replies::reply_body(raw).map_err(|refused| ApiError::Refused(refused.0))
 }
 
 /// A backend or server name safe to put in a command (no spaces, separators or newlines).
@@ -234,7 +234,7 @@ impl Client {
         let settle = Settle {
             backend: safe_name(backend)?.to_owned(),
             server: safe_name(server)?.to_owned(),
-            state: target.as_str().to_owned(),
+            state: target,
             stat,
         };
         let raws = {

@@ -204,10 +204,10 @@ impl Sync {
             .await?
             .iter()
             .map(|r| Instance {
-                id: r.get(0),
-                transport: r.get(1),
-                address: r.get(2),
-                node: r.get(3),
+                id: r.get("instance_id"),
+                transport: r.get("transport"),
+                address: r.get("address"),
+                node: r.get("node"),
             })
             .collect();
         drop(client);
@@ -389,7 +389,7 @@ impl Sync {
             )
             .await?
             .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .map(|r| (r.get("instance_id"), (r.get("pid"), r.get("uptime_sec"))))
             .collect();
         // A direct probe never holds a round up for long (the round also renews leases and
         // starts actions): one that does not answer in time is left to the instance's poll.
@@ -587,7 +587,7 @@ pub async fn poll(
         .await?;
     let restarted = before
         .as_ref()
-        .is_some_and(|r| restarted((r.get(0), r.get(1)), (pid, uptime)));
+        .is_some_and(|r| restarted((r.get("pid"), r.get("uptime_sec")), (pid, uptime)));
     let poll: i64 = tx
         .query_one(
             "INSERT INTO haproxy_poll_seq (instance_id, seq, pid, uptime_sec) VALUES ($1, 1, $2, $3)
@@ -597,43 +597,55 @@ pub async fn poll(
             &[&instance, &pid, &uptime],
         )
         .await?
-        .get(0);
+        .get("seq");
     // What the projection holds now, to compare with.
     let rows = tx
         .query(
             "SELECT backend, name, address, port, weight, op_state, admin_state, admin_bits,
-                    status, check_status, removed_at IS NOT NULL, desired_state
+                    status, check_status, removed_at IS NOT NULL AS removed, desired_state
              FROM haproxy_servers WHERE instance_id = $1",
             &[&instance],
         )
         .await?;
     let desired: HashMap<(String, String), String> = rows
         .iter()
-        .filter_map(|r| Some(((r.get(0), r.get(1)), r.get::<_, Option<String>>(11)?)))
+        .filter_map(|r| {
+            Some((
+                (r.get("backend"), r.get("name")),
+                r.get::<_, Option<String>>("desired_state")?,
+            ))
+        })
         .collect();
     let known: HashMap<(String, String), (Option<ObservedServer>, bool)> = rows
         .iter()
         .map(|r| {
-            let observed = r.get::<_, Option<String>>(2).map(|address| ObservedServer {
-                address,
-                port: r
-                    .get::<_, Option<i32>>(3)
-                    .and_then(|p| u16::try_from(p).ok()),
-                weight: r
-                    .get::<_, Option<i32>>(4)
-                    .and_then(|w| u32::try_from(w).ok())
-                    .unwrap_or(0),
-                op_state: r.get::<_, Option<String>>(5).unwrap_or_default(),
-                admin_state: r.get::<_, Option<String>>(6).unwrap_or_default(),
-                admin_bits: r
-                    .get::<_, Option<i32>>(7)
-                    .and_then(|b| u32::try_from(b).ok())
-                    .unwrap_or(0),
-                status: r.get(8),
-                check_status: r.get(9),
-                scur: None,
-            });
-            ((r.get(0), r.get(1)), (observed, r.get(10)))
+            let observed = r
+                .get::<_, Option<String>>("address")
+                .map(|address| ObservedServer {
+                    address,
+                    port: r
+                        .get::<_, Option<i32>>("port")
+                        .and_then(|p| u16::try_from(p).ok()),
+                    weight: r
+                        .get::<_, Option<i32>>("weight")
+                        .and_then(|w| u32::try_from(w).ok())
+                        .unwrap_or(0),
+                    op_state: r.get::<_, Option<String>>("op_state").unwrap_or_default(),
+                    admin_state: r
+                        .get::<_, Option<String>>("admin_state")
+                        .unwrap_or_default(),
+                    admin_bits: r
+                        .get::<_, Option<i32>>("admin_bits")
+                        .and_then(|b| u32::try_from(b).ok())
+                        .unwrap_or(0),
+                    status: r.get("status"),
+                    check_status: r.get("check_status"),
+                    scur: None,
+                });
+            (
+                (r.get("backend"), r.get("name")),
+                (observed, r.get("removed")),
+            )
         })
         .collect();
     let event = |backend: &str, server: &str, body: EventBody| {
@@ -756,14 +768,14 @@ async fn note_drift(
 async fn drifting(tx: &impl Sql, instance: &str) -> Result<i64, SyncError> {
     Ok(tx
         .query_one(
-            "SELECT count(*) FROM haproxy_drift d JOIN haproxy_servers s USING (server_id)
+            "SELECT count(*) AS n FROM haproxy_drift d JOIN haproxy_servers s USING (server_id)
              WHERE d.instance_id = $1 AND d.last_poll > d.since_poll
                AND s.desired_state IS NOT NULL AND s.removed_at IS NULL
                AND s.admin_state IS DISTINCT FROM s.desired_state",
             &[&instance],
         )
         .await?
-        .get(0))
+        .get("n"))
 }
 
 /// After a restart or reload: every server whose operator-desired state HAProxy no longer
@@ -787,8 +799,12 @@ async fn reapply(
     drop(client);
     let mut reapplied = 0;
     for row in &wanted {
-        let (backend, server, desired, by): (String, String, String, Option<String>) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (backend, server, desired, by): (String, String, String, Option<String>) = (
+            row.get("backend"),
+            row.get("name"),
+            row.get("desired_state"),
+            row.get("desired_by"),
+        );
         let Ok(target) = desired.parse::<checkplane_wire::haproxy::ServerState>() else {
             continue;
         };
@@ -822,7 +838,7 @@ async fn reapply(
                 &[&instance],
             )
             .await?
-            .get(0);
+            .get("seq");
         let event = Event::new(
             format!("haproxy-server:{}", server_id(instance, &backend, &server)),
             poll,

@@ -165,7 +165,7 @@ pub async fn run(
                             .await?
                             == 500
                         {}
-                        Ok::<_, checkplane_core::outbox::SweepError>(())
+                        Ok::<_, checkplane_core::outbox::OutboxError>(())
                     }
                 },
             );
@@ -389,8 +389,12 @@ impl checkplane_runtime::Service for Service {
 
     fn rebuild(
         client: tokio_postgres::Client,
-    ) -> impl std::future::Future<Output = Result<checkplane_runtime::launch::Rebuilt, String>> + Send
-    {
+    ) -> impl std::future::Future<
+        Output = Result<
+            checkplane_runtime::launch::Rebuilt,
+            checkplane_runtime::launch::RebuildError,
+        >,
+    > + Send {
         checkplane_core::projection::rebuild_command(client)
     }
 

@@ -201,7 +201,7 @@ impl Lifecycle {
                         ORDER BY deadline LIMIT $2)
                      SELECT d.check_id, d.kind, d.cancelled, d.overdue,
                             s.slot, s.attempt, s.agent_id, s.status,
-                            s.status = 'retrying' AND s.outcome = 'dead_lettered'
+                            s.status = 'retrying' AND s.outcome = 'dead_lettered' AS dead_lettered
                      FROM due d JOIN check_slots s USING (check_id)
                      WHERE s.status <> 'done'
                      ORDER BY d.check_id, s.slot",
@@ -210,12 +210,14 @@ impl Lifecycle {
                 .await?
         };
         let mut seen = HashSet::new();
-        for slots in rows.chunk_by(|a, b| a.get::<_, Uuid>(0) == b.get::<_, Uuid>(0)) {
+        for slots in
+            rows.chunk_by(|a, b| a.get::<_, Uuid>("check_id") == b.get::<_, Uuid>("check_id"))
+        {
             let (check, kind, cancelled, overdue): (Uuid, String, bool, bool) = (
-                slots[0].get(0),
-                slots[0].get(1),
-                slots[0].get(2),
-                slots[0].get(3),
+                slots[0].get("check_id"),
+                slots[0].get("kind"),
+                slots[0].get("cancelled"),
+                slots[0].get("overdue"),
             );
             let (reason, outcome) = if cancelled {
                 (CloseReason::Cancelled, "cancelled")
@@ -230,10 +232,14 @@ impl Lifecycle {
             // still open in PostgreSQL only if their event was lost.
             let mut settled = Vec::new();
             for slot in slots {
-                let (n, attempt, agent, status): (i32, i32, Option<String>, String) =
-                    (slot.get(4), slot.get(5), slot.get(6), slot.get(7));
+                let (n, attempt, agent, status): (i32, i32, Option<String>, String) = (
+                    slot.get("slot"),
+                    slot.get("attempt"),
+                    slot.get("agent_id"),
+                    slot.get("status"),
+                );
                 let (n, attempt) = (n as u32, attempt as u32);
-                if slot.get::<_, bool>(8) && !cancelled {
+                if slot.get::<_, bool>("dead_lettered") && !cancelled {
                     dead_lettered.push((n, attempt));
                     continue;
                 }
@@ -359,7 +365,7 @@ impl Lifecycle {
         let client = self.stores.pg.get().await?;
         let found = client
             .query(
-                "SELECT i - 1 FROM unnest($1::text[]) WITH ORDINALITY AS u(pattern, i)
+                "SELECT i - 1 AS at FROM unnest($1::text[]) WITH ORDINALITY AS u(pattern, i)
                  WHERE EXISTS (SELECT 1 FROM projection_failures f WHERE f.entry LIKE u.pattern)",
                 &[&tasks],
             )
@@ -368,7 +374,7 @@ impl Lifecycle {
             .iter()
             .filter_map(|r| {
                 slots
-                    .get(usize::try_from(r.get::<_, i64>(0)).ok()?)
+                    .get(usize::try_from(r.get::<_, i64>("at")).ok()?)
                     .copied()
             })
             .collect())
@@ -394,7 +400,12 @@ impl Lifecycle {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i32>(1) as u32))
+            .map(|r| {
+                (
+                    r.get::<_, i32>("slot") as u32,
+                    r.get::<_, i32>("attempt") as u32,
+                )
+            })
             .collect())
     }
 
@@ -420,8 +431,13 @@ impl Lifecycle {
                 .await?
         };
         for row in &rows {
-            let (check, slot, attempt, agent, kind): (Uuid, i32, i32, String, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            let (check, slot, attempt, agent, kind): (Uuid, i32, i32, String, String) = (
+                row.get("check_id"),
+                row.get("slot"),
+                row.get("attempt"),
+                row.get("agent_id"),
+                row.get("kind"),
+            );
             let (slot, attempt) = (slot as u32, attempt as u32);
             let task = task_id(check, slot, attempt);
             let closed = self
@@ -464,11 +480,12 @@ impl Lifecycle {
         let due = tx
             .query(
                 "SELECT c.check_id, c.kind, c.target, c.options,
-                        (extract(epoch FROM c.deadline) * 1000)::bigint,
+                        cp_ms(c.deadline) AS deadline_ms,
                         c.max_parallel - (SELECT count(*) FROM check_slots o
                                           WHERE o.check_id = c.check_id
                                             AND o.status IN ('pending', 'leased', 'retrying')
                                             AND o.outcome IS DISTINCT FROM 'dead_lettered')
+                            AS free
                  FROM checks c
                  WHERE c.check_id IN (SELECT DISTINCT check_id FROM check_slots
                                       WHERE status = 'waiting')
@@ -481,8 +498,10 @@ impl Lifecycle {
         let stream = self.keys.events("checks");
         let mut written = Written::new();
         for row in &due {
-            let (check, free): (Uuid, i64) =
-                (row.get(0), row.get::<_, Option<i64>>(5).unwrap_or(0));
+            let (check, free): (Uuid, i64) = (
+                row.get("check_id"),
+                row.get::<_, Option<i64>>("free").unwrap_or(0),
+            );
             if free <= 0 {
                 continue;
             }
@@ -495,16 +514,16 @@ impl Lifecycle {
                 )
                 .await?
                 .iter()
-                .map(|r| (r.get::<_, i32>(0) as u32, r.get(1)))
+                .map(|r| (r.get::<_, i32>("slot") as u32, r.get("agent_id")))
                 .collect();
             let event = system_event(
                 check,
                 EventBody::CheckSlotsReleased(CheckSlotsReleased {
                     check_id: check,
-                    kind: row.get(1),
-                    target: row.get(2),
-                    options: row.get(3),
-                    deadline: row.get(4),
+                    kind: row.get("kind"),
+                    target: row.get("target"),
+                    options: row.get("options"),
+                    deadline: row.get("deadline_ms"),
                     slots,
                 }),
             );
@@ -545,7 +564,7 @@ impl Lifecycle {
             .query(
                 "SELECT s.check_id, s.slot, s.attempt, s.outcome, s.constraint_index,
                         c.kind, c.target, c.options, c.selection,
-                        (extract(epoch FROM c.deadline) * 1000)::bigint
+                        cp_ms(c.deadline) AS deadline_ms
                  FROM check_slots s JOIN checks c USING (check_id)
                  WHERE s.status = 'retrying' AND s.outcome IS DISTINCT FROM 'dead_lettered'
                    AND s.done_at <= now() - $1::bigint * interval '1 millisecond'
@@ -558,11 +577,14 @@ impl Lifecycle {
         let stream = self.keys.events("checks");
         let mut events = Vec::new();
         for row in &due {
-            let check: Uuid = row.get(0);
-            let (slot, attempt) = (row.get::<_, i32>(1) as u32, row.get::<_, i32>(2) as u32);
-            let interrupted: Option<String> = row.get(3);
-            let constraint: Option<i32> = row.get(4);
-            let kind: String = row.get(5);
+            let check: Uuid = row.get("check_id");
+            let (slot, attempt) = (
+                row.get::<_, i32>("slot") as u32,
+                row.get::<_, i32>("attempt") as u32,
+            );
+            let interrupted: Option<String> = row.get("outcome");
+            let constraint: Option<i32> = row.get("constraint_index");
+            let kind: String = row.get("kind");
             let close = |outcome: &str| {
                 system_event(
                     check,
@@ -578,7 +600,10 @@ impl Lifecycle {
                 continue;
             }
             // The same constraint as the first attempt, on an agent the check is not using.
-            let filter = match (serde_json::from_value::<Selection>(row.get(8)), constraint) {
+            let filter = match (
+                serde_json::from_value::<Selection>(row.get("selection")),
+                constraint,
+            ) {
                 (Ok(Selection::Locations(entries)), Some(i)) => {
                     entries.get(i as usize).cloned().unwrap_or_default()
                 }
@@ -592,7 +617,7 @@ impl Lifecycle {
                 )
                 .await?
                 .iter()
-                .map(|r| r.get(0))
+                .map(|r| r.get("agent_id"))
                 .collect();
             let mut taken: HashSet<String> = used.into_iter().collect();
             let chosen = choose(&tx, &kind, &filter, 1, &mut taken, &mut HashSet::new()).await?;
@@ -606,9 +631,9 @@ impl Lifecycle {
                 EventBody::CheckSlotRetried(CheckSlotRetried {
                     check_id: check,
                     kind,
-                    target: row.get(6),
-                    options: row.get(7),
-                    deadline: row.get(9),
+                    target: row.get("target"),
+                    options: row.get("options"),
+                    deadline: row.get("deadline_ms"),
                     slot,
                     attempt: attempt + 1,
                     agent_id: agent.agent_id,

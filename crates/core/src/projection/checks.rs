@@ -39,7 +39,7 @@ pub(super) async fn apply_created(
                 "INSERT INTO checks (check_id, kind, target, options, selection, status, slots,
                                      created_at, created_by, deadline, max_parallel)
                  VALUES ($2, $3, $4, $5, $6, 'queued', $7, {AT}, $8,
-                         'epoch'::timestamptz + $9::bigint * interval '1 millisecond', $10)
+                         cp_at_ms($9::bigint), $10)
                  ON CONFLICT (check_id) DO NOTHING"
             ),
             &[
@@ -124,14 +124,14 @@ const GRANT: &str = "UPDATE check_slots s
      SET status = CASE WHEN s.status IN ('pending', 'waiting') THEN 'leased'
                        ELSE s.status END,
          started_at = LEAST(s.started_at,
-                            'epoch'::timestamptz + u.ms * interval '1 millisecond')
+                            cp_at_ms(u.ms))
      FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms
            FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[]) AS i(c, sl, at, ms)
            ORDER BY c, sl, at, ms) u
      WHERE s.check_id = u.c AND s.slot = u.sl AND s.attempt = u.at
        AND s.check_id = ANY($5)";
 const INTERRUPT: &str = "UPDATE check_slots s SET status = 'retrying', outcome = u.oc,
-            done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond'
+            done_at = cp_at_ms(u.ms)
      FROM (SELECT DISTINCT ON (c, sl, at) c, sl, at, ms, oc
            FROM unnest($1::uuid[], $2::int[], $3::int[], $4::bigint[], $5::text[])
                 WITH ORDINALITY AS i(c, sl, at, ms, oc, ord)
@@ -140,7 +140,7 @@ const INTERRUPT: &str = "UPDATE check_slots s SET status = 'retrying', outcome =
        AND s.status IN ('pending', 'waiting', 'leased') AND s.check_id = ANY($6)";
 /// Each ending slot gets its check's next seq, in the order given.
 const END: &str = "UPDATE check_slots s SET status = 'done', outcome = u.oc, result = u.res,
-            done_at = 'epoch'::timestamptz + u.ms * interval '1 millisecond',
+            done_at = cp_at_ms(u.ms),
             seq = u.base + u.rank
      FROM (SELECT d.*, k.seq AS base,
                   row_number() OVER (PARTITION BY d.c ORDER BY d.ord) AS rank

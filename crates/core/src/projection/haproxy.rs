@@ -74,105 +74,13 @@ async fn note_poll(
     Ok(())
 }
 
+/// One observation: [`apply_observed_batch`] of one.
 pub(super) async fn apply_observed(
     client: &impl Sql,
     event: &Event,
     e: &HaproxyServerObserved,
 ) -> Result<(), ApplyError> {
-    let backend = backend_id(&e.instance_id, &e.backend);
-    let server = server_id(&e.instance_id, &e.backend, &e.server);
-    note_poll(client, event, &e.instance_id, e.poll).await?;
-    client
-        .execute(
-            &format!(
-                "INSERT INTO haproxy_backends (backend_id, instance_id, name, first_seen)
-                 VALUES ($2, $3, $4, {AT})
-                 ON CONFLICT (backend_id) DO UPDATE SET first_seen = LEAST(haproxy_backends.first_seen, EXCLUDED.first_seen)"
-            ),
-            &[&event.occurred_at, &backend, &e.instance_id, &e.backend],
-        )
-        .await?;
-    let before = client
-        .query_opt(
-            "SELECT observed_poll, admin_state, status FROM haproxy_servers WHERE server_id = $1 FOR UPDATE",
-            &[&server],
-        )
-        .await?;
-    if before
-        .as_ref()
-        .is_some_and(|r| r.get::<_, i64>(0) >= e.poll)
-    {
-        return Ok(()); // a newer poll has spoken
-    }
-    let o = &e.observed;
-    let port = o.port.map(i32::from);
-    let weight = i32::try_from(o.weight).unwrap_or(i32::MAX);
-    let bits = i32::try_from(o.admin_bits).unwrap_or(i32::MAX);
-    let scur = o.scur.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
-    client
-        .execute(
-            &format!(
-                "INSERT INTO haproxy_servers (server_id, instance_id, backend_id, backend, name, address, port,
-                     weight, op_state, admin_state, admin_bits, status, check_status, scur, observed_poll, observed_at)
-                 VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, {AT})
-                 ON CONFLICT (server_id) DO UPDATE SET
-                     address = EXCLUDED.address, port = EXCLUDED.port, weight = EXCLUDED.weight,
-                     op_state = EXCLUDED.op_state, admin_state = EXCLUDED.admin_state,
-                     admin_bits = EXCLUDED.admin_bits, status = EXCLUDED.status,
-                     check_status = EXCLUDED.check_status, scur = EXCLUDED.scur,
-                     observed_poll = EXCLUDED.observed_poll, observed_at = EXCLUDED.observed_at,
-                     missed_polls = 0, removed_at = NULL"
-            ),
-            &[
-                &event.occurred_at,
-                &server,
-                &e.instance_id,
-                &backend,
-                &e.backend,
-                &e.server,
-                &o.address,
-                &port,
-                &weight,
-                &o.op_state,
-                &o.admin_state,
-                &bits,
-                &o.status,
-                &o.check_status,
-                &scur,
-                &e.poll,
-            ],
-        )
-        .await?;
-    let (previous_state, previous_status) = match &before {
-        Some(r) => (r.get::<_, Option<String>>(1), r.get::<_, Option<String>>(2)),
-        None => (None, None),
-    };
-    let changed = before.is_none()
-        || previous_state.as_deref() != Some(o.admin_state.as_str())
-        || previous_status != o.status;
-    if changed {
-        client
-            .execute(
-                &format!(
-                    "INSERT INTO haproxy_server_status_history (event_id, server_id, occurred_at,
-                         previous_state, new_state, previous_status, new_status, changed_by, poll)
-                     VALUES ($2, $3, {AT}, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING"
-                ),
-                &[
-                    &event.occurred_at,
-                    &event.event_id,
-                    &server,
-                    &previous_state,
-                    &o.admin_state,
-                    &previous_status,
-                    &o.status,
-                    &e.cause,
-                    &e.poll,
-                ],
-            )
-            .await?;
-    }
-    Ok(())
+    apply_observed_batch(client, &[(event, e)]).await
 }
 
 pub(super) async fn apply_missing(
@@ -388,23 +296,32 @@ pub(crate) async fn apply_observed_batch(
     client: &impl Sql,
     events: &[(&Event, &HaproxyServerObserved)],
 ) -> Result<(), ApplyError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    // Each server once: a second event about one server in the batch goes the slow way.
-    let mut seen = std::collections::HashSet::new();
-    let mut batch = Vec::with_capacity(events.len());
-    for (event, e) in events {
-        let server = server_id(&e.instance_id, &e.backend, &e.server);
-        if seen.insert(server.clone()) {
-            batch.push((*event, *e, server));
-        } else {
-            apply_observed(client, event, e).await?;
+    // In rounds, each server once per round and in the order given: a second event about a
+    // server goes in the next round, after the first.
+    let mut rest: Vec<(&Event, &HaproxyServerObserved)> = events.to_vec();
+    while !rest.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        let mut round = Vec::with_capacity(rest.len());
+        let mut later = Vec::new();
+        for (event, e) in rest {
+            let server = server_id(&e.instance_id, &e.backend, &e.server);
+            if seen.insert(server.clone()) {
+                round.push((event, e, server));
+            } else {
+                later.push((event, e));
+            }
         }
+        apply_observed_round(client, &round).await?;
+        rest = later;
     }
+    Ok(())
+}
+
+/// One round of [`apply_observed_batch`]: each server at most once.
+async fn apply_observed_round(client: &impl Sql, batch: &[Observed<'_>]) -> Result<(), ApplyError> {
     let mut newest: std::collections::BTreeMap<&str, (&Event, i64)> =
         std::collections::BTreeMap::new();
-    for (event, e, _) in &batch {
+    for (event, e, _) in batch {
         let entry = newest
             .entry(e.instance_id.as_str())
             .or_insert((event, e.poll));
@@ -417,7 +334,7 @@ pub(crate) async fn apply_observed_batch(
     }
     let mut backends: std::collections::BTreeMap<String, (&str, &str, i64)> =
         std::collections::BTreeMap::new();
-    for (event, e, _) in &batch {
+    for (event, e, _) in batch {
         let id = backend_id(&e.instance_id, &e.backend);
         let entry = backends.entry(id).or_insert((
             e.instance_id.as_str(),
@@ -433,7 +350,7 @@ pub(crate) async fn apply_observed_batch(
     client
         .execute(
             "INSERT INTO haproxy_backends (backend_id, instance_id, name, first_seen)
-             SELECT id, i, n, 'epoch'::timestamptz + ms * interval '1 millisecond'
+             SELECT id, i, n, cp_at_ms(ms)
              FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS u(id, i, n, ms)
              ON CONFLICT (backend_id) DO UPDATE SET first_seen = LEAST(haproxy_backends.first_seen, EXCLUDED.first_seen)",
             &[&b_ids, &b_instances, &b_names, &b_at],
@@ -448,7 +365,16 @@ pub(crate) async fn apply_observed_batch(
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .map(|r| {
+            (
+                r.get("server_id"),
+                (
+                    r.get("observed_poll"),
+                    r.get("admin_state"),
+                    r.get("status"),
+                ),
+            )
+        })
         .collect();
     // Only what a newer poll has not spoken about yet.
     let apply: Vec<&Observed<'_>> = batch
@@ -498,7 +424,7 @@ pub(crate) async fn apply_observed_batch(
             "INSERT INTO haproxy_servers (server_id, instance_id, backend_id, backend, name, address, port,
                  weight, op_state, admin_state, admin_bits, status, check_status, scur, observed_poll, observed_at)
              SELECT id, i, b, bn, n, a, p, w, o, ad, bits, st, cs, sc, pl,
-                    'epoch'::timestamptz + ms * interval '1 millisecond'
+                    cp_at_ms(ms)
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                  $7::int[], $8::int[], $9::text[], $10::text[], $11::int[], $12::text[], $13::text[],
                  $14::bigint[], $15::bigint[], $16::bigint[])
@@ -569,7 +495,7 @@ pub(crate) async fn apply_observed_batch(
         .execute(
             "INSERT INTO haproxy_server_status_history (event_id, server_id, occurred_at,
                  previous_state, new_state, previous_status, new_status, changed_by, poll)
-             SELECT id, s, 'epoch'::timestamptz + ms * interval '1 millisecond', ps, ns, pst, nst, c, p
+             SELECT id, s, cp_at_ms(ms), ps, ns, pst, nst, c, p
              FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[], $9::bigint[]) AS u(id, s, ms, ps, ns, pst, nst, c, p)
              ON CONFLICT (event_id) DO NOTHING",

@@ -254,13 +254,13 @@ pub(super) async fn apply(client: &impl Sql, e: &ProjectionSnapshot) -> Result<(
     // And only those the table still has: a column a later migration dropped is left out.
     let existing: Vec<String> = client
         .query(
-            "SELECT attname::text FROM pg_attribute
+            "SELECT attname::text AS name FROM pg_attribute
              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
             &[&table],
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get("name"))
         .collect();
     let columns = row
         .keys()

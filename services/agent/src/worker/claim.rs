@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkplane_wire::leases::api::ClaimResponse;
-use serde_json::{json, Value};
+use checkplane_wire::leases::api::{ClaimRequest, ClaimResponse};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,7 +17,7 @@ use super::Shared;
 /// (`<prefix><random>-<round>`); `None` when `stop` fired first.
 pub(super) async fn claim(
     shared: &Shared,
-    capacities: Value,
+    capacities: BTreeMap<String, u32>,
     wait_ms: u64,
     prefix: &str,
     round: u64,
@@ -28,7 +27,12 @@ pub(super) async fn claim(
         "{prefix}{}-{round}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let body = json!({"capacities": capacities, "request_id": request_id, "wait_ms": wait_ms});
+    let body = ClaimRequest {
+        capacities,
+        request_id,
+        wait_ms,
+        agent_id: None,
+    };
     let claim =
         shared
             .control
@@ -58,7 +62,7 @@ pub(super) async fn claim_loop(
             }
         }
         let wait_ms = if complete { 20_000 } else { 1_000 };
-        let Some(claimed) = claim(shared, json!(capacities), wait_ms, "", round, stop).await else {
+        let Some(claimed) = claim(shared, owned(capacities), wait_ms, "", round, stop).await else {
             return;
         };
         match claimed {
@@ -81,6 +85,14 @@ pub(super) async fn claim_loop(
             }
         }
     }
+}
+
+/// A claim's capacities as the request carries them.
+fn owned(capacities: BTreeMap<&'static str, u32>) -> BTreeMap<String, u32> {
+    capacities
+        .into_iter()
+        .map(|(kind, n)| (kind.to_owned(), n))
+        .collect()
 }
 
 /// How many tasks of each kind to ask for (see [`share`]).

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::json;
+use checkplane_wire::agents::{protocol, RegisterRequest, RegisterResponse};
 use tokio_util::sync::CancellationToken;
 
 use super::{Settings, Shared};
@@ -18,6 +18,20 @@ pub(super) enum CallError {
     Transport(#[from] reqwest::Error),
     #[error("answered {status}: {body}")]
     Refused { status: u16, body: String },
+    #[error("no URL for {path}: {error}")]
+    Url {
+        path: String,
+        error: url::ParseError,
+    },
+}
+
+/// Why a registration did not give this agent an identity.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RegisterError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("cannot keep the identity: {0}")]
+    Keep(String),
 }
 
 pub(super) struct Control {
@@ -34,9 +48,9 @@ impl Control {
         body: &impl serde::Serialize,
         timeout: Duration,
     ) -> Result<T, CallError> {
-        let url = self.base.join(path).map_err(|e| CallError::Refused {
-            status: 0,
-            body: e.to_string(),
+        let url = self.base.join(path).map_err(|error| CallError::Url {
+            path: path.to_owned(),
+            error,
         })?;
         let (id, token) = {
             let identity = self.identity.read().unwrap_or_else(|p| p.into_inner());
@@ -47,6 +61,7 @@ impl Control {
             .post(url)
             .header("x-agent-id", id)
             .header("x-agent-token", token)
+            .header(protocol::HEADER, protocol::CURRENT)
             .timeout(timeout)
             .json(body)
             .send()
@@ -186,42 +201,52 @@ pub(super) async fn register(
     settings: &Settings,
     enrollment: &checkplane_runtime::Secret,
     state_file: &std::path::Path,
-) -> Result<Identity, String> {
-    let body = json!({"hostname": settings.hostname,
-                      "capabilities": settings.pools.declared(),
-                      "agent_version": env!("CARGO_PKG_VERSION")});
+) -> Result<Identity, RegisterError> {
+    let body = RegisterRequest {
+        hostname: settings.hostname.clone(),
+        labels: BTreeMap::new(),
+        capabilities: declared(settings),
+        location: None,
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+    };
+    let path = "v1/agents/register";
     let url = settings
         .control_plane
-        .join("v1/agents/register")
-        .map_err(|e| e.to_string())?;
+        .join(path)
+        .map_err(|error| CallError::Url {
+            path: path.to_owned(),
+            error,
+        })?;
     let response = http
         .post(url)
         .header("x-enrollment-token", enrollment.expose())
+        .header(protocol::HEADER, protocol::CURRENT)
         .timeout(Duration::from_secs(10))
         .json(&body)
         .send()
         .await
-        .map_err(|e| format!("unreachable: {e}"))?;
+        .map_err(CallError::Transport)?;
     let status = response.status().as_u16();
     if !(200..300).contains(&status) {
-        return Err(format!("answered {status}"));
+        let body = response.text().await.unwrap_or_default();
+        return Err(CallError::Refused {
+            status,
+            body: body.chars().take(300).collect(),
+        }
+        .into());
     }
     let r = response
-        .json::<checkplane_wire::agents::RegisterResponse>()
+        .json::<RegisterResponse>()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CallError::Transport)?;
     let identity = Identity {
         agent_id: r.agent_id,
         token: r.token,
         heartbeat_interval_ms: r.heartbeat_interval_ms,
         declared: Some(declared(settings)),
     };
-    identity::store(state_file, &identity).map_err(|e| {
-        format!(
-            "cannot keep the identity: {}",
-            checkplane_runtime::error_chain(&e)
-        )
-    })?;
+    identity::store(state_file, &identity)
+        .map_err(|e| RegisterError::Keep(checkplane_runtime::error_chain(&e)))?;
     Ok(identity)
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkplane_wire::checks::{task_id, TaskSpec};
+use checkplane_wire::checks::{options, task_id, TaskSpec};
 use checkplane_wire::kinds::Kind;
 use checkplane_wire::leases::api::{Completed, Lease};
 use serde_json::{json, Value};
@@ -54,7 +54,7 @@ pub(super) fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
         finish(
             shared,
             &key,
-            "failed",
+            check::Ended::Failed,
             json!({"error": {"code": "ERR_OVERLOADED", "message": "no free worker"}}),
         );
         return;
@@ -68,7 +68,7 @@ pub(super) fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
         // Aborted at the end of a shutdown's drain: the canceller has reported it.
         if let Some(outcome) = shared.abort.run_until_cancelled(run).await {
             metrics::counter!("checkplane_agent_checks_total",
-                "kind" => lease.kind.clone(), "outcome" => outcome.outcome)
+                "kind" => lease.kind.clone(), "outcome" => outcome.outcome.as_str())
             .increment(1);
             let timed_out = outcome.result["error"]["code"] == "ERR_TIMEOUT";
             shared.gate.ended(timed_out);
@@ -83,6 +83,12 @@ pub(super) fn start(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Lease) {
 pub(super) const MAX_CHECK: Duration = Duration::from_secs(60);
 /// What a check leaves of its deadline for its report to arrive (a fifth of its time at most).
 pub(super) const REPORT_MARGIN: Duration = Duration::from_millis(500);
+
+/// A task's options as its kind's type; a spec that does not fit fails the task.
+fn decode<T: serde::de::DeserializeOwned>(spec: &TaskSpec) -> Result<T, check::Outcome> {
+    serde_json::from_value(spec.options.clone())
+        .map_err(|e| check::Outcome::failed("ERR_BAD_SPEC", format!("options: {e}"), json!({})))
+}
 
 pub(super) async fn execute(
     shared: &Shared,
@@ -105,48 +111,47 @@ pub(super) async fn execute(
             json!({}),
         );
     };
+    let allow = shared.settings.allow_private_targets;
     match kind {
         Kind::Tcp => {
-            let Some(port) = spec
-                .options
-                .get("port")
-                .and_then(Value::as_u64)
-                .and_then(|p| u16::try_from(p).ok())
-            else {
-                return check::Outcome::failed("ERR_BAD_SPEC", "options.port missing", json!({}));
+            let options: options::Tcp = match decode(spec) {
+                Ok(options) => options,
+                Err(failed) => return failed,
             };
-            tcp::check(
-                &spec.target,
-                port,
-                timeout,
-                shared.settings.allow_private_targets,
-            )
-            .await
+            tcp::check(&spec.target, options.port, timeout, allow).await
         }
         Kind::Dns => {
-            let question = dns::Question::from_spec(&spec.target, &spec.options);
-            dns::check(&question, timeout, shared.settings.allow_private_targets).await
+            let options: options::Dns = match decode(spec) {
+                Ok(options) => options,
+                Err(failed) => return failed,
+            };
+            let question = dns::Question::from_spec(&spec.target, &options);
+            dns::check(&question, timeout, allow).await
         }
         Kind::Http => {
-            let request = http::Request::from_spec(&spec.target, &spec.options);
-            let allow = shared.settings.allow_private_targets;
+            let options: options::Http = match decode(spec) {
+                Ok(options) => options,
+                Err(failed) => return failed,
+            };
+            let request = http::Request::from_spec(&spec.target, &options);
             http::check(&request, timeout, allow, shared.roots.clone()).await
         }
         Kind::Ping => {
-            let packets = spec
-                .options
-                .get("packets")
-                .and_then(Value::as_u64)
-                .unwrap_or(3);
-            let packets = u16::try_from(packets.clamp(1, 16)).unwrap_or(3);
-            let allow = shared.settings.allow_private_targets;
+            let options: options::Ping = match decode(spec) {
+                Ok(options) => options,
+                Err(failed) => return failed,
+            };
+            let packets = options.packets.clamp(1, 16);
             let kinds = [icmp::Kind::Raw, icmp::Kind::Datagram];
             ping::check(&spec.target, packets, timeout, allow, &kinds).await
         }
         Kind::Trace => {
-            let probe = trace::Probe::from_options(&spec.options);
+            let options: options::Trace = match decode(spec) {
+                Ok(options) => options,
+                Err(failed) => return failed,
+            };
+            let probe = trace::Probe::from_options(&options);
             let target = spec.target.clone();
-            let allow = shared.settings.allow_private_targets;
             let traced = shared
                 .traces
                 .spawn(async move { trace::check(&target, probe, timeout, allow).await });
@@ -163,7 +168,7 @@ pub(super) async fn execute(
     }
 }
 
-pub(super) fn finish(shared: &Shared, key: &str, outcome: &str, result: Value) {
+pub(super) fn finish(shared: &Shared, key: &str, outcome: check::Ended, result: Value) {
     let Some(task) = shared
         .running
         .lock()
@@ -174,7 +179,7 @@ pub(super) fn finish(shared: &Shared, key: &str, outcome: &str, result: Value) {
     };
     shared.push_report(Report::Completed(Completed {
         token: task.token,
-        outcome: Some(outcome.to_owned()),
+        outcome: Some(outcome),
         observations: Vec::new(),
         result,
     }));

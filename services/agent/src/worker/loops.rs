@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkplane_wire::leases::api::TokenOutcomes;
-use serde_json::{json, Value};
+use checkplane_wire::agents::HeartbeatRequest;
+use checkplane_wire::leases::api::{ExtendRequest, TokenOutcomes};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::control::{reregister, sleep_or_stop, Backoff, CallError};
@@ -24,7 +25,11 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
     loop {
         let beat: Result<checkplane_wire::agents::HeartbeatResponse, _> = shared
             .control
-            .post("v1/agents/heartbeat", &json!({}), Duration::from_secs(5))
+            .post(
+                "v1/agents/heartbeat",
+                &HeartbeatRequest::default(),
+                Duration::from_secs(5),
+            )
             .await;
         let wait = match beat {
             Ok(answer) => {
@@ -67,7 +72,9 @@ pub(super) async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 .control
                 .post(
                     "v1/agents/extend",
-                    &json!({ "tokens": tokens }),
+                    &ExtendRequest {
+                        tokens: tokens.to_vec(),
+                    },
                     Duration::from_secs(5),
                 )
                 .await;

@@ -1,6 +1,7 @@
 //! The relay lane: claims of relayed HAProxy commands on their own long polls and workers,
 //! each reply reported on its own at once (see [`crate::relay`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ pub(super) async fn relay_loop(
             }
         }
         round += 1;
-        let capacities = json!({RELAY_KIND: free});
+        let capacities = BTreeMap::from([(RELAY_KIND.to_owned(), free as u32)]);
         let Some(claimed) = claim(shared, capacities, 20_000, "r", round, stop).await else {
             return;
         };
@@ -80,12 +81,12 @@ pub(super) fn start_relay(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Leas
             Some(_) => crate::relay::execute(&lane.endpoint, &lease.spec).await,
             None => check::Outcome::failed("ERR_OVERLOADED", "no free relay worker", json!({})),
         };
-        metrics::counter!("checkplane_agent_relayed_total", "outcome" => outcome.outcome)
+        metrics::counter!("checkplane_agent_relayed_total", "outcome" => outcome.outcome.as_str())
             .increment(1);
         let body = ReportRequest {
             completed: vec![Completed {
                 token: lease.token.clone(),
-                outcome: Some(outcome.outcome.to_owned()),
+                outcome: Some(outcome.outcome),
                 observations: Vec::new(),
                 result: outcome.result,
             }],

@@ -17,7 +17,7 @@ async fn ask(server: &str, name: &str, record: &str, protocol: &str) -> (String,
         resolver: Some(server),
     };
     let outcome = check(&question, T, true).await;
-    (outcome.outcome.to_owned(), outcome.result)
+    (outcome.outcome.as_str().to_owned(), outcome.result)
 }
 
 fn values(result: &Value) -> Vec<(String, String)> {
@@ -114,7 +114,7 @@ async fn a_silent_resolver_times_out_and_a_closed_one_is_a_connect_error() {
     let started = std::time::Instant::now();
     let outcome = check(&question, Duration::from_millis(400), true).await;
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(outcome.outcome, "failed");
+    assert_eq!(outcome.outcome.as_str(), "failed");
     assert_eq!(
         outcome.result["error"]["code"], "ERR_TIMEOUT",
         "{}",
@@ -133,7 +133,7 @@ async fn a_silent_resolver_times_out_and_a_closed_one_is_a_connect_error() {
         ..question
     };
     let outcome = check(&question, T, true).await;
-    assert_eq!(outcome.outcome, "failed");
+    assert_eq!(outcome.outcome.as_str(), "failed");
     assert_eq!(
         outcome.result["error"]["code"], "ERR_CONNECT",
         "{}",
@@ -152,7 +152,7 @@ async fn a_private_resolver_is_refused_unless_allowed() {
         resolver: Some(&addr),
     };
     let outcome = check(&question, T, false).await;
-    assert_eq!(outcome.outcome, "failed");
+    assert_eq!(outcome.outcome.as_str(), "failed");
     assert_eq!(outcome.result["error"]["code"], "ERR_TARGET_FORBIDDEN");
-    assert_eq!(check(&question, T, true).await.outcome, "finished");
+    assert_eq!(check(&question, T, true).await.outcome.as_str(), "finished");
 }

@@ -112,7 +112,7 @@ async fn get(url: &str, protocol: &str, timeout: Duration, allow: bool) -> (Stri
         headers: vec![("x-probe", "42")],
     };
     let outcome = check(&request, timeout, allow, roots()).await;
-    (outcome.outcome.to_owned(), outcome.result)
+    (outcome.outcome.as_str().to_owned(), outcome.result)
 }
 
 fn timing(result: &Value, step: &str) -> Option<f64> {

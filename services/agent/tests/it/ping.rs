@@ -47,13 +47,13 @@ async fn raw_sockets_ping_loopback_v4_and_v6() {
         "raw ICMP sockets need root (or CAP_NET_RAW): run the suite as root (./stand test)"
     );
     let outcome = check("127.0.0.1", 3, T, true, &[Kind::Raw]).await;
-    assert_eq!(outcome.outcome, "finished", "{}", outcome.result);
+    assert_eq!(outcome.outcome.as_str(), "finished", "{}", outcome.result);
     assert_eq!(outcome.result["socket"], "raw");
     assert_eq!(outcome.result["address"], "127.0.0.1");
     assert_all_answered(&outcome.result, 3, 64);
 
     let outcome = check("::1", 2, T, true, &[Kind::Raw]).await;
-    assert_eq!(outcome.outcome, "finished", "{}", outcome.result);
+    assert_eq!(outcome.outcome.as_str(), "finished", "{}", outcome.result);
     assert_all_answered(&outcome.result, 2, 64);
 
     // Refused before a packet leaves unless loopback targets are allowed.
@@ -73,7 +73,7 @@ fn datagram_sockets_where_ping_group_range_allows_them_and_a_clear_error_where_n
             .unwrap()
             .block_on(check("127.0.0.1", 2, T, true, &[Kind::Datagram]))
     });
-    assert_eq!(outcome.outcome, "finished", "{}", outcome.result);
+    assert_eq!(outcome.outcome.as_str(), "finished", "{}", outcome.result);
     assert_eq!(outcome.result["socket"], "datagram");
     assert_all_answered(&outcome.result, 2, 64);
 
@@ -90,7 +90,7 @@ fn datagram_sockets_where_ping_group_range_allows_them_and_a_clear_error_where_n
             .unwrap()
             .block_on(check("10.99.0.2", 2, T, true, &[Kind::Datagram]))
     });
-    assert_eq!(outcome.outcome, "finished", "{}", outcome.result);
+    assert_eq!(outcome.outcome.as_str(), "finished", "{}", outcome.result);
     assert_eq!(outcome.result["stats"]["sent"], 2);
     assert_eq!(outcome.result["stats"]["received"], 0);
     assert_eq!(outcome.result["stats"]["loss"], 100.0);
@@ -105,7 +105,7 @@ fn datagram_sockets_where_ping_group_range_allows_them_and_a_clear_error_where_n
             .unwrap()
             .block_on(check("127.0.0.1", 1, T, true, &[Kind::Datagram]))
     });
-    assert_eq!(outcome.outcome, "failed");
+    assert_eq!(outcome.outcome.as_str(), "failed");
     assert_eq!(outcome.result["error"]["code"], "ERR_UNSUPPORTED");
     let message = outcome.result["error"]["message"].as_str().unwrap();
     assert!(message.contains("ping_group_range (1 0)"), "{message}");

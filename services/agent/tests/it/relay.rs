@@ -26,8 +26,8 @@ async fn two_settles_of_one_server_at_once_send_one_set() {
             .iter()
             .filter(|o| !o.result["replies"][1].is_null())
             .count();
-        assert_eq!(a.outcome, "finished", "{}", a.result);
-        assert_eq!(b.outcome, "finished", "{}", b.result);
+        assert_eq!(a.outcome.as_str(), "finished", "{}", a.result);
+        assert_eq!(b.outcome.as_str(), "finished", "{}", b.result);
         assert_eq!(
             sets, 1,
             "round {round} ({state}): {} / {}",

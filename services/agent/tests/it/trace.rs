@@ -51,7 +51,7 @@ fn trace_from(ns: &Netns, target: &'static str, probe: Probe) -> Value {
             .unwrap()
             .block_on(check(target, probe, Duration::from_secs(30), true))
     });
-    assert_eq!(outcome.outcome, "finished", "{}", outcome.result);
+    assert_eq!(outcome.outcome.as_str(), "finished", "{}", outcome.result);
     outcome.result
 }
 

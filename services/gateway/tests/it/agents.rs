@@ -297,6 +297,85 @@ async fn agent_routes_require_a_valid_identity() {
     gw.running.stop().await.unwrap();
 }
 
+/// An agent says its protocol version on every call: without it (agents from before the
+/// header) and with the current one it is served; a version this gateway does not serve is
+/// refused before anything else, saying which side to upgrade.
+#[tokio::test]
+async fn agents_of_a_protocol_this_gateway_does_not_serve_are_refused_with_the_versions() {
+    use checkplane_wire::agents::protocol;
+    let gw = start().await;
+    let current = protocol::CURRENT.to_string();
+    let newer = (protocol::CURRENT + 1).to_string();
+    fn enroll(version: &str) -> [(&str, &str); 2] {
+        [("x-enrollment-token", ENROLL), (protocol::HEADER, version)]
+    }
+
+    let (status, body) = gw
+        .post("/v1/agents/register", &enroll(&newer), probe("proto-1"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_UNSUPPORTED_PROTOCOL");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("speaks protocol {newer}")),
+        "{message}"
+    );
+    assert!(message.contains("upgrade the gateway"), "{message}");
+    let (status, body) = gw
+        .post("/v1/agents/register", &enroll("one"), probe("proto-1"))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_VALIDATION");
+
+    let (status, first) = gw
+        .post("/v1/agents/register", &enroll(&current), probe("proto-1"))
+        .await;
+    assert_eq!(status, 201, "{first}");
+    let id = first["agent_id"].as_str().unwrap();
+    let token = first["token"].as_str().unwrap();
+    // Without the header: protocol 1, served.
+    let (status, body) = gw.heartbeat(id, token).await;
+    assert_eq!(status, 200, "{body}");
+    for (path, body) in [
+        ("/v1/agents/heartbeat", json!({})),
+        ("/v1/agents/extend", json!({"tokens": []})),
+        (
+            "/v1/agents/claim",
+            json!({"capacities": {"dns": 1}, "request_id": "r1", "wait_ms": 0}),
+        ),
+    ] {
+        let agent = [
+            ("x-agent-id", id),
+            ("x-agent-token", token),
+            (protocol::HEADER, newer.as_str()),
+        ];
+        let (status, answer) = gw.post(path, &agent, body.clone()).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert_eq!(
+            answer["error"]["code"], "ERR_UNSUPPORTED_PROTOCOL",
+            "{path}"
+        );
+        let agent = [
+            ("x-agent-id", id),
+            ("x-agent-token", token),
+            (protocol::HEADER, current.as_str()),
+        ];
+        let (status, answer) = gw.post(path, &agent, body).await;
+        assert_eq!(status, 200, "{path}: {answer}");
+    }
+    // A report's outcome is one of the two there are.
+    let agent = [("x-agent-id", id), ("x-agent-token", token)];
+    let (status, answer) = gw
+        .post(
+            "/v1/agents/report",
+            &agent,
+            json!({"completed": [{"token": "t", "outcome": "exploded"}]}),
+        )
+        .await;
+    assert!((400..500).contains(&status), "{status}: {answer}");
+    assert!(answer["error"]["code"].is_string(), "{answer}");
+}
+
 #[tokio::test]
 async fn registration_is_disabled_without_an_enrollment_token() {
     let db = TestDb::new().await;

@@ -524,6 +524,8 @@ async fn events_stored_in_schema_1_replay_into_todays_projections() {
     let mut client = db.client().await;
     let now = checkplane_runtime::clock::now_ms();
     let check = crate::projector::CHECK;
+    let created = crate::projector::check_created(1);
+    // After its check (a rebuild replays in time order).
     let dead_letter = Event::new(
         "task:agent-0:dns:1-0",
         1,
@@ -538,9 +540,13 @@ async fn events_stored_in_schema_1_replay_into_todays_projections() {
             waits: false,
         }),
     );
+    let dead_letter = Event {
+        occurred_at: created.occurred_at + 1,
+        ..dead_letter
+    };
     let events = installation(now, true)
         .into_iter()
-        .chain([crate::projector::check_created(1), dead_letter]);
+        .chain([created, dead_letter]);
     for e in events {
         assert!(record_and_apply(&client, &e).await.unwrap(), "{e:?}");
     }
