@@ -245,6 +245,7 @@ pub async fn sync_cycle(args: HaproxyArgs) {
         keys.clone(),
         config.sync.clone(),
         tracker.clone(),
+        s.shutdown.clone(),
     );
     // The first cycle: every server new.
     let started = Instant::now();

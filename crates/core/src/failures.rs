@@ -9,6 +9,7 @@
 //! one more attempt. Nothing is applied twice: `events` is the judge, as for the projector.
 
 use crate::projection::{record_and_apply, ApplyError};
+use checkplane_wire::events::Event;
 
 /// One parked event.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -144,9 +145,11 @@ async fn replay_batch(
     for row in &rows {
         let (id, entry): (i64, String) = (row.get("id"), row.get("entry"));
         tx.batch_execute("SAVEPOINT replay").await?;
-        let outcome = match serde_json::from_str(&entry) {
+        // Through the upcaster, as the projector reads it: an event parked before an upgrade
+        // replays in today's shape, and one of a newer schema stays parked.
+        let outcome = match Event::decode_str(&entry) {
             Ok(event) => record_and_apply(&tx, &event).await,
-            Err(error) => Err(ApplyError::Json(error)),
+            Err(error) => Err(ApplyError::Decode(error)),
         };
         match outcome {
             Ok(applied) => {

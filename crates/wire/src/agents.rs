@@ -166,14 +166,14 @@ pub mod protocol {
         /// Not a version number.
         Malformed,
         /// A version this release does not serve.
-        Unsupported(u32),
+        Unsupported(u64),
     }
 
     impl std::fmt::Display for Refused {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             match self {
                 Self::Malformed => write!(f, "X-Agent-Protocol: expected a version number"),
-                Self::Unsupported(v) if *v > CURRENT => write!(
+                Self::Unsupported(v) if *v > u64::from(CURRENT) => write!(
                     f,
                     "this agent speaks protocol {v}; this gateway speaks {OLDEST} to {CURRENT}: \
                      upgrade the gateway first"
@@ -189,14 +189,14 @@ pub mod protocol {
 
     /// The version a call speaks, from its header (absent: 1).
     pub fn parse(header: Option<&str>) -> Result<u32, Refused> {
-        let version = match header {
+        let version: u64 = match header {
             None => 1,
             Some(text) => text.trim().parse().map_err(|_| Refused::Malformed)?,
         };
-        if !(OLDEST..=CURRENT).contains(&version) {
-            return Err(Refused::Unsupported(version));
+        match u32::try_from(version) {
+            Ok(v) if (OLDEST..=CURRENT).contains(&v) => Ok(v),
+            _ => Err(Refused::Unsupported(version)),
         }
-        Ok(version)
     }
 
     #[cfg(test)]
@@ -213,6 +213,10 @@ pub mod protocol {
             let newer = parse(Some(&(CURRENT + 1).to_string())).unwrap_err();
             assert!(newer.to_string().contains("upgrade the gateway"), "{newer}");
             assert_eq!(parse(Some("0")), Err(Refused::Unsupported(0)));
+            assert_eq!(
+                parse(Some("4294967296")),
+                Err(Refused::Unsupported(4_294_967_296))
+            );
         }
     }
 }

@@ -21,9 +21,13 @@ use uuid::Uuid;
 /// schema are read through [`upcast`]; a newer one is refused ([`DecodeError::Newer`]).
 ///
 /// - 1: the first.
-/// - 2: every actor is `<kind>:<name>` (haproxy-sync wrote a bare `haproxy-sync`), and
-///   `task.dead_lettered` always says whether its slot `waits` (absent meant `false`).
+/// - 2: every actor is `<kind>:<name>` (haproxy-sync wrote a bare `haproxy-sync`, the
+///   gateway's `keys` command a bare `cli` when it knew no user), and `task.dead_lettered`
+///   always says whether its slot `waits` (absent meant `false`).
 pub const SCHEMA: u32 = 2;
+
+/// The actor of the gateway's `keys` command run without a user name (`$USER`).
+pub const UNKNOWN_CLI_ACTOR: &str = "cli:unknown";
 
 /// The oldest schema this release still reads.
 pub const OLDEST_SCHEMA: u32 = 1;
@@ -63,8 +67,11 @@ impl From<serde_json::Error> for DecodeError {
 /// Bring an envelope of any schema this release reads up to [`SCHEMA`], one step at a time;
 /// the one place that knows what older releases wrote.
 pub fn upcast(mut event: serde_json::Value) -> Result<serde_json::Value, DecodeError> {
-    let Some(mut schema) = event.get("schema").and_then(serde_json::Value::as_u64) else {
-        return Err(DecodeError::Schema("no schema".to_owned()));
+    let mut schema = match event.get("schema") {
+        None => return Err(DecodeError::Schema("no schema".to_owned())),
+        Some(given) => given.as_u64().ok_or_else(|| {
+            DecodeError::Schema(format!("schema {given} is not a version number"))
+        })?,
     };
     if schema > u64::from(SCHEMA) {
         return Err(DecodeError::Newer(schema));
@@ -85,10 +92,14 @@ pub fn upcast(mut event: serde_json::Value) -> Result<serde_json::Value, DecodeE
     Ok(event)
 }
 
-/// Schema 1 → 2: actors are `<kind>:<name>`; a dead letter says whether its slot waits.
+/// Schema 1 → 2: actors are `<kind>:<name>` (the `keys` command's bare `cli` is
+/// [`UNKNOWN_CLI_ACTOR`], any other bare name a `system:` one); a dead letter says whether
+/// its slot waits. Migration V20 brings the actors already in projection rows along.
 fn one_to_two(event: &mut serde_json::Value) {
     if let Some(actor) = event.get("actor").and_then(serde_json::Value::as_str) {
-        if !actor.contains(':') {
+        if actor == "cli" {
+            event["actor"] = UNKNOWN_CLI_ACTOR.into();
+        } else if !actor.contains(':') {
             event["actor"] = format!("system:{actor}").into();
         }
     }
@@ -480,10 +491,19 @@ mod tests {
         let event = Event::decode(observed.clone()).unwrap();
         assert_eq!(event.actor, "system:haproxy-sync");
         assert_eq!(event.schema, SCHEMA);
-        // An actor already `<kind>:<name>` stays as it is.
+        // An actor already `<kind>:<name>` stays as it is; the keys command's bare `cli` is
+        // the same actor it writes today.
         let mut keyed = observed.clone();
         keyed["actor"] = "key:ops".into();
         assert_eq!(Event::decode(keyed).unwrap().actor, "key:ops");
+        let mut cli = observed.clone();
+        cli["actor"] = "cli".into();
+        assert_eq!(Event::decode(cli).unwrap().actor, UNKNOWN_CLI_ACTOR);
+        let mut odd = observed.clone();
+        odd["schema"] = "2".into();
+        assert!(
+            matches!(Event::decode(odd), Err(DecodeError::Schema(why)) if why.contains("not a version"))
+        );
 
         let letter = serde_json::json!({
             "event_id": Uuid::nil(), "aggregate_id": "task:t", "version": 1,

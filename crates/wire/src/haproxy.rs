@@ -95,7 +95,7 @@ impl Transport {
     }
 
     /// A stored or asked-for name; anything but `agent` is [`Transport::Direct`]'s business
-    /// to refuse where it is read ([`RegisterInstance::validate`]).
+    /// to refuse where it is read ([`RegisterInstance::parse`]).
     pub fn is_agent(name: &str) -> bool {
         name == Self::Agent.as_str()
     }

@@ -88,7 +88,7 @@ async fn report_metrics(
         tx.execute(
             "INSERT INTO concurrency_windows
                  (agent_id, recorded_at, window_size, max_window, inflight, queued, backpressure, reason)
-             SELECT $1, to_timestamp(at / 1000.0), w, m, i, q, b, r
+             SELECT $1, cp_at_ms(at), w, m, i, q, b, r
              FROM unnest($2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::bool[], $8::text[])
                   AS u(at, w, m, i, q, b, r)
              ON CONFLICT DO NOTHING",
@@ -154,8 +154,8 @@ async fn concurrency(
                 inflight, queued, backpressure, reason, count(*) OVER () AS total
          FROM concurrency_windows
          WHERE agent_id = $1
-           AND ($2::bigint IS NULL OR recorded_at >= to_timestamp($2 / 1000.0))
-           AND ($3::bigint IS NULL OR recorded_at < to_timestamp($3 / 1000.0))
+           AND ($2::bigint IS NULL OR recorded_at >= cp_at_ms($2))
+           AND ($3::bigint IS NULL OR recorded_at < cp_at_ms($3))
          ORDER BY concurrency_windows.recorded_at LIMIT $4 OFFSET $5"
         .to_string();
     let rows = client

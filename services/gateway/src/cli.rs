@@ -44,7 +44,8 @@ fn actor() -> String {
         .take(32)
         .collect();
     if user.is_empty() {
-        "cli".to_owned()
+        // Actors are `<kind>:<name>` (events schema 2).
+        checkplane_wire::events::UNKNOWN_CLI_ACTOR.to_owned()
     } else {
         format!("cli:{user}")
     }

@@ -26,6 +26,7 @@ use checkplane_wire::events::{
 };
 use checkplane_wire::haproxy::ServerState as Wanted;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::breaker::Breaker;
@@ -131,12 +132,14 @@ pub async fn open_actions(
 }
 
 /// Where actions' updates go: the stores, the stream keys, and the service's task tracker
-/// their publications run on (shutdown waits for them).
+/// their publications run on (shutdown waits for them); and the service's shutdown, which
+/// stops an action between its steps (open, it is the next owner's or the next round's).
 #[derive(Clone)]
 pub struct Outlet {
     pub stores: Stores,
     pub keys: Keys,
     pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
 }
 
 /// What every update of one action is recorded with: the outlet, the action, and the
@@ -253,6 +256,8 @@ enum Attempt {
     Api(ApiError),
     /// The instance is no longer (surely) ours.
     Fenced,
+    /// The service is shutting down.
+    Stopped,
 }
 
 impl From<ApiError> for Attempt {
@@ -273,6 +278,7 @@ async fn attempt(
     action: &Pending,
     target: Wanted,
     fence: &Fence,
+    stop: &CancellationToken,
 ) -> Result<(Value, ObservedServer), Attempt> {
     // Only while the instance is surely ours: a replica paused past its lease must not change
     // HAProxy under the next owner. No command of the exchange is sent after the margin the
@@ -317,7 +323,10 @@ async fn attempt(
             if sessions == Some(0) || Instant::now() >= until {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Attempt::Stopped),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
         }
         detail["drained"] = json!(scur == Some(0));
         detail["scur"] = json!(scur);
@@ -376,7 +385,10 @@ pub async fn execute(
     let mut last_error = String::new();
     for (i, delay) in delays.iter().enumerate() {
         if i > 0 {
-            tokio::time::sleep(*delay).await;
+            tokio::select! {
+                _ = outlet.shutdown.cancelled() => return Err(SyncError::Stopped),
+                _ = tokio::time::sleep(*delay) => {}
+            }
             let allowed = breaker
                 .lock()
                 .map(|mut b| b.allow(Instant::now()))
@@ -396,7 +408,7 @@ pub async fn execute(
             error: None,
         };
         update(&record, &mut version, None, running).await?;
-        match attempt(&api, &action, target, &fence).await {
+        match attempt(&api, &action, target, &fence, &outlet.shutdown).await {
             Ok((detail, observed)) => {
                 if let Ok(mut b) = breaker.lock() {
                     b.success();
@@ -415,6 +427,7 @@ pub async fn execute(
                 tracing::info!(action_id = %action.action_id, action = %action.action, server = %action.server, "HAProxy action done");
                 return update(&record, &mut version, Some(observed), done).await;
             }
+            Err(Attempt::Stopped) => return Err(SyncError::Stopped),
             Err(Attempt::Fenced) => {
                 tracing::warn!(action_id = %action.action_id, instance = %action.instance_id, "no longer the instance's owner; leaving the action to the next one");
                 return Err(SyncError::Fenced(action.instance_id.clone()));

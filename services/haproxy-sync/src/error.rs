@@ -15,6 +15,9 @@ pub enum SyncError {
     Apply(#[from] checkplane_core::projection::ApplyError),
     #[error("HAProxy")]
     Api(#[from] ApiError),
+    /// The service is shutting down: the action stays open for the next owner or round.
+    #[error("shutting down")]
+    Stopped,
     /// Another replica took the instance (a newer fencing token): this one stops.
     #[error("fenced: instance {0} has a newer owner")]
     Fenced(String),

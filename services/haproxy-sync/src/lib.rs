@@ -117,7 +117,7 @@ pub async fn run(
                 requested_tx,
                 shutdown.clone(),
             ));
-            let mut sync = sync::Sync::new(stores, keys, settings, tracker.clone());
+            let mut sync = sync::Sync::new(stores, keys, settings, tracker.clone(), shutdown.clone());
             // Rounds well inside the lease, so the owner renews it in time.
             let mut ticker = tokio::time::interval((lease / 4).min(Duration::from_secs(1)));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -29,6 +29,7 @@ use checkplane_wire::events::{
 };
 use checkplane_wire::haproxy::{poll_event_id, server_id, Transport as Reached};
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::runtime_api::{ApiError, Client, Direct, Endpoint, Transport};
@@ -102,6 +103,7 @@ pub struct Sync {
     keys: Keys,
     /// The service's tracker: actions run on it.
     tracker: TaskTracker,
+    shutdown: CancellationToken,
     settings: Settings,
     /// This replica's name in the leases.
     me: String,
@@ -132,10 +134,18 @@ fn jittered(interval: Duration) -> Duration {
 }
 
 impl Sync {
-    /// Actions run, and their updates are published, on `tracker`.
-    pub fn new(stores: Stores, keys: Keys, settings: Settings, tracker: TaskTracker) -> Self {
+    /// Actions run, and their updates are published, on `tracker`; `shutdown` stops them
+    /// between steps (and keeps queued ones from starting).
+    pub fn new(
+        stores: Stores,
+        keys: Keys,
+        settings: Settings,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             tracker,
+            shutdown,
             stores,
             keys: keys.clone(),
             settings,
@@ -517,13 +527,20 @@ impl Sync {
                 stores: self.stores.clone(),
                 keys: self.keys.clone(),
                 tracker: self.tracker.clone(),
+                shutdown: self.shutdown.clone(),
             };
             let (api, breaker) = (api.clone(), breaker.clone());
             let (settings, executing) = (self.settings.actions.clone(), self.executing.clone());
             let fence = self.fence(&instance.id);
             self.tracker.spawn(async move {
                 let id = action.action_id.clone();
-                let Ok(_lane) = lanes.acquire_owned().await else {
+                // A queued action does not start once shutdown began.
+                let stop = outlet.shutdown.clone();
+                let lane = tokio::select! {
+                    _ = stop.cancelled() => None,
+                    lane = lanes.acquire_owned() => lane.ok(),
+                };
+                let Some(_lane) = lane else {
                     executing.release(&id);
                     return;
                 };

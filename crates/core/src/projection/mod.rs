@@ -37,6 +37,8 @@ pub enum ApplyError {
     Json(#[from] serde_json::Error),
     #[error("a snapshot of {0:?}, which is no long-lived projection table")]
     Snapshot(String),
+    #[error("decoding the event")]
+    Decode(#[from] checkplane_wire::events::DecodeError),
 }
 
 impl ApplyError {
@@ -45,7 +47,7 @@ impl ApplyError {
     /// towards parking the event.
     pub fn is_poison(&self) -> bool {
         match self {
-            Self::Json(_) | Self::Snapshot(_) => true,
+            Self::Json(_) | Self::Snapshot(_) | Self::Decode(_) => true,
             Self::Db(e) => e
                 .code()
                 .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),

@@ -85,23 +85,43 @@ impl Control {
 }
 
 /// Exponential backoff with jitter: 500 ms doubling to 30 s, ±25 %.
-pub(super) struct Backoff(Duration);
+pub(super) struct Backoff {
+    next: Duration,
+    /// A number in `0.0..1.0` for each wait's spread (random; a fixed one in tests).
+    jitter: fn() -> f64,
+}
+
+/// The first wait, and the longest.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MOST: Duration = Duration::from_secs(30);
+
+/// A random number in `0.0..1.0`.
+fn random_unit() -> f64 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    f64::from(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])) / 4_294_967_296.0
+}
 
 impl Backoff {
     pub(super) fn new() -> Self {
-        Self(Duration::from_millis(500))
+        Self::with_jitter(random_unit)
     }
+
+    fn with_jitter(jitter: fn() -> f64) -> Self {
+        Self {
+            next: BACKOFF_FIRST,
+            jitter,
+        }
+    }
+
     pub(super) fn reset(&mut self) {
-        self.0 = Duration::from_millis(500);
+        self.next = BACKOFF_FIRST;
     }
+
+    /// The next wait: the current step (doubling up to 30 s) spread by ±25 %.
     pub(super) fn next(&mut self) -> Duration {
-        let base = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(30));
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let spread = (nanos % 500) as f64 / 1000.0 + 0.75; // 0.75 ..= 1.25
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MOST);
+        let spread = 0.75 + (self.jitter)().clamp(0.0, 1.0) * 0.5;
         base.mul_f64(spread)
     }
 }
@@ -283,5 +303,49 @@ pub(super) async fn reregister(shared: &Shared) {
                 .unwrap_or_else(|p| p.into_inner()) = identity;
         }
         Err(error) => tracing::warn!(%error, "registration failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_within_a_quarter_either_way_and_resets() {
+        let mut low = Backoff::with_jitter(|| 0.0);
+        let waits: Vec<u128> = (0..9).map(|_| low.next().as_millis()).collect();
+        assert_eq!(
+            waits,
+            [375, 750, 1_500, 3_000, 6_000, 12_000, 22_500, 22_500, 22_500]
+        );
+        let mut high = Backoff::with_jitter(|| 1.0);
+        let waits: Vec<u128> = (0..8).map(|_| high.next().as_millis()).collect();
+        assert_eq!(
+            waits,
+            [625, 1_250, 2_500, 5_000, 10_000, 20_000, 37_500, 37_500]
+        );
+        high.reset();
+        assert_eq!(high.next(), Duration::from_millis(625));
+        // Real jitter stays inside the band.
+        for _ in 0..1_000 {
+            let wait = Backoff::new().next();
+            assert!((375..=625).contains(&wait.as_millis()), "{wait:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_or_stop_waits_its_time_unless_stopped() {
+        let stop = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        assert!(sleep_or_stop(BACKOFF_MOST, &stop).await);
+        assert_eq!(started.elapsed(), BACKOFF_MOST);
+        let waiting = tokio::spawn({
+            let stop = stop.clone();
+            async move { sleep_or_stop(Duration::from_secs(3600), &stop).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        assert!(!waiting.await.unwrap(), "stopped, not slept out");
+        assert_eq!(started.elapsed(), BACKOFF_MOST + Duration::from_secs(1));
     }
 }

@@ -856,6 +856,7 @@ async fn a_replica_past_its_lease_is_fenced_and_the_next_owner_finishes_the_acti
                 stores,
                 keys,
                 tracker: tokio_util::task::TaskTracker::new(),
+                shutdown: tokio_util::sync::CancellationToken::new(),
             };
             execute(outlet, api, breaker, settings, pending, fence).await
         }

@@ -593,3 +593,71 @@ async fn events_stored_in_schema_1_replay_into_todays_projections() {
     let report = rebuild(&mut client).await.unwrap();
     assert_eq!(report.failed, 1, "{report:?}");
 }
+
+/// A parked event is replayed in today's shape too: one parked before the upgrade (schema 1,
+/// a dead letter without `waits`) applies; one of a newer schema stays parked, its error
+/// saying why.
+#[tokio::test]
+async fn parked_events_replay_through_the_upcaster() {
+    use checkplane_core::failures::replay;
+    use checkplane_core::projection::record_and_apply;
+    use checkplane_wire::events::{Event, EventBody, TaskDeadLettered, SCHEMA};
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let check = crate::projector::CHECK;
+    let created = crate::projector::check_created(1);
+    assert!(record_and_apply(&client, &created).await.unwrap());
+    let letter = |slot: u32| {
+        let event = Event::new(
+            format!("task:agent-0:dns:{slot}-0"),
+            1,
+            "system:gateway",
+            EventBody::TaskDeadLettered(TaskDeadLettered {
+                agent_id: "agent-0".into(),
+                kind: "dns".into(),
+                entry: format!("{slot}-0"),
+                deliveries: 6,
+                task: Some(format!("{check}:{slot}:1")),
+                waits: false,
+            }),
+        );
+        let mut json = serde_json::to_value(Event {
+            occurred_at: created.occurred_at + 1,
+            ..event
+        })
+        .unwrap();
+        json["payload"].as_object_mut().unwrap().remove("waits");
+        json
+    };
+    let mut old = letter(0);
+    old["schema"] = 1.into();
+    let mut newer = letter(1);
+    newer["schema"] = (SCHEMA + 1).into();
+    for (entry_id, entry) in [("1-0", &old), ("2-0", &newer)] {
+        client
+            .execute(
+                "INSERT INTO projection_failures (stream, entry_id, consumer_group, attempts,
+                                                  error, entry)
+                 VALUES ('s', $1, 'projector', 5, 'parked before the upgrade', $2)",
+                &[&entry_id, &entry.to_string()],
+            )
+            .await
+            .unwrap();
+    }
+    let done = replay(&mut client, None).await.unwrap();
+    assert_eq!((done.applied, done.known, done.failed), (1, 0, 1), "{done:?}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM check_slots WHERE slot = 0 AND outcome = 'dead_lettered'"
+        )
+        .await,
+        1
+    );
+    let error: String = client
+        .query_one("SELECT error FROM projection_failures", &[])
+        .await
+        .unwrap()
+        .get("error");
+    assert!(error.contains("newer release"), "{error}");
+}
