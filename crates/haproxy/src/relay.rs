@@ -108,7 +108,7 @@ where
     let Some(state) = state else {
         return Ok(replies);
     };
-    if state.admin_state.name() == settle.state.as_str() {
+    if state.admin_state.state() == settle.state {
         replies.push(None);
     } else {
         let set = send(settle.set()).await?;

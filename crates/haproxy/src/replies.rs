@@ -104,15 +104,22 @@ impl AdminState {
     pub fn drain(self) -> bool {
         self.0 & (Self::FORCED_DRAIN | Self::INHERITED_DRAIN) != 0
     }
-    /// `maint`, `drain` or `ready` (maintenance wins over drain, as in HAProxy).
-    pub fn name(self) -> &'static str {
+    /// The state an action can ask for that this mask is (maintenance wins over drain, as
+    /// in HAProxy).
+    pub fn state(self) -> checkplane_wire::haproxy::ServerState {
+        use checkplane_wire::haproxy::ServerState;
         if self.maint() {
-            "maint"
+            ServerState::Maint
         } else if self.drain() {
-            "drain"
+            ServerState::Drain
         } else {
-            "ready"
+            ServerState::Ready
         }
+    }
+
+    /// [`AdminState::state`]'s name: `maint`, `drain` or `ready`.
+    pub fn name(self) -> &'static str {
+        self.state().as_str()
     }
 }
 

@@ -455,6 +455,15 @@ pub async fn metrics_text(metrics_url: &str) -> String {
     response.text().await.expect("the metrics text")
 }
 
+/// The value of the unlabelled metric `name` at `metrics_url` (0 while it was never counted).
+pub async fn metric(metrics_url: &str, name: &str) -> f64 {
+    metrics_text(metrics_url)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// POST `body` to `url` as an agent (`X-Agent-Id` + `X-Agent-Token`): status and JSON body.
 pub async fn agent_post(
     http: &reqwest::Client,

@@ -256,7 +256,7 @@ fn printable(s: &str) -> bool {
 
 impl RegisterRequest {
     /// Check every field against the limits above.
-    pub fn validate(self) -> Result<Registration, Invalid> {
+    pub fn parse(self) -> Result<Registration, Invalid> {
         let hostname = self.hostname.trim().to_ascii_lowercase();
         if hostname.is_empty()
             || hostname.len() > limits::HOSTNAME
@@ -394,7 +394,7 @@ mod tests {
 
     #[test]
     fn a_good_registration_is_normalised() {
-        let r = request().validate().unwrap();
+        let r = request().parse().unwrap();
         assert_eq!(r.hostname, "probe-1.example");
         assert_eq!(r.location.unwrap().country.as_deref(), Some("DE"));
     }
@@ -462,7 +462,7 @@ mod tests {
         for (mutate, field) in cases {
             let mut r = request();
             mutate(&mut r);
-            assert_eq!(r.validate().unwrap_err().field, field);
+            assert_eq!(r.parse().unwrap_err().field, field);
         }
     }
 

@@ -226,6 +226,13 @@ fn options_value(options: impl Serialize) -> Result<serde_json::Value, CheckErro
     serde_json::to_value(options).map_err(|e| invalid(format!("options: {e}")))
 }
 
+/// A check to create: what every task runs, and on which agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCheck {
+    pub spec: CheckSpec,
+    pub selection: Selection,
+}
+
 /// A validated selection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -591,7 +598,7 @@ fn bounded_text(field: &str, value: &str, max: usize) -> Result<String, CheckErr
 
 impl CreateCheckRequest {
     /// The check to run and where, or what is wrong (the field named).
-    pub fn validate(&self, allow_private: bool) -> Result<(CheckSpec, Selection), CheckError> {
+    pub fn parse(&self, allow_private: bool) -> Result<NewCheck, CheckError> {
         let unknown = || {
             invalid(format!(
                 "kind: expected one of {}",
@@ -693,7 +700,7 @@ impl CreateCheckRequest {
             }
             Selection::Locations(out)
         };
-        Ok((spec, selection))
+        Ok(NewCheck { spec, selection })
     }
 }
 
@@ -707,7 +714,7 @@ mod tests {
     }
 
     fn refused(body: serde_json::Value) -> String {
-        match request(body.clone()).validate(false) {
+        match request(body.clone()).parse(false) {
             Err(CheckError::Invalid(m)) => m,
             other => panic!("{body}: {other:?}"),
         }
@@ -715,9 +722,9 @@ mod tests {
 
     #[test]
     fn good_checks_get_their_defaults() {
-        let (spec, selection) =
+        let NewCheck { spec, selection } =
             request(json!({"kind": "dns", "target": "Example.COM.", "limit": 3}))
-                .validate(false)
+                .parse(false)
                 .unwrap();
         assert_eq!(spec.target, "example.com");
         assert_eq!(
@@ -726,10 +733,10 @@ mod tests {
         );
         assert_eq!(selection, Selection::Anywhere(3));
 
-        let (spec, _) = request(
+        let NewCheck { spec, .. } = request(
             json!({"kind": "dns", "target": "8.8.4.4", "options": {"type": "ptr"}, "limit": 1}),
         )
-        .validate(false)
+        .parse(false)
         .unwrap();
         assert_eq!(spec.target, "4.4.8.8.in-addr.arpa");
 
@@ -739,33 +746,33 @@ mod tests {
             ("2620:fe::fe", "[2620:fe::fe]:53"),
             ("[2620:fe::fe]:853", "[2620:fe::fe]:853"),
         ] {
-            let (spec, _) = request(json!({"kind": "dns", "target": "example.com",
+            let NewCheck { spec, .. } = request(json!({"kind": "dns", "target": "example.com",
                 "options": {"resolver": given}, "limit": 1}))
-            .validate(false)
+            .parse(false)
             .unwrap();
             assert_eq!(spec.options["resolver"], kept, "{given}");
         }
 
-        let (spec, _) = request(
+        let NewCheck { spec, .. } = request(
             json!({"kind": "http", "target": "https://example.com/a?b=1#frag",
             "options": {"method": "head", "headers": {"Accept": "text/html"}}, "limit": 1}),
         )
-        .validate(false)
+        .parse(false)
         .unwrap();
         assert_eq!(spec.target, "https://example.com/a?b=1");
         assert_eq!(spec.options["method"], "HEAD");
         assert_eq!(spec.options["headers"]["accept"], "text/html");
 
-        let (spec, _) = request(
+        let NewCheck { spec, .. } = request(
             json!({"kind": "trace", "target": "example.net", "options": {"protocol": "udp"},
             "locations": [{"country": "nl", "limit": 2}, {"asn": 1136}]}),
         )
-        .validate(false)
+        .parse(false)
         .unwrap();
         assert_eq!(spec.options, json!({"protocol": "udp", "port": 33434}));
-        let (_, selection) = request(json!({"kind": "ping", "target": "1.1.1.1",
+        let NewCheck { selection, .. } = request(json!({"kind": "ping", "target": "1.1.1.1",
             "locations": [{"country": "nl", "limit": 2}]}))
-        .validate(false)
+        .parse(false)
         .unwrap();
         assert!(
             matches!(selection, Selection::Locations(l) if l[0].country.as_deref() == Some("NL"))
@@ -962,12 +969,12 @@ mod tests {
                 "options.resolver",
             ),
         ] {
-            match request(body.clone()).validate(false) {
+            match request(body.clone()).parse(false) {
                 Err(CheckError::Forbidden { field: f, .. }) => assert_eq!(f, field, "{body}"),
                 other => panic!("{body}: {other:?}"),
             }
             assert!(
-                request(body.clone()).validate(true).is_ok(),
+                request(body.clone()).parse(true).is_ok(),
                 "{body} with private targets allowed"
             );
         }

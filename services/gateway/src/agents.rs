@@ -204,7 +204,7 @@ async fn register(
     ApiJson(request): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let registration = request
-        .validate()
+        .parse()
         .map_err(|e| ApiError::validation(e.to_string()))?;
     let (location, location_source) = match registration.location {
         Some(location) => (location, "declared"),

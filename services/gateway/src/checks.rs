@@ -18,7 +18,7 @@ use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
 use checkplane_wire::checks::task_id;
 use checkplane_wire::checks::{
-    CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, Selection,
+    CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, NewCheck, Selection,
 };
 use checkplane_wire::events::{CheckCancelled, CheckCreated, CheckSlot, Event, EventBody};
 use checkplane_wire::ErrorCode;
@@ -116,8 +116,8 @@ async fn create(
     operator: Operator,
     ApiJson(request): ApiJson<CreateCheckRequest>,
 ) -> Result<Response, ApiError> {
-    let (spec, selection) = request
-        .validate(app.config.allow_private_targets)
+    let NewCheck { spec, selection } = request
+        .parse(app.config.allow_private_targets)
         .map_err(refused)?;
     let check_id = Uuid::now_v7();
     let now = now_ms();

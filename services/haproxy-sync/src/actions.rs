@@ -300,7 +300,7 @@ async fn attempt(
         )
         .await?;
     let (already, after) = (settled.already, settled.after);
-    if after.admin_state.name() != target.as_str() {
+    if after.admin_state.state() != target {
         return Err(Attempt::Api(ApiError::Refused(format!(
             "read back {} after set {}",
             after.admin_state.name(),

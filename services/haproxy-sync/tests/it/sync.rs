@@ -233,7 +233,15 @@ async fn sync_discovers_follows_and_soft_deletes_servers() {
         .await
         .unwrap()
         .get(0);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Three polls fail (not a wait of some seconds: the polls themselves are counted).
+    let metrics = sync.url("/metrics");
+    let failures =
+        || checkplane_testkit::metric(&metrics, "checkplane_haproxy_poll_failures_total");
+    let failed_before = failures().await;
+    eventually("three failed polls", Duration::from_secs(30), || async {
+        (failures().await >= failed_before + 3.0).then_some(())
+    })
+    .await;
     let live = servers_of(false).await;
     assert_eq!(live.len(), 1, "{live:?}");
     let after: i64 = db

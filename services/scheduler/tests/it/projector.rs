@@ -693,20 +693,36 @@ async fn streams_are_trimmed_below_every_group_and_idle_consumers_removed() {
         (crate::count(&db, "SELECT count(*) FROM agent_status_history").await == 20).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The housekeeping (every 50 ms) trims what every group acknowledged and deletes the
+    // consumer idle past 100 ms: waited for, not slept through.
+    let consumers = |mut c: redis::aio::MultiplexedConnection, s: String| async move {
+        let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(s)
+            .arg("projector")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        reply
+            .consumers
+            .iter()
+            .map(|c| c.name.clone())
+            .collect::<Vec<String>>()
+    };
+    let names = eventually(
+        "the idle consumer deleted",
+        Duration::from_secs(10),
+        || async {
+            let names = consumers(conn.clone(), stream.clone()).await;
+            (names.len() == 1).then_some(names)
+        },
+    )
+    .await;
     assert_eq!(
         len(conn.clone(), stream.clone()).await,
         20,
         "the laggard's entries were trimmed"
     );
-    let consumers: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(&stream)
-        .arg("projector")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let names: Vec<String> = consumers.consumers.iter().map(|c| c.name.clone()).collect();
     assert_eq!(names, ["p1"], "the idle consumer was not deleted");
     shutdown.cancel();
     task.await.unwrap();

@@ -645,7 +645,11 @@ async fn parked_events_replay_through_the_upcaster() {
             .unwrap();
     }
     let done = replay(&mut client, None).await.unwrap();
-    assert_eq!((done.applied, done.known, done.failed), (1, 0, 1), "{done:?}");
+    assert_eq!(
+        (done.applied, done.known, done.failed),
+        (1, 0, 1),
+        "{done:?}"
+    );
     assert_eq!(
         count(
             &db,
