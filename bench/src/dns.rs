@@ -258,6 +258,8 @@ pub async fn rss(args: RssArgs) {
         ("GATEWAY_ENROLLMENT_TOKEN", crate::fanout::ENROLL),
         ("GATEWAY_ADMIN_KEY", crate::fanout::ADMIN),
         ("GATEWAY_ALLOW_PRIVATE_TARGETS", "true"),
+        // Every client is on 127.0.0.1: no per-address connection cap.
+        ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0"),
     ]);
     let gw_config = gateway::load(&mut checkplane_runtime::Env::from_pairs(gw_env)).unwrap();
     let sched_config = scheduler::load(&mut checkplane_runtime::Env::from_pairs(common)).unwrap();

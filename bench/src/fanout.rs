@@ -163,6 +163,8 @@ pub async fn checks(args: FanOutArgs) {
         ("GATEWAY_ADMIN_KEY", ADMIN),
         // Agents heartbeat once; nobody goes offline during the runs.
         ("HEARTBEAT_INTERVAL", "600s"),
+        // Every simulated agent is on 127.0.0.1: no per-address connection cap.
+        ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0"),
     ]);
     let gw_config = gateway::load(&mut checkplane_runtime::Env::from_pairs(gw_env)).unwrap();
     let sched_config = scheduler::load(&mut checkplane_runtime::Env::from_pairs(common)).unwrap();

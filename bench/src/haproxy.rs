@@ -149,6 +149,8 @@ async fn setup(args: &HaproxyArgs) -> Setup {
     let mut gw_env = env.clone();
     gw_env.push(("GATEWAY_ADMIN_KEY".into(), crate::fanout::ADMIN.into()));
     gw_env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
+    // Every client is on 127.0.0.1: no per-address connection cap.
+    gw_env.push(("HTTP_MAX_CONNECTIONS_PER_ADDRESS".into(), "0".into()));
     let gw_config = gateway::load(&mut checkplane_runtime::Env::from_pairs(gw_env)).unwrap();
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -475,6 +475,8 @@ async fn lease_cycle(args: LeaseArgs) {
         ("DATABASE_POOL_SIZE", "16"),
         ("REDIS_POOL_SIZE", "16"),
         ("LOG_LEVEL", "warn"),
+        // Every simulated agent is on 127.0.0.1: no per-address connection cap.
+        ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0"),
     ]);
     let mut env = env;
     let gw_config = gateway::load(&mut env).unwrap();

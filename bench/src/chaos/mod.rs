@@ -311,6 +311,8 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
             // A task is dead-lettered on its third delivery.
             ("MAX_DELIVERIES", "2".to_owned()),
             ("GATEWAY_LIVE_POLL", "500ms".to_owned()),
+            // Every simulated agent is on 127.0.0.1: no per-address connection cap.
+            ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0".to_owned()),
         ]));
         services.push(Service::new(
             &format!("gateway-{}", i + 1),

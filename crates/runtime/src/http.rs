@@ -1,7 +1,8 @@
 //! HTTP pieces every service shares: the error envelope as a response, the JSON 404/405
-//! fallbacks, request metrics, and serving with graceful shutdown.
+//! fallbacks, limits on a request's head and body, request metrics, and serving (with the
+//! connection limits of [`crate::listener`]) with graceful shutdown.
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -12,6 +13,8 @@ use axum::{Json, Router};
 use checkplane_wire::{ErrorBody, ErrorCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::settings::HttpLimits;
 
 /// An answer in the JSON error envelope. Internal causes are logged where they are turned into
 /// an `ApiError`, never sent.
@@ -179,6 +182,11 @@ where
                     "request body too large",
                 ))
             }
+            Err(JsonRejection::BytesRejection(e)) if timed_out(&e) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                "the request body did not arrive in time",
+            )),
             Err(other) => Err(ApiError::bad_request(other.body_text())),
         }
     }
@@ -236,30 +244,154 @@ async fn track(request: Request, next: Next) -> Response {
     response
 }
 
-/// Add the JSON fallbacks and request metrics to a finished router.
-pub fn finish(router: Router) -> Router {
+/// Refuse a request whose head is over `limits` in the JSON envelope (414, 431) before it is
+/// routed. hyper's own limits sit above these (twice the header count; its ~400 KiB read
+/// buffer for the whole head), so only a head far over them gets hyper's bodiless 431.
+async fn head_limits(
+    axum::extract::State(limits): axum::extract::State<Arc<HttpLimits>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let uri_bytes = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if uri_bytes > limits.max_uri_bytes {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            ErrorCode::UriTooLong,
+            format!(
+                "the request's path and query are over {} bytes",
+                limits.max_uri_bytes
+            ),
+        )
+        .into_response();
+    }
+    let headers = request.headers();
+    if headers.len() > limits.max_headers {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorCode::HeadersTooLarge,
+            format!("more than {} header fields", limits.max_headers),
+        )
+        .into_response();
+    }
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > limits.max_header_bytes {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorCode::HeadersTooLarge,
+            format!("header fields over {} bytes", limits.max_header_bytes),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Add the JSON fallbacks, the head limits and request metrics to a finished router.
+pub fn finish(router: Router, limits: &HttpLimits) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(limits.clone()),
+            head_limits,
+        ))
         .layer(axum::middleware::from_fn(track))
 }
 
-/// Serve `router` on `listener` until `shutdown` fires, then finish open requests.
+/// A route's body limit: a request that declares a longer body (`Content-Length`) is refused
+/// with 413 before any of it is read; a body that grows past it without declaring it, when it
+/// is read ([`axum::extract::DefaultBodyLimit`], which this sets for the route).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+impl<S> tower::Layer<S> for BodyLimit {
+    type Service = BodyLimitService<<axum::extract::DefaultBodyLimit as tower::Layer<S>>::Service>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyLimitService {
+            max: self.0,
+            inner: axum::extract::DefaultBodyLimit::max(self.0).layer(inner),
+        }
+    }
+}
+
+/// The service [`BodyLimit`] makes.
+#[derive(Debug, Clone)]
+pub struct BodyLimitService<S> {
+    max: usize,
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for BodyLimitService<S>
+where
+    S: tower::Service<Request, Response = Response>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let declared = request
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match declared {
+            Some(length) if length > self.max as u64 => {
+                let mut response = too_large(self.max).into_response();
+                // The body is not read: the connection cannot carry another request.
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                futures::future::Either::Left(std::future::ready(Ok(response)))
+            }
+            _ => futures::future::Either::Right(self.inner.call(request)),
+        }
+    }
+}
+
+fn too_large(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::PayloadTooLarge,
+        format!("request body over {max} bytes"),
+    )
+}
+
+/// Whether a body's read failed because it did not arrive within `HTTP_BODY_TIMEOUT`.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<crate::listener::BodyTimedOut>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Serve `router` on `listener` within `limits` until `shutdown` fires, then finish open
+/// requests: see [`crate::listener`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: &HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // No Nagle delay: an SSE event or a long poll's answer goes out when it is written, not
-    // when the client acknowledged the previous segment.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    crate::listener::serve(listener, router, limits, shutdown).await
 }

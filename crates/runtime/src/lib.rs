@@ -9,6 +9,7 @@ pub mod db;
 pub mod health;
 pub mod http;
 pub mod launch;
+pub mod listener;
 pub mod settings;
 #[cfg(feature = "stores")]
 pub mod stores;

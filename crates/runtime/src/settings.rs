@@ -32,6 +32,100 @@ pub struct BaseSettings {
     pub ready_timeout: Duration,
     /// Who may read `/metrics`.
     pub metrics: MetricsAccess,
+    /// What one HTTP client may hold of the listener.
+    pub http: HttpLimits,
+}
+
+/// What one HTTP client may hold: connections, time, and the size of a request's head. Bodies
+/// are limited per route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// From a request head's first byte to its end (`HTTP_HEADER_TIMEOUT`).
+    pub header_timeout: Duration,
+    /// From a request's head to its body's end (`HTTP_BODY_TIMEOUT`).
+    pub body_timeout: Duration,
+    /// A connection with no request in flight and none arriving (`HTTP_IDLE_TIMEOUT`).
+    pub idle_timeout: Duration,
+    /// Open connections (`HTTP_MAX_CONNECTIONS`); lowered to what `RLIMIT_NOFILE` allows.
+    pub max_connections: usize,
+    /// Open connections from one client address; 0 for none (`HTTP_MAX_CONNECTIONS_PER_ADDRESS`).
+    pub max_connections_per_address: usize,
+    /// Bytes of a request's path and query (`HTTP_MAX_URI_BYTES`).
+    pub max_uri_bytes: usize,
+    /// Header fields in a request (`HTTP_MAX_HEADERS`).
+    pub max_headers: usize,
+    /// Bytes of a request's header fields, names and values (`HTTP_MAX_HEADER_BYTES`).
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_connections_per_address: 256,
+            max_uri_bytes: 8 * 1024,
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Read the limits, each within bounds that keep the service usable.
+    pub fn from_env(env: &mut Env) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let secs = Duration::from_secs;
+        let count = |env: &mut Env, name: &str, default: usize, min: u64, max: u64| {
+            env.u64_in(name, default as u64, min, max)
+                .map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+        };
+        Ok(Self {
+            header_timeout: env.duration(
+                "HTTP_HEADER_TIMEOUT",
+                d.header_timeout,
+                Duration::from_millis(100),
+                secs(300),
+            )?,
+            body_timeout: env.duration(
+                "HTTP_BODY_TIMEOUT",
+                d.body_timeout,
+                Duration::from_millis(100),
+                secs(600),
+            )?,
+            idle_timeout: env.duration(
+                "HTTP_IDLE_TIMEOUT",
+                d.idle_timeout,
+                Duration::from_millis(100),
+                secs(3600),
+            )?,
+            max_connections: count(
+                env,
+                "HTTP_MAX_CONNECTIONS",
+                d.max_connections,
+                16,
+                1_000_000,
+            )?,
+            max_connections_per_address: count(
+                env,
+                "HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+                d.max_connections_per_address,
+                0,
+                1_000_000,
+            )?,
+            max_uri_bytes: count(env, "HTTP_MAX_URI_BYTES", d.max_uri_bytes, 256, 64 * 1024)?,
+            max_headers: count(env, "HTTP_MAX_HEADERS", d.max_headers, 8, 256)?,
+            max_header_bytes: count(
+                env,
+                "HTTP_MAX_HEADER_BYTES",
+                d.max_header_bytes,
+                1024,
+                256 * 1024,
+            )?,
+        })
+    }
 }
 
 /// Who may read `/metrics`: loopback always; others if public or with the key.
@@ -89,6 +183,7 @@ impl BaseSettings {
                 allow_public: env.bool("METRICS_ALLOW_PUBLIC", false)?,
                 api_key: env.secret("METRICS_API_KEY")?,
             },
+            http: HttpLimits::from_env(env)?,
         })
     }
 }

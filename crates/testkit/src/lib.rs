@@ -11,6 +11,7 @@
 //! - [`haproxy`]: a real HAProxy of the test's own, with its Runtime API and master CLI.
 //! - [`netns`]: network namespaces joined by veth pairs, for hosts and routers on one machine.
 //! - [`Running`]: a service started in-process on port 0, with readiness polled to a deadline.
+//! - [`raw`]: HTTP bytes on a socket, as a hostile client sends them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod dns;
@@ -19,6 +20,7 @@ pub mod geo;
 pub mod haproxy;
 pub mod netns;
 pub mod process;
+pub mod raw;
 pub mod servers;
 
 use std::collections::HashMap;

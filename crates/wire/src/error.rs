@@ -59,6 +59,12 @@ error_codes! {
     NotFound => "ERR_NOT_FOUND",
     MethodNotAllowed => "ERR_METHOD_NOT_ALLOWED",
     PayloadTooLarge => "ERR_PAYLOAD_TOO_LARGE",
+    /// The request's path and query are over the listener's limit (414).
+    UriTooLong => "ERR_URI_TOO_LONG",
+    /// The request has too many header fields, or too many bytes of them (431).
+    HeadersTooLarge => "ERR_HEADERS_TOO_LARGE",
+    /// The request's body did not arrive within the listener's body timeout (408).
+    RequestTimeout => "ERR_REQUEST_TIMEOUT",
     UnsupportedMediaType => "ERR_UNSUPPORTED_MEDIA_TYPE",
     RateLimited => "ERR_RATE_LIMITED",
     NotReady => "ERR_NOT_READY",

@@ -295,6 +295,9 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
+        // Below the gateway's HTTP_IDLE_TIMEOUT (60 s by default), so that a pooled connection
+        // is not reused just as the gateway closes it.
+        .pool_idle_timeout(Duration::from_secs(20))
         .user_agent(concat!("checkplane-agent/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| RunError::Startup(format!("building the HTTP client: {e}")))?;
@@ -336,8 +339,8 @@ pub async fn run(
         config.base.ready_timeout,
         config.base.metrics.clone(),
     ));
-    let app = checkplane_runtime::http::finish(health.router());
-    let served = checkplane_runtime::http::serve(listener, app, shutdown)
+    let app = checkplane_runtime::http::finish(health.router(), &config.base.http);
+    let served = checkplane_runtime::http::serve(listener, app, &config.base.http, shutdown)
         .await
         .map_err(RunError::Serve);
     // Running checks finish and their reports go out (the launcher bounds this with

@@ -2,13 +2,13 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use checkplane_runtime::clock::now_ms;
-use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
+use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery, BodyLimit};
 use checkplane_wire::agents::{
     HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
 };
@@ -29,15 +29,15 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/agents/register",
-            post(register).layer(DefaultBodyLimit::max(REGISTER_BODY_LIMIT)),
+            post(register).layer(BodyLimit(REGISTER_BODY_LIMIT)),
         )
         .route(
             "/v1/agents/heartbeat",
-            post(heartbeat).layer(DefaultBodyLimit::max(4 * 1024)),
+            post(heartbeat).layer(BodyLimit(4 * 1024)),
         )
         .route(
             "/v1/agents/metrics",
-            post(report_metrics).layer(DefaultBodyLimit::max(METRICS_BODY_LIMIT)),
+            post(report_metrics).layer(BodyLimit(METRICS_BODY_LIMIT)),
         )
         .route("/v1/agents", get(list))
         .route("/v1/agents/{agent_id}/concurrency", get(concurrency))

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,7 +15,7 @@ use checkplane_core::outbox::PUBLISH_TIMEOUT;
 use checkplane_core::selection::{self, candidate, choose, Candidate};
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::db::Sql;
-use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
+use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery, BodyLimit};
 use checkplane_wire::checks::task_id;
 use checkplane_wire::checks::{
     CheckAccepted, CheckError, CreateCheckRequest, LocationRequest, NewCheck, Selection,
@@ -34,9 +34,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/checks",
-            post(create)
-                .get(list)
-                .layer(DefaultBodyLimit::max(64 * 1024)),
+            post(create).get(list).layer(BodyLimit(64 * 1024)),
         )
         .route("/v1/checks/{id}", get(read))
         .route("/v1/checks/{id}/cancel", post(cancel))
@@ -282,7 +280,7 @@ fn not_modified(etag: &str) -> Response {
 /// together) are answered at once.
 async fn read(
     State(app): State<AppState>,
-    _viewer: Viewer,
+    viewer: Viewer,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -305,7 +303,7 @@ async fn read(
         let finished = row.get::<_, String>("status") == "finished";
         let waiting = preferred_wait(&headers)
             .filter(|w| !w.is_zero() && !finished)
-            .and_then(|w| Some((w, app.live_streams.clone().try_acquire_owned().ok()?)));
+            .and_then(|w| Some((w, LivePlace::wait(&app, &viewer.caller.key_id)?)));
         let Some((wait, _permit)) = waiting else {
             return Ok(not_modified(&etag));
         };
@@ -587,19 +585,45 @@ struct LiveState {
     _place: LivePlace,
 }
 
-/// A live stream's place: its permit, and the open-streams gauge while it is held.
+/// A live stream's (or a waiting read's) place: its key's share, the gateway's permit, and
+/// the open-streams gauge while it is held.
 struct LivePlace {
+    _key: crate::places::Place,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl LivePlace {
-    fn take(app: &AppState) -> Result<Self, ApiError> {
+    /// A place for a live stream: 429 past the key's share or the gateway's bound.
+    fn take(app: &AppState, key_id: &str) -> Result<Self, ApiError> {
+        let key = app.key_waits.take(key_id).ok_or_else(|| {
+            ApiError::rate_limited(
+                format!(
+                    "this key holds {} live streams and waiting reads, the most it may; retry later",
+                    app.key_waits.max()
+                ),
+                5,
+            )
+        })?;
         let permit = app.live_streams.clone().try_acquire_owned().map_err(|_| {
             metrics::counter!("checkplane_live_streams_refused_total").increment(1);
             ApiError::rate_limited("too many live streams open on this gateway; retry later", 5)
         })?;
         metrics::gauge!("checkplane_live_streams").increment(1.0);
-        Ok(Self { _permit: permit })
+        Ok(Self {
+            _key: key,
+            _permit: permit,
+        })
+    }
+
+    /// A place for a read's wait, or `None` (the read answers without waiting).
+    fn wait(app: &AppState, key_id: &str) -> Option<Self> {
+        let key = app.key_waits.take(key_id)?;
+        let permit = app.live_streams.clone().try_acquire_owned().ok()?;
+        metrics::gauge!("checkplane_live_streams").increment(1.0);
+        Some(Self {
+            _key: key,
+            _permit: permit,
+        })
     }
 }
 
@@ -672,7 +696,7 @@ async fn live_step(state: &mut LiveState) -> Result<(), ApiError> {
 /// so results never become visible out of `seq` order.
 async fn live(
     State(app): State<AppState>,
-    _viewer: Viewer,
+    viewer: Viewer,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -687,7 +711,7 @@ async fn live(
             .filter(|n| *n >= 0)
             .ok_or_else(|| ApiError::validation("Last-Event-ID: expected a result's seq"))?,
     };
-    let place = LivePlace::take(&app)?;
+    let place = LivePlace::take(&app, &viewer.caller.key_id)?;
     {
         let client = app.stores.pg.get().await?;
         client

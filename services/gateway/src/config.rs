@@ -39,6 +39,12 @@ pub struct Config {
     pub live_poll: Duration,
     /// `GATEWAY_MAX_LIVE_STREAMS`: live streams open at once on this gateway; one more is 429.
     pub max_live_streams: usize,
+    /// `GATEWAY_MAX_WAITS_PER_KEY`: live streams, waiting reads and waiting action lookups one
+    /// API key holds at once.
+    pub max_waits_per_key: usize,
+    /// `GATEWAY_MAX_CLAIMS_PER_AGENT`: long-poll claims one agent holds at once; another is
+    /// answered without waiting.
+    pub max_claims_per_agent: usize,
 }
 
 /// Read the gateway's configuration.
@@ -96,7 +102,13 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     )?;
     let max_live_streams =
         usize::try_from(env.u64_in("GATEWAY_MAX_LIVE_STREAMS", 1000, 1, 100_000)?).unwrap_or(1000);
+    let max_waits_per_key =
+        usize::try_from(env.u64_in("GATEWAY_MAX_WAITS_PER_KEY", 16, 1, 100_000)?).unwrap_or(16);
+    let max_claims_per_agent =
+        usize::try_from(env.u64_in("GATEWAY_MAX_CLAIMS_PER_AGENT", 2, 1, 64)?).unwrap_or(2);
     Ok(Config {
+        max_waits_per_key,
+        max_claims_per_agent,
         live_poll,
         max_live_streams,
         default_max_parallel,

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use checkplane_core::leases::{Fenced, Granted};
 use checkplane_runtime::clock::now_ms;
-use checkplane_runtime::http::{ApiError, ApiJson};
+use checkplane_runtime::http::{ApiError, ApiJson, BodyLimit};
 use checkplane_wire::kinds::Kind;
 use checkplane_wire::leases::api::{
     ClaimRequest, ClaimResponse, ExtendRequest, Lease, Outcome, ReportRequest, TokenOutcome,
@@ -22,17 +22,14 @@ use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(
-            "/v1/agents/claim",
-            post(claim).layer(DefaultBodyLimit::max(16 * 1024)),
-        )
+        .route("/v1/agents/claim", post(claim).layer(BodyLimit(16 * 1024)))
         .route(
             "/v1/agents/extend",
-            post(extend).layer(DefaultBodyLimit::max(1024 * 1024)),
+            post(extend).layer(BodyLimit(1024 * 1024)),
         )
         .route(
             "/v1/agents/report",
-            post(report).layer(DefaultBodyLimit::max(4 * 1024 * 1024)),
+            post(report).layer(BodyLimit(4 * 1024 * 1024)),
         )
 }
 
@@ -95,7 +92,12 @@ async fn claim(
             "capacities: at most {MAX_CLAIM} tasks in one claim"
         )));
     }
-    let wait = spread(Duration::from_millis(request.wait_ms).min(app.config.claim_block));
+    // Past its share of long polls, an agent's claim answers at once with what there is.
+    let place = app.agent_claims.take(&agent_id);
+    let wait = match place {
+        Some(_) => spread(Duration::from_millis(request.wait_ms).min(app.config.claim_block)),
+        None => Duration::ZERO,
+    };
     let deadline = tokio::time::Instant::now() + wait;
     let bell = app.doorbell.bell(&agent_id);
     loop {

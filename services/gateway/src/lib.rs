@@ -15,6 +15,7 @@ pub mod leases;
 pub mod operators;
 pub mod paging;
 pub mod parked;
+pub mod places;
 pub mod state;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use checkplane_core::doorbell::Doorbell;
 use checkplane_core::keys::Keys;
 use checkplane_core::leases::{LeaseSettings, Leases};
 use checkplane_core::presence::Presence;
+use checkplane_runtime::http::BodyLimit;
 use checkplane_runtime::stores::serve_with_stores;
 use checkplane_runtime::{BaseSettings, ConfigError, Env, RunError, StoreSettings};
 use tokio::net::TcpListener;
@@ -32,6 +34,9 @@ pub use config::{load, Config};
 
 /// The binary's name.
 pub const NAME: &str = "gateway";
+
+/// The body limit of the operator routes that do not set their own.
+const OPERATOR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Run the gateway until `shutdown` fires.
 pub async fn run(
@@ -66,6 +71,8 @@ pub async fn run(
                     .subscribe(redis_client, keys.clone(), shutdown.clone()),
             );
             let live_streams = Arc::new(tokio::sync::Semaphore::new(config.max_live_streams));
+            let key_waits = places::Places::new("stream", config.max_waits_per_key);
+            let agent_claims = places::Places::new("claim", config.max_claims_per_agent);
             let state = state::AppState::new(state::Shared {
                 stores: stores.clone(),
                 presence: Presence::new(keys.clone()),
@@ -78,15 +85,18 @@ pub async fn run(
                 shutdown: shutdown.clone(),
                 action_waiters: Arc::new(tokio::sync::Semaphore::new(haproxy::MAX_ACTION_WAITERS)),
                 live_streams,
+                key_waits,
+                agent_claims,
                 tracker: tracker.clone(),
             });
             agents::router()
                 .merge(leases::router())
                 .merge(operators::router())
                 .merge(checks::router())
-                .merge(haproxy::router())
-                .merge(applications::router())
-                .merge(parked::router())
+                // Their routes' bodies are small operator requests.
+                .merge(haproxy::router().layer(BodyLimit(OPERATOR_BODY_LIMIT)))
+                .merge(applications::router().layer(BodyLimit(OPERATOR_BODY_LIMIT)))
+                .merge(parked::router().layer(BodyLimit(OPERATOR_BODY_LIMIT)))
                 .with_state(state)
         },
     )

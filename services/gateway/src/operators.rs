@@ -1,12 +1,12 @@
 //! Operator API keys (made, listed, revoked; by admins over the API or with `gateway keys` on
 //! the command line) and the audit log of operator actions.
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use base64::Engine;
-use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery};
+use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery, BodyLimit};
 use checkplane_wire::events::{Event, EventBody, KeyCreated, KeyRevoked};
 use checkplane_wire::operators::{
     valid_key_id, AuditEntry, CreateKeyRequest, CreatedKey, KeyView, NewKey, Role,
@@ -26,9 +26,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/keys",
-            get(list_keys)
-                .post(create)
-                .layer(DefaultBodyLimit::max(4 * 1024)),
+            get(list_keys).post(create).layer(BodyLimit(4 * 1024)),
         )
         .route("/v1/keys/{key_id}", delete(revoke))
         .route("/v1/audit", get(audit))

@@ -66,10 +66,13 @@ async fn ready_only_while_the_control_plane_answers() {
         ("AGENT_CONTROL_PLANE", gw.url("/")),
         ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
         ("AGENT_STATE_FILE", state.file()),
+        ("HTTP_HEADER_TIMEOUT", "300ms".to_owned()),
     ]))
     .unwrap();
     let agent = Running::start(|l, s| agent::run(config, l, s)).await;
     agent.wait_ready(Duration::from_secs(10)).await;
+    // The health port has the listener limits of every service.
+    checkplane_testkit::raw::assert_listener_limits(agent.addr).await;
 
     gw.stop().await.unwrap();
     let body = eventually(

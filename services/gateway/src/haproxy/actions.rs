@@ -279,7 +279,7 @@ pub(super) struct ActionQuery {
 /// or the wait is over, whichever comes first.
 pub(super) async fn action(
     State(app): State<AppState>,
-    _viewer: Viewer,
+    viewer: Viewer,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<ActionQuery>,
 ) -> Result<Json<ActionView>, ApiError> {
@@ -303,8 +303,12 @@ pub(super) async fn action(
         Ok::<_, ApiError>(action_view(&row))
     };
     let ended = |a: &ActionView| a.status == "success" || a.status == "failed";
+    // Past the gateway's or the key's share of waiters, the lookup answers without waiting.
     let waiter = (q.wait_ms > 0)
-        .then(|| app.action_waiters.clone().try_acquire_owned().ok())
+        .then(|| {
+            let place = app.key_waits.take(&viewer.caller.key_id)?;
+            Some((place, app.action_waiters.clone().try_acquire_owned().ok()?))
+        })
         .flatten();
     let Some(_waiter) = waiter else {
         return Ok(Json(read().await?));

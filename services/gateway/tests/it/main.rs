@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod agents;
+mod edge;
 mod health;
 mod lease_api;
 mod operators;

@@ -1204,6 +1204,126 @@ async fn live_streams_past_the_limit_are_refused_with_429_until_one_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn one_key_holds_at_most_its_share_of_live_streams_and_waiting_reads() {
+    let s = stand_with(&[("GATEWAY_MAX_WAITS_PER_KEY", "2")], &[]).await;
+    let a = s.agent("a", "NL", 64535, &["dns"]).await;
+    s.online(&[&a]).await;
+    let (_, location) = s.dns_check(1).await;
+    let first = s.live(&location, None).await.unwrap();
+    let second = s.live(&location, None).await.unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    assert_eq!(second.status().as_u16(), 200);
+    let refused = s.live(&location, None).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "ERR_RATE_LIMITED", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this key"),
+        "{error}"
+    );
+
+    // A read asking to wait answers at once: the key has no place left for its wait.
+    let current = s
+        .http
+        .get(s.gw.url(&location))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let etag = current.headers()["etag"].to_str().unwrap().to_owned();
+    let read = s
+        .http
+        .get(s.gw.url(&location))
+        .header("x-api-key", ADMIN)
+        .header("if-none-match", &etag)
+        .header("prefer", "wait=20");
+    let response = tokio::time::timeout(Duration::from_secs(5), read.send())
+        .await
+        .expect("no place to wait: answered at once")
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 304);
+    assert!(response.headers().get("preference-applied").is_none());
+
+    // Another key has its own share.
+    let created: Value = s
+        .http
+        .post(s.gw.url("/v1/keys"))
+        .header("x-api-key", ADMIN)
+        .json(&json!({"name": "other", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let other = created["key"].as_str().unwrap().to_owned();
+    let theirs = s
+        .http
+        .get(s.gw.url(&format!("{location}/live")))
+        .header("x-api-key", &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status().as_u16(), 200);
+
+    // A stream that ends gives its place back.
+    drop(first);
+    eventually(
+        "the key's place is given back",
+        Duration::from_secs(10),
+        || async {
+            let response = s.live(&location, None).await.unwrap();
+            (response.status().as_u16() == 200).then_some(())
+        },
+    )
+    .await;
+    drop((second, theirs));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_past_its_long_polls_is_answered_without_waiting() {
+    let s = stand_with(&[("GATEWAY_MAX_CLAIMS_PER_AGENT", "1")], &[]).await;
+    let a = s.agent("a", "NL", 64536, &["dns"]).await;
+    s.online(&[&a]).await;
+    let url = s.gw.url("/v1/agents/claim");
+    let claim = |wait_ms: u64| {
+        let (url, http, a) = (&url, &s.http, &a);
+        async move {
+            let body = json!({"capacities": {"dns": 1}, "request_id": uuid::Uuid::new_v4().simple().to_string(), "wait_ms": wait_ms});
+            agent_post(http, url, &a.id, &a.token, &body).await
+        }
+    };
+    // The first claim waits for work (there is none); a second one at the same time does not.
+    let waiting = claim(15_000);
+    let second = async {
+        // The first is in its wait once the gateway counts it.
+        eventually("the first claim waits", Duration::from_secs(5), || async {
+            let waiting =
+                checkplane_testkit::metric(&s.gw.url("/metrics"), "checkplane_claims_waiting")
+                    .await;
+            (waiting == 1.0).then_some(())
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(5), claim(15_000))
+            .await
+            .expect("past its share, a claim does not wait")
+    };
+    tokio::select! {
+        _ = waiting => panic!("the first claim should still be waiting"),
+        (status, body) = second => {
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["leases"], json!([]), "{body}");
+        }
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_task_left_unclaimed_by_an_agent_that_went_offline_is_retried_elsewhere() {
     let s = stand_with(
         &[("HEARTBEAT_INTERVAL", "300ms")],

@@ -24,7 +24,9 @@ pub fn bin() -> &'static Path {
 async fn serves_its_probes_in_process() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
-    let config = scheduler::load(&mut Env::from_pairs(store_env(&db, &redis))).unwrap();
+    let mut env = store_env(&db, &redis);
+    env.push(("HTTP_HEADER_TIMEOUT".into(), "300ms".into()));
+    let config = scheduler::load(&mut Env::from_pairs(env)).unwrap();
     let service = Running::start(|l, s| scheduler::run(config, l, s)).await;
     service.wait_ready(Duration::from_secs(10)).await;
     let (status, body) = service.get_json("/readyz").await;
@@ -32,6 +34,8 @@ async fn serves_its_probes_in_process() {
     assert_eq!(body["service"], "scheduler");
     assert_eq!(body["checks"]["postgres"]["ok"], true);
     assert_eq!(body["checks"]["redis"]["ok"], true);
+    // The listener every store-backed service shares (gateway, scheduler, haproxy-sync).
+    checkplane_testkit::raw::assert_listener_limits(service.addr).await;
     service.stop().await.unwrap();
 }
 
