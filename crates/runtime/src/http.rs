@@ -1,8 +1,7 @@
 //! HTTP pieces every service shares: the error envelope as a response, the JSON 404/405
-//! fallbacks, limits on a request's head and body, request metrics, and serving (with the
-//! connection limits of [`crate::listener`]) with graceful shutdown.
+//! fallbacks, limits on a request's head (checked by the listener) and body, request metrics, and serving (with the
+//! connection limits of the `listener` module) with graceful shutdown.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -11,8 +10,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use checkplane_wire::{ErrorBody, ErrorCode};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::settings::HttpLimits;
 
@@ -68,6 +65,16 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        // The body was not read to its end: the connection cannot carry another request.
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        ) {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
         }
         response
     }
@@ -244,67 +251,60 @@ async fn track(request: Request, next: Next) -> Response {
     response
 }
 
-/// Refuse a request whose head is over `limits` in the JSON envelope (414, 431) before it is
-/// routed. hyper's own limits sit above these (twice the header count; its ~400 KiB read
-/// buffer for the whole head), so only a head far over them gets hyper's bodiless 431.
-async fn head_limits(
-    axum::extract::State(limits): axum::extract::State<Arc<HttpLimits>>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// Whether a request's head is over `limits`: the refusal in the JSON envelope (414, 431),
+/// answered by the listener before the request is routed. hyper's own limits sit above these
+/// (see the `listener` module), so only a head far over them gets hyper's bodiless answer.
+pub(crate) fn over_head_limits<B>(
+    request: &axum::http::Request<B>,
+    limits: &HttpLimits,
+) -> Option<ApiError> {
     let uri_bytes = request
         .uri()
         .path_and_query()
         .map_or(0, |pq| pq.as_str().len());
     if uri_bytes > limits.max_uri_bytes {
-        return ApiError::new(
+        return Some(ApiError::new(
             StatusCode::URI_TOO_LONG,
             ErrorCode::UriTooLong,
             format!(
                 "the request's path and query are over {} bytes",
                 limits.max_uri_bytes
             ),
-        )
-        .into_response();
+        ));
     }
     let headers = request.headers();
     if headers.len() > limits.max_headers {
-        return ApiError::new(
+        return Some(ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorCode::HeadersTooLarge,
             format!("more than {} header fields", limits.max_headers),
-        )
-        .into_response();
+        ));
     }
     let header_bytes: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
     if header_bytes > limits.max_header_bytes {
-        return ApiError::new(
+        return Some(ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorCode::HeadersTooLarge,
             format!("header fields over {} bytes", limits.max_header_bytes),
-        )
-        .into_response();
+        ));
     }
-    next.run(request).await
+    None
 }
 
-/// Add the JSON fallbacks, the head limits and request metrics to a finished router.
-pub fn finish(router: Router, limits: &HttpLimits) -> Router {
+/// Add the JSON fallbacks and request metrics to a finished router.
+pub fn finish(router: Router) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(limits.clone()),
-            head_limits,
-        ))
         .layer(axum::middleware::from_fn(track))
 }
 
 /// A route's body limit: a request that declares a longer body (`Content-Length`) is refused
-/// with 413 before any of it is read; a body that grows past it without declaring it, when it
+/// with 413 without reading any of it (a client that sent `Expect: 100-continue` never sends
+/// it); a body that grows past it without declaring it, when it
 /// is read ([`axum::extract::DefaultBodyLimit`], which this sets for the route).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
@@ -351,15 +351,9 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         match declared {
-            Some(length) if length > self.max as u64 => {
-                let mut response = too_large(self.max).into_response();
-                // The body is not read: the connection cannot carry another request.
-                response.headers_mut().insert(
-                    axum::http::header::CONNECTION,
-                    axum::http::HeaderValue::from_static("close"),
-                );
-                futures::future::Either::Left(std::future::ready(Ok(response)))
-            }
+            Some(length) if length > self.max as u64 => futures::future::Either::Left(
+                std::future::ready(Ok(too_large(self.max).into_response())),
+            ),
             _ => futures::future::Either::Right(self.inner.call(request)),
         }
     }
@@ -373,25 +367,19 @@ fn too_large(max: usize) -> ApiError {
     )
 }
 
+/// A request body that took longer than `HTTP_BODY_TIMEOUT` to arrive.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+pub struct BodyTimedOut(pub std::time::Duration);
+
 /// Whether a body's read failed because it did not arrive within `HTTP_BODY_TIMEOUT`.
 fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(e) = source {
-        if e.is::<crate::listener::BodyTimedOut>() {
+        if e.is::<BodyTimedOut>() {
             return true;
         }
         source = e.source();
     }
     false
-}
-
-/// Serve `router` on `listener` within `limits` until `shutdown` fires, then finish open
-/// requests: see [`crate::listener`].
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    limits: &HttpLimits,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    crate::listener::serve(listener, router, limits, shutdown).await
 }

@@ -6,8 +6,11 @@
 //!   `header_timeout` after its first byte. A half-sent request is never a request in flight.
 //! - **Reading a request body**: the body fails `body_timeout` after the request began (a slow
 //!   sender gets 408 from the JSON extractor, and the connection closes).
-//! - **Serving** (from the complete head until the response's last byte): never timed here;
-//!   long polls and SSE streams are bounded by their own routes.
+//! - **Serving** (from the complete head until hyper has taken the response's last bytes):
+//!   not timed by its length; long polls and SSE streams are bounded by their own routes.
+//! - **Waiting for the client to read** (a write found the socket's send buffer full and has
+//!   not gone out since): closed after `idle_timeout`, serving or not, so that a client that
+//!   stops reading a live stream or a large answer does not hold it for ever.
 //!
 //! The table is capped in total and per client address. A connection over a cap closes the
 //! oldest idle connection (of that address, for the per-address cap) and takes its place; when
@@ -32,6 +35,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::response::IntoResponse;
 use axum::Router;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -45,10 +49,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tower::ServiceExt;
 
+use crate::http::BodyTimedOut;
 use crate::settings::HttpLimits;
 
-/// Descriptors kept back from the connection cap for pools, probes and files.
-const FD_RESERVE: u64 = 256;
+/// Descriptors kept back from the connection cap: the PostgreSQL and Redis pools, probes and
+/// subscriptions, the gateway's own Redis connections for waiting action lookups (at most 256),
+/// refused sockets lingering (at most [`MAX_LINGERING`]), files.
+const FD_RESERVE: u64 = 640;
 
 /// How long a refused connection's socket lingers so that its answer is read.
 const LINGER: Duration = Duration::from_secs(1);
@@ -67,11 +74,6 @@ connection: close\r\n\
 content-length: 82\r\n\
 \r\n\
 {\"error\":{\"code\":\"ERR_UNAVAILABLE\",\"message\":\"too many connections; retry later\"}}";
-
-/// A request body that took longer than `HTTP_BODY_TIMEOUT` to arrive.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body did not arrive within {0:?}")]
-pub struct BodyTimedOut(pub Duration);
 
 /// Serve `router` on `listener` within `limits` until `shutdown` fires, then finish the
 /// requests in flight.
@@ -212,10 +214,18 @@ async fn connection(
         state: state.clone(),
         origin: table.origin,
     });
+    let limits = table.limits.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let router = router.clone();
         let busy = Busy::begin(state.clone(), origin);
+        let refused = crate::http::over_head_limits(&request, &limits);
         async move {
+            if let Some(refused) = refused {
+                metrics::counter!("http_heads_refused_total", "status" => refused.status.as_str().to_owned())
+                    .increment(1);
+                drop(busy);
+                return Ok(refused.into_response());
+            }
             let mut request = request.map(|body| {
                 if http_body::Body::is_end_stream(&body) {
                     Body::new(body)
@@ -240,6 +250,12 @@ async fn connection(
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.max_headers(table.limits.max_headers.saturating_mul(2).max(100));
+    // A half-sent head holds its read buffer until the header timeout: keep that small.
+    builder.max_header_size(
+        (table.limits.max_uri_bytes + table.limits.max_header_bytes)
+            .saturating_mul(2)
+            .max(16 * 1024),
+    );
     let connection = builder.serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
@@ -270,6 +286,9 @@ struct ConnState {
     /// Milliseconds since the origin (plus one; zero is none) of the first byte read while
     /// idle: the start of a request head.
     head_started: AtomicU64,
+    /// Milliseconds since the origin (plus one; zero is none) since when a write has been
+    /// waiting for the client to read: a client that stops reading a response.
+    write_stalled: AtomicU64,
 }
 
 /// A request in flight on a connection, until dropped.
@@ -295,7 +314,8 @@ impl Drop for Busy {
     }
 }
 
-/// The socket, noting when a request head starts to arrive on an idle connection.
+/// The socket, noting when a request head starts to arrive on an idle connection and when
+/// writes stop making progress.
 struct Watched {
     stream: TcpStream,
     state: Arc<ConnState>,
@@ -328,7 +348,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note_write(polled.is_pending());
+        polled
     }
 
     fn poll_write_vectored(
@@ -336,7 +358,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note_write(polled.is_pending());
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -352,14 +376,30 @@ impl AsyncWrite for Watched {
     }
 }
 
+impl Watched {
+    /// A write waited for the client (the socket's send buffer is full), or went out.
+    fn note_write(&self, waiting: bool) {
+        let stalled = &self.state.write_stalled;
+        if waiting {
+            if stalled.load(Ordering::Acquire) == 0 {
+                stalled.store(millis_since(self.origin) + 1, Ordering::Release);
+            }
+        } else if stalled.load(Ordering::Acquire) != 0 {
+            stalled.store(0, Ordering::Release);
+        }
+    }
+}
+
 fn millis_since(origin: Instant) -> u64 {
     u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
 }
 
-/// A request body that fails once `timeout` has passed since the request began.
+/// A request body that fails once `timeout` has passed since the request began. Its timer
+/// is only set when the body is waited for (most bodies come with their head).
 struct Deadline {
     body: Incoming,
-    deadline: Pin<Box<Sleep>>,
+    started: Instant,
+    deadline: Option<Pin<Box<Sleep>>>,
     timeout: Duration,
 }
 
@@ -367,7 +407,8 @@ impl Deadline {
     fn new(body: Incoming, timeout: Duration) -> Self {
         Self {
             body,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            started: Instant::now(),
+            deadline: None,
             timeout,
         }
     }
@@ -384,7 +425,14 @@ impl http_body::Body for Deadline {
         let this = &mut *self;
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+            Poll::Pending => match this
+                .deadline
+                .get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(this.started + this.timeout))
+                })
+                .as_mut()
+                .poll(cx)
+            {
                 Poll::Ready(()) => {
                     metrics::counter!("http_body_timeouts_total").increment(1);
                     Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.timeout)))))
@@ -522,7 +570,8 @@ impl Table {
         Self::close(&mut self.lock(), id);
     }
 
-    /// Close the connections idle or reading a head for too long.
+    /// Close the connections idle, reading a head, or waiting for the client to read for too
+    /// long.
     fn sweep(&self) {
         let now = millis_since(self.origin);
         let idle_ms = u64::try_from(self.limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -531,6 +580,14 @@ impl Table {
         let mut expired = Vec::new();
         for (id, entry) in &open.connections {
             let state = &entry.state;
+            // Serving or not: a client that reads nothing of what it is sent for the idle
+            // timeout holds the connection for nothing (a live stream it stopped reading
+            // would otherwise stay open for ever).
+            let stalled = state.write_stalled.load(Ordering::Acquire);
+            if stalled > 0 && now.saturating_sub(stalled - 1) >= idle_ms {
+                expired.push((*id, "write_stalled"));
+                continue;
+            }
             if state.busy.load(Ordering::Acquire) > 0 {
                 continue;
             }
@@ -573,6 +630,115 @@ mod tests {
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])
+    }
+
+    fn streaming_router() -> Router {
+        use axum::routing::get;
+        Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    let chunks = futures::stream::unfold(0u32, |n| async move {
+                        if n == 6 {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let chunk = Bytes::from(format!("chunk{n};"));
+                        Some((Ok::<_, Infallible>(chunk), n + 1))
+                    });
+                    Body::from_stream(chunks)
+                }),
+            )
+            .route(
+                "/endless",
+                get(|| async {
+                    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                    Body::from_stream(futures::stream::repeat_with(move || {
+                        Ok::<_, Infallible>(chunk.clone())
+                    }))
+                }),
+            )
+    }
+
+    /// [`serve`] on an ephemeral port of 127.0.0.1 with `limits`, until the token is dropped.
+    async fn serving(limits: HttpLimits) -> (SocketAddr, tokio_util::sync::DropGuard) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("an address");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { serve(listener, streaming_router(), &limits, stop).await });
+        (addr, shutdown.drop_guard())
+    }
+
+    fn idle_after(ms: u64) -> HttpLimits {
+        HttpLimits {
+            idle_timeout: Duration::from_millis(ms),
+            ..HttpLimits::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_response_still_streaming_is_not_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, _stop) = serving(idle_after(300)).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        // 1.2 s of chunks, 200 ms apart, through a 300 ms idle timeout: all of them arrive.
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("the answer ends")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.contains("chunk5;"), "{answer}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_client_that_stops_reading_is_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, _stop) = serving(idle_after(300)).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /endless HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        // Read nothing while the server fills the socket's buffers and waits on them: past the
+        // idle timeout (and a sweep) it gives up. Nothing here can observe that but the end.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // What was sent before is still to read, then the end; a server still streaming
+        // would keep this loop reading until the timeout.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the server still streams to a client that stopped reading"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_stalled_past_the_idle_timeout_closes_even_a_busy_connection() {
+        let table = Table::new(idle_after(10_000));
+        let conn = table.admit(ip(1)).expect("room");
+        let _busy = Busy::begin(conn.state.clone(), table.origin);
+        conn.state
+            .write_stalled
+            .store(millis_since(table.origin) + 1, Ordering::Release);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        table.sweep();
+        assert!(!conn.close.is_cancelled());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        table.sweep();
+        assert!(conn.close.is_cancelled());
     }
 
     #[test]

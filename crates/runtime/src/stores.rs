@@ -231,8 +231,8 @@ pub async fn serve_with_stores(
         config.base.metrics.clone(),
     ));
     let routes = build(&stores, &tracker, &shutdown);
-    let app = crate::http::finish(health.router().merge(routes), &config.base.http);
-    let served = crate::http::serve(listener, app, &config.base.http, shutdown.clone()).await;
+    let app = crate::http::finish(health.router().merge(routes));
+    let served = crate::listener::serve(listener, app, &config.base.http, shutdown.clone()).await;
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;

@@ -258,7 +258,7 @@ pub const ALL: &[Var] = &[
     Var { name: "GATEWAY_LIVE_POLL", services: "gateway", default: "1s", doc: "how often a live stream (or a read with `Prefer: wait`) looks for changes by itself (100ms-60s); the projector's announcements wake it sooner, this covers the ones lost while the subscription reconnects", secret: false },
     Var { name: "GATEWAY_MAX_LIVE_STREAMS", services: "gateway", default: "1000", doc: "live streams and waiting reads of checks open at once on one gateway (1-100000); one more stream is 429", secret: false },
     Var { name: "GATEWAY_MAX_WAITS_PER_KEY", services: "gateway", default: "16", doc: "live streams, reads of a check with `Prefer: wait` and action lookups with `wait_ms` that one API key holds open at once on one gateway (1-100000); one more stream is 429 `ERR_RATE_LIMITED`, one more read or lookup answers without waiting", secret: false },
-    Var { name: "GATEWAY_MAX_CLAIMS_PER_AGENT", services: "gateway", default: "2", doc: "long-poll claims one agent holds open at once on one gateway (1-64); one more is answered at once with what there is, without waiting", secret: false },
+    Var { name: "GATEWAY_MAX_CLAIMS_PER_AGENT", services: "gateway", default: "4", doc: "long-poll claims (`wait_ms` over 0) one agent holds open at once on one gateway (2-64; the agent keeps two, its checks' and its HAProxy relay's); one more is 429 `ERR_RATE_LIMITED` with `Retry-After: 1`", secret: false },
     Var { name: "GATEWAY_AUTH_CACHE_TTL", services: "gateway", default: "5s", doc: "how long a verified agent token or operator key is trusted without asking PostgreSQL again (0s: always ask); after a rotation or revocation on another replica the old one may pass that long", secret: false },
 ];
 

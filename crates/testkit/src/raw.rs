@@ -46,7 +46,8 @@ impl RawAnswer {
 /// a `Content-Length` is complete), within `within`. Panics when nothing complete arrives.
 pub async fn exchange(addr: SocketAddr, request: &[u8], within: Duration) -> RawAnswer {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request).await.expect("write");
+    // A server may answer and close before it has read all of an oversized request.
+    let _ = stream.write_all(request).await;
     read_answer(&mut stream, within).await
 }
 

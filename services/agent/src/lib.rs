@@ -339,8 +339,8 @@ pub async fn run(
         config.base.ready_timeout,
         config.base.metrics.clone(),
     ));
-    let app = checkplane_runtime::http::finish(health.router(), &config.base.http);
-    let served = checkplane_runtime::http::serve(listener, app, &config.base.http, shutdown)
+    let app = checkplane_runtime::http::finish(health.router());
+    let served = checkplane_runtime::listener::serve(listener, app, &config.base.http, shutdown)
         .await
         .map_err(RunError::Serve);
     // Running checks finish and their reports go out (the launcher bounds this with

@@ -92,12 +92,22 @@ async fn claim(
             "capacities: at most {MAX_CLAIM} tasks in one claim"
         )));
     }
-    // Past its share of long polls, an agent's claim answers at once with what there is.
-    let place = app.agent_claims.take(&agent_id);
-    let wait = match place {
-        Some(_) => spread(Duration::from_millis(request.wait_ms).min(app.config.claim_block)),
-        None => Duration::ZERO,
+    // A long poll takes one of the agent's places; past them the claim is refused (429) so
+    // that the agent backs off rather than loops on answers that did not wait.
+    let _place = if request.wait_ms > 0 {
+        Some(app.agent_claims.take(&agent_id).ok_or_else(|| {
+            ApiError::rate_limited(
+                format!(
+                    "this agent holds {} waiting claims, the most it may; retry later",
+                    app.agent_claims.max()
+                ),
+                1,
+            )
+        })?)
+    } else {
+        None
     };
+    let wait = spread(Duration::from_millis(request.wait_ms).min(app.config.claim_block));
     let deadline = tokio::time::Instant::now() + wait;
     let bell = app.doorbell.bell(&agent_id);
     loop {

@@ -26,12 +26,13 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// A `POST /v1/checks` whose body is 10 of 100 bytes: a request in flight, waiting for the
 /// rest. Returns once the handler reads the body (the server's `100 Continue` says so).
-async fn slow_body(addr: SocketAddr) -> TcpStream {
+async fn slow_body(addr: SocketAddr, close: bool) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
+    let connection = if close { "close" } else { "keep-alive" };
     let head = format!(
         "POST /v1/checks HTTP/1.1\r\nHost: gw\r\nX-API-Key: {ADMIN}\r\n\
          Content-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\
-         Connection: close\r\n\r\n"
+         Connection: {connection}\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut seen = Vec::new();
@@ -125,13 +126,15 @@ async fn a_declared_body_over_the_route_limit_is_refused_before_it_is_sent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_slower_than_the_body_timeout_gets_408() {
     let gw = start_with(env(&[("HTTP_BODY_TIMEOUT", "1s")])).await;
-    let mut stream = slow_body(gw.running.addr).await;
+    let mut stream = slow_body(gw.running.addr, false).await;
     let answer = read_answer(&mut stream, WITHIN).await;
     assert_eq!(
         (answer.status, answer.code().as_str()),
         (408, "ERR_REQUEST_TIMEOUT"),
         "{answer:?}"
     );
+    // The request asked to keep the connection; the server closes it all the same.
+    assert_eq!(answer.header("connection").as_deref(), Some("close"));
     assert!(closed_within(&mut stream, WITHIN).await);
 }
 
@@ -141,7 +144,8 @@ async fn the_per_address_cap_drops_the_oldest_idle_and_refuses_when_all_are_busy
     let addr = gw.running.addr;
     let livez = b"GET /livez HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
 
-    // Three idle connections; a fourth request closes the oldest of them and is served.
+    // Three idle connections (the third closes the readiness probe's pooled connection, the
+    // oldest idle one); a fourth request closes the oldest of the three and is served.
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(TcpStream::connect(addr).await.unwrap());
@@ -156,7 +160,7 @@ async fn the_per_address_cap_drops_the_oldest_idle_and_refuses_when_all_are_busy
     // Three requests in flight: nothing idle to drop, so the next connection is refused.
     let mut busy = Vec::new();
     for _ in 0..3 {
-        busy.push(slow_body(addr).await);
+        busy.push(slow_body(addr, true).await);
     }
     let refused = exchange(addr, livez, WITHIN).await;
     assert_eq!(
@@ -234,8 +238,8 @@ async fn two_thousand_held_connections_neither_stop_livez_nor_outlive_their_time
         &redis,
         &[],
         &[
-            ("HTTP_HEADER_TIMEOUT", "3s"),
-            ("HTTP_IDLE_TIMEOUT", "6s"),
+            ("HTTP_HEADER_TIMEOUT", "5s"),
+            ("HTTP_IDLE_TIMEOUT", "8s"),
             ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0"),
         ],
     )

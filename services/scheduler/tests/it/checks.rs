@@ -1286,8 +1286,8 @@ async fn one_key_holds_at_most_its_share_of_live_streams_and_waiting_reads() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_agent_past_its_long_polls_is_answered_without_waiting() {
-    let s = stand_with(&[("GATEWAY_MAX_CLAIMS_PER_AGENT", "1")], &[]).await;
+async fn an_agent_past_its_long_polls_is_refused_with_429() {
+    let s = stand_with(&[("GATEWAY_MAX_CLAIMS_PER_AGENT", "2")], &[]).await;
     let a = s.agent("a", "NL", 64536, &["dns"]).await;
     s.online(&[&a]).await;
     let url = s.gw.url("/v1/agents/claim");
@@ -1299,25 +1299,33 @@ async fn an_agent_past_its_long_polls_is_answered_without_waiting() {
         }
     };
     // The first claim waits for work (there is none); a second one at the same time does not.
-    let waiting = claim(15_000);
-    let second = async {
-        // The first is in its wait once the gateway counts it.
-        eventually("the first claim waits", Duration::from_secs(5), || async {
+    // Two claims wait for work (there is none); a third one at the same time is refused, and
+    // one that does not wait is answered as always.
+    let waiting = futures::future::join(claim(15_000), claim(15_000));
+    let third = async {
+        // Both are in their wait once the gateway counts them.
+        eventually("two claims wait", Duration::from_secs(5), || async {
             let waiting =
                 checkplane_testkit::metric(&s.gw.url("/metrics"), "checkplane_claims_waiting")
                     .await;
-            (waiting == 1.0).then_some(())
+            (waiting == 2.0).then_some(())
         })
         .await;
-        tokio::time::timeout(Duration::from_secs(5), claim(15_000))
+        let refused = tokio::time::timeout(Duration::from_secs(5), claim(15_000))
             .await
-            .expect("past its share, a claim does not wait")
+            .expect("past its share, a claim is answered at once");
+        let polled = tokio::time::timeout(Duration::from_secs(5), claim(0))
+            .await
+            .expect("a claim that does not wait");
+        (refused, polled)
     };
     tokio::select! {
-        _ = waiting => panic!("the first claim should still be waiting"),
-        (status, body) = second => {
-            assert_eq!(status, 200, "{body}");
-            assert_eq!(body["leases"], json!([]), "{body}");
+        _ = waiting => panic!("the first claims should still be waiting"),
+        ((status, body), (polled, leases)) = third => {
+            assert_eq!(status, 429, "{body}");
+            assert_eq!(body["error"]["code"], "ERR_RATE_LIMITED", "{body}");
+            assert_eq!(polled, 200, "{leases}");
+            assert_eq!(leases["leases"], json!([]), "{leases}");
         }
     }
     s.stop().await;
