@@ -105,7 +105,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     let max_waits_per_key =
         usize::try_from(env.u64_in("GATEWAY_MAX_WAITS_PER_KEY", 16, 1, 100_000)?).unwrap_or(16);
     let max_claims_per_agent =
-        usize::try_from(env.u64_in("GATEWAY_MAX_CLAIMS_PER_AGENT", 4, 2, 64)?).unwrap_or(4);
+        usize::try_from(env.u64_in("GATEWAY_MAX_CLAIMS_PER_AGENT", 4, 2, 100_000)?).unwrap_or(4);
     Ok(Config {
         max_waits_per_key,
         max_claims_per_agent,

@@ -343,8 +343,9 @@ async fn a_thousand_waiting_claims_hold_no_redis_connection() {
     env.push(("REDIS_URL".into(), redis_server.url()));
     env.push(("REDIS_POOL_SIZE".into(), "4".into()));
     env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
-    // A thousand agents, all on 127.0.0.1.
+    // A thousand claims of one agent, all from 127.0.0.1.
     env.push(("HTTP_MAX_CONNECTIONS_PER_ADDRESS".into(), "0".into()));
+    env.push(("GATEWAY_MAX_CLAIMS_PER_AGENT".into(), "1000".into()));
     let config = gateway::load(&mut checkplane_runtime::Env::from_pairs(env)).unwrap();
     let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
     gw.wait_ready(Duration::from_secs(10)).await;
