@@ -151,6 +151,8 @@ async fn setup(args: &HaproxyArgs) -> Setup {
     gw_env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
     // Every client is on 127.0.0.1: no per-address connection cap.
     gw_env.push(("HTTP_MAX_CONNECTIONS_PER_ADDRESS".into(), "0".into()));
+    // Every waiting action lookup uses one key.
+    gw_env.push(("GATEWAY_MAX_WAITS_PER_KEY".into(), "100000".into()));
     let gw_config = gateway::load(&mut checkplane_runtime::Env::from_pairs(gw_env)).unwrap();
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

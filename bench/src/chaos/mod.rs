@@ -311,8 +311,10 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
             // A task is dead-lettered on its third delivery.
             ("MAX_DELIVERIES", "2".to_owned()),
             ("GATEWAY_LIVE_POLL", "500ms".to_owned()),
-            // Every simulated agent is on 127.0.0.1: no per-address connection cap.
+            // Every simulated agent is on 127.0.0.1: no per-address connection cap; and every
+            // operator call (live streams, waiting action lookups) uses one key.
             ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0".to_owned()),
+            ("GATEWAY_MAX_WAITS_PER_KEY", "100000".to_owned()),
         ]));
         services.push(Service::new(
             &format!("gateway-{}", i + 1),
