@@ -161,7 +161,7 @@ pub const ALL: &[Var] = &[
         name: "HTTP_MAX_CONNECTIONS",
         services: ALL_SERVICES,
         default: "4096",
-        doc: "open connections (16-1000000), lowered at start to the descriptors `RLIMIT_NOFILE` allows less 256 (logged); at the cap a new connection closes the oldest idle one, or is answered 503 when none is idle",
+        doc: "open connections (16-1000000), lowered at start to the descriptors `RLIMIT_NOFILE` allows less 640 (logged); at the cap a new connection closes the oldest idle one, or is answered 503 when none is idle",
         secret: false,
     },
     Var {
