@@ -30,6 +30,7 @@
 //! | `<p>:haproxy:fence:<instance>` | string | counter: the fencing token of the next owner |
 //! | `<p>:wake:{s<n>}` | pub/sub | doorbell: an agent id whose tasks stream got work |
 //! | `<p>:live:<check>` | pub/sub | the check id, after a projector commit moved its slots |
+//! | `<p>:rate:<endpoint>:<caller>` | string | a rate limit's theoretical arrival time (ms, Redis's clock), until it passes |
 
 /// Key builder for one installation.
 #[derive(Debug, Clone)]
@@ -192,6 +193,11 @@ impl Keys {
     /// its slots, so live readers look now rather than at their next poll.
     pub fn live(&self, check: &uuid::Uuid) -> String {
         format!("{}:live:{check}", self.prefix)
+    }
+
+    /// The rate limit state of one caller at one endpoint (operational, not an event).
+    pub fn rate(&self, endpoint: &str, caller: &str) -> String {
+        format!("{}:rate:{endpoint}:{caller}", self.prefix)
     }
 
     /// The pattern of every check's live channel.

@@ -1,7 +1,7 @@
 //! checkplane's domain on Redis and PostgreSQL, shared by the services that keep state: the
 //! Redis keys, the fenced lease protocol (its Lua scripts), agent presence, the doorbell that
 //! wakes waiting claims, fan-out and location selection, the outbox, the projections of events
-//! into PostgreSQL with the projector that applies them, retention, dead letters and parked
+//! into PostgreSQL with the projector that applies them, retention, rate limits, dead letters and parked
 //! events. The plumbing under it (configuration, pools, health, HTTP, the launcher) is
 //! `checkplane-runtime`.
 
@@ -15,5 +15,6 @@ pub mod outbox;
 pub mod presence;
 pub mod projection;
 pub mod projector;
+pub mod ratelimit;
 pub mod retention;
 pub mod selection;

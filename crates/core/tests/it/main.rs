@@ -5,3 +5,4 @@
 mod envelopes;
 mod leases;
 mod presence_cluster;
+mod ratelimit;
