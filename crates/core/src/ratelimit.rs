@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use crate::keys::Keys;
 
-/// KEYS: the rate key. ARGV: emission interval (ms), burst. Returns {allowed, remaining,
-/// retry after ms, reset ms}.
+/// KEYS: the rate key. ARGV: emission interval (ms), burst, count (1) or only look (0).
+/// Returns {allowed, remaining, retry after ms, reset ms}.
 const GCRA: &str = include_str!("../scripts/rate_gcra.lua");
 
 /// Callers remembered by the in-memory fallback before the expired ones are dropped.
@@ -128,6 +128,29 @@ impl Limiter {
         caller: &str,
         rate: &Rate,
     ) -> Decision {
+        self.call(conn, endpoint, caller, rate, true).await
+    }
+
+    /// Whether one more call would be allowed, without counting it (for limits that count
+    /// only failures: look first, count when it failed).
+    pub async fn peek(
+        &self,
+        conn: Option<&mut (impl ConnectionLike + Send)>,
+        endpoint: &str,
+        caller: &str,
+        rate: &Rate,
+    ) -> Decision {
+        self.call(conn, endpoint, caller, rate, false).await
+    }
+
+    async fn call(
+        &self,
+        conn: Option<&mut (impl ConnectionLike + Send)>,
+        endpoint: &str,
+        caller: &str,
+        rate: &Rate,
+        count: bool,
+    ) -> Decision {
         let key = self.keys.rate(endpoint, caller);
         if let Some(conn) = conn {
             let reply: redis::RedisResult<(u8, u64, u64, u64)> = self
@@ -135,6 +158,7 @@ impl Limiter {
                 .key(&key)
                 .arg(rate.interval_ms())
                 .arg(rate.burst)
+                .arg(u8::from(count))
                 .invoke_async(conn)
                 .await;
             match reply {
@@ -155,12 +179,12 @@ impl Limiter {
             }
         }
         metrics::gauge!("checkplane_rate_limiter_fallback").set(1.0);
-        self.check_locally(key, rate)
+        self.check_locally(key, rate, count)
     }
 
     /// The same algorithm as the script, on this process's clock (signed: the time a call is
     /// allowed from may lie before the clock's origin).
-    fn check_locally(&self, key: String, rate: &Rate) -> Decision {
+    fn check_locally(&self, key: String, rate: &Rate, count: bool) -> Decision {
         let now = i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX / 4);
         let interval = i64::try_from(rate.interval_ms()).unwrap_or(i64::MAX / 4);
         let burst = i64::from(rate.burst);
@@ -184,7 +208,7 @@ impl Limiter {
         }
         // Full of callers still counting: a new one is allowed uncounted rather than growing
         // the map without bound.
-        if local.len() < LOCAL_CALLERS || local.contains_key(&key) {
+        if count && (local.len() < LOCAL_CALLERS || local.contains_key(&key)) {
             local.insert(key, new_tat);
         }
         Decision {
@@ -192,7 +216,7 @@ impl Limiter {
             limit: rate.burst,
             remaining: u32::try_from((now - allow_at) / interval).unwrap_or(u32::MAX),
             retry_after: Duration::ZERO,
-            reset: ms(new_tat - now),
+            reset: ms(if count { new_tat } else { tat } - now),
             shared: false,
         }
     }

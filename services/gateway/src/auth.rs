@@ -57,6 +57,52 @@ impl FromRequestParts<AppState> for Enrollment {
     }
 }
 
+/// Failed authentications of one client address (`GATEWAY_RATE_AUTH_FAILURES`): looked at
+/// before PostgreSQL is asked, counted when the credentials were wrong. Verified credentials
+/// never count, and those in the auth caches never get here.
+struct Failures<'a> {
+    state: &'a AppState,
+    address: String,
+}
+
+impl<'a> Failures<'a> {
+    const ENDPOINT: &'static str = "auth_failures";
+
+    /// 429 for an address past its failures, before PostgreSQL is asked.
+    async fn look(parts: &Parts, state: &'a AppState) -> Result<Failures<'a>, ApiError> {
+        let address = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
+        let mut conn = state.stores.redis.get().await.ok();
+        let rate = &state.config.auth_failures;
+        let decision = state
+            .limiter
+            .peek(conn.as_deref_mut(), Self::ENDPOINT, &address, rate)
+            .await;
+        if !decision.allowed {
+            metrics::counter!("checkplane_rate_limited_total", "endpoint" => Self::ENDPOINT, "caller" => "address")
+                .increment(1);
+            return Err(ApiError::rate_limited(
+                "too many failed authentications from this address; retry later",
+                decision.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            ));
+        }
+        Ok(Self { state, address })
+    }
+
+    /// Count a failure; its answer back.
+    async fn fail(&self, error: ApiError) -> ApiError {
+        let mut conn = self.state.stores.redis.get().await.ok();
+        let rate = &self.state.config.auth_failures;
+        self.state
+            .limiter
+            .check(conn.as_deref_mut(), Self::ENDPOINT, &self.address, rate)
+            .await;
+        error
+    }
+}
+
 /// An authenticated agent (`X-Agent-Id` + `X-Agent-Token`).
 #[derive(Debug, Clone)]
 pub struct AgentIdentity {
@@ -83,6 +129,8 @@ impl FromRequestParts<AppState> for AgentIdentity {
         if state.auth_cache.verified(&agent_id, &presented) {
             return Ok(Self { agent_id });
         }
+        let failures = Failures::look(parts, state).await?;
+        metrics::counter!("checkplane_auth_lookups_total", "kind" => "agent").increment(1);
         let client = state.stores.pg.get().await?;
         // Through the statement cache: every agent comes here again once its entry expires.
         let row = Sql::query_opt(
@@ -91,9 +139,11 @@ impl FromRequestParts<AppState> for AgentIdentity {
             &[&agent_id.as_str()],
         )
         .await?;
-        let stored: String = row.map(|r| r.get("token_hash")).ok_or_else(denied)?;
+        let Some(stored) = row.map(|r| r.get::<_, String>("token_hash")) else {
+            return Err(failures.fail(denied()).await);
+        };
         if !same(stored.as_bytes(), presented.as_bytes()) {
-            return Err(denied());
+            return Err(failures.fail(denied()).await);
         }
         state.auth_cache.remember(&agent_id, presented);
         Ok(Self { agent_id })
@@ -141,7 +191,7 @@ impl<R: Needs> FromRequestParts<AppState> for Authorized<R> {
         let Some(given) = header(parts, "x-api-key") else {
             return Err(ApiError::unauthorized("X-API-Key is required"));
         };
-        let caller = identify(state, given).await?;
+        let caller = identify(parts, state, given).await?;
         if !caller.role.allows(R::ROLE) {
             return Err(ApiError::forbidden(format!(
                 "this needs the {} role; the key has {}",
@@ -157,7 +207,7 @@ impl<R: Needs> FromRequestParts<AppState> for Authorized<R> {
 }
 
 /// Who holds `key`: the bootstrap key, or a stored, unrevoked key whose hash matches.
-async fn identify(state: &AppState, key: &str) -> Result<Caller, ApiError> {
+async fn identify(parts: &Parts, state: &AppState, key: &str) -> Result<Caller, ApiError> {
     let unknown = || ApiError::unauthorized("unknown or revoked API key");
     if let Some(expected) = &state.config.admin_key {
         if same(expected.expose().as_bytes(), key.as_bytes()) {
@@ -176,17 +226,21 @@ async fn identify(state: &AppState, key: &str) -> Result<Caller, ApiError> {
     if let Some(caller) = state.key_cache.verified(key_id, &presented) {
         return Ok(caller);
     }
+    let failures = Failures::look(parts, state).await?;
+    metrics::counter!("checkplane_auth_lookups_total", "kind" => "key").increment(1);
     let client = state.stores.pg.get().await?;
-    let row = client
+    let Some(row) = client
         .query_opt(
             "SELECT name, role, key_hash FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL",
             &[&key_id],
         )
         .await?
-        .ok_or_else(unknown)?;
+    else {
+        return Err(failures.fail(unknown()).await);
+    };
     let stored: String = row.get("key_hash");
     if !same(stored.as_bytes(), presented.as_bytes()) {
-        return Err(unknown());
+        return Err(failures.fail(unknown()).await);
     }
     let role = Role::parse(row.get::<_, &str>("role")).ok_or_else(unknown)?;
     let caller = Caller {

@@ -39,6 +39,9 @@ pub struct Config {
     pub live_poll: Duration,
     /// `GATEWAY_MAX_LIVE_STREAMS`: live streams open at once on this gateway; one more is 429.
     pub max_live_streams: usize,
+    /// `GATEWAY_RATE_AUTH_FAILURES`: failed authentications per client address; past it, 429
+    /// without asking PostgreSQL.
+    pub auth_failures: checkplane_core::ratelimit::Rate,
     /// `GATEWAY_MAX_WAITS_PER_KEY`: live streams, waiting reads and waiting action lookups one
     /// API key holds at once.
     pub max_waits_per_key: usize,
@@ -106,7 +109,12 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         usize::try_from(env.u64_in("GATEWAY_MAX_WAITS_PER_KEY", 16, 1, 100_000)?).unwrap_or(16);
     let max_claims_per_agent =
         usize::try_from(env.u64_in("GATEWAY_MAX_CLAIMS_PER_AGENT", 4, 2, 100_000)?).unwrap_or(4);
+    let auth_failures = checkplane_core::ratelimit::Rate::parse(
+        &env.string("GATEWAY_RATE_AUTH_FAILURES", "30/1m:30"),
+    )
+    .map_err(|e| ConfigError::new("GATEWAY_RATE_AUTH_FAILURES", e.to_string()))?;
     Ok(Config {
+        auth_failures,
         max_waits_per_key,
         max_claims_per_agent,
         live_poll,

@@ -73,6 +73,7 @@ pub async fn run(
             let live_streams = Arc::new(tokio::sync::Semaphore::new(config.max_live_streams));
             let key_waits = places::Places::new("stream", config.max_waits_per_key);
             let agent_claims = places::Places::new("claim", config.max_claims_per_agent);
+            let limiter = Arc::new(checkplane_core::ratelimit::Limiter::new(keys.clone()));
             let state = state::AppState::new(state::Shared {
                 stores: stores.clone(),
                 presence: Presence::new(keys.clone()),
@@ -87,6 +88,7 @@ pub async fn run(
                 live_streams,
                 key_waits,
                 agent_claims,
+                limiter,
                 tracker: tracker.clone(),
             });
             agents::router()

@@ -46,6 +46,8 @@ pub struct Shared {
     pub action_waiters: Arc<tokio::sync::Semaphore>,
     /// Bounds the live streams open at once (`GATEWAY_MAX_LIVE_STREAMS`).
     pub live_streams: Arc<tokio::sync::Semaphore>,
+    /// Rate limits (`checkplane_core::ratelimit`).
+    pub limiter: Arc<checkplane_core::ratelimit::Limiter>,
     /// Long waits per API key (`GATEWAY_MAX_WAITS_PER_KEY`).
     pub key_waits: Arc<crate::places::Places>,
     /// Long-poll claims per agent (`GATEWAY_MAX_CLAIMS_PER_AGENT`).

@@ -34,6 +34,12 @@ async fn replicas_on_one_redis_share_one_budget() {
     );
     assert!(refused.reset > Duration::from_secs(20) && refused.reset <= Duration::from_secs(30));
 
+    // Looking does not count: the burst of another caller is whole after any number of looks.
+    for _ in 0..5 {
+        let look = one.peek(Some(&mut a), "auth", "10.0.0.1", &rate).await;
+        assert!(look.allowed && look.remaining == 2, "{look:?}");
+    }
+
     // Other callers and other endpoints have their own budgets.
     assert!(
         one.check(Some(&mut a), "heartbeat", "agt-2", &rate)

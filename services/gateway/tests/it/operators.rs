@@ -261,7 +261,12 @@ fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role,
 
 #[tokio::test]
 async fn every_operator_route_refuses_a_missing_key_and_a_lower_role() {
-    let gw = start().await;
+    // An unknown key on every route from one address: more failures than the default allows.
+    let gw = start_with(vec![(
+        "GATEWAY_RATE_AUTH_FAILURES".into(),
+        "1000/1m".into(),
+    )])
+    .await;
     let mut keys = Vec::new();
     for role in Role::ALL {
         keys.push((role, gw.key(role, &format!("table-{role}")).await.1));
@@ -518,4 +523,67 @@ async fn check_targets_in_private_ranges_are_refused_and_bad_options_named() {
         )
         .await;
     assert_eq!(status, 413);
+}
+
+/// `name{labels} value` from the gateway's `/metrics` (0 when absent).
+async fn labelled(gw: &Gw, line_start: &str) -> f64 {
+    checkplane_testkit::metrics_text(&gw.running.url("/metrics"))
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_authentications_from_one_address_are_refused_before_postgresql() {
+    let gw = start_with(vec![("GATEWAY_RATE_AUTH_FAILURES".into(), "3/1m:3".into())]).await;
+    // A key verified before the failures (so in the cache), and a wrong one of the same form.
+    let (_, good) = gw.key(Role::Viewer, "verified").await;
+    assert_eq!(gw.call("GET", "/v1/agents", Some(&good), None).await.0, 200);
+    let wrong = format!("{}x", &good[..good.len() - 1]);
+    let lookups = r#"checkplane_auth_lookups_total{kind="key"} "#;
+
+    let before = labelled(&gw, lookups).await;
+    for _ in 0..3 {
+        let (status, body) = gw.call("GET", "/v1/agents", Some(&wrong), None).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    assert_eq!(labelled(&gw, lookups).await, before + 3.0);
+
+    // Past three failures: 429 at once, without asking PostgreSQL; an agent's wrong token from
+    // the same address too.
+    let response = gw
+        .http
+        .get(gw.running.url("/v1/agents"))
+        .header("x-api-key", &wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "ERR_RATE_LIMITED", "{body}");
+    let (status, body) = checkplane_testkit::agent_post(
+        &gw.http,
+        &gw.running.url("/v1/agents/heartbeat"),
+        "agt-0123456789abcdef0123456789abcdef",
+        "cpa_wrong",
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(labelled(&gw, lookups).await, before + 3.0);
+    assert_eq!(
+        labelled(&gw, r#"checkplane_auth_lookups_total{kind="agent"} "#).await,
+        0.0
+    );
+
+    // Credentials that need no PostgreSQL still pass: the bootstrap key, a key in the cache.
+    assert_eq!(gw.call("GET", "/v1/agents", Some(ADMIN), None).await.0, 200);
+    assert_eq!(gw.call("GET", "/v1/agents", Some(&good), None).await.0, 200);
 }
