@@ -316,7 +316,7 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
             ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0".to_owned()),
             ("GATEWAY_MAX_WAITS_PER_KEY", "100000".to_owned()),
             // Killed agents' ghosts fail to authenticate from the same address as the living.
-            ("GATEWAY_RATE_AUTH_FAILURES", "100000/1m".to_owned()),
+            ("GATEWAY_RATE_AUTH_FAILURES", "10000/1m".to_owned()),
         ]));
         services.push(Service::new(
             &format!("gateway-{}", i + 1),
