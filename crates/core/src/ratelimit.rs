@@ -100,6 +100,27 @@ pub struct Decision {
     pub shared: bool,
 }
 
+impl Decision {
+    /// A decision from the script's answer (or the fallback's, in the same units).
+    fn of(
+        rate: &Rate,
+        allowed: bool,
+        remaining: u64,
+        retry_ms: u64,
+        reset_ms: u64,
+        shared: bool,
+    ) -> Self {
+        Self {
+            allowed,
+            limit: rate.burst,
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            retry_after: Duration::from_millis(retry_ms),
+            reset: Duration::from_millis(reset_ms),
+            shared,
+        }
+    }
+}
+
 /// The limiter of one installation.
 pub struct Limiter {
     keys: Keys,
@@ -164,14 +185,7 @@ impl Limiter {
             match reply {
                 Ok((allowed, remaining, retry_ms, reset_ms)) => {
                     metrics::gauge!("checkplane_rate_limiter_fallback").set(0.0);
-                    return Decision {
-                        allowed: allowed == 1,
-                        limit: rate.burst,
-                        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-                        retry_after: Duration::from_millis(retry_ms),
-                        reset: Duration::from_millis(reset_ms),
-                        shared: true,
-                    };
+                    return Decision::of(rate, allowed == 1, remaining, retry_ms, reset_ms, true);
                 }
                 Err(error) => {
                     tracing::warn!(%error, "rate limiter: Redis failed; counting in memory");
@@ -195,30 +209,24 @@ impl Limiter {
         let tat = local.get(&key).copied().unwrap_or(now).max(now);
         let new_tat = tat.saturating_add(interval);
         let allow_at = new_tat.saturating_sub(interval.saturating_mul(burst));
-        let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
+        let ms = |v: i64| u64::try_from(v).unwrap_or(0);
         if now < allow_at {
-            return Decision {
-                allowed: false,
-                limit: rate.burst,
-                remaining: 0,
-                retry_after: ms(allow_at - now),
-                reset: ms(tat - now),
-                shared: false,
-            };
+            return Decision::of(rate, false, 0, ms(allow_at - now), ms(tat - now), false);
         }
         // Full of callers still counting: a new one is allowed uncounted rather than growing
         // the map without bound.
         if count && (local.len() < LOCAL_CALLERS || local.contains_key(&key)) {
             local.insert(key, new_tat);
         }
-        Decision {
-            allowed: true,
-            limit: rate.burst,
-            remaining: u32::try_from((now - allow_at) / interval).unwrap_or(u32::MAX),
-            retry_after: Duration::ZERO,
-            reset: ms(if count { new_tat } else { tat } - now),
-            shared: false,
-        }
+        let reset = if count { new_tat } else { tat } - now;
+        Decision::of(
+            rate,
+            true,
+            ms((now - allow_at) / interval),
+            0,
+            ms(reset),
+            false,
+        )
     }
 }
 

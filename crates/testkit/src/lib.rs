@@ -457,11 +457,15 @@ pub async fn metrics_text(metrics_url: &str) -> String {
     response.text().await.expect("the metrics text")
 }
 
-/// The value of the unlabelled metric `name` at `metrics_url` (0 while it was never counted).
+/// The value of the series `name` at `metrics_url` (0 while it was never counted).
 pub async fn metric(metrics_url: &str, name: &str) -> f64 {
-    metrics_text(metrics_url)
-        .await
-        .lines()
+    metric_in(&metrics_text(metrics_url).await, name)
+}
+
+/// The value of the series `name` in a metrics text: a bare name, or one with its labels as
+/// the exporter writes them (`http_connections_closed_total{reason="evicted"}`); 0 when absent.
+pub fn metric_in(text: &str, name: &str) -> f64 {
+    text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
 }

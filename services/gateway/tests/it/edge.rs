@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use checkplane_testkit::process::{free_port, ServiceProcess};
 use checkplane_testkit::raw::{closed_within, exchange, raise_open_files, read_answer};
-use checkplane_testkit::{metric, store_env, wait_ready, TestDb, TestRedis};
+use checkplane_testkit::{metric, metric_in, store_env, wait_ready, TestDb, TestRedis};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -276,15 +276,11 @@ async fn two_thousand_held_connections_neither_stop_livez_nor_outlive_their_time
         );
     }
     let text = checkplane_testkit::metrics_text(&metrics).await;
-    let closed = |reason: &str| -> f64 {
-        text.lines()
-            .find(|l| {
-                l.starts_with("http_connections_closed_total")
-                    && l.contains(&format!("reason=\"{reason}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+    let closed = |reason: &str| {
+        metric_in(
+            &text,
+            &format!("http_connections_closed_total{{reason=\"{reason}\"}}"),
+        )
     };
     assert!(closed("header_timeout") >= 1_000.0, "{text}");
     assert!(closed("idle_timeout") >= 1_000.0, "{text}");
@@ -324,11 +320,10 @@ async fn out_of_descriptors_the_oldest_idle_connections_make_room() {
     // The first ones opened were dropped to make room; the newest are still held.
     assert!(closed_within(&mut held[0], WITHIN).await);
     assert!(!closed_within(held.last_mut().unwrap(), Duration::from_millis(300)).await);
-    let evicted = checkplane_testkit::metrics_text(&format!("http://{addr}/metrics"))
-        .await
-        .lines()
-        .find(|l| l.starts_with("http_connections_closed_total") && l.contains("evicted"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let evicted = metric(
+        &format!("http://{addr}/metrics"),
+        r#"http_connections_closed_total{reason="evicted"}"#,
+    )
+    .await;
     assert!(evicted >= 300.0, "evicted {evicted}");
 }

@@ -525,13 +525,9 @@ async fn check_targets_in_private_ranges_are_refused_and_bad_options_named() {
     assert_eq!(status, 413);
 }
 
-/// `name{labels} value` from the gateway's `/metrics` (0 when absent).
-async fn labelled(gw: &Gw, line_start: &str) -> f64 {
-    checkplane_testkit::metrics_text(&gw.running.url("/metrics"))
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or(0.0)
+/// A series of the gateway's `/metrics` (0 when absent).
+async fn labelled(gw: &Gw, series: &str) -> f64 {
+    checkplane_testkit::metric(&gw.running.url("/metrics"), series).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -541,7 +537,7 @@ async fn failed_authentications_from_one_address_are_refused_before_postgresql()
     let (_, good) = gw.key(Role::Viewer, "verified").await;
     assert_eq!(gw.call("GET", "/v1/agents", Some(&good), None).await.0, 200);
     let wrong = format!("{}x", &good[..good.len() - 1]);
-    let lookups = r#"checkplane_auth_lookups_total{kind="key"} "#;
+    let lookups = r#"checkplane_auth_lookups_total{kind="key"}"#;
 
     let before = labelled(&gw, lookups).await;
     for _ in 0..3 {
@@ -579,7 +575,7 @@ async fn failed_authentications_from_one_address_are_refused_before_postgresql()
     assert_eq!(status, 429, "{body}");
     assert_eq!(labelled(&gw, lookups).await, before + 3.0);
     assert_eq!(
-        labelled(&gw, r#"checkplane_auth_lookups_total{kind="agent"} "#).await,
+        labelled(&gw, r#"checkplane_auth_lookups_total{kind="agent"}"#).await,
         0.0
     );
 
