@@ -15,6 +15,7 @@ mod dns;
 mod fanout;
 mod floor;
 mod haproxy;
+mod limiter;
 
 /// The allocator the service binaries use, so their figures are the services'.
 #[global_allocator]
@@ -61,6 +62,8 @@ enum Command {
     HaproxySync(haproxy::HaproxyArgs),
     /// drain / ready from the request to the confirmed state.
     HaproxyAction(haproxy::HaproxyArgs),
+    /// Heartbeats through a gateway counting them in the rate limiter and one not counting.
+    HeartbeatLimiter(limiter::LimiterArgs),
     /// The whole system under SIGKILLs, pauses, dependency restarts and HAProxy reloads,
     /// then checked for anything lost (exit 1 on a violation).
     Chaos(chaos::ChaosArgs),
@@ -477,6 +480,12 @@ async fn lease_cycle(args: LeaseArgs) {
         ("LOG_LEVEL", "warn"),
         // Every simulated agent is on 127.0.0.1: no per-address connection cap.
         ("HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0"),
+        // The simulated agents loop as fast as they can (about 60 claims a second each, over
+        // the 50 a real agent may make): every call is counted, so the limiter's cost is in
+        // the figure, and none refused, so the figure is the lease path's.
+        ("GATEWAY_RATE_CLAIM", "60000/1m:60000"),
+        ("GATEWAY_RATE_REPORT", "60000/1m:60000"),
+        ("GATEWAY_RATE_REGISTER", "off"),
     ]);
     let mut env = env;
     let gw_config = gateway::load(&mut env).unwrap();
@@ -674,6 +683,7 @@ fn main() {
         Command::AgentRss(args) => runtime.block_on(dns::rss(args)),
         Command::HaproxySync(args) => runtime.block_on(haproxy::sync_cycle(args)),
         Command::HaproxyAction(args) => runtime.block_on(haproxy::action_latency(args)),
+        Command::HeartbeatLimiter(args) => runtime.block_on(limiter::heartbeat(args)),
         Command::Chaos(_) => unreachable!("handled above"),
     }
 }

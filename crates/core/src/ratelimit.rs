@@ -22,6 +22,13 @@ const GCRA: &str = include_str!("../scripts/rate_gcra.lua");
 /// Callers remembered by the in-memory fallback before the expired ones are dropped.
 const LOCAL_CALLERS: usize = 100_000;
 
+/// The longest a call waits for Redis before counting in memory: a hung Redis must not hold
+/// every limited request for the connection's own timeout.
+pub const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// After Redis failed, how long calls count in memory before Redis is tried again.
+pub const REDIS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How often a caller may call, on average, and how many calls at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -128,6 +135,8 @@ pub struct Limiter {
     origin: Instant,
     /// The fallback's theoretical arrival times (ms since `origin`) by rate key.
     local: Mutex<HashMap<String, i64>>,
+    /// Until when Redis is not asked (it failed or hung just now).
+    redis_down_until: Mutex<Option<Instant>>,
 }
 
 impl Limiter {
@@ -137,6 +146,7 @@ impl Limiter {
             script: redis::Script::new(GCRA),
             origin: Instant::now(),
             local: Mutex::new(HashMap::new()),
+            redis_down_until: Mutex::new(None),
         }
     }
 
@@ -173,27 +183,52 @@ impl Limiter {
         count: bool,
     ) -> Decision {
         let key = self.keys.rate(endpoint, caller);
+        let conn = conn.filter(|_| !self.redis_resting());
         if let Some(conn) = conn {
-            let reply: redis::RedisResult<(u8, u64, u64, u64)> = self
-                .script
-                .key(&key)
+            let mut invocation = self.script.key(&key);
+            invocation
                 .arg(rate.interval_ms())
                 .arg(rate.burst)
-                .arg(u8::from(count))
-                .invoke_async(conn)
-                .await;
-            match reply {
-                Ok((allowed, remaining, retry_ms, reset_ms)) => {
+                .arg(u8::from(count));
+            let call = invocation.invoke_async::<(u8, u64, u64, u64)>(conn);
+            match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+                Ok(Ok((allowed, remaining, retry_ms, reset_ms))) => {
                     metrics::gauge!("checkplane_rate_limiter_fallback").set(0.0);
                     return Decision::of(rate, allowed == 1, remaining, retry_ms, reset_ms, true);
                 }
-                Err(error) => {
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "rate limiter: Redis failed; counting in memory");
                 }
+                Err(_) => {
+                    tracing::warn!(
+                        timeout = ?REDIS_TIMEOUT,
+                        "rate limiter: Redis did not answer; counting in memory"
+                    );
+                }
             }
+            *self
+                .redis_down_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + REDIS_RETRY);
         }
         metrics::gauge!("checkplane_rate_limiter_fallback").set(1.0);
         self.check_locally(key, rate, count)
+    }
+
+    /// Whether Redis failed so recently that it is not asked yet.
+    fn redis_resting(&self) -> bool {
+        let mut until = self
+            .redis_down_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match *until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// The same algorithm as the script, on this process's clock (signed: the time a call is

@@ -1,8 +1,6 @@
 //! The agent registry: register, heartbeat, and the operator's list of agents.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -199,16 +197,17 @@ fn new_token() -> Result<String, ApiError> {
 
 async fn register(
     State(app): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    _enrollment: Enrollment,
+    enrollment: Enrollment,
     ApiJson(request): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let registration = request
         .parse()
         .map_err(|e| ApiError::validation(e.to_string()))?;
+    enrollment.register(&app, &registration.hostname).await?;
+    let address = enrollment.address;
     let (location, location_source) = match registration.location {
         Some(location) => (location, "declared"),
-        None => match app.config.geoip.as_ref().and_then(|g| g.locate(peer.ip())) {
+        None => match app.config.geoip.as_ref().and_then(|g| g.locate(address?)) {
             Some(location) => (location, "geoip"),
             None => (Default::default(), "none"),
         },
@@ -249,7 +248,7 @@ async fn register(
             capabilities: registration.capabilities,
             location,
             location_source: location_source.to_owned(),
-            address: Some(peer.ip().to_string()),
+            address: address.map(|a| a.to_string()),
             agent_version: registration.agent_version,
         })),
     );

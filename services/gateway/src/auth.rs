@@ -4,12 +4,15 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use checkplane_runtime::db::Sql;
 use checkplane_runtime::http::ApiError;
-use checkplane_wire::agents::{limits, protocol, AgentId};
+use checkplane_wire::agents::{limits as sizes, protocol, AgentId};
 use checkplane_wire::error::ErrorCode;
 use checkplane_wire::operators::{self, Role};
 
+use std::net::IpAddr;
+
 use crate::credentials::same;
 pub use crate::credentials::{hash_secret, Caller};
+use crate::limits::{self, Limit, RateSlot};
 use crate::state::AppState;
 
 fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
@@ -36,8 +39,20 @@ fn speaks_our_protocol(parts: &Parts) -> Result<(), ApiError> {
     }
 }
 
-/// A caller holding the enrollment token (`X-Enrollment-Token`).
-pub struct Enrollment;
+/// A caller holding the enrollment token (`X-Enrollment-Token`); a wrong token counts as a
+/// failed authentication of its address.
+pub struct Enrollment {
+    /// The client's address ([`limits::client_address`]).
+    pub address: Option<IpAddr>,
+    slot: Option<RateSlot>,
+}
+
+impl Enrollment {
+    /// Count a registration of `hostname` (`GATEWAY_RATE_REGISTER`): 429 past it.
+    pub async fn register(&self, state: &AppState, hostname: &str) -> Result<(), ApiError> {
+        limits::check(state, self.slot.as_ref(), Limit::Register, hostname).await
+    }
+}
 
 impl FromRequestParts<AppState> for Enrollment {
     type Rejection = ApiError;
@@ -49,11 +64,19 @@ impl FromRequestParts<AppState> for Enrollment {
                 "registration is disabled: the gateway has no enrollment token",
             ));
         };
-        match header(parts, "x-enrollment-token") {
-            Some(given) if same(expected.expose().as_bytes(), given.as_bytes()) => Ok(Self),
-            Some(_) => Err(ApiError::unauthorized("wrong enrollment token")),
-            None => Err(ApiError::unauthorized("X-Enrollment-Token is required")),
+        let Some(given) = header(parts, "x-enrollment-token") else {
+            return Err(ApiError::unauthorized("X-Enrollment-Token is required"));
+        };
+        let failures = Failures::look(parts, state).await?;
+        if !same(expected.expose().as_bytes(), given.as_bytes()) {
+            return Err(failures
+                .fail(ApiError::unauthorized("wrong enrollment token"))
+                .await);
         }
+        Ok(Self {
+            address: failures.address,
+            slot: failures.slot,
+        })
     }
 }
 
@@ -62,43 +85,44 @@ impl FromRequestParts<AppState> for Enrollment {
 /// never count, and those in the auth caches never get here.
 struct Failures<'a> {
     state: &'a AppState,
-    address: String,
+    address: Option<IpAddr>,
+    slot: Option<RateSlot>,
 }
 
 impl<'a> Failures<'a> {
-    const ENDPOINT: &'static str = "auth_failures";
+    /// The caller when the address is unknown (no socket: only in-process callers).
+    fn caller(&self) -> String {
+        self.address
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+    }
 
     /// 429 for an address past its failures, before PostgreSQL is asked.
     async fn look(parts: &Parts, state: &'a AppState) -> Result<Failures<'a>, ApiError> {
-        let address = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string());
-        let mut conn = state.stores.redis.get().await.ok();
-        let rate = &state.config.auth_failures;
-        let decision = state
-            .limiter
-            .peek(conn.as_deref_mut(), Self::ENDPOINT, &address, rate)
-            .await;
-        if !decision.allowed {
-            metrics::counter!("checkplane_rate_limited_total", "endpoint" => Self::ENDPOINT, "caller" => "address")
-                .increment(1);
-            return Err(ApiError::rate_limited(
-                "too many failed authentications from this address; retry later",
-                decision.retry_after.as_secs_f64().ceil().max(1.0) as u64,
-            ));
-        }
-        Ok(Self { state, address })
+        let failures = Self {
+            state,
+            address: limits::client_address(parts, &state.config.trusted_proxies),
+            slot: RateSlot::of(parts),
+        };
+        limits::peek(
+            state,
+            failures.slot.as_ref(),
+            Limit::AuthFailures,
+            &failures.caller(),
+        )
+        .await?;
+        Ok(failures)
     }
 
     /// Count a failure; its answer back.
     async fn fail(&self, error: ApiError) -> ApiError {
-        let mut conn = self.state.stores.redis.get().await.ok();
-        let rate = &self.state.config.auth_failures;
-        self.state
-            .limiter
-            .check(conn.as_deref_mut(), Self::ENDPOINT, &self.address, rate)
-            .await;
+        // Refused or not, the answer is the failure's own; the count is for the next call.
+        let _counted = limits::check(
+            self.state,
+            self.slot.as_ref(),
+            Limit::AuthFailures,
+            &self.caller(),
+        )
+        .await;
         error
     }
 }
@@ -122,32 +146,53 @@ impl FromRequestParts<AppState> for AgentIdentity {
         };
         let denied = || ApiError::unauthorized("unknown agent or wrong token");
         let agent_id = AgentId::parse(id).map_err(|_| denied())?;
-        if token.len() > limits::TOKEN {
+        if token.len() > sizes::TOKEN {
             return Err(denied());
         }
         let presented = hash_secret(token);
-        if state.auth_cache.verified(&agent_id, &presented) {
-            return Ok(Self { agent_id });
+        if !state.auth_cache.verified(&agent_id, &presented) {
+            verify(parts, state, &agent_id, presented).await?;
         }
-        let failures = Failures::look(parts, state).await?;
-        metrics::counter!("checkplane_auth_lookups_total", "kind" => "agent").increment(1);
-        let client = state.stores.pg.get().await?;
-        // Through the statement cache: every agent comes here again once its entry expires.
-        let row = Sql::query_opt(
-            &client,
-            "SELECT token_hash FROM agents WHERE agent_id = $1 AND token_hash IS NOT NULL",
-            &[&agent_id.as_str()],
-        )
-        .await?;
-        let Some(stored) = row.map(|r| r.get::<_, String>("token_hash")) else {
-            return Err(failures.fail(denied()).await);
-        };
-        if !same(stored.as_bytes(), presented.as_bytes()) {
-            return Err(failures.fail(denied()).await);
+        if let Some(limit) = limits::route(parts).and_then(Limit::of_agent_route) {
+            limits::check(
+                state,
+                RateSlot::of(parts).as_ref(),
+                limit,
+                agent_id.as_str(),
+            )
+            .await?;
         }
-        state.auth_cache.remember(&agent_id, presented);
         Ok(Self { agent_id })
     }
+}
+
+/// Check an agent's token against PostgreSQL (it was not in the cache), remembering it when
+/// it matched.
+async fn verify(
+    parts: &Parts,
+    state: &AppState,
+    agent_id: &AgentId,
+    presented: String,
+) -> Result<(), ApiError> {
+    let denied = || ApiError::unauthorized("unknown agent or wrong token");
+    let failures = Failures::look(parts, state).await?;
+    metrics::counter!("checkplane_auth_lookups_total", "kind" => "agent").increment(1);
+    let client = state.stores.pg.get().await?;
+    // Through the statement cache: every agent comes here again once its entry expires.
+    let row = Sql::query_opt(
+        &client,
+        "SELECT token_hash FROM agents WHERE agent_id = $1 AND token_hash IS NOT NULL",
+        &[&agent_id.as_str()],
+    )
+    .await?;
+    let Some(stored) = row.map(|r| r.get::<_, String>("token_hash")) else {
+        return Err(failures.fail(denied()).await);
+    };
+    if !same(stored.as_bytes(), presented.as_bytes()) {
+        return Err(failures.fail(denied()).await);
+    }
+    state.auth_cache.remember(agent_id, presented);
+    Ok(())
 }
 
 /// The least role a route needs; routes declare it by the extractor they take
@@ -192,6 +237,13 @@ impl<R: Needs> FromRequestParts<AppState> for Authorized<R> {
             return Err(ApiError::unauthorized("X-API-Key is required"));
         };
         let caller = identify(parts, state, given).await?;
+        limits::check(
+            state,
+            RateSlot::of(parts).as_ref(),
+            Limit::Operator,
+            &caller.key_id,
+        )
+        .await?;
         if !caller.role.allows(R::ROLE) {
             return Err(ApiError::forbidden(format!(
                 "this needs the {} role; the key has {}",

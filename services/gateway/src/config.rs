@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use checkplane_core::ratelimit::Rate;
 use checkplane_runtime::stores::StoreServiceConfig;
 use checkplane_runtime::{ConfigError, Env, Secret};
 
@@ -39,9 +40,10 @@ pub struct Config {
     pub live_poll: Duration,
     /// `GATEWAY_MAX_LIVE_STREAMS`: live streams open at once on this gateway; one more is 429.
     pub max_live_streams: usize,
-    /// `GATEWAY_RATE_AUTH_FAILURES`: failed authentications per client address; past it, 429
-    /// without asking PostgreSQL.
-    pub auth_failures: checkplane_core::ratelimit::Rate,
+    /// `GATEWAY_RATE_<ENDPOINT>`: rate limits per endpoint and caller.
+    pub rates: Rates,
+    /// `GATEWAY_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
     /// `GATEWAY_MAX_WAITS_PER_KEY`: live streams, waiting reads and waiting action lookups one
     /// API key holds at once.
     pub max_waits_per_key: usize,
@@ -109,12 +111,11 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         usize::try_from(env.u64_in("GATEWAY_MAX_WAITS_PER_KEY", 16, 1, 100_000)?).unwrap_or(16);
     let max_claims_per_agent =
         usize::try_from(env.u64_in("GATEWAY_MAX_CLAIMS_PER_AGENT", 4, 2, 100_000)?).unwrap_or(4);
-    let auth_failures = checkplane_core::ratelimit::Rate::parse(
-        &env.string("GATEWAY_RATE_AUTH_FAILURES", "30/1m:30"),
-    )
-    .map_err(|e| ConfigError::new("GATEWAY_RATE_AUTH_FAILURES", e.to_string()))?;
+    let rates = Rates::load(env, heartbeat_interval, lease_ttl)?;
+    let trusted_proxies = TrustedProxies::load(env)?;
     Ok(Config {
-        auth_failures,
+        rates,
+        trusted_proxies,
         max_waits_per_key,
         max_claims_per_agent,
         live_poll,
@@ -131,4 +132,123 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         max_deliveries,
         claim_block,
     })
+}
+
+/// The rate limits, each `None` when set to `off`. Each counts per caller: a hostname for
+/// register, an agent for the agent calls, an API key for the operator API, a client address
+/// for failed authentications.
+#[derive(Debug, Clone)]
+pub struct Rates {
+    /// `GATEWAY_RATE_REGISTER`, per hostname (`1/10m:3`: an agent restarted with other kinds
+    /// registers again at once).
+    pub register: Option<Rate>,
+    /// `GATEWAY_RATE_HEARTBEAT`, per agent: by default two per `HEARTBEAT_INTERVAL`, three at
+    /// once (the agent beats every 0.8 interval; at the 10 s default this is the seed's 6/min
+    /// with room for the agent's own schedule).
+    pub heartbeat: Option<Rate>,
+    /// `GATEWAY_RATE_CLAIM`, per agent (`3000/1m:60`; a long poll counts once).
+    /// The agent paces itself to 20/s: slower would slow its work (see the agent's `Pace`).
+    pub claim: Option<Rate>,
+    /// `GATEWAY_RATE_EXTEND`, per agent: by default six per `LEASE_TTL` (the agent extends
+    /// three times per term), at least `30/1m`, ten at once.
+    pub extend: Option<Rate>,
+    /// `GATEWAY_RATE_REPORT`, per agent (`3000/1m:60`), as the claims.
+    pub report: Option<Rate>,
+    /// `GATEWAY_RATE_METRICS`, per agent (`60/1m:10`).
+    pub metrics: Option<Rate>,
+    /// `GATEWAY_RATE_OPERATOR`, per API key (`600/1m:120`).
+    pub operator: Option<Rate>,
+    /// `GATEWAY_RATE_AUTH_FAILURES`, per client address (`30/1m:30`).
+    pub auth_failures: Option<Rate>,
+}
+
+impl Rates {
+    /// Read every `GATEWAY_RATE_<ENDPOINT>`; the heartbeat's and extension's defaults follow
+    /// the intervals the gateway gives agents.
+    pub fn load(
+        env: &mut Env,
+        heartbeat_interval: Duration,
+        lease_ttl: Duration,
+    ) -> Result<Self, ConfigError> {
+        // `count` per `period` seconds, `burst` at once (every default is well over 1 ms).
+        let fixed = |count: u32, period: u64, burst: u32| Rate {
+            interval: Duration::from_secs(period) / count,
+            burst,
+        };
+        let heartbeat = Rate::new(2, heartbeat_interval, 3).unwrap_or(fixed(6, 60, 3));
+        let at_least = fixed(30, 60, 10);
+        let extend = Rate::new(6, lease_ttl, 10)
+            .filter(|r| r.interval < at_least.interval)
+            .unwrap_or(at_least);
+        Ok(Self {
+            register: rate(env, "GATEWAY_RATE_REGISTER", fixed(1, 600, 3))?,
+            heartbeat: rate(env, "GATEWAY_RATE_HEARTBEAT", heartbeat)?,
+            claim: rate(env, "GATEWAY_RATE_CLAIM", fixed(3000, 60, 60))?,
+            extend: rate(env, "GATEWAY_RATE_EXTEND", extend)?,
+            report: rate(env, "GATEWAY_RATE_REPORT", fixed(3000, 60, 60))?,
+            metrics: rate(env, "GATEWAY_RATE_METRICS", fixed(60, 60, 10))?,
+            operator: rate(env, "GATEWAY_RATE_OPERATOR", fixed(600, 60, 120))?,
+            auth_failures: rate(env, "GATEWAY_RATE_AUTH_FAILURES", fixed(30, 60, 30))?,
+        })
+    }
+}
+
+/// `name` as a rate: unset is `default`, `off` is no limit.
+fn rate(env: &mut Env, name: &str, default: Rate) -> Result<Option<Rate>, ConfigError> {
+    match env.opt_string(name) {
+        None => Ok(Some(default)),
+        Some(text) if text.trim().eq_ignore_ascii_case("off") => Ok(None),
+        Some(text) => Rate::parse(&text)
+            .map(Some)
+            .map_err(|e| ConfigError::new(name, format!("{e}, or off"))),
+    }
+}
+
+/// The proxies (`GATEWAY_TRUSTED_PROXIES`: addresses and CIDRs, comma-separated) whose
+/// `X-Forwarded-For` is believed; from any other peer the socket's address is the client's.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    /// Most entries `GATEWAY_TRUSTED_PROXIES` may list.
+    const MAX: usize = 256;
+
+    pub fn load(env: &mut Env) -> Result<Self, ConfigError> {
+        const NAME: &str = "GATEWAY_TRUSTED_PROXIES";
+        let Some(text) = env.opt_string(NAME) else {
+            return Ok(Self::default());
+        };
+        let nets = text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        ConfigError::new(
+                            NAME,
+                            format!(
+                                "{entry:?} is neither an address nor a CIDR such as 10.0.0.0/8"
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if nets.len() > Self::MAX {
+            return Err(ConfigError::new(
+                NAME,
+                format!("at most {} entries", Self::MAX),
+            ));
+        }
+        Ok(Self(nets))
+    }
+
+    /// Whether `address` is one of the trusted proxies.
+    pub fn contains(&self, address: std::net::IpAddr) -> bool {
+        let address = address.to_canonical();
+        self.0.iter().any(|net| net.contains(&address))
+    }
 }

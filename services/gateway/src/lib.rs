@@ -12,6 +12,7 @@ pub mod edge;
 pub mod geoip;
 pub mod haproxy;
 pub mod leases;
+pub mod limits;
 pub mod operators;
 pub mod paging;
 pub mod parked;
@@ -99,6 +100,7 @@ pub async fn run(
                 .merge(haproxy::router().layer(BodyLimit(OPERATOR_BODY_LIMIT)))
                 .merge(applications::router().layer(BodyLimit(OPERATOR_BODY_LIMIT)))
                 .merge(parked::router().layer(BodyLimit(OPERATOR_BODY_LIMIT)))
+                .layer(axum::middleware::from_fn(limits::headers))
                 .with_state(state)
         },
     )

@@ -85,3 +85,40 @@ async fn a_redis_that_fails_mid_call_falls_back_to_counting_in_memory() {
     assert!(!second.allowed && !second.shared, "{second:?}");
     assert!(second.retry_after > Duration::from_secs(50), "{second:?}");
 }
+
+// Real time: paused time would fire the limiter's timeout before a live Redis answers.
+#[tokio::test]
+async fn a_hung_redis_is_given_up_on_at_once_and_asked_again_a_moment_later() {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    // No response timeout of its own: only the limiter's stands between a call and a hang.
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let limiter = Limiter::new(Keys::new("t", 1));
+    let rate = Rate::parse("10/1m:10").unwrap();
+    assert!(
+        limiter
+            .check(Some(&mut conn), "claim", "agt-1", &rate)
+            .await
+            .shared
+    );
+
+    server.freeze();
+    let hung = limiter
+        .check(Some(&mut conn), "claim", "agt-1", &rate)
+        .await;
+    assert!(hung.allowed && !hung.shared, "{hung:?}");
+    server.thaw();
+    // Redis answers again, but it is not asked until its rest is over.
+    let resting = limiter
+        .check(Some(&mut conn), "claim", "agt-1", &rate)
+        .await;
+    assert!(!resting.shared, "{resting:?}");
+    tokio::time::sleep(checkplane_core::ratelimit::REDIS_RETRY).await;
+    let back = limiter
+        .check(Some(&mut conn), "claim", "agt-1", &rate)
+        .await;
+    assert!(back.shared && back.allowed, "{back:?}");
+    // Redis counted the first call, this one, and the one given up on (it was sent, and ran
+    // once Redis woke): a call given up on may still count, never the resting ones.
+    assert_eq!(back.remaining, 7, "{back:?}");
+}

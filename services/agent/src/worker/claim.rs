@@ -33,10 +33,13 @@ pub(super) async fn claim(
         wait_ms,
         agent_id: None,
     };
-    let claim =
+    let claim = async {
+        shared.control.claims.turn().await;
         shared
             .control
-            .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30));
+            .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30))
+            .await
+    };
     tokio::select! {
         _ = stop.cancelled() => None,
         c = claim => Some(c),
@@ -79,7 +82,7 @@ pub(super) async fn claim_loop(
             }
             Err(error) => {
                 tracing::warn!(%error, "claim failed");
-                if !sleep_or_stop(backoff.next(), stop).await {
+                if !sleep_or_stop(backoff.after(&error), stop).await {
                     return;
                 }
             }

@@ -44,7 +44,15 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
             }
             Err(error) => {
                 tracing::warn!(%error, "heartbeat failed");
-                backoff.next().min(every)
+                // Sooner than the interval, unless the gateway said to come back later.
+                let step = backoff.next().min(every);
+                match &error {
+                    CallError::Refused {
+                        retry_after: Some(after),
+                        ..
+                    } => step.max(*after),
+                    _ => step,
+                }
             }
         };
         if !sleep_or_stop(wait, &stop).await {

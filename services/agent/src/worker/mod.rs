@@ -177,6 +177,8 @@ pub async fn run(http: reqwest::Client, settings: Settings, stop: CancellationTo
             http,
             base: settings.control_plane.clone(),
             identity: std::sync::RwLock::new(identity),
+            claims: control::Pace::new(control::PACE_PER_SECOND, control::PACE_BURST),
+            reports: control::Pace::new(control::PACE_PER_SECOND, control::PACE_BURST),
         },
         settings,
         running: Mutex::default(),

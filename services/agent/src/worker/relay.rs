@@ -57,7 +57,7 @@ pub(super) async fn relay_loop(
             }
             Err(error) => {
                 tracing::warn!(%error, "claim of relayed commands failed");
-                if !sleep_or_stop(backoff.next(), stop).await {
+                if !sleep_or_stop(backoff.after(&error), stop).await {
                     return;
                 }
             }
@@ -95,6 +95,7 @@ pub(super) fn start_relay(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Leas
         drop(permit);
         lane.freed.notify_one();
         for pause in [50, 200, 0] {
+            shared.control.reports.turn().await;
             let sent: Result<TokenOutcomes, _> = shared
                 .control
                 .post("v1/agents/report", &body, Duration::from_secs(5))

@@ -80,6 +80,7 @@ pub(super) async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 Report::Cancelled(c) => body.cancelled.push(c),
             }
         }
+        shared.control.reports.turn().await;
         let sent: Result<TokenOutcomes, _> = shared
             .control
             .post("v1/agents/report", &body, Duration::from_secs(10))
@@ -99,7 +100,7 @@ pub(super) async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             }
             Err(error) => {
                 tracing::warn!(%error, pending = batch.len(), "report failed; kept for the next try");
-                let wait = backoff.next();
+                let wait = backoff.after(&error);
                 if stop.is_cancelled() {
                     // Shutting down: one more try after a short wait, then give up.
                     tokio::time::sleep(wait.min(Duration::from_secs(1))).await;

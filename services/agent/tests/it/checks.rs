@@ -689,3 +689,137 @@ async fn an_agent_restarted_with_other_kinds_registers_them_as_the_same_agent() 
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+/// Requests of each agent route the gateway answered (any status), from its `/metrics`.
+fn route_counts(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+    {
+        let Some(route) = line
+            .split("route=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .filter(|r| r.starts_with("/v1/agents/"))
+        else {
+            continue;
+        };
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        *counts.entry(route.to_owned()).or_default() += value;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_agent_at_full_capacity_for_a_minute_is_never_rate_limited_and_a_looping_client_is()
+{
+    use checkplane_testkit::process::ServiceProcess;
+    // Every agent limit at its default. The operator API is this test's driver (40 checks a
+    // second), not what is tested: unlimited.
+    let (db, _redis, gw, sched) = control_plane(&[("GATEWAY_RATE_OPERATOR", "off")]).await;
+    let port = accepting_listener().await;
+    let state = StateDir::new();
+    let health = format!("127.0.0.1:{}", free_port());
+    let mut agent = ServiceProcess::spawn(
+        crate::bin(),
+        &[],
+        &process_env(
+            &gw,
+            &state,
+            &[
+                ("AGENT_ENROLLMENT_TOKEN", ENROLL),
+                ("AGENT_HEALTH_ADDR", health.as_str()),
+                ("AGENT_HOSTNAME", "probe-full-load"),
+                ("AGENT_POOL_TCP_SIZE", "4"),
+                ("AGENT_METRICS_INTERVAL", "1s"),
+            ],
+        ),
+    );
+    let agent_metrics = format!("http://{health}/metrics");
+    let http = reqwest::Client::new();
+    online_agent(&db.client().await).await;
+    let leases = || async {
+        checkplane_testkit::metric(&agent_metrics, "checkplane_agent_leases_total").await
+    };
+    let before = route_counts(&checkplane_testkit::metrics_text(&gw.url("/metrics")).await);
+
+    // A minute of one tcp check every 25 ms, each its own claim and report unless the agent
+    // gathers them: 40 claims and 40 reports a second unpaced, over the agent's own pace
+    // (20/s), so it claims and reports as fast as it ever will.
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    let mut created = 0u32;
+    while started.elapsed() < Duration::from_secs(60) {
+        tick.tick().await;
+        create(
+            &http,
+            &gw,
+            json!({"kind": "tcp", "target": "127.0.0.1", "options": {"port": port}, "limit": 1}),
+        )
+        .await;
+        created += 1;
+    }
+    let leased = leases().await;
+    let after = route_counts(&checkplane_testkit::metrics_text(&gw.url("/metrics")).await);
+    let per_minute = |route: &str| {
+        after.get(route).copied().unwrap_or(0.0) - before.get(route).copied().unwrap_or(0.0)
+    };
+    let rates: Vec<String> = after
+        .keys()
+        .map(|route| format!("{route} {}/min", per_minute(route)))
+        .collect();
+    eprintln!("created {created}, leased {leased}; {rates:?}");
+    // At full pace (at least 75 % of 20 a second), and keeping up with the work.
+    let claims = per_minute("/v1/agents/claim");
+    assert!(claims >= 900.0, "{claims} claims a minute: {rates:?}");
+    assert!(
+        leased >= 0.9 * f64::from(created),
+        "the agent ran {leased} of {created} checks"
+    );
+
+    // Not one refusal of any call, rate limit or other.
+    let text = checkplane_testkit::metrics_text(&agent_metrics).await;
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("checkplane_agent_control_plane_errors_total"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let limited = checkplane_testkit::metrics_text(&gw.url("/metrics")).await;
+    assert!(
+        !limited.contains("checkplane_rate_limited_total"),
+        "{limited}"
+    );
+
+    // A client looping on the heartbeat is refused within the default burst of three.
+    let (id, token) = checkplane_testkit::register_agent(
+        &http,
+        &gw.url(""),
+        ENROLL,
+        &json!({"hostname": "probe-looping", "capabilities": {"tcp": 1}}),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (status, _) = checkplane_testkit::agent_post(
+            &http,
+            &gw.url("/v1/agents/heartbeat"),
+            &id,
+            &token,
+            &json!({}),
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let series = r#"checkplane_rate_limited_total{endpoint="heartbeat",caller="agent"}"#;
+    assert_eq!(
+        checkplane_testkit::metric(&gw.url("/metrics"), series).await,
+        2.0
+    );
+
+    agent.signal("TERM");
+    tokio::task::block_in_place(|| agent.wait(Duration::from_secs(15)));
+    sched.stop().await.unwrap();
+    gw.stop().await.unwrap();
+}

@@ -346,6 +346,7 @@ async fn a_thousand_waiting_claims_hold_no_redis_connection() {
     // A thousand claims of one agent, all from 127.0.0.1.
     env.push(("HTTP_MAX_CONNECTIONS_PER_ADDRESS".into(), "0".into()));
     env.push(("GATEWAY_MAX_CLAIMS_PER_AGENT".into(), "1000".into()));
+    env.push(("GATEWAY_RATE_CLAIM".into(), "off".into()));
     let config = gateway::load(&mut checkplane_runtime::Env::from_pairs(env)).unwrap();
     let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
     gw.wait_ready(Duration::from_secs(10)).await;

@@ -5,5 +5,6 @@ mod agents;
 mod edge;
 mod health;
 mod lease_api;
+mod limits;
 mod operators;
 mod process;

@@ -17,8 +17,9 @@ pub type Service = Running<checkplane_runtime::RunError>;
 pub async fn gateway(db: &TestDb, redis: &TestRedis) -> Service {
     let mut env = store_env(db, redis);
     env.push(("GATEWAY_ADMIN_KEY".into(), ADMIN.into()));
-    // Some tests send a thousand requests at once, all from 127.0.0.1.
+    // Some tests send a thousand requests at once, all from 127.0.0.1, with one key.
     env.push(("HTTP_MAX_CONNECTIONS_PER_ADDRESS".into(), "0".into()));
+    env.push(("GATEWAY_RATE_OPERATOR".into(), "off".into()));
     let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
     let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
     gw.wait_ready(Duration::from_secs(10)).await;

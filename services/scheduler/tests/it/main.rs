@@ -89,6 +89,19 @@ pub async fn start_gateway(
 ) -> Running<checkplane_runtime::RunError> {
     let mut env = store_env(db, redis);
     env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
+    // These tests play agents and operators by hand, at whatever pace a test needs (a
+    // heartbeat before every step, a poll every 25 ms); the limits are tested in gateway::it
+    // limits, and the real agent within the defaults in agent::it checks.
+    for endpoint in [
+        "HEARTBEAT",
+        "CLAIM",
+        "EXTEND",
+        "REPORT",
+        "METRICS",
+        "OPERATOR",
+    ] {
+        env.push((format!("GATEWAY_RATE_{endpoint}"), "off".into()));
+    }
     env.extend(
         extra
             .iter()

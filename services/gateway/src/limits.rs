@@ -1,0 +1,254 @@
+//! Rate limits at the gateway: which limit a request falls under, who its caller is, the
+//! decision (counted by `checkplane_core::ratelimit`, shared by every replica through Redis),
+//! and the `RateLimit-*` headers on the answer.
+//!
+//! The credentials' extractors decide (a caller is known only once verified): they put the
+//! decision in the request's [`RateSlot`], and [`headers`], wrapped around every route, writes
+//! it onto the answer, allowed or refused.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::extract::{ConnectInfo, MatchedPath, Request};
+use axum::http::request::Parts;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use checkplane_core::ratelimit::{Decision, Rate};
+use checkplane_runtime::http::ApiError;
+
+use crate::config::{Rates, TrustedProxies};
+use crate::state::AppState;
+
+/// What a limit counts calls of, and per whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Registrations per hostname.
+    Register,
+    /// Agent calls per agent.
+    Heartbeat,
+    Claim,
+    Extend,
+    Report,
+    Metrics,
+    /// The operator API per API key.
+    Operator,
+    /// Failed authentications per client address.
+    AuthFailures,
+}
+
+impl Limit {
+    /// The name in rate keys and in `checkplane_rate_limited_total{endpoint}`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Register => "register",
+            Self::Heartbeat => "heartbeat",
+            Self::Claim => "claim",
+            Self::Extend => "extend",
+            Self::Report => "report",
+            Self::Metrics => "metrics",
+            Self::Operator => "operator",
+            Self::AuthFailures => "auth_failures",
+        }
+    }
+
+    /// Who is counted (`checkplane_rate_limited_total{caller}`).
+    pub fn caller_kind(self) -> &'static str {
+        match self {
+            Self::Register => "hostname",
+            Self::Heartbeat | Self::Claim | Self::Extend | Self::Report | Self::Metrics => "agent",
+            Self::Operator => "key",
+            Self::AuthFailures => "address",
+        }
+    }
+
+    /// The limit of an authenticated agent's call to `path` (a route's pattern).
+    pub fn of_agent_route(path: &str) -> Option<Self> {
+        Some(match path {
+            "/v1/agents/heartbeat" => Self::Heartbeat,
+            "/v1/agents/claim" => Self::Claim,
+            "/v1/agents/extend" => Self::Extend,
+            "/v1/agents/report" => Self::Report,
+            "/v1/agents/metrics" => Self::Metrics,
+            _ => return None,
+        })
+    }
+
+    /// Its rate; `None` when it is off.
+    pub fn rate(self, rates: &Rates) -> Option<&Rate> {
+        match self {
+            Self::Register => rates.register.as_ref(),
+            Self::Heartbeat => rates.heartbeat.as_ref(),
+            Self::Claim => rates.claim.as_ref(),
+            Self::Extend => rates.extend.as_ref(),
+            Self::Report => rates.report.as_ref(),
+            Self::Metrics => rates.metrics.as_ref(),
+            Self::Operator => rates.operator.as_ref(),
+            Self::AuthFailures => rates.auth_failures.as_ref(),
+        }
+    }
+}
+
+/// Where a request's decision waits for [`headers`] to write it on the answer.
+#[derive(Debug, Clone, Default)]
+pub struct RateSlot(Arc<Mutex<Option<Decision>>>);
+
+impl RateSlot {
+    /// The slot of the request whose head is `parts` (none outside [`headers`]).
+    pub fn of(parts: &Parts) -> Option<Self> {
+        parts.extensions.get::<Self>().cloned()
+    }
+
+    pub fn put(&self, decision: Decision) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(decision);
+    }
+
+    fn take(&self) -> Option<Decision> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// Middleware: give the request a [`RateSlot`]; write the decision left in it as
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds, rounded up).
+pub async fn headers(mut request: Request, next: Next) -> Response {
+    let slot = RateSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let mut response = next.run(request).await;
+    if let Some(decision) = slot.take() {
+        let headers = response.headers_mut();
+        let reset = decision.reset.as_millis().div_ceil(1000);
+        for (name, value) in [
+            ("ratelimit-limit", u128::from(decision.limit)),
+            ("ratelimit-remaining", u128::from(decision.remaining)),
+            ("ratelimit-reset", reset),
+        ] {
+            headers.insert(
+                name,
+                HeaderValue::from(value.min(u128::from(u64::MAX)) as u64),
+            );
+        }
+    }
+    response
+}
+
+/// Count one call of `caller` under `limit`: `Ok` when allowed (or the limit is off), else
+/// 429 `ERR_RATE_LIMITED` with `Retry-After`. The decision goes into `slot` for the headers.
+pub async fn check(
+    state: &AppState,
+    slot: Option<&RateSlot>,
+    limit: Limit,
+    caller: &str,
+) -> Result<(), ApiError> {
+    decide(state, slot, limit, caller, true).await
+}
+
+/// Whether one more call of `caller` under `limit` would be allowed, without counting it;
+/// only a refusal goes into `slot`.
+pub async fn peek(
+    state: &AppState,
+    slot: Option<&RateSlot>,
+    limit: Limit,
+    caller: &str,
+) -> Result<(), ApiError> {
+    decide(state, slot, limit, caller, false).await
+}
+
+async fn decide(
+    state: &AppState,
+    slot: Option<&RateSlot>,
+    limit: Limit,
+    caller: &str,
+    count: bool,
+) -> Result<(), ApiError> {
+    let Some(rate) = limit.rate(&state.config.rates) else {
+        return Ok(());
+    };
+    let mut conn = state.stores.redis_shared.clone();
+    let limiter = &state.limiter;
+    let decision = if count {
+        limiter
+            .check(Some(&mut conn), limit.name(), caller, rate)
+            .await
+    } else {
+        limiter
+            .peek(Some(&mut conn), limit.name(), caller, rate)
+            .await
+    };
+    if !count && decision.allowed {
+        return Ok(());
+    }
+    judge(slot, limit, decision)
+}
+
+fn judge(slot: Option<&RateSlot>, limit: Limit, decision: Decision) -> Result<(), ApiError> {
+    if let Some(slot) = slot {
+        slot.put(decision);
+    }
+    if decision.allowed {
+        return Ok(());
+    }
+    metrics::counter!(
+        "checkplane_rate_limited_total",
+        "endpoint" => limit.name(),
+        "caller" => limit.caller_kind()
+    )
+    .increment(1);
+    let message = match limit {
+        Limit::AuthFailures => {
+            "too many failed authentications from this address; retry later".to_owned()
+        }
+        _ => format!(
+            "rate limit of {} exceeded for this {}; retry later",
+            limit.name(),
+            limit.caller_kind()
+        ),
+    };
+    let retry_after = decision.retry_after.as_millis().div_ceil(1000).max(1);
+    Err(ApiError::rate_limited(
+        message,
+        u64::try_from(retry_after).unwrap_or(u64::MAX),
+    ))
+}
+
+/// The client's address: the socket's peer, or, when the peer is a trusted proxy, the last
+/// address in `X-Forwarded-For` that is not one (each proxy appends the address it was
+/// called from, so the entries left of the last untrusted one may be forged).
+pub fn client_address(parts: &Parts, trusted: &TrustedProxies) -> Option<IpAddr> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()?
+        .0
+        .ip()
+        .to_canonical();
+    if !trusted.contains(peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<&str> = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for entry in forwarded.iter().rev() {
+        let Ok(address) = entry.parse::<IpAddr>() else {
+            // Not an address: what the last trusted hop said is all that can be believed.
+            break;
+        };
+        client = address.to_canonical();
+        if !trusted.contains(client) {
+            break;
+        }
+    }
+    Some(client)
+}
+
+/// The pattern of the route a request matched.
+pub fn route(parts: &Parts) -> Option<&str> {
+    parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+}
