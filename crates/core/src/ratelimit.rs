@@ -128,13 +128,21 @@ impl Decision {
     }
 }
 
+/// The in-memory fallback's state.
+#[derive(Default)]
+struct Local {
+    tats: HashMap<String, i64>,
+    /// When the full map may be swept again (ms since the limiter's origin).
+    next_sweep: i64,
+}
+
 /// The limiter of one installation.
 pub struct Limiter {
     keys: Keys,
     script: redis::Script,
     origin: Instant,
     /// The fallback's theoretical arrival times (ms since `origin`) by rate key.
-    local: Mutex<HashMap<String, i64>>,
+    local: Mutex<Local>,
     /// Until when Redis is not asked (it failed or hung just now).
     redis_down_until: Mutex<Option<Instant>>,
 }
@@ -145,7 +153,7 @@ impl Limiter {
             keys,
             script: redis::Script::new(GCRA),
             origin: Instant::now(),
-            local: Mutex::new(HashMap::new()),
+            local: Mutex::new(Local::default()),
             redis_down_until: Mutex::new(None),
         }
     }
@@ -237,10 +245,14 @@ impl Limiter {
         let now = i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX / 4);
         let interval = i64::try_from(rate.interval_ms()).unwrap_or(i64::MAX / 4);
         let burst = i64::from(rate.burst);
-        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-        if local.len() >= LOCAL_CALLERS {
-            local.retain(|_, tat| *tat > now);
+        let mut guard = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        // Full: drop the callers done counting, at most once a second (a map full of callers
+        // still counting would otherwise be swept on every call).
+        if guard.tats.len() >= LOCAL_CALLERS && now >= guard.next_sweep {
+            guard.tats.retain(|_, tat| *tat > now);
+            guard.next_sweep = now.saturating_add(1000);
         }
+        let local = &mut guard.tats;
         let tat = local.get(&key).copied().unwrap_or(now).max(now);
         let new_tat = tat.saturating_add(interval);
         let allow_at = new_tat.saturating_sub(interval.saturating_mul(burst));

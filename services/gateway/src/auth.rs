@@ -92,8 +92,7 @@ struct Failures<'a> {
 impl<'a> Failures<'a> {
     /// The caller when the address is unknown (no socket: only in-process callers).
     fn caller(&self) -> String {
-        self.address
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+        limits::failure_caller(self.address)
     }
 
     /// 429 for an address past its failures, before PostgreSQL is asked.
@@ -116,7 +115,7 @@ impl<'a> Failures<'a> {
     /// Count a failure; its answer back.
     async fn fail(&self, error: ApiError) -> ApiError {
         // Refused or not, the answer is the failure's own; the count is for the next call.
-        let _counted = limits::check(
+        limits::count(
             self.state,
             self.slot.as_ref(),
             Limit::AuthFailures,

@@ -153,6 +153,16 @@ pub async fn peek(
     decide(state, slot, limit, caller, false).await
 }
 
+/// Count one call of `caller` under `limit` for the calls after it, refused or not (a failed
+/// authentication, answered 401 whatever the count says).
+pub async fn count(state: &AppState, slot: Option<&RateSlot>, limit: Limit, caller: &str) {
+    if let Some(decision) = decision(state, limit, caller, true).await {
+        if let Some(slot) = slot {
+            slot.put(decision);
+        }
+    }
+}
+
 async fn decide(
     state: &AppState,
     slot: Option<&RateSlot>,
@@ -160,12 +170,21 @@ async fn decide(
     caller: &str,
     count: bool,
 ) -> Result<(), ApiError> {
-    let Some(rate) = limit.rate(&state.config.rates) else {
+    let Some(decision) = decision(state, limit, caller, count).await else {
         return Ok(());
     };
+    if !count && decision.allowed {
+        return Ok(());
+    }
+    judge(slot, limit, decision)
+}
+
+/// The limiter's answer; `None` when the limit is off.
+async fn decision(state: &AppState, limit: Limit, caller: &str, count: bool) -> Option<Decision> {
+    let rate = limit.rate(&state.config.rates)?;
     let mut conn = state.stores.redis_shared.clone();
     let limiter = &state.limiter;
-    let decision = if count {
+    Some(if count {
         limiter
             .check(Some(&mut conn), limit.name(), caller, rate)
             .await
@@ -173,11 +192,7 @@ async fn decide(
         limiter
             .peek(Some(&mut conn), limit.name(), caller, rate)
             .await
-    };
-    if !count && decision.allowed {
-        return Ok(());
-    }
-    judge(slot, limit, decision)
+    })
 }
 
 fn judge(slot: Option<&RateSlot>, limit: Limit, decision: Decision) -> Result<(), ApiError> {
@@ -212,7 +227,9 @@ fn judge(slot: Option<&RateSlot>, limit: Limit, decision: Decision) -> Result<()
 
 /// The client's address: the socket's peer, or, when the peer is a trusted proxy, the last
 /// address in `X-Forwarded-For` that is not one (each proxy appends the address it was
-/// called from, so the entries left of the last untrusted one may be forged).
+/// called from, so the entries left of the last untrusted one may be forged). Entries are
+/// read one by one (an address, or one with a port); at one that is not an address, or when
+/// every entry is a trusted proxy, the last trusted hop is all that can be believed.
 pub fn client_address(parts: &Parts, trusted: &TrustedProxies) -> Option<IpAddr> {
     let peer = parts
         .extensions
@@ -223,18 +240,15 @@ pub fn client_address(parts: &Parts, trusted: &TrustedProxies) -> Option<IpAddr>
     if !trusted.contains(peer) {
         return Some(peer);
     }
-    let forwarded: Vec<&str> = parts
+    let forwarded: Vec<&[u8]> = parts
         .headers
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .collect();
     let mut client = peer;
     for entry in forwarded.iter().rev() {
-        let Ok(address) = entry.parse::<IpAddr>() else {
-            // Not an address: what the last trusted hop said is all that can be believed.
+        let Some(address) = forwarded_address(entry) else {
             break;
         };
         client = address.to_canonical();
@@ -245,10 +259,58 @@ pub fn client_address(parts: &Parts, trusted: &TrustedProxies) -> Option<IpAddr>
     Some(client)
 }
 
+/// One `X-Forwarded-For` entry: `1.2.3.4`, `2001:db8::1`, `1.2.3.4:5678` or `[2001:db8::1]:80`.
+fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(entry).ok()?.trim();
+    text.parse::<IpAddr>()
+        .or_else(|_| text.parse::<std::net::SocketAddr>().map(|s| s.ip()))
+        .ok()
+}
+
+/// Who is counted for failed authentications from `address`: the address, or for IPv6 its
+/// /64 (one host commonly holds a whole /64, and would otherwise get a budget per address).
+pub fn failure_caller(address: Option<IpAddr>) -> String {
+    match address {
+        Some(IpAddr::V6(v6)) => ipnet::Ipv6Net::new(v6, 64)
+            .map_or(ipnet::Ipv6Net::from(v6), |n| n.trunc())
+            .to_string(),
+        Some(v4) => v4.to_string(),
+        None => "unknown".to_owned(),
+    }
+}
+
 /// The pattern of the route a request matched.
 pub fn route(parts: &Parts) -> Option<&str> {
     parts
         .extensions
         .get::<MatchedPath>()
         .map(MatchedPath::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_entries_read_with_and_without_ports() {
+        let read = |s: &str| forwarded_address(s.as_bytes());
+        assert_eq!(read(" 203.0.113.7 "), Some([203, 0, 113, 7].into()));
+        assert_eq!(read("203.0.113.7:5678"), Some([203, 0, 113, 7].into()));
+        assert_eq!(read("[2001:db8::1]:80"), "2001:db8::1".parse().ok());
+        assert_eq!(read("2001:db8::1"), "2001:db8::1".parse().ok());
+        for bad in ["", "unknown", "203.0.113", "_hidden"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(forwarded_address(b"\xff1.2.3.4"), None);
+    }
+
+    #[test]
+    fn ipv6_failures_count_per_64() {
+        let at = |s: &str| failure_caller(Some(s.parse().unwrap()));
+        assert_eq!(at("2001:db8:1:2:aaaa::1"), at("2001:db8:1:2:bbbb::9"));
+        assert_eq!(at("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_ne!(at("2001:db8:1:3::1"), at("2001:db8:1:2::1"));
+        assert_eq!(at("198.51.100.4"), "198.51.100.4");
+        assert_eq!(failure_caller(None), "unknown");
+    }
 }

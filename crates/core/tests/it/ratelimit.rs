@@ -91,8 +91,13 @@ async fn a_redis_that_fails_mid_call_falls_back_to_counting_in_memory() {
 async fn a_hung_redis_is_given_up_on_at_once_and_asked_again_a_moment_later() {
     let server = RedisServer::start();
     let client = redis::Client::open(server.url()).unwrap();
-    // No response timeout of its own: only the limiter's stands between a call and a hang.
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // No response timeout of its own (the client's default is 500 ms): only the limiter's
+    // stands between a call and a hang.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
     let limiter = Limiter::new(Keys::new("t", 1));
     let rate = Rate::parse("10/1m:10").unwrap();
     assert!(

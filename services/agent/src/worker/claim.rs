@@ -14,7 +14,8 @@ use super::dispatch::start;
 use super::Shared;
 
 /// One claim (a long poll of up to `wait_ms`) for `capacities`, with a fresh request id
-/// (`<prefix><random>-<round>`); `None` when `stop` fired first.
+/// (`<prefix><random>-<round>`); `None` when `stop` fired first. The caller has waited for
+/// its turn (`Control::claims`) before it counted what is free.
 pub(super) async fn claim(
     shared: &Shared,
     capacities: BTreeMap<String, u32>,
@@ -33,13 +34,10 @@ pub(super) async fn claim(
         wait_ms,
         agent_id: None,
     };
-    let claim = async {
-        shared.control.claims.turn().await;
+    let claim =
         shared
             .control
-            .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30))
-            .await
-    };
+            .post::<ClaimResponse>("v1/agents/claim", &body, Duration::from_secs(30));
     tokio::select! {
         _ = stop.cancelled() => None,
         c = claim => Some(c),
@@ -55,14 +53,21 @@ pub(super) async fn claim_loop(
     let mut round: u64 = 0;
     while !stop.is_cancelled() {
         round += 1;
-        let (capacities, complete) = capacities(shared, round);
-        if capacities.is_empty() {
+        if capacities(shared, round).0.is_empty() {
             // Full: until a check ends, or the window grows.
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = shared.freed.notified() => continue,
                 _ = tokio::time::sleep(crate::concurrency::TICK) => continue,
             }
+        }
+        // The turn first, then what is free: workers freed while waiting go along.
+        if !shared.control.claims.turn_or_stop(stop).await {
+            return;
+        }
+        let (capacities, complete) = capacities(shared, round);
+        if capacities.is_empty() {
+            continue;
         }
         let wait_ms = if complete { 20_000 } else { 1_000 };
         let Some(claimed) = claim(shared, owned(capacities), wait_ms, "", round, stop).await else {

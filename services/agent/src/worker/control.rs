@@ -117,6 +117,14 @@ impl Pace {
             tokio::time::sleep(wait).await;
         }
     }
+
+    /// [`Pace::turn`], or false when `stop` fired first.
+    pub(super) async fn turn_or_stop(&self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = self.turn() => true,
+        }
+    }
 }
 
 impl Control {
@@ -198,9 +206,14 @@ impl Backoff {
             CallError::Refused {
                 retry_after: Some(after),
                 ..
-            } => step.max(*after),
+            } => step.max(self.spread(*after)),
             _ => step,
         }
+    }
+
+    /// `wait` and up to a tenth more, so agents refused together do not all return at once.
+    pub(super) fn spread(&self, wait: Duration) -> Duration {
+        wait.mul_f64(1.0 + 0.1 * (self.jitter)().clamp(0.0, 1.0))
     }
 
     /// The next wait: the current step (doubling up to 30 s) spread by ±25 %.
@@ -361,14 +374,16 @@ pub(super) async fn register(
 /// name rotated it, or an operator removed it): register again when an enrollment token is
 /// configured, else say so. Two agents sharing a host name take each other's token this way,
 /// and each such turn is logged.
-pub(super) async fn reregister(shared: &Shared) {
+///
+/// The wait the gateway asked for when it refused the registration (`Retry-After`), if any.
+pub(super) async fn reregister(shared: &Shared) -> Option<Duration> {
     let Source::Enrolled {
         enrollment: Some(enrollment),
         state_file,
     } = &shared.settings.source
     else {
         tracing::error!("heartbeat failed: the control plane refuses this agent's token, and there is no AGENT_ENROLLMENT_TOKEN to register again");
-        return;
+        return None;
     };
     tracing::warn!(
         "heartbeat failed: the control plane refuses this agent's token; registering again"
@@ -388,8 +403,15 @@ pub(super) async fn reregister(shared: &Shared) {
                 .identity
                 .write()
                 .unwrap_or_else(|p| p.into_inner()) = identity;
+            None
         }
-        Err(error) => tracing::warn!(%error, "registration failed"),
+        Err(error) => {
+            tracing::warn!(%error, "registration failed");
+            match error {
+                RegisterError::Call(CallError::Refused { retry_after, .. }) => retry_after,
+                _ => None,
+            }
+        }
     }
 }
 

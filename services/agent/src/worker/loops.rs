@@ -39,8 +39,9 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
                 every.mul_f64(0.8)
             }
             Err(CallError::Refused { status: 401, .. }) => {
-                reregister(&shared).await;
-                backoff.next().min(every)
+                let told = reregister(&shared).await;
+                let step = backoff.next().min(every);
+                told.map_or(step, |after| step.max(backoff.spread(after)))
             }
             Err(error) => {
                 tracing::warn!(%error, "heartbeat failed");
@@ -50,7 +51,7 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
                     CallError::Refused {
                         retry_after: Some(after),
                         ..
-                    } => step.max(*after),
+                    } => step.max(backoff.spread(*after)),
                     _ => step,
                 }
             }
@@ -75,6 +76,7 @@ pub(super) async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
             )
         };
         // The gateway takes at most MAX_TOKENS per call.
+        let mut told_to_wait = Duration::ZERO;
         for tokens in tokens.chunks(checkplane_wire::leases::api::MAX_TOKENS) {
             let extended: Result<TokenOutcomes, _> = shared
                 .control
@@ -91,13 +93,41 @@ pub(super) async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
                     for refused in answer.results.iter().filter(|r| r.error.is_some()) {
                         tracing::warn!(token = %refused.token, error = ?refused.error, "lease extension failed");
                     }
+                    renew_terms(&shared, &answer);
                 }
-                Err(error) => tracing::warn!(%error, "lease extension failed"),
+                Err(error) => {
+                    tracing::warn!(%error, "lease extension failed");
+                    if let CallError::Refused {
+                        retry_after: Some(after),
+                        ..
+                    } = error
+                    {
+                        told_to_wait = told_to_wait.max(after);
+                    }
+                }
             }
         }
-        let wait = Duration::from_millis((term / 3).clamp(200, 10_000));
+        let wait = Duration::from_millis((term / 3).clamp(200, 10_000)).max(told_to_wait);
         if !sleep_or_stop(wait, &stop).await {
             return;
+        }
+    }
+}
+
+/// Each extended lease's term from now on: its new deadline (a lease claimed again after a
+/// lost answer arrives with what was left of its term, maybe nothing, which would have the
+/// loop extend every 200 ms for the rest of the check).
+fn renew_terms(shared: &Shared, answer: &TokenOutcomes) {
+    let now = checkplane_runtime::clock::now_ms();
+    let deadlines: std::collections::HashMap<&str, i64> = answer
+        .results
+        .iter()
+        .filter_map(|r| Some((r.token.as_str(), r.new_deadline_ms?)))
+        .collect();
+    let mut running = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+    for task in running.values_mut() {
+        if let Some(deadline) = deadlines.get(task.token.as_str()) {
+            task.lease_ms = u64::try_from(deadline - now).unwrap_or(0);
         }
     }
 }

@@ -36,12 +36,18 @@ pub(super) async fn relay_loop(
     let mut backoff = Backoff::new();
     let mut round: u64 = 0;
     while !stop.is_cancelled() {
-        let free = lane.pool.available_permits();
-        if free == 0 {
+        if lane.pool.available_permits() == 0 {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = lane.freed.notified() => continue,
             }
+        }
+        if !shared.control.claims.turn_or_stop(stop).await {
+            return;
+        }
+        let free = lane.pool.available_permits();
+        if free == 0 {
+            continue;
         }
         round += 1;
         let capacities = BTreeMap::from([(RELAY_KIND.to_owned(), free as u32)]);

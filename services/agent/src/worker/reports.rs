@@ -55,12 +55,12 @@ impl Shared {
 /// Send reports in batches of up to 100 until `stop`, then once more what is left.
 pub(super) async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut backoff = Backoff::new();
+    let next_batch = || -> Vec<Report> {
+        let reports = shared.reports.lock().unwrap_or_else(|p| p.into_inner());
+        reports.queue.iter().take(100).cloned().collect()
+    };
     loop {
-        let batch: Vec<Report> = {
-            let reports = shared.reports.lock().unwrap_or_else(|p| p.into_inner());
-            reports.queue.iter().take(100).cloned().collect()
-        };
-        if batch.is_empty() {
+        if next_batch().is_empty() {
             if stop.is_cancelled() {
                 return;
             }
@@ -70,6 +70,9 @@ pub(super) async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             }
             continue;
         }
+        // The turn first, then the batch: what finished while waiting goes along.
+        shared.control.reports.turn().await;
+        let batch = next_batch();
         let mut body = ReportRequest {
             completed: Vec::new(),
             cancelled: Vec::new(),
@@ -80,7 +83,6 @@ pub(super) async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 Report::Cancelled(c) => body.cancelled.push(c),
             }
         }
-        shared.control.reports.turn().await;
         let sent: Result<TokenOutcomes, _> = shared
             .control
             .post("v1/agents/report", &body, Duration::from_secs(10))

@@ -204,6 +204,8 @@ async fn every_agent_call_and_the_operator_api_have_their_limit_with_its_headers
     assert!((590..=600).contains(&retry), "Retry-After {retry}");
     let wrong = register(http, run, "limited-c", "not-the-enrollment-token").await;
     assert_eq!(wrong.status, 401, "{}", wrong.body);
+    // Counted as this address's first failed authentication (30 at once by default).
+    assert_eq!((wrong.limit, wrong.remaining), (Some(30), Some(29)));
     assert_eq!(register(http, run, "limited-c", ENROLL).await.status, 201);
 
     let metrics = checkplane_testkit::metrics_text(&run.url("/metrics")).await;
@@ -388,7 +390,8 @@ async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
             .status,
         401
     );
-    let third = as_operator(http, run, wrong, Some("203.0.113.7")).await;
+    // With the port some proxies add: still 203.0.113.7.
+    let third = as_operator(http, run, wrong, Some("203.0.113.7:4444")).await;
     assert_eq!(third.status, 429, "{}", third.body);
     assert_eq!(third.body["error"]["code"], "ERR_RATE_LIMITED");
     // Another client behind the same proxy has its own budget.
