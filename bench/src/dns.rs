@@ -283,6 +283,8 @@ pub async fn rss(args: RssArgs) {
     let mut agent = tokio::process::Command::new(&args.agent_bin)
         .envs([
             ("AGENT_CONTROL_PLANE", base.as_str()),
+            // The bench's gateway, on loopback.
+            ("AGENT_ALLOW_PLAINTEXT", "true"),
             ("AGENT_ENROLLMENT_TOKEN", crate::fanout::ENROLL),
             (
                 "AGENT_STATE_FILE",

@@ -82,6 +82,7 @@ async fn relaying_agent(s: &mut Setup, ha: usize) -> String {
     let hostname = format!("lb-node-{ha}");
     let env: Vec<(String, String)> = [
         ("AGENT_CONTROL_PLANE", format!("{}/", s.base)),
+        ("AGENT_ALLOW_PLAINTEXT", "true".to_owned()),
         (
             "AGENT_STATE_FILE",
             s.state

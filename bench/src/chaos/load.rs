@@ -608,6 +608,7 @@ pub async fn handle_dead_letters(
             let action = if turn % 2 == 1 { "requeue" } else { "drop" };
             let at_ms = now_ms();
             let mut answer = (0u16, String::new());
+            let mut maybe_applied = false;
             for _ in 0..10 {
                 let request = if action == "requeue" {
                     http.post(format!("{base}/v1/dead-letters/{id}/requeue"))
@@ -620,6 +621,7 @@ pub async fn handle_dead_letters(
                     .send()
                     .await
                 else {
+                    maybe_applied = true;
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 };
@@ -628,6 +630,7 @@ pub async fn handle_dead_letters(
                 if status != 409 && status < 500 {
                     break;
                 }
+                maybe_applied |= status >= 500;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             ledger.letters.lock().unwrap().push(LetterAction {
@@ -637,6 +640,7 @@ pub async fn handle_dead_letters(
                 at_ms,
                 status: answer.0,
                 code: answer.1,
+                maybe_applied,
             });
         }
         tokio::select! {

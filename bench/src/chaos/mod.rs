@@ -371,6 +371,8 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
     let agent_env = |hostname: &str, health: u16| {
         env(&[
             ("AGENT_CONTROL_PLANE", format!("{base}/")),
+            // The gateways behind HAProxy on loopback.
+            ("AGENT_ALLOW_PLAINTEXT", "true".to_owned()),
             (
                 "AGENT_STATE_FILE",
                 work.join(format!("{hostname}.json")).display().to_string(),

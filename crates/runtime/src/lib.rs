@@ -14,6 +14,7 @@ pub mod settings;
 #[cfg(feature = "stores")]
 pub mod stores;
 pub mod telemetry;
+pub mod tls;
 pub mod vars;
 
 pub use config::{ConfigError, Env, Secret};

@@ -76,16 +76,28 @@ content-length: 82\r\n\
 {\"error\":{\"code\":\"ERR_UNAVAILABLE\",\"message\":\"too many connections; retry later\"}}";
 
 /// Serve `router` on `listener` within `limits` until `shutdown` fires, then finish the
-/// requests in flight.
+/// requests in flight; over TLS when `tls` says where the certificate is (read again when
+/// it changes).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: &HttpLimits,
+    tls: Option<&crate::tls::TlsFiles>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let limits = HttpLimits {
         max_connections: connection_cap(limits.max_connections),
         ..limits.clone()
+    };
+    let (acceptor, _watcher) = match tls {
+        None => (None, None),
+        Some(files) => {
+            let reloading =
+                crate::tls::Reloading::new(files.clone()).map_err(std::io::Error::other)?;
+            let config = reloading.server_config().map_err(std::io::Error::other)?;
+            let watcher = AbortOnDropHandle::new(tokio::spawn(reloading.watch(shutdown.clone())));
+            (Some(tokio_rustls::TlsAcceptor::from(config)), Some(watcher))
+        }
     };
     let table = Arc::new(Table::new(limits.clone()));
     let connections = TaskTracker::new();
@@ -117,7 +129,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let Some(admitted) = table.admit(peer.ip()) else {
             metrics::counter!("http_connections_closed_total", "reason" => "refused").increment(1);
-            refuse(stream, &refusals);
+            // A TLS client cannot read a plain answer: it is only closed.
+            if acceptor.is_none() {
+                refuse(stream, &refusals);
+            }
             continue;
         };
         connections.spawn(connection(
@@ -127,6 +142,7 @@ pub async fn serve(
             admitted,
             table.clone(),
             limits.body_timeout,
+            acceptor.clone(),
             shutdown.clone(),
         ));
     }
@@ -198,6 +214,7 @@ fn is_out_of_descriptors(error: &std::io::Error) -> bool {
 }
 
 /// Serve one connection until it ends, is closed by the table, or the service shuts down.
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -205,15 +222,36 @@ async fn connection(
     admitted: Admitted,
     table: Arc<Table>,
     body_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let Admitted { id, state, close } = admitted;
     let origin = table.origin;
-    let io = TokioIo::new(Watched {
+    let watched = Watched {
         stream,
         state: state.clone(),
         origin: table.origin,
-    });
+    };
+    let io = match tls {
+        None => Io::Plain(watched),
+        // The handshake's first byte starts the header timeout, as a request head's would.
+        Some(acceptor) => {
+            let accepted = tokio::select! {
+                accepted = acceptor.accept(watched) => accepted,
+                _ = close.cancelled() => return table.remove(id),
+                _ = shutdown.cancelled() => return table.remove(id),
+            };
+            match accepted {
+                Ok(stream) => Io::Tls(Box::new(stream)),
+                Err(error) => {
+                    metrics::counter!("http_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(%error, "TLS handshake failed");
+                    return table.remove(id);
+                }
+            }
+        }
+    };
+    let io = TokioIo::new(io);
     let limits = table.limits.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let router = router.clone();
@@ -386,6 +424,70 @@ impl Watched {
             }
         } else if stalled.load(Ordering::Acquire) != 0 {
             stalled.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// A connection's stream: the watched socket, or TLS over it.
+enum Io {
+    Plain(Watched),
+    Tls(Box<tokio_rustls::server::TlsStream<Watched>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -666,7 +768,7 @@ mod tests {
         let addr = listener.local_addr().expect("an address");
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
-        tokio::spawn(async move { serve(listener, streaming_router(), &limits, stop).await });
+        tokio::spawn(async move { serve(listener, streaming_router(), &limits, None, stop).await });
         (addr, shutdown.drop_guard())
     }
 

@@ -34,6 +34,8 @@ pub struct BaseSettings {
     pub metrics: MetricsAccess,
     /// What one HTTP client may hold of the listener.
     pub http: HttpLimits,
+    /// TLS on the listener (the gateway's `GATEWAY_TLS_CERT_FILE` and `…_KEY_FILE`).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// What one HTTP client may hold: connections, time, and the size of a request's head. Bodies
@@ -184,6 +186,7 @@ impl BaseSettings {
                 api_key: env.secret("METRICS_API_KEY")?,
             },
             http: HttpLimits::from_env(env)?,
+            tls: None,
         })
     }
 }

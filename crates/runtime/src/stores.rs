@@ -232,7 +232,14 @@ pub async fn serve_with_stores(
     ));
     let routes = build(&stores, &tracker, &shutdown);
     let app = crate::http::finish(health.router().merge(routes));
-    let served = crate::listener::serve(listener, app, &config.base.http, shutdown.clone()).await;
+    let served = crate::listener::serve(
+        listener,
+        app,
+        &config.base.http,
+        config.base.tls.as_ref(),
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;

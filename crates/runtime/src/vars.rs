@@ -203,9 +203,11 @@ pub const ALL: &[Var] = &[
         name: "AGENT_CONTROL_PLANE",
         services: "agent",
         default: "required",
-        doc: "base URL of the gateway, e.g. `http://127.0.0.1:8080`",
+        doc: "base URL of the gateway, e.g. `https://gateway.example:8443` (plain `http://` only with `AGENT_ALLOW_PLAINTEXT`)",
         secret: false,
     },
+    Var { name: "AGENT_CA_FILE", services: "agent", default: "-", doc: "the only roots the control plane's certificate is checked against (PEM, one or more); unset, the system's roots (`/etc/ssl/certs`)", secret: false },
+    Var { name: "AGENT_ALLOW_PLAINTEXT", services: "agent", default: "false", doc: "accept a plain `http://` `AGENT_CONTROL_PLANE` (the token crosses the network in clear: only for a gateway on the same host); without it the agent refuses to start", secret: false },
     Var {
         name: "AGENT_HEALTH_ADDR",
         services: "agent",
@@ -269,6 +271,9 @@ pub const ALL: &[Var] = &[
     Var { name: "GATEWAY_MAX_WAITS_PER_KEY", services: "gateway", default: "16", doc: "live streams, reads of a check with `Prefer: wait` and action lookups with `wait_ms` that one API key holds open at once on one gateway (1-100000); one more stream is 429 `ERR_RATE_LIMITED`, one more read or lookup answers without waiting", secret: false },
     Var { name: "GATEWAY_MAX_CLAIMS_PER_AGENT", services: "gateway", default: "4", doc: "long-poll claims (`wait_ms` over 0) one agent holds open at once on one gateway (2-100000; the agent keeps two, its checks' and its HAProxy relay's); one more is 429 `ERR_RATE_LIMITED` with `Retry-After: 1`", secret: false },
     Var { name: "GATEWAY_AUTH_CACHE_TTL", services: "gateway", default: "5s", doc: "how long a verified agent token or operator key is trusted without asking PostgreSQL again (0s: always ask); after a rotation or revocation on another replica the old one may pass that long", secret: false },
+    Var { name: "GATEWAY_TLS_CERT_FILE", services: "gateway", default: "-", doc: "the gateway's certificate chain, leaf first (PEM): the gateway terminates TLS itself (with `GATEWAY_TLS_KEY_FILE`; both or neither). Read again when either file changes, without a restart; a pair that does not read keeps the previous one (logged, `checkplane_tls_reload_failures_total`)", secret: false },
+    Var { name: "GATEWAY_TLS_KEY_FILE", services: "gateway", default: "-", doc: "the private key of `GATEWAY_TLS_CERT_FILE` (PEM: PKCS#8, PKCS#1 or SEC1)", secret: false },
+    Var { name: "GATEWAY_TLS_RELOAD_INTERVAL", services: "gateway", default: "10s", doc: "how often the gateway looks whether its certificate or key file changed (100ms-1h)", secret: false },
 ];
 
 /// Whether `name` is documented here, counting `<secret>_FILE` forms.

@@ -22,6 +22,7 @@ pub mod netns;
 pub mod process;
 pub mod raw;
 pub mod servers;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -13,7 +13,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn scratch_dir(kind: &str) -> PathBuf {
+/// A fresh directory under the system temp dir, named after `kind`.
+pub fn scratch_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cp-{kind}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir

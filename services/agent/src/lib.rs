@@ -48,6 +48,9 @@ pub struct Config {
     pub base: BaseSettings,
     /// Base URL of the gateway (`AGENT_CONTROL_PLANE`).
     pub control_plane: reqwest::Url,
+    /// `AGENT_CA_FILE`: the only roots the control plane's certificate is checked against
+    /// (PEM); unset, the system's roots.
+    pub control_plane_roots: Option<Vec<reqwest::Certificate>>,
     /// Where the identity comes from (`AGENT_ID` + `AGENT_AUTH_TOKEN`, or `AGENT_STATE_FILE`
     /// and `AGENT_ENROLLMENT_TOKEN`).
     pub identity: identity::Source,
@@ -133,13 +136,37 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     let raw = env.required_string("AGENT_CONTROL_PLANE")?;
     let control_plane = reqwest::Url::parse(&raw)
         .ok()
-        .filter(|u| u.scheme() == "http" && u.host().is_some())
+        .filter(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
         .ok_or_else(|| {
             ConfigError::new(
                 "AGENT_CONTROL_PLANE",
-                format!("expected an http:// URL of the gateway, got {raw:?}"),
+                format!("expected an https:// URL of the gateway, got {raw:?}"),
             )
         })?;
+    let allow_plaintext = env.bool("AGENT_ALLOW_PLAINTEXT", false)?;
+    if control_plane.scheme() == "http" && !allow_plaintext {
+        return Err(ConfigError::new(
+            "AGENT_CONTROL_PLANE",
+            format!(
+                "{raw:?} is plain http: the agent's token would cross the network in clear; \
+                 use https://, or set AGENT_ALLOW_PLAINTEXT=true (a gateway on this host)"
+            ),
+        ));
+    }
+    let control_plane_roots = match env.opt_string("AGENT_CA_FILE") {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(&path)
+                .map_err(|e| ConfigError::new("AGENT_CA_FILE", format!("{path}: {e}")))?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|roots| !roots.is_empty())
+                .ok_or_else(|| {
+                    ConfigError::new("AGENT_CA_FILE", format!("{path}: no PEM certificate in it"))
+                })?;
+            Some(roots)
+        }
+    };
     let agent_id = env.opt_string("AGENT_ID");
     let token = env.secret("AGENT_AUTH_TOKEN")?;
     let enrollment = env.secret("AGENT_ENROLLMENT_TOKEN")?;
@@ -241,6 +268,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     Ok(Config {
         base,
         control_plane,
+        control_plane_roots,
         identity,
         hostname,
         pools,
@@ -293,7 +321,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder();
+    if let Some(roots) = &config.control_plane_roots {
+        client = client.tls_certs_only(roots.iter().cloned());
+    }
+    let client = client
         .connect_timeout(Duration::from_secs(5))
         // Below the gateway's HTTP_IDLE_TIMEOUT (60 s by default), so that a pooled connection
         // is not reused just as the gateway closes it.
@@ -340,9 +372,10 @@ pub async fn run(
         config.base.metrics.clone(),
     ));
     let app = checkplane_runtime::http::finish(health.router());
-    let served = checkplane_runtime::listener::serve(listener, app, &config.base.http, shutdown)
-        .await
-        .map_err(RunError::Serve);
+    let served =
+        checkplane_runtime::listener::serve(listener, app, &config.base.http, None, shutdown)
+            .await
+            .map_err(RunError::Serve);
     // Running checks finish and their reports go out (the launcher bounds this with
     // SHUTDOWN_TIMEOUT).
     work.wait().await;

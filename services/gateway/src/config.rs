@@ -54,7 +54,8 @@ pub struct Config {
 
 /// Read the gateway's configuration.
 pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    let service = StoreServiceConfig::from_env(env, crate::NAME, "0.0.0.0:8080")?;
+    let mut service = StoreServiceConfig::from_env(env, crate::NAME, "0.0.0.0:8080")?;
+    service.base.tls = tls_files(env)?;
     let enrollment_token = env.secret("GATEWAY_ENROLLMENT_TOKEN")?;
     if let Some(token) = &enrollment_token {
         if token.expose().len() < 16 {
@@ -132,6 +133,42 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         max_deliveries,
         claim_block,
     })
+}
+
+/// `GATEWAY_TLS_CERT_FILE` and `GATEWAY_TLS_KEY_FILE` (both or neither), read once here so
+/// a bad pair stops the start naming the variable; `GATEWAY_TLS_RELOAD_INTERVAL`.
+fn tls_files(env: &mut Env) -> Result<Option<checkplane_runtime::tls::TlsFiles>, ConfigError> {
+    const CERT: &str = "GATEWAY_TLS_CERT_FILE";
+    const KEY: &str = "GATEWAY_TLS_KEY_FILE";
+    let reload_every = env.duration(
+        "GATEWAY_TLS_RELOAD_INTERVAL",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    )?;
+    let (cert, key) = match (env.opt_string(CERT), env.opt_string(KEY)) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                KEY,
+                "is required with GATEWAY_TLS_CERT_FILE",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                CERT,
+                "is required with GATEWAY_TLS_KEY_FILE",
+            ))
+        }
+        (Some(cert), Some(key)) => (PathBuf::from(cert), PathBuf::from(key)),
+    };
+    let files = checkplane_runtime::tls::TlsFiles {
+        cert,
+        key,
+        reload_every,
+    };
+    checkplane_runtime::tls::load(&files).map_err(|e| ConfigError::new(CERT, e.to_string()))?;
+    Ok(Some(files))
 }
 
 /// The rate limits, each `None` when set to `off`. Each counts per caller: a hostname for

@@ -19,6 +19,8 @@ type Service = Running<checkplane_runtime::RunError>;
 async fn start_agent(gw: &Service, state: &StateDir, extra: &[(&str, &str)]) -> Service {
     let mut env = vec![
         ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
+        // The gateway is in this process, on loopback.
+        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
         ("AGENT_STATE_FILE".to_owned(), state.file()),
         ("AGENT_HOSTNAME".to_owned(), "probe-e2e".to_owned()),
     ];
@@ -102,6 +104,7 @@ async fn hanging_listener() -> (tokio::net::TcpListener, u16, Vec<std::net::TcpS
 fn process_env(gw: &Service, state: &StateDir, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("AGENT_CONTROL_PLANE", gw.url("/")),
+        ("AGENT_ALLOW_PLAINTEXT", "true".to_owned()),
         ("AGENT_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
         ("AGENT_STATE_FILE", state.file()),
         ("AGENT_ALLOW_PRIVATE_TARGETS", "true".to_owned()),

@@ -64,6 +64,7 @@ async fn ready_only_while_the_control_plane_answers() {
     let state = StateDir::new();
     let config = agent::load(&mut Env::from_pairs([
         ("AGENT_CONTROL_PLANE", gw.url("/")),
+        ("AGENT_ALLOW_PLAINTEXT", "true".to_owned()),
         ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
         ("AGENT_STATE_FILE", state.file()),
         ("HTTP_HEADER_TIMEOUT", "300ms".to_owned()),
@@ -100,6 +101,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
             "AGENT_CONTROL_PLANE".to_owned(),
             "http://127.0.0.1:1".to_owned(),
         ),
+        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
         (
             "AGENT_HEALTH_ADDR".to_owned(),
             format!("127.0.0.1:{}", free_port()),
@@ -137,6 +139,10 @@ fn bad_configuration_exits_2_naming_the_variable() {
         // Proxy settings without the proxy.
         ("AGENT_DNS_UPSTREAM", "9.9.9.9"),
         ("AGENT_ALLOW_PRIVATE_TARGETS", "perhaps"),
+        ("AGENT_ALLOW_PLAINTEXT", "perhaps"),
+        ("AGENT_CA_FILE", "/nonexistent/ca.pem"),
+        // A file that is not PEM.
+        ("AGENT_CA_FILE", "/etc/hostname"),
         // An id without its token.
         ("AGENT_AUTH_TOKEN", "AGENT_ID"),
     ] {
@@ -152,6 +158,18 @@ fn bad_configuration_exits_2_naming_the_variable() {
         assert_eq!(out.status.code(), Some(2), "{var}={value}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(var));
     }
+
+    // A plain http:// control plane without AGENT_ALLOW_PLAINTEXT: the token would cross
+    // the network in clear.
+    let mut plain = env.clone();
+    plain.retain(|(k, _)| k != "AGENT_ALLOW_PLAINTEXT");
+    let out = checkplane_testkit::process::run_to_end(bin(), &[], &plain, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("AGENT_CONTROL_PLANE") && stderr.contains("AGENT_ALLOW_PLAINTEXT"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -163,6 +181,7 @@ async fn sigterm_exits_0_within_the_bound() {
     let state = StateDir::new();
     let env = vec![
         ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
+        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
         ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
         ("AGENT_STATE_FILE".to_owned(), state.file()),
         ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
@@ -171,4 +190,101 @@ async fn sigterm_exits_0_within_the_bound() {
     let url = format!("http://127.0.0.1:{port}/readyz");
     assert_sigterm_exits_0(bin(), &env, &url, Duration::from_secs(3)).await;
     gw.stop().await.unwrap();
+}
+
+/// A gateway in-process terminating TLS with a certificate of `ca` (files under `dir`).
+async fn tls_gateway(
+    db: &TestDb,
+    redis: &TestRedis,
+    ca: &checkplane_testkit::tls::Ca,
+    dir: &Path,
+) -> Running<checkplane_runtime::RunError> {
+    let (cert, key) = ca.write_server(dir, "gateway");
+    let mut env = store_env(db, redis);
+    env.extend([
+        ("GATEWAY_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
+        (
+            "GATEWAY_TLS_CERT_FILE".to_owned(),
+            cert.display().to_string(),
+        ),
+        ("GATEWAY_TLS_KEY_FILE".to_owned(), key.display().to_string()),
+    ]);
+    let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let ready = format!("https://127.0.0.1:{}/readyz", gw.addr.port());
+    eventually(
+        "the gateway ready over TLS",
+        Duration::from_secs(10),
+        || async {
+            let status = client.get(&ready).send().await.ok()?.status();
+            status.is_success().then_some(())
+        },
+    )
+    .await;
+    gw
+}
+
+#[tokio::test]
+async fn the_agent_reaches_an_https_control_plane_only_through_the_ca_it_trusts() {
+    use checkplane_testkit::tls::Ca;
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let dir = checkplane_testkit::servers::scratch_dir("agent-tls");
+    let (ours, theirs) = (Ca::new("our CA"), Ca::new("someone else's CA"));
+    let gw = tls_gateway(&db, &redis, &ours, &dir).await;
+    let https = format!("https://127.0.0.1:{}/", gw.addr.port());
+    let start = |ca_file: std::path::PathBuf, state: &StateDir| {
+        let config = agent::load(&mut Env::from_pairs([
+            ("AGENT_CONTROL_PLANE", https.clone()),
+            ("AGENT_CA_FILE", ca_file.display().to_string()),
+            ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
+            ("AGENT_STATE_FILE", state.file()),
+            ("AGENT_HOSTNAME", "probe-tls".to_owned()),
+        ]))
+        .unwrap();
+        Running::start(|l, s| agent::run(config, l, s))
+    };
+
+    // Trusting another CA: the handshake fails, so it is not ready and never registers.
+    let state = StateDir::new();
+    let stranger = start(theirs.write(&dir, "theirs.pem"), &state).await;
+    let body = eventually(
+        "not ready: the control plane",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = stranger.get_json("/readyz").await;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(
+        body["failed"],
+        serde_json::json!(["control_plane"]),
+        "{body}"
+    );
+    stranger.stop().await.unwrap();
+    let pg = db.client().await;
+    let registered = || async {
+        pg.query_one("SELECT count(*) FROM agents", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(registered().await, 0);
+
+    // Trusting ours: ready, registered over TLS.
+    let state = StateDir::new();
+    let agent = start(ours.write(&dir, "ours.pem"), &state).await;
+    agent.wait_ready(Duration::from_secs(10)).await;
+    eventually("registered", Duration::from_secs(10), || async {
+        (registered().await == 1).then_some(())
+    })
+    .await;
+    agent.stop().await.unwrap();
+    gw.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,3 +8,4 @@ mod lease_api;
 mod limits;
 mod operators;
 mod process;
+mod tls;

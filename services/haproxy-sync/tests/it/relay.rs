@@ -48,6 +48,7 @@ async fn control_plane(db: &TestDb, redis: &TestRedis) -> (Service, Service) {
 async fn relaying_agent(gw: &Service, state: &std::path::Path, socket: &str) -> (Service, String) {
     let env: Vec<(String, String)> = [
         ("AGENT_CONTROL_PLANE", gw.url("/")),
+        ("AGENT_ALLOW_PLAINTEXT", "true".to_owned()),
         ("AGENT_STATE_FILE", state.display().to_string()),
         ("AGENT_ENROLLMENT_TOKEN", ENROLL.to_owned()),
         ("AGENT_HOSTNAME", "lb-host-1".to_owned()),
