@@ -200,6 +200,12 @@ impl Keys {
         format!("{}:rate:{endpoint}:{caller}", self.prefix)
     }
 
+    /// The channel on which gateways tell each other to forget cached credentials
+    /// (`agent:<id>` after a rotation, `key:<key_id>` after a revocation).
+    pub fn auth_invalidations(&self) -> String {
+        format!("{}:auth", self.prefix)
+    }
+
     /// The pattern of every check's live channel.
     pub fn live_pattern(&self) -> String {
         format!("{}:live:*", self.prefix)

@@ -501,8 +501,33 @@ pub async fn register_agent(
     enrollment: &str,
     body: &serde_json::Value,
 ) -> (String, String) {
-    let response = http
-        .post(format!("{base}/v1/agents/register"))
+    register_as(http, base, enrollment, body, None).await
+}
+
+/// Register a known host again, proving it with its agent's current `token`: (agent id, the
+/// new token).
+pub async fn reregister_agent(
+    http: &reqwest::Client,
+    base: &str,
+    enrollment: &str,
+    body: &serde_json::Value,
+    token: &str,
+) -> (String, String) {
+    register_as(http, base, enrollment, body, Some(token)).await
+}
+
+async fn register_as(
+    http: &reqwest::Client,
+    base: &str,
+    enrollment: &str,
+    body: &serde_json::Value,
+    token: Option<&str>,
+) -> (String, String) {
+    let mut request = http.post(format!("{base}/v1/agents/register"));
+    if let Some(token) = token {
+        request = request.header("x-agent-token", token);
+    }
+    let response = request
         .header("x-enrollment-token", enrollment)
         .json(body)
         .send()

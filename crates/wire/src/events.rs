@@ -173,6 +173,10 @@ pub enum EventBody {
     /// An agent registered, or re-registered and so rotated its token.
     #[serde(rename = "agent.registered")]
     AgentRegistered(Box<AgentRegistered>),
+    /// An admin let a known host register again with the enrollment token alone (its agent's
+    /// token is lost): once, until `until_ms`.
+    #[serde(rename = "agent.reenroll_approved")]
+    AgentReenrollApproved(AgentReenrollApproved),
     /// An agent's heartbeat came in while it was not online.
     #[serde(rename = "agent.online")]
     AgentCameBack(AgentPresence),
@@ -268,6 +272,7 @@ impl EventBody {
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::AgentRegistered(_) => "agent.registered",
+            Self::AgentReenrollApproved(_) => "agent.reenroll_approved",
             Self::AgentCameBack(_) => "agent.online",
             Self::AgentWentOffline(_) => "agent.offline",
             Self::LeaseGranted(_) => "lease.granted",
@@ -306,6 +311,7 @@ impl EventBody {
             self,
             Self::KeyCreated(_)
                 | Self::KeyRevoked(_)
+                | Self::AgentReenrollApproved(_)
                 | Self::CheckCreated(_)
                 | Self::CheckCancelled(_)
                 | Self::HaproxyInstanceRegistered(_)
@@ -356,6 +362,17 @@ pub struct AgentRegistered {
     pub address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+}
+
+/// Payload of `agent.reenroll_approved`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentReenrollApproved {
+    pub agent_id: String,
+    pub hostname: String,
+    /// Until when (ms since the epoch) one registration with the enrollment token alone is
+    /// taken.
+    pub until_ms: i64,
 }
 
 /// Payload of `agent.online` and `agent.offline`.

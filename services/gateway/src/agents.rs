@@ -1,6 +1,6 @@
 //! The agent registry: register, heartbeat, and the operator's list of agents.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -8,14 +8,15 @@ use base64::Engine;
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery, BodyLimit};
 use checkplane_wire::agents::{
-    HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
+    AgentId, HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
 };
-use checkplane_wire::events::{AgentRegistered, Event, EventBody};
+use checkplane_wire::events::{AgentReenrollApproved, AgentRegistered, Event, EventBody};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::auth::{hash_secret, AgentIdentity, Enrollment, Viewer};
+use crate::auth::{hash_secret, Admin, AgentIdentity, Enrollment, Viewer};
+use crate::credentials::same;
 use crate::edge::Written;
 use crate::paging::{check_window, Page};
 use crate::state::AppState;
@@ -39,6 +40,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/agents", get(list))
         .route("/v1/agents/{agent_id}/concurrency", get(concurrency))
+        .route("/v1/agents/{agent_id}/reenroll", post(reenroll))
 }
 
 /// Largest metrics report (600 snapshots and 128 metrics fit well inside).
@@ -203,7 +205,6 @@ async fn register(
     let registration = request
         .parse()
         .map_err(|e| ApiError::validation(e.to_string()))?;
-    enrollment.register(&app, &registration.hostname).await?;
     let address = enrollment.address;
     let (location, location_source) = match registration.location {
         Some(location) => (location, "declared"),
@@ -224,18 +225,44 @@ async fn register(
     .await?;
     let known = tx
         .query_opt(
-            "SELECT agent_id, identity_version FROM agents WHERE hostname = $1",
+            "SELECT agent_id, identity_version, token_hash,
+                    coalesce(reenroll_until > now(), false) AS approved
+             FROM agents WHERE hostname = $1",
             &[&registration.hostname],
         )
         .await?;
     let (agent_id, version, rotated) = match known {
-        Some(row) => (
-            row.get::<_, String>("agent_id"),
-            row.get::<_, i64>("identity_version") + 1,
-            true,
-        ),
+        Some(row) => {
+            let agent_id: String = row.get("agent_id");
+            // A known host: only its agent (by its current token) or an admin's approval
+            // may register it again; the enrollment token alone would hand its identity to
+            // anyone who holds that shared secret.
+            let stored: Option<String> = row.get("token_hash");
+            let proven = matches!(
+                (&stored, &enrollment.presented),
+                (Some(stored), Some(given)) if same(stored.as_bytes(), given.as_bytes())
+            );
+            if !proven && !row.get::<_, bool>("approved") {
+                drop(tx);
+                let refused = ApiError::new(
+                    StatusCode::CONFLICT,
+                    checkplane_wire::ErrorCode::Conflict,
+                    format!(
+                        "{} is registered to agent {agent_id}: registering it again needs that \
+                         agent's current token (X-Agent-Token) or an admin's approval \
+                         (POST /v1/agents/{agent_id}/reenroll)",
+                        registration.hostname
+                    ),
+                );
+                return Err(enrollment.refuse(&app, refused).await);
+            }
+            (agent_id, row.get::<_, i64>("identity_version") + 1, true)
+        }
         None => (format!("agt-{}", Uuid::now_v7().simple()), 1, false),
     };
+    // Counted only for a registration that would go through: refused takeovers count against
+    // their address (above), never against the host, which they would lock out.
+    enrollment.register(&app, &registration.hostname).await?;
     let event = Event::new(
         format!("agent:{agent_id}"),
         version,
@@ -257,7 +284,9 @@ async fn register(
     written.append(&tx, &stream, &event).await?;
     tx.commit().await?;
     drop(client);
-    app.auth_cache.forget(&agent_id);
+    if rotated {
+        crate::revocations::announce(&app, crate::revocations::Forget::Agent(&agent_id)).await;
+    }
     written.publish_now(&app).await;
 
     tracing::info!(%agent_id, rotated, "agent registered");
@@ -276,6 +305,77 @@ async fn register(
                 .unwrap_or(u64::MAX),
         }),
     ))
+}
+
+/// How long an admin's approval of a host's re-enrollment lasts.
+const REENROLL_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
+
+#[derive(Debug, Serialize)]
+struct ReenrollApproval {
+    agent_id: String,
+    hostname: String,
+    /// Until when one registration of the host with the enrollment token alone is taken.
+    until_ms: i64,
+}
+
+/// `POST /v1/agents/{agent_id}/reenroll` (admin): the agent's host may register once with
+/// the enrollment token alone within the next hour (its agent lost its token: a wiped state
+/// file, a rebuilt host). The registration keeps the agent id and rotates the token.
+async fn reenroll(
+    State(app): State<AppState>,
+    admin: Admin,
+    Path(agent_id): Path<String>,
+) -> Result<Json<ReenrollApproval>, ApiError> {
+    let agent_id = AgentId::parse(&agent_id)
+        .map_err(|_| ApiError::not_found("no such agent"))?
+        .as_str()
+        .to_owned();
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT hostname FROM agents WHERE agent_id = $1 AND hostname IS NOT NULL",
+            &[&agent_id],
+        )
+        .await?
+    else {
+        return Err(ApiError::not_found("no such agent"));
+    };
+    let hostname: String = row.get("hostname");
+    // The registrations' lock: identity versions of one host are taken one at a time.
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&hostname])
+        .await?;
+    let version: i64 = tx
+        .query_one(
+            "SELECT identity_version FROM agents WHERE agent_id = $1",
+            &[&agent_id],
+        )
+        .await?
+        .get("identity_version");
+    let until_ms = now_ms() + i64::try_from(REENROLL_WINDOW.as_millis()).unwrap_or(i64::MAX);
+    let event = Event::new(
+        format!("agent:{agent_id}"),
+        version + 1,
+        admin.caller.actor(),
+        EventBody::AgentReenrollApproved(AgentReenrollApproved {
+            agent_id: agent_id.clone(),
+            hostname: hostname.clone(),
+            until_ms,
+        }),
+    );
+    let mut written = Written::new();
+    written
+        .append(&tx, &app.keys.events("agents"), &event)
+        .await?;
+    tx.commit().await?;
+    drop(client);
+    written.publish_now(&app).await;
+    tracing::info!(%agent_id, actor = %admin.caller.actor(), "re-enrollment approved");
+    Ok(Json(ReenrollApproval {
+        agent_id,
+        hostname,
+        until_ms,
+    }))
 }
 
 async fn heartbeat(

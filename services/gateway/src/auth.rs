@@ -44,6 +44,9 @@ fn speaks_our_protocol(parts: &Parts) -> Result<(), ApiError> {
 pub struct Enrollment {
     /// The client's address ([`limits::client_address`]).
     pub address: Option<IpAddr>,
+    /// The hash of the `X-Agent-Token` it presented: a known host's proof that it is the
+    /// agent registered under that name.
+    pub presented: Option<String>,
     slot: Option<RateSlot>,
 }
 
@@ -51,6 +54,14 @@ impl Enrollment {
     /// Count a registration of `hostname` (`GATEWAY_RATE_REGISTER`): 429 past it.
     pub async fn register(&self, state: &AppState, hostname: &str) -> Result<(), ApiError> {
         limits::check(state, self.slot.as_ref(), Limit::Register, hostname).await
+    }
+
+    /// `error`, counted as a failed authentication of the caller's address (it claimed a
+    /// known host without that agent's token).
+    pub async fn refuse(&self, state: &AppState, error: ApiError) -> ApiError {
+        let caller = limits::failure_caller(self.address);
+        limits::count(state, self.slot.as_ref(), Limit::AuthFailures, &caller).await;
+        error
     }
 }
 
@@ -73,8 +84,12 @@ impl FromRequestParts<AppState> for Enrollment {
                 .fail(ApiError::unauthorized("wrong enrollment token"))
                 .await);
         }
+        let presented = header(parts, "x-agent-token")
+            .filter(|t| t.len() <= sizes::TOKEN)
+            .map(hash_secret);
         Ok(Self {
             address: failures.address,
+            presented,
             slot: failures.slot,
         })
     }
@@ -175,6 +190,7 @@ async fn verify(
 ) -> Result<(), ApiError> {
     let denied = || ApiError::unauthorized("unknown agent or wrong token");
     let failures = Failures::look(parts, state).await?;
+    let seen = state.auth_cache.generation();
     metrics::counter!("checkplane_auth_lookups_total", "kind" => "agent").increment(1);
     let client = state.stores.pg.get().await?;
     // Through the statement cache: every agent comes here again once its entry expires.
@@ -190,7 +206,7 @@ async fn verify(
     if !same(stored.as_bytes(), presented.as_bytes()) {
         return Err(failures.fail(denied()).await);
     }
-    state.auth_cache.remember(agent_id, presented);
+    state.auth_cache.remember(agent_id, presented, seen);
     Ok(())
 }
 
@@ -278,6 +294,7 @@ async fn identify(parts: &Parts, state: &AppState, key: &str) -> Result<Caller, 
         return Ok(caller);
     }
     let failures = Failures::look(parts, state).await?;
+    let seen = state.key_cache.generation();
     metrics::counter!("checkplane_auth_lookups_total", "kind" => "key").increment(1);
     let client = state.stores.pg.get().await?;
     let Some(row) = client
@@ -299,6 +316,6 @@ async fn identify(parts: &Parts, state: &AppState, key: &str) -> Result<Caller, 
         name: row.get("name"),
         role,
     };
-    state.key_cache.remember(caller.clone(), presented);
+    state.key_cache.remember(caller.clone(), presented, seen);
     Ok(caller)
 }

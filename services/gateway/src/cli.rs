@@ -128,6 +128,22 @@ pub async fn keys(config: Config, args: ArgMatches) -> ExitCode {
             match operators::revoke_key(&mut client, &stream, &key_id, &actor()).await {
                 Ok(Some(_)) => {
                     eprintln!("revoked key {key_id}");
+                    // The running gateways forget it at once (else within their cache TTL).
+                    let store = &config.service.store;
+                    let channel = Keys::new(store.stream_prefix.clone(), store.stream_shards)
+                        .auth_invalidations();
+                    let told = async {
+                        let redis = redis::Client::open(store.redis.connection_info())?;
+                        let mut conn = redis.get_multiplexed_async_connection().await?;
+                        redis::cmd("PUBLISH")
+                            .arg(&channel)
+                            .arg(format!("key:{key_id}"))
+                            .query_async::<i64>(&mut conn)
+                            .await
+                    };
+                    if let Err(error) = told.await {
+                        eprintln!("the running gateways were not told ({error}); they forget the key within GATEWAY_AUTH_CACHE_TTL");
+                    }
                     ExitCode::SUCCESS
                 }
                 Ok(None) => {

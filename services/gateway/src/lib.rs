@@ -17,6 +17,7 @@ pub mod operators;
 pub mod paging;
 pub mod parked;
 pub mod places;
+pub mod revocations;
 pub mod state;
 
 use std::sync::Arc;
@@ -66,11 +67,20 @@ pub async fn run(
         shutdown,
         move |stores, tracker, shutdown| {
             let doorbell = Doorbell::default();
-            tracker.spawn(
-                doorbell
-                    .clone()
-                    .subscribe(redis_client, keys.clone(), shutdown.clone()),
-            );
+            tracker.spawn(doorbell.clone().subscribe(
+                redis_client.clone(),
+                keys.clone(),
+                shutdown.clone(),
+            ));
+            let auth_cache = Arc::new(credentials::AuthCache::new(config.auth_cache_ttl));
+            let key_cache = Arc::new(credentials::KeyCache::new(config.auth_cache_ttl));
+            tracker.spawn(revocations::follow(
+                redis_client,
+                keys.auth_invalidations(),
+                auth_cache.clone(),
+                key_cache.clone(),
+                shutdown.clone(),
+            ));
             let live_streams = Arc::new(tokio::sync::Semaphore::new(config.max_live_streams));
             let key_waits = places::Places::new("stream", config.max_waits_per_key);
             let agent_claims = places::Places::new("claim", config.max_claims_per_agent);
@@ -81,8 +91,8 @@ pub async fn run(
                 leases: Leases::new(keys.clone(), lease_settings),
                 doorbell,
                 keys,
-                auth_cache: Arc::new(credentials::AuthCache::new(config.auth_cache_ttl)),
-                key_cache: Arc::new(credentials::KeyCache::new(config.auth_cache_ttl)),
+                auth_cache,
+                key_cache,
                 config,
                 shutdown: shutdown.clone(),
                 action_waiters: Arc::new(tokio::sync::Semaphore::new(haproxy::MAX_ACTION_WAITERS)),

@@ -210,7 +210,7 @@ async fn revoke(
     let mut client = app.stores.pg.get().await?;
     let written = revoke_key(&mut client, &stream, &key_id, &admin.caller.actor()).await?;
     drop(client);
-    app.key_cache.forget(&key_id);
+    crate::revocations::announce(&app, crate::revocations::Forget::Key(&key_id)).await;
     if let Some(written) = written {
         written.publish_now(&app).await;
     }

@@ -2,7 +2,7 @@
 //! (status by `status_version`, every transition in `agent_status_history`).
 
 use checkplane_runtime::db::Sql;
-use checkplane_wire::events::{AgentPresence, AgentRegistered, Event};
+use checkplane_wire::events::{AgentPresence, AgentReenrollApproved, AgentRegistered, Event};
 
 use super::{ApplyError, AT};
 
@@ -35,6 +35,7 @@ pub(super) async fn apply_registered(
             agent_version = CASE WHEN {newer} THEN EXCLUDED.agent_version ELSE agents.agent_version END,
             updated_at = CASE WHEN {newer} THEN EXCLUDED.updated_at ELSE agents.updated_at END,
             registered_at = LEAST(agents.registered_at, EXCLUDED.registered_at),
+            reenroll_until = CASE WHEN {newer} THEN NULL ELSE agents.reenroll_until END,
             identity_version = GREATEST(agents.identity_version, EXCLUDED.identity_version)"
     );
     client
@@ -56,6 +57,23 @@ pub(super) async fn apply_registered(
                 &e.agent_version,
                 &event.version,
             ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// An admin's approval of one registration by the enrollment token alone: a step of the
+/// agent's identity (its version), undone by the next registration.
+pub(super) async fn apply_reenroll_approved(
+    client: &impl Sql,
+    event: &Event,
+    e: &AgentReenrollApproved,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            "UPDATE agents SET reenroll_until = cp_at_ms($2), identity_version = $3
+             WHERE agent_id = $1 AND identity_version < $3",
+            &[&e.agent_id, &e.until_ms, &event.version],
         )
         .await?;
     Ok(())

@@ -117,6 +117,9 @@ pub async fn record(client: &impl Sql, event: &Event) -> Result<bool, ApplyError
 pub async fn apply(client: &impl Sql, event: &Event) -> Result<(), ApplyError> {
     match &event.body {
         EventBody::AgentRegistered(e) => agents::apply_registered(client, event, e).await,
+        EventBody::AgentReenrollApproved(e) => {
+            agents::apply_reenroll_approved(client, event, e).await
+        }
         EventBody::AgentCameBack(e) => agents::apply_presence(client, event, e, "online").await,
         EventBody::AgentWentOffline(e) => agents::apply_presence(client, event, e, "offline").await,
         EventBody::LeaseGranted(_)

@@ -254,6 +254,8 @@ pub(super) async fn identity(
     };
     let mut backoff = Backoff::new();
     loop {
+        // The token this host holds, its proof when it registers again.
+        let mut current: Option<String> = None;
         match identity::load(state_file) {
             Ok(Some(identity))
                 if enrollment.is_some() && identity.declared != Some(declared(settings)) =>
@@ -261,6 +263,7 @@ pub(super) async fn identity(
                 // Registered with other kinds or pool sizes (an upgrade, a changed
                 // configuration): register again, so the control plane knows what it runs.
                 tracing::info!(agent_id = %identity.agent_id, "declared kinds changed since registration; registering again");
+                current = Some(identity.token);
             }
             Ok(Some(identity)) => {
                 if identity
@@ -290,7 +293,8 @@ pub(super) async fn identity(
             }
             continue;
         };
-        let wait = match register(http, settings, enrollment, state_file).await {
+        let wait = match register(http, settings, enrollment, state_file, current.as_deref()).await
+        {
             Ok(identity) => {
                 tracing::info!(agent_id = %identity.agent_id, "registered with the control plane");
                 return Some(identity);
@@ -321,12 +325,15 @@ pub(super) fn declared(settings: &Settings) -> BTreeMap<String, u32> {
 }
 
 /// Register with the enrollment token and keep the answer in the state file (before it is
-/// used: without the file a restart would register anew).
+/// used: without the file a restart would register anew). `current` is the token this host
+/// holds, if any: a host the control plane knows registers again only with it (or with an
+/// admin's approval).
 pub(super) async fn register(
     http: &reqwest::Client,
     settings: &Settings,
     enrollment: &checkplane_runtime::Secret,
     state_file: &std::path::Path,
+    current: Option<&str>,
 ) -> Result<Identity, RegisterError> {
     let body = RegisterRequest {
         hostname: settings.hostname.clone(),
@@ -343,8 +350,11 @@ pub(super) async fn register(
             path: path.to_owned(),
             error,
         })?;
-    let response = http
-        .post(url)
+    let mut request = http.post(url);
+    if let Some(token) = current {
+        request = request.header("x-agent-token", token);
+    }
+    let response = request
         .header("x-enrollment-token", enrollment.expose())
         .header(protocol::HEADER, protocol::CURRENT)
         .timeout(Duration::from_secs(10))
@@ -352,6 +362,14 @@ pub(super) async fn register(
         .send()
         .await
         .map_err(CallError::Transport)?;
+    if response.status() == reqwest::StatusCode::CONFLICT {
+        tracing::error!(
+            hostname = %settings.hostname,
+            "the control plane knows this host under another token (its agent's token was lost, \
+             or another host has the same name): an admin must approve its re-enrollment \
+             (POST /v1/agents/<id>/reenroll, the id is in the answer)"
+        );
+    }
     if !response.status().is_success() {
         return Err(CallError::refused(response).await.into());
     }
@@ -388,11 +406,19 @@ pub(super) async fn reregister(shared: &Shared) -> Option<Duration> {
     tracing::warn!(
         "heartbeat failed: the control plane refuses this agent's token; registering again"
     );
+    let current = shared
+        .control
+        .identity
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .token
+        .clone();
     match register(
         &shared.control.http,
         &shared.settings,
         enrollment,
         state_file,
+        Some(&current),
     )
     .await
     {

@@ -397,7 +397,7 @@ async fn an_agent_killed_mid_check_resumes_from_its_state_file_and_its_lease_rec
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_agent_whose_token_was_rotated_away_registers_again_and_works_on() {
+async fn another_registration_of_the_agents_host_is_refused_and_the_agent_works_on() {
     let (db, _redis, gw, sched) = control_plane(&[
         ("HEARTBEAT_INTERVAL", "300ms"),
         ("GATEWAY_AUTH_CACHE_TTL", "0s"),
@@ -413,27 +413,37 @@ async fn an_agent_whose_token_was_rotated_away_registers_again_and_works_on() {
     };
     let before = token(&state);
 
-    // Someone registers the same host name: the gateway rotates the token away from it.
-    let (same_id, theirs) = checkplane_testkit::register_agent(
-        &reqwest::Client::new(),
-        &gw.url(""),
-        ENROLL,
-        &json!({"hostname": "probe-e2e", "capabilities": {"tcp": 1}}),
-    )
-    .await;
-    assert_eq!(same_id, agent_id);
-
-    // Its next heartbeat is refused; it registers again and works on as the same agent.
-    eventually(
-        "the agent registers again",
-        Duration::from_secs(10),
-        || async {
-            let now = token(&state);
-            (now != before && now != theirs).then_some(())
-        },
-    )
-    .await;
+    // Someone else with the enrollment token registers the same host name: refused (it would
+    // take the agent's identity).
     let http = reqwest::Client::new();
+    let taken = http
+        .post(gw.url("/v1/agents/register"))
+        .header("x-enrollment-token", ENROLL)
+        .json(&json!({"hostname": "probe-e2e", "capabilities": {"tcp": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status().as_u16(), 409);
+
+    // The agent heartbeats through it (more than one interval) and works on, same token.
+    let pg = db.client().await;
+    let seen = || async {
+        pg.query_one(
+            "SELECT last_seen FROM agent_last_seen WHERE agent_id = $1",
+            &[&agent_id],
+        )
+        .await
+        .ok()
+        .map(|r| r.get::<_, std::time::SystemTime>(0))
+    };
+    let first_seen = seen().await;
+    eventually(
+        "a heartbeat after the refusal",
+        Duration::from_secs(10),
+        || async { (seen().await > first_seen).then_some(()) },
+    )
+    .await;
+    assert_eq!(token(&state), before);
     let (done, slot) = run_tcp(&http, &gw, open).await;
     assert_eq!(slot["agent_id"], agent_id.as_str(), "{done}");
     assert_eq!(slot["outcome"], "finished", "{done}");

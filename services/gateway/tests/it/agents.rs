@@ -69,6 +69,16 @@ impl Gw {
         .await
     }
 
+    /// Register a known host again with its agent's current `token`.
+    pub async fn register_with(&self, body: Value, token: &str) -> (u16, Value) {
+        self.post(
+            "/v1/agents/register",
+            &[("x-enrollment-token", ENROLL), ("x-agent-token", token)],
+            body,
+        )
+        .await
+    }
+
     pub async fn heartbeat(&self, id: &str, token: &str) -> (u16, Value) {
         self.post(
             "/v1/agents/heartbeat",
@@ -119,8 +129,24 @@ async fn register_heartbeat_and_rotate() {
     assert_eq!(status, 200, "{beat}");
     assert_eq!(beat["next_deadline_ms"], 10_000);
 
-    // Registering the same host again rotates the token: the old one stops working.
-    let (status, second) = gw.register(probe("PROBE-1")).await;
+    // The same host again with the enrollment token alone, or with a wrong agent token: a
+    // takeover, refused; the agent's token goes on working.
+    for (status, body) in [
+        gw.register(probe("PROBE-1")).await,
+        gw.register_with(probe("probe-1"), "cpa_not-its-token")
+            .await,
+    ] {
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "ERR_CONFLICT");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(&id),
+            "{body}"
+        );
+    }
+    assert_eq!(gw.heartbeat(&id, &token).await.0, 200);
+
+    // With its token, the host registers again and the token rotates: the old one stops.
+    let (status, second) = gw.register_with(probe("PROBE-1"), &token).await;
     assert_eq!(status, 200, "{second}");
     assert_eq!(second["agent_id"], id.as_str());
     assert_eq!(second["rotated"], true);
@@ -594,11 +620,15 @@ fn a_missing_geoip_database_stops_start_up_naming_the_variable() {
 }
 
 #[tokio::test]
-async fn a_token_rotated_on_another_replica_stops_working_within_the_cache_ttl() {
-    let a = start_with(vec![("GATEWAY_AUTH_CACHE_TTL".into(), "300ms".into())]).await;
+async fn rotated_tokens_and_revoked_keys_stop_working_on_every_replica_at_once() {
+    // Caches trusted for a minute: only the announcement can make the replicas forget.
+    let ttl = ("GATEWAY_AUTH_CACHE_TTL".to_owned(), "60s".to_owned());
+    let a = start_with(vec![ttl.clone()]).await;
     // A second replica on the same database and Redis.
     let mut env = store_env(&a.db, &a.redis);
     env.push(("GATEWAY_ENROLLMENT_TOKEN".into(), ENROLL.into()));
+    env.push(("GATEWAY_ADMIN_KEY".into(), ADMIN.into()));
+    env.push(ttl);
     let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
     let b = Running::start(|l, s| gateway::run(config, l, s)).await;
     b.wait_ready(Duration::from_secs(10)).await;
@@ -610,7 +640,8 @@ async fn a_token_rotated_on_another_replica_stops_working_within_the_cache_ttl()
     );
     assert_eq!(a.heartbeat(&id, &old).await.0, 200); // now cached on replica a
     let (_, new) =
-        checkplane_testkit::register_agent(&a.http, &b.url(""), ENROLL, &probe("rotating")).await;
+        checkplane_testkit::reregister_agent(&a.http, &b.url(""), ENROLL, &probe("rotating"), &old)
+            .await;
     assert_eq!(
         a.heartbeat(&id, &new).await.0,
         200,
@@ -620,6 +651,33 @@ async fn a_token_rotated_on_another_replica_stops_working_within_the_cache_ttl()
         "the old token refused on replica a",
         Duration::from_secs(5),
         || async { (a.heartbeat(&id, &old).await.0 == 401).then_some(()) },
+    )
+    .await;
+
+    // A key verified on replica a (so cached there), revoked on replica b.
+    let (status, made) = a
+        .post(
+            "/v1/keys",
+            &[("x-api-key", ADMIN)],
+            json!({"name": "short-lived", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let key = made["key"].as_str().unwrap();
+    let key_id = made["key_id"].as_str().unwrap();
+    assert_eq!(a.get("/v1/agents", &[("x-api-key", key)]).await.0, 200);
+    let revoked = a
+        .http
+        .delete(b.url(&format!("/v1/keys/{key_id}")))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 204);
+    checkplane_testkit::eventually(
+        "the revoked key refused on replica a",
+        Duration::from_secs(5),
+        || async { (a.get("/v1/agents", &[("x-api-key", key)]).await.0 == 401).then_some(()) },
     )
     .await;
     b.stop().await.unwrap();
@@ -721,4 +779,84 @@ async fn metrics_reports_are_kept_and_their_snapshots_read_back_in_order() {
         .await;
     assert_eq!(status, 422);
     gw.running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_host_that_lost_its_token_registers_again_once_an_admin_approves() {
+    let gw = start().await;
+    let (_, first) = gw.register(probe("rebuilt")).await;
+    let id = first["agent_id"].as_str().unwrap().to_owned();
+    let old = first["token"].as_str().unwrap().to_owned();
+    let failures = r#"checkplane_rate_limited_total{endpoint="auth_failures",caller="address"}"#;
+
+    // The enrollment token alone: refused, and counted as a failed authentication.
+    let response = gw
+        .http
+        .post(gw.running.url("/v1/agents/register"))
+        .header("x-enrollment-token", ENROLL)
+        .json(&probe("rebuilt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 409);
+    assert_eq!(response.headers()["ratelimit-remaining"], "29");
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("/v1/agents/{id}/reenroll")),
+        "{body}"
+    );
+    assert_eq!(
+        checkplane_testkit::metric(&gw.running.url("/metrics"), failures).await,
+        0.0
+    );
+
+    // An admin approves: one registration by the enrollment token alone, within the hour.
+    let before = checkplane_runtime::clock::now_ms();
+    let (status, approval) = gw
+        .post(
+            &format!("/v1/agents/{id}/reenroll"),
+            &[("x-api-key", ADMIN)],
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200, "{approval}");
+    assert_eq!(approval["hostname"], "rebuilt");
+    let until = approval["until_ms"].as_i64().unwrap();
+    assert!(
+        (before + 3_500_000..=before + 3_700_000).contains(&until),
+        "{approval}"
+    );
+    let (status, again) = gw.register(probe("rebuilt")).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["agent_id"], id.as_str());
+    assert_eq!(again["rotated"], true);
+    assert_eq!(gw.heartbeat(&id, &old).await.0, 401);
+    let new = again["token"].as_str().unwrap();
+    assert_eq!(gw.heartbeat(&id, new).await.0, 200);
+
+    // Used up: the enrollment token alone is refused again.
+    assert_eq!(gw.register(probe("rebuilt")).await.0, 409);
+    let (status, _) = gw
+        .post(
+            "/v1/agents/agt-0123456789abcdef0123456789abcdef/reenroll",
+            &[("x-api-key", ADMIN)],
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // The approval is in the audit log, by whom.
+    let (status, audit) = gw
+        .get(
+            "/v1/audit?action=agent.reenroll_approved",
+            &[("x-api-key", ADMIN)],
+        )
+        .await;
+    assert_eq!(status, 200, "{audit}");
+    assert_eq!(audit["total"], 1, "{audit}");
+    assert_eq!(audit["items"][0]["actor"], "key:bootstrap");
+    assert_eq!(audit["items"][0]["object"], format!("agent:{id}"));
 }

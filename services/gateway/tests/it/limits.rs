@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::agents::{start_with, Gw, ADMIN, ENROLL};
 
-type Service = Running<checkplane_runtime::RunError>;
+pub type Service = Running<checkplane_runtime::RunError>;
 
 /// Every agent and operator limit at two calls a minute, two at once.
 fn tight() -> Vec<(String, String)> {
@@ -195,9 +195,17 @@ async fn every_agent_call_and_the_operator_api_have_their_limit_with_its_headers
     }
     assert_two_then_refused(&answers, "operator");
 
-    // Per hostname: the same host again is refused for ten minutes, another host is not;
-    // a wrong enrollment token counts against the address, not the host.
-    let again = register(http, run, "limited-a", ENROLL).await;
+    // Per hostname: the same host again (proven by its token) is refused for ten minutes,
+    // another host is not; a wrong enrollment token counts against the address, not the host.
+    let response = http
+        .post(run.url("/v1/agents/register"))
+        .header("x-enrollment-token", ENROLL)
+        .header("x-agent-token", &a_token)
+        .json(&json!({"hostname": "limited-a", "capabilities": {"dns": 1}}))
+        .send()
+        .await
+        .unwrap();
+    let again = answer(response).await;
     assert_eq!(again.status, 429, "{}", again.body);
     assert_eq!(again.body["error"]["code"], "ERR_RATE_LIMITED");
     let retry = again.retry_after.unwrap_or(0);
@@ -230,7 +238,7 @@ async fn every_agent_call_and_the_operator_api_have_their_limit_with_its_headers
 }
 
 /// Another gateway on `gw`'s PostgreSQL and Redis with the same variables.
-async fn replica(
+pub async fn replica(
     db: &TestDb,
     redis_url: &str,
     prefix: &str,

@@ -8,4 +8,5 @@ mod lease_api;
 mod limits;
 mod operators;
 mod process;
+mod revocations;
 mod tls;

@@ -51,6 +51,13 @@ impl Gw {
 fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role, u16)> {
     vec![
         ("GET", "/v1/agents".into(), None, Role::Viewer, 200),
+        (
+            "POST",
+            "/v1/agents/agt-0123456789abcdef0123456789abcdef/reenroll".into(),
+            None,
+            Role::Admin,
+            404,
+        ),
         ("GET", "/v1/dead-letters".into(), None, Role::Admin, 200),
         (
             "POST",

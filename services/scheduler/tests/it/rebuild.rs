@@ -19,12 +19,41 @@ async fn rebuild_reproduces_every_projection_table() {
     let gw = start_gateway(&db, &redis, &[("GATEWAY_ADMIN_KEY", admin)]).await;
     let sched = start_scheduler(&db, &redis, &[]).await;
     let mut ids = Vec::new();
+    let mut tokens = Vec::new();
     for host in ["r1", "r2", "r3"] {
         let (id, token) = register(&gw, host).await;
         heartbeat(&gw, &id, &token).await;
         ids.push(id);
+        tokens.push(token);
     }
-    register(&gw, "r1").await; // a rotation: identity version 2
+    // A rotation (identity version 2), proven by r1's token.
+    checkplane_testkit::reregister_agent(
+        &reqwest::Client::new(),
+        &gw.url(""),
+        crate::ENROLL,
+        &serde_json::json!({"hostname": "r1", "capabilities": {"dns": 1}}),
+        &tokens[0],
+    )
+    .await;
+    // An admin's approval of r2's re-enrollment, not used yet.
+    let approved = reqwest::Client::new()
+        .post(gw.url(&format!("/v1/agents/{}/reenroll", ids[1])))
+        .header("x-api-key", admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status().as_u16(), 200);
+    let pending: bool = db
+        .client()
+        .await
+        .query_one(
+            "SELECT reenroll_until > now() FROM agents WHERE agent_id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(pending, "the approval is projected");
     let keys = Keys::new(redis.prefix.clone(), 4);
     let mut conn = redis.connection().await;
     let far = checkplane_runtime::clock::now_ms() + 60_000;
@@ -97,7 +126,8 @@ async fn rebuild_reproduces_every_projection_table() {
     eventually("everything projected", Duration::from_secs(10), || async {
         let history = count(&db, "SELECT count(*) FROM agent_status_history").await;
         let events = count(&db, "SELECT count(*) FROM events").await;
-        (history == 4 && events == 15).then_some(())
+        // 15, and the approval of r2's re-enrollment.
+        (history == 4 && events == 16).then_some(())
     })
     .await;
     // A check on one of the online agents (one more event, and an audit record).

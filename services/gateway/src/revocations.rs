@@ -1,0 +1,107 @@
+//! Credentials forgotten on every gateway at once. A token rotated or an API key revoked on
+//! one replica is announced on the installation's `auth` channel; every gateway, this one
+//! too, drops it from its caches when the message arrives. While the subscription is down
+//! messages are lost, so each (re)subscription flushes both caches; and a lookup that began
+//! before an invalidation does not put its answer in the cache (the caches' generation).
+//! Should Redis be unreachable when a credential changes, the other replicas fall back on
+//! `GATEWAY_AUTH_CACHE_TTL`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+use crate::credentials::{AuthCache, KeyCache};
+use crate::state::AppState;
+
+/// A credential no gateway may trust from its cache any more.
+#[derive(Debug, Clone, Copy)]
+pub enum Forget<'a> {
+    /// An agent whose token was rotated.
+    Agent(&'a str),
+    /// A revoked API key (its key id).
+    Key(&'a str),
+}
+
+impl Forget<'_> {
+    fn message(&self) -> String {
+        match self {
+            Self::Agent(id) => format!("agent:{id}"),
+            Self::Key(id) => format!("key:{id}"),
+        }
+    }
+}
+
+/// Forget `what` here at once, and tell every other gateway.
+pub async fn announce(state: &AppState, what: Forget<'_>) {
+    apply(&state.auth_cache, &state.key_cache, &what.message());
+    let mut conn = state.stores.redis_shared.clone();
+    let channel = state.keys.auth_invalidations();
+    let sent: redis::RedisResult<i64> = conn.publish(&channel, what.message()).await;
+    if let Err(error) = sent {
+        tracing::warn!(%error, ?what, "could not tell the other gateways; they trust their caches up to GATEWAY_AUTH_CACHE_TTL");
+    }
+}
+
+fn apply(auth: &AuthCache, keys: &KeyCache, message: &str) {
+    match message.split_once(':') {
+        Some(("agent", id)) => auth.forget(id),
+        Some(("key", id)) => keys.forget(id),
+        _ => tracing::debug!(message, "unknown invalidation"),
+    }
+}
+
+/// Follow the `auth` channel until `shutdown`, reconnecting with a backoff; both caches are
+/// flushed whenever the subscription (re)starts.
+pub async fn follow(
+    client: redis::Client,
+    channel: String,
+    auth: Arc<AuthCache>,
+    keys: Arc<KeyCache>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let attempt = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            attempt = attempt => attempt,
+        };
+        match pubsub {
+            Ok(pubsub) => {
+                backoff = Duration::from_millis(100);
+                // Whatever was announced while not subscribed is lost: trust nothing cached.
+                auth.flush();
+                keys.flush();
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let message = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        message = messages.next() => message,
+                    };
+                    let Some(message) = message else { break };
+                    if let Ok(text) = message.get_payload::<String>() {
+                        apply(&auth, &keys, &text);
+                    }
+                }
+                tracing::warn!("credential invalidations: subscription lost; reconnecting");
+                auth.flush();
+                keys.flush();
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "credential invalidations: subscription failed");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
