@@ -55,6 +55,7 @@ pub fn registered(agent: &str, version: i64, at_ms: i64) -> Event {
             location_source: "declared".to_owned(),
             address: Some("127.0.0.1".to_owned()),
             agent_version: Some(format!("0.{version}")),
+            replaced_token_hash: (version > 1).then(|| format!("{:064x}", version - 1)),
         })),
     }
 }

@@ -362,6 +362,10 @@ pub struct AgentRegistered {
     pub address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// The token hash this registration replaced (a known host's): still proof of the
+    /// agent until the next registration, for an agent that lost this one's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_token_hash: Option<String>,
 }
 
 /// Payload of `agent.reenroll_approved`.

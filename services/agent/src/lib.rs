@@ -326,6 +326,10 @@ pub async fn run(
         client = client.tls_certs_only(roots.iter().cloned());
     }
     let client = client
+        // A redirect would carry the agent's token elsewhere (reqwest keeps custom headers,
+        // also from https to http): the control plane never redirects.
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(config.control_plane.scheme() == "https")
         .connect_timeout(Duration::from_secs(5))
         // Below the gateway's HTTP_IDLE_TIMEOUT (60 s by default), so that a pooled connection
         // is not reused just as the gateway closes it.

@@ -225,23 +225,26 @@ async fn register(
     .await?;
     let known = tx
         .query_opt(
-            "SELECT agent_id, identity_version, token_hash,
+            "SELECT agent_id, identity_version, token_hash, previous_token_hash,
                     coalesce(reenroll_until > now(), false) AS approved
              FROM agents WHERE hostname = $1",
             &[&registration.hostname],
         )
         .await?;
-    let (agent_id, version, rotated) = match known {
+    let (agent_id, version, rotated, replaced) = match known {
         Some(row) => {
             let agent_id: String = row.get("agent_id");
             // A known host: only its agent (by its current token) or an admin's approval
             // may register it again; the enrollment token alone would hand its identity to
             // anyone who holds that shared secret.
-            let stored: Option<String> = row.get("token_hash");
-            let proven = matches!(
-                (&stored, &enrollment.presented),
-                (Some(stored), Some(given)) if same(stored.as_bytes(), given.as_bytes())
-            );
+            // The current token, or the one the last registration rotated away: an agent
+            // whose re-registration committed but whose answer was lost still holds that one.
+            let proven = ["token_hash", "previous_token_hash"].iter().any(|column| {
+                matches!(
+                    (row.get::<_, Option<String>>(*column), &enrollment.presented),
+                    (Some(stored), Some(given)) if same(stored.as_bytes(), given.as_bytes())
+                )
+            });
             if !proven && !row.get::<_, bool>("approved") {
                 drop(tx);
                 let refused = ApiError::new(
@@ -256,9 +259,14 @@ async fn register(
                 );
                 return Err(enrollment.refuse(&app, refused).await);
             }
-            (agent_id, row.get::<_, i64>("identity_version") + 1, true)
+            (
+                agent_id,
+                row.get::<_, i64>("identity_version") + 1,
+                true,
+                row.get::<_, Option<String>>("token_hash"),
+            )
         }
-        None => (format!("agt-{}", Uuid::now_v7().simple()), 1, false),
+        None => (format!("agt-{}", Uuid::now_v7().simple()), 1, false, None),
     };
     // Counted only for a registration that would go through: refused takeovers count against
     // their address (above), never against the host, which they would lock out.
@@ -277,6 +285,7 @@ async fn register(
             location_source: location_source.to_owned(),
             address: address.map(|a| a.to_string()),
             agent_version: registration.agent_version,
+            replaced_token_hash: replaced,
         })),
     );
     let stream = app.keys.events("agents");

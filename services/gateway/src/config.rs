@@ -167,7 +167,17 @@ fn tls_files(env: &mut Env) -> Result<Option<checkplane_runtime::tls::TlsFiles>,
         key,
         reload_every,
     };
-    checkplane_runtime::tls::load(&files).map_err(|e| ConfigError::new(CERT, e.to_string()))?;
+    checkplane_runtime::tls::load(&files).map_err(|e| {
+        let var = match &e {
+            checkplane_runtime::tls::TlsError::File { path, .. }
+                if *path == files.key && *path != files.cert =>
+            {
+                KEY
+            }
+            _ => CERT,
+        };
+        ConfigError::new(var, e.to_string())
+    })?;
     Ok(Some(files))
 }
 

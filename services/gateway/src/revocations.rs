@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::credentials::{AuthCache, KeyCache};
 use crate::state::AppState;
 
+/// The longest a request waits for its announcement to be published.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// A credential no gateway may trust from its cache any more.
 #[derive(Debug, Clone, Copy)]
 pub enum Forget<'a> {
@@ -39,9 +42,21 @@ pub async fn announce(state: &AppState, what: Forget<'_>) {
     apply(&state.auth_cache, &state.key_cache, &what.message());
     let mut conn = state.stores.redis_shared.clone();
     let channel = state.keys.auth_invalidations();
-    let sent: redis::RedisResult<i64> = conn.publish(&channel, what.message()).await;
-    if let Err(error) = sent {
-        tracing::warn!(%error, ?what, "could not tell the other gateways; they trust their caches up to GATEWAY_AUTH_CACHE_TTL");
+    // Bounded: a hung Redis must not hold the request that changed the credential (its
+    // answer, a new token, would be lost to a client that timed out).
+    let sent = tokio::time::timeout(
+        ANNOUNCE_TIMEOUT,
+        conn.publish::<_, _, i64>(&channel, what.message()),
+    )
+    .await;
+    match sent {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, ?what, "could not tell the other gateways; they trust their caches up to GATEWAY_AUTH_CACHE_TTL");
+        }
+        Err(_) => {
+            tracing::warn!(?what, "Redis did not take the announcement in time; the other gateways trust their caches up to GATEWAY_AUTH_CACHE_TTL");
+        }
     }
 }
 

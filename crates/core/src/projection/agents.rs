@@ -19,11 +19,13 @@ pub(super) async fn apply_registered(
     let sql = format!(
         "INSERT INTO agents (agent_id, hostname, token_hash, labels, capabilities, country, city, asn,
                              network, location_source, address, agent_version, registered_at,
-                             updated_at, identity_version)
-         VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, {AT}, {AT}, $14)
+                             updated_at, identity_version, previous_token_hash)
+         VALUES ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, {AT}, {AT}, $14, $15)
          ON CONFLICT (agent_id) DO UPDATE SET
             hostname = CASE WHEN {newer} THEN EXCLUDED.hostname ELSE agents.hostname END,
             token_hash = CASE WHEN {newer} THEN EXCLUDED.token_hash ELSE agents.token_hash END,
+            previous_token_hash = CASE WHEN {newer} THEN EXCLUDED.previous_token_hash
+                                       ELSE agents.previous_token_hash END,
             labels = CASE WHEN {newer} THEN EXCLUDED.labels ELSE agents.labels END,
             capabilities = CASE WHEN {newer} THEN EXCLUDED.capabilities ELSE agents.capabilities END,
             country = CASE WHEN {newer} THEN EXCLUDED.country ELSE agents.country END,
@@ -56,6 +58,7 @@ pub(super) async fn apply_registered(
                 &e.address,
                 &e.agent_version,
                 &event.version,
+                &e.replaced_token_hash,
             ],
         )
         .await?;

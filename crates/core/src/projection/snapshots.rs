@@ -51,6 +51,8 @@ fn agents_merge() -> String {
         &[
             "hostname",
             "token_hash",
+            "previous_token_hash",
+            "reenroll_until",
             "labels",
             "capabilities",
             "country",

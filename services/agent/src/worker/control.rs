@@ -80,6 +80,10 @@ pub(super) struct Control {
     pub(super) reports: Pace,
 }
 
+/// The wait between registrations the gateway refused as a takeover (409): only an admin's
+/// approval changes the answer.
+pub(super) const REFUSED_WAIT: Duration = Duration::from_secs(300);
+
 /// Calls a second and at once that the agent makes of one kind, at most.
 pub(super) const PACE_PER_SECOND: u32 = 20;
 pub(super) const PACE_BURST: u32 = 20;
@@ -301,7 +305,10 @@ pub(super) async fn identity(
             }
             Err(RegisterError::Call(error)) => {
                 tracing::warn!(%error, "registration failed");
-                backoff.after(&error)
+                match error {
+                    CallError::Refused { status: 409, .. } => REFUSED_WAIT,
+                    _ => backoff.after(&error),
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "registration failed");
@@ -388,12 +395,13 @@ pub(super) async fn register(
     Ok(identity)
 }
 
-/// The control plane no longer takes this agent's token (another registration of its host
-/// name rotated it, or an operator removed it): register again when an enrollment token is
-/// configured, else say so. Two agents sharing a host name take each other's token this way,
-/// and each such turn is logged.
+/// The control plane no longer takes this agent's token (a re-registration of this host whose
+/// answer was lost rotated it, or an admin approved another enrollment of the host): register
+/// again with the token it holds, which the gateway takes in the first case; in the second it
+/// answers 409 and only an admin can help, so the agent then waits [`REFUSED_WAIT`] between
+/// tries instead of spending its address's failed-authentication budget.
 ///
-/// The wait the gateway asked for when it refused the registration (`Retry-After`), if any.
+/// The wait before the next try, when the gateway asked for one (`Retry-After`) or refused.
 pub(super) async fn reregister(shared: &Shared) -> Option<Duration> {
     let Source::Enrolled {
         enrollment: Some(enrollment),
@@ -434,6 +442,7 @@ pub(super) async fn reregister(shared: &Shared) -> Option<Duration> {
         Err(error) => {
             tracing::warn!(%error, "registration failed");
             match error {
+                RegisterError::Call(CallError::Refused { status: 409, .. }) => Some(REFUSED_WAIT),
                 RegisterError::Call(CallError::Refused { retry_after, .. }) => retry_after,
                 _ => None,
             }

@@ -839,6 +839,25 @@ async fn a_host_that_lost_its_token_registers_again_once_an_admin_approves() {
 
     // Used up: the enrollment token alone is refused again.
     assert_eq!(gw.register(probe("rebuilt")).await.0, 409);
+    // An approval past its hour is no approval.
+    let (status, _) = gw
+        .post(
+            &format!("/v1/agents/{id}/reenroll"),
+            &[("x-api-key", ADMIN)],
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200);
+    gw.db
+        .client()
+        .await
+        .execute(
+            "UPDATE agents SET reenroll_until = now() - interval '1 second' WHERE agent_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(gw.register(probe("rebuilt")).await.0, 409);
     let (status, _) = gw
         .post(
             "/v1/agents/agt-0123456789abcdef0123456789abcdef/reenroll",
@@ -856,7 +875,29 @@ async fn a_host_that_lost_its_token_registers_again_once_an_admin_approves() {
         )
         .await;
     assert_eq!(status, 200, "{audit}");
-    assert_eq!(audit["total"], 1, "{audit}");
+    assert_eq!(audit["total"], 2, "{audit}");
     assert_eq!(audit["items"][0]["actor"], "key:bootstrap");
     assert_eq!(audit["items"][0]["object"], format!("agent:{id}"));
+}
+
+#[tokio::test]
+async fn a_re_registration_whose_answer_was_lost_is_taken_with_the_token_it_replaced() {
+    let gw = start().await;
+    let (_, first) = gw.register(probe("lossy")).await;
+    let id = first["agent_id"].as_str().unwrap().to_owned();
+    let t1 = first["token"].as_str().unwrap().to_owned();
+    // Committed, but the agent never read the answer: it still holds t1.
+    let (status, second) = gw.register_with(probe("lossy"), &t1).await;
+    assert_eq!(status, 200, "{second}");
+    let t2 = second["token"].as_str().unwrap().to_owned();
+    // So it tries again with t1, the token that registration replaced: taken.
+    let (status, third) = gw.register_with(probe("lossy"), &t1).await;
+    assert_eq!(status, 200, "{third}");
+    assert_eq!(third["agent_id"], id.as_str());
+    let t3 = third["token"].as_str().unwrap();
+    assert_eq!(gw.heartbeat(&id, t3).await.0, 200);
+    assert_eq!(gw.heartbeat(&id, &t2).await.0, 401);
+    // Two registrations back is no proof.
+    let (status, body) = gw.register_with(probe("lossy"), &t1).await;
+    assert_eq!(status, 409, "{body}");
 }

@@ -127,6 +127,13 @@ fn a_certificate_without_its_key_or_that_does_not_read_stops_the_start() {
             ],
             "GATEWAY_TLS_CERT_FILE",
         ),
+        (
+            vec![
+                ("GATEWAY_TLS_CERT_FILE", cert_s.clone()),
+                ("GATEWAY_TLS_KEY_FILE", "/nonexistent.key".to_owned()),
+            ],
+            "GATEWAY_TLS_KEY_FILE",
+        ),
         // The key of another certificate.
         (
             vec![
