@@ -480,7 +480,22 @@ fn http(
     if target.len() > MAX_URL {
         return Err(invalid(format!("target: at most {MAX_URL} characters")));
     }
+    // URL parsing drops tabs and line breaks and trims spaces: what would be fetched would
+    // not be what was asked for.
+    if target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(invalid(
+            "target: no spaces or control characters (percent-encode them)",
+        ));
+    }
+    // `http:///x` parses as `http://x/`: the host must be written where a host goes.
+    let authority = target.split_once("://").map_or("", |(_, rest)| rest);
+    if authority.is_empty() || authority.starts_with(['/', '?', '#']) {
+        return Err(invalid("target: the URL has no host"));
+    }
     let url = url::Url::parse(target).map_err(|e| invalid(format!("target: not a URL ({e})")))?;
+    if url.port() == Some(0) {
+        return Err(invalid("target: port 0 is not a port to connect to"));
+    }
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid("target: the scheme must be http or https"));
     }
@@ -935,6 +950,29 @@ mod tests {
             refused(json!({"kind": "ping", "target": "x.com", "locations": many}))
                 .starts_with("locations:")
         );
+    }
+
+    #[test]
+    fn http_targets_are_taken_as_written_or_refused() {
+        for (target, says) in [
+            ("http://example.com/a\r\nX: y", "control characters"),
+            ("http://example.com/a b", "control characters"),
+            ("http://example.com/\t", "control characters"),
+            (" http://example.com/", "control characters"),
+            ("http:///x", "no host"),
+            ("https://?q", "no host"),
+            ("http://example.com:0/", "port 0"),
+        ] {
+            let message = refused(json!({"kind": "http", "target": target, "limit": 1}));
+            assert!(message.contains(says), "{target:?}: {message}");
+            assert!(message.starts_with("target:"), "{target:?}: {message}");
+        }
+        let NewCheck { spec, .. } = request(
+            json!({"kind": "http", "target": "http://example.com:8080/a%20b?x=1", "limit": 1}),
+        )
+        .parse(false)
+        .unwrap();
+        assert_eq!(spec.target, "http://example.com:8080/a%20b?x=1");
     }
 
     #[test]

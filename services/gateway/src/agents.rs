@@ -8,7 +8,7 @@ use base64::Engine;
 use checkplane_runtime::clock::now_ms;
 use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery, BodyLimit};
 use checkplane_wire::agents::{
-    AgentId, HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
+    AgentId, HeartbeatRequest, HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
 };
 use checkplane_wire::events::{AgentReenrollApproved, AgentRegistered, Event, EventBody};
 use serde::{Deserialize, Serialize};
@@ -390,6 +390,8 @@ async fn reenroll(
 async fn heartbeat(
     State(app): State<AppState>,
     agent: AgentIdentity,
+    // Empty, and like every other body it refuses what it does not know.
+    ApiJson(_beat): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let interval_ms = i64::try_from(app.config.heartbeat_interval.as_millis()).unwrap_or(i64::MAX);
     let now = now_ms();

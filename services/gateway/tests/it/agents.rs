@@ -901,3 +901,28 @@ async fn a_re_registration_whose_answer_was_lost_is_taken_with_the_token_it_repl
     let (status, body) = gw.register_with(probe("lossy"), &t1).await;
     assert_eq!(status, 409, "{body}");
 }
+
+#[tokio::test]
+async fn a_heartbeat_refuses_fields_it_does_not_know_like_every_other_body() {
+    let gw = start().await;
+    let (_, reg) = gw.register(probe("chatty")).await;
+    let id = reg["agent_id"].as_str().unwrap();
+    let token = reg["token"].as_str().unwrap();
+    let auth = [("x-agent-id", id), ("x-agent-token", token)];
+    let (status, body) = gw
+        .post("/v1/agents/heartbeat", &auth, json!({"status": "fine"}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "ERR_VALIDATION");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("status"),
+        "{body}"
+    );
+    assert_eq!(
+        gw.post("/v1/agents/heartbeat", &auth, json!({})).await.0,
+        200
+    );
+}
