@@ -64,8 +64,9 @@ pub(super) fn action_view(r: &tokio_postgres::Row) -> ActionView {
     }
 }
 
-/// `POST /v1/haproxy/servers/{id}/action`: 202 with the action. The same idempotency key
-/// answers with the first action (and never runs twice); with another body it is 422.
+/// `POST /v1/haproxy/servers/{id}/action`: 202 with the action. The same idempotency key of
+/// the same caller (API key) answers with the first action (and never runs twice); with
+/// another body it is 422. Another caller's same key is another action.
 pub(super) async fn request_action(
     State(app): State<AppState>,
     operator: crate::auth::Operator,
@@ -102,9 +103,11 @@ pub(super) async fn request_one(
     // committed before the lock was granted. All three are prepared first: one still to be
     // prepared on this connection would send its execution a round trip late, and the reads
     // could run before the lock.
-    let lock_sql = "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1))";
-    let existing_sql =
-        format!("SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE idempotency_key = $1");
+    let lock_sql =
+        "SELECT pg_advisory_xact_lock(hashtext('haproxy_action:' || $1 || chr(31) || $2))";
+    let existing_sql = format!(
+        "SELECT {ACTION_COLUMNS} FROM haproxy_actions WHERE requested_by = $1 AND idempotency_key = $2"
+    );
     let server_sql = "SELECT s.instance_id, s.backend, s.name, i.transport, i.node
                       FROM haproxy_servers s JOIN haproxy_instances i USING (instance_id)
                       WHERE s.server_id = $1 AND s.removed_at IS NULL AND i.removed_at IS NULL";
@@ -113,7 +116,7 @@ pub(super) async fn request_one(
         tx.prepare(&existing_sql),
         tx.prepare(server_sql)
     )?;
-    let (by_key, by_server): (&Params<'_>, &Params<'_>) = (&[&key], &[&id]);
+    let (by_key, by_server): (&Params<'_>, &Params<'_>) = (&[&actor, &key], &[&id]);
     let (locked, existing, server) = futures::join!(
         tx.execute(lock_sql, by_key),
         tx.query_opt(&existing_sql, by_key),

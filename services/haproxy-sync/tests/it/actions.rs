@@ -274,6 +274,37 @@ async fn drain_maint_and_ready_change_the_real_server_once_per_key() {
         before + 1,
         "exactly one set server"
     );
+    // Another caller (API key) with the same idempotency key: its own action, which tells it
+    // nothing of the first.
+    let made: Value = s
+        .http
+        .post(s.gw.url("/v1/keys"))
+        .header("x-api-key", crate::sync::ADMIN)
+        .json(&json!({"name": "second-operator", "role": "operator"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let theirs: Value = s
+        .http
+        .post(s.gw.url(&format!("/v1/haproxy/servers/{s1}/action")))
+        .header("x-api-key", made["key"].as_str().unwrap())
+        .json(&json!({"action": "drain", "idempotency_key": "one-key-for-all"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let their_id = theirs["id"].as_str().unwrap();
+    assert!(!ids.contains(their_id), "{theirs}");
+    assert_eq!(
+        theirs["requested_by"],
+        format!("key:{}", made["key_id"].as_str().unwrap())
+    );
+    settled(&s.http, &s.gw, their_id).await;
     // The same key with another body: refused, naming the key.
     let (status, refused) = act(
         &s.http,
