@@ -12,13 +12,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
-
-use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
+use crate::subscription::Heard;
 
 /// A waiter's bell and everyone's bell (rung when the subscription came back).
 #[derive(Clone)]
@@ -115,51 +113,22 @@ impl Doorbell {
     /// (re)subscription.
     pub async fn subscribe(self, client: redis::Client, keys: Keys, shutdown: CancellationToken) {
         let channels: Vec<String> = (0..keys.shards()).map(|n| keys.wake(n)).collect();
-        let live = keys.live_pattern();
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            let attempt = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&channels).await?;
-                pubsub.psubscribe(&live).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let pubsub = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                attempt = attempt => attempt,
-            };
-            match pubsub {
-                Ok(pubsub) => {
-                    backoff = Duration::from_millis(100);
-                    self.ring_all();
-                    let mut messages = pubsub.into_on_message();
-                    loop {
-                        let message = tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            message = messages.next() => message,
-                        };
-                        let Some(message) = message else { break };
-                        let Ok(name) = message.get_payload::<String>() else {
-                            continue;
-                        };
-                        if message.from_pattern() {
-                            self.checks.ring(&name);
-                        } else {
-                            self.agents.ring(&name);
-                        }
-                    }
-                    tracing::warn!("doorbell subscription lost; reconnecting");
-                    self.ring_all();
-                }
-                Err(error) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "doorbell subscription failed");
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        let patterns = [keys.live_pattern()];
+        crate::subscription::follow(
+            client,
+            &channels,
+            &patterns,
+            "doorbell",
+            shutdown,
+            |heard| match heard {
+                Heard::Subscribed | Heard::Lost => self.ring_all(),
+                Heard::Message {
+                    from_pattern: true,
+                    payload,
+                } => self.checks.ring(&payload),
+                Heard::Message { payload, .. } => self.agents.ring(&payload),
+            },
+        )
+        .await;
     }
 }

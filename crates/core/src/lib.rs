@@ -18,3 +18,4 @@ pub mod projector;
 pub mod ratelimit;
 pub mod retention;
 pub mod selection;
+pub mod subscription;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use checkplane_core::subscription::{self, Heard};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
@@ -68,8 +68,8 @@ fn apply(auth: &AuthCache, keys: &KeyCache, message: &str) {
     }
 }
 
-/// Follow the `auth` channel until `shutdown`, reconnecting with a backoff; both caches are
-/// flushed whenever the subscription (re)starts.
+/// Follow the `auth` channel until `shutdown`; both caches are flushed whenever the
+/// subscription (re)starts or drops (what was announced meanwhile is lost).
 pub async fn follow(
     client: redis::Client,
     channel: String,
@@ -77,46 +77,20 @@ pub async fn follow(
     keys: Arc<KeyCache>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        let attempt = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let pubsub = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            attempt = attempt => attempt,
-        };
-        match pubsub {
-            Ok(pubsub) => {
-                backoff = Duration::from_millis(100);
-                // Whatever was announced while not subscribed is lost: trust nothing cached.
-                auth.flush();
-                keys.flush();
-                let mut messages = pubsub.into_on_message();
-                loop {
-                    let message = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        message = messages.next() => message,
-                    };
-                    let Some(message) = message else { break };
-                    if let Ok(text) = message.get_payload::<String>() {
-                        apply(&auth, &keys, &text);
-                    }
-                }
-                tracing::warn!("credential invalidations: subscription lost; reconnecting");
+    let channels = [channel];
+    subscription::follow(
+        client,
+        &channels,
+        &[],
+        "credential invalidations",
+        shutdown,
+        |heard| match heard {
+            Heard::Subscribed | Heard::Lost => {
                 auth.flush();
                 keys.flush();
             }
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "credential invalidations: subscription failed");
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+            Heard::Message { payload, .. } => apply(&auth, &keys, &payload),
+        },
+    )
+    .await;
 }

@@ -40,6 +40,14 @@ pub(super) enum RegisterError {
 }
 
 impl CallError {
+    /// The gateway's `Retry-After`, when it gave one.
+    pub(super) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// A refusal from the call's answer (its body shortened for the log).
     async fn refused(response: reqwest::Response) -> Self {
         let status = response.status().as_u16();
@@ -206,13 +214,14 @@ impl Backoff {
     /// back (`Retry-After` on a 429).
     pub(super) fn after(&mut self, error: &CallError) -> Duration {
         let step = self.next();
-        match error {
-            CallError::Refused {
-                retry_after: Some(after),
-                ..
-            } => step.max(self.spread(*after)),
-            _ => step,
-        }
+        self.at_least(step, error)
+    }
+
+    /// `wait`, or longer when `error` carries a `Retry-After` (spread by [`Backoff::spread`]).
+    pub(super) fn at_least(&self, wait: Duration, error: &CallError) -> Duration {
+        error
+            .retry_after()
+            .map_or(wait, |after| wait.max(self.spread(after)))
     }
 
     /// `wait` and up to a tenth more, so agents refused together do not all return at once.

@@ -47,13 +47,7 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
                 tracing::warn!(%error, "heartbeat failed");
                 // Sooner than the interval, unless the gateway said to come back later.
                 let step = backoff.next().min(every);
-                match &error {
-                    CallError::Refused {
-                        retry_after: Some(after),
-                        ..
-                    } => step.max(backoff.spread(*after)),
-                    _ => step,
-                }
+                backoff.at_least(step, &error)
             }
         };
         if !sleep_or_stop(wait, &stop).await {
@@ -97,13 +91,7 @@ pub(super) async fn extend_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "lease extension failed");
-                    if let CallError::Refused {
-                        retry_after: Some(after),
-                        ..
-                    } = error
-                    {
-                        told_to_wait = told_to_wait.max(after);
-                    }
+                    told_to_wait = told_to_wait.max(error.retry_after().unwrap_or_default());
                 }
             }
         }
