@@ -2,6 +2,9 @@ local cached = redis.call('GET', KEYS[3])
 if cached then return cached end
 local agent, now, ttl, maxd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local nk = tonumber(ARGV[6])
+-- A revoked agent (its claim authenticated just before the revocation) is granted nothing.
+local presence = redis.call('HGET', KEYS[6 + nk], agent)
+if presence and string.sub(presence, 1, 8) == 'revoked:' then return '[]' end
 local next_id = 7 + 2 * nk
 local function eid() local id = ARGV[next_id]; next_id = next_id + 1; return id end
 local out = {}

@@ -52,8 +52,8 @@ const ENQUEUE_BATCH: usize = 128;
 /// fan-out does not add it; returns the entry id when it was enqueued already.
 const CLOSE_UNSENT: &str = include_str!("../scripts/lease_close_unsent.lua");
 
-/// KEYS: leases, lease events, claim reply, dlq, versions, then one task stream per kind.
-/// ARGV: agent, now, ttl_ms, max_deliveries, reply_ttl_ms, n_kinds, (kind, count)*, event ids.
+/// KEYS: leases, lease events, claim reply, dlq, versions, then one task stream per kind, then
+/// the shard's presence (a revoked agent is granted nothing). ARGV: agent, now, ttl_ms, max_deliveries, reply_ttl_ms, n_kinds, (kind, count)*, event ids.
 const CLAIM: &str = include_str!("../scripts/lease_claim.lua");
 
 /// KEYS: leases, lease events, versions, then (task stream, tombstone) per token.
@@ -78,7 +78,8 @@ const REPORT: &str = include_str!("../scripts/lease_report.lua");
 const CLOSE: &str = include_str!("../scripts/lease_close.lua");
 
 /// KEYS: leases, lease events, versions, task stream, tombstone, heartbeats.
-/// ARGV: token, agent, kind, entry, epoch, now, event id, tombstone_ttl_ms.
+/// ARGV: token, agent, kind, entry, epoch, now, event id, tombstone_ttl_ms, and for a revoked
+/// agent `revoked` and the actor (its leases end whatever their deadline and heartbeat).
 /// Returns `expired`, `stale` (no longer that delivery: just forgotten), `alive` (the agent
 /// still heartbeats: its late report stays welcome) or `not_due`.
 const RECOVER: &str = include_str!("../scripts/lease_recover.lua");
@@ -298,6 +299,7 @@ impl Leases {
         for (kind, _) in capacities {
             inv.key(self.keys.tasks(agent, kind));
         }
+        inv.key(self.keys.presence(n));
         inv.arg(agent)
             .arg(now_ms)
             .arg(self.settings.ttl_ms)
@@ -556,24 +558,8 @@ impl Leases {
                 done.stale += 1;
                 continue;
             };
-            let agent = token.agent.as_str();
-            let outcome: String = self
-                .recover
-                .key(self.keys.leases(n))
-                .key(self.keys.lease_events(n))
-                .key(self.keys.lease_versions(n))
-                .key(self.keys.tasks(agent, token.kind))
-                .key(self.keys.closed(agent, token.kind, &token.entry))
-                .key(self.keys.heartbeats(n))
-                .arg(&text)
-                .arg(agent)
-                .arg(token.kind)
-                .arg(&token.entry)
-                .arg(token.epoch)
-                .arg(now_ms)
-                .arg(Uuid::now_v7().to_string())
-                .arg(self.settings.tombstone_ttl_ms)
-                .invoke_async(conn)
+            let outcome = self
+                .recover_one(conn, n, &text, &token, now_ms, None)
                 .await?;
             match outcome.as_str() {
                 "expired" => done.expired += 1,
@@ -583,6 +569,91 @@ impl Leases {
             }
         }
         Ok(done)
+    }
+
+    /// End every lease of a revoked agent now, whatever its deadline (`lease.expired` by
+    /// `actor`; each slot's next attempt goes elsewhere): how many. Call it after
+    /// [`crate::presence::Presence::revoke`], which stops new claims, so none is missed.
+    pub async fn recover_agent(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent: &str,
+        now_ms: i64,
+        actor: &str,
+    ) -> redis::RedisResult<u32> {
+        let n = self.keys.shard_of(agent);
+        // Tokens start with `<agent>.`; agent ids hold no glob characters (A-Z a-z 0-9 _ -).
+        let pattern = format!("{agent}.*");
+        let mut tokens = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = redis::cmd("ZSCAN")
+                .arg(self.keys.leases(n))
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            // ZSCAN answers member, score, member, score, ...
+            tokens.extend(page.into_iter().step_by(2));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        tokens.sort();
+        tokens.dedup();
+        let mut expired = 0;
+        for text in tokens {
+            let Ok(token) = LeaseToken::parse(&text) else {
+                continue;
+            };
+            if token.agent.as_str() != agent {
+                continue;
+            }
+            if self
+                .recover_one(conn, n, &text, &token, now_ms, Some(actor))
+                .await?
+                == "expired"
+            {
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// One run of the recovery script.
+    async fn recover_one(
+        &self,
+        conn: &mut impl ConnectionLike,
+        n: u32,
+        text: &str,
+        token: &LeaseToken,
+        now_ms: i64,
+        revoked_by: Option<&str>,
+    ) -> redis::RedisResult<String> {
+        let agent = token.agent.as_str();
+        let mut inv = self.recover.prepare_invoke();
+        inv.key(self.keys.leases(n))
+            .key(self.keys.lease_events(n))
+            .key(self.keys.lease_versions(n))
+            .key(self.keys.tasks(agent, token.kind))
+            .key(self.keys.closed(agent, token.kind, &token.entry))
+            .key(self.keys.heartbeats(n))
+            .arg(text)
+            .arg(agent)
+            .arg(token.kind)
+            .arg(&token.entry)
+            .arg(token.epoch)
+            .arg(now_ms)
+            .arg(Uuid::now_v7().to_string())
+            .arg(self.settings.tombstone_ttl_ms);
+        if let Some(actor) = revoked_by {
+            inv.arg("revoked").arg(actor);
+        }
+        inv.invoke_async(conn).await
     }
 
     /// Add a task for `agent` and ring its shard's doorbell: its entry id. For tests and

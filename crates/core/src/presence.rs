@@ -24,12 +24,21 @@ use crate::keys::Keys;
 const STATE: &str = include_str!("../scripts/presence_state.lua");
 
 /// KEYS: heartbeats, presence, presence stream. ARGV: agent, now_ms, deadline_ms, event_id.
-/// Returns {came_online (0/1), version}.
+/// Returns {came_online (0/1, or -1 for a revoked agent: nothing moved), version}.
 const HEARTBEAT: &str = include_str!("../scripts/presence_heartbeat.lua");
 
 /// KEYS: heartbeats, presence, presence stream, sweeper. ARGV: now_ms, grace_ms, max,
 /// event ids (max of them). Returns {marked offline, due, resuming (0/1)}.
 const SWEEP: &str = include_str!("../scripts/presence_sweep.lua");
+
+/// KEYS: heartbeats, presence, presence stream. ARGV: agent, now_ms, event_id, actor. Takes the
+/// agent out of the heartbeats, marks it `revoked` (an online agent goes offline first, with
+/// reason `revoked`). Returns 1, or 0 when it was revoked already.
+const REVOKE: &str = include_str!("../scripts/presence_revoke.lua");
+
+/// KEYS: presence. ARGV: agent. A revoked agent becomes offline again (it registered anew).
+/// Returns 1 when it was revoked.
+const REINSTATE: &str = include_str!("../scripts/presence_reinstate.lua");
 
 /// What a heartbeat did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +47,8 @@ pub struct Beat {
     pub came_online: bool,
     /// Its presence version.
     pub version: i64,
+    /// The agent is revoked: the heartbeat was refused and moved nothing.
+    pub revoked: bool,
 }
 
 /// What one sweep of one shard did.
@@ -57,6 +68,8 @@ pub struct Presence {
     keys: Keys,
     heartbeat: redis::Script,
     sweep: redis::Script,
+    revoke: redis::Script,
+    reinstate: redis::Script,
 }
 
 impl Presence {
@@ -65,6 +78,8 @@ impl Presence {
             keys,
             heartbeat: redis::Script::new(&format!("{STATE}{HEARTBEAT}")),
             sweep: redis::Script::new(&format!("{STATE}{SWEEP}")),
+            revoke: redis::Script::new(&format!("{STATE}{REVOKE}")),
+            reinstate: redis::Script::new(&format!("{STATE}{REINSTATE}")),
         }
     }
 
@@ -96,7 +111,50 @@ impl Presence {
         Ok(Beat {
             came_online: came == 1,
             version,
+            revoked: came == -1,
         })
+    }
+
+    /// Revoke an agent in Redis: no heartbeat of it counts from now on, and an online agent
+    /// goes offline (`agent.offline`, reason `revoked`, by `actor`) so its unclaimed work is
+    /// taken back. `false` when it was revoked already.
+    pub async fn revoke(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent_id: &str,
+        now_ms: i64,
+        actor: &str,
+    ) -> redis::RedisResult<bool> {
+        let n = self.keys.shard_of(agent_id);
+        let done: i64 = self
+            .revoke
+            .key(self.keys.heartbeats(n))
+            .key(self.keys.presence(n))
+            .key(self.keys.presence_events(n))
+            .arg(agent_id)
+            .arg(now_ms)
+            .arg(Uuid::now_v7().to_string())
+            .arg(actor)
+            .invoke_async(conn)
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Undo [`Presence::revoke`] (the agent registered again, approved): it is offline until
+    /// its next heartbeat. `false` when it was not revoked.
+    pub async fn reinstate(
+        &self,
+        conn: &mut impl ConnectionLike,
+        agent_id: &str,
+    ) -> redis::RedisResult<bool> {
+        let n = self.keys.shard_of(agent_id);
+        let done: i64 = self
+            .reinstate
+            .key(self.keys.presence(n))
+            .arg(agent_id)
+            .invoke_async(conn)
+            .await?;
+        Ok(done == 1)
     }
 
     /// Mark agents of shard `n` offline whose deadline passed more than `grace_ms` ago, at most

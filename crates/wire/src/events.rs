@@ -177,6 +177,10 @@ pub enum EventBody {
     /// token is lost): once, until `until_ms`.
     #[serde(rename = "agent.reenroll_approved")]
     AgentReenrollApproved(AgentReenrollApproved),
+    /// An admin revoked an agent: its token is void, its leases are recovered, and its host
+    /// registers again only after an approval.
+    #[serde(rename = "agent.revoked")]
+    AgentRevoked(AgentRevoked),
     /// An agent's heartbeat came in while it was not online.
     #[serde(rename = "agent.online")]
     AgentCameBack(AgentPresence),
@@ -273,6 +277,7 @@ impl EventBody {
         match self {
             Self::AgentRegistered(_) => "agent.registered",
             Self::AgentReenrollApproved(_) => "agent.reenroll_approved",
+            Self::AgentRevoked(_) => "agent.revoked",
             Self::AgentCameBack(_) => "agent.online",
             Self::AgentWentOffline(_) => "agent.offline",
             Self::LeaseGranted(_) => "lease.granted",
@@ -312,6 +317,7 @@ impl EventBody {
             Self::KeyCreated(_)
                 | Self::KeyRevoked(_)
                 | Self::AgentReenrollApproved(_)
+                | Self::AgentRevoked(_)
                 | Self::CheckCreated(_)
                 | Self::CheckCancelled(_)
                 | Self::HaproxyInstanceRegistered(_)
@@ -379,12 +385,20 @@ pub struct AgentReenrollApproved {
     pub until_ms: i64,
 }
 
+/// Payload of `agent.revoked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRevoked {
+    pub agent_id: String,
+    pub hostname: String,
+}
+
 /// Payload of `agent.online` and `agent.offline`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentPresence {
     pub agent_id: String,
-    /// `heartbeat` or `missed_heartbeat`.
+    /// `heartbeat`, `missed_heartbeat` or `revoked`.
     pub reason: String,
 }
 

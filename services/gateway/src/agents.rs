@@ -2,7 +2,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use checkplane_runtime::clock::now_ms;
@@ -10,7 +10,9 @@ use checkplane_runtime::http::{ApiError, ApiJson, ApiQuery, BodyLimit};
 use checkplane_wire::agents::{
     AgentId, HeartbeatRequest, HeartbeatResponse, MetricsReport, RegisterRequest, RegisterResponse,
 };
-use checkplane_wire::events::{AgentReenrollApproved, AgentRegistered, Event, EventBody};
+use checkplane_wire::events::{
+    AgentReenrollApproved, AgentRegistered, AgentRevoked, Event, EventBody,
+};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -41,6 +43,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/agents", get(list))
         .route("/v1/agents/{agent_id}/concurrency", get(concurrency))
         .route("/v1/agents/{agent_id}/reenroll", post(reenroll))
+        .route("/v1/agents/{agent_id}", delete(revoke))
 }
 
 /// Largest metrics report (600 snapshots and 128 metrics fit well inside).
@@ -295,6 +298,17 @@ async fn register(
     drop(client);
     if rotated {
         crate::revocations::announce(&app, crate::revocations::Forget::Agent(&agent_id)).await;
+        // A revoked agent's host registered again (approved): its heartbeats count again.
+        // Should Redis fail here, the agent's next heartbeat is refused, it registers again
+        // with this token, and this runs again.
+        let (presence, id) = (&app.presence, agent_id.as_str());
+        if let Err(e) = app
+            .stores
+            .on_shared(move |mut conn| async move { presence.reinstate(&mut conn, id).await })
+            .await
+        {
+            tracing::warn!(%agent_id, error = %e, "could not reinstate the agent's presence");
+        }
     }
     written.publish_now(&app).await;
 
@@ -387,6 +401,108 @@ async fn reenroll(
     }))
 }
 
+#[derive(Debug, Serialize)]
+struct Revocation {
+    agent_id: String,
+    hostname: String,
+    /// RFC 3339.
+    revoked_at: String,
+    /// Leases ended by this call (their slots' next attempts go to other agents).
+    leases_recovered: u32,
+}
+
+/// `DELETE /v1/agents/{agent_id}` (admin): revoke an agent. Its token (and the previous one)
+/// is void at once on every gateway, no heartbeat or claim of it counts any more (one already
+/// past authentication included), its leases end now and its unclaimed tasks are taken back;
+/// its host registers again only after `POST /v1/agents/{id}/reenroll`. Repeating it is
+/// harmless and ends leases a failed first call left.
+async fn revoke(
+    State(app): State<AppState>,
+    admin: Admin,
+    Path(agent_id): Path<String>,
+) -> Result<Json<Revocation>, ApiError> {
+    let agent_id = AgentId::parse(&agent_id)
+        .map_err(|_| ApiError::not_found("no such agent"))?
+        .as_str()
+        .to_owned();
+    let actor = admin.caller.actor();
+    let mut client = app.stores.pg.get().await?;
+    let tx = client.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT hostname FROM agents WHERE agent_id = $1 AND hostname IS NOT NULL",
+            &[&agent_id],
+        )
+        .await?
+    else {
+        return Err(ApiError::not_found("no such agent"));
+    };
+    let hostname: String = row.get("hostname");
+    // The registrations' lock: identity versions of one host are taken one at a time.
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&hostname])
+        .await?;
+    let row = tx
+        .query_one(
+            "SELECT identity_version, revoked_at IS NOT NULL AS revoked
+             FROM agents WHERE agent_id = $1",
+            &[&agent_id],
+        )
+        .await?;
+    let mut written = Written::new();
+    if !row.get::<_, bool>("revoked") {
+        let event = Event::new(
+            format!("agent:{agent_id}"),
+            row.get::<_, i64>("identity_version") + 1,
+            actor.clone(),
+            EventBody::AgentRevoked(AgentRevoked {
+                agent_id: agent_id.clone(),
+                hostname: hostname.clone(),
+            }),
+        );
+        written
+            .append(&tx, &app.keys.events("agents"), &event)
+            .await?;
+    }
+    let revoked_at: String = tx
+        .query_one(
+            "SELECT cp_rfc3339(revoked_at) AS revoked_at FROM agents WHERE agent_id = $1",
+            &[&agent_id],
+        )
+        .await?
+        .get("revoked_at");
+    tx.commit().await?;
+    drop(client);
+    crate::revocations::announce(&app, crate::revocations::Forget::Agent(&agent_id)).await;
+    written.publish_now(&app).await;
+    // Presence first: from here on no claim of the agent is granted, so the leases found
+    // next are all it has.
+    let (presence, leases, id, by) = (&app.presence, &app.leases, agent_id.as_str(), &actor);
+    let recovered = app
+        .stores
+        .on_shared(move |mut conn| async move {
+            let now = now_ms();
+            presence.revoke(&mut conn, id, now, by).await?;
+            leases.recover_agent(&mut conn, id, now, by).await
+        })
+        .await
+        .map_err(|e| {
+            tracing::warn!(%agent_id, error = %e, "agent revoked, its leases not recovered yet");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                checkplane_wire::ErrorCode::Unavailable,
+                "the agent is revoked (its token no longer works), but Redis did not answer to \
+                 end its leases now: they end at their deadline; DELETE again to end them now",
+            )
+        })?;
+    tracing::info!(%agent_id, actor = %actor, leases = recovered, "agent revoked");
+    Ok(Json(Revocation {
+        agent_id,
+        hostname,
+        revoked_at,
+        leases_recovered: recovered,
+    }))
+}
+
 async fn heartbeat(
     State(app): State<AppState>,
     agent: AgentIdentity,
@@ -404,6 +520,9 @@ async fn heartbeat(
                 .await
         })
         .await?;
+    if beat.revoked {
+        return Err(ApiError::unauthorized("unknown agent or wrong token"));
+    }
     if beat.came_online {
         tracing::info!(agent_id = %agent.agent_id, "agent online");
     }
@@ -450,6 +569,8 @@ struct AgentView {
     registered_at: Option<String>,
     status_changed_at: Option<String>,
     last_seen: Option<String>,
+    /// Set when an admin revoked the agent (cleared by its next, approved, registration).
+    revoked_at: Option<String>,
 }
 
 async fn list(
@@ -511,6 +632,7 @@ async fn list(
                 cp_rfc3339(registered_at) AS registered_at,
                 cp_rfc3339(status_changed_at) AS status_changed_at,
                 cp_rfc3339(s.last_seen) AS last_seen,
+                cp_rfc3339(a.revoked_at) AS revoked_at,
                 count(*) OVER () AS total
          FROM agents a LEFT JOIN agent_last_seen s USING (agent_id)
          {filter}
@@ -552,6 +674,7 @@ async fn list(
             registered_at: r.get("registered_at"),
             status_changed_at: r.get("status_changed_at"),
             last_seen: r.get("last_seen"),
+            revoked_at: r.get("revoked_at"),
         })
         .collect();
     Ok(Json(Page::new(items, total, q.limit, q.offset)))

@@ -2,7 +2,9 @@
 //! (status by `status_version`, every transition in `agent_status_history`).
 
 use checkplane_runtime::db::Sql;
-use checkplane_wire::events::{AgentPresence, AgentReenrollApproved, AgentRegistered, Event};
+use checkplane_wire::events::{
+    AgentPresence, AgentReenrollApproved, AgentRegistered, AgentRevoked, Event,
+};
 
 use super::{ApplyError, AT};
 
@@ -38,6 +40,8 @@ pub(super) async fn apply_registered(
             updated_at = CASE WHEN {newer} THEN EXCLUDED.updated_at ELSE agents.updated_at END,
             registered_at = LEAST(agents.registered_at, EXCLUDED.registered_at),
             reenroll_until = CASE WHEN {newer} THEN NULL ELSE agents.reenroll_until END,
+            revoked_at = CASE WHEN {newer} THEN NULL ELSE agents.revoked_at END,
+            revoked_by = CASE WHEN {newer} THEN NULL ELSE agents.revoked_by END,
             identity_version = GREATEST(agents.identity_version, EXCLUDED.identity_version)"
     );
     client
@@ -77,6 +81,32 @@ pub(super) async fn apply_reenroll_approved(
             "UPDATE agents SET reenroll_until = cp_at_ms($2), identity_version = $3
              WHERE agent_id = $1 AND identity_version < $3",
             &[&e.agent_id, &e.until_ms, &event.version],
+        )
+        .await?;
+    Ok(())
+}
+
+/// An admin's revocation: a step of the agent's identity that voids its tokens (current and
+/// previous) and any pending approval; the next registration (after a new approval) undoes it.
+pub(super) async fn apply_revoked(
+    client: &impl Sql,
+    event: &Event,
+    e: &AgentRevoked,
+) -> Result<(), ApplyError> {
+    client
+        .execute(
+            &format!(
+                "UPDATE agents SET token_hash = NULL, previous_token_hash = NULL,
+                        reenroll_until = NULL, revoked_at = {AT}, revoked_by = $4,
+                        identity_version = $3
+                 WHERE agent_id = $2 AND identity_version < $3"
+            ),
+            &[
+                &event.occurred_at,
+                &e.agent_id,
+                &event.version,
+                &event.actor,
+            ],
         )
         .await?;
     Ok(())

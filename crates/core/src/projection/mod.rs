@@ -120,6 +120,7 @@ pub async fn apply(client: &impl Sql, event: &Event) -> Result<(), ApplyError> {
         EventBody::AgentReenrollApproved(e) => {
             agents::apply_reenroll_approved(client, event, e).await
         }
+        EventBody::AgentRevoked(e) => agents::apply_revoked(client, event, e).await,
         EventBody::AgentCameBack(e) => agents::apply_presence(client, event, e, "online").await,
         EventBody::AgentWentOffline(e) => agents::apply_presence(client, event, e, "offline").await,
         EventBody::LeaseGranted(_)

@@ -53,6 +53,8 @@ fn agents_merge() -> String {
             "token_hash",
             "previous_token_hash",
             "reenroll_until",
+            "revoked_at",
+            "revoked_by",
             "labels",
             "capabilities",
             "country",

@@ -58,6 +58,13 @@ fn routes(spare_key_id: &str) -> Vec<(&'static str, String, Option<Value>, Role,
             Role::Admin,
             404,
         ),
+        (
+            "DELETE",
+            "/v1/agents/agt-0123456789abcdef0123456789abcdef".into(),
+            None,
+            Role::Admin,
+            404,
+        ),
         ("GET", "/v1/dead-letters".into(), None, Role::Admin, 200),
         (
             "POST",

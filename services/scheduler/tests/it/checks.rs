@@ -1393,6 +1393,93 @@ async fn a_task_left_unclaimed_by_an_agent_that_went_offline_is_retried_elsewher
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_agents_slots_go_to_other_agents_at_once() {
+    // Leases of five minutes: without the revocation's recovery the leased slot would wait
+    // them out.
+    let s = stand_with(&[("LEASE_TTL", "300s")], &[("RETRY_BACKOFF", "0s")]).await;
+    let a = s.agent("a", "NL", 64540, &["dns"]).await;
+    let b = s.agent("b", "NL", 64541, &["dns"]).await;
+    s.online(&[&a, &b]).await;
+    let (status, body, location) = s
+        .create(json!({"kind": "dns", "target": "example.com", "limit": 1, "timeout_ms": 120000}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let location = location.unwrap();
+    let picked = chosen(&s.check(&location).await);
+    let (doomed, spare) = if picked[0] == a.id {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let leased = s
+        .claim_eventually(doomed, "dns", "the chosen agent leases its slot", 10)
+        .await;
+    assert_eq!(leased[0]["spec"]["attempt"], 1, "{leased:?}");
+
+    let revoked = s
+        .http
+        .delete(s.gw.url(&format!("/v1/agents/{}", doomed.id)))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200);
+    let revoked: Value = revoked.json().await.unwrap();
+    assert_eq!(revoked["leases_recovered"], 1, "{revoked}");
+
+    let retried = s
+        .claim_eventually(spare, "dns", "the spare agent gets the slot", 20)
+        .await;
+    assert_eq!(retried[0]["spec"]["attempt"], 2, "{retried:?}");
+    s.report(
+        spare,
+        retried[0]["token"].as_str().unwrap(),
+        json!({"answers": []}),
+    )
+    .await;
+    let done = s.finished(&location, "the check finishes").await;
+    let results = done["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{done}");
+    assert_eq!(results[0]["agent_id"], spare.id.as_str());
+
+    // The revoked agent's late report is refused at the door.
+    let (status, _) = agent_post(
+        &s.http,
+        &s.gw.url("/v1/agents/report"),
+        &doomed.id,
+        &doomed.token,
+        &json!({"completed": [{"token": leased[0]["token"], "result": {"answers": []}}]}),
+    )
+    .await;
+    assert_eq!(status, 401);
+    eventually(
+        "the revoked agent offline, for that reason",
+        Duration::from_secs(10),
+        || async {
+            let row =
+                s.db.client()
+                    .await
+                    .query_one(
+                        "SELECT a.status, h.reason FROM agents a
+                     JOIN agent_status_history h USING (agent_id)
+                     WHERE agent_id = $1 ORDER BY h.version DESC LIMIT 1",
+                        &[&doomed.id],
+                    )
+                    .await
+                    .unwrap();
+            let (status, reason): (String, String) = (row.get("status"), row.get("reason"));
+            (status == "offline" && reason == "revoked").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        count(&s.db, "SELECT count(*) FROM projection_failures").await,
+        0
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn max_parallel_bounds_the_slots_running_at_once() {
     let s = stand_with(&[("DEFAULT_MAX_PARALLEL", "2")], &[]).await;
     let agents = [

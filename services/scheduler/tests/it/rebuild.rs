@@ -227,6 +227,19 @@ async fn rebuild_reproduces_every_projection_table() {
         .await
         .unwrap();
     assert_eq!(acted.status().as_u16(), 202);
+    // r3 revoked: its tokens void (and online → offline, reason revoked).
+    let revoked = reqwest::Client::new()
+        .delete(gw.url(&format!("/v1/agents/{}", ids[2])))
+        .header("x-api-key", admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200);
+    eventually("r3 offline", Duration::from_secs(10), || async {
+        let history = count(&db, "SELECT count(*) FROM agent_status_history").await;
+        (history == 5).then_some(())
+    })
+    .await;
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 
