@@ -276,7 +276,12 @@ pub async fn checks(args: FanOutArgs) {
                 let completed: Vec<String> = claimed
                     .leases
                     .iter()
-                    .map(|l| format!(r#"{{"token":"{}","result":{{"answers":[]}}}}"#, l.token))
+                    .map(|l| {
+                        format!(
+                            r#"{{"token":"{}","result":{{"rcode":"NOERROR","answers":[]}}}}"#,
+                            l.token
+                        )
+                    })
                     .collect();
                 let body = format!(r#"{{"completed":[{}]}}"#, completed.join(","));
                 let reported = async { post(&report_url, body).await?.bytes().await };

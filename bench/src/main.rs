@@ -565,7 +565,8 @@ async fn lease_cycle(args: LeaseArgs) {
                 let claimed = post_json(&http, &format!("{base}/v1/agents/claim"), &id, &token,
                     serde_json::json!({"capacities": {"dns": batch}, "request_id": format!("w{w}r{round}"), "wait_ms": 0})).await;
                 let tokens: Vec<serde_json::Value> = claimed["leases"].as_array().unwrap().iter()
-                    .map(|l| serde_json::json!({"token": l["token"], "result": {}})).collect();
+                    .map(|l| serde_json::json!({"token": l["token"],
+                        "result": {"rcode": "NOERROR", "answers": []}})).collect();
                 if tokens.is_empty() { return done; }
                 done += tokens.len();
                 post_json(&http, &format!("{base}/v1/agents/report"), &id, &token, serde_json::json!({"completed": tokens})).await;
@@ -622,7 +623,8 @@ async fn lease_cycle(args: LeaseArgs) {
                 if let Some(lease) = claimed["leases"].as_array().and_then(|l| l.first()) {
                     let _ = tx.send((p, got));
                     post_json(&http, &format!("{base}/v1/agents/report"), &id, &token,
-                        serde_json::json!({"completed": [{"token": lease["token"], "result": {}}]})).await;
+                        serde_json::json!({"completed": [{"token": lease["token"],
+                            "result": {"rcode": "NOERROR", "answers": []}}]})).await;
                 }
             }
         }));

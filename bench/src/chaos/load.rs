@@ -187,8 +187,13 @@ async fn report(
         spec["slot"],
         spec["attempt"]
     );
-    // The result names its lease: which report a slot kept is visible.
-    let result = json!({"simulated": true, "lease": token, "work_ms": work_ms});
+    // A result of the lease's kind, as the gateway requires; a dns one names its lease.
+    let timings = json!({"total": work_ms});
+    let result = match lease["kind"].as_str() {
+        Some("tcp") => json!({"connected": true, "address": "192.0.2.1", "port": 1,
+                              "timings": timings}),
+        _ => json!({"rcode": "NOERROR", "answers": [], "name": token, "timings": timings}),
+    };
     let body = json!({"completed": [{"token": token, "outcome": "finished", "result": result}]});
     let url = format!("{base}/v1/agents/report");
     for _ in 0..10 {

@@ -237,6 +237,10 @@ pub mod api {
         pub status: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub error: Option<String>,
+        /// What was wrong, for a refusal that is not the fence's (a result that does not
+        /// fit its kind names the field).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub message: Option<String>,
     }
 
     /// The answer to an extend or a report.

@@ -10,6 +10,7 @@ pub mod health;
 pub mod kinds;
 pub mod leases;
 pub mod operators;
+pub mod results;
 pub mod targets;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};

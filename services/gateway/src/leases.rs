@@ -216,12 +216,14 @@ async fn extend(
                     new_deadline_ms: Some(deadline),
                     status: None,
                     error: None,
+                    message: None,
                 },
                 Fenced::Refused(refusal) => TokenOutcome {
                     token,
                     new_deadline_ms: None,
                     status: None,
                     error: Some(refusal.code().as_str().to_owned()),
+                    message: None,
                 },
             })
             .collect(),
@@ -234,10 +236,14 @@ async fn report(
     ApiJson(request): ApiJson<ReportRequest>,
 ) -> Result<Json<TokenOutcomes>, ApiError> {
     let mut items: Vec<(String, &'static str, serde_json::Value)> = Vec::new();
+    // Per completed report, its outcome and result, held to its kind's schema once the
+    // tokens are parsed (the token names the kind).
+    let mut ends = Vec::with_capacity(request.completed.len());
     for c in request.completed {
-        let outcome = c.outcome.unwrap_or(Outcome::Finished).as_str();
+        let outcome = c.outcome.unwrap_or(Outcome::Finished);
+        ends.push(outcome);
         let result = serde_json::json!({"observations": c.observations, "result": c.result});
-        items.push((c.token, outcome, result));
+        items.push((c.token, outcome.as_str(), result));
     }
     for c in request.cancelled {
         let reason = c.reason.unwrap_or_default();
@@ -253,33 +259,71 @@ async fn report(
     }
     let raw: Vec<String> = items.iter().map(|(t, _, _)| t.clone()).collect();
     let tokens = own_tokens(&agent, &raw)?;
+    // A result that does not fit its kind is refused on its own (the lease stays the agent's),
+    // so one bad result does not hold back the others of the batch.
+    let misfits: Vec<Option<String>> = items
+        .iter()
+        .zip(&tokens)
+        .enumerate()
+        .map(|(i, ((_, _, result), token))| {
+            let outcome = *ends.get(i)?;
+            let kind = token.kind.parse::<checkplane_wire::kinds::Kind>().ok()?;
+            let why = checkplane_wire::results::check(kind, outcome, &result["result"]).err()?;
+            Some(format!("completed[{i}].{why}"))
+        })
+        .collect();
     // All of one agent's reports in one script call.
     let reports: Vec<(&LeaseToken, &str, &serde_json::Value)> = items
         .iter()
         .zip(&tokens)
-        .map(|((_, outcome, result), token)| (token, *outcome, result))
+        .zip(&misfits)
+        .filter(|(_, misfit)| misfit.is_none())
+        .map(|(((_, outcome, result), token), _)| (token, *outcome, result))
         .collect();
-    let (leases, batch, now) = (&app.leases, &reports, now_ms());
-    let fenced = app
-        .stores
-        .on_shared(move |mut conn| async move { leases.report_many(&mut conn, batch, now).await })
-        .await?;
+    let fenced = if reports.is_empty() {
+        Vec::new()
+    } else {
+        let (leases, batch, now) = (&app.leases, &reports, now_ms());
+        app.stores
+            .on_shared(
+                move |mut conn| async move { leases.report_many(&mut conn, batch, now).await },
+            )
+            .await?
+    };
     drop(reports);
+    let mut fenced = fenced.into_iter();
     let mut results = Vec::with_capacity(tokens.len());
-    for ((text, _, _), fenced) in items.into_iter().zip(fenced) {
-        results.push(match fenced {
-            Fenced::Ok(()) => TokenOutcome {
+    for ((text, _, _), misfit) in items.into_iter().zip(misfits) {
+        if let Some(why) = misfit {
+            tracing::warn!(agent_id = %agent.agent_id, token = %text, %why, "report refused: its result does not fit its kind");
+            results.push(TokenOutcome {
+                token: text,
+                new_deadline_ms: None,
+                status: None,
+                error: Some(checkplane_wire::ErrorCode::Validation.as_str().to_owned()),
+                message: Some(why),
+            });
+            continue;
+        }
+        results.push(match fenced.next() {
+            Some(Fenced::Ok(())) => TokenOutcome {
                 token: text,
                 new_deadline_ms: None,
                 status: Some("acknowledged".to_owned()),
                 error: None,
+                message: None,
             },
-            Fenced::Refused(refusal) => TokenOutcome {
+            Some(Fenced::Refused(refusal)) => TokenOutcome {
                 token: text,
                 new_deadline_ms: None,
                 status: None,
                 error: Some(refusal.code().as_str().to_owned()),
+                message: None,
             },
+            None => {
+                let short = std::io::Error::other("the report script answered fewer reports");
+                return Err(ApiError::internal(&short));
+            }
         });
     }
     Ok(Json(TokenOutcomes { results }))

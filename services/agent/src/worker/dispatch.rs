@@ -177,6 +177,13 @@ pub(super) fn finish(shared: &Shared, key: &str, outcome: check::Ended, result: 
     else {
         return;
     };
+    let (outcome, result) = match checkplane_wire::leases::LeaseToken::parse(&task.token) {
+        Ok(lease) => match lease.kind.parse::<Kind>() {
+            Ok(kind) => check::fitted(kind, outcome, result),
+            Err(()) => (outcome, result),
+        },
+        Err(_) => (outcome, result),
+    };
     shared.push_report(Report::Completed(Completed {
         token: task.token,
         outcome: Some(outcome),

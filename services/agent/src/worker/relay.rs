@@ -89,12 +89,17 @@ pub(super) fn start_relay(shared: &Arc<Shared>, tasks: &TaskTracker, lease: Leas
         };
         metrics::counter!("checkplane_agent_relayed_total", "outcome" => outcome.outcome.as_str())
             .increment(1);
+        let (ended, result) = check::fitted(
+            checkplane_wire::kinds::Kind::Haproxy,
+            outcome.outcome,
+            outcome.result,
+        );
         let body = ReportRequest {
             completed: vec![Completed {
                 token: lease.token.clone(),
-                outcome: Some(outcome.outcome),
+                outcome: Some(ended),
                 observations: Vec::new(),
-                result: outcome.result,
+                result,
             }],
             cancelled: Vec::new(),
         };

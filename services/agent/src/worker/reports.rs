@@ -92,7 +92,8 @@ pub(super) async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 backoff.reset();
                 for refused in answer.results.iter().filter(|r| r.error.is_some()) {
                     // Fenced (lost, closed): the control plane will not take this result.
-                    tracing::warn!(token = %refused.token, error = ?refused.error, "report refused");
+                    tracing::warn!(token = %refused.token, error = ?refused.error,
+                        message = ?refused.message, "report refused");
                 }
                 let mut reports = shared.reports.lock().unwrap_or_else(|p| p.into_inner());
                 let sent: std::collections::HashSet<&str> =

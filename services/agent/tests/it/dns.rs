@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use agent::dns::{check, Question};
 use checkplane_testkit::dns::Unbound;
+use checkplane_wire::kinds::Kind;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(3);
@@ -17,6 +18,8 @@ async fn ask(server: &str, name: &str, record: &str, protocol: &str) -> (String,
         resolver: Some(server),
     };
     let outcome = check(&question, T, true).await;
+    checkplane_wire::results::check(Kind::Dns, outcome.outcome, &outcome.result)
+        .unwrap_or_else(|why| panic!("{why}: {}", outcome.result));
     (outcome.outcome.as_str().to_owned(), outcome.result)
 }
 

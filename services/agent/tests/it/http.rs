@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent::http::{check, roots, Request, BODY_CAP};
+use checkplane_wire::kinds::Kind;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use serde_json::Value;
@@ -112,6 +113,8 @@ async fn get(url: &str, protocol: &str, timeout: Duration, allow: bool) -> (Stri
         headers: vec![("x-probe", "42")],
     };
     let outcome = check(&request, timeout, allow, roots()).await;
+    checkplane_wire::results::check(Kind::Http, outcome.outcome, &outcome.result)
+        .unwrap_or_else(|why| panic!("{why}: {}", outcome.result));
     (outcome.outcome.as_str().to_owned(), outcome.result)
 }
 

@@ -5,7 +5,21 @@
 use std::time::Duration;
 
 use agent::icmp::Kind;
-use agent::ping::check;
+
+/// The ping, its result held to the schema the gateway enforces.
+async fn check(
+    target: &str,
+    packets: u16,
+    timeout: Duration,
+    allow: bool,
+    kinds: &[Kind],
+) -> agent::check::Outcome {
+    let outcome = agent::ping::check(target, packets, timeout, allow, kinds).await;
+    let ping = checkplane_wire::kinds::Kind::Ping;
+    checkplane_wire::results::check(ping, outcome.outcome, &outcome.result)
+        .unwrap_or_else(|why| panic!("{why}: {}", outcome.result));
+    outcome
+}
 use checkplane_testkit::netns::{self, Netns};
 use serde_json::Value;
 

@@ -4,7 +4,21 @@
 
 use std::time::Duration;
 
-use agent::trace::{check, Probe};
+use agent::trace::Probe;
+
+/// The trace, its result held to the schema the gateway enforces.
+async fn check(
+    target: &str,
+    probe: Probe,
+    timeout: Duration,
+    allow: bool,
+) -> agent::check::Outcome {
+    let outcome = agent::trace::check(target, probe, timeout, allow).await;
+    let trace = checkplane_wire::kinds::Kind::Trace;
+    checkplane_wire::results::check(trace, outcome.outcome, &outcome.result)
+        .unwrap_or_else(|why| panic!("{why}: {}", outcome.result));
+    outcome
+}
 use checkplane_testkit::netns::{self, Netns};
 use serde_json::Value;
 

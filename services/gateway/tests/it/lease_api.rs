@@ -99,7 +99,7 @@ async fn claim_extend_report_over_http() {
 
     let report = json!({
         "completed": [{"token": tokens[0], "observations": [{"name": "total", "value": 1.5, "unit": "ms"}],
-                       "result": {"answers": [{"name": "a.example", "type": "A", "ttl": 60, "class": "IN", "value": "192.0.2.1"}]}}],
+                       "result": {"rcode": "NOERROR", "answers": [{"name": "a.example", "type": "A", "ttl": 60, "class": "IN", "value": "192.0.2.1"}]}}],
         "cancelled": [{"token": tokens[1], "reason": "shutting down"}],
     });
     let (status, reported) = call(&gw, "/v1/agents/report", &id, &token, report.clone()).await;
@@ -443,5 +443,106 @@ async fn an_answer_lost_on_the_way_is_recovered_by_retrying_the_request_id() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(body["leases"][0]["token"], lost[0].token.as_str());
+    gw.running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_result_that_does_not_fit_its_kind_is_refused_alone_naming_the_field() {
+    let gw = start_with(vec![]).await;
+    let (id, token) = agent(&gw, "sloppy").await;
+    let leases = helper(&gw);
+    let mut conn = gw.redis.connection().await;
+    for kind in ["tcp", "tcp", "dns"] {
+        leases.enqueue(&mut conn, &id, kind, "{}").await.unwrap();
+    }
+    let (status, claimed) = call(
+        &gw,
+        "/v1/agents/claim",
+        &id,
+        &token,
+        json!({"capacities": {"tcp": 2, "dns": 1}, "request_id": "r1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{claimed}");
+    let token_of = |kind: &str, n: usize| -> String {
+        claimed["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["kind"] == kind)
+            .nth(n)
+            .unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (tcp_bad, tcp_good, dns) = (token_of("tcp", 0), token_of("tcp", 1), token_of("dns", 0));
+    let good_tcp = json!({"connected": true, "address": "192.0.2.1", "port": 443,
+                          "timings": {"dns": 0.2, "connect": 1.0, "total": 1.3}});
+    let (status, answer) = call(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [
+            // The seed's case: a tcp result of `connected` alone.
+            {"token": tcp_bad, "result": {"connected": true}},
+            {"token": tcp_good, "result": good_tcp},
+            // A dns answer whose ttl is not a number.
+            {"token": dns, "result": {"rcode": "NOERROR", "answers": [
+                {"name": "a.", "type": "A", "ttl": "long", "class": "IN", "value": "192.0.2.1"}]}},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results[0]["error"], "ERR_VALIDATION", "{answer}");
+    assert_eq!(
+        results[0]["message"],
+        "completed[0].result.address: a finished tcp result needs it"
+    );
+    assert_eq!(results[1]["status"], "acknowledged", "{answer}");
+    let why = results[2]["message"].as_str().unwrap();
+    assert!(
+        why.starts_with("completed[2].result.answers[0].ttl: "),
+        "{why}"
+    );
+
+    // Failed needs its error; an unknown field is named; the refused lease is still open.
+    for (result, outcome, field) in [
+        (
+            json!({"address": "192.0.2.1"}),
+            "failed",
+            "completed[0].result.error",
+        ),
+        (
+            json!({"connected": true, "address": "192.0.2.1", "port": 1, "cookie": "x"}),
+            "finished",
+            "completed[0].result.cookie",
+        ),
+        (json!("connected"), "finished", "completed[0].result"),
+    ] {
+        let (_, answer) = call(
+            &gw,
+            "/v1/agents/report",
+            &id,
+            &token,
+            json!({"completed": [{"token": tcp_bad, "outcome": outcome, "result": result}]}),
+        )
+        .await;
+        let why = answer["results"][0]["message"].as_str().unwrap();
+        assert!(why.starts_with(&format!("{field}: ")), "{why}");
+    }
+    let (_, answer) = call(
+        &gw,
+        "/v1/agents/report",
+        &id,
+        &token,
+        json!({"completed": [{"token": tcp_bad, "outcome": "failed",
+               "result": {"error": {"code": "ERR_TIMEOUT", "message": "no connection"},
+                          "timings": {"dns": 0.2}}}]}),
+    )
+    .await;
+    assert_eq!(answer["results"][0]["status"], "acknowledged", "{answer}");
     gw.running.stop().await.unwrap();
 }

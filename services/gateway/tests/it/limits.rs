@@ -165,7 +165,7 @@ async fn every_agent_call_and_the_operator_api_have_their_limit_with_its_headers
         }
         "/v1/agents/extend" => json!({"tokens": [format!("{id}.dns.1-0.1")]}),
         "/v1/agents/report" => {
-            json!({"completed": [{"token": format!("{id}.dns.1-0.1"), "result": {}}]})
+            json!({"completed": [{"token": format!("{id}.dns.1-0.1"), "result": {"rcode": "NOERROR", "answers": []}}]})
         }
         "/v1/agents/metrics" => json!({"metrics": {"x": 1.0}}),
         _ => json!({}),

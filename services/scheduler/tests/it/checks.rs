@@ -164,7 +164,7 @@ impl Stand {
             &self.gw.url("/v1/agents/report"),
             &agent.id,
             &agent.token,
-            &json!({"completed": [{"token": token, "result": {}}]}),
+            &json!({"completed": [{"token": token, "result": {"rcode": "NOERROR", "answers": []}}]}),
         )
         .await;
         assert_eq!(status, 200, "{body}");
@@ -360,7 +360,7 @@ async fn a_check_runs_on_its_agents_and_its_results_are_readable() {
             (Some("dns"), Some("example.com"))
         );
         assert_eq!(spec["options"]["type"], "AAAA");
-        let answers = json!({"answers": [{"name": "example.com", "type": "AAAA", "ttl": 60, "class": "IN", "value": address}]});
+        let answers = json!({"rcode": "NOERROR", "answers": [{"name": "example.com", "type": "AAAA", "ttl": 60, "class": "IN", "value": address}]});
         s.report(agent, leases[0]["token"].as_str().unwrap(), answers)
             .await;
     }
@@ -595,7 +595,7 @@ async fn an_agent_that_dies_mid_check_is_replaced_and_the_check_still_finishes()
     s.report(
         working,
         leases[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
 
@@ -608,7 +608,7 @@ async fn an_agent_that_dies_mid_check_is_replaced_and_the_check_still_finishes()
     s.report(
         spare,
         retried[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
 
@@ -746,7 +746,7 @@ async fn reported_checks(s: &Stand, agent: &Agent, n: usize) -> Vec<(String, Val
             .unwrap()
             .parse()
             .unwrap();
-        let result = json!({"answers": [], "marker": format!("report-{i}")});
+        let result = json!({"rcode": "NOERROR", "answers": [], "name": format!("report-{i}")});
         s.report(agent, &token, result.clone()).await;
         checks.push((locations[i].clone(), result));
     }
@@ -966,7 +966,7 @@ async fn live_results_arrive_and_a_reconnect_with_last_event_id_misses_nothing()
     s.report(
         &a,
         leases[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let first = sse_events(&mut stream, 1).await;
@@ -980,7 +980,7 @@ async fn live_results_arrive_and_a_reconnect_with_last_event_id_misses_nothing()
     s.report(
         &b,
         leases[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let mut stream = open(Some("1")).await.unwrap();
@@ -1061,7 +1061,8 @@ async fn live_streams_are_woken_by_the_projectors_announcements_not_their_poll()
     for agent in [&a, &b] {
         let leases = s.claim(agent, "dns").await;
         let token = leases[0]["token"].as_str().unwrap();
-        s.report(agent, token, json!({"answers": []})).await;
+        s.report(agent, token, json!({"rcode": "NOERROR", "answers": []}))
+            .await;
     }
     let events = sse_events(&mut stream, 3).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
@@ -1116,7 +1117,7 @@ async fn a_read_with_prefer_wait_answers_when_the_check_changes_or_304_when_it_d
     s.report(
         &a,
         leases[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let response = tokio::time::timeout(Duration::from_secs(15), waiting)
@@ -1173,7 +1174,7 @@ async fn live_streams_past_the_limit_are_refused_with_429_until_one_ends() {
     s.report(
         &a,
         leases[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let events = sse_events(&mut first, 2).await;
@@ -1364,7 +1365,7 @@ async fn a_task_left_unclaimed_by_an_agent_that_went_offline_is_retried_elsewher
     s.report(
         spare,
         retried[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let done = s.finished(&location, "the check finishes").await;
@@ -1434,7 +1435,7 @@ async fn a_revoked_agents_slots_go_to_other_agents_at_once() {
     s.report(
         spare,
         retried[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let done = s.finished(&location, "the check finishes").await;
@@ -1448,7 +1449,7 @@ async fn a_revoked_agents_slots_go_to_other_agents_at_once() {
         &s.gw.url("/v1/agents/report"),
         &doomed.id,
         &doomed.token,
-        &json!({"completed": [{"token": leased[0]["token"], "result": {"answers": []}}]}),
+        &json!({"completed": [{"token": leased[0]["token"], "result": {"rcode": "NOERROR", "answers": []}}]}),
     )
     .await;
     assert_eq!(status, 401);
@@ -1542,8 +1543,12 @@ async fn max_parallel_bounds_the_slots_running_at_once() {
             .filter(|s| *s == "pending" || *s == "leased")
             .count();
         assert_eq!(running, 1, "{now}");
-        s.report(agent, leases[0]["token"].as_str().unwrap(), json!({}))
-            .await;
+        s.report(
+            agent,
+            leases[0]["token"].as_str().unwrap(),
+            json!({"rcode": "NOERROR", "answers": []}),
+        )
+        .await;
     }
     let done = s.finished(&location, "the check finishes").await;
     assert_eq!(done["done_count"], 3);
@@ -1597,7 +1602,7 @@ async fn live_results_from_two_projector_replicas_arrive_in_seq_order_without_ga
                 &url,
                 &agent.id,
                 &agent.token,
-                &json!({"completed": [{"token": token, "result": {"answers": []}}]}),
+                &json!({"completed": [{"token": token, "result": {"rcode": "NOERROR", "answers": []}}]}),
             )
             .await;
             assert_eq!(status, 200, "{body}");
@@ -1804,7 +1809,7 @@ async fn dead_letters_are_listed_requeued_and_dropped_by_admins() {
     s.report(
         &a,
         retried["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let done = s.finished(&checks[0].1, "the requeued slot finishes").await;
@@ -2064,7 +2069,7 @@ async fn a_dead_lettered_slot_does_not_hold_back_the_next_under_max_parallel() {
     s.report(
         other,
         leases[0]["token"].as_str().unwrap(),
-        json!({"answers": []}),
+        json!({"rcode": "NOERROR", "answers": []}),
     )
     .await;
     let check = s
@@ -2203,7 +2208,7 @@ async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() 
         &s.gw.url("/v1/agents/report"),
         &a.id,
         &a.token,
-        &json!({"completed": [{"token": granted[0].token, "result": {"answers": []}}]}),
+        &json!({"completed": [{"token": granted[0].token, "result": {"rcode": "NOERROR", "answers": []}}]}),
     )
     .await;
     assert_eq!(status, 200, "{answer}");

@@ -251,7 +251,7 @@ async fn leases_of_a_silent_agent_expire_and_its_late_report_is_fenced() {
         "/v1/agents/report",
         &id,
         &token,
-        json!({"completed": [{"token": lease}]}),
+        json!({"completed": [{"token": lease, "result": {"connected": true, "address": "192.0.2.1", "port": 443}}]}),
     )
     .await;
     assert_eq!(late["results"][0]["error"], "ERR_LEASE_LOST");
@@ -338,7 +338,7 @@ async fn redis_losing_its_last_writes_runs_a_task_again_but_keeps_one_result() {
     .await;
     let snapshot = redis_server.snapshot();
 
-    let result = json!({"answers": [{"name": "x", "type": "A", "ttl": 1, "class": "IN", "value": "192.0.2.1"}]});
+    let result = json!({"rcode": "NOERROR", "answers": [{"name": "x", "type": "A", "ttl": 1, "class": "IN", "value": "192.0.2.1"}]});
     let reported = post(
         &gw,
         "/v1/agents/report",
@@ -369,7 +369,7 @@ async fn redis_losing_its_last_writes_runs_a_task_again_but_keeps_one_result() {
         "/v1/agents/report",
         &id,
         &token,
-        json!({"completed": [{"token": again, "result": {"answers": []}}]}),
+        json!({"completed": [{"token": again, "result": {"rcode": "NOERROR", "answers": []}}]}),
     )
     .await;
     assert_eq!(reported["results"][0]["status"], "acknowledged");

@@ -85,7 +85,7 @@ async fn rebuild_reproduces_every_projection_table() {
             &mut conn,
             &first,
             "finished",
-            &serde_json::json!({"answers": []}),
+            &serde_json::json!({"rcode": "NOERROR", "answers": []}),
             now,
         )
         .await
