@@ -295,6 +295,11 @@ async fn run_once(args: &ChaosArgs) -> Outcome {
         ("REDIS_POOL_SIZE", "6".to_owned()),
         ("LOG_LEVEL", "info".to_owned()),
         ("SHUTDOWN_TIMEOUT", "3s".to_owned()),
+        // lb-c's operator socket is in a scratch directory of the temp dir.
+        (
+            "HAPROXY_ALLOWED_ADDRESSES",
+            checkplane_testkit::haproxy_allowed(),
+        ),
     ];
     let bin = |name: &str| args.bin_dir.join(name);
     let mut services = Vec::new();

@@ -120,6 +120,19 @@ impl Env {
         self.raw(name)
     }
 
+    /// `HAPROXY_ALLOWED_ADDRESSES`: where haproxy-sync may connect directly (the gateway
+    /// refuses other instance addresses, haproxy-sync every connection outside them).
+    pub fn haproxy_allowed_addresses(
+        &mut self,
+    ) -> Result<checkplane_wire::haproxy::AllowedAddresses, ConfigError> {
+        const NAME: &str = "HAPROXY_ALLOWED_ADDRESSES";
+        match self.opt_string(NAME) {
+            None => Ok(Default::default()),
+            Some(text) => checkplane_wire::haproxy::AllowedAddresses::parse(&text)
+                .map_err(|why| ConfigError::new(NAME, why.reason)),
+        }
+    }
+
     /// A string with a default.
     pub fn string(&mut self, name: &str, default: &str) -> String {
         self.raw(name).unwrap_or_else(|| default.to_owned())

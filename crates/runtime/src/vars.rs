@@ -194,6 +194,7 @@ pub const ALL: &[Var] = &[
     },
     Var { name: "HAPROXY_ACTION_PARALLELISM", services: "haproxy-sync", default: "4", doc: "actions (1-64) running at once on one HAProxy instance (a batch included); the rest wait their turn", secret: false },
     Var { name: "HAPROXY_ACTION_RETRY_BASE", services: "haproxy-sync", default: "1s", doc: "first retry delay (10ms-1m) of an action that could not reach HAProxy; then 2x and 4x", secret: false },
+    Var { name: "HAPROXY_ALLOWED_ADDRESSES", services: "gateway, haproxy-sync", default: "127.0.0.0/8,::1/128,/run/haproxy", doc: "where haproxy-sync may reach an instance directly: CIDRs (or addresses) and socket directories, comma-separated; the gateway refuses to register a direct instance outside them, haproxy-sync to connect outside them (a socket path resolved, symlinks and all)", secret: false },
     Var { name: "HAPROXY_BREAKER_COOLDOWN", services: "haproxy-sync", default: "1m", doc: "how long (100ms-1h) an instance's open circuit breaker fails actions fast before one trial", secret: false },
     Var { name: "HAPROXY_RELOAD_PROBE_INTERVAL", services: "haproxy-sync", default: "2s", doc: "how often (500ms-1h) each owned HAProxy instance is asked for its Pid and uptime between polls: a restart or reload is polled at once and the desired states re-applied", secret: false },
     Var { name: "HAPROXY_SYNC_INTERVAL", services: "haproxy-sync", default: "1m", doc: "how often (1s-1h, jittered ±10 %) each HAProxy instance is polled; a new instance at once", secret: false },

@@ -353,7 +353,19 @@ pub fn store_env(db: &TestDb, redis: &TestRedis) -> Vec<(String, String)> {
         ("STREAM_PREFIX".into(), redis.prefix.clone()),
         ("DATABASE_POOL_SIZE".into(), "4".into()),
         ("REDIS_POOL_SIZE".into(), "4".into()),
+        // The test HAProxies' sockets are in scratch directories under the temp dir.
+        ("HAPROXY_ALLOWED_ADDRESSES".into(), haproxy_allowed()),
     ]
+}
+
+/// Loopback and the temp directory (resolved): where the tests' HAProxies listen.
+pub fn haproxy_allowed() -> String {
+    let temp = std::env::temp_dir();
+    let temp = std::fs::canonicalize(&temp).unwrap_or(temp);
+    format!(
+        "127.0.0.0/8,::1/128,{}",
+        temp.display().to_string().trim_end_matches('/')
+    )
 }
 
 /// Poll `probe` every 25 ms until it returns `Some`, or panic after `within` naming `what`.

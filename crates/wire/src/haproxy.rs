@@ -158,10 +158,10 @@ impl RegisterInstance {
             .parse::<Transport>()
             .map_err(|()| Invalid::new("transport", "expected direct or agent"))?;
         let address = self.address.trim();
-        let path_like = address.starts_with('/') && address.len() <= 100 && !address.contains('\0');
-        let host_port = address.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && host.len() <= 255 && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
+        let path_like = socket_path(address).is_some();
+        let ip_port = address
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.port() > 0);
         match transport {
             Transport::Agent if !(address.is_empty() || path_like) => {
                 return Err(Invalid::new(
@@ -169,10 +169,11 @@ impl RegisterInstance {
                     "empty, or the unix socket path on the node (absolute, at most 100 characters)",
                 ))
             }
-            Transport::Direct if !(path_like || host_port) => {
+            Transport::Direct if !(path_like || ip_port) => {
                 return Err(Invalid::new(
                     "address",
-                    "host:port or an absolute unix socket path",
+                    "IP:port ([v6]:port) or an absolute unix socket path (at most 100 \
+                     characters, no . or .. in it)",
                 ))
             }
             _ => {}
@@ -194,6 +195,110 @@ impl RegisterInstance {
             address: address.to_owned(),
             node: self.node.clone(),
         })
+    }
+}
+
+/// `address` as a unix socket path: absolute, at most 100 bytes (a socket address holds 108),
+/// every component a plain name (no `.`, `..` or empty one: what it names is what it says).
+pub fn socket_path(address: &str) -> Option<&std::path::Path> {
+    use std::path::{Component, Path};
+    let path = Path::new(address);
+    let plain = address.starts_with('/')
+        && !address.ends_with('/')
+        && !address.contains("//")
+        && path
+            .components()
+            .skip(1)
+            .all(|c| matches!(c, Component::Normal(_)));
+    let named = address.len() > 1 && address.len() <= 100 && !address.contains('\0');
+    // `Path::components` drops `.` silently: look for it by hand.
+    let dotted = address.split('/').any(|part| part == "." || part == "..");
+    (plain && named && !dotted).then_some(path)
+}
+
+/// Where haproxy-sync may connect directly (`HAPROXY_ALLOWED_ADDRESSES`: CIDRs and socket
+/// directories, comma-separated; by default loopback and `/run/haproxy`): an operator's
+/// instance address outside them is refused, so an admin key cannot make haproxy-sync talk to
+/// any socket on its host or network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedAddresses {
+    nets: Vec<ipnet::IpNet>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl Default for AllowedAddresses {
+    fn default() -> Self {
+        Self::parse(Self::DEFAULT).unwrap_or(Self {
+            nets: Vec::new(),
+            dirs: Vec::new(),
+        })
+    }
+}
+
+impl AllowedAddresses {
+    /// The default: loopback and Debian's HAProxy socket directory.
+    pub const DEFAULT: &'static str = "127.0.0.0/8,::1/128,/run/haproxy";
+    /// Most entries.
+    const MAX: usize = 256;
+
+    /// Entries separated by commas: an address, a CIDR, or an absolute directory.
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
+        let invalid = |reason: String| Invalid::new("HAPROXY_ALLOWED_ADDRESSES", reason);
+        let (mut nets, mut dirs) = (Vec::new(), Vec::new());
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if let Some(dir) = socket_path(entry) {
+                dirs.push(dir.to_path_buf());
+            } else if let Ok(net) = entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
+                nets.push(net.trunc());
+            } else {
+                return Err(invalid(format!(
+                    "{entry:?} is neither a CIDR such as 10.0.0.0/8 nor an absolute directory"
+                )));
+            }
+        }
+        if nets.len() + dirs.len() > Self::MAX {
+            return Err(invalid(format!("at most {} entries", Self::MAX)));
+        }
+        Ok(Self { nets, dirs })
+    }
+
+    /// Whether haproxy-sync may connect to `address` (a direct instance's `IP:port` or socket
+    /// path; for a path, the caller passes it resolved, symlinks and all, where it can).
+    /// The refusal's field is `address`.
+    pub fn permits(&self, address: &str) -> Result<(), Invalid> {
+        if let Ok(socket) = address.parse::<std::net::SocketAddr>() {
+            let ip = socket.ip().to_canonical();
+            if self.nets.iter().any(|net| net.contains(&ip)) {
+                return Ok(());
+            }
+        } else if let Some(path) = socket_path(address) {
+            if self
+                .dirs
+                .iter()
+                .any(|dir| path.starts_with(dir) && path != dir.as_path())
+            {
+                return Ok(());
+            }
+        }
+        Err(Invalid::new(
+            "address",
+            format!("{address} is outside HAPROXY_ALLOWED_ADDRESSES ({self})"),
+        ))
+    }
+}
+
+impl std::fmt::Display for AllowedAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nets = self.nets.iter().map(ToString::to_string);
+        let dirs = self.dirs.iter().map(|d| d.display().to_string());
+        let all: Vec<String> = nets.chain(dirs).collect();
+        if all.is_empty() {
+            return f.write_str("nothing");
+        }
+        f.write_str(&all.join(", "))
     }
 }
 
@@ -512,7 +617,21 @@ mod tests {
         );
         assert!(ok("/run/haproxy/admin.sock").parse().is_ok());
         assert!(ok("[::1]:9999").parse().is_ok());
-        for bad in ["", "nohost", "host:0", "host:99999", "relative/path.sock"] {
+        for bad in [
+            "",
+            "nohost",
+            "host:0",
+            "host:99999",
+            "relative/path.sock",
+            // Found by hand: a URL parsed as host `http://127.0.0.1`, port 1.
+            "http://127.0.0.1:1",
+            "localhost:9999",
+            "127.0.0.1:0",
+            "/run/haproxy/../../etc/passwd",
+            "/run/haproxy/./admin.sock",
+            "/run//haproxy/admin.sock",
+            "/run/haproxy/",
+        ] {
             assert!(ok(bad).parse().unwrap_err().field == "address", "{bad}");
         }
         let agent = RegisterInstance {
@@ -527,6 +646,51 @@ mod tests {
         assert_eq!(
             odd.parse().unwrap_err().to_string(),
             "transport: expected direct or agent"
+        );
+    }
+
+    #[test]
+    fn direct_addresses_are_allowed_by_network_and_socket_directory() {
+        let default = AllowedAddresses::default();
+        for fine in [
+            "127.0.0.1:9999",
+            "127.1.2.3:1",
+            "[::1]:9999",
+            "/run/haproxy/admin.sock",
+        ] {
+            assert!(default.permits(fine).is_ok(), "{fine}");
+        }
+        for refused in [
+            "10.0.0.1:9999",
+            "[::ffff:10.0.0.1]:9999",
+            "/etc/passwd",
+            "/run/haproxy",
+            "/run/haproxy-other/admin.sock",
+            "/run/haproxy/../x.sock",
+        ] {
+            let why = default.permits(refused).unwrap_err().to_string();
+            assert!(why.contains("HAPROXY_ALLOWED_ADDRESSES"), "{why}");
+        }
+        // A v4-mapped loopback is loopback.
+        assert!(default.permits("[::ffff:127.0.0.1]:9999").is_ok());
+        let wider = AllowedAddresses::parse("10.0.0.0/8, /var/lib/haproxy ,192.0.2.7").unwrap();
+        assert!(wider.permits("10.9.9.9:1").is_ok());
+        assert!(wider.permits("192.0.2.7:1").is_ok());
+        assert!(wider.permits("192.0.2.8:1").is_err());
+        assert!(wider.permits("/var/lib/haproxy/stats").is_ok());
+        assert!(
+            wider.permits("127.0.0.1:1").is_err(),
+            "the default is replaced"
+        );
+        assert!(AllowedAddresses::parse("sockets").is_err());
+        assert!(AllowedAddresses::parse("/run/../etc").is_err());
+        assert_eq!(
+            AllowedAddresses::parse("")
+                .unwrap()
+                .permits("127.0.0.1:1")
+                .unwrap_err()
+                .to_string(),
+            "address: 127.0.0.1:1 is outside HAPROXY_ALLOWED_ADDRESSES (nothing)"
         );
     }
 }

@@ -44,6 +44,8 @@ pub struct Config {
     pub rates: Rates,
     /// `GATEWAY_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
+    /// `HAPROXY_ALLOWED_ADDRESSES`: the direct HAProxy addresses operators may register.
+    pub haproxy_allowed: checkplane_wire::haproxy::AllowedAddresses,
     /// `GATEWAY_MAX_WAITS_PER_KEY`: live streams, waiting reads and waiting action lookups one
     /// API key holds at once.
     pub max_waits_per_key: usize,
@@ -114,9 +116,11 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
         usize::try_from(env.u64_in("GATEWAY_MAX_CLAIMS_PER_AGENT", 4, 2, 100_000)?).unwrap_or(4);
     let rates = Rates::load(env, heartbeat_interval, lease_ttl)?;
     let trusted_proxies = TrustedProxies::load(env)?;
+    let haproxy_allowed = env.haproxy_allowed_addresses()?;
     Ok(Config {
         rates,
         trusted_proxies,
+        haproxy_allowed,
         max_waits_per_key,
         max_claims_per_agent,
         live_poll,

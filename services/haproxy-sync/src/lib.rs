@@ -65,6 +65,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     )?;
     let parallelism =
         usize::try_from(env.u64_in("HAPROXY_ACTION_PARALLELISM", 4, 1, 64)?).unwrap_or(4);
+    let allowed = env.haproxy_allowed_addresses()?;
     let reload_probe = env.duration(
         "HAPROXY_RELOAD_PROBE_INTERVAL",
         Duration::from_secs(2),
@@ -84,6 +85,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
                 cooldown,
                 parallelism,
             },
+            allowed: std::sync::Arc::new(allowed),
         },
     })
 }

@@ -79,11 +79,33 @@ pub async fn settle_by_commands<T: Transport + ?Sized>(
     .await
 }
 
-/// The direct transport: a socket of the instance's own.
+/// The direct transport: a socket of the instance's own, if `allowed` lets it be reached.
 pub struct Direct {
     pub endpoint: Endpoint,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// `HAPROXY_ALLOWED_ADDRESSES`, checked before every connection (a socket path resolved,
+    /// symlinks and all: a link in an allowed directory to a socket elsewhere is refused).
+    pub allowed: std::sync::Arc<checkplane_wire::haproxy::AllowedAddresses>,
+}
+
+impl Direct {
+    /// Whether the endpoint is allowed now: a refusal is final and not the instance's fault.
+    async fn admitted(&self) -> Result<(), ApiError> {
+        let target = match &self.endpoint {
+            Endpoint::Tcp(address) => address.clone(),
+            // A path that does not resolve (no socket yet) is judged as written; connecting
+            // to it fails anyway.
+            Endpoint::Unix(path) => tokio::fs::canonicalize(path)
+                .await
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string(),
+        };
+        self.allowed
+            .permits(&target)
+            .map_err(|why| ApiError::Unavailable(why.reason))
+    }
 }
 
 impl Transport for Direct {
@@ -94,6 +116,7 @@ impl Transport for Direct {
                 read_timeout: self.read_timeout,
                 max_reply: MAX_REPLY,
             };
+            self.admitted().await?;
             haproxy_socket::exchange(&self.endpoint, command, limits)
                 .await
                 .map_err(|e| ApiError::Unreachable(e.0))

@@ -45,6 +45,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub actions: crate::actions::Settings,
+    /// `HAPROXY_ALLOWED_ADDRESSES`: where direct instances may be reached.
+    pub allowed: std::sync::Arc<checkplane_wire::haproxy::AllowedAddresses>,
 }
 
 /// An instance as sync needs it.
@@ -193,6 +195,7 @@ impl Sync {
                     endpoint: Endpoint::parse(&instance.address),
                     connect_timeout: self.settings.connect_timeout,
                     read_timeout: self.settings.read_timeout,
+                    allowed: self.settings.allowed.clone(),
                 }),
             };
             let client = Client::new(transport);

@@ -69,6 +69,12 @@ pub(super) async fn register(
     } = request
         .parse()
         .map_err(|e| ApiError::validation(e.to_string()))?;
+    if transport == Transport::Direct {
+        app.config
+            .haproxy_allowed
+            .permits(&address)
+            .map_err(|why| ApiError::validation(why.to_string()))?;
+    }
     let instance_id = format!("hpi-{}", &uuid::Uuid::now_v7().simple().to_string()[12..32]);
     // The node an instance with transport `agent` is reached through.
     let through_agent = node.clone().filter(|_| transport == Transport::Agent);

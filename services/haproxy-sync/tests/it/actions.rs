@@ -856,6 +856,7 @@ async fn a_replica_past_its_lease_is_fenced_and_the_next_owner_finishes_the_acti
         endpoint: Endpoint::parse(&relay),
         connect_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(1),
+        allowed: Arc::new(checkplane_wire::haproxy::AllowedAddresses::default()),
     })));
     let settings = Settings {
         retry_base: Duration::from_millis(10),

@@ -20,6 +20,9 @@ fn client(endpoint: Endpoint) -> Client {
         endpoint,
         connect_timeout: Duration::from_millis(500),
         read_timeout: Duration::from_millis(800),
+        allowed: std::sync::Arc::new(
+            checkplane_wire::haproxy::AllowedAddresses::parse("127.0.0.0/8,/tmp").unwrap(),
+        ),
     }))
 }
 

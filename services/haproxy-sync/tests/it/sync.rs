@@ -267,6 +267,27 @@ async fn instances_are_registered_validated_listed_and_removed() {
     let http = reqwest::Client::new();
     for (body, field) in [
         (json!({"name": "lb", "address": "nohost"}), "address"),
+        // Found by hand: a URL read as host `http://127.0.0.1`, port 1.
+        (
+            json!({"name": "lb", "address": "http://127.0.0.1:1"}),
+            "address",
+        ),
+        (
+            json!({"name": "lb", "address": "localhost:9999"}),
+            "address",
+        ),
+        (
+            json!({"name": "lb", "address": "/etc/passwd"}),
+            "HAPROXY_ALLOWED_ADDRESSES",
+        ),
+        (
+            json!({"name": "lb", "address": "10.0.0.1:9999"}),
+            "HAPROXY_ALLOWED_ADDRESSES",
+        ),
+        (
+            json!({"name": "lb", "address": "/tmp/../etc/haproxy.sock"}),
+            "address",
+        ),
         (json!({"name": "", "address": "127.0.0.1:1"}), "name"),
         (
             json!({"name": "lb", "address": "/run/h.sock", "transport": "agent"}),
@@ -450,4 +471,87 @@ async fn the_owner_stopping_hands_the_instance_over_and_a_forced_sync_runs_at_on
     assert_eq!(status, 404);
     second.stop().await.unwrap();
     gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn haproxy_sync_reaches_no_socket_outside_the_allowed_addresses_even_through_a_link() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let ha = Haproxy::start(&backends());
+    // An allowed directory holding a link to the real admin socket, which lies outside it.
+    let allowed_dir = checkplane_testkit::servers::scratch_dir("haproxy-allowed");
+    let link = allowed_dir.join("admin.sock");
+    std::os::unix::fs::symlink(&ha.admin_socket, &link).unwrap();
+    let allowed = format!("127.0.0.0/8,{}", allowed_dir.display());
+    let mut env = store_env(&db, &redis);
+    env.push(("GATEWAY_ADMIN_KEY".into(), ADMIN.into()));
+    env.push(("HAPROXY_ALLOWED_ADDRESSES".into(), allowed.clone()));
+    let config = gateway::load(&mut Env::from_pairs(env)).unwrap();
+    let gw = Running::start(|l, s| gateway::run(config, l, s)).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    let http = reqwest::Client::new();
+    let register = |name: &str, address: String| {
+        call(
+            &http,
+            &gw,
+            "POST",
+            "/v1/haproxy/instances",
+            Some(json!({"name": name, "address": address})),
+        )
+    };
+    // The socket itself is outside the list: refused at the door.
+    let (status, refused) = register("direct", ha.admin_socket.display().to_string()).await;
+    assert_eq!(status, 422, "{refused}");
+    // The link is inside it as written, so the gateway takes it; haproxy-sync resolves it.
+    let (status, linked) = register("linked", link.display().to_string()).await;
+    assert_eq!(status, 201, "{linked}");
+    let linked = linked["id"].as_str().unwrap().to_owned();
+    // A control on loopback TCP, which the list allows: polled as usual.
+    let (status, control) = register("control", ha.stats.to_string()).await;
+    assert_eq!(status, 201, "{control}");
+    let control = control["id"].as_str().unwrap().to_owned();
+    let sync = haproxy_sync_with(
+        &db,
+        &redis,
+        &[("HAPROXY_ALLOWED_ADDRESSES", allowed.as_str())],
+    )
+    .await;
+
+    discovered(&http, &gw, &control, 2).await;
+    let metrics = sync.url("/metrics");
+    let failures =
+        || checkplane_testkit::metric(&metrics, "checkplane_haproxy_poll_failures_total");
+    eventually(
+        "polls of the link failing",
+        Duration::from_secs(30),
+        || async { (failures().await >= 3.0).then_some(()) },
+    )
+    .await;
+    let (status, backends) = call(
+        &http,
+        &gw,
+        "GET",
+        &format!("/v1/haproxy/instances/{linked}/backends"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        backends["total"], 0,
+        "nothing read through the link: {backends}"
+    );
+    let polled: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT last_poll FROM haproxy_instances WHERE instance_id = $1",
+            &[&linked],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(polled, 0, "never polled");
+    sync.stop().await.unwrap();
+    gw.stop().await.unwrap();
+    std::fs::remove_dir_all(&allowed_dir).unwrap();
 }
