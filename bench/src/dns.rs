@@ -157,6 +157,7 @@ pub fn proxy(args: DnsArgs) {
     let stop = CancellationToken::new();
     let settings = agent::dns_proxy::Settings {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        allow_from: agent::dns_proxy::AllowFrom::loopback(),
         upstream: unbound.addr().parse().unwrap(),
         upstream_timeout: Duration::from_secs(2),
         cache_size: 100_000,

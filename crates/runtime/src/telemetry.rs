@@ -11,7 +11,7 @@ use crate::settings::{BaseSettings, LogFormat};
 /// Install the log subscriber for the process. A second call (tests start several services in
 /// one process) keeps the first subscriber.
 pub fn init_logging(settings: &BaseSettings) {
-    let filter = EnvFilter::try_new(&settings.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(&settings.log_level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -20,6 +20,23 @@ pub fn init_logging(settings: &BaseSettings) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Libraries whose debug lines carry what must not be logged: tokio-postgres prints every
+/// statement's parameters (token hashes, a check's request headers). Kept at info unless
+/// `LOG_LEVEL` names them itself.
+const QUIET: &[&str] = &["tokio_postgres"];
+
+/// `LOG_LEVEL` as a filter (`info` when it does not parse), with [`QUIET`]'s libraries held
+/// at info.
+pub fn log_filter(level: &str) -> EnvFilter {
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    for quiet in QUIET.iter().filter(|q| !level.contains(**q)) {
+        if let Ok(directive) = format!("{quiet}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
 }
 
 /// The process's Prometheus recorder, installed on first use. The recorder is process-wide by

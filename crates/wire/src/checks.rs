@@ -22,6 +22,38 @@ pub const MAX_URL: usize = 2048;
 /// Most request headers of an HTTP check.
 pub const MAX_HEADERS: usize = 16;
 
+/// What stands for a request header's value wherever a check is read back.
+pub const REDACTED: &str = "[redacted]";
+
+/// Hide the request headers' values of every check's options inside `value` (a check's
+/// `options`, a `check.created` payload, ...): every `headers` object of an `options` object
+/// keeps its names, its values become [`REDACTED`]. An HTTP check's headers are secrets to
+/// readers (an `Authorization`, a token): they live only in the task spec agents get, in
+/// `events` and in backups.
+pub fn redact_headers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Object(options)) = map.get_mut("options") {
+                if let Some(serde_json::Value::Object(headers)) = options.get_mut("headers") {
+                    for v in headers.values_mut() {
+                        *v = serde_json::Value::String(REDACTED.to_owned());
+                    }
+                }
+            }
+            map.values_mut().for_each(redact_headers);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_headers),
+        _ => {}
+    }
+}
+
+/// [`redact_headers`] of a check's `options` object itself.
+pub fn redacted_options(options: &serde_json::Value) -> serde_json::Value {
+    let mut wrapped = serde_json::json!({ "options": options });
+    redact_headers(&mut wrapped);
+    wrapped["options"].take()
+}
+
 /// How long a check of `kind` may take before its open slots end as `timeout` (ms).
 pub fn deadline_ms(kind: &str) -> i64 {
     match kind {
@@ -188,6 +220,10 @@ pub mod options {
         pub protocol: String,
         /// Lower-case names.
         pub headers: BTreeMap<String, String>,
+        /// Send the headers over TLS even when the server's certificate failed verification.
+        /// Written only when true, so agents that do not know it still read every other spec.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub insecure: bool,
     }
 
     /// `tcp`.
@@ -299,6 +335,15 @@ impl<'a> Options<'a> {
         }
     }
 
+    fn boolean(&self, name: &str) -> Result<Option<bool>, CheckError> {
+        debug_assert!(self.known.contains(&name));
+        match self.map.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(invalid(format!("options.{name}: expected true or false"))),
+        }
+    }
+
     fn integer(&self, name: &str, min: u64, max: u64) -> Result<Option<u64>, CheckError> {
         match self.map.get(name) {
             None | Some(serde_json::Value::Null) => Ok(None),
@@ -380,6 +425,21 @@ fn dns(
     } else {
         dns_name(target)?
     };
+    // Asked of the agent host's own resolver, a local name (`db.internal`) or the reverse
+    // name of a private address asks about the agent's network, as a target there would:
+    // refused alike. A resolver given (an address checked above) answers for itself.
+    if resolver.is_none() && !allow_private {
+        let why = match reversed_address(&name) {
+            Some(ip) => targets::forbidden_ip(ip),
+            None => targets::forbidden_host(&name),
+        };
+        if let Some(why) = why {
+            return Err(CheckError::Forbidden {
+                field: "target".into(),
+                why,
+            });
+        }
+    }
     Ok(CheckSpec {
         kind: "dns".into(),
         timeout_ms: 0,
@@ -398,6 +458,32 @@ fn dns_name(target: &str) -> Result<String, CheckError> {
         return Err(invalid("target: not a DNS name"));
     }
     Ok(target.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// The address a reverse name (`4.4.8.8.in-addr.arpa`, nibbles under `ip6.arpa`) stands for;
+/// a partial one (a zone: `10.in-addr.arpa`) stands for the first address of its range.
+fn reversed_address(name: &str) -> Option<std::net::IpAddr> {
+    if let Some(rest) = name.strip_suffix("in-addr.arpa") {
+        let labels: Vec<&str> = rest.trim_end_matches('.').split('.').rev().collect();
+        let mut octets = [0u8; 4];
+        for (i, label) in labels.iter().enumerate().filter(|(_, l)| !l.is_empty()) {
+            *octets.get_mut(i)? = label.parse().ok()?;
+        }
+        return Some(std::net::Ipv4Addr::from(octets).into());
+    }
+    if let Some(rest) = name.strip_suffix("ip6.arpa") {
+        let nibbles: Vec<&str> = rest.trim_end_matches('.').split('.').rev().collect();
+        let mut octets = [0u8; 16];
+        for (i, nibble) in nibbles.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
+            let value = u8::from_str_radix(nibble, 16)
+                .ok()
+                .filter(|_| nibble.len() == 1)?;
+            let octet = octets.get_mut(i / 2)?;
+            *octet |= if i % 2 == 0 { value << 4 } else { value };
+        }
+        return Some(std::net::Ipv6Addr::from(octets).into());
+    }
+    None
 }
 
 /// `in-addr.arpa` / `ip6.arpa` name of an address.
@@ -434,8 +520,9 @@ fn http(
     options: &serde_json::Map<String, serde_json::Value>,
     allow_private: bool,
 ) -> Result<CheckSpec, CheckError> {
-    let o = Options::new(options, &["method", "headers", "protocol"])?;
+    let o = Options::new(options, &["method", "headers", "protocol", "insecure"])?;
     let method = o.one_of("method", &["GET", "HEAD", "OPTIONS"], "GET")?;
+    let insecure = o.boolean("insecure")?.unwrap_or(false);
     let protocol = o.one_of("protocol", &["http1.1", "h2"], "http1.1")?;
     let mut headers = BTreeMap::new();
     match options.get("headers") {
@@ -522,6 +609,7 @@ fn http(
             method: method.to_owned(),
             protocol: protocol.to_owned(),
             headers,
+            insecure,
         })?,
     })
 }
@@ -1016,5 +1104,80 @@ mod tests {
                 "{body} with private targets allowed"
             );
         }
+    }
+
+    #[test]
+    fn http_headers_are_redacted_for_readers_and_insecure_is_written_only_when_true() {
+        let parse = |options: serde_json::Value| {
+            request(
+                json!({"kind": "http", "target": "https://x.com/", "options": options,
+                           "limit": 1}),
+            )
+            .parse(false)
+        };
+        let NewCheck { spec, .. } =
+            parse(json!({"headers": {"Authorization": "Bearer s3"}})).unwrap();
+        assert!(spec.options.get("insecure").is_none(), "{}", spec.options);
+        assert_eq!(
+            redacted_options(&spec.options)["headers"],
+            json!({"authorization": REDACTED})
+        );
+        assert_eq!(
+            spec.options["headers"]["authorization"], "Bearer s3",
+            "the spec keeps it"
+        );
+        let NewCheck { spec, .. } =
+            parse(json!({"insecure": true, "headers": {"a": "b"}})).unwrap();
+        assert_eq!(spec.options["insecure"], true);
+        let refused = parse(json!({"insecure": "yes"})).unwrap_err().to_string();
+        assert!(refused.contains("options.insecure"), "{refused}");
+        // Anywhere in an event's payload.
+        let mut payload = json!({"check_id": "c", "options": {"headers": {"x": "s3"}},
+                                 "slots": [{"options": {"headers": {"y": "s3"}}}]});
+        redact_headers(&mut payload);
+        assert!(!payload.to_string().contains("s3"), "{payload}");
+    }
+
+    #[test]
+    fn the_host_resolver_is_not_asked_about_local_names_or_private_addresses() {
+        let dns = |target: &str, options: serde_json::Value| {
+            request(json!({"kind": "dns", "target": target, "options": options, "limit": 1}))
+                .parse(false)
+        };
+        for (target, record) in [
+            ("db.internal", "A"),
+            ("printer.local", "AAAA"),
+            ("localhost", "A"),
+            ("10.0.0.1", "PTR"),
+            ("1.0.0.10.in-addr.arpa", "PTR"),
+            ("10.in-addr.arpa", "PTR"),
+            ("1.0.168.192.in-addr.arpa", "TXT"),
+            ("::1", "PTR"),
+            ("c.f.ip6.arpa", "PTR"),
+        ] {
+            let refused = dns(target, json!({"type": record})).unwrap_err();
+            assert!(
+                matches!(&refused, CheckError::Forbidden { field, .. } if field == "target"),
+                "{target} {record}: {refused}"
+            );
+        }
+        // Public names and addresses, and any name asked of a resolver the check names.
+        for (target, options) in [
+            ("example.com", json!({"type": "A"})),
+            ("8.8.4.4", json!({"type": "PTR"})),
+            ("4.4.8.8.in-addr.arpa", json!({"type": "PTR"})),
+            ("db.internal", json!({"type": "A", "resolver": "9.9.9.9"})),
+            ("10.0.0.1", json!({"type": "PTR", "resolver": "9.9.9.9"})),
+        ] {
+            assert!(dns(target, options.clone()).is_ok(), "{target} {options}");
+        }
+        assert_eq!(
+            reversed_address("1.0.0.10.in-addr.arpa"),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            reversed_address(&reverse_name("2001:db8::1".parse().unwrap())),
+            Some("2001:db8::1".parse().unwrap())
+        );
     }
 }

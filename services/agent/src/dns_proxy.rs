@@ -9,13 +9,19 @@
 //!   wait for its answer.
 //! - **Stale**: when the upstream fails (timeout, SERVFAIL, REFUSED, unreachable) an answer
 //!   expired less than `AGENT_DNS_STALE_SECS` ago is served with TTL 30 (RFC 8767).
-//! - **Limits**: at most `AGENT_DNS_MAX_INFLIGHT` queries wait for the upstream; past it,
-//!   and whenever there is nothing to answer with, SERVFAIL. TCP connections are bounded
-//!   too, and idle ones closed.
+//! - **Limits**: at most `AGENT_DNS_MAX_INFLIGHT` queries wait for the upstream, those
+//!   joining a question already asked included; past it, and whenever there is nothing to
+//!   answer with, SERVFAIL. TCP connections are bounded (256, and 16 per client address),
+//!   and idle ones closed.
+//! - **Clients**: only sources in `AGENT_DNS_ALLOW_FROM` are answered (loopback when it is
+//!   unset, which a non-loopback listen address does not allow); others are dropped without a
+//!   word (UDP) or closed (TCP).
+//! - **Privacy**: a query goes upstream with its header, question and EDNS size and flags,
+//!   and none of the client's EDNS options (its subnet, cookie, padding).
 //! - A malformed packet is answered FORMERR (or NOTIMP) when its header can be read, and
 //!   dropped otherwise; nothing a client sends stops the proxy.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +39,9 @@ const MAX_CACHED: usize = 4096;
 const STALE_TTL: u32 = 30;
 /// Most TCP connections at once, and how long one may stay idle.
 const MAX_TCP: usize = 256;
+/// Most TCP connections of one client address: a flood of idle ones from one client leaves
+/// room for the others.
+const MAX_TCP_PER_SOURCE: usize = 16;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Longest a cached answer lives, whatever its TTL says.
 const MAX_TTL: u32 = 86_400;
@@ -41,11 +50,100 @@ const MAX_TTL: u32 = 86_400;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// The clients answered.
+    pub allow_from: AllowFrom,
     pub upstream: SocketAddr,
     pub upstream_timeout: Duration,
     pub cache_size: u64,
     pub max_inflight: usize,
     pub stale: Duration,
+}
+
+/// The networks whose clients the proxy answers (`AGENT_DNS_ALLOW_FROM`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowFrom(Vec<ipnet::IpNet>);
+
+impl AllowFrom {
+    /// Most networks listed.
+    const MAX: usize = 256;
+
+    /// Loopback only: the default for a proxy on a loopback address.
+    pub fn loopback() -> Self {
+        let v4 = ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8).map(|n| n.trunc());
+        let v6 = ipnet::IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+        Self(v4.map(ipnet::IpNet::from).into_iter().chain([v6]).collect())
+    }
+
+    /// CIDRs or addresses, comma-separated.
+    pub fn parse(text: &str) -> Result<Self, checkplane_wire::error::Invalid> {
+        let invalid =
+            |reason: String| checkplane_wire::error::Invalid::new("AGENT_DNS_ALLOW_FROM", reason);
+        let nets = text
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| invalid(format!("{entry:?} is not a CIDR such as 10.0.0.0/8")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if nets.is_empty() {
+            return Err(invalid("no network listed".to_owned()));
+        }
+        if nets.len() > Self::MAX {
+            return Err(invalid(format!("at most {} networks", Self::MAX)));
+        }
+        Ok(Self(nets))
+    }
+
+    /// Whether a client at `ip` is answered.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Open TCP connections per client address, each held by a [`SourceSlot`].
+#[derive(Default)]
+struct Sources(Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One of a client's TCP connections, given back when dropped.
+struct SourceSlot<'a> {
+    sources: &'a Sources,
+    ip: IpAddr,
+}
+
+impl Sources {
+    /// A slot for one more connection of `ip`, unless it has [`MAX_TCP_PER_SOURCE`].
+    fn take(&self, ip: IpAddr) -> Option<SourceSlot<'_>> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= MAX_TCP_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { sources: self, ip })
+    }
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A query from a client the proxy does not answer: counted, never answered.
+fn denied() {
+    metrics::counter!("checkplane_agent_dns_queries_total", "source" => "denied").increment(1);
 }
 
 /// One cached answer.
@@ -119,6 +217,7 @@ struct Proxy {
     /// Questions being asked upstream, with the channel their answer arrives on.
     inflight: Mutex<std::collections::HashMap<Vec<u8>, watch::Receiver<Option<Fetched>>>>,
     permits: Semaphore,
+    sources: Sources,
 }
 
 /// Bind the proxy's sockets (so a port in use fails the start), then serve until `stop`.
@@ -134,6 +233,7 @@ pub async fn start(settings: Settings, stop: CancellationToken) -> std::io::Resu
             .build(),
         inflight: Mutex::default(),
         permits: Semaphore::new(settings.max_inflight),
+        sources: Sources::default(),
         settings,
     });
     // The two listeners and every query and connection they start: waited for at shutdown.
@@ -160,6 +260,10 @@ async fn udp_loop(
                 Err(_) => continue,
             },
         };
+        if !proxy.settings.allow_from.admits(peer.ip()) {
+            denied();
+            continue;
+        }
         let packet = &buf[..n];
         let query = match dns_wire::parse_query(packet) {
             Ok(query) => query,
@@ -193,13 +297,18 @@ async fn tcp_loop(
 ) {
     let connections = Arc::new(Semaphore::new(MAX_TCP));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             got = listener.accept() => match got {
                 Ok(got) => got,
                 Err(_) => continue,
             },
         };
+        if !proxy.settings.allow_from.admits(peer.ip()) {
+            denied();
+            drop(stream);
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             drop(stream); // too many: the client tries again later
             continue;
@@ -207,7 +316,11 @@ async fn tcp_loop(
         let proxy = proxy.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
-            let _ = tcp_connection(&proxy, stream, &stop).await;
+            // Past its share, a client's connection is closed at once: its flood of idle
+            // connections does not use up everyone's.
+            if let Some(_slot) = proxy.sources.take(peer.ip()) {
+                let _ = tcp_connection(&proxy, stream, &stop).await;
+            }
             drop(permit);
         });
     }
@@ -288,6 +401,11 @@ impl Proxy {
     /// Answer a query the cache could not: upstream (coalesced), else stale, else SERVFAIL.
     async fn resolve(&self, query: &Query, packet: &[u8], limit: usize) -> Vec<u8> {
         let key = query.key();
+        // Every query waiting for the upstream holds a place, one joining a question already
+        // asked too: a flood of one name is bounded like a flood of many.
+        let Ok(_place) = self.permits.try_acquire() else {
+            return self.unanswered(query, &key, packet, limit, Err(Unanswered::Busy));
+        };
         let fetched = match self.join_or_lead(&key) {
             Ok(mut waiting) => {
                 // Someone asks already: wait for their answer.
@@ -297,10 +415,7 @@ impl Proxy {
                 }
             }
             Err(sender) => {
-                let fetched = match self.permits.try_acquire() {
-                    Ok(_permit) => self.fetch(query, packet).await,
-                    Err(_) => Err(Unanswered::Busy),
-                };
+                let fetched = self.fetch(query, packet).await;
                 if let Ok(entry) = &fetched {
                     if entry.ttl > 0 && entry.bytes.len() <= MAX_CACHED {
                         self.cache.insert(key.clone(), entry.clone());
@@ -320,29 +435,38 @@ impl Proxy {
                 served(query, Source::Upstream, &answer);
                 answer
             }
-            failed => {
-                if let Some(answer) = self.stale(query, &key, limit) {
-                    return answer;
-                }
-                let why = match &failed {
-                    Ok(_) => "the upstream answered with an error".to_owned(),
-                    Err(why) => why.to_string(),
-                };
-                match failed {
-                    // The upstream's own error answer, when it gave one.
-                    Ok(entry) => {
-                        let answer =
-                            dns_wire::serve(&entry.bytes, &entry.ttl_offsets, query, |t| t, limit);
-                        served(query, Source::Upstream, &answer);
-                        answer
-                    }
-                    Err(_) => {
-                        tracing::debug!(name = %query.name_text(), error = %why, "DNS upstream failed");
-                        let answer = dns_wire::answer_only_header(query, packet, RCODE_SERVFAIL, 0);
-                        served(query, Source::Error, &answer);
-                        answer
-                    }
-                }
+            failed => self.unanswered(query, &key, packet, limit, failed),
+        }
+    }
+
+    /// No usable answer came: stale, else the upstream's own error answer, else SERVFAIL.
+    fn unanswered(
+        &self,
+        query: &Query,
+        key: &[u8],
+        packet: &[u8],
+        limit: usize,
+        failed: Fetched,
+    ) -> Vec<u8> {
+        if let Some(answer) = self.stale(query, key, limit) {
+            return answer;
+        }
+        let why = match &failed {
+            Ok(_) => "the upstream answered with an error".to_owned(),
+            Err(why) => why.to_string(),
+        };
+        match failed {
+            // The upstream's own error answer, when it gave one.
+            Ok(entry) => {
+                let answer = dns_wire::serve(&entry.bytes, &entry.ttl_offsets, query, |t| t, limit);
+                served(query, Source::Upstream, &answer);
+                answer
+            }
+            Err(_) => {
+                tracing::debug!(name = %query.name_text(), error = %why, "DNS upstream failed");
+                let answer = dns_wire::answer_only_header(query, packet, RCODE_SERVFAIL, 0);
+                served(query, Source::Error, &answer);
+                answer
             }
         }
     }
@@ -390,7 +514,7 @@ impl Proxy {
                 .try_into()
                 .unwrap_or([0; 2]),
         );
-        let forwarded = dns_wire::with_id(packet, id);
+        let forwarded = dns_wire::with_id(&dns_wire::forwardable(packet, query), id);
         let late = |transport| Unanswered::Late {
             upstream,
             transport,

@@ -199,6 +199,19 @@ pub fn parse_query(p: &[u8]) -> Result<Query, Refusal> {
     })
 }
 
+/// A query as the proxy forwards it: its header and question as the client sent them, and
+/// its OPT record (UDP size, extended flags, DO) without options: a client's subnet (ECS),
+/// cookie or padding are not the upstream's business.
+pub fn forwardable(p: &[u8], query: &Query) -> Vec<u8> {
+    let mut out = p[..query.question_end].to_vec();
+    if query.edns_size.is_some() {
+        // Owner, type, UDP size and TTL (flags) as sent; RDLENGTH 0.
+        out.extend_from_slice(&p[query.question_end..query.question_end + 9]);
+        out.extend_from_slice(&[0, 0]);
+    }
+    out
+}
+
 /// What the proxy needs to know of a response to cache and serve it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {

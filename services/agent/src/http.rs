@@ -37,6 +37,8 @@ pub struct Request<'a> {
     /// `http1.1` or `h2` (offered over TLS by ALPN; prior knowledge over plain http).
     pub protocol: &'a str,
     pub headers: Vec<(&'a str, &'a str)>,
+    /// Send `headers` over TLS even to a server whose certificate failed verification.
+    pub insecure: bool,
 }
 
 impl<'a> Request<'a> {
@@ -51,6 +53,7 @@ impl<'a> Request<'a> {
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_str()))
                 .collect(),
+            insecure: options.insecure,
         }
     }
 }
@@ -215,7 +218,19 @@ async fn run(
         timings.put("tls", handshaking.elapsed());
         let (_, session) = stream.get_ref();
         let h2 = session.alpn_protocol() == Some(b"h2");
-        result["tls"] = tls_details(session, verdict.lock().map(|v| v.clone()).ok().flatten());
+        let refused = verdict.lock().map(|v| v.clone()).ok().flatten();
+        result["tls"] = tls_details(session, refused.clone());
+        // An untrusted certificate is measured, but the check's headers (credentials, often)
+        // go only to a server that proved who it is, unless the check says otherwise.
+        if let (Some(why), false, false) = (refused, request.headers.is_empty(), request.insecure) {
+            return Err(failed(
+                "ERR_TLS_UNVERIFIED",
+                format!(
+                    "the certificate failed verification ({why}): the check's headers are sent \
+                     only to a verified server, or with options.insecure: true"
+                ),
+            ));
+        }
         exchange(stream, h2, request, &url, deadline, timings, result).await
     } else {
         exchange(stream, want_h2, request, &url, deadline, timings, result).await

@@ -79,6 +79,7 @@ fn dns_proxy_settings(env: &mut Env) -> Result<Option<dns_proxy::Settings>, Conf
             "AGENT_DNS_CACHE_SIZE",
             "AGENT_DNS_MAX_INFLIGHT",
             "AGENT_DNS_STALE_SECS",
+            "AGENT_DNS_ALLOW_FROM",
         ] {
             if env.opt_string(name).is_some() {
                 return Err(ConfigError::new(
@@ -89,12 +90,27 @@ fn dns_proxy_settings(env: &mut Env) -> Result<Option<dns_proxy::Settings>, Conf
         }
         return Ok(None);
     };
-    let listen = listen.parse().map_err(|_| {
+    let listen: std::net::SocketAddr = listen.parse().map_err(|_| {
         ConfigError::new(
             "AGENT_DNS_LISTEN",
             format!("expected an address like 127.0.0.1:5353, got {listen:?}"),
         )
     })?;
+    let allow_from = match env.opt_string("AGENT_DNS_ALLOW_FROM") {
+        Some(text) => dns_proxy::AllowFrom::parse(&text)
+            .map_err(|why| ConfigError::new("AGENT_DNS_ALLOW_FROM", why.reason))?,
+        // An open resolver on the network answers anyone (and amplifies for them).
+        None if !listen.ip().is_loopback() => {
+            return Err(ConfigError::new(
+                "AGENT_DNS_ALLOW_FROM",
+                format!(
+                    "required when AGENT_DNS_LISTEN ({listen}) is not a loopback address: the \
+                     networks (CIDRs) whose clients the proxy answers"
+                ),
+            ))
+        }
+        None => dns_proxy::AllowFrom::loopback(),
+    };
     let upstream = env.required_string("AGENT_DNS_UPSTREAM")?;
     let upstream = upstream
         .parse::<std::net::SocketAddr>()
@@ -108,6 +124,7 @@ fn dns_proxy_settings(env: &mut Env) -> Result<Option<dns_proxy::Settings>, Conf
         })?;
     Ok(Some(dns_proxy::Settings {
         listen,
+        allow_from,
         upstream,
         upstream_timeout: Duration::from_millis(env.u64_in(
             "AGENT_DNS_UPSTREAM_TIMEOUT_MS",

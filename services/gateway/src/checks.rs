@@ -343,7 +343,8 @@ async fn read(
         id,
         kind: row.get("kind"),
         target: row.get("target"),
-        options: row.get("options"),
+        // Request headers are secrets to readers: names only.
+        options: checkplane_wire::checks::redacted_options(&row.get("options")),
         selection: row.get("selection"),
         status: row.get("status"),
         agents_count: row.get("slots"),

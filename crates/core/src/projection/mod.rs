@@ -198,6 +198,8 @@ async fn audit(client: &impl Sql, event: &Event) -> Result<(), ApplyError> {
     if let Some(map) = details.as_object_mut() {
         map.remove("key_hash");
     }
+    // A check's request headers are secrets to readers of the audit log too.
+    checkplane_wire::checks::redact_headers(&mut details);
     client
         .execute(
             &format!(

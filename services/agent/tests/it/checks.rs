@@ -842,3 +842,164 @@ async fn a_real_agent_at_full_capacity_for_a_minute_is_never_rate_limited_and_a_
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
 }
+
+/// Everything the in-process services log, at debug level, kept for the test to read.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Captured {
+    /// The process's tracing goes here from now on (nextest runs each test in a process).
+    fn install() -> Self {
+        let captured = Self::default();
+        tracing_subscriber::fmt()
+            // What a service run with LOG_LEVEL=debug logs.
+            .with_env_filter(checkplane_runtime::telemetry::log_filter("debug"))
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .try_init()
+            .expect("no other subscriber in this test process");
+        captured
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_checks_header_values_appear_in_no_read_route_audit_entry_log_or_error() {
+    use checkplane_testkit::process::ServiceProcess;
+    let logs = Captured::install();
+    let (db, _redis, gw, sched) = control_plane(&[]).await;
+    let web = crate::http::serve(None).await;
+    let secret = format!("sentinel-{}", uuid::Uuid::new_v4().simple());
+    let state = StateDir::new();
+    let mut env = process_env(&gw, &state, ENROLLED);
+    env.push(("LOG_LEVEL".to_owned(), "debug".to_owned()));
+    let mut process = ServiceProcess::spawn(crate::bin(), &[], &env);
+    let pg = db.client().await;
+    let agent_id = online_agent(&pg).await;
+    let http = reqwest::Client::new();
+    let mut seen: Vec<(String, String)> = Vec::new();
+
+    // Refused checks that carry it: their error bodies do not repeat it.
+    let url = format!("http://127.0.0.1:{web}/");
+    for bad in [
+        json!({"kind": "http", "target": url, "limit": 0,
+               "options": {"headers": {"authorization": format!("Bearer {secret}")}}}),
+        json!({"kind": "http", "target": url, "limit": 1,
+               "options": {"headers": {"authorization": format!("Bearer {secret}\n")}}}),
+        json!({"kind": "http", "target": url, "limit": 1,
+               "options": {"headers": {"host": secret}}}),
+        json!({"kind": "http", "target": url, "limit": 1,
+               "options": {"headers": {"authorization": ["Bearer", secret]}}}),
+    ] {
+        let answer = http
+            .post(gw.url("/v1/checks"))
+            .header("x-api-key", ADMIN)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 422);
+        seen.push(("a refusal".into(), answer.text().await.unwrap()));
+    }
+
+    let location = create(
+        &http,
+        &gw,
+        json!({"kind": "http", "target": url, "limit": 1,
+               "options": {"headers": {"authorization": format!("Bearer {secret}"),
+                                       "x-api-token": secret}}}),
+    )
+    .await;
+    let done = finished(&http, &gw, &location).await;
+    assert_eq!(
+        done["results"][0]["result"]["result"]["status"], 200,
+        "{done}"
+    );
+    assert!(
+        crate::http::received(&format!("Bearer {secret}")),
+        "the header was sent to the target"
+    );
+    // Read back, the names are there and the values are not.
+    assert_eq!(
+        done["options"]["headers"],
+        json!({"authorization": "[redacted]", "x-api-token": "[redacted]"}),
+        "{done}"
+    );
+    let get = |path: String| {
+        let request = http.get(gw.url(&path)).header("x-api-key", ADMIN);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    for path in [
+        location.clone(),
+        "/v1/checks".to_owned(),
+        "/v1/audit".to_owned(),
+        "/v1/audit?action=check.created".to_owned(),
+        "/v1/agents".to_owned(),
+        format!("/v1/agents/{agent_id}/concurrency"),
+        "/v1/dead-letters".to_owned(),
+        "/v1/projection-failures".to_owned(),
+    ] {
+        let body = get(path.clone()).await;
+        seen.push((path, body));
+    }
+    // The live stream, replayed from the start to its end.
+    let live = http
+        .get(gw.url(&format!("{location}/live")))
+        .header("x-api-key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let stream = tokio::time::timeout(Duration::from_secs(5), live.text()).await;
+    let stream = match stream {
+        Ok(text) => text.unwrap(),
+        Err(_) => panic!("the live stream of a finished check did not end"),
+    };
+    assert!(stream.contains("event: result"), "{stream}");
+    seen.push(("the live stream".into(), stream));
+    let audit = get("/v1/audit?action=check.created".into()).await;
+    assert!(audit.contains("[redacted]"), "{audit}");
+
+    sched.stop().await.unwrap();
+    process.signal("TERM");
+    process.wait(Duration::from_secs(10));
+    gw.stop().await.unwrap();
+    seen.push(("the gateway's and scheduler's logs".into(), logs.text()));
+    seen.push(("the agent's log".into(), process.stderr()));
+    assert!(
+        logs.text().contains("check created"),
+        "the capture holds the services' logs"
+    );
+    for (place, text) in &seen {
+        assert!(!text.contains(&secret), "{place} shows the header: {text}");
+    }
+    // Where it does live: the events (and so backups), which only the database's users read.
+    let kept: i64 = pg
+        .query_one(
+            "SELECT count(*) AS n FROM events WHERE payload::text LIKE '%' || $1 || '%'",
+            &[&secret],
+        )
+        .await
+        .unwrap()
+        .get("n");
+    assert!(kept >= 1, "the spec is in the events");
+}

@@ -14,6 +14,14 @@ use sha2::Digest;
 
 const T: Duration = Duration::from_secs(5);
 
+/// Every `x-probe` and `authorization` value the test servers of this process received (only
+/// `x-probe` is echoed back).
+static RECEIVED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+pub fn received(value: &str) -> bool {
+    RECEIVED.lock().unwrap().iter().any(|v| v == value)
+}
+
 async fn answer(
     request: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
@@ -22,6 +30,14 @@ async fn answer(
         .get("x-probe")
         .map(|v| v.to_str().unwrap_or_default().to_owned())
         .unwrap_or_default();
+    let authorization = request
+        .headers()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    RECEIVED
+        .lock()
+        .unwrap()
+        .extend([Some(echo.clone()), authorization].into_iter().flatten());
     let version = format!("{:?}", request.version());
     let response = match request.uri().path() {
         "/" => hyper::Response::builder()
@@ -111,6 +127,8 @@ async fn get(url: &str, protocol: &str, timeout: Duration, allow: bool) -> (Stri
         method: "GET",
         protocol,
         headers: vec![("x-probe", "42")],
+        // Untrusted test certificates are measured with the header all the same.
+        insecure: true,
     };
     let outcome = check(&request, timeout, allow, roots()).await;
     checkplane_wire::results::check(Kind::Http, outcome.outcome, &outcome.result)
@@ -165,10 +183,63 @@ async fn plain_http_in_both_protocols_with_every_timing() {
         method: "HEAD",
         protocol: "http1.1",
         headers: vec![],
+        insecure: false,
     };
     let outcome = check(&head, T, true, roots()).await;
     assert_eq!(outcome.result["status"], 200);
     assert_eq!(outcome.result["body"], "");
+}
+
+#[tokio::test]
+async fn headers_go_to_an_unverified_certificate_only_when_the_check_says_insecure() {
+    let (config, _) = self_signed();
+    let port = serve(Some(config)).await;
+    let url = format!("https://localhost:{port}/");
+    let secret = format!("secret-{}", uuid::Uuid::new_v4().simple());
+    let request = |insecure: bool, headers| Request {
+        url: &url,
+        method: "GET",
+        protocol: "http1.1",
+        headers,
+        insecure,
+    };
+    let held = |o: &agent::check::Outcome| {
+        checkplane_wire::results::check(Kind::Http, o.outcome, &o.result)
+            .unwrap_or_else(|why| panic!("{why}: {}", o.result));
+    };
+
+    let refused = check(
+        &request(false, vec![("x-probe", &secret)]),
+        T,
+        true,
+        roots(),
+    )
+    .await;
+    held(&refused);
+    assert_eq!(refused.outcome.as_str(), "failed", "{}", refused.result);
+    assert_eq!(refused.result["error"]["code"], "ERR_TLS_UNVERIFIED");
+    assert!(
+        refused.result["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("options.insecure"),
+        "{}",
+        refused.result
+    );
+    // The certificate is still measured, and the request never left.
+    assert_eq!(refused.result["tls"]["authorized"], false);
+    assert!(refused.result["status"].is_null(), "{}", refused.result);
+    assert!(!received(&secret), "the header reached the server");
+
+    // Without headers there is nothing to keep back: measured as ever.
+    let bare = check(&request(false, vec![]), T, true, roots()).await;
+    held(&bare);
+    assert_eq!(bare.result["status"], 200, "{}", bare.result);
+
+    let insecure = check(&request(true, vec![("x-probe", &secret)]), T, true, roots()).await;
+    held(&insecure);
+    assert_eq!(insecure.result["status"], 200, "{}", insecure.result);
+    assert!(received(&secret), "sent when the check says insecure");
 }
 
 #[tokio::test]

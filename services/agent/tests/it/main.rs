@@ -138,6 +138,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ("AGENT_DNS_LISTEN", "port 53"),
         // Proxy settings without the proxy.
         ("AGENT_DNS_UPSTREAM", "9.9.9.9"),
+        ("AGENT_DNS_ALLOW_FROM", "10.0.0.0/8"),
         ("AGENT_ALLOW_PRIVATE_TARGETS", "perhaps"),
         ("AGENT_ALLOW_PLAINTEXT", "perhaps"),
         ("AGENT_CA_FILE", "/nonexistent/ca.pem"),
@@ -157,6 +158,26 @@ fn bad_configuration_exits_2_naming_the_variable() {
             checkplane_testkit::process::run_to_end(bin(), &[], &env, Duration::from_secs(20));
         assert_eq!(out.status.code(), Some(2), "{var}={value}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(var));
+    }
+
+    // A DNS proxy on the network must say whom it answers; and say it right.
+    for (listen, allow) in [
+        (format!("0.0.0.0:{}", free_port()), None),
+        (format!("[::]:{}", free_port()), None),
+        (format!("127.0.0.1:{}", free_port()), Some("everyone")),
+        (format!("127.0.0.1:{}", free_port()), Some(" , ")),
+    ] {
+        let mut open = env.clone();
+        open.push(("AGENT_DNS_LISTEN".to_owned(), listen.clone()));
+        open.push(("AGENT_DNS_UPSTREAM".to_owned(), "192.0.2.53".to_owned()));
+        if let Some(allow) = allow {
+            open.push(("AGENT_DNS_ALLOW_FROM".to_owned(), allow.to_owned()));
+        }
+        let out =
+            checkplane_testkit::process::run_to_end(bin(), &[], &open, Duration::from_secs(20));
+        assert_eq!(out.status.code(), Some(2), "{listen} {allow:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("AGENT_DNS_ALLOW_FROM"), "{stderr}");
     }
 
     // A plain http:// control plane without AGENT_ALLOW_PLAINTEXT: the token would cross
