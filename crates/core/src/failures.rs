@@ -64,11 +64,29 @@ pub async fn list(
                 attempts: r.get("attempts"),
                 error: r.get("error"),
                 parked_at: r.get("parked_at"),
-                entry: r.get("entry"),
+                entry: shown(r.get("entry")),
             })
             .collect(),
         total,
     ))
+}
+
+/// An entry as readers see it: a check's request headers redacted
+/// ([`checkplane_wire::checks::redact_headers`]); one that does not read as JSON (cut at
+/// [`ENTRY_SHOWN`], or the very reason it was parked) could hold them anywhere, so only its
+/// size is shown (Redis's stream and the `projection_failures` row keep it whole).
+fn shown(entry: String) -> String {
+    match serde_json::from_str::<serde_json::Value>(&entry) {
+        Ok(mut value) => {
+            checkplane_wire::checks::redact_headers(&mut value);
+            value.to_string()
+        }
+        Err(_) => format!(
+            "[not shown: {} bytes that do not read as JSON; the row in projection_failures \
+             holds them]",
+            entry.len()
+        ),
+    }
 }
 
 /// How many events are parked.
@@ -181,4 +199,23 @@ async fn replay_batch(
     }
     tx.commit().await?;
     Ok((done, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn a_parked_entry_shows_no_request_header_value() {
+        let entry = r#"{"type":"check.created","payload":{"check_id":"c","options":{"headers":{"authorization":"Bearer s3cret"}}}}"#;
+        let seen = shown(entry.to_owned());
+        assert!(!seen.contains("s3cret"), "{seen}");
+        assert!(seen.contains(r#""authorization":"[redacted]""#), "{seen}");
+        // Cut short (or never JSON): only its size.
+        let at = entry.find("}}}}").unwrap();
+        assert!(entry[..at].contains("s3cret"));
+        let cut = shown(entry[..at].to_owned());
+        assert!(!cut.contains("s3cret"), "{cut}");
+        assert!(cut.contains(&format!("{at} bytes")), "{cut}");
+    }
 }

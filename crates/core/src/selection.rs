@@ -66,7 +66,7 @@ pub async fn choose(
                 CROSS JOIN LATERAL (SELECT CASE WHEN a.asn IS NOT NULL THEN 'as' || a.asn
                                                 WHEN a.network IS NOT NULL THEN 'net:' || lower(a.network)
                                                 ELSE 'agent:' || a.agent_id END AS net) n
-                WHERE a.status = 'online' AND a.capabilities ? $1
+                WHERE a.status = 'online' AND a.revoked_at IS NULL AND a.capabilities ? $1
                   AND ($2::text IS NULL OR a.country = $2)
                   AND ($3::text IS NULL OR lower(a.city) = lower($3))
                   AND ($4::bigint IS NULL OR a.asn = $4)

@@ -23,16 +23,16 @@ pub fn init_logging(settings: &BaseSettings) {
 }
 
 /// Libraries whose debug lines carry what must not be logged: tokio-postgres prints every
-/// statement's parameters (token hashes, a check's request headers). Kept at info unless
+/// statement's parameters (token hashes, a check's request headers). Kept at warn unless
 /// `LOG_LEVEL` names them itself.
 const QUIET: &[&str] = &["tokio_postgres"];
 
 /// `LOG_LEVEL` as a filter (`info` when it does not parse), with [`QUIET`]'s libraries held
-/// at info.
+/// at warn.
 pub fn log_filter(level: &str) -> EnvFilter {
     let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     for quiet in QUIET.iter().filter(|q| !level.contains(**q)) {
-        if let Ok(directive) = format!("{quiet}=info").parse() {
+        if let Ok(directive) = format!("{quiet}=warn").parse() {
             filter = filter.add_directive(directive);
         }
     }

@@ -429,9 +429,18 @@ fn dns(
     // name of a private address asks about the agent's network, as a target there would:
     // refused alike. A resolver given (an address checked above) answers for itself.
     if resolver.is_none() && !allow_private {
-        let why = match reversed_address(&name) {
-            Some(ip) => targets::forbidden_ip(ip),
-            None => targets::forbidden_host(&name),
+        let why = match reverse(&name) {
+            Reverse::Address(ip) => targets::forbidden_ip(ip),
+            // Which addresses a zone or a service name under it stands for is not one
+            // answer: a resolver the check names is asked instead.
+            Reverse::Other => {
+                return Err(invalid(
+                    "target: a reverse name that is not one whole address (a zone, a DNS-SD \
+                     or RFC 2317 name) is asked only of a resolver the check names \
+                     (options.resolver)",
+                ))
+            }
+            Reverse::No => targets::forbidden_host(&name),
         };
         if let Some(why) = why {
             return Err(CheckError::Forbidden {
@@ -460,30 +469,59 @@ fn dns_name(target: &str) -> Result<String, CheckError> {
     Ok(target.trim_end_matches('.').to_ascii_lowercase())
 }
 
-/// The address a reverse name (`4.4.8.8.in-addr.arpa`, nibbles under `ip6.arpa`) stands for;
-/// a partial one (a zone: `10.in-addr.arpa`) stands for the first address of its range.
-fn reversed_address(name: &str) -> Option<std::net::IpAddr> {
-    if let Some(rest) = name.strip_suffix("in-addr.arpa") {
-        let labels: Vec<&str> = rest.trim_end_matches('.').split('.').rev().collect();
-        let mut octets = [0u8; 4];
-        for (i, label) in labels.iter().enumerate().filter(|(_, l)| !l.is_empty()) {
-            *octets.get_mut(i)? = label.parse().ok()?;
-        }
-        return Some(std::net::Ipv4Addr::from(octets).into());
+/// What a name under the reverse trees is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reverse {
+    /// Not under `in-addr.arpa` or `ip6.arpa`.
+    No,
+    /// The reverse name of one whole address (`4.4.8.8.in-addr.arpa`, 32 nibbles under
+    /// `ip6.arpa`).
+    Address(std::net::IpAddr),
+    /// Anything else under them: a zone (`10.in-addr.arpa`), a DNS-SD or RFC 2317 name.
+    Other,
+}
+
+fn reverse(name: &str) -> Reverse {
+    let under = |zone: &str| {
+        (name == zone)
+            .then_some("")
+            .or_else(|| name.strip_suffix(&format!(".{zone}")))
+    };
+    if let Some(rest) = under("in-addr.arpa") {
+        let labels: Vec<&str> = rest.split('.').rev().collect();
+        let octets: Option<Vec<u8>> = labels
+            .iter()
+            .map(|l| l.parse::<u8>().ok().filter(|_| !l.starts_with('+')))
+            .collect();
+        return match octets.and_then(|o| <[u8; 4]>::try_from(o).ok()) {
+            Some(octets) => Reverse::Address(std::net::Ipv4Addr::from(octets).into()),
+            None => Reverse::Other,
+        };
     }
-    if let Some(rest) = name.strip_suffix("ip6.arpa") {
-        let nibbles: Vec<&str> = rest.trim_end_matches('.').split('.').rev().collect();
-        let mut octets = [0u8; 16];
-        for (i, nibble) in nibbles.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
-            let value = u8::from_str_radix(nibble, 16)
-                .ok()
-                .filter(|_| nibble.len() == 1)?;
-            let octet = octets.get_mut(i / 2)?;
-            *octet |= if i % 2 == 0 { value << 4 } else { value };
-        }
-        return Some(std::net::Ipv6Addr::from(octets).into());
+    if let Some(rest) = under("ip6.arpa") {
+        let nibbles: Option<Vec<u8>> = rest
+            .split('.')
+            .rev()
+            .map(|n| {
+                let mut chars = n.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None) => c.to_digit(16).and_then(|d| u8::try_from(d).ok()),
+                    _ => None,
+                }
+            })
+            .collect();
+        return match nibbles.filter(|n| n.len() == 32) {
+            Some(nibbles) => {
+                let mut octets = [0u8; 16];
+                for (i, pair) in nibbles.chunks(2).enumerate() {
+                    octets[i] = (pair[0] << 4) | pair[1];
+                }
+                Reverse::Address(std::net::Ipv6Addr::from(octets).into())
+            }
+            None => Reverse::Other,
+        };
     }
-    None
+    Reverse::No
 }
 
 /// `in-addr.arpa` / `ip6.arpa` name of an address.
@@ -1150,16 +1188,28 @@ mod tests {
             ("localhost", "A"),
             ("10.0.0.1", "PTR"),
             ("1.0.0.10.in-addr.arpa", "PTR"),
-            ("10.in-addr.arpa", "PTR"),
             ("1.0.168.192.in-addr.arpa", "TXT"),
             ("::1", "PTR"),
-            ("c.f.ip6.arpa", "PTR"),
         ] {
             let refused = dns(target, json!({"type": record})).unwrap_err();
             assert!(
                 matches!(&refused, CheckError::Forbidden { field, .. } if field == "target"),
                 "{target} {record}: {refused}"
             );
+        }
+        // Under the reverse trees but not one address: only of a named resolver.
+        for target in [
+            "10.in-addr.arpa",
+            "in-addr.arpa",
+            "c.f.ip6.arpa",
+            "b._dns-sd._udp.0.1.168.192.in-addr.arpa",
+            "1.0-25.0.0.10.in-addr.arpa",
+            "x.16.172.in-addr.arpa",
+            "1.1.0.0.10.in-addr.arpa",
+        ] {
+            let refused = dns(target, json!({"type": "PTR"})).unwrap_err().to_string();
+            assert!(refused.contains("options.resolver"), "{target}: {refused}");
+            assert!(dns(target, json!({"type": "PTR", "resolver": "9.9.9.9"})).is_ok());
         }
         // Public names and addresses, and any name asked of a resolver the check names.
         for (target, options) in [
@@ -1172,12 +1222,13 @@ mod tests {
             assert!(dns(target, options.clone()).is_ok(), "{target} {options}");
         }
         assert_eq!(
-            reversed_address("1.0.0.10.in-addr.arpa"),
-            Some("10.0.0.1".parse().unwrap())
+            reverse("1.0.0.10.in-addr.arpa"),
+            Reverse::Address("10.0.0.1".parse().unwrap())
         );
         assert_eq!(
-            reversed_address(&reverse_name("2001:db8::1".parse().unwrap())),
-            Some("2001:db8::1".parse().unwrap())
+            reverse(&reverse_name("2001:db8::1".parse().unwrap())),
+            Reverse::Address("2001:db8::1".parse().unwrap())
         );
+        assert_eq!(reverse("fooin-addr.arpa"), Reverse::No);
     }
 }

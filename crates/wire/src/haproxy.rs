@@ -223,6 +223,8 @@ pub fn socket_path(address: &str) -> Option<&std::path::Path> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowedAddresses {
     nets: Vec<ipnet::IpNet>,
+    /// `IP:port` entries: that one socket.
+    sockets: Vec<std::net::SocketAddr>,
     dirs: Vec<std::path::PathBuf>,
 }
 
@@ -230,8 +232,23 @@ impl Default for AllowedAddresses {
     fn default() -> Self {
         Self::parse(Self::DEFAULT).unwrap_or(Self {
             nets: Vec::new(),
+            sockets: Vec::new(),
             dirs: Vec::new(),
         })
+    }
+}
+
+/// An IPv4-mapped network (`::ffff:10.0.0.0/104`) as the IPv4 network it is, as addresses are
+/// compared in their canonical form.
+fn canonical_net(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::from)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
     }
 }
 
@@ -241,28 +258,54 @@ impl AllowedAddresses {
     /// Most entries.
     const MAX: usize = 256;
 
-    /// Entries separated by commas: an address, a CIDR, or an absolute directory.
+    /// Entries separated by commas: an `IP:port` (`[v6]:port`), an address or CIDR (any of
+    /// its ports), or an absolute directory (any socket under it).
     pub fn parse(text: &str) -> Result<Self, Invalid> {
         let invalid = |reason: String| Invalid::new("HAPROXY_ALLOWED_ADDRESSES", reason);
-        let (mut nets, mut dirs) = (Vec::new(), Vec::new());
+        let (mut nets, mut sockets, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
         for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             if let Some(dir) = socket_path(entry) {
                 dirs.push(dir.to_path_buf());
+            } else if let Ok(socket) = entry.parse::<std::net::SocketAddr>() {
+                sockets.push(std::net::SocketAddr::new(
+                    socket.ip().to_canonical(),
+                    socket.port(),
+                ));
             } else if let Ok(net) = entry
                 .parse::<ipnet::IpNet>()
                 .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
             {
-                nets.push(net.trunc());
+                nets.push(canonical_net(net.trunc()));
             } else {
                 return Err(invalid(format!(
-                    "{entry:?} is neither a CIDR such as 10.0.0.0/8 nor an absolute directory"
+                    "{entry:?} is neither IP:port, a CIDR such as 10.0.0.0/8 nor an absolute \
+                     directory"
                 )));
             }
         }
-        if nets.len() + dirs.len() > Self::MAX {
+        if nets.len() + sockets.len() + dirs.len() > Self::MAX {
             return Err(invalid(format!("at most {} entries", Self::MAX)));
         }
-        Ok(Self { nets, dirs })
+        Ok(Self {
+            nets,
+            sockets,
+            dirs,
+        })
+    }
+
+    /// The same list with each directory as `resolve` gives it (haproxy-sync passes
+    /// `canonicalize`, so `/var/run/haproxy` matches the sockets it resolves to `/run/...`);
+    /// a directory `resolve` cannot read stays as written.
+    pub fn with_dirs_resolved(
+        mut self,
+        resolve: impl Fn(&std::path::Path) -> Option<std::path::PathBuf>,
+    ) -> Self {
+        for dir in &mut self.dirs {
+            if let Some(resolved) = resolve(dir) {
+                *dir = resolved;
+            }
+        }
+        self
     }
 
     /// Whether haproxy-sync may connect to `address` (a direct instance's `IP:port` or socket
@@ -271,7 +314,11 @@ impl AllowedAddresses {
     pub fn permits(&self, address: &str) -> Result<(), Invalid> {
         if let Ok(socket) = address.parse::<std::net::SocketAddr>() {
             let ip = socket.ip().to_canonical();
-            if self.nets.iter().any(|net| net.contains(&ip)) {
+            if self.nets.iter().any(|net| net.contains(&ip))
+                || self
+                    .sockets
+                    .contains(&std::net::SocketAddr::new(ip, socket.port()))
+            {
                 return Ok(());
             }
         } else if let Some(path) = socket_path(address) {
@@ -293,8 +340,9 @@ impl AllowedAddresses {
 impl std::fmt::Display for AllowedAddresses {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let nets = self.nets.iter().map(ToString::to_string);
+        let sockets = self.sockets.iter().map(ToString::to_string);
         let dirs = self.dirs.iter().map(|d| d.display().to_string());
-        let all: Vec<String> = nets.chain(dirs).collect();
+        let all: Vec<String> = nets.chain(sockets).chain(dirs).collect();
         if all.is_empty() {
             return f.write_str("nothing");
         }
@@ -683,6 +731,17 @@ mod tests {
             "the default is replaced"
         );
         assert!(AllowedAddresses::parse("sockets").is_err());
+        // One socket: that port alone (a Redis on another loopback port stays out).
+        let one = AllowedAddresses::parse("127.0.0.1:9999,[::1]:9999").unwrap();
+        assert!(one.permits("127.0.0.1:9999").is_ok());
+        assert!(one.permits("[::ffff:127.0.0.1]:9999").is_ok());
+        assert!(one.permits("127.0.0.1:6379").is_err());
+        assert!(one.permits("[::1]:9999").is_ok());
+        // A mapped network is the IPv4 network it names.
+        let mapped = AllowedAddresses::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.permits("10.1.2.3:1").is_ok());
+        assert!(mapped.permits("[::ffff:10.1.2.3]:1").is_ok());
+        assert!(mapped.permits("11.0.0.1:1").is_err());
         assert!(AllowedAddresses::parse("/run/../etc").is_err());
         assert_eq!(
             AllowedAddresses::parse("")

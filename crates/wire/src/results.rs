@@ -57,6 +57,9 @@ pub struct Dns {
     pub resolver: Option<String>,
     pub rcode: Option<String>,
     pub answers: Option<Vec<DnsAnswer>>,
+    /// How many records the answer had, when there were more than [`MAX_ANSWERS`] (the
+    /// first of them are in `answers`).
+    pub answers_total: Option<u64>,
     pub timings: Option<Steps>,
     pub error: Option<Failure>,
 }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use checkplane_wire::results::MAX_ANSWERS;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::ResponseCode;
@@ -177,10 +178,21 @@ pub async fn check(question: &Question<'_>, timeout: Duration, allow_private: bo
     );
     let (rcode, answers) = match asked {
         Err(_) => return merge(result, Outcome::failed("ERR_TIMEOUT", no_answer, timings)),
-        Ok(Ok(lookup)) => (
-            ResponseCode::NoError,
-            lookup.records().iter().map(answer).collect::<Vec<_>>(),
-        ),
+        Ok(Ok(lookup)) => {
+            let records = lookup.records();
+            // A result holds at most MAX_ANSWERS of them; how many there were is said.
+            if records.len() > MAX_ANSWERS {
+                result["answers_total"] = json!(records.len());
+            }
+            (
+                ResponseCode::NoError,
+                records
+                    .iter()
+                    .take(MAX_ANSWERS)
+                    .map(answer)
+                    .collect::<Vec<_>>(),
+            )
+        }
         Ok(Err(error)) => {
             let failed = |code: &str, message: String| {
                 merge(

@@ -117,8 +117,16 @@ struct SourceSlot<'a> {
 }
 
 impl Sources {
-    /// A slot for one more connection of `ip`, unless it has [`MAX_TCP_PER_SOURCE`].
+    /// A slot for one more connection of `ip`, unless it has [`MAX_TCP_PER_SOURCE`]. An
+    /// IPv6 client is its /64 (one host holds a whole /64 to pick addresses from).
     fn take(&self, ip: IpAddr) -> Option<SourceSlot<'_>> {
+        let ip = match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+            v4 => v4,
+        };
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_default();
         if *n >= MAX_TCP_PER_SOURCE {

@@ -218,7 +218,8 @@ async fn run(
         timings.put("tls", handshaking.elapsed());
         let (_, session) = stream.get_ref();
         let h2 = session.alpn_protocol() == Some(b"h2");
-        let refused = verdict.lock().map(|v| v.clone()).ok().flatten();
+        // A poisoned lock still holds the verdict: never read it as "verified".
+        let refused = verdict.lock().unwrap_or_else(|p| p.into_inner()).clone();
         result["tls"] = tls_details(session, refused.clone());
         // An untrusted certificate is measured, but the check's headers (credentials, often)
         // go only to a server that proved who it is, unless the check says otherwise.

@@ -94,7 +94,7 @@ async fn select(
                 .query(
                     "SELECT a.agent_id, a.country, a.city, a.asn, a.network
                      FROM check_slots s JOIN agents a USING (agent_id)
-                     WHERE s.check_id = $1 AND a.status = 'online' AND a.capabilities ? $2
+                     WHERE s.check_id = $1 AND a.status = 'online' AND a.revoked_at IS NULL AND a.capabilities ? $2
                      ORDER BY s.slot",
                     &[previous, &kind],
                 )

@@ -65,7 +65,10 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
     )?;
     let parallelism =
         usize::try_from(env.u64_in("HAPROXY_ACTION_PARALLELISM", 4, 1, 64)?).unwrap_or(4);
-    let allowed = env.haproxy_allowed_addresses()?;
+    // Directories as the sockets under them resolve (`/var/run` is `/run`).
+    let allowed = env
+        .haproxy_allowed_addresses()?
+        .with_dirs_resolved(|dir| std::fs::canonicalize(dir).ok());
     let reload_probe = env.duration(
         "HAPROXY_RELOAD_PROBE_INTERVAL",
         Duration::from_secs(2),

@@ -90,21 +90,25 @@ pub struct Direct {
 }
 
 impl Direct {
-    /// Whether the endpoint is allowed now: a refusal is final and not the instance's fault.
-    async fn admitted(&self) -> Result<(), ApiError> {
-        let target = match &self.endpoint {
-            Endpoint::Tcp(address) => address.clone(),
+    /// The endpoint to connect to, if it is allowed now: a socket path resolved (what is
+    /// judged is what is connected to: a link swapped afterwards changes nothing). A refusal
+    /// is final and not the instance's fault.
+    async fn admitted(&self) -> Result<Endpoint, ApiError> {
+        let (target, endpoint) = match &self.endpoint {
+            Endpoint::Tcp(address) => (address.clone(), self.endpoint.clone()),
             // A path that does not resolve (no socket yet) is judged as written; connecting
             // to it fails anyway.
-            Endpoint::Unix(path) => tokio::fs::canonicalize(path)
-                .await
-                .unwrap_or_else(|_| path.clone())
-                .display()
-                .to_string(),
+            Endpoint::Unix(path) => {
+                let resolved = tokio::fs::canonicalize(path)
+                    .await
+                    .unwrap_or_else(|_| path.clone());
+                (resolved.display().to_string(), Endpoint::Unix(resolved))
+            }
         };
         self.allowed
             .permits(&target)
-            .map_err(|why| ApiError::Unavailable(why.reason))
+            .map_err(|why| ApiError::Unavailable(why.reason))?;
+        Ok(endpoint)
     }
 }
 
@@ -116,8 +120,8 @@ impl Transport for Direct {
                 read_timeout: self.read_timeout,
                 max_reply: MAX_REPLY,
             };
-            self.admitted().await?;
-            haproxy_socket::exchange(&self.endpoint, command, limits)
+            let endpoint = self.admitted().await?;
+            haproxy_socket::exchange(&endpoint, command, limits)
                 .await
                 .map_err(|e| ApiError::Unreachable(e.0))
         })
