@@ -140,7 +140,10 @@ pub fn main<S: Service>() -> ExitCode {
         }
     };
     let base = S::base(&config).clone();
-    crate::telemetry::init_logging(&base);
+    if let Err(error) = crate::telemetry::init_logging(&base) {
+        eprintln!("{}: configuration error: LOG_FILE: {error}", S::NAME);
+        return ExitCode::from(2);
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -247,6 +250,8 @@ async fn serve<S: Service>(config: S::Config, base: &BaseSettings) -> ExitCode {
     let shutdown = CancellationToken::new();
     // detached: waits for SIGTERM or SIGINT for as long as the process lives.
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    // detached: reopens LOG_FILE on each SIGHUP for as long as the process lives.
+    tokio::spawn(crate::telemetry::reopen_on_hangup());
 
     let run = S::run(config, listener, shutdown.clone());
     tokio::pin!(run);

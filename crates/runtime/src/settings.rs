@@ -24,6 +24,8 @@ pub struct BaseSettings {
     pub log_format: LogFormat,
     /// Tracing filter directives (`LOG_LEVEL`).
     pub log_level: String,
+    /// Log to this file instead of stderr (`LOG_FILE`), reopened on SIGHUP (logrotate).
+    pub log_file: Option<std::path::PathBuf>,
     /// Where the HTTP server listens (`HTTP_ADDR`, the agent's `AGENT_HEALTH_ADDR`).
     pub listen: SocketAddr,
     /// Bound on shutdown after a signal (`SHUTDOWN_TIMEOUT`).
@@ -164,10 +166,28 @@ impl BaseSettings {
                 format!("not a valid filter: {log_level:?}"),
             ));
         }
+        let log_file = match env.opt_string("LOG_FILE") {
+            None => None,
+            Some(path) => {
+                let path = std::path::PathBuf::from(path);
+                let dir_exists = path.parent().is_some_and(std::path::Path::is_dir);
+                if !path.is_absolute() || !dir_exists || path.is_dir() {
+                    return Err(ConfigError::new(
+                        "LOG_FILE",
+                        format!(
+                            "expected an absolute path of a file in an existing directory, got {}",
+                            path.display()
+                        ),
+                    ));
+                }
+                Some(path)
+            }
+        };
         Ok(Self {
             service,
             log_format,
             log_level,
+            log_file,
             listen: env.socket_addr(listen_var, default_listen)?,
             shutdown_timeout: env.duration(
                 "SHUTDOWN_TIMEOUT",

@@ -108,6 +108,13 @@ pub const ALL: &[Var] = &[
         secret: false,
     },
     Var {
+        name: "LOG_FILE",
+        services: ALL_SERVICES,
+        default: "-",
+        doc: "write logs to this file (absolute path, its directory must exist; created mode 0640, appended to) instead of stderr; reopened on SIGHUP, so logrotate renames it and signals (the logrotate file `infra/ansible` installs). Under systemd leave it unset: stderr goes to journald",
+        secret: false,
+    },
+    Var {
         name: "SHUTDOWN_TIMEOUT",
         services: ALL_SERVICES,
         default: "10s",

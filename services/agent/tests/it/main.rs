@@ -142,6 +142,9 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ("AGENT_ALLOW_PRIVATE_TARGETS", "perhaps"),
         ("AGENT_ALLOW_PLAINTEXT", "perhaps"),
         ("AGENT_CA_FILE", "/nonexistent/ca.pem"),
+        ("LOG_FILE", "agent.log"),
+        ("LOG_FILE", "/nonexistent/dir/agent.log"),
+        ("LOG_FILE", "/tmp"),
         // A file that is not PEM.
         ("AGENT_CA_FILE", "/etc/hostname"),
         // An id without its token.
@@ -308,4 +311,108 @@ async fn the_agent_reaches_an_https_control_plane_only_through_the_ca_it_trusts(
     agent.stop().await.unwrap();
     gw.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The deployment's logrotate template (`infra/ansible`) rendered for this test: logs under
+/// `dir`, owned by root (the tests run as root; deployed, the service user), and a postrotate
+/// that signals `pid` (deployed, it signals the checkplane-* units through systemd).
+fn logrotate_config(dir: &Path, pid: u32) -> String {
+    let shipped = std::fs::read_to_string(
+        checkplane_testkit::workspace_root()
+            .join("infra/ansible/roles/checkplane_service/templates/checkplane.logrotate.j2"),
+    )
+    .unwrap();
+    let rendered = shipped
+        .replace("{{ ansible_managed }}", "rendered by the test")
+        .replace("{{ checkplane_service_log_dir }}", &dir.display().to_string())
+        .replace("{{ checkplane_service_user }}", "root")
+        .replace(
+            "systemctl kill --kill-whom=main --signal=HUP 'checkplane-*.service' 2>/dev/null || true",
+            &format!("kill -HUP {pid}"),
+        );
+    assert!(!rendered.contains("{{"), "{rendered}");
+    assert!(rendered.contains(&format!("kill -HUP {pid}")), "{rendered}");
+    rendered
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logrotate_rotates_log_file_and_the_service_writes_on_to_a_new_one() {
+    use checkplane_testkit::process::ServiceProcess;
+    let dir = checkplane_testkit::servers::scratch_dir("logs");
+    let log = dir.join("agent.log");
+    let state = StateDir::new();
+    let port = free_port();
+    let env = vec![
+        // Nobody answers there: the agent logs its attempts, which is all this needs.
+        (
+            "AGENT_CONTROL_PLANE".to_owned(),
+            "http://127.0.0.1:1/".to_owned(),
+        ),
+        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
+        ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
+        ("AGENT_STATE_FILE".to_owned(), state.file()),
+        ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+        ("LOG_FILE".to_owned(), log.display().to_string()),
+    ];
+    let mut agent = ServiceProcess::spawn(bin(), &[], &env);
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    checkplane_testkit::eventually(
+        "the agent logs to LOG_FILE",
+        Duration::from_secs(10),
+        || {
+            let text = read(&log);
+            async move { text.contains("starting").then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(agent.stderr(), "", "nothing on stderr with LOG_FILE");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+
+    let config = dir.join("logrotate.conf");
+    std::fs::write(&config, logrotate_config(&dir, agent.pid())).unwrap();
+    let status = dir.join("logrotate.status");
+    let logrotate = |args: &[&str]| {
+        std::process::Command::new("logrotate")
+            .args(args)
+            .arg("-s")
+            .arg(&status)
+            .arg(&config)
+            .output()
+            .expect("logrotate (./stand test installs it)")
+    };
+    // The configuration as logrotate reads it (dry run), then a forced rotation.
+    let dry = logrotate(&["-d"]);
+    assert!(dry.status.success(), "{dry:?}");
+    let rotated = logrotate(&["-f"]);
+    assert!(rotated.status.success(), "{rotated:?}");
+    let old: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("agent.log-"))
+        .collect();
+    assert_eq!(
+        old.len(),
+        1,
+        "dateext, not compressed yet (delaycompress): {old:?}"
+    );
+    assert!(read(&dir.join(&old[0])).contains("starting"));
+    // The signal made the agent open agent.log again: it writes on there, alive.
+    checkplane_testkit::eventually("lines in the new file", Duration::from_secs(10), || {
+        let text = read(&log);
+        async move { text.contains("log file reopened").then_some(()) }
+    })
+    .await;
+    assert!(
+        agent.wait(Duration::from_millis(200)).is_none(),
+        "SIGHUP did not stop it"
+    );
+    agent.signal("TERM");
+    assert_eq!(
+        agent.wait(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0)
+    );
+    assert!(read(&log).contains("shutting down"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
