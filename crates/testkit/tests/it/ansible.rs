@@ -102,7 +102,34 @@ fn sha256(path: &Path) -> String {
 }
 
 /// One run of site.yml on localhost into `root`: what it printed.
-fn deploy(root: &Path) -> String {
+/// The test's stores and the services' addresses, as inventory variables (extra vars: above
+/// the inventory and the role defaults).
+struct Site {
+    db: checkplane_testkit::TestDb,
+    redis: checkplane_testkit::TestRedis,
+    ports: [u16; 4],
+}
+
+impl Site {
+    fn vars(&self) -> Value {
+        let at = |p: u16| format!("127.0.0.1:{p}");
+        let [gateway, scheduler, sync, agent] = self.ports;
+        serde_json::json!({
+            "checkplane_store_env": {
+                "DATABASE_URL": self.db.url,
+                "REDIS_URL": self.redis.url,
+                "STREAM_PREFIX": self.redis.prefix,
+            },
+            "gateway_listen": at(gateway),
+            "scheduler_listen": at(scheduler),
+            "haproxy_sync_listen": at(sync),
+            "agent_health_listen": at(agent),
+            "agent_control_plane": format!("http://{}", at(gateway)),
+        })
+    }
+}
+
+fn deploy(root: &Path, site: &Site) -> String {
     let bin = binaries();
     let sums: serde_json::Map<String, Value> = ["gateway", "scheduler", "haproxy-sync", "agent"]
         .iter()
@@ -122,6 +149,10 @@ fn deploy(root: &Path) -> String {
         "checkplane_release_url": format!("file://{}", bin.display()),
         "checkplane_sha256": sums,
     });
+    let mut vars = vars;
+    if let (Value::Object(all), Value::Object(site)) = (&mut vars, site.vars()) {
+        all.extend(site);
+    }
     let vars_file = root.join("vars.json");
     std::fs::write(&vars_file, vars.to_string()).unwrap();
     let extra = format!("@{}", vars_file.display());
@@ -165,10 +196,37 @@ fn summary(output: &str) -> (u64, Vec<String>) {
     (changed.expect("a recap"), skipped)
 }
 
-#[test]
-fn the_playbook_installs_every_service_and_a_second_run_changes_nothing() {
+/// `KEY=VALUE` lines of an env file (comments and blank lines aside).
+fn env_file(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// The value of `key=` in a unit file.
+fn unit_value(unit: &str, key: &str) -> String {
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {unit}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_playbook_installs_every_service_and_a_second_run_changes_nothing() {
+    use checkplane_testkit::process::{free_port, ServiceProcess};
+    let site = Site {
+        db: checkplane_testkit::TestDb::new().await,
+        redis: checkplane_testkit::TestRedis::new(),
+        ports: [free_port(), free_port(), free_port(), free_port()],
+    };
     let root = checkplane_testkit::servers::scratch_dir("ansible");
-    let (changed, skipped) = summary(&deploy(&root));
+    let (changed, skipped) = summary(&deploy(&root, &site));
     assert!(changed > 0);
     // Exactly what a host without systemd (and without a user to make) skips: per service,
     // making the user and group, and starting the units.
@@ -185,7 +243,7 @@ fn the_playbook_installs_every_service_and_a_second_run_changes_nothing() {
     expected.insert(9, "Restart the service".to_owned());
     expected.push("Restart the service".to_owned());
     assert_eq!(skipped, expected);
-    let (again, _) = summary(&deploy(&root));
+    let (again, _) = summary(&deploy(&root, &site));
     assert_eq!(again, 0, "a second run changes nothing");
 
     for name in ["gateway", "scheduler", "haproxy-sync", "agent"] {
@@ -252,5 +310,32 @@ fn the_playbook_installs_every_service_and_a_second_run_changes_nothing() {
     let said = String::from_utf8_lossy(&rotate.stderr);
     assert!(rotate.status.success(), "{said}");
     assert!(!said.contains("error"), "{said}");
+
+    // Each installed binary started exactly as its unit says (ExecStart, EnvironmentFile)
+    // answers /readyz: the gateway first (it migrates), the agent last (it needs the gateway).
+    let http = reqwest::Client::new();
+    let mut running = Vec::new();
+    for (name, port) in ["gateway", "scheduler", "haproxy-sync", "agent"]
+        .into_iter()
+        .zip(site.ports)
+    {
+        let unit =
+            std::fs::read_to_string(root.join(format!("units/checkplane-{name}.service"))).unwrap();
+        let exec = PathBuf::from(unit_value(&unit, "ExecStart"));
+        let env = env_file(Path::new(&unit_value(&unit, "EnvironmentFile")));
+        let process = ServiceProcess::spawn(&exec, &[], &env);
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        checkplane_testkit::eventually(
+            &format!("{name} ready as deployed"),
+            std::time::Duration::from_secs(30),
+            || {
+                let request = http.get(&url).send();
+                async move { (request.await.ok()?.status().as_u16() == 200).then_some(()) }
+            },
+        )
+        .await;
+        running.push(process);
+    }
+    drop(running);
     std::fs::remove_dir_all(&root).unwrap();
 }
