@@ -231,6 +231,21 @@ impl Env {
     /// A secret from `NAME`, or from the file named by `NAME_FILE` (one trailing newline is
     /// dropped). Setting both is a mistake. The value never appears in an error.
     pub fn secret(&mut self, name: &str) -> Result<Option<Secret>, ConfigError> {
+        let secret = self.secret_as_given(name)?;
+        // The sample files' placeholders (`.env.example`, the example vault) never run.
+        if secret
+            .as_ref()
+            .is_some_and(|s| s.0.trim().to_ascii_lowercase().starts_with("change-me"))
+        {
+            return Err(ConfigError::new(
+                name,
+                "is still the sample's placeholder (change-me…): set a secret of your own",
+            ));
+        }
+        Ok(secret)
+    }
+
+    fn secret_as_given(&mut self, name: &str) -> Result<Option<Secret>, ConfigError> {
         let file_var = format!("{name}_FILE");
         let direct = self.raw(name);
         let file = self.raw(&file_var);
@@ -323,6 +338,25 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_samples_placeholder_secret_is_refused_naming_the_variable() {
+        let dir = std::env::temp_dir().join(format!("cp-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "Change-Me-please\n").unwrap();
+        for mut env in [
+            Env::from_pairs([("GATEWAY_ADMIN_KEY", "change-me-admin-key")]),
+            Env::from_pairs([("GATEWAY_ADMIN_KEY_FILE", file.display().to_string())]),
+        ] {
+            let refused = env.secret("GATEWAY_ADMIN_KEY").unwrap_err();
+            assert_eq!(refused.var, "GATEWAY_ADMIN_KEY");
+            assert!(refused.to_string().contains("placeholder"), "{refused}");
+        }
+        let mut fine = Env::from_pairs([("GATEWAY_ADMIN_KEY", "a-real-key-0123456789")]);
+        assert!(fine.secret("GATEWAY_ADMIN_KEY").unwrap().is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn durations_parse_in_every_unit() {

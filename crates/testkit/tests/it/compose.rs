@@ -147,3 +147,31 @@ fn the_images_are_built_by_the_dockerfile_stages() {
         );
     }
 }
+
+#[test]
+fn its_secrets_come_from_the_env_file_and_have_no_default() {
+    let text = std::fs::read_to_string(workspace_root().join("docker-compose.yml")).unwrap();
+    let example = std::fs::read_to_string(workspace_root().join(".env.example")).unwrap();
+    let mut seen = 0;
+    for (at, _) in text.match_indices("${") {
+        let reference = &text[at + 2..at + 2 + text[at + 2..].find('}').unwrap()];
+        let name = reference.split([':', '-', '?']).next().unwrap();
+        if !name.starts_with("CHECKPLANE_") {
+            continue;
+        }
+        seen += 1;
+        assert!(
+            reference.starts_with(&format!("{name}:?")),
+            "{reference}: required, no default"
+        );
+        assert!(
+            example.lines().any(|l| l.starts_with(&format!("{name}="))),
+            "{name} not in .env.example"
+        );
+    }
+    assert!(seen >= 3, "the enrollment token (twice) and the admin key");
+    assert!(
+        !text.contains("change-me"),
+        "no placeholder default in the compose file"
+    );
+}
