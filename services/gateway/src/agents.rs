@@ -330,6 +330,52 @@ async fn register(
     ))
 }
 
+/// A known agent's identity, read under its host's registration lock.
+struct Identity {
+    agent_id: String,
+    hostname: String,
+    version: i64,
+    revoked: bool,
+}
+
+/// Find the agent an admin route names (404 for an id that is not one, or unknown), take the
+/// registrations' lock of its host (identity versions of one host are taken one at a time) and
+/// read its identity under it.
+async fn lock_identity(
+    tx: &tokio_postgres::Transaction<'_>,
+    agent_id: &str,
+) -> Result<Identity, ApiError> {
+    let agent_id = AgentId::parse(agent_id)
+        .map_err(|_| ApiError::not_found("no such agent"))?
+        .as_str()
+        .to_owned();
+    let Some(row) = tx
+        .query_opt(
+            "SELECT hostname FROM agents WHERE agent_id = $1 AND hostname IS NOT NULL",
+            &[&agent_id],
+        )
+        .await?
+    else {
+        return Err(ApiError::not_found("no such agent"));
+    };
+    let hostname: String = row.get("hostname");
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&hostname])
+        .await?;
+    let row = tx
+        .query_one(
+            "SELECT identity_version, revoked_at IS NOT NULL AS revoked
+             FROM agents WHERE agent_id = $1",
+            &[&agent_id],
+        )
+        .await?;
+    Ok(Identity {
+        agent_id,
+        hostname,
+        version: row.get("identity_version"),
+        revoked: row.get("revoked"),
+    })
+}
+
 /// How long an admin's approval of a host's re-enrollment lasts.
 const REENROLL_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -349,32 +395,14 @@ async fn reenroll(
     admin: Admin,
     Path(agent_id): Path<String>,
 ) -> Result<Json<ReenrollApproval>, ApiError> {
-    let agent_id = AgentId::parse(&agent_id)
-        .map_err(|_| ApiError::not_found("no such agent"))?
-        .as_str()
-        .to_owned();
     let mut client = app.stores.pg.get().await?;
     let tx = client.transaction().await?;
-    let Some(row) = tx
-        .query_opt(
-            "SELECT hostname FROM agents WHERE agent_id = $1 AND hostname IS NOT NULL",
-            &[&agent_id],
-        )
-        .await?
-    else {
-        return Err(ApiError::not_found("no such agent"));
-    };
-    let hostname: String = row.get("hostname");
-    // The registrations' lock: identity versions of one host are taken one at a time.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&hostname])
-        .await?;
-    let version: i64 = tx
-        .query_one(
-            "SELECT identity_version FROM agents WHERE agent_id = $1",
-            &[&agent_id],
-        )
-        .await?
-        .get("identity_version");
+    let Identity {
+        agent_id,
+        hostname,
+        version,
+        ..
+    } = lock_identity(&tx, &agent_id).await?;
     let until_ms = now_ms() + i64::try_from(REENROLL_WINDOW.as_millis()).unwrap_or(i64::MAX);
     let event = Event::new(
         format!("agent:{agent_id}"),
@@ -421,38 +449,20 @@ async fn revoke(
     admin: Admin,
     Path(agent_id): Path<String>,
 ) -> Result<Json<Revocation>, ApiError> {
-    let agent_id = AgentId::parse(&agent_id)
-        .map_err(|_| ApiError::not_found("no such agent"))?
-        .as_str()
-        .to_owned();
     let actor = admin.caller.actor();
     let mut client = app.stores.pg.get().await?;
     let tx = client.transaction().await?;
-    let Some(row) = tx
-        .query_opt(
-            "SELECT hostname FROM agents WHERE agent_id = $1 AND hostname IS NOT NULL",
-            &[&agent_id],
-        )
-        .await?
-    else {
-        return Err(ApiError::not_found("no such agent"));
-    };
-    let hostname: String = row.get("hostname");
-    // The registrations' lock: identity versions of one host are taken one at a time.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&hostname])
-        .await?;
-    let row = tx
-        .query_one(
-            "SELECT identity_version, revoked_at IS NOT NULL AS revoked
-             FROM agents WHERE agent_id = $1",
-            &[&agent_id],
-        )
-        .await?;
+    let Identity {
+        agent_id,
+        hostname,
+        version,
+        revoked,
+    } = lock_identity(&tx, &agent_id).await?;
     let mut written = Written::new();
-    if !row.get::<_, bool>("revoked") {
+    if !revoked {
         let event = Event::new(
             format!("agent:{agent_id}"),
-            row.get::<_, i64>("identity_version") + 1,
+            version + 1,
             actor.clone(),
             EventBody::AgentRevoked(AgentRevoked {
                 agent_id: agent_id.clone(),
