@@ -18,7 +18,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin checkplane
 COPY --from=build /out/ /usr/local/bin/
+COPY infra/docker/healthcheck /usr/local/bin/checkplane-healthcheck
 USER checkplane
+# /readyz of whichever service the container runs (infra/docker/healthcheck); compose's own
+# healthchecks say the same per service.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/checkplane-healthcheck"]
 # Each compose service names its binary as the command.
 CMD ["gateway"]
 

@@ -152,26 +152,89 @@ fn the_images_are_built_by_the_dockerfile_stages() {
 fn its_secrets_come_from_the_env_file_and_have_no_default() {
     let text = std::fs::read_to_string(workspace_root().join("docker-compose.yml")).unwrap();
     let example = std::fs::read_to_string(workspace_root().join(".env.example")).unwrap();
-    let mut seen = 0;
+    let (mut secrets, mut optional) = (0, 0);
     for (at, _) in text.match_indices("${") {
         let reference = &text[at + 2..at + 2 + text[at + 2..].find('}').unwrap()];
         let name = reference.split([':', '-', '?']).next().unwrap();
         if !name.starts_with("CHECKPLANE_") {
             continue;
         }
-        seen += 1;
-        assert!(
-            reference.starts_with(&format!("{name}:?")),
-            "{reference}: required, no default"
-        );
-        assert!(
-            example.lines().any(|l| l.starts_with(&format!("{name}="))),
-            "{name} not in .env.example"
-        );
+        if name.ends_with("_TOKEN") || name.ends_with("_KEY") {
+            secrets += 1;
+            assert!(
+                reference.starts_with(&format!("{name}:?")),
+                "{reference}: a secret is required, no default"
+            );
+            assert!(
+                example.lines().any(|l| l.starts_with(&format!("{name}="))),
+                "{name} not in .env.example"
+            );
+        } else {
+            optional += 1;
+            assert_eq!(reference, format!("{name}:-"), "unset means unset");
+            assert!(
+                example
+                    .lines()
+                    .any(|l| l.starts_with(&format!("# {name}="))),
+                "{name} not shown (commented) in .env.example"
+            );
+        }
     }
-    assert!(seen >= 3, "the enrollment token (twice) and the admin key");
+    assert!(
+        secrets >= 3,
+        "the enrollment token (twice) and the admin key"
+    );
+    assert_eq!(optional, 2, "the GeoIP databases");
     assert!(
         !text.contains("change-me"),
         "no placeholder default in the compose file"
     );
+}
+
+/// The README's Docker section calls only ports the compose file publishes, and names every
+/// one it publishes.
+#[test]
+fn the_readmes_docker_section_matches_the_file() {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let start = readme.find("### With Docker").expect("a Docker section");
+    let section = &readme[start..];
+    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+    let mut called = BTreeSet::new();
+    for (at, _) in section.match_indices("127.0.0.1:") {
+        let port: String = section[at + 10..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        called.insert(port);
+    }
+    let compose = compose();
+    let mut published = BTreeSet::new();
+    for (_, service) in compose["services"].as_mapping().unwrap() {
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let spec = port.as_str().unwrap();
+            let parts: Vec<&str> = spec.split(':').collect();
+            published.insert(parts[parts.len() - 2].to_owned());
+        }
+    }
+    assert_eq!(called, published, "{section}");
+    for needed in [
+        "cp .env.example .env",
+        "docker compose up",
+        "CHECKPLANE_ADMIN_KEY",
+    ] {
+        assert!(section.contains(needed), "{needed} in {section}");
+    }
+}
+
+/// The image's HEALTHCHECK is the script the Dockerfile copies in (the script itself runs
+/// against the real services in `ansible::`).
+#[test]
+fn the_image_has_a_healthcheck() {
+    let dockerfile = std::fs::read_to_string(workspace_root().join("Dockerfile")).unwrap();
+    assert!(dockerfile
+        .contains("COPY infra/docker/healthcheck /usr/local/bin/checkplane-healthcheck\n"));
+    assert!(dockerfile.contains("    CMD [\"/usr/local/bin/checkplane-healthcheck\"]\n"));
+    let script =
+        std::fs::read_to_string(workspace_root().join("infra/docker/healthcheck")).unwrap();
+    assert!(script.contains("/readyz"));
 }
