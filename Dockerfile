@@ -20,8 +20,8 @@ RUN apt-get update \
 COPY --from=build /out/ /usr/local/bin/
 COPY infra/docker/healthcheck /usr/local/bin/checkplane-healthcheck
 USER checkplane
-# /readyz of whichever service the container runs (infra/docker/healthcheck); compose's own
-# healthchecks say the same per service.
+# `<service> healthcheck` of whichever service the container runs, DEGRADED counted healthy
+# (infra/docker/healthcheck); compose's healthchecks run the same.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/checkplane-healthcheck"]
 # Each compose service names its binary as the command.

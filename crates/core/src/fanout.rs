@@ -136,3 +136,94 @@ pub async fn effects(
         _ => Ok(()),
     }
 }
+
+/// What [`requeue_open_slots`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Requeued {
+    /// Open slots found (pending or leased, on an agent, of a check still running): each
+    /// one's task is in its agent's stream now.
+    pub slots: u64,
+    /// Checks they belong to.
+    pub checks: u64,
+}
+
+/// After Redis lost its data (restored empty or from an old snapshot): add again, to its
+/// agent's task stream, the current attempt of every slot PostgreSQL has open (pending or
+/// leased, of a check neither finished, cancelled nor past its deadline). A task Redis still
+/// has is not added twice (the enqueue script knows it by its id), so running this when
+/// nothing was lost changes nothing. A lease Redis lost ends with it: its agent's late report
+/// is refused, the slot's task runs again and reports once. Slots waiting for their turn
+/// (`max_parallel`) and slots waiting for a retry are the scheduler's as ever. `progress` is
+/// called after every batch with the running totals.
+pub async fn requeue_open_slots(
+    pg: &impl checkplane_runtime::db::Sql,
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    leases: &Leases,
+    mut progress: impl FnMut(Requeued),
+) -> Result<Requeued, RequeueError> {
+    const BATCH: i64 = 500;
+    let mut done = Requeued::default();
+    let mut checks = std::collections::HashSet::new();
+    let mut after: (uuid::Uuid, i32) = (uuid::Uuid::nil(), -1);
+    loop {
+        let rows = pg
+            .query(
+                "SELECT s.check_id, s.slot, s.attempt, s.agent_id, c.kind, c.target, c.options,
+                        cp_ms(c.deadline) AS deadline_ms
+                 FROM check_slots s JOIN checks c USING (check_id)
+                 WHERE s.status IN ('pending', 'leased') AND s.agent_id IS NOT NULL
+                   AND c.status <> 'finished' AND c.cancelled_at IS NULL AND c.deadline > now()
+                   AND (s.check_id, s.slot) > ($1, $2)
+                 ORDER BY s.check_id, s.slot LIMIT $3",
+                &[&after.0, &after.1, &BATCH],
+            )
+            .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = (last.get("check_id"), last.get("slot"));
+        let mut tasks = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let spec = TaskSpec {
+                check_id: row.get("check_id"),
+                slot: u32::try_from(row.get::<_, i32>("slot")).unwrap_or(0),
+                attempt: u32::try_from(row.get::<_, i32>("attempt")).unwrap_or(1),
+                kind: row.get("kind"),
+                target: row.get("target"),
+                options: row.get("options"),
+                deadline_ms: row.get("deadline_ms"),
+            };
+            checks.insert(spec.check_id);
+            let id = task_id(spec.check_id, spec.slot, spec.attempt);
+            tasks.push((
+                row.get::<_, String>("agent_id"),
+                spec.kind.clone(),
+                id,
+                serialised(&spec)?,
+            ));
+        }
+        let new: Vec<NewTask<'_>> = tasks
+            .iter()
+            .map(|(agent, kind, task, spec)| NewTask {
+                agent,
+                kind,
+                task,
+                spec,
+            })
+            .collect();
+        leases.enqueue_tasks(conn, &new).await?;
+        done.slots += rows.len() as u64;
+        done.checks = checks.len() as u64;
+        progress(done);
+    }
+    Ok(done)
+}
+
+/// Why a requeue stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RequeueError {
+    #[error("PostgreSQL")]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("Redis")]
+    Redis(#[from] redis::RedisError),
+}

@@ -145,6 +145,8 @@ pub struct Limiter {
     local: Mutex<Local>,
     /// Until when Redis is not asked (it failed or hung just now).
     redis_down_until: Mutex<Option<Instant>>,
+    /// When a call last counted in memory.
+    fell_back_at: Mutex<Option<Instant>>,
 }
 
 impl Limiter {
@@ -155,7 +157,16 @@ impl Limiter {
             origin: Instant::now(),
             local: Mutex::new(Local::default()),
             redis_down_until: Mutex::new(None),
+            fell_back_at: Mutex::new(None),
         }
+    }
+
+    /// How long ago a call last counted in memory (Redis failed or hung), if one ever did.
+    pub fn fell_back_ago(&self) -> Option<Duration> {
+        self.fell_back_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|at| at.elapsed())
     }
 
     /// Count one call of `caller` at `endpoint` against `rate`: in Redis through `conn`, or in
@@ -220,6 +231,10 @@ impl Limiter {
                 .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + REDIS_RETRY);
         }
         metrics::gauge!("checkplane_rate_limiter_fallback").set(1.0);
+        *self
+            .fell_back_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         self.check_locally(key, rate, count)
     }
 

@@ -1,4 +1,9 @@
-//! `/livez`, `/readyz` and `/metrics`, the same on every service.
+//! `/livez`, `/readyz`, `/healthz` and `/metrics`, the same on every service.
+//!
+//! `/healthz` (and the `healthcheck` command that asks it) says `ok`, `degraded` or `down`:
+//! down when a probe that the service cannot serve without fails (as `/readyz` says), degraded
+//! when it serves but needs attention (a probe it can do without, such as the agent's control
+//! plane, or one of the service's [`Concerns`]).
 //!
 //! `/readyz` runs every [`Probe`] concurrently, each bounded by `READY_TIMEOUT`, so a hung
 //! dependency makes the answer a 503 naming it instead of hanging the probe. The PostgreSQL and
@@ -16,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use checkplane_wire::health::{CheckOutcome, Readiness};
+use checkplane_wire::health::{CheckOutcome, HealthReport, Readiness};
 use checkplane_wire::ErrorCode;
 use futures::future::BoxFuture;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -55,6 +60,58 @@ pub trait Probe: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Answer `Ok` if the dependency works, within `timeout`.
     fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), Unready>>;
+    /// Whether the service goes on serving without it: its failure makes `/healthz` say
+    /// `degraded`, not `down` (`/readyz` still fails).
+    fn degrades_only(&self) -> bool {
+        false
+    }
+}
+
+/// One thing a serving service may need attention for: `Some(reason)` when it does. Asked on
+/// every `/healthz`, each bounded by `READY_TIMEOUT` (one that does not answer in time says
+/// nothing).
+pub type Concern = Arc<dyn Fn() -> BoxFuture<'static, Option<String>> + Send + Sync>;
+
+/// The service's [`Concern`]s, added to while it starts.
+#[derive(Clone, Default)]
+pub struct Concerns(Arc<std::sync::Mutex<Vec<Concern>>>);
+
+impl Concerns {
+    /// Ask `concern` on every `/healthz` from now on.
+    pub fn add<F, Fut>(&self, concern: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Option<String>> + Send + 'static,
+    {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Arc::new(move || Box::pin(concern())));
+    }
+
+    /// What needs attention now, each concern bounded by `timeout`.
+    pub async fn reasons(&self, timeout: Duration) -> Vec<String> {
+        let concerns = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        futures::future::join_all(
+            concerns
+                .iter()
+                .map(|concern| tokio::time::timeout(timeout, concern())),
+        )
+        .await
+        .into_iter()
+        .filter_map(|answer| answer.ok().flatten())
+        .collect()
+    }
+}
+
+impl std::fmt::Debug for Concerns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Concerns")
+    }
 }
 
 #[cfg(feature = "stores")]
@@ -231,6 +288,7 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 pub struct Health {
     service: &'static str,
     probes: Vec<Arc<dyn Probe>>,
+    concerns: Concerns,
     timeout: Duration,
     metrics: MetricsAccess,
     prometheus: PrometheusHandle,
@@ -246,9 +304,55 @@ impl Health {
         Self {
             service,
             probes,
+            concerns: Concerns::default(),
             timeout,
             metrics,
             prometheus: crate::telemetry::prometheus(),
+        }
+    }
+
+    /// The same, asking `concerns` too.
+    pub fn with_concerns(mut self, concerns: Concerns) -> Self {
+        self.concerns = concerns;
+        self
+    }
+
+    /// `ok`, `degraded` or `down`, with the reasons (probes first, then concerns).
+    pub async fn report(&self) -> HealthReport {
+        let readiness = self.readiness().await;
+        let degrading: Vec<&'static str> = self
+            .probes
+            .iter()
+            .filter(|p| p.degrades_only())
+            .map(|p| p.name())
+            .collect();
+        let mut down = Vec::new();
+        let mut degraded = Vec::new();
+        for name in &readiness.failed {
+            let error = readiness
+                .checks
+                .get(name)
+                .and_then(|o| o.error.clone())
+                .unwrap_or_default();
+            let reason = format!("{name}: {error}");
+            if degrading.contains(&name.as_str()) {
+                degraded.push(reason);
+            } else {
+                down.push(reason);
+            }
+        }
+        degraded.extend(self.concerns.reasons(self.timeout).await);
+        let (status, reasons) = if !down.is_empty() {
+            ("down", down.into_iter().chain(degraded).collect())
+        } else if !degraded.is_empty() {
+            ("degraded", degraded)
+        } else {
+            ("ok", Vec::new())
+        };
+        HealthReport {
+            status: status.to_owned(),
+            service: self.service.to_owned(),
+            reasons,
         }
     }
 
@@ -297,6 +401,7 @@ impl Health {
         Router::new()
             .route("/livez", get(livez))
             .route("/readyz", get(readyz))
+            .route("/healthz", get(healthz))
             .route("/metrics", get(metrics_text))
             .with_state(self)
     }
@@ -315,6 +420,17 @@ async fn readyz(State(health): State<Arc<Health>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(readiness)).into_response()
+}
+
+/// 200 for `ok` and `degraded` (serving), 503 for `down`.
+async fn healthz(State(health): State<Arc<Health>>) -> Response {
+    let report = health.report().await;
+    let status = if report.status == "down" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(report)).into_response()
 }
 
 /// Loopback clients always; others when public, or with the right key (compared in constant
@@ -341,6 +457,12 @@ async fn metrics_text(
         )
         .into_response();
     }
+    // This host's clock at the scrape: Prometheus compares it with its own (events' versions
+    // come from the gateways' clocks; the rules alert on skew).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!("checkplane_clock_seconds").set(now);
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -1,6 +1,13 @@
 //! What every `main.rs` does, once: parse the command line, load and check the configuration
-//! (exit 2 naming the variable), set up logs, bind, run until SIGTERM/SIGINT, and exit 0 when
-//! the service stopped within `SHUTDOWN_TIMEOUT` (1 when it had to be cut short or failed).
+//! (exit [`EXIT_CONFIG`], 78, naming the variable), set up logs, bind, run until
+//! SIGTERM/SIGINT, and exit 0 when the service stopped within `SHUTDOWN_TIMEOUT` (1 when it
+//! had to be cut short or failed). `healthcheck` asks the running service instead (exit 0, 1
+//! or 2: [`crate::healthcheck`]).
+
+/// The exit code of a configuration the service refuses: sysexits' `EX_CONFIG`, apart from
+/// `healthcheck`'s 0/1/2 and the usage errors' 2; units name it in `RestartPreventExitStatus`
+/// (restarting cannot mend a configuration).
+pub const EXIT_CONFIG: u8 = 78;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -97,6 +104,9 @@ enum Command {
     Migrate,
     /// Truncate the projection tables and replay `events` into them, then exit.
     Rebuild,
+    /// Ask the running service (where its configuration says it listens) how it is: one line,
+    /// exit 0 OK, 1 DEGRADED, 2 DOWN.
+    Healthcheck,
 }
 
 /// Load configuration from the process environment; check unknown variables too.
@@ -136,13 +146,17 @@ pub fn main<S: Service>() -> ExitCode {
         Ok(config) => config,
         Err(error) => {
             eprintln!("{}: configuration error: {error}", S::NAME);
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     let base = S::base(&config).clone();
-    if let Err(error) = crate::telemetry::init_logging(&base) {
-        eprintln!("{}: configuration error: LOG_FILE: {error}", S::NAME);
-        return ExitCode::from(2);
+    let healthcheck = matches!(cli.command, Some(Command::Healthcheck));
+    // The health check prints its one line and nothing else (and never writes LOG_FILE).
+    if !healthcheck {
+        if let Err(error) = crate::telemetry::init_logging(&base) {
+            eprintln!("{}: configuration error: LOG_FILE: {error}", S::NAME);
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -156,7 +170,9 @@ pub fn main<S: Service>() -> ExitCode {
         }
     };
     let migrate = cli.migrate_only || matches!(cli.command, Some(Command::Migrate));
-    let code = if let Some((name, args)) = own {
+    let code = if healthcheck {
+        runtime.block_on(crate::healthcheck::run(&base))
+    } else if let Some((name, args)) = own {
         runtime.block_on(S::command(config, name, args))
     } else if migrate {
         runtime.block_on(migrate_once::<S>(&config))

@@ -7,6 +7,7 @@ pub mod config;
 #[cfg(feature = "stores")]
 pub mod db;
 pub mod health;
+pub mod healthcheck;
 pub mod http;
 pub mod launch;
 pub mod listener;

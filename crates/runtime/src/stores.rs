@@ -29,6 +29,9 @@ pub struct Stores {
     pub settings: Arc<StoreSettings>,
     probes: Vec<Arc<dyn Probe>>,
     schema: tokio::sync::watch::Receiver<bool>,
+    /// What the service needs attention for (`/healthz` says `degraded`): added to as it
+    /// starts.
+    pub concerns: crate::health::Concerns,
 }
 
 impl Stores {
@@ -85,6 +88,7 @@ impl Stores {
             settings: Arc::new(settings),
             probes,
             schema,
+            concerns: crate::health::Concerns::default(),
         })
     }
 
@@ -224,12 +228,15 @@ pub async fn serve_with_stores(
 ) -> Result<(), RunError> {
     let tracker = TaskTracker::new();
     let stores = Stores::start(config.store, &tracker, &shutdown)?;
-    let health = Arc::new(crate::health::Health::new(
-        config.base.service,
-        stores.probes(),
-        config.base.ready_timeout,
-        config.base.metrics.clone(),
-    ));
+    let health = Arc::new(
+        crate::health::Health::new(
+            config.base.service,
+            stores.probes(),
+            config.base.ready_timeout,
+            config.base.metrics.clone(),
+        )
+        .with_concerns(stores.concerns.clone()),
+    );
     let routes = build(&stores, &tracker, &shutdown);
     let app = crate::http::finish(health.router().merge(routes));
     let served = crate::listener::serve(

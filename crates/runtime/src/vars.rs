@@ -252,6 +252,7 @@ pub const ALL: &[Var] = &[
     Var { name: "GEOIP_CITY_DB", services: "gateway", default: "-", doc: "MaxMind City database: country and city of agents that declare no location", secret: false },
     Var { name: "GEOIP_ASN_DB", services: "gateway", default: "-", doc: "MaxMind ASN database: ASN and network of agents that declare no location", secret: false },
     Var { name: "CONSUMER_NAME", services: "scheduler", default: "host name", doc: "this replica's stable name in Redis consumer groups", secret: false },
+    Var { name: "PROJECTION_DEGRADED_LAG", services: "scheduler", default: "10000", doc: "events (1-100000000) the projector may be behind, summed over its streams, before `/healthz` and `scheduler healthcheck` say DEGRADED", secret: false },
     Var { name: "OFFLINE_GRACE", services: "scheduler", default: "30s", doc: "how long past its heartbeat deadline an agent is marked offline", secret: false },
     Var { name: "OUTBOX_MIN_AGE", services: "scheduler", default: "5s", doc: "outbox rows younger than this are left to the gateway that wrote them", secret: false },
     Var { name: "EVENTS_RETENTION", services: "scheduler", default: "30d", doc: "how long `events` are kept (whole days): the window of time-bounded rows (checks, histories, audit) `rebuild` covers; long-lived rows (agents, keys, HAProxy instances and servers, applications) are snapshotted before their events go and always rebuilt", secret: false },

@@ -118,8 +118,8 @@ pub fn free_port() -> u16 {
 }
 
 /// The start-up checks every binary must pass: with `env` (a valid configuration) plus a
-/// typo'd project variable, or plus a malformed value, it exits 2 naming the variable.
-pub fn assert_bad_config_exits_2(bin: &Path, env: &[(String, String)]) {
+/// typo'd project variable, or plus a malformed value, it exits 78 (EX_CONFIG) naming the variable.
+pub fn assert_bad_config_exits_78(bin: &Path, env: &[(String, String)]) {
     let cases: [(&str, &str, &str); 4] = [
         (
             "CHECKPLANE_NO_SUCH_SETTING",
@@ -136,7 +136,7 @@ pub fn assert_bad_config_exits_2(bin: &Path, env: &[(String, String)]) {
         env.push((var.to_owned(), value.to_owned()));
         let out = run_to_end(bin, &[], &env, Duration::from_secs(20));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert_eq!(out.status.code(), Some(78), "{var}={value}: {stderr}");
         assert!(
             stderr.contains(var),
             "{var}={value}: stderr does not name it: {stderr}"
@@ -165,4 +165,49 @@ pub async fn assert_sigterm_exits_0(
     let status = status.unwrap_or_else(|| panic!("no exit within {bound:?} of SIGTERM: {stderr}"));
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("shutting down"), "{stderr}");
+}
+
+/// `bin healthcheck` with `env` (the service's own configuration): its exit code and the one
+/// line it printed.
+pub fn healthcheck(bin: &Path, env: &[(String, String)]) -> (Option<i32>, String) {
+    let out = run_to_end(bin, &["healthcheck"], env, Duration::from_secs(30));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// Run `bin healthcheck` until it exits `code` (within `within`): its line then.
+pub async fn healthcheck_until(
+    bin: &Path,
+    env: &[(String, String)],
+    code: i32,
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (bin, env) = (bin.to_path_buf(), env.to_vec());
+        let (got, line) = tokio::task::spawn_blocking(move || healthcheck(&bin, &env))
+            .await
+            .expect("healthcheck");
+        if got == Some(code) {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "healthcheck did not exit {code} within {within:?}: last {got:?} {line}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A store-backed service's environment against `db` and a Redis of the test's own at
+/// `redis_url` (so the test may pause or stop it), listening on `port`.
+pub fn private_store_env(db: &crate::TestDb, redis_url: &str, port: u16) -> Vec<(String, String)> {
+    vec![
+        ("DATABASE_URL".to_owned(), db.url.clone()),
+        ("REDIS_URL".to_owned(), redis_url.to_owned()),
+        ("HTTP_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+        ("READY_TIMEOUT".to_owned(), "1s".to_owned()),
+    ]
 }

@@ -1,4 +1,4 @@
-//! Bodies of `/livez` and `/readyz`.
+//! Bodies of `/livez`, `/readyz` and `/healthz`.
 
 use std::collections::BTreeMap;
 
@@ -22,4 +22,13 @@ pub struct Readiness {
     pub service: String,
     pub failed: Vec<String>,
     pub checks: BTreeMap<String, CheckOutcome>,
+}
+
+/// The `/healthz` body: `status` is `ok`, `degraded` (serving, needs attention) or `down`;
+/// `reasons` say why (empty when `ok`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub status: String,
+    pub service: String,
+    pub reasons: Vec<String>,
 }

@@ -308,6 +308,12 @@ impl Probe for ControlPlaneProbe {
         "control_plane"
     }
 
+    /// Checks in hand still run and their reports wait in the buffer: `/healthz` says
+    /// `degraded` (`/readyz` still fails: no new work comes).
+    fn degrades_only(&self) -> bool {
+        true
+    }
+
     fn check(&self, timeout: Duration) -> BoxFuture<'_, Result<(), Unready>> {
         Box::pin(async move {
             let response = self

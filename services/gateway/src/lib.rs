@@ -37,6 +37,9 @@ pub use config::{load, Config};
 /// The binary's name.
 pub const NAME: &str = "gateway";
 
+/// How long after the rate limiter last counted in memory `/healthz` says `degraded`.
+const LIMITER_CONCERN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The body limit of the operator routes that do not set their own.
 const OPERATOR_BODY_LIMIT: usize = 64 * 1024;
 
@@ -85,6 +88,17 @@ pub async fn run(
             let key_waits = places::Places::new("stream", config.max_waits_per_key);
             let agent_claims = places::Places::new("claim", config.max_claims_per_agent);
             let limiter = Arc::new(checkplane_core::ratelimit::Limiter::new(keys.clone()));
+            let watched = limiter.clone();
+            stores.concerns.add(move || {
+                let ago = watched.fell_back_ago().filter(|ago| *ago < LIMITER_CONCERN);
+                async move {
+                    Some(format!(
+                        "rate limiter: counted in memory {}s ago (Redis failed or hung): \
+                         limits are per replica until it answers",
+                        ago?.as_secs()
+                    ))
+                }
+            });
             let state = state::AppState::new(state::Shared {
                 stores: stores.clone(),
                 presence: Presence::new(keys.clone()),

@@ -242,7 +242,7 @@ pub async fn store_breaker(stores: &Stores, instance: &str, breaker: &Breaker) {
     if let Err(error) = write.await {
         tracing::warn!(instance, error = %checkplane_runtime::error_chain(&error), "cannot record the breaker's state");
     }
-    metrics::gauge!("checkplane_haproxy_breaker_open", "instance" => instance.to_owned()).set(
+    metrics::gauge!("checkplane_haproxy_breaker_open", "instance_id" => instance.to_owned()).set(
         if breaker.state.name() == "closed" {
             0.0
         } else {

@@ -105,6 +105,8 @@ pub async fn run(
         config.service.store.stream_shards,
     );
     serve_with_stores(config.service, listener, shutdown, move |stores, tracker, shutdown| {
+        let pg = stores.pg.clone();
+        stores.concerns.add(move || attention(pg.clone()));
         let (stores, shutdown, tracker) = (stores.clone(), shutdown.clone(), tracker.clone());
         tracker.clone().spawn(async move {
             stores.schema_current().await;
@@ -286,4 +288,35 @@ impl checkplane_runtime::Service for Service {
     ) -> Result<(), RunError> {
         run(config, listener, shutdown).await
     }
+}
+
+/// What `/healthz` says needs attention: instances whose breaker is not closed, and servers
+/// drifting from their desired state (as every replica recorded them). Nothing when the
+/// database cannot be asked: its probe says so.
+async fn attention(pg: deadpool_postgres::Pool) -> Option<String> {
+    let client = pg.get().await.ok()?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM haproxy_breakers WHERE state <> 'closed') AS open,
+                    (SELECT count(*) FROM haproxy_drift d JOIN haproxy_servers s USING (server_id)
+                      WHERE d.last_poll > d.since_poll AND s.desired_state IS NOT NULL
+                        AND s.removed_at IS NULL
+                        AND s.admin_state IS DISTINCT FROM s.desired_state) AS drifting",
+            &[],
+        )
+        .await
+        .ok()?;
+    let (open, drifting): (i64, i64) = (row.get("open"), row.get("drifting"));
+    let mut reasons = Vec::new();
+    if open > 0 {
+        reasons.push(format!(
+            "{open} instance(s) with the breaker open: actions on them wait"
+        ));
+    }
+    if drifting > 0 {
+        reasons.push(format!(
+            "{drifting} server(s) drifting from their desired state"
+        ));
+    }
+    (!reasons.is_empty()).then(|| reasons.join("; "))
 }

@@ -238,9 +238,10 @@ impl Sync {
             .cloned()
             .collect();
         for id in gone {
-            metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => id.clone())
+            metrics::gauge!("checkplane_haproxy_servers_drifting", "instance_id" => id.clone())
                 .set(0.0);
-            metrics::gauge!("checkplane_haproxy_breaker_open", "instance" => id.clone()).set(0.0);
+            metrics::gauge!("checkplane_haproxy_breaker_open", "instance_id" => id.clone())
+                .set(0.0);
             self.tokens.remove(&id);
             self.breakers.remove(&id);
         }
@@ -282,7 +283,7 @@ impl Sync {
                 self.due.remove(&instance.id);
                 if self.tokens.remove(&instance.id).is_some() {
                     // Its new owner counts its drift now; this replica's figure would go stale.
-                    metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.id.clone())
+                    metrics::gauge!("checkplane_haproxy_servers_drifting", "instance_id" => instance.id.clone())
                         .set(0.0);
                 }
             }
@@ -742,7 +743,7 @@ pub async fn poll(
     note_drift(&tx, instance, poll, &off).await?;
     let drifting = drifting(&tx, instance).await?;
     tx.commit().await?;
-    metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.to_owned())
+    metrics::gauge!("checkplane_haproxy_servers_drifting", "instance_id" => instance.to_owned())
         .set(drifting as f64);
     drop(client);
     written.publish_now(stores).await;
@@ -885,7 +886,7 @@ async fn reapply(
         let drifting = drifting(&tx, instance).await?;
         tx.commit().await?;
         drop(client);
-        metrics::gauge!("checkplane_haproxy_servers_drifting", "instance" => instance.to_owned())
+        metrics::gauge!("checkplane_haproxy_servers_drifting", "instance_id" => instance.to_owned())
             .set(drifting as f64);
         written.publish_now(stores).await;
         reapplied += 1;

@@ -5,6 +5,7 @@
 
 pub mod lifecycle;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use checkplane_core::keys::Keys;
@@ -47,6 +48,8 @@ pub struct Config {
     pub max_retries: u32,
     /// `RETRY_BACKOFF`: how long an interrupted slot waits before its next attempt.
     pub retry_backoff: Duration,
+    /// Projector lag (events) over which `/healthz` says `degraded` (`PROJECTION_DEGRADED_LAG`).
+    pub degraded_lag: u64,
 }
 
 fn host_name() -> String {
@@ -114,6 +117,7 @@ pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
             Duration::ZERO,
             Duration::from_secs(600),
         )?,
+        degraded_lag: env.u64_in("PROJECTION_DEGRADED_LAG", 10_000, 1, 100_000_000)?,
     })
 }
 
@@ -271,6 +275,15 @@ pub async fn run(
 
             let (pg, redis, schema) = (stores.pg.clone(), stores.redis.clone(), stores.clone());
             let parked = checkplane_core::dead_letters::Parked::new(keys.clone());
+            let watch = Arc::new(Backlog::default());
+            let streams = keys.projected_streams();
+            {
+                let (watch, bound) = (watch.clone(), config.degraded_lag);
+                stores.concerns.add(move || {
+                    let concern = watch.concern(bound);
+                    async move { concern }
+                });
+            }
             every(
                 tracker,
                 shutdown,
@@ -279,6 +292,7 @@ pub async fn run(
                 move || {
                     let (pg, redis, schema, parked) =
                         (pg.clone(), redis.clone(), schema.clone(), parked.clone());
+                    let (watch, streams) = (watch.clone(), streams.clone());
                     async move {
                         schema.schema_current().await;
                         let client = pg
@@ -288,14 +302,35 @@ pub async fn run(
                         let failures = checkplane_core::failures::count(&**client)
                             .await
                             .map_err(|e| RunError::Startup(checkplane_runtime::error_chain(&e)))?;
+                        let fleet = client
+                            .query_one(
+                                "SELECT count(*) AS online,
+                                        COALESCE(EXTRACT(EPOCH FROM now() - min(s.last_seen)), 0)::float8
+                                            AS oldest
+                                 FROM agents a LEFT JOIN agent_last_seen s USING (agent_id)
+                                 WHERE a.status = 'online'",
+                                &[],
+                            )
+                            .await
+                            .map_err(|e| RunError::Startup(checkplane_runtime::error_chain(&e)))?;
+                        metrics::gauge!("checkplane_agents_online")
+                            .set(fleet.get::<_, i64>("online") as f64);
+                        // Alerted on past twice the heartbeat interval.
+                        metrics::gauge!("checkplane_agents_heartbeat_age_max_seconds")
+                            .set(fleet.get::<_, f64>("oldest"));
                         drop(client);
                         let mut conn = redis
                             .get()
                             .await
                             .map_err(|e| RunError::Startup(e.to_string()))?;
                         let letters = parked.count(&mut *conn).await.map_err(RunError::Redis)?;
+                        let lag = projector_lag(&mut *conn, &streams)
+                            .await
+                            .map_err(RunError::Redis)?;
                         metrics::gauge!("checkplane_projection_failures").set(failures as f64);
                         metrics::gauge!("checkplane_dead_letters").set(letters as f64);
+                        metrics::gauge!("checkplane_projection_lag").set(lag.0 as f64);
+                        watch.set(failures, letters, lag);
                         Ok::<_, RunError>(())
                     }
                 },
@@ -379,6 +414,46 @@ async fn replay_failures(config: Config, only: Option<i64>) -> std::process::Exi
     }
 }
 
+/// `scheduler requeue`: Redis came back empty (or from an old snapshot); every open slot's
+/// task goes back into its agent's stream, from PostgreSQL (see
+/// [`checkplane_core::fanout::requeue_open_slots`]). A line per batch, then the totals.
+async fn requeue(config: Config) -> std::process::ExitCode {
+    let store = &config.service.store;
+    let keys = Keys::new(store.stream_prefix.clone(), store.stream_shards);
+    let leases = Leases::new(keys, LeaseSettings::new(0, 0));
+    let outcome = async {
+        checkplane_runtime::db::migrate(&store.database).await?;
+        let client = checkplane_runtime::db::connect(&store.database).await?;
+        let redis = redis::Client::open(store.redis.connection_info())?;
+        let conn = redis.get_multiplexed_async_connection().await?;
+        let done = checkplane_core::fanout::requeue_open_slots(&client, &conn, &leases, |so_far| {
+            println!(
+                "requeued {} open slots of {} checks so far",
+                so_far.slots, so_far.checks
+            );
+        })
+        .await?;
+        Ok::<_, Box<dyn std::error::Error>>(done)
+    }
+    .await;
+    match outcome {
+        Ok(done) => {
+            println!(
+                "requeued {} open slots of {} checks: each task is in its agent's stream",
+                done.slots, done.checks
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "scheduler requeue: {}",
+                checkplane_runtime::error_chain(&*error)
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The scheduler as a launchable [`checkplane_runtime::Service`].
 pub struct Service;
 
@@ -411,14 +486,20 @@ impl checkplane_runtime::Service for Service {
     }
 
     fn commands() -> Vec<clap::Command> {
-        vec![clap::Command::new("replay-failures")
-            .about("Apply the events parked in projection_failures again (after a fix)")
-            .arg(
-                clap::Arg::new("id")
-                    .long("id")
-                    .value_parser(clap::value_parser!(i64).range(1..))
-                    .help("only this parked event (its id in GET /v1/projection-failures)"),
-            )]
+        vec![
+            clap::Command::new("requeue").about(
+                "After Redis lost its data: add the task of every open slot again to its \
+                 agent's stream (from PostgreSQL)",
+            ),
+            clap::Command::new("replay-failures")
+                .about("Apply the events parked in projection_failures again (after a fix)")
+                .arg(
+                    clap::Arg::new("id")
+                        .long("id")
+                        .value_parser(clap::value_parser!(i64).range(1..))
+                        .help("only this parked event (its id in GET /v1/projection-failures)"),
+                ),
+        ]
     }
 
     async fn command(
@@ -428,6 +509,7 @@ impl checkplane_runtime::Service for Service {
     ) -> std::process::ExitCode {
         match name.as_str() {
             "replay-failures" => replay_failures(config, args.get_one::<i64>("id").copied()).await,
+            "requeue" => requeue(config).await,
             _ => std::process::ExitCode::from(2),
         }
     }
@@ -438,5 +520,170 @@ impl checkplane_runtime::Service for Service {
         shutdown: CancellationToken,
     ) -> Result<(), RunError> {
         run(config, listener, shutdown).await
+    }
+}
+
+/// What the scheduler's `/healthz` watches, as its last round of counting found it.
+#[derive(Debug, Default)]
+struct Backlog(std::sync::Mutex<Option<BacklogRound>>);
+
+#[derive(Debug, Clone)]
+struct BacklogRound {
+    failures: i64,
+    letters: u64,
+    lag: (u64, String),
+}
+
+impl Backlog {
+    fn set(&self, failures: i64, letters: u64, lag: (u64, String)) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(BacklogRound {
+            failures,
+            letters,
+            lag,
+        });
+    }
+
+    /// Parked events, or a projector `bound` events behind on one stream or more.
+    fn concern(&self, bound: u64) -> Option<String> {
+        let round = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        let mut reasons = Vec::new();
+        if round.failures > 0 || round.letters > 0 {
+            reasons.push(format!(
+                "{} events parked (projection failures {}, dead letters {}): see the runbook",
+                round.failures.unsigned_abs() + round.letters,
+                round.failures,
+                round.letters
+            ));
+        }
+        if round.lag.0 > bound {
+            reasons.push(format!(
+                "projection lag {} events (most on {}; PROJECTION_DEGRADED_LAG {bound})",
+                round.lag.0, round.lag.1
+            ));
+        }
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+}
+
+/// The projector group's lag summed over `streams` (entries added and not yet delivered to
+/// it, as `XINFO GROUPS` counts them), and the stream with the most.
+async fn projector_lag(
+    conn: &mut impl redis::aio::ConnectionLike,
+    streams: &[String],
+) -> redis::RedisResult<(u64, String)> {
+    let mut total = 0;
+    let mut worst = (0, String::new());
+    for stream in streams {
+        let groups: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(conn)
+            .await
+            .or_else(|e| {
+                // A stream nothing was written to yet has no groups to ask.
+                if e.code().is_some() {
+                    Ok(redis::Value::Array(Vec::new()))
+                } else {
+                    Err(e)
+                }
+            })?;
+        let lag = group_lag(&groups, PROJECTOR_GROUP);
+        total += lag;
+        if lag > worst.0 {
+            worst = (lag, stream.clone());
+        }
+    }
+    Ok((total, worst.1))
+}
+
+/// `lag` of `group` in an `XINFO GROUPS` answer (0 when unknown: Redis leaves it nil after
+/// entries were deleted).
+fn group_lag(groups: &redis::Value, group: &str) -> u64 {
+    let redis::Value::Array(groups) = groups else {
+        return 0;
+    };
+    for entry in groups {
+        let fields: Vec<(String, redis::Value)> = match entry {
+            redis::Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|pair| match pair {
+                    [k, v] => redis::from_redis_value_ref::<String>(k)
+                        .ok()
+                        .map(|k| (k, v.clone())),
+                    _ => None,
+                })
+                .collect(),
+            redis::Value::Map(pairs) => pairs
+                .iter()
+                .filter_map(|(k, v)| {
+                    redis::from_redis_value_ref::<String>(k)
+                        .ok()
+                        .map(|k| (k, v.clone()))
+                })
+                .collect(),
+            _ => continue,
+        };
+        let name = fields
+            .iter()
+            .find(|(k, _)| k == "name")
+            .and_then(|(_, v)| redis::from_redis_value_ref::<String>(v).ok());
+        if name.as_deref() == Some(group) {
+            return fields
+                .iter()
+                .find(|(k, _)| k == "lag")
+                .and_then(|(_, v)| redis::from_redis_value_ref::<u64>(v).ok())
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::*;
+
+    fn group(name: &str, lag: redis::Value) -> redis::Value {
+        let s = |t: &str| redis::Value::BulkString(t.as_bytes().to_vec());
+        redis::Value::Array(vec![
+            s("name"),
+            s(name),
+            s("consumers"),
+            redis::Value::Int(1),
+            s("lag"),
+            lag,
+        ])
+    }
+
+    #[test]
+    fn the_projector_groups_lag_is_read_from_xinfo_groups() {
+        let answer = redis::Value::Array(vec![
+            group("other", redis::Value::Int(99)),
+            group(PROJECTOR_GROUP, redis::Value::Int(7)),
+        ]);
+        assert_eq!(group_lag(&answer, PROJECTOR_GROUP), 7);
+        let unknown = redis::Value::Array(vec![group(PROJECTOR_GROUP, redis::Value::Nil)]);
+        assert_eq!(group_lag(&unknown, PROJECTOR_GROUP), 0);
+        assert_eq!(group_lag(&redis::Value::Array(vec![]), PROJECTOR_GROUP), 0);
+    }
+
+    #[test]
+    fn parked_events_and_lag_over_the_bound_need_attention() {
+        let backlog = Backlog::default();
+        assert_eq!(backlog.concern(10), None, "nothing counted yet");
+        backlog.set(0, 0, (10, "cp:events:checks".into()));
+        assert_eq!(backlog.concern(10), None, "at the bound");
+        backlog.set(2, 1, (11, "cp:events:checks".into()));
+        assert_eq!(
+            backlog.concern(10).unwrap(),
+            "3 events parked (projection failures 2, dead letters 1): see the runbook; \
+             projection lag 11 events (most on cp:events:checks; PROJECTION_DEGRADED_LAG 10)"
+        );
     }
 }

@@ -524,11 +524,9 @@ fn installed_files_and_units(root: &Path, db_name: &str) {
         gateway.lines().any(|l| l == "CapabilityBoundingSet="),
         "{gateway}"
     );
-    let health =
-        std::fs::read_to_string(root.join("units/checkplane-gateway-health.service")).unwrap();
     assert!(
-        health.contains("--insecure -o /dev/null https://127.0.0.1:"),
-        "the gateway's TLS health check on its own address: {health}"
+        unit.lines().any(|l| l == "RestartPreventExitStatus=78"),
+        "a refused configuration is not restarted: {unit}"
     );
     let rotate = Command::new("logrotate")
         .arg("-d")
@@ -863,14 +861,40 @@ async fn services_as_their_units_say(site: &Site) {
             },
         )
         .await;
-        // The image's HEALTHCHECK script, given the same environment, says the same.
-        let healthcheck = Command::new(workspace_root().join("infra/docker/healthcheck"))
+        // The health-check timer's unit, run as it says: the service is OK.
+        let health =
+            std::fs::read_to_string(root.join(format!("units/checkplane-{name}-health.service")))
+                .unwrap();
+        assert_eq!(
+            unit_value(&health, "EnvironmentFile"),
+            unit_value(&unit, "EnvironmentFile")
+        );
+        let check = unit_value(&health, "ExecStart");
+        let (bin, args) = check.split_once(' ').unwrap();
+        assert_eq!(args, "healthcheck");
+        let said = Command::new(bin)
+            .arg(args)
             .env_clear()
-            .env("PATH", "/usr/bin:/bin")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
-        assert!(healthcheck.status.success(), "{name}: {healthcheck:?}");
+        assert_eq!(said.status.code(), Some(0), "{name}: {said:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&said.stdout),
+            format!("{name}: OK\n")
+        );
+        // The image's HEALTHCHECK script, with the installed binaries on its PATH, agrees.
+        let docker = Command::new(workspace_root().join("infra/docker/healthcheck"))
+            .arg(name)
+            .env_clear()
+            .env(
+                "PATH",
+                format!("{}:/usr/bin:/bin", root.join("opt/bin").display()),
+            )
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(docker.status.success(), "{name}: {docker:?}");
         running.push(process);
     }
     let (db, connection) = tokio_postgres::connect(&site.database_url(), tokio_postgres::NoTls)

@@ -1,5 +1,5 @@
 //! docker-compose.yml cannot be run here (no Docker engine), so its promises are checked as
-//! data: every service present, healthchecks on /readyz, dependencies wait for health, no host
+//! data: every service present, healthchecks on the services' `healthcheck` command, dependencies wait for health, no host
 //! port used twice, and every variable it sets is one the services know.
 
 use std::collections::BTreeSet;
@@ -48,9 +48,10 @@ fn every_service_is_there_with_a_healthcheck() {
                 .iter()
                 .filter_map(Value::as_str)
                 .collect();
-            assert!(
-                joined.join(" ").contains("/readyz"),
-                "{name} healthcheck is not /readyz"
+            assert_eq!(
+                joined,
+                ["CMD", "checkplane-healthcheck"],
+                "{name}: the image's healthcheck (its `healthcheck` command)"
             );
             assert_eq!(
                 service["command"][0].as_str(),
@@ -236,5 +237,5 @@ fn the_image_has_a_healthcheck() {
     assert!(dockerfile.contains("    CMD [\"/usr/local/bin/checkplane-healthcheck\"]\n"));
     let script =
         std::fs::read_to_string(workspace_root().join("infra/docker/healthcheck")).unwrap();
-    assert!(script.contains("/readyz"));
+    assert!(script.contains("\"$service\" healthcheck\n"));
 }

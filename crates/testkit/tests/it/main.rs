@@ -4,4 +4,5 @@
 mod ansible;
 mod compose;
 mod harness;
+mod observability;
 mod readme;

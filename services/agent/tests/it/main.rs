@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use checkplane_runtime::Env;
-use checkplane_testkit::process::{assert_bad_config_exits_2, assert_sigterm_exits_0, free_port};
+use checkplane_testkit::process::{assert_bad_config_exits_78, assert_sigterm_exits_0, free_port};
 use checkplane_testkit::{eventually, store_env, Running, TestDb, TestRedis};
 
 pub fn bin() -> &'static Path {
@@ -94,7 +94,7 @@ async fn ready_only_while_the_control_plane_answers() {
 }
 
 #[test]
-fn bad_configuration_exits_2_naming_the_variable() {
+fn bad_configuration_exits_78_naming_the_variable() {
     let state = StateDir::new();
     let env = vec![
         (
@@ -109,13 +109,13 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
         ("AGENT_STATE_FILE".to_owned(), state.file()),
     ];
-    assert_bad_config_exits_2(bin(), &env);
+    assert_bad_config_exits_78(bin(), &env);
 
     // No way to an identity: no id, no enrollment token, no state file.
     let mut bare = env.clone();
     bare.retain(|(k, _)| k != "AGENT_ENROLLMENT_TOKEN");
     let out = checkplane_testkit::process::run_to_end(bin(), &[], &bare, Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENT_ENROLLMENT_TOKEN"));
 
     // Every pool at 0: nothing to run.
@@ -124,7 +124,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
         idle.push((format!("AGENT_POOL_{kind}_SIZE"), "0".to_owned()));
     }
     let out = checkplane_testkit::process::run_to_end(bin(), &[], &idle, Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENT_POOL_"));
 
     for (var, value) in [
@@ -159,7 +159,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
         }
         let out =
             checkplane_testkit::process::run_to_end(bin(), &[], &env, Duration::from_secs(20));
-        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        assert_eq!(out.status.code(), Some(78), "{var}={value}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(var));
     }
 
@@ -178,7 +178,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
         }
         let out =
             checkplane_testkit::process::run_to_end(bin(), &[], &open, Duration::from_secs(20));
-        assert_eq!(out.status.code(), Some(2), "{listen} {allow:?}");
+        assert_eq!(out.status.code(), Some(78), "{listen} {allow:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("AGENT_DNS_ALLOW_FROM"), "{stderr}");
     }
@@ -188,7 +188,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
     let mut plain = env.clone();
     plain.retain(|(k, _)| k != "AGENT_ALLOW_PLAINTEXT");
     let out = checkplane_testkit::process::run_to_end(bin(), &[], &plain, Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("AGENT_CONTROL_PLANE") && stderr.contains("AGENT_ALLOW_PLAINTEXT"),
@@ -415,4 +415,43 @@ async fn logrotate_rotates_log_file_and_the_service_writes_on_to_a_new_one() {
     );
     assert!(read(&log).contains("shutting down"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `agent healthcheck` against the running agent: OK with its control plane; DEGRADED while
+/// the control plane is gone (checks in hand still finish, reports wait); DOWN with the agent
+/// gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_says_ok_degraded_and_down() {
+    use checkplane_testkit::process::{healthcheck, healthcheck_until, ServiceProcess};
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gw = start_gateway(&db, &redis).await;
+    let port = free_port();
+    let state = StateDir::new();
+    let env = vec![
+        ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
+        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
+        ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
+        ("AGENT_STATE_FILE".to_owned(), state.file()),
+        ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+        ("READY_TIMEOUT".to_owned(), "1s".to_owned()),
+    ];
+    let agent = ServiceProcess::spawn(bin(), &[], &env);
+    let line = healthcheck_until(bin(), &env, 0, Duration::from_secs(30)).await;
+    assert_eq!(line, "agent: OK");
+
+    gw.stop().await.unwrap();
+    let line = healthcheck_until(bin(), &env, 1, Duration::from_secs(15)).await;
+    assert!(
+        line.starts_with("agent: DEGRADED: control_plane: "),
+        "{line}"
+    );
+
+    drop(agent);
+    let (code, line) = healthcheck(bin(), &env);
+    assert_eq!(code, Some(2));
+    assert!(
+        line.starts_with(&format!("agent: DOWN: not answering at 127.0.0.1:{port}")),
+        "{line}"
+    );
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use checkplane_testkit::process::{
-    assert_bad_config_exits_2, assert_sigterm_exits_0, free_port, run_to_end, ServiceProcess,
+    assert_bad_config_exits_78, assert_sigterm_exits_0, free_port, run_to_end, ServiceProcess,
 };
 use checkplane_testkit::{store_env, wait_ready, TestDb, TestRedis};
 
@@ -13,7 +13,7 @@ fn bin() -> &'static Path {
 }
 
 #[test]
-fn bad_configuration_exits_2_naming_the_variable() {
+fn bad_configuration_exits_78_naming_the_variable() {
     let env = vec![
         (
             "DATABASE_URL".to_owned(),
@@ -21,10 +21,10 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ),
         ("HTTP_ADDR".to_owned(), format!("127.0.0.1:{}", free_port())),
     ];
-    assert_bad_config_exits_2(bin(), &env);
+    assert_bad_config_exits_78(bin(), &env);
 
     let out = run_to_end(bin(), &[], &[], Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
 }
 
@@ -366,4 +366,69 @@ async fn keys_made_on_the_command_line_work_until_revoked() {
         .unwrap()
         .get(0);
     assert_eq!(outbox, 2, "key.created and key.revoked wait for the sweep");
+}
+
+/// `gateway healthcheck` against the running gateway: OK; DEGRADED while its rate limiter has
+/// just counted in memory (Redis paused for writes: the limiter's script hung, `PING` still
+/// answered); DOWN with Redis gone, and DOWN with the gateway gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_says_ok_degraded_and_down() {
+    use checkplane_testkit::process::{healthcheck, healthcheck_until, private_store_env};
+    let db = TestDb::new().await;
+    let mut redis = checkplane_testkit::servers::RedisServer::start();
+    let port = free_port();
+    let mut env = private_store_env(&db, &redis.url(), port);
+    env.push((
+        "GATEWAY_ENROLLMENT_TOKEN".into(),
+        "enroll-0123456789abcdef".into(),
+    ));
+    let gateway = ServiceProcess::spawn(bin(), &[], &env);
+    let http = reqwest::Client::new();
+    wait_ready(
+        &http,
+        &format!("http://127.0.0.1:{port}/readyz"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        healthcheck(bin(), &env),
+        (Some(0), "gateway: OK".to_owned())
+    );
+
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A failed enrollment is counted by the limiter: its script waits on the pause.
+    let refused = http
+        .post(format!("http://127.0.0.1:{port}/v1/agents/register"))
+        .header("x-enrollment-token", "wrong-token-0123456789")
+        .json(&serde_json::json!({"hostname": "h", "capabilities": {"ping": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let (code, line) = healthcheck(bin(), &env);
+    assert_eq!(code, Some(1), "{line}");
+    assert!(
+        line.starts_with("gateway: DEGRADED: rate limiter: counted in memory"),
+        "{line}"
+    );
+
+    redis.stop();
+    let line = healthcheck_until(bin(), &env, 2, Duration::from_secs(15)).await;
+    assert!(line.starts_with("gateway: DOWN: redis: "), "{line}");
+
+    drop(gateway);
+    let (code, line) = healthcheck(bin(), &env);
+    assert_eq!(code, Some(2));
+    assert!(
+        line.starts_with(&format!("gateway: DOWN: not answering at 127.0.0.1:{port}")),
+        "{line}"
+    );
 }

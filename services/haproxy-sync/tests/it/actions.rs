@@ -507,7 +507,7 @@ async fn a_server_off_its_desired_state_for_two_polls_is_drifting() {
     .await;
     assert_eq!(done["status"], "success", "{done}");
     assert_eq!(server_view(&s, &s1).await["drift"], false);
-    let gauge = format!("checkplane_haproxy_servers_drifting{{instance=\"{instance}\"}}");
+    let gauge = format!("checkplane_haproxy_servers_drifting{{instance_id=\"{instance}\"}}");
 
     // Set by hand on the socket: the first poll sees it, and that is not drift yet.
     s.ha.command("set server be_app/s1 state ready");

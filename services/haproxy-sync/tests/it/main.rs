@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use checkplane_runtime::Env;
-use checkplane_testkit::process::{assert_bad_config_exits_2, assert_sigterm_exits_0, free_port};
+use checkplane_testkit::process::{assert_bad_config_exits_78, assert_sigterm_exits_0, free_port};
 use checkplane_testkit::{store_env, Running, TestDb, TestRedis};
 
 fn bin() -> &'static Path {
@@ -34,7 +34,7 @@ async fn serves_its_probes_in_process() {
 }
 
 #[test]
-fn bad_configuration_exits_2_naming_the_variable() {
+fn bad_configuration_exits_78_naming_the_variable() {
     let env = vec![
         (
             "DATABASE_URL".to_owned(),
@@ -42,7 +42,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ),
         ("HTTP_ADDR".to_owned(), format!("127.0.0.1:{}", free_port())),
     ];
-    assert_bad_config_exits_2(bin(), &env);
+    assert_bad_config_exits_78(bin(), &env);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,4 +55,42 @@ async fn sigterm_exits_0_within_the_bound() {
     env.push(("SHUTDOWN_TIMEOUT".into(), "3s".into()));
     let url = format!("http://127.0.0.1:{port}/readyz");
     assert_sigterm_exits_0(bin(), &env, &url, Duration::from_secs(3)).await;
+}
+
+/// `haproxy-sync healthcheck` against the running service: OK; DEGRADED while an instance's
+/// breaker is open; DOWN with Redis gone, and with it gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_says_ok_degraded_and_down() {
+    use checkplane_testkit::process::{
+        healthcheck, healthcheck_until, private_store_env, ServiceProcess,
+    };
+    let db = TestDb::new().await;
+    let mut redis = checkplane_testkit::servers::RedisServer::start();
+    let port = free_port();
+    let env = private_store_env(&db, &redis.url(), port);
+    let sync = ServiceProcess::spawn(bin(), &[], &env);
+    let line = healthcheck_until(bin(), &env, 0, Duration::from_secs(30)).await;
+    assert_eq!(line, "haproxy-sync: OK");
+
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO haproxy_breakers (instance_id, state, failures, opened_at, updated_at)
+             VALUES ('hap-1', 'open', 5, now(), now())",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (code, line) = healthcheck(bin(), &env);
+    assert_eq!(code, Some(1), "{line}");
+    assert_eq!(
+        line,
+        "haproxy-sync: DEGRADED: 1 instance(s) with the breaker open: actions on them wait"
+    );
+
+    redis.stop();
+    let line = healthcheck_until(bin(), &env, 2, Duration::from_secs(15)).await;
+    assert!(line.starts_with("haproxy-sync: DOWN: redis: "), "{line}");
+    drop(sync);
+    assert_eq!(healthcheck(bin(), &env).0, Some(2));
 }

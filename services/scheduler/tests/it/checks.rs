@@ -2257,3 +2257,101 @@ async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() 
     assert_eq!(slots(&before), slots(&after), "check_slots after a rebuild");
     assert_eq!(before, after);
 }
+
+/// Issue 26, Redis lost: every key of the deployment gone mid-check (one check's slot leased,
+/// another's pending). Nothing comes to the agent by itself; `scheduler requeue` puts both
+/// tasks back from PostgreSQL; the late report of the lost lease is refused; each task runs
+/// again and both checks finish, each slot with one result. A second requeue finds nothing
+/// open.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_redis_lost_its_data_requeue_lets_the_open_checks_finish_once() {
+    let s = stand().await;
+    let a = s.agent("a", "NL", 64520, &["dns"]).await;
+    s.online(&[&a]).await;
+    let (_, leased) = s.dns_check(1).await;
+    let first = s.claim_eventually(&a, "dns", "the first task", 10).await;
+    assert_eq!(first.len(), 1);
+    let lost = first[0]["token"].as_str().unwrap().to_owned();
+    let (_, pending) = s.dns_check(1).await;
+    let db = s.db.client().await;
+    eventually("both slots open in PostgreSQL", Duration::from_secs(20), || async {
+        let open: i64 = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'leased') * 10 + count(*) FILTER (WHERE status = 'pending')
+                 FROM check_slots",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (open == 11).then_some(())
+    })
+    .await;
+
+    // Redis loses everything of this deployment.
+    let mut conn = s.redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", s.redis.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    assert!(
+        s.claim(&a, "dns").await.is_empty(),
+        "the tasks went with Redis"
+    );
+    let late = s.try_report(&a, &lost).await;
+    assert_ne!(late["status"], "acknowledged", "{late}");
+
+    let env = checkplane_testkit::store_env(&s.db, &s.redis);
+    let out = run_to_end(crate::bin(), &["requeue"], &env, Duration::from_secs(30));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.ends_with("requeued 2 open slots of 2 checks: each task is in its agent's stream\n"),
+        "{said}"
+    );
+
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.extend(
+            s.claim_eventually(&a, "dns", "the requeued tasks", 10)
+                .await,
+        );
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    for lease in &got {
+        s.report(
+            &a,
+            lease["token"].as_str().unwrap(),
+            json!({"rcode": "NOERROR", "answers": []}),
+        )
+        .await;
+    }
+    for check in [&leased, &pending] {
+        let done = s
+            .finished(check, "the check finishes after the requeue")
+            .await;
+        let results = done["results"].as_array().unwrap();
+        assert_eq!(results.len(), 1, "{done}");
+        assert_eq!(results[0]["outcome"], "finished", "{done}");
+    }
+    let again = run_to_end(crate::bin(), &["requeue"], &env, Duration::from_secs(30));
+    assert!(
+        String::from_utf8_lossy(&again.stdout)
+            .ends_with("requeued 0 open slots of 0 checks: each task is in its agent's stream\n"),
+        "{again:?}"
+    );
+    s.stop().await;
+}

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use checkplane_runtime::Env;
-use checkplane_testkit::process::{assert_bad_config_exits_2, assert_sigterm_exits_0, free_port};
+use checkplane_testkit::process::{assert_bad_config_exits_78, assert_sigterm_exits_0, free_port};
 use checkplane_testkit::{store_env, Running, TestDb, TestRedis};
 
 pub fn bin() -> &'static Path {
@@ -40,7 +40,7 @@ async fn serves_its_probes_in_process() {
 }
 
 #[test]
-fn bad_configuration_exits_2_naming_the_variable() {
+fn bad_configuration_exits_78_naming_the_variable() {
     let env = vec![
         (
             "DATABASE_URL".to_owned(),
@@ -48,7 +48,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ),
         ("HTTP_ADDR".to_owned(), format!("127.0.0.1:{}", free_port())),
     ];
-    assert_bad_config_exits_2(bin(), &env);
+    assert_bad_config_exits_78(bin(), &env);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,4 +164,43 @@ pub fn rebuild_binary(url: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `scheduler healthcheck` against the running scheduler: OK; DEGRADED once an event is
+/// parked (its counting round runs every 5 s); DOWN with Redis gone, and with it gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_says_ok_degraded_and_down() {
+    use checkplane_testkit::process::{
+        healthcheck, healthcheck_until, private_store_env, ServiceProcess,
+    };
+    let db = TestDb::new().await;
+    let mut redis = checkplane_testkit::servers::RedisServer::start();
+    let port = free_port();
+    let env = private_store_env(&db, &redis.url(), port);
+    let scheduler = ServiceProcess::spawn(bin(), &[], &env);
+    let line = healthcheck_until(bin(), &env, 0, Duration::from_secs(30)).await;
+    assert_eq!(line, "scheduler: OK");
+
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO projection_failures (stream, entry_id, consumer_group, attempts, error, entry)
+             VALUES ('cp:events:checks', '1-0', 'projector', 5, 'test', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let line = healthcheck_until(bin(), &env, 1, Duration::from_secs(15)).await;
+    assert!(
+        line.starts_with(
+            "scheduler: DEGRADED: 1 events parked (projection failures 1, dead letters 0)"
+        ),
+        "{line}"
+    );
+
+    redis.stop();
+    let line = healthcheck_until(bin(), &env, 2, Duration::from_secs(15)).await;
+    assert!(line.starts_with("scheduler: DOWN: redis: "), "{line}");
+    drop(scheduler);
+    assert_eq!(healthcheck(bin(), &env).0, Some(2));
 }
