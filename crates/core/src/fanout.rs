@@ -141,8 +141,10 @@ pub async fn effects(
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Requeued {
     /// Open slots found (pending or leased, on an agent, of a check still running): each
-    /// one's task is in its agent's stream now.
+    /// one's task is in its agent's stream now, but the `closed` ones.
     pub slots: u64,
+    /// Of those, tasks Redis refused as closed (their lease ended there already).
+    pub closed: u64,
     /// Checks they belong to.
     pub checks: u64,
 }
@@ -211,8 +213,9 @@ pub async fn requeue_open_slots(
                 spec,
             })
             .collect();
-        leases.enqueue_tasks(conn, &new).await?;
+        let answers = leases.enqueue_tasks(conn, &new).await?;
         done.slots += rows.len() as u64;
+        done.closed += answers.iter().filter(|a| *a == "closed").count() as u64;
         done.checks = checks.len() as u64;
         progress(done);
     }

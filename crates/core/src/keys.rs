@@ -91,6 +91,12 @@ impl Keys {
         format!("{}:events:presence:{{s{n}}}", self.prefix)
     }
 
+    /// Set by the scheduler while Redis keeps its data: missing, Redis lost it (or is new),
+    /// and the scheduler puts open work back (`fanout::requeue_open_slots`).
+    pub fn sentinel(&self) -> String {
+        format!("{}:sentinel", self.prefix)
+    }
+
     /// Heartbeat deadlines of shard `n`.
     pub fn heartbeats(&self, n: u32) -> String {
         format!("{}:heartbeats:{{s{n}}}", self.prefix)

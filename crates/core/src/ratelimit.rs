@@ -231,6 +231,7 @@ impl Limiter {
                 .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + REDIS_RETRY);
         }
         metrics::gauge!("checkplane_rate_limiter_fallback").set(1.0);
+        metrics::counter!("checkplane_rate_limiter_fallbacks_total").increment(1);
         *self
             .fell_back_at
             .lock()

@@ -288,6 +288,11 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 pub struct Health {
     service: &'static str,
     probes: Vec<Arc<dyn Probe>>,
+    /// The last round of probes and when it started. One round runs at a time; a request
+    /// that waited for a round started after it arrived takes that round's answer (a flood
+    /// of `/readyz` or `/healthz` queues here, not on the probes' connections, and is
+    /// answered by a few rounds; no answer is older than its request).
+    last: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
     concerns: Concerns,
     timeout: Duration,
     metrics: MetricsAccess,
@@ -304,6 +309,7 @@ impl Health {
         Self {
             service,
             probes,
+            last: tokio::sync::Mutex::new(None),
             concerns: Concerns::default(),
             timeout,
             metrics,
@@ -319,7 +325,8 @@ impl Health {
 
     /// `ok`, `degraded` or `down`, with the reasons (probes first, then concerns).
     pub async fn report(&self) -> HealthReport {
-        let readiness = self.readiness().await;
+        let (readiness, concerns) =
+            tokio::join!(self.readiness(), self.concerns.reasons(self.timeout));
         let degrading: Vec<&'static str> = self
             .probes
             .iter()
@@ -341,7 +348,7 @@ impl Health {
                 down.push(reason);
             }
         }
-        degraded.extend(self.concerns.reasons(self.timeout).await);
+        degraded.extend(concerns);
         let (status, reasons) = if !down.is_empty() {
             ("down", down.into_iter().chain(degraded).collect())
         } else if !degraded.is_empty() {
@@ -356,8 +363,23 @@ impl Health {
         }
     }
 
-    /// Run every probe concurrently.
+    /// Every probe's answer: a round started after this call, its own or one it waited for.
     pub async fn readiness(&self) -> Readiness {
+        let arrived = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, readiness)) = last.as_ref() {
+            if *started >= arrived {
+                return readiness.clone();
+            }
+        }
+        let started = Instant::now();
+        let readiness = self.probe_round().await;
+        *last = Some((started, readiness.clone()));
+        readiness
+    }
+
+    /// Run every probe concurrently.
+    async fn probe_round(&self) -> Readiness {
         let outcomes = futures::future::join_all(self.probes.iter().map(|probe| async move {
             let started = Instant::now();
             // The probe bounds itself; this outer bound also covers waiting for its lock.

@@ -50,9 +50,25 @@ impl Verdict {
 }
 
 /// The command: ask, print one line, exit with its code.
-pub async fn run(base: &BaseSettings) -> ExitCode {
+pub async fn run(base: &BaseSettings, tls: bool) -> ExitCode {
     let bound = base.ready_timeout * 2 + Duration::from_secs(3);
-    let verdict = ask(base.listen, base.tls.is_some(), bound).await;
+    let mut verdict = ask(base.listen, tls, bound).await;
+    // A wildcard IPv6 listener also takes IPv4 (where the host has no IPv6 loopback).
+    if matches!(verdict, Verdict::NotAnswering(_)) && base.listen.ip() == Ipv6Addr::UNSPECIFIED {
+        let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), base.listen.port());
+        verdict = ask(v4, tls, bound).await;
+    }
+    // Another service answering on that port is not this one.
+    if let Verdict::Answered(report) = &verdict {
+        if report.service != base.service {
+            verdict = Verdict::NotAnswering(format!(
+                "{} answers on {}, not {}",
+                report.service,
+                local(base.listen),
+                base.service
+            ));
+        }
+    }
     let (code, line) = verdict.outcome(base.service);
     println!("{line}");
     ExitCode::from(code)

@@ -38,6 +38,12 @@ pub struct Rebuilt {
 pub trait Service: 'static {
     /// The binary's name.
     const NAME: &'static str;
+    /// The variable naming where it listens, and its default (`HTTP_ADDR`, `0.0.0.0:8080`):
+    /// `healthcheck` reads these alone, not the whole configuration (the gateway's GeoIP
+    /// databases, TLS keys).
+    const LISTEN: (&'static str, &'static str);
+    /// The variable that turns TLS on for that listener, if the service has one.
+    const TLS: Option<&'static str> = None;
     /// Its configuration.
     type Config: Send + 'static;
 
@@ -117,6 +123,31 @@ pub fn load_config<S: Service>(env: Env) -> Result<S::Config, ConfigError> {
     Ok(config)
 }
 
+/// `healthcheck`: where the service listens (and over what) from its environment alone, then
+/// ask it. Prints its one line and nothing else (no logs, never LOG_FILE).
+fn healthcheck<S: Service>() -> ExitCode {
+    let mut env = Env::from_process();
+    let (var, default) = S::LISTEN;
+    let base = match BaseSettings::from_env(&mut env, S::NAME, var, default) {
+        Ok(base) => base,
+        Err(error) => {
+            eprintln!("{}: configuration error: {error}", S::NAME);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let tls = S::TLS.is_some_and(|var| env.opt_string(var).is_some());
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(crate::healthcheck::run(&base, tls)),
+        Err(error) => {
+            eprintln!("{}: cannot start the async runtime: {error}", S::NAME);
+            ExitCode::from(crate::healthcheck::DOWN)
+        }
+    }
+}
+
 /// The whole of a service's `main`.
 pub fn main<S: Service>() -> ExitCode {
     // Offer only the commands this binary has.
@@ -142,6 +173,9 @@ pub fn main<S: Service>() -> ExitCode {
             Err(e) => e.exit(),
         },
     };
+    if matches!(cli.command, Some(Command::Healthcheck)) {
+        return healthcheck::<S>();
+    }
     let config = match load_config::<S>(Env::from_process()) {
         Ok(config) => config,
         Err(error) => {
@@ -150,13 +184,9 @@ pub fn main<S: Service>() -> ExitCode {
         }
     };
     let base = S::base(&config).clone();
-    let healthcheck = matches!(cli.command, Some(Command::Healthcheck));
-    // The health check prints its one line and nothing else (and never writes LOG_FILE).
-    if !healthcheck {
-        if let Err(error) = crate::telemetry::init_logging(&base) {
-            eprintln!("{}: configuration error: LOG_FILE: {error}", S::NAME);
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    if let Err(error) = crate::telemetry::init_logging(&base) {
+        eprintln!("{}: configuration error: LOG_FILE: {error}", S::NAME);
+        return ExitCode::from(EXIT_CONFIG);
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -170,9 +200,7 @@ pub fn main<S: Service>() -> ExitCode {
         }
     };
     let migrate = cli.migrate_only || matches!(cli.command, Some(Command::Migrate));
-    let code = if healthcheck {
-        runtime.block_on(crate::healthcheck::run(&base))
-    } else if let Some((name, args)) = own {
+    let code = if let Some((name, args)) = own {
         runtime.block_on(S::command(config, name, args))
     } else if migrate {
         runtime.block_on(migrate_once::<S>(&config))

@@ -149,7 +149,10 @@ fn host_name() -> String {
 
 /// Read the configuration from an environment snapshot.
 pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    let base = BaseSettings::from_env(env, NAME, "AGENT_HEALTH_ADDR", "127.0.0.1:9100")?;
+    let base = {
+        let (var, default) = <Service as checkplane_runtime::Service>::LISTEN;
+        BaseSettings::from_env(env, NAME, var, default)
+    }?;
     let raw = env.required_string("AGENT_CONTROL_PLANE")?;
     let control_plane = reqwest::Url::parse(&raw)
         .ok()
@@ -417,6 +420,7 @@ pub struct Service;
 
 impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
+    const LISTEN: (&'static str, &'static str) = ("AGENT_HEALTH_ADDR", "127.0.0.1:9100");
     const MIGRATES: bool = false;
     type Config = Config;
 

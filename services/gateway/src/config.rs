@@ -56,7 +56,11 @@ pub struct Config {
 
 /// Read the gateway's configuration.
 pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    let mut service = StoreServiceConfig::from_env(env, crate::NAME, "0.0.0.0:8080")?;
+    let mut service = StoreServiceConfig::from_env(
+        env,
+        crate::NAME,
+        <crate::Service as checkplane_runtime::Service>::LISTEN.1,
+    )?;
     service.base.tls = tls_files(env)?;
     let enrollment_token = env.secret("GATEWAY_ENROLLMENT_TOKEN")?;
     if let Some(token) = &enrollment_token {

@@ -136,6 +136,8 @@ pub struct Service;
 
 impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
+    const LISTEN: (&'static str, &'static str) = ("HTTP_ADDR", "0.0.0.0:8080");
+    const TLS: Option<&'static str> = Some("GATEWAY_TLS_CERT_FILE");
     type Config = Config;
 
     fn load(env: &mut Env) -> Result<Config, ConfigError> {

@@ -32,7 +32,11 @@ pub struct Config {
 
 /// Read the configuration from an environment snapshot.
 pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    let service = StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8082")?;
+    let service = StoreServiceConfig::from_env(
+        env,
+        NAME,
+        <Service as checkplane_runtime::Service>::LISTEN.1,
+    )?;
     let interval = env.duration(
         "HAPROXY_SYNC_INTERVAL",
         Duration::from_secs(60),
@@ -105,8 +109,38 @@ pub async fn run(
         config.service.store.stream_shards,
     );
     serve_with_stores(config.service, listener, shutdown, move |stores, tracker, shutdown| {
-        let pg = stores.pg.clone();
-        stores.concerns.add(move || attention(pg.clone()));
+        // Counted every 5 s into `attention` (the work pool is not borrowed per /healthz).
+        let attention = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        {
+            let attention = attention.clone();
+            stores.concerns.add(move || {
+                let now = attention
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                async move { now }
+            });
+        }
+        {
+            let (pg, schema) = (stores.pg.clone(), stores.clone());
+            checkplane_runtime::stores::every(
+                tracker,
+                shutdown,
+                "attention",
+                Duration::from_secs(5),
+                move || {
+                    let (pg, schema, attention) = (pg.clone(), schema.clone(), attention.clone());
+                    async move {
+                        schema.schema_current().await;
+                        let now = needs_attention(&pg).await?;
+                        *attention
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+                        Ok::<_, error::SyncError>(())
+                    }
+                },
+            );
+        }
         let (stores, shutdown, tracker) = (stores.clone(), shutdown.clone(), tracker.clone());
         tracker.clone().spawn(async move {
             stores.schema_current().await;
@@ -255,6 +289,7 @@ pub struct Service;
 
 impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
+    const LISTEN: (&'static str, &'static str) = ("HTTP_ADDR", "0.0.0.0:8082");
     const REBUILD: bool = true;
     type Config = Config;
 
@@ -290,22 +325,23 @@ impl checkplane_runtime::Service for Service {
     }
 }
 
-/// What `/healthz` says needs attention: instances whose breaker is not closed, and servers
-/// drifting from their desired state (as every replica recorded them). Nothing when the
-/// database cannot be asked: its probe says so.
-async fn attention(pg: deadpool_postgres::Pool) -> Option<String> {
-    let client = pg.get().await.ok()?;
+/// What `/healthz` says needs attention: registered instances whose breaker is not closed
+/// (it closes at the next action's trial), and their servers drifting from their desired
+/// state (as `sync::drifting` counts them, over every instance).
+async fn needs_attention(pg: &deadpool_postgres::Pool) -> Result<Option<String>, error::SyncError> {
+    let client = pg.get().await?;
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM haproxy_breakers WHERE state <> 'closed') AS open,
+            "SELECT (SELECT count(*) FROM haproxy_breakers b JOIN haproxy_instances i USING (instance_id)
+                      WHERE b.state <> 'closed' AND i.removed_at IS NULL) AS open,
                     (SELECT count(*) FROM haproxy_drift d JOIN haproxy_servers s USING (server_id)
+                       JOIN haproxy_instances i ON i.instance_id = d.instance_id
                       WHERE d.last_poll > d.since_poll AND s.desired_state IS NOT NULL
-                        AND s.removed_at IS NULL
+                        AND s.removed_at IS NULL AND i.removed_at IS NULL
                         AND s.admin_state IS DISTINCT FROM s.desired_state) AS drifting",
             &[],
         )
-        .await
-        .ok()?;
+        .await?;
     let (open, drifting): (i64, i64) = (row.get("open"), row.get("drifting"));
     let mut reasons = Vec::new();
     if open > 0 {
@@ -318,5 +354,5 @@ async fn attention(pg: deadpool_postgres::Pool) -> Option<String> {
             "{drifting} server(s) drifting from their desired state"
         ));
     }
-    (!reasons.is_empty()).then(|| reasons.join("; "))
+    Ok((!reasons.is_empty()).then(|| reasons.join("; ")))
 }

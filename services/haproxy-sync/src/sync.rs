@@ -282,8 +282,11 @@ impl Sync {
                 // Another replica's; poll at once should it come to us.
                 self.due.remove(&instance.id);
                 if self.tokens.remove(&instance.id).is_some() {
-                    // Its new owner counts its drift now; this replica's figure would go stale.
+                    // Its new owner counts its drift and keeps its breaker now; this replica's
+                    // figures would go stale.
                     metrics::gauge!("checkplane_haproxy_servers_drifting", "instance_id" => instance.id.clone())
+                        .set(0.0);
+                    metrics::gauge!("checkplane_haproxy_breaker_open", "instance_id" => instance.id.clone())
                         .set(0.0);
                 }
             }

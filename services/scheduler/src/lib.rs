@@ -62,7 +62,11 @@ fn host_name() -> String {
 
 /// Read the scheduler's configuration.
 pub fn load(env: &mut Env) -> Result<Config, ConfigError> {
-    let service = StoreServiceConfig::from_env(env, NAME, "0.0.0.0:8081")?;
+    let service = StoreServiceConfig::from_env(
+        env,
+        NAME,
+        <Service as checkplane_runtime::Service>::LISTEN.1,
+    )?;
     let consumer = env.string("CONSUMER_NAME", &host_name());
     if consumer.len() > 128 || consumer.chars().any(char::is_whitespace) {
         return Err(ConfigError::new(
@@ -284,6 +288,58 @@ pub async fn run(
                     async move { concern }
                 });
             }
+            // Redis lost its data (or is new) when the sentinel is missing: every open slot's
+            // task goes back into its agent's stream (idempotent: a task Redis has is kept).
+            {
+                let (pg, redis, schema) = (stores.pg.clone(), stores.redis.clone(), stores.clone());
+                let (sentinel, leases) = (
+                    keys.sentinel(),
+                    Leases::new(keys.clone(), LeaseSettings::new(0, 0)),
+                );
+                let me = config.consumer.clone();
+                every(
+                    tracker,
+                    shutdown,
+                    "redis_sentinel",
+                    Duration::from_secs(5),
+                    move || {
+                        let (pg, redis, schema) = (pg.clone(), redis.clone(), schema.clone());
+                        let (sentinel, leases, me) = (sentinel.clone(), leases.clone(), me.clone());
+                        async move {
+                            schema.schema_current().await;
+                            let mut conn = redis.get().await.map_err(|e| RunError::Startup(e.to_string()))?;
+                            let set: Option<String> = redis::cmd("SET")
+                                .arg(&sentinel)
+                                .arg(&me)
+                                .arg("NX")
+                                .query_async(&mut *conn)
+                                .await
+                                .map_err(RunError::Redis)?;
+                            if set.is_none() {
+                                return Ok(());
+                            }
+                            let client = pg.get().await.map_err(|e| RunError::Startup(e.to_string()))?;
+                            let done = checkplane_core::fanout::requeue_open_slots(
+                                &**client,
+                                &*conn,
+                                &leases,
+                                |_| {},
+                            )
+                            .await
+                            .map_err(|e| RunError::Startup(checkplane_runtime::error_chain(&e)))?;
+                            if done.slots > 0 {
+                                tracing::warn!(
+                                    slots = done.slots,
+                                    checks = done.checks,
+                                    closed = done.closed,
+                                    "Redis had lost its data: the open slots' tasks are back in their streams"
+                                );
+                            }
+                            Ok::<_, RunError>(())
+                        }
+                    },
+                );
+            }
             every(
                 tracker,
                 shutdown,
@@ -425,7 +481,13 @@ async fn requeue(config: Config) -> std::process::ExitCode {
         checkplane_runtime::db::migrate(&store.database).await?;
         let client = checkplane_runtime::db::connect(&store.database).await?;
         let redis = redis::Client::open(store.redis.connection_info())?;
-        let conn = redis.get_multiplexed_async_connection().await?;
+        let conn = redis
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(10)))
+                    .set_response_timeout(Some(Duration::from_secs(30))),
+            )
+            .await?;
         let done = checkplane_core::fanout::requeue_open_slots(&client, &conn, &leases, |so_far| {
             println!(
                 "requeued {} open slots of {} checks so far",
@@ -439,8 +501,14 @@ async fn requeue(config: Config) -> std::process::ExitCode {
     match outcome {
         Ok(done) => {
             println!(
-                "requeued {} open slots of {} checks: each task is in its agent's stream",
-                done.slots, done.checks
+                "requeued {} open slots of {} checks: each task is in its agent's stream{}",
+                done.slots,
+                done.checks,
+                if done.closed > 0 {
+                    format!(" but {} Redis had closed already", done.closed)
+                } else {
+                    String::new()
+                }
             );
             std::process::ExitCode::SUCCESS
         }
@@ -459,6 +527,7 @@ pub struct Service;
 
 impl checkplane_runtime::Service for Service {
     const NAME: &'static str = NAME;
+    const LISTEN: (&'static str, &'static str) = ("HTTP_ADDR", "0.0.0.0:8081");
     const REBUILD: bool = true;
     type Config = Config;
 
@@ -588,7 +657,7 @@ async fn projector_lag(
             .await
             .or_else(|e| {
                 // A stream nothing was written to yet has no groups to ask.
-                if e.code().is_some() {
+                if e.to_string().contains("no such key") {
                     Ok(redis::Value::Array(Vec::new()))
                 } else {
                     Err(e)

@@ -243,6 +243,7 @@ impl Site {
             // PostgreSQL: the suite's, reached as its superuser over TCP by this user (root:
             // become to oneself is no switch); the server's files in scratch.
             "postgresql_conf_dir": root.join("postgresql"),
+            "postgresql_wal_archive_dir": root.join("postgresql/wal-archive"),
             "postgresql_admin_become_user": "root",
             "postgresql_admin_login_host": self.pg_host,
             "postgresql_admin_login_port": self.pg_port,
@@ -542,6 +543,16 @@ fn installed_files_and_units(root: &Path, db_name: &str) {
     let conf = std::fs::read_to_string(root.join("postgresql/conf.d/checkplane.conf")).unwrap();
     assert!(
         conf.contains("password_encryption = 'scram-sha-256'"),
+        "{conf}"
+    );
+    let archive = root.join("postgresql/wal-archive");
+    assert!(archive.is_dir());
+    assert!(
+        conf.lines().any(|l| l
+            == format!(
+                "archive_command = 'test ! -f {0}/%f && cp %p {0}/%f'",
+                archive.display()
+            )),
         "{conf}"
     );
     let hba = std::fs::read_to_string(root.join("postgresql/pg_hba.conf")).unwrap();

@@ -72,17 +72,19 @@ async fn healthcheck_says_ok_degraded_and_down() {
     let line = healthcheck_until(bin(), &env, 0, Duration::from_secs(30)).await;
     assert_eq!(line, "haproxy-sync: OK");
 
+    // Two open breakers: a registered instance's, and a removed one's (which says nothing).
     db.client()
         .await
-        .execute(
-            "INSERT INTO haproxy_breakers (instance_id, state, failures, opened_at, updated_at)
-             VALUES ('hap-1', 'open', 5, now(), now())",
-            &[],
+        .batch_execute(
+            "INSERT INTO haproxy_instances (instance_id, name, transport, address, created_at, created_by, removed_at)
+             VALUES ('hap-1', 'lb-1', 'direct', '127.0.0.1:9', now(), 'test', NULL),
+                    ('hap-2', 'lb-2', 'direct', '127.0.0.1:10', now(), 'test', now());
+             INSERT INTO haproxy_breakers (instance_id, state, failures, opened_at, updated_at)
+             VALUES ('hap-1', 'open', 5, now(), now()), ('hap-2', 'open', 5, now(), now())",
         )
         .await
         .unwrap();
-    let (code, line) = healthcheck(bin(), &env);
-    assert_eq!(code, Some(1), "{line}");
+    let line = healthcheck_until(bin(), &env, 1, Duration::from_secs(15)).await;
     assert_eq!(
         line,
         "haproxy-sync: DEGRADED: 1 instance(s) with the breaker open: actions on them wait"

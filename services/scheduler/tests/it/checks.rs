@@ -2258,21 +2258,28 @@ async fn a_grant_whose_claim_ran_late_does_not_predate_its_check_in_a_rebuild() 
     assert_eq!(before, after);
 }
 
-/// Issue 26, Redis lost: every key of the deployment gone mid-check (one check's slot leased,
-/// another's pending). Nothing comes to the agent by itself; `scheduler requeue` puts both
-/// tasks back from PostgreSQL; the late report of the lost lease is refused; each task runs
-/// again and both checks finish, each slot with one result. A second requeue finds nothing
-/// open.
+/// Issue 26, Redis lost: every key of the deployment gone mid-check. With the scheduler
+/// stopped nothing comes back by itself; `scheduler requeue` puts the open slots' tasks back
+/// from PostgreSQL (and adds nothing while Redis still has them); the late report of a lost
+/// lease is refused. Lost again with the scheduler running: it notices its sentinel is gone
+/// and requeues by itself. Both checks finish, each slot with one result.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_redis_lost_its_data_requeue_lets_the_open_checks_finish_once() {
-    let s = stand().await;
+    let mut s = stand().await;
     let a = s.agent("a", "NL", 64520, &["dns"]).await;
     s.online(&[&a]).await;
-    let (_, leased) = s.dns_check(1).await;
-    let first = s.claim_eventually(&a, "dns", "the first task", 10).await;
+    let check = |timeout: u32| json!({"kind": "dns", "target": "example.com", "limit": 1, "timeout_ms": timeout});
+    let (status, _, leased) = s.create(check(300_000)).await;
+    assert_eq!(status, 202);
+    let (leased, first) = (
+        leased.unwrap(),
+        s.claim_eventually(&a, "dns", "the first task", 10).await,
+    );
     assert_eq!(first.len(), 1);
     let lost = first[0]["token"].as_str().unwrap().to_owned();
-    let (_, pending) = s.dns_check(1).await;
+    let (status, _, pending) = s.create(check(300_000)).await;
+    assert_eq!(status, 202);
+    let pending = pending.unwrap();
     let db = s.db.client().await;
     eventually("both slots open in PostgreSQL", Duration::from_secs(20), || async {
         let open: i64 = db
@@ -2288,41 +2295,72 @@ async fn after_redis_lost_its_data_requeue_lets_the_open_checks_finish_once() {
     })
     .await;
 
-    // Redis loses everything of this deployment.
+    let keys = checkplane_core::keys::Keys::new(s.redis.prefix.clone(), 4);
+    let stream = keys.tasks(&a.id, "dns");
     let mut conn = s.redis.connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", s.redis.prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(!keys.is_empty());
-    let _: () = redis::cmd("DEL")
-        .arg(&keys)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let entries = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(&stream)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let before = entries(&mut conn).await;
+    let env = checkplane_testkit::store_env(&s.db, &s.redis);
+    let requeue = || {
+        let out = tokio::task::block_in_place(|| {
+            run_to_end(crate::bin(), &["requeue"], &env, Duration::from_secs(30))
+        });
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = requeue();
+    assert!(
+        said.ends_with("requeued 2 open slots of 2 checks: each task is in its agent's stream\n"),
+        "{said}"
+    );
+    assert_eq!(
+        entries(&mut conn).await,
+        before,
+        "nothing added while Redis has them"
+    );
 
+    // Redis loses everything of this deployment, the scheduler stopped.
+    s.stop_scheduler().await;
+    let lose_everything = |mut conn: redis::aio::MultiplexedConnection, prefix: String| async move {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!keys.is_empty());
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    lose_everything(conn.clone(), s.redis.prefix.clone()).await;
     assert!(
         s.claim(&a, "dns").await.is_empty(),
         "the tasks went with Redis"
     );
     let late = s.try_report(&a, &lost).await;
     assert_ne!(late["status"], "acknowledged", "{late}");
-
-    let env = checkplane_testkit::store_env(&s.db, &s.redis);
-    let out = run_to_end(crate::bin(), &["requeue"], &env, Duration::from_secs(30));
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{said} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = requeue();
     assert!(
         said.ends_with("requeued 2 open slots of 2 checks: each task is in its agent's stream\n"),
         "{said}"
     );
-
     let mut got = Vec::new();
     while got.len() < 2 {
         got.extend(
@@ -2331,14 +2369,34 @@ async fn after_redis_lost_its_data_requeue_lets_the_open_checks_finish_once() {
         );
     }
     assert_eq!(got.len(), 2, "{got:?}");
-    for lease in &got {
-        s.report(
-            &a,
-            lease["token"].as_str().unwrap(),
-            json!({"rcode": "NOERROR", "answers": []}),
-        )
+    // The first check's task reported; the second's lease lost with Redis again, now with the
+    // scheduler running: it requeues by itself.
+    let of = |lease: &Value, location: &str| {
+        location.ends_with(lease["spec"]["check_id"].as_str().unwrap_or("-"))
+    };
+    let (done_now, lost_again): (Vec<&Value>, Vec<&Value>) =
+        got.iter().partition(|lease| of(lease, &leased));
+    assert_eq!((done_now.len(), lost_again.len()), (1, 1), "{got:?}");
+    s.report(
+        &a,
+        done_now[0]["token"].as_str().unwrap(),
+        json!({"rcode": "NOERROR", "answers": []}),
+    )
+    .await;
+    s.start_scheduler(&[]).await;
+    s.finished(&leased, "the first check finishes").await;
+    lose_everything(conn.clone(), s.redis.prefix.clone()).await;
+    let again = s
+        .claim_eventually(&a, "dns", "the task requeued by the scheduler itself", 20)
         .await;
-    }
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(of(&again[0], &pending), "{again:?}");
+    s.report(
+        &a,
+        again[0]["token"].as_str().unwrap(),
+        json!({"rcode": "NOERROR", "answers": []}),
+    )
+    .await;
     for check in [&leased, &pending] {
         let done = s
             .finished(check, "the check finishes after the requeue")
@@ -2347,11 +2405,5 @@ async fn after_redis_lost_its_data_requeue_lets_the_open_checks_finish_once() {
         assert_eq!(results.len(), 1, "{done}");
         assert_eq!(results[0]["outcome"], "finished", "{done}");
     }
-    let again = run_to_end(crate::bin(), &["requeue"], &env, Duration::from_secs(30));
-    assert!(
-        String::from_utf8_lossy(&again.stdout)
-            .ends_with("requeued 0 open slots of 0 checks: each task is in its agent's stream\n"),
-        "{again:?}"
-    );
     s.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Black-box tests of the scheduler against real PostgreSQL and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod backup;
 mod checks;
 mod leases;
 mod outbox;

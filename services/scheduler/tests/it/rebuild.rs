@@ -11,8 +11,9 @@ use checkplane_wire::leases::LeaseToken;
 
 use crate::{count, heartbeat, register, start_gateway, start_scheduler};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rebuild_reproduces_every_projection_table() {
+/// A database with a row in every projection table, made through the services (agents
+/// registered, rotated, approved, revoked, checks, HAProxy, leases ...); the services stopped.
+pub async fn every_table_filled() -> TestDb {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let admin = "admin-key-0123456789abcdef";
@@ -242,7 +243,12 @@ async fn rebuild_reproduces_every_projection_table() {
     .await;
     sched.stop().await.unwrap();
     gw.stop().await.unwrap();
+    db
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn rebuild_reproduces_every_projection_table() {
+    let db = every_table_filled().await;
     let before = canonical_dump(&db.client().await).await.unwrap();
     assert!(
         before.iter().all(|(_, rows)| !rows.is_empty()),
