@@ -38,18 +38,17 @@ async fn enqueue(
         .map(|_| ())
 }
 
-/// First attempts of `slots` (slot, agent): one enqueue script per shard, pipelined.
-async fn enqueue_first<'a>(
+/// Each (agent, spec)'s task added once: one enqueue script per shard, pipelined. The
+/// script's answers, in order (an entry id, or `closed`).
+async fn enqueue_specs<A: AsRef<str>>(
     conn: &(impl redis::aio::ConnectionLike + Clone + Send),
     leases: &Leases,
-    spec: impl Fn(u32) -> TaskSpec,
-    slots: impl Iterator<Item = (u32, &'a str)>,
-) -> redis::RedisResult<()> {
-    let mut tasks = Vec::new();
-    for (slot, agent) in slots {
-        let spec = spec(slot);
+    specs: &[(A, TaskSpec)],
+) -> redis::RedisResult<Vec<String>> {
+    let mut tasks = Vec::with_capacity(specs.len());
+    for (agent, spec) in specs {
         let id = task_id(spec.check_id, spec.slot, spec.attempt);
-        tasks.push((agent, spec.kind.clone(), id, serialised(&spec)?));
+        tasks.push((agent.as_ref(), spec.kind.as_str(), id, serialised(spec)?));
     }
     let tasks: Vec<NewTask<'_>> = tasks
         .iter()
@@ -60,7 +59,18 @@ async fn enqueue_first<'a>(
             spec,
         })
         .collect();
-    leases.enqueue_tasks(conn, &tasks).await.map(|_| ())
+    leases.enqueue_tasks(conn, &tasks).await
+}
+
+/// First attempts of `slots` (slot, agent): one enqueue script per shard, pipelined.
+async fn enqueue_first<'a>(
+    conn: &(impl redis::aio::ConnectionLike + Clone + Send),
+    leases: &Leases,
+    spec: impl Fn(u32) -> TaskSpec,
+    slots: impl Iterator<Item = (u32, &'a str)>,
+) -> redis::RedisResult<()> {
+    let specs: Vec<(&str, TaskSpec)> = slots.map(|(slot, agent)| (agent, spec(slot))).collect();
+    enqueue_specs(conn, leases, &specs).await.map(|_| ())
 }
 
 /// Add the first attempt of every slot sent at creation (the first `max_parallel`).
@@ -184,7 +194,7 @@ pub async fn requeue_open_slots(
             break;
         };
         after = (last.get("check_id"), last.get("slot"));
-        let mut tasks = Vec::with_capacity(rows.len());
+        let mut specs = Vec::with_capacity(rows.len());
         for row in &rows {
             let spec = TaskSpec {
                 check_id: row.get("check_id"),
@@ -196,24 +206,9 @@ pub async fn requeue_open_slots(
                 deadline_ms: row.get("deadline_ms"),
             };
             checks.insert(spec.check_id);
-            let id = task_id(spec.check_id, spec.slot, spec.attempt);
-            tasks.push((
-                row.get::<_, String>("agent_id"),
-                spec.kind.clone(),
-                id,
-                serialised(&spec)?,
-            ));
+            specs.push((row.get::<_, String>("agent_id"), spec));
         }
-        let new: Vec<NewTask<'_>> = tasks
-            .iter()
-            .map(|(agent, kind, task, spec)| NewTask {
-                agent,
-                kind,
-                task,
-                spec,
-            })
-            .collect();
-        let answers = leases.enqueue_tasks(conn, &new).await?;
+        let answers = enqueue_specs(conn, leases, &specs).await?;
         done.slots += rows.len() as u64;
         done.closed += answers.iter().filter(|a| *a == "closed").count() as u64;
         done.checks = checks.len() as u64;

@@ -196,6 +196,21 @@ fn bad_configuration_exits_78_naming_the_variable() {
     );
 }
 
+/// The agent binary's environment against the in-process gateway `gw`, its health port `port`.
+fn process_env(
+    gw: &Running<checkplane_runtime::RunError>,
+    state: &StateDir,
+    port: u16,
+) -> Vec<(String, String)> {
+    vec![
+        ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
+        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
+        ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
+        ("AGENT_STATE_FILE".to_owned(), state.file()),
+        ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_0_within_the_bound() {
     let db = TestDb::new().await;
@@ -203,14 +218,8 @@ async fn sigterm_exits_0_within_the_bound() {
     let gw = start_gateway(&db, &redis).await;
     let port = free_port();
     let state = StateDir::new();
-    let env = vec![
-        ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
-        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
-        ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
-        ("AGENT_STATE_FILE".to_owned(), state.file()),
-        ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
-        ("SHUTDOWN_TIMEOUT".to_owned(), "3s".to_owned()),
-    ];
+    let mut env = process_env(&gw, &state, port);
+    env.push(("SHUTDOWN_TIMEOUT".to_owned(), "3s".to_owned()));
     let url = format!("http://127.0.0.1:{port}/readyz");
     assert_sigterm_exits_0(bin(), &env, &url, Duration::from_secs(3)).await;
     gw.stop().await.unwrap();
@@ -428,14 +437,8 @@ async fn healthcheck_says_ok_degraded_and_down() {
     let gw = start_gateway(&db, &redis).await;
     let port = free_port();
     let state = StateDir::new();
-    let env = vec![
-        ("AGENT_CONTROL_PLANE".to_owned(), gw.url("/")),
-        ("AGENT_ALLOW_PLAINTEXT".to_owned(), "true".to_owned()),
-        ("AGENT_ENROLLMENT_TOKEN".to_owned(), ENROLL.to_owned()),
-        ("AGENT_STATE_FILE".to_owned(), state.file()),
-        ("AGENT_HEALTH_ADDR".to_owned(), format!("127.0.0.1:{port}")),
-        ("READY_TIMEOUT".to_owned(), "1s".to_owned()),
-    ];
+    let mut env = process_env(&gw, &state, port);
+    env.push(("READY_TIMEOUT".to_owned(), "1s".to_owned()));
     let agent = ServiceProcess::spawn(bin(), &[], &env);
     let line = healthcheck_until(bin(), &env, 0, Duration::from_secs(30)).await;
     assert_eq!(line, "agent: OK");
